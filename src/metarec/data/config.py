@@ -1,0 +1,329 @@
+"""Declarative data-set layout: which files hold ratings, users and items, and how to read them.
+
+A data-set config is a small YAML file (schema in docs/ARCHITECTURE.md). Shipped configs live in
+``metarec/configs/`` and are referred to by name (``movielens-100k``, ``movielens-csv``, ``synthetic``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric")
+PARSERS = ("date_year", "title_year")
+FILE_FORMATS = ("csv", "parquet")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One user or item feature as declared in the config.
+
+    Attributes:
+        name: feature name (also the raw column name in users.parquet / items.parquet).
+        kind: ``categorical`` | ``hashed`` | ``multi_hot`` | ``numeric``.
+        column: source column (all kinds except multi_hot given as flag columns).
+        columns: 0/1 flag columns of a multi_hot feature.
+        labels: label of each flag column (defaults to the column names).
+        sep: separator of a multi_hot feature stored as one joined column.
+        parse: ``date_year`` ("01-Jan-1995" -> 1995) or ``title_year`` ("Toy Story (1995)" -> 1995).
+        buckets: number of hash buckets of a hashed feature.
+    """
+
+    name: str
+    kind: str
+    column: str | None = None
+    columns: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    sep: str | None = None
+    parse: str | None = None
+    buckets: int | None = None
+
+    def source_columns(self) -> tuple[str, ...]:
+        """Returns the raw table columns this feature reads."""
+        return self.columns if self.columns else ((self.column,) if self.column else ())
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """How to read one delimited (or Parquet) file.
+
+    Attributes:
+        file: file name relative to the data directory.
+        sep: field separator (multi-character separators such as ``::`` are supported).
+        header: True when the first row names the columns.
+        encoding: text encoding.
+        names: column names when ``header`` is false.
+        format: ``csv`` (any delimited text) or ``parquet``; inferred from the file suffix by default.
+    """
+
+    file: str
+    sep: str = ","
+    header: bool = False
+    encoding: str = "utf-8"
+    names: tuple[str, ...] = ()
+    format: str = "csv"
+
+
+@dataclass(frozen=True)
+class RatingsConfig(TableConfig):
+    """The ratings table: which column is the user, the item, the rating and the time.
+
+    Attributes:
+        user: user id column.
+        item: item id column.
+        rating: rating column.
+        timestamp: optional timestamp column (unix seconds).
+        rating_scale: inclusive (min, max) of allowed ratings.
+        rating_step: allowed rating granularity (1.0 whole stars, 0.5 half stars).
+    """
+
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str = "rating"
+    timestamp: str | None = None
+    rating_scale: tuple[float, float] = (1.0, 5.0)
+    rating_step: float = 1.0
+
+
+@dataclass(frozen=True)
+class EntityConfig(TableConfig):
+    """A users or items table.
+
+    Attributes:
+        id: id column (joins the ratings' user or item column).
+        features: declared features.
+    """
+
+    id: str = "id"
+    features: tuple[FeatureSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A whole data-set layout.
+
+    Attributes:
+        name: data-set name (recorded in schema.json).
+        ratings: the ratings table.
+        items: the items table.
+        users: the users table, or None when the data set has no user features.
+        source: where the config was read from (for error messages).
+    """
+
+    name: str
+    ratings: RatingsConfig
+    items: EntityConfig
+    users: EntityConfig | None = None
+    source: str = "<dict>"
+
+
+def _err(source: str, where: str, message: str) -> ValueError:
+    return ValueError(f"dataset config {source}: {where}: {message}")
+
+
+def _as_bool(value: Any, source: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _err(source, where, f"expected true/false, got {value!r}")
+
+
+def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str]) -> dict:
+    if not isinstance(raw, dict):
+        raise _err(source, section, f"expected a mapping, got {type(raw).__name__}")
+    allowed = {"file", "sep", "header", "encoding", "names", "format"} | allowed_extra
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _err(source, section, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if not raw.get("file") or not isinstance(raw["file"], str):
+        raise _err(source, f"{section}.file", "a file name is required")
+    header = _as_bool(raw.get("header", False), source, f"{section}.header")
+    names = tuple(str(n) for n in (raw.get("names") or ()))
+    fmt = raw.get("format") or ("parquet" if raw["file"].endswith((".parquet", ".pq")) else "csv")
+    if fmt not in FILE_FORMATS:
+        raise _err(source, f"{section}.format", f"expected one of {FILE_FORMATS}, got {fmt!r}")
+    if fmt == "csv" and not header and not names:
+        raise _err(source, f"{section}.names", "column names are required when header is false")
+    return {
+        "file": raw["file"],
+        "sep": str(raw.get("sep", ",")),
+        "header": header,
+        "encoding": str(raw.get("encoding", "utf-8")),
+        "names": names,
+        "format": fmt,
+    }
+
+
+def _check_column(column: str | None, names: tuple[str, ...], source: str, where: str) -> None:
+    if column is not None and names and column not in names:
+        raise _err(source, where, f"column {column!r} is not among the declared names {list(names)}")
+
+
+def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source: str) -> FeatureSpec:
+    where = f"{section}.features[{index}]"
+    if not isinstance(raw, dict):
+        raise _err(source, where, f"expected a mapping, got {raw!r}")
+    allowed = {"name", "kind", "column", "columns", "labels", "sep", "parse", "buckets"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _err(source, where, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    name, kind = raw.get("name"), raw.get("kind")
+    if not name or not isinstance(name, str):
+        raise _err(source, where, "a feature name is required")
+    if kind not in FEATURE_KINDS:
+        raise _err(source, where, f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    column = raw.get("column")
+    columns = tuple(str(c) for c in (raw.get("columns") or ()))
+    labels = tuple(str(c) for c in (raw.get("labels") or ()))
+    parse = raw.get("parse")
+    buckets = raw.get("buckets")
+    if kind == "multi_hot":
+        if bool(columns) == bool(column):
+            raise _err(source, where, "a multi_hot feature needs either 'columns' (0/1 flags) or 'column'")
+        if labels and len(labels) != len(columns):
+            raise _err(source, where, f"{len(labels)} labels for {len(columns)} flag columns")
+        if columns and not labels:
+            labels = columns
+    elif not column:
+        raise _err(source, where, f"a {kind} feature needs 'column'")
+    if parse is not None and (kind != "numeric" or parse not in PARSERS):
+        raise _err(source, where, f"'parse' must be one of {PARSERS} on a numeric feature, got {parse!r}")
+    if kind == "hashed":
+        if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1:
+            raise _err(source, where, f"a hashed feature needs 'buckets' >= 1, got {buckets!r}")
+    elif buckets is not None:
+        raise _err(source, where, "'buckets' only applies to hashed features")
+    for col in columns or (column,):
+        _check_column(col, names, source, where)
+    return FeatureSpec(
+        name=name,
+        kind=kind,
+        column=column,
+        columns=columns,
+        labels=labels,
+        sep=str(raw["sep"]) if raw.get("sep") is not None else ("|" if kind == "multi_hot" else None),
+        parse=parse,
+        buckets=buckets,
+    )
+
+
+def _entity(raw: dict, section: str, source: str) -> EntityConfig:
+    kwargs = _table_kwargs(raw, section, source, {"id", "features"})
+    if not raw.get("id"):
+        raise _err(source, f"{section}.id", "the id column is required")
+    _check_column(raw["id"], kwargs["names"], source, f"{section}.id")
+    features = tuple(
+        _feature(f, section, i, kwargs["names"], source) for i, f in enumerate(raw.get("features") or ())
+    )
+    seen: set[str] = set()
+    for spec in features:
+        if spec.name in seen:
+            raise _err(source, f"{section}.features", f"duplicate feature name {spec.name!r}")
+        seen.add(spec.name)
+    return EntityConfig(id=str(raw["id"]), features=features, **kwargs)
+
+
+def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
+    """Validates a config mapping (as read from YAML).
+
+    Args:
+        raw: the mapping.
+        source: where it came from, quoted in error messages.
+
+    Returns:
+        The DatasetConfig.
+
+    Raises:
+        ValueError: on a missing or unknown key or an inconsistent setting, naming the key.
+    """
+    if not isinstance(raw, dict):
+        raise _err(source, "top level", f"expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"name", "ratings", "users", "items"})
+    if unknown:
+        raise _err(source, "top level", f"unknown key(s) {unknown}")
+    for key in ("ratings", "items"):
+        if key not in raw:
+            raise _err(source, key, "section is required")
+    rr = raw["ratings"]
+    kwargs = _table_kwargs(
+        rr, "ratings", source, {"user", "item", "rating", "timestamp", "rating_scale", "rating_step"}
+    )
+    for key in ("user", "item", "rating"):
+        if not rr.get(key):
+            raise _err(source, f"ratings.{key}", "the column name is required")
+        _check_column(rr[key], kwargs["names"], source, f"ratings.{key}")
+    _check_column(rr.get("timestamp"), kwargs["names"], source, "ratings.timestamp")
+    scale = rr.get("rating_scale", [1, 5])
+    if not (isinstance(scale, list | tuple) and len(scale) == 2 and float(scale[0]) < float(scale[1])):
+        raise _err(source, "ratings.rating_scale", f"expected [min, max] with min < max, got {scale!r}")
+    step = float(rr.get("rating_step", 1.0))
+    if step <= 0:
+        raise _err(source, "ratings.rating_step", f"must be > 0, got {step}")
+    ratings = RatingsConfig(
+        user=str(rr["user"]),
+        item=str(rr["item"]),
+        rating=str(rr["rating"]),
+        timestamp=str(rr["timestamp"]) if rr.get("timestamp") else None,
+        rating_scale=(float(scale[0]), float(scale[1])),
+        rating_step=step,
+        **kwargs,
+    )
+    users = _entity(raw["users"], "users", source) if raw.get("users") else None
+    items = _entity(raw["items"], "items", source)
+    return DatasetConfig(
+        name=str(raw.get("name") or Path(source).stem),
+        ratings=ratings,
+        items=items,
+        users=users,
+        source=source,
+    )
+
+
+def shipped_config_names() -> list[str]:
+    """Returns the names of the configs shipped in ``metarec/configs``."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def load_dataset_config(path_or_name: str | Path | dict | DatasetConfig) -> DatasetConfig:
+    """Loads a data-set config.
+
+    Args:
+        path_or_name: a YAML file path or ``gs://`` URI, the name of a shipped config
+            (``movielens-100k``, ``movielens-csv``, ``synthetic``), a mapping, or a DatasetConfig
+            (returned as is).
+
+    Returns:
+        The validated DatasetConfig.
+
+    Raises:
+        ValueError: unknown name, missing file, invalid YAML or an invalid setting.
+    """
+    if isinstance(path_or_name, DatasetConfig):
+        return path_or_name
+    if isinstance(path_or_name, dict):
+        return parse_dataset_config(path_or_name)
+    text_path = str(path_or_name)
+    if text_path.startswith("gs://"):
+        from metarec import storage  # lazy: only gs:// configs need the storage client
+
+        return _parse_yaml_text(storage.read_bytes(text_path).decode("utf-8"), text_path)
+    shipped = CONFIGS_DIR / f"{text_path}.yaml"
+    path = shipped if ("/" not in text_path and shipped.is_file()) else Path(text_path)
+    if not path.is_file():
+        raise ValueError(
+            f"dataset config {text_path!r}: no such file and not a shipped config "
+            f"(shipped: {shipped_config_names()})"
+        )
+    return _parse_yaml_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def _parse_yaml_text(text: str, source: str) -> DatasetConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"dataset config {source}: invalid YAML: {exc}") from exc
+    return parse_dataset_config(raw, source=source)

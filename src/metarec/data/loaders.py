@@ -1,0 +1,572 @@
+"""Reading and validating raw rating data sets described by a DatasetConfig.
+
+Ratings are streamed in chunks with pyarrow and kept as compact numpy arrays (int32 ids when they fit,
+float32 ratings, int64 timestamps), so tens of millions of ratings fit in a few GB. Users and items
+tables are small and read with pandas.
+
+Every validation error is a ``ValueError`` naming the file, the column and the first offending row
+(1-based data row: the header line, when there is one, is not counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from metarec.data.config import DatasetConfig, EntityConfig, FeatureSpec, RatingsConfig, load_dataset_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_PARQUET_BATCH_ROWS = 1 << 20
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+@dataclass
+class RawData:
+    """A validated raw data set.
+
+    Attributes:
+        ratings: one row per kept rating with columns ``user_id`` and ``item_id`` (integer raw ids,
+            int32 when they fit), ``rating`` (float32) and ``timestamp`` (int64, 0 when the data set
+            has none). Duplicates (same user and item) are resolved to the latest rating; ratings of
+            items missing from the items table are dropped.
+        users: ``user_id`` plus one raw column per user feature (named as the feature), or None when
+            the data set has no users table.
+        items: ``item_id`` plus one raw column per item feature, and ``release`` (float year, with
+            the day as a fraction when a full date is known; NaN when unknown) when an item feature is
+            parsed from a date or title.
+        config: the data-set config used.
+        counts: ``ratings_read``, ``duplicates_dropped``, ``unknown_item_ratings_dropped``,
+            ``ratings_kept``, ``users_without_features``.
+    """
+
+    ratings: pd.DataFrame
+    users: pd.DataFrame | None
+    items: pd.DataFrame
+    config: DatasetConfig
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
+    where = f"data row {row} (1-based, header excluded)" if row is not None else "header"
+    return ValueError(f"{file}: column {column!r}, {where}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratings: streamed, vectorised validation
+
+
+def _numeric_column(
+    values: pa.Array | pa.ChunkedArray, integer: bool, file: str, column: str, first_row: int
+) -> np.ndarray:
+    """Converts one chunk of a column to int64 / float64, raising on the first bad row."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+        text = values.to_numpy(zero_copy_only=False)
+        stripped = pd.Series(text, dtype=object).fillna("").astype(str).str.strip()
+        parsed = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)
+        missing = ((stripped == "") | stripped.str.lower().isin(["nan", "na", "null"])).to_numpy()
+        nonnumeric = np.isnan(parsed) & ~missing
+        bad = np.flatnonzero(missing | nonnumeric)
+        if bad.size:
+            i = int(bad[0])
+            what = f"non-numeric value {text[i]!r}" if nonnumeric[i] else "missing value (empty or NaN)"
+            raise _bad(file, column, first_row + i, what)
+        out = parsed
+    elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        if values.null_count:
+            i = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            raise _bad(file, column, first_row + i, "missing value (empty or NaN)")
+        out = values.to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(kind):
+            return out.astype(np.int64, copy=False)
+        out = out.astype(np.float64, copy=False)
+        nan = np.flatnonzero(np.isnan(out))
+        if nan.size:
+            raise _bad(file, column, first_row + int(nan[0]), "missing value (empty or NaN)")
+    else:
+        raise _bad(file, column, first_row, f"unsupported column type {kind}")
+    if integer:
+        fractional = np.flatnonzero(out != np.round(out))
+        if fractional.size:
+            i = int(fractional[0])
+            raise _bad(file, column, first_row + i, f"non-numeric id {out[i]!r} (not an integer)")
+        return out.astype(np.int64)
+    return out
+
+
+def _rating_columns(cfg: RatingsConfig) -> list[tuple[str, str, bool]]:
+    """(config key, column name, integer?) for the columns the ratings table must provide."""
+    cols = [("user", cfg.user, True), ("item", cfg.item, True), ("rating", cfg.rating, False)]
+    if cfg.timestamp:
+        cols.append(("timestamp", cfg.timestamp, True))
+    return cols
+
+
+def _check_header(file: str, available: list[str], cfg: RatingsConfig) -> None:
+    for _key, column, _ in _rating_columns(cfg):
+        if column not in available:
+            raise _bad(file, column, None, f"missing column (file has {available})")
+
+
+def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
+    """Single-threaded string read that reports the first row with a wrong number of fields."""
+    found: list = []
+
+    def handler(row):  # pyarrow calls this for rows with a wrong number of fields
+        found.append(row)
+        return "error"
+
+    read = pacsv.ReadOptions(
+        column_names=None if cfg.header else list(cfg.names),
+        encoding=cfg.encoding,
+        use_threads=False,
+        block_size=DEFAULT_CHUNK_BYTES,
+    )
+    parse = pacsv.ParseOptions(delimiter=cfg.sep, invalid_row_handler=handler)
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for _, c, _ in _rating_columns(cfg)})
+    try:
+        reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        for _ in reader:
+            pass
+    except pa.ArrowInvalid:
+        if found:
+            row = found[0]
+            data_row = row.number - (1 if cfg.header else 0) if row.number is not None else None
+            raise _bad(
+                path.name,
+                "(all)",
+                data_row,
+                f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
+            ) from None
+        raise
+
+
+def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[pa.RecordBatch]:
+    columns = _rating_columns(cfg)
+    read = pacsv.ReadOptions(
+        column_names=None if cfg.header else list(cfg.names),
+        encoding=cfg.encoding,
+        block_size=DEFAULT_CHUNK_BYTES,
+    )
+    parse = pacsv.ParseOptions(delimiter=cfg.sep, quote_char='"' if cfg.sep == "," else False)
+    types = {
+        c: (pa.string() if strings else (pa.int64() if integer else pa.float64()))
+        for _, c, integer in columns
+    }
+    convert = pacsv.ConvertOptions(column_types=types, include_columns=[c for _, c, _ in columns])
+    if cfg.header:
+        with open(path, encoding=cfg.encoding, newline="") as handle:
+            header = next(csv.reader(handle, delimiter=cfg.sep), [])
+        _check_header(path.name, [h.strip() for h in header], cfg)
+    else:
+        _check_header(path.name, list(cfg.names), cfg)
+    yield from pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+
+
+def _iter_pandas_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBatch]:
+    """Multi-character separators (``::``): pandas' python engine, as strings."""
+    reader = pd.read_csv(
+        path,
+        sep=re.escape(cfg.sep),
+        engine="python",
+        header=0 if cfg.header else None,
+        names=None if cfg.header else list(cfg.names),
+        dtype=str,
+        keep_default_na=False,
+        encoding=cfg.encoding,
+        chunksize=DEFAULT_PARQUET_BATCH_ROWS,
+    )
+    columns = [c for _, c, _ in _rating_columns(cfg)]
+    for chunk in reader:
+        _check_header(path.name, list(chunk.columns), cfg)
+        yield pa.RecordBatch.from_pandas(chunk[columns], preserve_index=False)
+
+
+def _iter_parquet_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBatch]:
+    parquet = pq.ParquetFile(path)
+    _check_header(path.name, parquet.schema_arrow.names, cfg)
+    yield from parquet.iter_batches(
+        batch_size=DEFAULT_PARQUET_BATCH_ROWS, columns=[c for _, c, _ in _rating_columns(cfg)]
+    )
+
+
+def _validated_chunks(path: Path, cfg: RatingsConfig) -> Iterator[dict[str, np.ndarray]]:
+    """Yields validated chunks as numpy arrays keyed by user / item / rating / timestamp."""
+    if cfg.format == "parquet":
+        batches = _iter_parquet_chunks(path, cfg)
+    elif len(cfg.sep) > 1:
+        batches = _iter_pandas_chunks(path, cfg)
+    else:
+        batches = _iter_csv_chunks(path, cfg, strings=False)
+    lo, hi = cfg.rating_scale
+    step = cfg.rating_step
+    first_row = 1
+    try:
+        for batch in batches:
+            chunk: dict[str, np.ndarray] = {}
+            for key, column, integer in _rating_columns(cfg):
+                chunk[key] = _numeric_column(batch.column(column), integer, path.name, column, first_row)
+            rating = chunk["rating"]
+            out_of_range = np.flatnonzero((rating < lo - 1e-9) | (rating > hi + 1e-9))
+            if out_of_range.size:
+                i = int(out_of_range[0])
+                raise _bad(
+                    path.name, cfg.rating, first_row + i, f"rating {rating[i]:g} outside [{lo:g}, {hi:g}]"
+                )
+            steps = (rating - lo) / step
+            off_step = np.flatnonzero(np.abs(steps - np.round(steps)) > 1e-6)
+            if off_step.size:
+                i = int(off_step[0])
+                raise _bad(
+                    path.name,
+                    cfg.rating,
+                    first_row + i,
+                    f"rating {rating[i]:g} is not a multiple of step {step:g}",
+                )
+            first_row += len(rating)
+            yield chunk
+    except pa.ArrowInvalid as exc:
+        # The fast typed read failed: re-read as strings to name the offending row and column.
+        if cfg.format != "csv" or len(cfg.sep) > 1:
+            raise ValueError(f"{path.name}: {exc}") from exc
+        _find_shape_error(path, cfg)
+        first_row = 1
+        for batch in _iter_csv_chunks(path, cfg, strings=True):
+            for _key, column, integer in _rating_columns(cfg):
+                _numeric_column(batch.column(column), integer, path.name, column, first_row)
+            first_row += batch.num_rows
+        raise ValueError(f"{path.name}: {exc}") from exc
+
+
+def _compact_ids(values: np.ndarray) -> np.ndarray:
+    if values.size == 0 or (
+        values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max
+    ):
+        return values.astype(np.int32)
+    return values
+
+
+def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
+    """Streams and validates a ratings file.
+
+    Args:
+        path: the ratings file.
+        cfg: its RatingsConfig.
+
+    Returns:
+        ``user`` and ``item`` (int32 when they fit, else int64), ``rating`` (float32), ``timestamp``
+        (int64, zeros when the config has no timestamp column), in file order.
+
+    Raises:
+        ValueError: missing file or column, non-numeric id, missing value, rating out of range or off
+            the rating step; the message names the file, column and first offending data row.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path.name}: ratings file not found at {path}")
+    parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": [], "timestamp": []}
+    for chunk in _validated_chunks(path, cfg):
+        parts["user"].append(_compact_ids(chunk["user"]))
+        parts["item"].append(_compact_ids(chunk["item"]))
+        parts["rating"].append(chunk["rating"].astype(np.float32))
+        if "timestamp" in chunk:
+            parts["timestamp"].append(chunk["timestamp"])
+        else:
+            parts["timestamp"].append(np.zeros(len(chunk["rating"]), dtype=np.int64))
+    if not parts["rating"]:
+        raise ValueError(f"{path.name}: no ratings")
+    # pyarrow's allocator keeps freed CSV buffers cached (hundreds of MB at scale): hand them back.
+    pa.default_memory_pool().release_unused()
+    out: dict[str, np.ndarray] = {}
+    for key in list(parts):  # one column at a time bounds the peak to one column's chunks plus its copy
+        out[key] = np.concatenate(parts.pop(key))
+    out["user"] = _compact_ids(out["user"].astype(np.int64, copy=False))
+    out["item"] = _compact_ids(out["item"].astype(np.int64, copy=False))
+    if len(out["rating"]) == 0:
+        raise ValueError(f"{path.name}: no ratings")
+    return out
+
+
+def dense_codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maps integer ids to dense codes 0..n-1 in ascending id order.
+
+    Uses a lookup table (linear time) when the id range is compact, a sort otherwise.
+
+    Args:
+        ids: integer ids (any order, repeats allowed).
+
+    Returns:
+        (sorted unique ids, int32 code per input row).
+    """
+    if ids.size == 0:
+        return ids.copy(), np.zeros(0, dtype=np.int32)
+    low, high = int(ids.min()), int(ids.max())
+    if high - low <= 4 * ids.size + 1_000_000:
+        present = np.zeros(high - low + 1, dtype=bool)
+        present[ids - low] = True
+        uniques = np.flatnonzero(present) + low
+        code_of = np.cumsum(present, dtype=np.int32) - 1
+        return uniques.astype(ids.dtype), code_of[ids - low]
+    uniques, codes = np.unique(ids, return_inverse=True)
+    return uniques, codes.astype(np.int32)
+
+
+def drop_duplicates_keep_latest(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
+) -> tuple[np.ndarray | None, int]:
+    """Finds rows to keep so that each (user, item) pair keeps only its latest rating.
+
+    Ties on the timestamp keep the row that comes last in the file.
+
+    Args:
+        user: user ids per rating.
+        item: item ids per rating.
+        timestamp: timestamps per rating.
+
+    Returns:
+        (sorted indices of the rows to keep, or None when there are no duplicates; number dropped).
+    """
+    _, user_code = dense_codes(user)
+    item_values, item_code = dense_codes(item)
+    key = user_code.astype(np.int64) * len(item_values)
+    key += item_code
+    del user_code, item_code
+    sorted_key = np.sort(key)
+    has_duplicates = bool(np.any(sorted_key[1:] == sorted_key[:-1]))
+    del sorted_key
+    if not has_duplicates:
+        return None, 0
+    order = np.argsort(key, kind="stable")
+    key_sorted = key[order]
+    del key
+    same_as_next = key_sorted[1:] == key_sorted[:-1]
+    in_group = np.zeros(len(order), dtype=bool)
+    in_group[:-1] |= same_as_next
+    in_group[1:] |= same_as_next
+    del same_as_next
+    # Only rows of duplicated pairs need ordering by (pair, time, file position); keep the last of each pair.
+    rows = order[in_group]
+    pair_key = key_sorted[in_group]
+    del order, key_sorted, in_group
+    latest = np.lexsort((rows, timestamp[rows], pair_key))
+    pair_in_order = pair_key[latest]
+    last_of_pair = np.ones(len(latest), dtype=bool)
+    last_of_pair[:-1] = pair_in_order[1:] != pair_in_order[:-1]
+    keep_mask = np.ones(len(user), dtype=bool)
+    keep_mask[rows] = False
+    keep_mask[rows[latest[last_of_pair]]] = True
+    keep = np.flatnonzero(keep_mask)
+    return keep, int(len(user) - len(keep))
+
+
+# --------------------------------------------------------------------------------------------------
+# Users and items: small tables
+
+
+def _read_table(path: Path, table: EntityConfig) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path.name}: file not found at {path}")
+    if table.format == "parquet":
+        frame = pd.read_parquet(path)
+        return frame.astype(object).where(frame.notna(), "").astype(str)
+    return pd.read_csv(
+        path,
+        sep=table.sep if len(table.sep) == 1 else re.escape(table.sep),
+        engine="c" if len(table.sep) == 1 else "python",
+        header=0 if table.header else None,
+        names=None if table.header else list(table.names),
+        dtype=str,
+        keep_default_na=False,
+        encoding=table.encoding,
+        quoting=csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE,
+        index_col=False,
+    ).fillna("")
+
+
+def _parse_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+    text = frame[column].astype(str).str.strip()
+    parsed = pd.to_numeric(text, errors="coerce")
+    bad = np.flatnonzero(parsed.isna().to_numpy() | (parsed != np.round(parsed)).to_numpy())
+    if bad.size:
+        i = int(bad[0])
+        raise _bad(file, column, i + 1, f"non-numeric id {text.iloc[i]!r}")
+    ids = parsed.to_numpy().astype(np.int64)
+    _, first_index, counts = np.unique(ids, return_index=True, return_counts=True)
+    if np.any(counts > 1):
+        duplicate_rows = np.setdiff1d(np.arange(len(ids)), first_index)
+        i = int(duplicate_rows.min())
+        raise _bad(file, column, i + 1, f"duplicate id {ids[i]}")
+    return ids
+
+
+def _parse_date(text: str) -> dt.date | None:
+    for fmt in ("%d-%b-%Y", "%Y-%m-%d", "%Y"):
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def _feature_values(frame: pd.DataFrame, spec: FeatureSpec, file: str) -> tuple[pd.Series, pd.Series | None]:
+    """Raw values of one feature, plus a release key (float year) for date/title-parsed features."""
+    if spec.kind in ("categorical", "hashed"):
+        text = frame[spec.column].astype(str).str.strip()
+        return text.where(text != "", None).astype(object), None
+    if spec.kind == "multi_hot":
+        if spec.columns:
+            flags = []
+            for column, label in zip(spec.columns, spec.labels, strict=True):
+                text = frame[column].astype(str).str.strip()
+                value = pd.to_numeric(text.where(text != "", "0"), errors="coerce")
+                bad = np.flatnonzero(~value.isin([0, 1]).to_numpy())
+                if bad.size:
+                    i = int(bad[0])
+                    raise _bad(file, column, i + 1, f"flag must be 0 or 1, got {text.iloc[i]!r}")
+                flags.append(np.where(value.to_numpy() == 1, label, ""))
+            joined = ["|".join(x for x in row if x) for row in zip(*flags, strict=True)] if flags else []
+            return pd.Series(joined, index=frame.index, dtype=object), None
+        sep = spec.sep or "|"
+        joined = [
+            "|".join(p.strip() for p in str(v).split(sep) if p.strip()) for v in frame[spec.column].tolist()
+        ]
+        return pd.Series(joined, index=frame.index, dtype=object), None
+    # numeric
+    text = frame[spec.column].astype(str).str.strip()
+    if spec.parse == "date_year":
+        dates = [_parse_date(t) if t else None for t in text.tolist()]
+        for i, (t, d) in enumerate(zip(text.tolist(), dates, strict=True)):
+            if t and d is None:
+                raise _bad(file, spec.column, i + 1, f"unparseable date {t!r} (expected like 01-Jan-1995)")
+        years = [float(d.year) if d else np.nan for d in dates]
+        release = [d.year + (d.timetuple().tm_yday - 1) / 366.0 if d else np.nan for d in dates]
+        return pd.Series(years, index=frame.index), pd.Series(release, index=frame.index)
+    if spec.parse == "title_year":
+        years = [float(m.group(1)) if (m := _TITLE_YEAR.search(t)) else np.nan for t in text.tolist()]
+        series = pd.Series(years, index=frame.index)
+        return series, series.copy()
+    value = pd.to_numeric(text.where(text != "", None), errors="coerce")
+    bad = np.flatnonzero(value.isna().to_numpy() & (text != "").to_numpy())
+    if bad.size:
+        i = int(bad[0])
+        raise _bad(file, spec.column, i + 1, f"non-numeric value {text.iloc[i]!r}")
+    return value.astype(float), None
+
+
+def read_entities(path: Path, table: EntityConfig, id_name: str) -> pd.DataFrame:
+    """Reads a users or items table and extracts its raw feature columns.
+
+    Args:
+        path: the file.
+        table: its EntityConfig.
+        id_name: name of the id column in the result (``user_id`` or ``item_id``).
+
+    Returns:
+        A DataFrame with ``id_name`` (int64), one column per feature (named as the feature) and, for
+        items with a date- or title-parsed feature, ``release``.
+
+    Raises:
+        ValueError: missing file or column, non-numeric or duplicate id, a bad feature value.
+    """
+    frame = _read_table(path, table)
+    needed = [table.id] + [c for spec in table.features for c in spec.source_columns()]
+    for column in needed:
+        if column not in frame.columns:
+            raise _bad(path.name, column, None, f"missing column (file has {list(frame.columns)})")
+    out = pd.DataFrame({id_name: _parse_ids(frame, path.name, table.id)})
+    release = None
+    for spec in table.features:
+        values, key = _feature_values(frame, spec, path.name)
+        out[spec.name] = values.to_numpy()
+        if key is not None and release is None:
+            release = key
+    if release is not None:
+        out["release"] = release.to_numpy(dtype=float)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
+    """Reads and validates a data set from a local directory (see ``load_raw``)."""
+    ratings_path = data_dir / config.ratings.file
+    items = read_entities(data_dir / config.items.file, config.items, "item_id")
+    users = read_entities(data_dir / config.users.file, config.users, "user_id") if config.users else None
+
+    arrays = read_ratings(ratings_path, config.ratings)
+    counts = {"ratings_read": int(len(arrays["rating"]))}
+
+    known_item = np.isin(arrays["item"], items["item_id"].to_numpy())
+    unknown_items = int((~known_item).sum())
+    if unknown_items:
+        log.warning("%s: dropped %d ratings of items missing from %s", ratings_path.name, unknown_items,
+                    config.items.file)  # fmt: skip
+        arrays = {key: value[known_item] for key, value in arrays.items()}
+    del known_item
+    counts["unknown_item_ratings_dropped"] = unknown_items
+
+    keep, duplicates = drop_duplicates_keep_latest(arrays["user"], arrays["item"], arrays["timestamp"])
+    if keep is not None:
+        log.warning("%s: dropped %d duplicate (user, item) ratings, keeping the latest of each",
+                    ratings_path.name, duplicates)  # fmt: skip
+        arrays = {key: value[keep] for key, value in arrays.items()}
+    counts["duplicates_dropped"] = duplicates
+    counts["ratings_kept"] = int(len(arrays["rating"]))
+
+    if users is not None:
+        counts["users_without_features"] = int(
+            np.setdiff1d(np.unique(arrays["user"]), users["user_id"].to_numpy()).size
+        )
+    ratings = pd.DataFrame(
+        {
+            "user_id": arrays["user"],
+            "item_id": arrays["item"],
+            "rating": arrays["rating"],
+            "timestamp": arrays["timestamp"],
+        },
+        copy=False,
+    )
+    return RawData(ratings=ratings, users=users, items=items, config=config, counts=counts)
+
+
+def load_raw(data_uri: str | Path, dataset_config: str | Path | dict | DatasetConfig) -> RawData:
+    """Reads and validates a raw data set.
+
+    Args:
+        data_uri: a local directory or a ``gs://`` prefix holding the files named in the config.
+        dataset_config: a config path, shipped config name, mapping or DatasetConfig.
+
+    Returns:
+        The validated RawData (see its attributes). Duplicate (user, item) ratings keep the latest by
+        timestamp and ratings of unknown items are dropped; both are logged and counted.
+
+    Raises:
+        ValueError: a missing file or column, a non-numeric id, a missing value, a rating out of range
+            or off the rating step; the message names the file, column and first offending row.
+    """
+    config = load_dataset_config(dataset_config)
+    uri = str(data_uri)
+    if uri.startswith("gs://"):
+        from metarec import storage  # lazy: only gs:// use needs the storage client
+
+        with storage.local_copy(uri) as local_dir:
+            return load_raw_from_dir(Path(local_dir), config)
+    data_dir = Path(uri)
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory {uri} does not exist")
+    return load_raw_from_dir(data_dir, config)

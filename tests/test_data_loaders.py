@@ -1,0 +1,256 @@
+"""Data-set configs and raw loaders: real MovieLens-100K, the CSV layout, and every bad-input case."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
+
+from metarec.data.config import CONFIGS_DIR, load_dataset_config, parse_dataset_config, shipped_config_names
+from metarec.data.loaders import dense_codes, drop_duplicates_keep_latest, load_raw
+
+MOVIES_CSV = """movieId,title,genres
+1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy
+2,Jumanji (1995),Adventure|Children|Fantasy
+3,"American President, The (1995)",Comedy|Drama|Romance
+4,Untitled Film,(no genres listed)
+"""
+RATINGS_CSV = """userId,movieId,rating,timestamp
+1,1,4.0,964982703
+1,3,4.5,964981247
+2,2,0.5,964982224
+2,3,5.0,964983815
+3,1,3.5,964982931
+"""
+
+
+def write_csv_dataset(root: Path, ratings: str = RATINGS_CSV, movies: str = MOVIES_CSV) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ratings.csv").write_text(ratings)
+    (root / "movies.csv").write_text(movies)
+    return root
+
+
+def test_shipped_configs_load_by_name():
+    assert {"movielens-100k", "movielens-csv", "synthetic"} <= set(shipped_config_names())
+    ml = load_dataset_config("movielens-100k")
+    assert ml.ratings.file == "u.data" and ml.items.encoding == "latin-1"
+    assert [f.name for f in ml.users.features] == ["age", "gender", "occupation", "zip"]
+    genres = ml.items.features[0]
+    assert (
+        genres.kind == "multi_hot" and genres.labels[:2] == ("unknown", "Action") and len(genres.labels) == 19
+    )
+    csv = load_dataset_config("movielens-csv")
+    assert csv.users is None and csv.ratings.rating_step == 0.5 and csv.ratings.rating_scale == (0.5, 5.0)
+
+
+def test_movielens_100k_loads_in_full(ml100k_dir):
+    raw = load_raw(ml100k_dir, "movielens-100k")
+    assert len(raw.ratings) == 100_000
+    assert raw.ratings["user_id"].nunique() == 943 and len(raw.users) == 943
+    assert len(raw.items) == 1682
+    assert raw.ratings["rating"].dtype == np.float32 and raw.ratings["user_id"].dtype == np.int32
+    assert raw.counts["duplicates_dropped"] == 0 and raw.counts["unknown_item_ratings_dropped"] == 0
+    toy_story = raw.items.set_index("item_id").loc[1]
+    assert toy_story["year"] == 1995 and toy_story["genres"] == "Animation|Children's|Comedy"
+    assert np.isnan(raw.items.set_index("item_id").loc[267, "year"])  # "unknown" has no date
+    assert set(raw.users["gender"]) == {"F", "M"}
+
+
+def test_csv_layout_half_stars_no_users_year_from_title(tmp_path):
+    raw = load_raw(write_csv_dataset(tmp_path), "movielens-csv")
+    assert raw.users is None
+    assert sorted(raw.ratings["rating"].tolist()) == [0.5, 3.5, 4.0, 4.5, 5.0]
+    items = raw.items.set_index("item_id")
+    assert items.loc[3, "year"] == 1995 and items.loc[3, "genres"] == "Comedy|Drama|Romance"
+    assert np.isnan(items.loc[4, "year"])
+    assert raw.ratings["timestamp"].dtype == np.int64 and raw.ratings["timestamp"].iloc[0] == 964982703
+
+
+def test_multi_character_separator(tmp_path):
+    (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n2::10::3::978302109\n")
+    (tmp_path / "movies.dat").write_text("10::GoldenEye (1995)::Action|Adventure\n", encoding="latin-1")
+    config = {
+        "name": "ml-1m-like",
+        "ratings": {"file": "ratings.dat", "sep": "::", "names": ["u", "i", "r", "t"], "user": "u", "item": "i",
+                    "rating": "r", "timestamp": "t"},
+        "items": {"file": "movies.dat", "sep": "::", "encoding": "latin-1", "names": ["id", "title", "genres"],
+                  "id": "id", "features": [{"name": "genres", "kind": "multi_hot", "column": "genres"}]},
+    }  # fmt: skip
+    raw = load_raw(tmp_path, config)
+    assert raw.ratings["rating"].tolist() == [5.0, 3.0]
+    assert raw.items["genres"].tolist() == ["Action|Adventure"]
+
+
+def test_parquet_ratings_are_read(tmp_path):
+    write_csv_dataset(tmp_path)
+    pd.read_csv(tmp_path / "ratings.csv").to_parquet(tmp_path / "ratings.parquet")
+    config = load_dataset_config("movielens-csv")
+    raw_config = {
+        "ratings": {"file": "ratings.parquet", "user": "userId", "item": "movieId", "rating": "rating",
+                    "timestamp": "timestamp", "rating_scale": [0.5, 5], "rating_step": 0.5},
+        "items": {"file": "movies.csv", "header": True, "id": "movieId",
+                  "features": [{"name": "genres", "kind": "multi_hot", "column": "genres"}]},
+    }  # fmt: skip
+    raw = load_raw(tmp_path, raw_config)
+    assert raw.ratings["rating"].tolist() == load_raw(tmp_path, config).ratings["rating"].tolist()
+
+
+BAD_RATINGS = {
+    "non-numeric user id": ("userId,movieId,rating,timestamp\n1,1,4,1\nabc,2,3,1\n", "userId", 2, "non-numeric"),
+    "fractional item id": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2.5,3,1\n", "movieId", 2, "integer"),
+    "rating above scale": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3,1\n2,1,7,1\n", "rating", 3, "outside"),
+    "rating below scale": ("userId,movieId,rating,timestamp\n1,1,0,1\n", "rating", 1, "outside"),
+    "rating off step": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3.3,1\n", "rating", 2, "step"),
+    "empty rating": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,,1\n", "rating", 2, "missing"),
+    "NaN rating": ("userId,movieId,rating,timestamp\n1,1,NaN,1\n", "rating", 1, "missing"),
+    "non-numeric timestamp": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3,soon\n", "timestamp", 2,
+                              "non-numeric"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RATINGS))
+def test_bad_ratings_name_file_column_and_row(tmp_path, case):
+    text, column, row, reason = BAD_RATINGS[case]
+    write_csv_dataset(tmp_path, ratings=text)
+    with pytest.raises(ValueError) as err:
+        load_raw(tmp_path, "movielens-csv")
+    message = str(err.value)
+    assert "ratings.csv" in message and f"'{column}'" in message and f"data row {row} " in message, message
+    assert reason in message, message
+
+
+def test_bad_parquet_rating_names_row(tmp_path):
+    write_csv_dataset(tmp_path)
+    frame = pd.DataFrame({"u": [1, 2, 3], "i": [1, 2, 3], "r": [4.0, np.nan, 3.0]})
+    frame.to_parquet(tmp_path / "r.parquet")
+    config = {
+        "ratings": {"file": "r.parquet", "user": "u", "item": "i", "rating": "r"},
+        "items": {"file": "movies.csv", "header": True, "id": "movieId"},
+    }
+    with pytest.raises(ValueError, match=r"r.parquet: column 'r', data row 2 .*missing"):
+        load_raw(tmp_path, config)
+
+
+def test_wrong_field_count_names_row(tmp_path):
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n1\t2\t3\n")
+    (tmp_path / "u.item").write_text("1|A (1995)|01-Jan-1995||x" + "|0" * 19 + "\n")
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n")
+    with pytest.raises(ValueError, match=r"u.data: .*data row 2 .*expected 4 fields, got 3"):
+        load_raw(tmp_path, "movielens-100k")
+
+
+def test_missing_file_and_missing_column(tmp_path):
+    write_csv_dataset(tmp_path)
+    (tmp_path / "movies.csv").unlink()
+    with pytest.raises(ValueError, match="movies.csv: file not found"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, ratings="userId,movieId,timestamp\n1,1,1\n")
+    with pytest.raises(ValueError, match=r"ratings.csv: column 'rating', header: missing column"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, movies="movieId,name,genres\n1,A,Comedy\n")
+    with pytest.raises(ValueError, match=r"movies.csv: column 'title', header: missing column"):
+        load_raw(tmp_path, "movielens-csv")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_raw(tmp_path / "nowhere", "movielens-csv")
+
+
+def test_bad_items_and_users_tables_name_row(tmp_path):
+    write_csv_dataset(tmp_path, movies=MOVIES_CSV + "x5,Bad Id (1999),Drama\n")
+    with pytest.raises(ValueError, match=r"movies.csv: column 'movieId', data row 5 .*non-numeric id 'x5'"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, movies=MOVIES_CSV + "2,Again (1999),Drama\n")
+    with pytest.raises(ValueError, match=r"movies.csv: column 'movieId', data row 5 .*duplicate id 2"):
+        load_raw(tmp_path, "movielens-csv")
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n")
+    (tmp_path / "u.item").write_text("1|A (1995)|01-Jan-1995||x" + "|0" * 19 + "\n")
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n2|twenty|F|other|12345\n")
+    with pytest.raises(ValueError, match=r"u.user: column 'age', data row 2 .*non-numeric value 'twenty'"):
+        load_raw(tmp_path, "movielens-100k")
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n")
+    (tmp_path / "u.item").write_text("1|A (1995)|31-Foo-1995||x" + "|0" * 19 + "\n")
+    with pytest.raises(ValueError, match=r"u.item: column 'release_date', data row 1 .*unparseable date"):
+        load_raw(tmp_path, "movielens-100k")
+    (tmp_path / "u.item").write_text("1|A (1995)|01-Jan-1995||x" + "|0" * 18 + "|2\n")
+    with pytest.raises(ValueError, match=r"u.item: column 'g18', data row 1 .*flag must be 0 or 1"):
+        load_raw(tmp_path, "movielens-100k")
+
+
+def test_duplicates_keep_latest_and_unknown_items_are_dropped(tmp_path, caplog):
+    ratings = (
+        "userId,movieId,rating,timestamp\n"
+        "1,1,2.0,100\n"  # superseded by the later rating below
+        "1,2,3.0,100\n"
+        "1,1,4.5,300\n"
+        "1,1,1.0,200\n"  # older than 300: dropped although it comes last
+        "2,99,5.0,100\n"  # item 99 is not in movies.csv
+        "2,2,1.5,100\n"
+    )
+    write_csv_dataset(tmp_path, ratings=ratings)
+    with caplog.at_level(logging.WARNING, logger="metarec.data.loaders"):
+        raw = load_raw(tmp_path, "movielens-csv")
+    assert raw.counts["duplicates_dropped"] == 2
+    assert raw.counts["unknown_item_ratings_dropped"] == 1
+    assert raw.counts["ratings_read"] == 6 and raw.counts["ratings_kept"] == 3
+    kept = {(u, i): r for u, i, r in raw.ratings[["user_id", "item_id", "rating"]].itertuples(index=False)}
+    assert kept == {(1, 1): 4.5, (1, 2): 3.0, (2, 2): 1.5}
+    assert "2 duplicate" in caplog.text and "1 ratings of items missing" in caplog.text
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="not a shipped config"):
+        load_dataset_config("no-such-dataset")
+    with pytest.raises(ValueError, match=r"items: section is required"):
+        parse_dataset_config(
+            {"ratings": {"file": "r.csv", "header": True, "user": "u", "item": "i", "rating": "r"}}
+        )
+    base = {"file": "r.csv", "header": True, "user": "u", "item": "i", "rating": "r"}
+    items = {"file": "i.csv", "header": True, "id": "id"}
+    with pytest.raises(ValueError, match=r"ratings: unknown key\(s\) \['colour'\]"):
+        parse_dataset_config({"ratings": {**base, "colour": 1}, "items": items})
+    with pytest.raises(ValueError, match=r"items.features\[0\]: kind must be"):
+        parse_dataset_config(
+            {"ratings": base, "items": {**items, "features": [{"name": "x", "kind": "bogus"}]}}
+        )
+    with pytest.raises(ValueError, match=r"buckets"):
+        parse_dataset_config(
+            {
+                "ratings": base,
+                "items": {**items, "features": [{"name": "x", "kind": "hashed", "column": "x"}]},
+            }
+        )
+    with pytest.raises(ValueError, match=r"ratings.names: column names are required"):
+        parse_dataset_config({"ratings": {**base, "header": False}, "items": items})
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("ratings: [unclosed\n")
+    with pytest.raises(ValueError, match="invalid YAML"):
+        load_dataset_config(bad_yaml)
+
+
+def test_load_from_gcs_prefix(tmp_path, gcs_bucket):  # noqa: F811
+    from metarec import storage
+
+    storage.upload_dir(str(write_csv_dataset(tmp_path / "data")), f"gs://{gcs_bucket}/raw")
+    storage.write_bytes(f"gs://{gcs_bucket}/csv.yaml", (CONFIGS_DIR / "movielens-csv.yaml").read_bytes())
+    raw = load_raw(f"gs://{gcs_bucket}/raw", f"gs://{gcs_bucket}/csv.yaml")
+    assert len(raw.ratings) == 5 and len(raw.items) == 4 and raw.config.name == "movielens-csv"
+
+
+@pytest.mark.parametrize("spread_ids", [False, True])
+def test_duplicate_resolution_matches_a_pandas_reference(spread_ids):
+    rng = np.random.default_rng(7)
+    n = 4000
+    user = rng.integers(0, 60, n)
+    item = rng.integers(0, 50, n) * (10**9 if spread_ids else 1)  # sparse ids take the sort-based path
+    timestamp = rng.integers(0, 4, n)  # many ties: the later row in the file wins
+    keep, dropped = drop_duplicates_keep_latest(user, item, timestamp)
+    frame = pd.DataFrame({"u": user, "i": item, "t": timestamp, "row": np.arange(n)})
+    expected = np.sort(frame.sort_values(["t", "row"]).groupby(["u", "i"]).tail(1)["row"].to_numpy())
+    assert np.array_equal(keep, expected) and dropped == n - len(expected)
+    assert drop_duplicates_keep_latest(np.arange(5), np.zeros(5, int), np.zeros(5, int)) == (None, 0)
+    values, codes = dense_codes(np.array([7, 3, 7, 10**12]))
+    assert values.tolist() == [3, 7, 10**12] and codes.tolist() == [1, 0, 1, 2]

@@ -1,0 +1,209 @@
+"""Preprocessing invariants: splits, roles, k-shot ranks, filtering counts, no leakage, config checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
+
+from metarec.data.synthetic import generate_synthetic
+from metarec.preprocessing import DEFAULTS, run_preprocessing
+
+
+def read(out: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    schema = json.loads((out / "schema.json").read_text())
+    return (
+        schema,
+        pd.read_parquet(out / "users.parquet"),
+        pd.read_parquet(out / "items.parquet"),
+        pd.read_parquet(out / "interactions.parquet"),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "tiny"
+    run_preprocessing("synthetic:tiny", None, None, str(out))
+    return out
+
+
+def test_outputs_follow_the_contract(tiny):
+    schema, users, items, rows = read(tiny)
+    assert schema["format_version"] == 1 and schema["dataset"] == "synthetic"
+    assert schema["rating_min"] == 1.0 and schema["rating_max"] == 5.0
+    assert [f["name"] for f in schema["user_features"]] == ["age", "gender", "occupation", "zip"]
+    assert [f["name"] for f in schema["item_features"]] == ["genres", "year"]
+    assert schema["tasks"] == {"query_size": 10, "cold_query_size": 10, "min_ratings": 13, "max_ratings": 100,
+                               "kshots": [1, 3, 5, 10, 20]}  # fmt: skip
+    assert list(users.columns[:2]) == ["user_idx", "user_id"] and users["user_idx"].tolist() == list(
+        range(len(users))
+    )
+    assert users["user_id"].map(type).eq(str).all()
+    assert list(items.columns[:4]) == ["item_idx", "item_id", "warm_idx", "is_cold"]
+    assert set(rows.columns) == {"user_idx", "item_idx", "rating", "timestamp", "user_split", "item_cold", "role",
+                                 "kshot_rank"}  # fmt: skip
+    assert rows["rating"].dtype == np.float32 and rows["timestamp"].dtype == np.int64
+    assert schema["n_users"] == len(users) == rows["user_idx"].nunique()
+    assert schema["n_items"] == len(items) and schema["n_warm_items"] == int((~items["is_cold"]).sum())
+    assert "|" in "".join(items["genres"])  # multi-hot stored as a joined string
+
+
+def test_roles_and_kshot_ranks_per_user(tiny):
+    _, _, items, rows = read(tiny)
+    assert (rows["item_cold"] == rows["item_idx"].map(items.set_index("item_idx")["is_cold"])).all()
+    for _, group in rows.groupby("user_idx"):
+        warm, cold = group[~group["item_cold"]], group[group["item_cold"]]
+        assert set(warm["role"]) <= {"support", "query"} and set(cold["role"]) <= {"cold_query", "unused"}
+        assert (warm["role"] == "query").sum() == 10
+        support = warm[warm["role"] == "support"]
+        assert len(support) >= 1
+        assert sorted(support["kshot_rank"]) == list(range(len(support)))
+        assert (group.loc[group["role"] != "support", "kshot_rank"] == -1).all()
+        assert (cold["role"] == "cold_query").sum() == min(10, len(cold))
+
+
+def test_user_splits_are_disjoint_with_expected_fractions(tiny):
+    schema, users, _, rows = read(tiny)
+    per_user = rows.groupby("user_idx")["user_split"].agg(lambda s: set(s))
+    assert per_user.map(len).eq(1).all()  # every user's rows carry one split
+    assert (users.set_index("user_idx")["user_split"] == per_user.map(lambda s: next(iter(s)))).all()
+    n = len(users)
+    counts = users["user_split"].value_counts()
+    assert counts["train"] == round(0.7 * n) and counts["val"] == round(0.1 * n)
+    assert counts.sum() == n and schema["splits"]["n_users"] == counts.to_dict()
+
+
+def test_cold_items_are_the_newest_and_have_no_warm_index(tiny):
+    _, _, items, _ = read(tiny)
+    cold, warm = items[items["is_cold"]], items[~items["is_cold"]]
+    assert len(cold) == round(0.2 * len(items))
+    assert (cold["warm_idx"] == 0).all()
+    assert sorted(warm["warm_idx"]) == list(range(1, len(warm) + 1))
+    assert cold["year"].min() >= warm["year"].max() - 1  # newest by release date (ties within a year)
+
+
+def test_vocabularies_and_statistics_use_train_users_and_warm_items_only(tmp_path):
+    data = generate_synthetic(tmp_path / "raw", preset="tiny")
+    lines = (data / "u.user").read_text().splitlines()
+    # Give every user a unique occupation and an extreme age for non-train users to detect leakage.
+    lines = [f"{u}|{a}|{g}|occupation{u}|{z}" for u, a, g, _, z in (line.split("|") for line in lines)]
+    (data / "u.user").write_text("\n".join(lines) + "\n")
+    run_preprocessing(str(data), "synthetic", None, str(tmp_path / "out"))
+    schema, users, items, _ = read(tmp_path / "out")
+    features = {f["name"]: f for f in schema["user_features"]}
+    train = users[users["user_split"] == "train"]
+    assert features["occupation"]["vocab"] == sorted(train["occupation"])
+    assert features["age"]["mean"] == pytest.approx(train["age"].mean())
+    assert features["age"]["mean"] != pytest.approx(users["age"].mean())
+    year = next(f for f in schema["item_features"] if f["name"] == "year")
+    assert year["mean"] == pytest.approx(items.loc[~items["is_cold"], "year"].mean())
+
+
+def test_filtering_counts_add_up(tmp_path):
+    out = tmp_path / "out"
+    summary = run_preprocessing("synthetic", None, {"max_ratings": 60, "min_ratings": 25}, str(out))
+    schema, users, _, rows = read(out)
+    counts = schema["counts"]
+    assert counts == summary["counts"]
+    dropped = (counts["users_dropped_too_few_ratings"] + counts["users_dropped_too_many_ratings"]
+               + counts["users_dropped_too_few_warm_ratings"])  # fmt: skip
+    assert counts["users_dropped_too_many_ratings"] > 0 and counts["users_dropped_too_few_ratings"] > 0
+    assert counts["users_read"] == dropped + len(users) == 600
+    assert counts["ratings_kept"] == counts["ratings_dropped_with_users"] + len(rows)
+    per_user = rows.groupby("user_idx").size()
+    assert per_user.min() >= 25 and per_user.max() <= 60
+    assert sum(counts[f"rows_{r}"] for r in ("support", "query", "cold_query", "unused")) == len(rows)
+
+
+def test_same_seed_same_output_other_seed_differs(tmp_path):
+    run_preprocessing("synthetic:tiny", None, {"seed": 5}, str(tmp_path / "a"))
+    run_preprocessing("synthetic:tiny", None, {"seed": 5}, str(tmp_path / "b"))
+    run_preprocessing("synthetic:tiny", None, {"seed": 6}, str(tmp_path / "c"))
+    a, b, c = (read(tmp_path / x)[3] for x in "abc")
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["role"].equals(c["role"]) or not a["user_split"].equals(c["user_split"])
+
+
+def test_time_split_and_count_based_cold_items(tmp_path):
+    run_preprocessing("synthetic:tiny", None, {"user_split": "time", "item_split": "count", "cold_max_ratings": 40},
+                      str(tmp_path / "out"))  # fmt: skip
+    schema, users, items, rows = read(tmp_path / "out")
+    first = rows.groupby("user_idx")["timestamp"].min()
+    split = users.set_index("user_idx")["user_split"]
+    assert first[split == "train"].max() <= first[split == "val"].min()
+    assert first[split == "val"].max() <= first[split == "test"].min()
+    assert schema["splits"]["users"] == "time" and schema["splits"]["items"] == "count"
+    # Count split: items with <= 40 ratings (before user filtering) are cold.
+    raw_counts = pd.read_csv(generate_synthetic(tmp_path / "raw", preset="tiny") / "u.data", sep="\t",
+                             header=None)[1].value_counts()  # fmt: skip
+    expected = items["item_id"].astype(int).map(raw_counts).fillna(0) <= 40
+    assert (items["is_cold"] == expected).all() and 0 < expected.sum() < len(items)
+
+
+def test_csv_dataset_without_user_features(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(u, i, rng.integers(1, 11) / 2, 1000 + u * 10 + i) for u in range(1, 31) for i in range(1, 31)
+            if rng.random() < 0.7]  # fmt: skip
+    pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(
+        tmp_path / "ratings.csv", index=False
+    )
+    movies = pd.DataFrame({"movieId": range(1, 31), "title": [f"M{i} ({1980 + i})" for i in range(1, 31)],
+                           "genres": ["Comedy|Drama", "Action"] * 15})  # fmt: skip
+    movies.to_csv(tmp_path / "movies.csv", index=False)
+    summary = run_preprocessing(str(tmp_path), "movielens-csv", {"max_ratings": 30}, str(tmp_path / "out"))
+    schema, users, items, interactions = read(tmp_path / "out")
+    assert schema["user_features"] == [] and list(users.columns) == ["user_idx", "user_id", "user_split"]
+    assert schema["rating_min"] == 0.5 and schema["rating_step"] == 0.5
+    assert set(items.loc[items["is_cold"], "year"]) == set(range(2005, 2011))  # the 6 newest of 30
+    assert summary["n_interactions"] == len(interactions) > 0
+
+
+def test_preprocess_real_movielens(ml100k_dir, tmp_path):
+    summary = run_preprocessing(str(ml100k_dir), "movielens-100k", None, str(tmp_path / "out"))
+    schema, users, items, rows = read(tmp_path / "out")
+    assert schema["n_items"] == 1682 and schema["counts"]["users_read"] == 943
+    assert summary["n_users"] == len(users) > 300
+    assert (rows.groupby("user_idx").size() <= 100).all()
+
+
+def test_config_is_validated():
+    assert set(DEFAULTS) >= {"min_ratings", "max_ratings", "query_size", "kshots", "seed", "user_split"}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['min_rating'\]"):
+        run_preprocessing("synthetic:tiny", None, {"min_rating": 3}, "/nonexistent/never-written")
+    with pytest.raises(ValueError, match="user_split"):
+        run_preprocessing(
+            "synthetic:tiny", None, {"user_split": "alphabetical"}, "/nonexistent/never-written"
+        )
+    with pytest.raises(ValueError, match="split_fractions"):
+        run_preprocessing("synthetic:tiny", None, {"split_fractions": [0.5, 0.5, 0.5]}, "/nonexistent/x")
+
+
+def test_gcs_output(tmp_path, gcs_bucket):  # noqa: F811
+    from metarec import storage
+    from metarec.tasks import Preprocessed
+
+    uri = f"gs://{gcs_bucket}/pre"
+    summary = run_preprocessing("synthetic:tiny", None, None, uri)
+    assert summary["output_dir"] == uri
+    names = {u.rsplit("/", 1)[1] for u in storage.list_uris(uri)}
+    assert {"schema.json", "users.parquet", "items.parquet", "interactions.parquet"} <= names
+    assert Preprocessed.load(uri).n_users == summary["n_users"]
+
+
+def test_scale_benchmark_smoke(repo_root, capsys):
+    """bench/preprocess_scale.py end to end on a small size: its last line is the JSON result."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_scale", repo_root / "bench" / "preprocess_scale.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--ratings", "20000"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"ratings", "seconds", "peak_rss_mb", "ratings_per_s"}
+    assert 15_000 < result["ratings"] < 25_000 and result["interactions_written"] > 10_000
