@@ -1,0 +1,698 @@
+"""Kubernetes manifests: every kustomization renders, validates against Kubernetes 1.29-1.33, and every
+pod template in every rendered overlay is hardened. Custom resources (InferenceService, PyTorchJob) have
+no bundled schema, so the fields we rely on are checked structurally here.
+
+The checkers are plain functions fed with deliberately weakened objects too, so each check is shown to fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO_ROOT / "manifests"
+KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
+EXPECTED_KUSTOMIZATIONS = {
+    "serving/identity",
+    "serving/base",
+    "serving/overlays/gke-cpu",
+    "serving/overlays/gke-gpu",
+    "serving/overlays/kserve",
+    "training",
+}
+DEPLOYABLE = ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu", "serving/overlays/kserve", "training"]
+CUSTOM_KINDS = {"InferenceService", "PyTorchJob"}
+MANAGEMENT_PORT = 8081
+
+
+def _kustomizations() -> list[str]:
+    return sorted(str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml"))
+
+
+@functools.cache
+def render(kustomization: str) -> tuple[dict, ...]:
+    """Renders one kustomization with ``kubectl kustomize`` (offline).
+
+    Args:
+        kustomization: Folder relative to ``manifests/``.
+
+    Returns:
+        The rendered objects.
+    """
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed: cannot render the manifests")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS / kustomization)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def _objects(kind: str, kustomization: str) -> list[dict]:
+    return [obj for obj in render(kustomization) if obj["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkers (used on the real manifests and on weakened copies)
+
+
+def _is_true(value) -> bool:
+    return value is True
+
+
+def hardening_problems(pod_spec: dict, where: str) -> list[str]:
+    """Lists what a pod spec lacks of the project's hardening baseline.
+
+    Baseline: pod and every container (init containers included) run as non-root with the RuntimeDefault
+    seccomp profile; every container has a read-only root filesystem, no privilege escalation, all
+    capabilities dropped and none added, CPU/memory requests and limits, and an emptyDir on /tmp; every
+    writable mount is an emptyDir; no host namespaces or hostPath volumes.
+
+    Args:
+        pod_spec: A PodSpec (``template.spec`` of a workload, or the equivalent of a custom resource).
+        where: Name for the messages (e.g. ``"gke-cpu Deployment/metarec-serving"``).
+
+    Returns:
+        One message per problem; empty when the spec meets the baseline.
+    """
+    problems = []
+    pod_context = pod_spec.get("securityContext") or {}
+    if not _is_true(pod_context.get("runAsNonRoot")):
+        problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+    if (pod_context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: pod securityContext.seccompProfile is not RuntimeDefault")
+    if pod_context.get("runAsUser") == 0:
+        problems.append(f"{where}: pod runs as UID 0")
+    for host_field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod_spec.get(host_field):
+            problems.append(f"{where}: {host_field} is set")
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes") or []}
+    for name, volume in volumes.items():
+        if "hostPath" in volume:
+            problems.append(f"{where}: volume {name} is a hostPath")
+    containers = [("init container", c) for c in pod_spec.get("initContainers") or []]
+    containers += [("container", c) for c in pod_spec.get("containers") or []]
+    if not any(kind == "container" for kind, _ in containers):
+        problems.append(f"{where}: no containers")
+    for kind, container in containers:
+        label = f"{where} {kind} {container.get('name')}"
+        context = container.get("securityContext") or {}
+        if not _is_true(context.get("runAsNonRoot")):
+            problems.append(f"{label}: securityContext.runAsNonRoot is not true")
+        if context.get("runAsUser") == 0:
+            problems.append(f"{label}: runs as UID 0")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{label}: allowPrivilegeEscalation is not false")
+        if not _is_true(context.get("readOnlyRootFilesystem")):
+            problems.append(f"{label}: readOnlyRootFilesystem is not true")
+        if _is_true(context.get("privileged")):
+            problems.append(f"{label}: privileged")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            problems.append(f"{label}: capabilities.drop does not contain ALL")
+        if capabilities.get("add"):
+            problems.append(f"{label}: capabilities.add {capabilities['add']}")
+        if (context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{label}: seccompProfile is not RuntimeDefault")
+        resources = container.get("resources") or {}
+        for section in ("requests", "limits"):
+            missing = {"cpu", "memory"} - set(resources.get(section) or {})
+            if missing:
+                problems.append(f"{label}: resources.{section} lacks {sorted(missing)}")
+        mounts = container.get("volumeMounts") or []
+        tmp_mounts = [m for m in mounts if m.get("mountPath") == "/tmp"]
+        if not tmp_mounts or "emptyDir" not in volumes.get(tmp_mounts[0]["name"], {}):
+            problems.append(f"{label}: no emptyDir mounted on /tmp (the root filesystem is read-only)")
+        for mount in mounts:
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                problems.append(f"{label}: mount {mount['mountPath']} names missing volume {mount['name']}")
+            elif not mount.get("readOnly") and "emptyDir" not in volume:
+                problems.append(f"{label}: writable mount {mount['mountPath']} is not an emptyDir")
+    return problems
+
+
+def pod_specs(obj: dict) -> list[tuple[str, dict]]:
+    """Finds every pod template in a rendered object.
+
+    Args:
+        obj: A rendered Kubernetes object (built-in workload, PyTorchJob or InferenceService).
+
+    Returns:
+        ``(name, pod_spec)`` pairs; for an InferenceService, the predictor's pod fields with the
+        framework container as its only container (that is how KServe builds the pod).
+    """
+    name = f"{obj['kind']}/{obj['metadata']['name']}"
+    spec = obj.get("spec") or {}
+    if obj["kind"] == "InferenceService":
+        predictor = dict(spec["predictor"])
+        framework = next(k for k in ("pytorch", "model") if k in predictor)
+        container = dict(predictor.pop(framework), name="kserve-container")
+        return [(f"{name} predictor", {**predictor, "containers": [container]})]
+    if obj["kind"] == "PyTorchJob":
+        return [(f"{name} {role}", r["template"]["spec"]) for role, r in spec["pytorchReplicaSpecs"].items()]
+    if obj["kind"] == "CronJob":
+        return [(name, spec["jobTemplate"]["spec"]["template"]["spec"])]
+    if "template" in spec and "spec" in (spec["template"] or {}):
+        return [(name, spec["template"]["spec"])]
+    if obj["kind"] == "Pod":
+        return [(name, spec)]
+    return []
+
+
+def management_port_exposures(service: dict) -> list[str]:
+    """Lists the ports of a Service that reach TorchServe's management API.
+
+    Args:
+        service: A rendered Service.
+
+    Returns:
+        Port descriptions; empty when the management API is not exposed.
+    """
+    exposed = []
+    for port in service["spec"].get("ports") or []:
+        if (
+            MANAGEMENT_PORT in (port.get("port"), port.get("targetPort"))
+            or port.get("targetPort") == "management"
+        ):
+            exposed.append(f"{service['metadata']['name']}:{port.get('port')}->{port.get('targetPort')}")
+    return exposed
+
+
+def _properties(text: str) -> dict[str, str]:
+    pairs = (
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#")
+    )
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering and schema validation
+
+
+def test_every_kustomization_is_known_and_renders():
+    found = set(_kustomizations())
+    assert EXPECTED_KUSTOMIZATIONS <= found, f"missing: {EXPECTED_KUSTOMIZATIONS - found}"
+    for kustomization in sorted(found):
+        assert render(kustomization), f"{kustomization} rendered nothing"
+
+
+def test_kustomizations_use_labels_not_common_labels():
+    for path in MANIFESTS.rglob("kustomization.yaml"):
+        document = yaml.safe_load(path.read_text())
+        assert "commonLabels" not in document, f"{path}: commonLabels is deprecated, use labels"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_builtin_objects_validate_strictly(version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for kustomization in _kustomizations():
+        for obj in render(kustomization):
+            if obj["kind"] in CUSTOM_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                pytest.fail(
+                    f"{kustomization} {obj['kind']}/{obj['metadata']['name']} invalid for {version}: {err}"
+                )
+            checked += 1
+    assert checked >= 15
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    deployment = copy.deepcopy(_objects("Deployment", "serving/base")[0])
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = []  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.33", strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening
+
+
+@pytest.mark.parametrize("kustomization", DEPLOYABLE)
+def test_every_pod_template_is_hardened(kustomization):
+    templates = [pair for obj in render(kustomization) for pair in pod_specs(obj)]
+    assert templates, f"{kustomization} has no pod template"
+    problems = [p for where, spec in templates for p in hardening_problems(spec, f"{kustomization} {where}")]
+    assert not problems, "\n".join(problems)
+
+
+WEAKENINGS = {
+    "pod runAsNonRoot removed": lambda s: s["securityContext"].pop("runAsNonRoot"),
+    "pod seccomp Unconfined": lambda s: s["securityContext"].__setitem__(
+        "seccompProfile", {"type": "Unconfined"}
+    ),
+    "init container escalates": lambda s: s["initContainers"][0]["securityContext"].__setitem__(
+        "allowPrivilegeEscalation", True
+    ),
+    "init container writable root": lambda s: s["initContainers"][0]["securityContext"].pop(
+        "readOnlyRootFilesystem"
+    ),
+    "init container seccomp missing": lambda s: s["initContainers"][0]["securityContext"].pop(
+        "seccompProfile"
+    ),
+    "container keeps capabilities": lambda s: s["containers"][0]["securityContext"].pop("capabilities"),
+    "container adds NET_ADMIN": lambda s: s["containers"][0]["securityContext"]["capabilities"].__setitem__(
+        "add", ["NET_ADMIN"]
+    ),
+    "container runAsNonRoot false": lambda s: s["containers"][0]["securityContext"].__setitem__(
+        "runAsNonRoot", False
+    ),
+    "container privileged": lambda s: s["containers"][0]["securityContext"].__setitem__("privileged", True),
+    "container without limits": lambda s: s["containers"][0]["resources"].pop("limits"),
+    "no /tmp emptyDir": lambda s: s["containers"][0].__setitem__(
+        "volumeMounts", [m for m in s["containers"][0]["volumeMounts"] if m["mountPath"] != "/tmp"]
+    ),
+    "writable hostPath mount": lambda s: (
+        s["volumes"].append({"name": "host", "hostPath": {"path": "/var"}}),
+        s["containers"][0]["volumeMounts"].append({"name": "host", "mountPath": "/var/host"}),
+    ),
+    "host network": lambda s: s.__setitem__("hostNetwork", True),
+}
+
+
+@pytest.mark.parametrize("weakening", sorted(WEAKENINGS))
+def test_hardening_checker_rejects_weakened_templates(weakening):
+    spec = copy.deepcopy(_objects("Deployment", "serving/overlays/gke-cpu")[0]["spec"]["template"]["spec"])
+    assert hardening_problems(spec, "original") == []
+    WEAKENINGS[weakening](spec)
+    assert hardening_problems(spec, "weakened"), f"checker accepted: {weakening}"
+
+
+def test_hardening_checker_sees_every_pytorchjob_replica():
+    job = copy.deepcopy(_objects("PyTorchJob", "training")[0])
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].pop("seccompProfile")
+    problems = [p for where, spec in pod_specs(job) for p in hardening_problems(spec, where)]
+    assert len(problems) == 1 and "Worker" in problems[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving objects
+
+
+@pytest.mark.parametrize("kustomization", DEPLOYABLE)
+def test_no_service_exposes_the_management_api(kustomization):
+    exposures = [
+        e for service in _objects("Service", kustomization) for e in management_port_exposures(service)
+    ]
+    assert exposures == []
+
+
+def test_management_exposure_check_can_fail():
+    service = copy.deepcopy(_objects("Service", "serving/base")[0])
+    service["spec"]["ports"].append({"name": "management", "port": 9000, "targetPort": MANAGEMENT_PORT})
+    assert management_port_exposures(service) == ["metarec-serving:9000->8081"]
+
+
+@pytest.mark.parametrize("kustomization", ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu"])
+def test_serving_overlay_objects(kustomization):
+    kinds = sorted(obj["kind"] for obj in render(kustomization))
+    assert kinds == sorted(
+        ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"]
+        + ["PodDisruptionBudget", "Service", "ServiceAccount"]
+    )
+    deployment = _objects("Deployment", kustomization)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == "torchserve")
+    assert sorted(p["containerPort"] for p in server["ports"]) == [8080, 8082]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"]["path"] == "/ping" and server[probe]["httpGet"]["port"] in (
+            8080,
+            "http",
+        )
+    fetch = pod["initContainers"][0]
+    assert fetch["command"][:4] == ["python", "-m", "metarec.storage", "download-dir"]
+    assert "--require-complete" in fetch["command"]
+    env_map = next(
+        c
+        for c in _objects("ConfigMap", kustomization)
+        if c["metadata"]["name"].startswith("metarec-serving-env")
+    )
+    model_uri = env_map["data"]["MODEL_URI"]
+    assert model_uri.startswith("gs://")
+    assert fetch["env"][0]["valueFrom"]["configMapKeyRef"]["name"] == env_map["metadata"]["name"]
+    account = _objects("ServiceAccount", kustomization)[0]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+        ".iam.gserviceaccount.com"
+    )
+    hpa = _objects("HorizontalPodAutoscaler", kustomization)[0]
+    assert (
+        hpa["apiVersion"] == "autoscaling/v2"
+        and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    )
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert _objects("PodDisruptionBudget", kustomization)[0]["spec"]["selector"]["matchLabels"] == selector
+    assert _objects("Service", kustomization)[0]["spec"]["selector"] == selector
+    policy = _objects("NetworkPolicy", kustomization)[0]
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ingress_ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert ingress_ports == {8080, 8082}
+    # Labels reach the pods through `labels` (includeTemplates), selectors are left alone.
+    assert (
+        pod and deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "metarec"
+    )
+    assert "app.kubernetes.io/part-of" not in selector
+
+
+@pytest.mark.parametrize("kustomization", ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu"])
+def test_torchserve_config(kustomization):
+    config_map = next(
+        c
+        for c in _objects("ConfigMap", kustomization)
+        if c["metadata"]["name"].startswith("metarec-serving-config")
+    )
+    properties = _properties(config_map["data"]["config.properties"])
+    assert properties["inference_address"] == "http://0.0.0.0:8080"
+    assert properties["management_address"] == "http://127.0.0.1:8081"
+    assert properties["metrics_address"] == "http://0.0.0.0:8082"
+    assert properties["metrics_mode"] == "prometheus"
+    assert properties["enable_model_api"] == "false"
+    # Probes call /ping without a token: authorisation is disabled on purpose (see the comment in the file).
+    assert properties["disable_token_authorization"] == "true"
+    env_map = next(
+        c
+        for c in _objects("ConfigMap", kustomization)
+        if c["metadata"]["name"].startswith("metarec-serving-env")
+    )
+    bucket = env_map["data"]["MODEL_URI"][len("gs://") :].split("/")[0]
+    allowed = properties["allowed_urls"].split(",")
+    assert allowed and all(f"/{bucket}/" in url for url in allowed), allowed
+    deployment = _objects("Deployment", kustomization)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert properties["model_store"].startswith(mounts["/home/model-server/archive"]["mountPath"])
+    volume = next(
+        v for v in pod["volumes"] if v["name"] == mounts["/home/model-server/config.properties"]["name"]
+    )
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    init_mounts = {m["mountPath"] for m in pod["initContainers"][0]["volumeMounts"]}
+    assert "/home/model-server/archive" in init_mounts
+
+
+def test_gpu_overlay_targets_gpu_nodes():
+    pod = _objects("Deployment", "serving/overlays/gke-gpu")[0]["spec"]["template"]["spec"]
+    assert "cloud.google.com/gke-accelerator" in pod["nodeSelector"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    server = next(c for c in pod["containers"] if c["name"] == "torchserve")
+    assert int(server["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    cpu_pod = _objects("Deployment", "serving/overlays/gke-cpu")[0]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+    assert "cloud.google.com/gke-accelerator" not in cpu_pod.get("nodeSelector", {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom resources
+
+
+def inference_service_problems(isvc: dict) -> list[str]:
+    """Lists what an InferenceService lacks of the fields MetaRec relies on.
+
+    Args:
+        isvc: A rendered InferenceService.
+
+    Returns:
+        Problems; empty when the object is as expected.
+    """
+    problems = []
+    if (isvc.get("apiVersion"), isvc.get("kind")) != ("serving.kserve.io/v1beta1", "InferenceService"):
+        problems.append(f"apiVersion/kind {isvc.get('apiVersion')}/{isvc.get('kind')}")
+    predictor = (isvc.get("spec") or {}).get("predictor") or {}
+    pytorch = predictor.get("pytorch") or {}
+    if not pytorch:
+        problems.append("no predictor.pytorch")
+    if not str(pytorch.get("storageUri", "")).startswith("gs://"):
+        problems.append(f"predictor.pytorch.storageUri is not gs://: {pytorch.get('storageUri')}")
+    if pytorch.get("protocolVersion") != "v1":
+        problems.append(f"predictor.pytorch.protocolVersion is {pytorch.get('protocolVersion')}, not v1")
+    if not predictor.get("serviceAccountName"):
+        problems.append("predictor.serviceAccountName is missing")
+    resources = pytorch.get("resources") or {}
+    if not (resources.get("requests") and resources.get("limits")):
+        problems.append("predictor.pytorch.resources needs requests and limits")
+    args = pytorch.get("args") or []
+    if "torchserve" not in (pytorch.get("command") or []) + args:
+        problems.append("the predictor does not run torchserve")
+    if "--model-store=/mnt/models/model-store" not in args:
+        problems.append("torchserve must read the archives KServe copied to /mnt/models/model-store")
+    config_arg = next((a for a in args if a.startswith("--ts-config=")), "")
+    config_dir = str(Path(config_arg.partition("=")[2]).parent)
+    volumes = {v["name"]: v for v in predictor.get("volumes") or []}
+    mounts = [m for m in pytorch.get("volumeMounts") or [] if m.get("mountPath") == config_dir]
+    if not mounts or "configMap" not in volumes.get(mounts[0]["name"], {}):
+        problems.append(f"--ts-config {config_arg!r} is not in a mounted ConfigMap")
+    return problems
+    return problems
+
+
+def pytorchjob_problems(job: dict) -> list[str]:
+    """Lists what a PyTorchJob lacks of the fields MetaRec relies on.
+
+    Args:
+        job: A rendered PyTorchJob.
+
+    Returns:
+        Problems; empty when the object is as expected.
+    """
+    problems = []
+    if (job.get("apiVersion"), job.get("kind")) != ("kubeflow.org/v1", "PyTorchJob"):
+        problems.append(f"apiVersion/kind {job.get('apiVersion')}/{job.get('kind')}")
+    spec = job.get("spec") or {}
+    replicas = spec.get("pytorchReplicaSpecs") or {}
+    if set(replicas) != {"Master", "Worker"}:
+        problems.append(f"replica specs are {sorted(replicas)}, expected Master and Worker")
+    if replicas.get("Master", {}).get("replicas") != 1:
+        problems.append("exactly one Master replica is needed")
+    nproc = str(spec.get("nprocPerNode", ""))
+    if not nproc.isdigit() or int(nproc) < 1:
+        problems.append(f"nprocPerNode must be a positive count (a string), got {spec.get('nprocPerNode')!r}")
+    for role, replica in replicas.items():
+        if replica.get("restartPolicy") != "OnFailure":
+            problems.append(f"{role}: restartPolicy is not OnFailure")
+        pod = (replica.get("template") or {}).get("spec") or {}
+        containers = {c.get("name"): c for c in pod.get("containers") or []}
+        container = containers.get("pytorch")
+        if container is None:
+            problems.append(f"{role}: no container named pytorch")
+            continue
+        command = container.get("command") or []
+        joined = " ".join(command)
+        if not command or command[0] != "torchrun" or "metarec.training" not in command:
+            problems.append(f"{role}: command is not torchrun -m metarec.training: {joined}")
+        for flag in ("--preprocessed", "--method", "--output"):
+            if flag not in command:
+                problems.append(f"{role}: {flag} is missing")
+            elif flag != "--method" and not command[command.index(flag) + 1].startswith("gs://"):
+                problems.append(f"{role}: {flag} is not a gs:// URI")
+        limits = (container.get("resources") or {}).get("limits") or {}
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        if gpus < 1:
+            problems.append(f"{role}: no nvidia.com/gpu limit")
+        elif nproc.isdigit() and gpus != int(nproc):
+            problems.append(f"{role}: {gpus} GPUs but nprocPerNode {nproc}")
+        if "cloud.google.com/gke-accelerator" not in (pod.get("nodeSelector") or {}):
+            problems.append(f"{role}: no GPU node selector")
+        if not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations") or []):
+            problems.append(f"{role}: no toleration for the nvidia.com/gpu taint")
+        if not pod.get("serviceAccountName"):
+            problems.append(f"{role}: no serviceAccountName (Workload Identity)")
+    return problems
+
+
+def test_inference_service():
+    objects = render("serving/overlays/kserve")
+    isvc = next(obj for obj in objects if obj["kind"] == "InferenceService")
+    assert inference_service_problems(isvc) == []
+    account = next(obj for obj in objects if obj["kind"] == "ServiceAccount")
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
+    assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
+    # The generated ConfigMap's hashed name reaches the custom resource (kustomizeconfig.yaml).
+    config_map = next(obj for obj in objects if obj["kind"] == "ConfigMap")
+    volume_names = [v["configMap"]["name"] for v in isvc["spec"]["predictor"]["volumes"] if "configMap" in v]
+    assert volume_names == [config_map["metadata"]["name"]]
+    properties = _properties(config_map["data"]["config.properties"])
+    assert properties["inference_address"] == "http://0.0.0.0:8080"  # KServe's container port
+    assert properties["management_address"].startswith("http://127.0.0.1:")
+    assert properties["model_store"] == "/mnt/models/model-store"
+    assert properties["disable_token_authorization"] == "true" and properties["enable_model_api"] == "false"
+    bucket = isvc["spec"]["predictor"]["pytorch"]["storageUri"][len("gs://") :].split("/")[0]
+    assert all(f"/{bucket}/" in url for url in properties["allowed_urls"].split(","))
+    broken = copy.deepcopy(isvc)
+    broken["spec"]["predictor"]["pytorch"]["storageUri"] = "s3://bucket/model"
+    broken["spec"]["predictor"]["pytorch"]["protocolVersion"] = "v2"
+    broken["spec"]["predictor"]["volumes"] = [
+        v for v in broken["spec"]["predictor"]["volumes"] if "configMap" not in v
+    ]
+    assert len(inference_service_problems(broken)) == 3
+
+
+def test_pytorchjob():
+    objects = render("training")
+    job = next(obj for obj in objects if obj["kind"] == "PyTorchJob")
+    assert pytorchjob_problems(job) == []
+    account = next(obj for obj in objects if obj["kind"] == "ServiceAccount")
+    assert {
+        r["template"]["spec"]["serviceAccountName"] for r in job["spec"]["pytorchReplicaSpecs"].values()
+    } == {account["metadata"]["name"]}
+    assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
+    broken = copy.deepcopy(job)
+    worker = broken["spec"]["pytorchReplicaSpecs"]["Worker"]
+    worker["restartPolicy"] = "Never"
+    worker["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu")
+    worker["template"]["spec"]["containers"][0]["command"][0] = "python"
+    assert len(pytorchjob_problems(broken)) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The rendered TorchServe config, run for real
+
+
+PROBE_HANDLER = """
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class ProbeHandler(BaseHandler):
+    def initialize(self, context):
+        self.initialized = True
+
+    def handle(self, data, context):
+        return [{"ok": True} for _ in data]
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(method: str, url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.mark.slow
+def test_rendered_torchserve_config_serves_probes_without_token(tmp_path):
+    """Starts TorchServe exactly as the image's CMD does, with the ConfigMap's config.properties (only the
+    listen addresses moved to free loopback ports and the model store to a temporary folder): /ping answers
+    without a token (what the kubelet's probes need), the model in the store is loaded, model registration
+    over HTTP is refused and Prometheus metrics are served."""
+    import os
+    import signal
+    import sys
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    torchserve, archiver = bin_dir / "torchserve", bin_dir / "torch-model-archiver"
+    if not (torchserve.exists() and archiver.exists() and shutil.which("java")):
+        pytest.skip("TorchServe, torch-model-archiver or Java is not installed")
+    config_map = next(
+        c
+        for c in _objects("ConfigMap", "serving/overlays/gke-cpu")
+        if c["metadata"]["name"].startswith("metarec-serving-config")
+    )
+    properties = _properties(config_map["data"]["config.properties"])
+    ports = {name: _free_port() for name in ("inference", "management", "metrics")}
+    store, work = tmp_path / "model-store", tmp_path / "work"
+    for folder in (store, work / "tmp", work / "logs"):
+        folder.mkdir(parents=True)
+    (tmp_path / "probe_handler.py").write_text(PROBE_HANDLER)
+    subprocess.run(
+        [
+            str(archiver),
+            "--model-name",
+            "probe",
+            "--version",
+            "1.0",
+            "--handler",
+            str(tmp_path / "probe_handler.py"),
+        ]
+        + ["--export-path", str(store)],
+        check=True,
+        timeout=120,
+    )
+    for name, port in ports.items():
+        properties[f"{name}_address"] = f"http://127.0.0.1:{port}"
+    properties["model_store"] = str(store)
+    properties["default_workers_per_model"] = "1"
+    config = tmp_path / "config.properties"
+    config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    env = dict(os.environ, TMPDIR=str(work / "tmp"), TEMP=str(work / "tmp"), LOG_LOCATION=str(work / "logs"))
+    env["METRICS_LOCATION"] = str(work / "logs")
+    server = subprocess.Popen(
+        [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # own process group: stopping it also stops the Java frontend
+    )
+    inference = f"http://127.0.0.1:{ports['inference']}"
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                status, body = _http("GET", f"{inference}/ping")
+                if status == 200 and b"Healthy" in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert status == 200, f"/ping without a token answered {status} (TorchServe exited: {server.poll()})"
+        assert _http("POST", f"{inference}/predictions/probe", timeout=30) == (200, b'{\n  "ok": true\n}')
+        management = f"http://127.0.0.1:{ports['management']}"
+        registration = _http("POST", f"{management}/models?url=https://example.com/evil.mar")
+        assert registration[0] >= 400, registration
+        assert _http("GET", f"http://127.0.0.1:{ports['metrics']}/metrics")[0] == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        _wait_for_exit(work / "tmp" / ".model_server.pid")
+
+
+def _wait_for_exit(pid_file: Path, timeout_s: float = 30.0) -> None:
+    """Waits until the Java frontend named in TorchServe's pid file has exited (SIGKILL after the time-out).
+
+    Args:
+        pid_file: ``.model_server.pid`` in the server's private temporary folder.
+        timeout_s: How long to wait for the process to end after the SIGTERM.
+    """
+    import os
+    import signal
+    import time
+
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text().strip())
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + timeout_s
+    while status.exists() and "\tZ " not in status.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if status.exists() and "\tZ " not in status.read_text():
+        os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,352 @@
+"""metarec.storage against a real GCS emulator (127.0.0.1, free port) and local folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import gcs_emulator as emulator_support
+import pytest
+
+from metarec import storage
+from metarec.storage import ChecksumMismatchError, StorageError
+
+# Fixtures from tests/gcs_emulator.py (a real emulator on 127.0.0.1), bound here so pytest finds them.
+gcs_emulator = emulator_support.gcs_emulator
+gcs_bucket = emulator_support.gcs_bucket
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+ARCHIVE = {
+    "config/config.properties": b"inference_address=http://0.0.0.0:8080\n",
+    "model-store/metarec.mar": bytes(range(256)) * 4000,  # ~1 MB: exercises chunked checksums
+}
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
+def test_is_gcs_and_split():
+    assert storage.is_gcs("gs://b/x") and not storage.is_gcs("/tmp/gs://x") and not storage.is_gcs(Path("a"))
+    assert storage.split_gcs_uri("gs://bucket/a/b.txt") == ("bucket", "a/b.txt")
+    assert storage.split_gcs_uri("gs://bucket") == ("bucket", "")
+    with pytest.raises(StorageError, match="without a bucket"):
+        storage.split_gcs_uri("gs:///x")
+
+
+def test_crc32c_matches_known_vector(tmp_path):
+    # RFC 3720 check value: crc32c("123456789") = 0xE3069283.
+    assert storage.crc32c_base64(b"123456789") == "4waSgw=="
+    (tmp_path / "f").write_bytes(b"123456789")
+    assert storage.file_crc32c_base64(tmp_path / "f") == "4waSgw=="
+
+
+def test_verify_crc32c_rejects_mismatch_and_missing():
+    storage.verify_crc32c("4waSgw==", "4waSgw==", "gs://b/o", "download")
+    with pytest.raises(ChecksumMismatchError, match="crc32c mismatch on download of gs://b/o"):
+        storage.verify_crc32c("4waSgw==", "AAAAAA==", "gs://b/o", "download")
+    with pytest.raises(ChecksumMismatchError):
+        storage.verify_crc32c("4waSgw==", None, "gs://b/o", "upload")
+
+
+def test_permission_and_auth_errors_are_translated():
+    from google.api_core import exceptions as api
+
+    err = storage.translate_error(api.Forbidden("caller does not have storage.objects.get"), "gs://models/x")
+    assert isinstance(err, StorageError) and "permission denied on gs://models/x" in str(err)
+    assert "Workload Identity" in str(err) and "storage.objects.get" in str(err)
+    err = storage.translate_error(api.Unauthorized("expired"), "gs://models/x")
+    assert isinstance(err, StorageError) and "not authenticated" in str(err)
+    from google.auth.exceptions import RefreshError
+
+    err = storage.translate_error(RefreshError("metadata server said 403"), "gs://models/x")
+    assert isinstance(err, StorageError) and "Workload Identity binding" in str(err)
+    programming_error = KeyError("x")
+    assert storage.translate_error(programming_error, "gs://models/x") is programming_error
+
+
+def test_missing_credentials_give_a_storage_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    storage._cached_client.cache_clear()
+    try:
+        with pytest.raises(StorageError, match="no Google credentials found"):
+            storage.read_bytes("gs://some-bucket/model.pt")
+    finally:
+        storage._cached_client.cache_clear()
+
+
+def test_writes_are_retried_only_when_conditional():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    read, write = storage._read_retry(), storage._write_retry()
+    assert read is DEFAULT_RETRY and read._multiplier == 2.0  # exponential backoff
+    assert write.get_retry_policy_if_conditions_met(query_params={"ifGenerationMatch": 0}) is DEFAULT_RETRY
+    assert write.get_retry_policy_if_conditions_met(query_params={}) is None
+
+
+# ------------------------------------------------------------------------------- local paths
+
+
+def test_local_round_trips_and_promote(tmp_path):
+    storage.write_bytes(tmp_path / "a" / "b.bin", b"xyz")
+    assert storage.read_bytes(str(tmp_path / "a" / "b.bin")) == b"xyz"
+    assert storage.exists(tmp_path / "a") and not storage.exists(tmp_path / "nope")
+    staging = _tree(tmp_path / "staging", ARCHIVE)
+    final = tmp_path / "final"
+    _tree(final, {"stale.txt": b"old version"})
+    manifest = storage.promote(staging, final)
+    assert set(manifest["files"]) == set(ARCHIVE)
+    assert storage.is_complete(final)
+    assert not (final / "stale.txt").exists()
+    assert (final / "model-store/metarec.mar").read_bytes() == ARCHIVE["model-store/metarec.mar"]
+    with storage.local_copy(str(final)) as path:
+        assert path == final
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes(tmp_path / "missing.bin")
+    with pytest.raises(StorageError, match="nothing to promote"):
+        storage.promote(tmp_path / "empty", final)
+
+
+# ------------------------------------------------------------------------------- emulator
+
+
+def test_bytes_round_trip_and_overwrite(gcs_bucket):
+    uri = f"gs://{gcs_bucket}/runs/1/model.json"
+    storage.write_bytes(uri, b'{"a": 1}')
+    assert storage.read_bytes(uri) == b'{"a": 1}'
+    storage.write_bytes(uri, b"second")  # overwrite goes through the generation precondition
+    assert storage.read_bytes(uri) == b"second"
+    assert storage.exists(uri) and storage.exists(f"gs://{gcs_bucket}/runs")
+    assert not storage.exists(f"gs://{gcs_bucket}/run")  # a prefix is a folder, not a string prefix
+    blob = storage.get_client().bucket(gcs_bucket).get_blob("runs/1/model.json")
+    assert blob.crc32c == storage.crc32c_base64(b"second")
+
+
+def test_file_round_trip_and_local_copy(gcs_bucket, tmp_path):
+    source = _tree(tmp_path, {"model.pt": ARCHIVE["model-store/metarec.mar"]}) / "model.pt"
+    uri = f"gs://{gcs_bucket}/m/model.pt"
+    storage.upload(source, uri)
+    target = storage.download(uri, tmp_path / "back" / "model.pt")
+    assert target.read_bytes() == source.read_bytes()
+    assert not list(target.parent.glob("*.part"))
+    with storage.local_copy(uri) as path:
+        assert path.name == "model.pt" and path.read_bytes() == source.read_bytes()
+        temporary = path
+    assert not temporary.exists()
+
+
+def test_prefix_upload_list_download(gcs_bucket, tmp_path):
+    local = _tree(tmp_path / "archive", ARCHIVE)
+    prefix = f"gs://{gcs_bucket}/staging/run-7"
+    written = storage.upload_dir(local, prefix)
+    assert written == [f"{prefix}/{rel}" for rel in sorted(ARCHIVE)]
+    assert storage.list_uris(prefix) == written
+    assert storage.list_uris(prefix + "/") == written
+    assert storage.list_uris(f"gs://{gcs_bucket}/nothing-here") == []
+    files = storage.download_dir(prefix, tmp_path / "copy")
+    assert {p.relative_to(tmp_path / "copy").as_posix(): p.read_bytes() for p in files} == ARCHIVE
+    with storage.local_copy(prefix) as folder:
+        assert (folder / "config/config.properties").read_bytes() == ARCHIVE["config/config.properties"]
+    with pytest.raises(StorageError, match="has no _METAREC_MANIFEST.json"):
+        storage.download_dir(prefix, tmp_path / "strict", require_complete=True)
+
+
+def test_promote_writes_manifest_last_and_replaces_old_version(gcs_bucket, tmp_path):
+    staging = f"gs://{gcs_bucket}/staging/run-8"
+    final = f"gs://{gcs_bucket}/models/metarec"
+    storage.upload_dir(_tree(tmp_path / "v1", {"model-store/old.mar": b"v1"}), final)
+    storage.upload_dir(_tree(tmp_path / "v2", ARCHIVE), staging)
+    assert not storage.is_complete(final)
+
+    manifest = storage.promote(staging, final)
+
+    assert storage.list_uris(final) == sorted(
+        [f"{final}/{rel}" for rel in ARCHIVE] + [f"{final}/{storage.MANIFEST_NAME}"]
+    )
+    assert manifest["files"]["model-store/metarec.mar"]["size"] == len(ARCHIVE["model-store/metarec.mar"])
+    assert storage.read_manifest(final) == manifest and storage.is_complete(final)
+    bucket = storage.get_client().bucket(gcs_bucket)
+    updated = {b.name: b.updated for b in bucket.list_blobs(prefix="models/metarec/")}
+    assert updated[f"models/metarec/{storage.MANIFEST_NAME}"] >= max(updated.values())
+    files = storage.download_dir(final, tmp_path / "serve", require_complete=True)
+    assert {p.relative_to(tmp_path / "serve").as_posix() for p in files} == set(ARCHIVE) | {
+        storage.MANIFEST_NAME
+    }
+    assert storage.list_uris(staging)  # staging is left for the caller to delete
+
+    bucket.blob("models/metarec/model-store/metarec.mar").upload_from_string(b"tampered")
+    assert not storage.is_complete(final)
+    with pytest.raises(ChecksumMismatchError):
+        storage.download_dir(final, tmp_path / "serve2", require_complete=True)
+
+
+def test_missing_bucket_and_object_are_named(gcs_emulator, gcs_bucket, tmp_path):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.read_bytes("gs://no-such-bucket-x/a.txt")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.write_bytes("gs://no-such-bucket-x/a.txt", b"x")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.list_uris("gs://no-such-bucket-x/prefix")
+    with pytest.raises(StorageError, match=f"object gs://{gcs_bucket}/absent.bin does not exist"):
+        storage.download(f"gs://{gcs_bucket}/absent.bin", tmp_path / "absent.bin")
+    assert not (tmp_path / "absent.bin").exists()
+    with pytest.raises(StorageError, match="does not exist"):
+        with storage.local_copy(f"gs://{gcs_bucket}/absent"):
+            pass
+
+
+def test_corrupted_checksum_metadata_is_rejected(gcs_emulator, gcs_bucket, tmp_path):
+    uri = f"gs://{gcs_bucket}/m/model.pt"
+    storage.write_bytes(uri, b"genuine model bytes")
+    # Behind the client's back: rewrite the crc32c GCS holds for the object with a raw JSON API call.
+    url = f"{gcs_emulator.url}/storage/v1/b/{gcs_bucket}/o/{urllib.parse.quote('m/model.pt', safe='')}"
+    body = json.dumps({"crc32c": storage.crc32c_base64(b"other bytes")}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="PATCH", headers={"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+    with pytest.raises(ChecksumMismatchError, match="crc32c mismatch on download"):
+        storage.read_bytes(uri)
+    with pytest.raises(ChecksumMismatchError):
+        storage.download(uri, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_corrupted_content_is_rejected(tmp_path):
+    """A disk-backed emulator whose stored bytes are flipped after the upload."""
+    server = emulator_support.start_emulator(data_dir=tmp_path / "gcs")
+    previous = emulator_support.use_emulator(server.url)
+    try:
+        storage.get_client().create_bucket("corrupt")
+        uri = "gs://corrupt/model-store/metarec.mar"
+        storage.write_bytes(uri, b"A" * 4096)
+        assert storage.read_bytes(uri) == b"A" * 4096
+        stored = server.object_path("corrupt", "model-store/metarec.mar")
+        stored.write_bytes(b"A" * 2048 + b"B" + b"A" * 2047)  # one flipped byte, same length
+        with pytest.raises(ChecksumMismatchError, match="crc32c mismatch on download of gs://corrupt/"):
+            storage.read_bytes(uri)
+        with pytest.raises(ChecksumMismatchError):
+            storage.download(uri, tmp_path / "out" / "metarec.mar")
+        assert not (tmp_path / "out" / "metarec.mar").exists()
+    finally:
+        emulator_support.use_emulator(previous)
+        emulator_support.stop_emulator(server)
+
+
+def test_cli_download_dir_requires_complete_prefix(gcs_emulator, gcs_bucket, tmp_path):
+    final = f"gs://{gcs_bucket}/models/metarec"
+    storage.upload_dir(_tree(tmp_path / "a", ARCHIVE), f"gs://{gcs_bucket}/staging/1")
+    env_cmd = [sys.executable, "-m", "metarec.storage"]
+    incomplete = subprocess.run(
+        [*env_cmd, "download-dir", f"gs://{gcs_bucket}/staging/1", str(tmp_path / "x"), "--require-complete"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert incomplete.returncode == 1 and "has no _METAREC_MANIFEST.json" in incomplete.stderr
+    promoted = subprocess.run(
+        [*env_cmd, "promote", f"gs://{gcs_bucket}/staging/1", final],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert promoted.returncode == 0, promoted.stderr
+    fetched = subprocess.run(
+        [*env_cmd, "download-dir", final, str(tmp_path / "store"), "--require-complete"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout.strip().splitlines()[-1])["downloaded"] == len(ARCHIVE) + 1
+    assert (tmp_path / "store/model-store/metarec.mar").read_bytes() == ARCHIVE["model-store/metarec.mar"]
+    missing = subprocess.run([*env_cmd, "exists", f"gs://{gcs_bucket}/nope"], capture_output=True, timeout=60)
+    assert missing.returncode == 1
+
+
+class _FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the emulator that answers 503 to the first ``failures``
+    requests whose path contains ``match``, and forwards everything else."""
+
+    def __init__(self, upstream: str, match: str, failures: int):
+        import http.client
+        import http.server
+        import threading
+
+        proxy = self
+        self.match, self.failures, self.failed, self.forwarded = match, failures, 0, []
+        upstream_host = urllib.parse.urlsplit(upstream).netloc
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.match in self.path and proxy.failed < proxy.failures:
+                    proxy.failed += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                proxy.forwarded.append((self.command, self.path))
+                connection = http.client.HTTPConnection(upstream_host, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(self.command, self.path, body=body or None, headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                connection.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("operation", "match"),
+    # Reads: the metadata request (the emulator's mediaLink makes the download itself bypass the proxy).
+    [("read", "/storage/v1/b/{bucket}/o/flaky"), ("write", "/upload/storage/v1/b/{bucket}/o")],
+)
+def test_transient_errors_are_retried_with_backoff(gcs_emulator, gcs_bucket, operation, match):
+    match = match.format(bucket=gcs_bucket)
+    uri = f"gs://{gcs_bucket}/flaky/object.bin"
+    storage.write_bytes(uri, b"before")
+    proxy = _FlakyProxy(gcs_emulator.url, match=match, failures=2)
+    previous = emulator_support.use_emulator(proxy.url)
+    try:
+        if operation == "read":
+            assert storage.read_bytes(uri) == b"before"
+        else:
+            storage.write_bytes(uri, b"after")
+    finally:
+        emulator_support.use_emulator(previous)
+        proxy.close()
+    assert proxy.failed == 2, "the 503s were not sent"
+    assert any(match in path for _, path in proxy.forwarded), "the request was not retried after the 503s"
+    assert storage.read_bytes(uri) == (b"before" if operation == "read" else b"after")
