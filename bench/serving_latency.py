@@ -1,0 +1,210 @@
+"""Serving latency of MetaRec on a real TorchServe: fast-adapt vs recommend vs a no-op handler.
+
+Starts two TorchServe instances on free loopback ports from temporary directories: the MetaRec
+archive (built from the synthetic data like the test fixture, or taken from ``--archive-dir``) and a
+no-op handler archive with the *same* worker and batching settings (so the ratio isolates the model
+work). Each request adapts on K = 20 support ratings with 5 inner steps and ranks the whole
+catalogue. Requests are sent at concurrency 1 and 8 (threads, one keep-alive connection each).
+
+The last line printed is one JSON document::
+
+    {"concurrency": {"1": {"adapt_p50_ms", "adapt_p99_ms", "recommend_p50_ms", "noop_p50_ms", ...},
+                     "8": {...}},
+     "adapt_over_noop_p50": .., "adapt_throughput_scaling": .., "requests": .., "errors": ..,
+     "worker_restarts": .., ...}
+
+Usage: ``python bench/serving_latency.py [--requests N] [--archive-dir DIR] [--data synthetic]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from metarec.packaging import build_noop_archive, resolve_serving_config
+from metarec.serve_local import ServerInfo, model_workers, start_server, stop_server
+
+SUPPORT_SIZE = 20
+INNER_STEPS = 5
+CONCURRENCIES = (1, 8)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Returns the q-th percentile (0..100) by linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> dict[str, list[bytes]]:
+    """Builds n request bodies per kind (adapt and recommend), deterministic for a seed."""
+    rng = random.Random(seed)
+    adapt, recommend = [], []
+    for _ in range(n):
+        support = [
+            {"item_id": item, "rating": rng.randint(1, 5)} for item in rng.sample(item_ids, SUPPORT_SIZE)
+        ]
+        adapt.append(json.dumps({"support": support, "k": 10, "steps": INNER_STEPS}).encode())
+        recommend.append(json.dumps({"user_id": rng.choice(user_ids), "k": 10}).encode())
+    return {"adapt": adapt, "recommend": recommend}
+
+
+def run_load(
+    info: ServerInfo, path: str, bodies: list[bytes], concurrency: int
+) -> dict[str, float | int | list]:
+    """Sends every body once, ``concurrency`` threads in parallel, each on a keep-alive connection.
+
+    Args:
+        info: The server.
+        path: URL path (``/predictions/<model>[/1.0/adapt]``).
+        bodies: Request bodies (split evenly across threads).
+        concurrency: Number of client threads.
+
+    Returns:
+        ``{"latencies_ms": [...], "errors": n, "wall_s": s}``.
+    """
+    url = urlparse(info.inference_url)
+    headers = {"Content-Type": "application/json", **info.inference_headers()}
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def worker(share: list[bytes]) -> None:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        try:
+            for body in share:
+                start = time.perf_counter()
+                try:
+                    connection.request("POST", path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    ok = response.status == 200
+                except (OSError, http.client.HTTPException):
+                    ok = False
+                    connection.close()
+                    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                elapsed = (time.perf_counter() - start) * 1000.0
+                with lock:
+                    latencies.append(elapsed)
+                    errors[0] += 0 if ok else 1
+        finally:
+            connection.close()
+
+    shares = [bodies[i::concurrency] for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - start}
+
+
+def worker_identity(info: ServerInfo) -> set[tuple]:
+    """The (id, pid, start time) of every worker: a restart changes it."""
+    return {(w["id"], w["pid"], w["startTime"]) for w in model_workers(info)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200, help="requests per kind and concurrency level")
+    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build one)")
+    parser.add_argument(
+        "--data", default="synthetic", help="data for the built archive (synthetic: 400 items)"
+    )
+    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+    parser.add_argument("--workdir", help="where to build and run (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.requests < max(CONCURRENCIES):
+        parser.error(f"--requests must be >= {max(CONCURRENCIES)}")
+
+    with tempfile.TemporaryDirectory(prefix="metarec-bench-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.archive_dir:
+            archive_dir = Path(args.archive_dir)
+        else:
+            from metarec.serving.demo import build_demo_archive
+
+            print(f"building the archive from {args.data} ...", file=sys.stderr)
+            archive_dir = build_demo_archive(workdir / "build", args.data, args.meta_steps)["archive_dir"]
+        settings = resolve_serving_config(None)
+        noop_dir = workdir / "noop-archive"
+        build_noop_archive(noop_dir, "noop")
+
+        with zipfile.ZipFile(archive_dir / "model-store" / "metarec.mar") as mar:
+            item_ids = pd.read_parquet(io.BytesIO(mar.read("items.parquet")))["item_id"].astype(str).tolist()
+            user_ids = pd.read_parquet(io.BytesIO(mar.read("users.parquet")))["user_id"].astype(str).tolist()
+
+        servers: dict[str, ServerInfo] = {}
+        try:
+            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, 0, timeout_s=300)
+            servers["noop"] = start_server(
+                noop_dir, workdir / "ts-noop", 0, 0, 0, model_name="noop", timeout_s=300
+            )
+            identities = {name: worker_identity(info) for name, info in servers.items()}
+            paths = {
+                "adapt": (servers["metarec"], "/predictions/metarec/1.0/adapt"),
+                "recommend": (servers["metarec"], "/predictions/metarec"),
+                "noop": (servers["noop"], "/predictions/noop"),
+            }
+            results: dict[str, dict] = {}
+            total_requests = total_errors = 0
+            for concurrency in CONCURRENCIES:
+                bodies = make_bodies(item_ids, user_ids, args.requests, seed=concurrency)
+                level: dict[str, float] = {}
+                for kind, (info, path) in paths.items():
+                    kind_bodies = bodies["recommend" if kind == "recommend" else "adapt"]
+                    run_load(info, path, kind_bodies[: max(16, concurrency * 2)], concurrency)  # warm-up
+                    outcome = run_load(info, path, kind_bodies, concurrency)
+                    latencies = outcome["latencies_ms"]
+                    total_requests += len(latencies)
+                    total_errors += outcome["errors"]
+                    level[f"{kind}_p50_ms"] = round(statistics.median(latencies), 2)
+                    level[f"{kind}_p99_ms"] = round(percentile(latencies, 99), 2)
+                    level[f"{kind}_throughput_rps"] = round(len(latencies) / outcome["wall_s"], 1)
+                    print(f"concurrency {concurrency} {kind}: {level}", file=sys.stderr)
+                results[str(concurrency)] = level
+            restarts = sum(len(identities[name] - worker_identity(info)) for name, info in servers.items())
+        finally:
+            for name in list(servers):
+                stop_server(servers[name].workdir)
+
+    one, many = results["1"], results[str(max(CONCURRENCIES))]
+    summary = {
+        "concurrency": results,
+        "adapt_over_noop_p50": round(one["adapt_p50_ms"] / one["noop_p50_ms"], 2),
+        "adapt_throughput_scaling": round(many["adapt_throughput_rps"] / one["adapt_throughput_rps"], 2),
+        "requests": total_requests,
+        "errors": total_errors,
+        "worker_restarts": restarts,
+        "catalogue_items": len(item_ids),
+        "support_size": SUPPORT_SIZE,
+        "inner_steps": INNER_STEPS,
+        "serving": {
+            key: settings[key] for key in ("min_workers", "max_workers", "batch_size", "max_batch_delay_ms")
+        },
+    }
+    print(json.dumps(summary))
+    return 0 if total_errors == 0 and restarts == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The TorchServe handler in-process (no Java): a hand-built ``ts.context.Context`` per batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
+from metarec.serving.handler import MetaRecHandler, handler_settings
+from metarec.serving.noop_handler import NoopHandler
+from ts.context import Context, RequestProcessor
+
+from metarec.model import PreferenceModel
+from metarec.preprocessing import run_preprocessing
+from metarec.tasks import Preprocessed
+
+CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {}}}
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory):
+    """What TorchServe unpacks from the .mar: model files, catalogue tables and the model card."""
+    pre_dir = tmp_path_factory.mktemp("pre")
+    run_preprocessing("synthetic:tiny", None, None, str(pre_dir))
+    pre = Preprocessed.load(str(pre_dir))
+    torch.manual_seed(0)
+    model = PreferenceModel(
+        pre.encoder.user_dims,
+        pre.encoder.item_dims,
+        pre.schema["n_warm_items"],
+        pre.item_features,
+        pre.item_warm_idx,
+    )
+    out = tmp_path_factory.mktemp("unpacked")
+    model.save(out, {"method": "maml", "adapt": {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}})
+    for name in ("schema.json", "items.parquet", "users.parquet"):
+        shutil.copyfile(pre_dir / name, out / name)
+    (out / "model_card.json").write_text(json.dumps(CARD))
+    return out
+
+
+def make_context(model_dir, headers: list[dict], yaml_config=None) -> Context:
+    context = Context(
+        "metarec", str(model_dir), {"model": {"modelName": "metarec"}}, len(headers), None, "0.12.0",
+        model_yaml_config=yaml_config if yaml_config is not None else {"handler": {"max_support": 100}},
+    )  # fmt: skip
+    context.request_processor = [RequestProcessor(h) for h in headers]
+    return context
+
+
+@pytest.fixture(scope="module")
+def handler(archive_dir):
+    handler = MetaRecHandler()
+    handler.initialize(make_context(archive_dir, [{}]))
+    return handler
+
+
+def run_batch(handler, archive_dir, requests: list[tuple[str | None, object]]):
+    """Sends (url_path, body) pairs as one TorchServe batch; returns [(status, document)]."""
+    headers = [{"url_path": path} if path is not None else {} for path, _ in requests]
+    context = make_context(archive_dir, headers)
+    data = [{"body": body} for _, body in requests]
+    output = handler.handle(data, context)
+    assert len(output) == len(requests)
+    return [(context.get_response_status(i)[0], json.loads(text)) for i, text in enumerate(output)]
+
+
+def test_initialize_reads_handler_settings(archive_dir):
+    handler = MetaRecHandler()
+    handler.initialize(make_context(archive_dir, [{}], {"handler": {"max_steps": 3, "default_k": 4}}))
+    assert handler.recommender.settings["max_steps"] == 3
+    assert handler.recommender.settings["default_k"] == 4
+    assert handler.initialized
+
+
+def test_unknown_handler_setting_is_refused():
+    with pytest.raises(ValueError, match="max_suport"):
+        handler_settings({"handler": {"max_suport": 3}})
+    assert handler_settings(None) == ({}, 1)
+
+
+def test_routing_by_url_path(handler, archive_dir):
+    results = run_batch(
+        handler,
+        archive_dir,
+        [
+            (None, {"user_id": "1", "k": 2}),
+            ("", {"user_id": "1", "k": 2}),
+            ("adapt", {"support": GOOD_SUPPORT, "k": 2}),
+            ("explain", {"user_id": "1"}),
+        ],
+    )
+    assert [status for status, _ in results] == [200, 200, 200, 404]
+    assert results[0][1] == results[1][1] and len(results[0][1]["items"]) == 2
+    assert "support_loss_after" in results[2][1]
+    assert "unknown endpoint 'explain'" in results[3][1]["message"]
+
+
+def test_bytes_string_and_decoded_bodies_are_accepted(handler, archive_dir):
+    body = {"user_id": "2", "k": 3}
+    results = run_batch(
+        handler, archive_dir, [("", body), ("", json.dumps(body)), ("", json.dumps(body).encode())]
+    )
+    assert [status for status, _ in results] == [200, 200, 200]
+    assert results[0][1] == results[1][1] == results[2][1]
+
+
+def test_a_bad_request_does_not_fail_its_batch(handler, archive_dir):
+    results = run_batch(
+        handler,
+        archive_dir,
+        [
+            ("adapt", {"support": GOOD_SUPPORT}),
+            ("adapt", b'{"support": [{"item_id": "1", "rating": NaN}]}'),
+            ("", {"user_id": "5"}),
+            ("", b"{not json"),
+        ],
+    )
+    assert [status for status, _ in results] == [200, 400, 200, 400]
+    assert "must be finite" in results[1][1]["message"]
+    assert results[3][1]["type"] == "RequestError"
+    assert len(results[0][1]["items"]) == 10  # default k
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "body", "status", "fragment"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_every_bad_input_gets_its_4xx(handler, archive_dir, name, route, body, status, fragment):
+    ((got, document),) = run_batch(handler, archive_dir, [(route, body)])
+    assert got == status, document
+    assert fragment in document["message"]
+
+
+def test_describe_returns_the_model_card(handler, archive_dir):
+    context = make_context(archive_dir, [{"describe": "True"}])
+    (card,) = handler.handle([{"body": b""}], context)
+    assert json.loads(card) == CARD
+
+
+def test_noop_handler_answers_without_a_model():
+    noop = NoopHandler()
+    context = make_context("/nonexistent", [{}, {}])
+    noop.initialize(context)
+    assert noop.handle([{"body": b'{"instances": [1, 2]}'}, {"body": {"a": 1}}], context) == [
+        {"ok": True, "instances": 2},
+        {"ok": True, "instances": 1},
+    ]

@@ -1,0 +1,231 @@
+"""Recommender: request validation, recommend/adapt semantics, batching, genre shift after adaptation."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from metarec.serving.demo import build_demo_model
+from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
+
+from metarec import recommender as recommender_module
+from metarec.model import PreferenceModel
+from metarec.preprocessing import run_preprocessing
+from metarec.recommender import Recommender, RequestError, resolve_settings
+from metarec.tasks import Preprocessed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread, as the serving workers use (extra threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    run_preprocessing("synthetic:tiny", None, None, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(preprocessed, tmp_path_factory):
+    """A freshly initialised model directory (fast; enough for validation and batching tests)."""
+    torch.manual_seed(0)
+    pre = Preprocessed.load(str(preprocessed))
+    model = PreferenceModel(
+        pre.encoder.user_dims,
+        pre.encoder.item_dims,
+        pre.schema["n_warm_items"],
+        pre.item_features,
+        pre.item_warm_idx,
+    )
+    out = tmp_path_factory.mktemp("model")
+    model.save(out, {"method": "maml", "adapt": {"mode": "decision", "inner_steps": 3, "inner_lr": 0.05}})
+    shutil.copyfile(preprocessed / "schema.json", out / "schema.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def rec(untrained_dir, preprocessed):
+    return Recommender.from_dir(untrained_dir, catalogue_dir=preprocessed)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return build_demo_model(tmp_path_factory.mktemp("trained"))
+
+
+def answer(rec, body, route=""):
+    ((status, document),) = rec.answer_batch([body], [route])
+    return status, document
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "body", "status", "fragment"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_are_refused_with_status_and_message(rec, name, route, body, status, fragment):
+    got_status, document = answer(rec, body, route)
+    assert got_status == status, document
+    assert document["code"] == status
+    assert fragment in document["message"], document["message"]
+
+
+def test_request_error_carries_status():
+    error = RequestError(413, "too big")
+    assert isinstance(error, ValueError)
+    assert error.to_body() == {"code": 413, "type": "RequestError", "message": "too big"}
+
+
+def test_settings_reject_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match="max_suport"):
+        resolve_settings({"max_suport": 3})
+    with pytest.raises(ValueError, match="max_steps"):
+        resolve_settings({"max_steps": 0})
+
+
+def test_missing_items_table_is_reported(untrained_dir):
+    with pytest.raises(FileNotFoundError, match="items.parquet"):
+        Recommender.from_dir(untrained_dir)
+
+
+def test_known_user_matches_the_same_user_given_by_features(rec, preprocessed):
+    users = pd.read_parquet(preprocessed / "users.parquet")
+    row = users.iloc[4]
+    features = {
+        name: (None if pd.isna(row[name]) else row[name]) for name in ("age", "gender", "occupation", "zip")
+    }
+    features["age"] = float(features["age"])
+    status_known, known = answer(rec, {"user_id": row["user_id"], "k": 5})
+    status_features, by_features = answer(rec, {"user": features, "k": 5})
+    assert status_known == status_features == 200
+    assert known["user"] == {"user_id": row["user_id"]}
+    assert [i["item_id"] for i in known["items"]] == [i["item_id"] for i in by_features["items"]]
+
+
+def test_recommend_ranks_by_score_and_honours_k_candidates_exclude(rec):
+    status, full = answer(rec, {"user_id": "3", "k": 80})
+    assert status == 200
+    scores = [item["score"] for item in full["items"]]
+    assert len(scores) == 80 and scores == sorted(scores, reverse=True)
+    assert {item["item_id"] for item in full["items"]} == set(rec.item_ids)
+
+    _, top = answer(rec, {"user_id": "3", "k": 4})
+    assert top["items"] == full["items"][:4]
+
+    candidates = ["5", "9", 12, "40"]
+    _, restricted = answer(rec, {"user_id": "3", "k": 10, "candidates": candidates, "exclude": ["9"]})
+    # k larger than the candidates left: all of them, in score order.
+    assert [i["item_id"] for i in restricted["items"]] == [
+        i["item_id"] for i in full["items"] if i["item_id"] in {"5", "12", "40"}
+    ]
+
+
+def test_kserve_body_answers_predictions_in_order(rec):
+    status, document = answer(rec, {"instances": [{"user_id": "1", "k": 2}, {"user": {"age": 30}, "k": 3}]})
+    assert status == 200
+    assert [len(p["items"]) for p in document["predictions"]] == [2, 3]
+    _, single = answer(rec, {"user_id": "1", "k": 2})
+    assert document["predictions"][0] == single
+
+
+def test_batch_answers_equal_single_answers_and_bad_request_stays_isolated(rec):
+    bodies = [
+        {"user_id": "1", "k": 3},
+        {"support": GOOD_SUPPORT, "k": 3},
+        b'{"user_id": "999999"}',
+        {"support": GOOD_SUPPORT[:1], "k": 4, "steps": 1},
+        {"instances": [{"user": {"gender": "F"}, "k": 2}]},
+    ]
+    routes = ["", "adapt", "", "adapt", None]
+    batch = rec.answer_batch(bodies, routes)
+    assert [status for status, _ in batch] == [200, 200, 404, 200, 200]
+    for body, route, (status, document) in zip(bodies, routes, batch, strict=True):
+        if status == 200:
+            single_status, single = answer(rec, body, route)
+            assert single_status == 200
+            assert json.dumps(document) == json.dumps(single) or _close(document, single)
+
+
+def _close(a, b) -> bool:
+    """Same items; scores equal up to float noise of batched vs single kernels."""
+    a_items = a.get("items") or a["predictions"][0]["items"]
+    b_items = b.get("items") or b["predictions"][0]["items"]
+    return [i["item_id"] for i in a_items] == [i["item_id"] for i in b_items] and all(
+        abs(x["score"] - y["score"]) < 1e-3 for x, y in zip(a_items, b_items, strict=True)
+    )
+
+
+def test_adapt_runs_one_vectorised_pass_per_step_count(rec, monkeypatch):
+    calls = []
+    real_adapt = recommender_module.meta_adapt
+
+    def counting_adapt(model, params, batch, steps, lr, mode, **kwargs):
+        calls.append((len(batch), steps, tuple(batch.support_mask.shape)))
+        return real_adapt(model, params, batch, steps, lr, mode, **kwargs)
+
+    monkeypatch.setattr(recommender_module, "meta_adapt", counting_adapt)
+    support_long = [{"item_id": str(i), "rating": 3 + (i % 3)} for i in range(1, 8)]
+    bodies = [{"support": GOOD_SUPPORT}, {"support": support_long}, {"support": GOOD_SUPPORT, "steps": 2}]
+    results = rec.answer_batch(bodies, ["adapt"] * 3)
+    assert [status for status, _ in results] == [200, 200, 200]
+    # Two requests at the model's default 3 steps share one padded pass; the 2-step one runs alone.
+    assert sorted(calls) == [(1, 2, (1, 3)), (2, 3, (2, 7))]
+    assert [doc["support_size"] for _, doc in results] == [3, 7, 3]
+
+
+def test_adapt_steps_are_capped_and_support_items_not_recommended(rec):
+    status, document = answer(rec, {"support": GOOD_SUPPORT, "k": 100, "steps": 1000}, "adapt")
+    assert status == 200
+    assert document["steps"] == rec.settings["max_steps"]
+    returned = {item["item_id"] for item in document["items"]}
+    assert returned.isdisjoint({"1", "2", "3"}) and len(returned) == 77
+
+    _, no_steps = answer(rec, {"support": GOOD_SUPPORT, "steps": 0}, "adapt")
+    assert no_steps["support_loss_after"] == pytest.approx(no_steps["support_loss_before"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_trained_adaptation_lowers_support_loss_and_shifts_toward_the_favoured_genre(trained):
+    rec = Recommender.from_dir(trained["model"], catalogue_dir=trained["preprocessed"])
+    items = pd.read_parquet(trained["preprocessed"] / "items.parquet")
+    genres = items.set_index("item_id")["genres"].str.split("|")
+    counts = collections.Counter(g for labels in genres for g in labels)
+    share_shift, gap_shift = [], []
+    for genre, _ in counts.most_common(10):
+        favoured = [i for i in genres.index if genre in genres[i]]
+        others = [i for i in genres.index if genre not in genres[i]]
+        # Half of the genre's items loved, ten other items disliked: a clear taste for the genre.
+        support = [{"item_id": i, "rating": 5} for i in favoured[: len(favoured) // 2]]
+        support += [{"item_id": i, "rating": 1} for i in others[:10]]
+        rated = [entry["item_id"] for entry in support]
+        (_, before), (_, after) = rec.answer_batch(
+            [{"user": {}, "k": 80, "exclude": rated}, {"user": {}, "k": 80, "support": support}],
+            ["", "adapt"],
+        )
+        assert after["support_loss_after"] < after["support_loss_before"]
+        share_shift.append(_genre_share(after, genre, genres) - _genre_share(before, genre, genres))
+        gap_shift.append(_score_gap(after, genre, genres) - _score_gap(before, genre, genres))
+    # Averaged over the ten most common genres, adaptation moves the top 10 and the scores toward
+    # the genre the support set favours.
+    assert sum(share_shift) / len(share_shift) > 0.03, share_shift
+    assert sum(gap_shift) / len(gap_shift) > 0.1, gap_shift
+    assert sum(shift > 0 for shift in gap_shift) >= 6, gap_shift
+
+
+def _genre_share(document, genre, genres, k=10) -> float:
+    return sum(genre in genres[item["item_id"]] for item in document["items"][:k]) / k
+
+
+def _score_gap(document, genre, genres) -> float:
+    """Mean score of the genre's (unrated) items minus the mean score of the other items."""
+    inside = [i["score"] for i in document["items"] if genre in genres[i["item_id"]]]
+    outside = [i["score"] for i in document["items"] if genre not in genres[i["item_id"]]]
+    return sum(inside) / len(inside) - sum(outside) / len(outside)
