@@ -1,0 +1,155 @@
+"""Helpers shared by the KFP components, imported inside component bodies (they run in the image).
+
+Kept free of kfp imports so that the core image and the tests can use them without a pipeline. The
+components pass step configuration as JSON strings (a pipeline parameter type every KFP backend
+accepts); these helpers turn them into the dicts the step functions take.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+IMAGE_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<target>[^)\s]+)\)")
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def parse_config(config: str | dict | None, step: str) -> dict | None:
+    """Parses a step configuration given as a JSON object string.
+
+    Args:
+        config: JSON object text (``"{}"`` or empty for the step's defaults), or an already parsed dict.
+        step: Step name used in the error message (``"preprocess"``, ``"train"`` ...).
+
+    Returns:
+        The configuration dict, or None when it is empty (the step function then uses its DEFAULTS).
+
+    Raises:
+        ValueError: The text is not JSON or not a JSON object.
+    """
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config or None
+    text = config.strip()
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{step} config is not valid JSON ({error.msg} at char {error.pos}): {text[:80]!r}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{step} config must be a JSON object, got {type(parsed).__name__}")
+    return parsed or None
+
+
+def model_method(model_dir: str | Path, metadata: dict | None = None) -> str:
+    """Names the meta-learning method that trained a model directory.
+
+    Args:
+        model_dir: Model directory written by ``run_meta_training`` (holds ``model.json``).
+        metadata: The KFP artifact metadata, which the meta_train component fills with ``method``.
+
+    Returns:
+        The method name (``maml``, ``fomaml``, ``reptile`` ...).
+
+    Raises:
+        ValueError: Neither the metadata nor ``model.json`` names the method.
+    """
+    if metadata and metadata.get("method"):
+        return str(metadata["method"])
+    model_json = Path(model_dir) / "model.json"
+    if model_json.is_file():
+        method = json.loads(model_json.read_text()).get("method")
+        if method:
+            return str(method)
+    raise ValueError(f"cannot tell which method trained the model in {model_dir} (no 'method' in model.json)")
+
+
+def model_dirs_by_method(models: list) -> dict[str, str]:
+    """Maps method name to model directory for a list of KFP Model artifacts.
+
+    Args:
+        models: Artifacts with ``.path`` and ``.metadata`` (e.g. a ``dsl.Collected`` input).
+
+    Returns:
+        ``{method: local model directory}``.
+
+    Raises:
+        ValueError: No model, or two models trained with the same method.
+    """
+    if not models:
+        raise ValueError("no candidate model was given")
+    dirs: dict[str, str] = {}
+    for model in models:
+        method = model_method(model.path, getattr(model, "metadata", None))
+        if method in dirs:
+            raise ValueError(
+                f"two candidate models were trained with method {method!r}: list each method once"
+            )
+        dirs[method] = model.path
+    return dirs
+
+
+def numeric_items(values: dict, prefix: str = "") -> dict[str, float]:
+    """Flattens the finite numbers of a nested dict into ``{"a.b": number}`` (for Metrics artifacts).
+
+    Args:
+        values: A (possibly nested) dict as returned by a step function.
+        prefix: Key prefix for the flattened names.
+
+    Returns:
+        Every finite int/float leaf (booleans excluded), keyed by its dotted path.
+    """
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(numeric_items(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat
+
+
+def embed_images(markdown: str, base_dir: str | Path) -> str:
+    """Inlines the local images a Markdown text links to as base64 data URIs.
+
+    The KFP UI renders a Markdown artifact on its own, so relative image links would break.
+
+    Args:
+        markdown: Markdown text, e.g. ``report.md`` from the evaluation.
+        base_dir: Directory relative image links are resolved against.
+
+    Returns:
+        The text with every resolvable ``![alt](file.png)`` replaced by ``![alt](data:image/png;base64,...)``;
+        links to missing files or remote URLs are left as they are.
+    """
+
+    def inline(match: re.Match) -> str:
+        target = match.group("target")
+        path = Path(base_dir) / target
+        mime = IMAGE_TYPES.get(path.suffix.lower())
+        if "://" in target or target.startswith("data:") or mime is None or not path.is_file():
+            return match.group(0)
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group('alt')}](data:{mime};base64,{encoded})"
+
+    return IMAGE_LINK.sub(inline, markdown)
+
+
+def write_json(path: str | Path, document: Any) -> None:
+    """Writes ``document`` as indented JSON, creating parent directories.
+
+    Args:
+        path: Destination file.
+        document: JSON-serialisable value.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""KFP component: meta_train (see README.md)."""

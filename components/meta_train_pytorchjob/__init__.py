@@ -1,0 +1,1 @@
+"""KFP component: meta_train_pytorchjob (see README.md)."""

@@ -1,0 +1,1 @@
+"""KFP component: package_model (see README.md)."""

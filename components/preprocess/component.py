@@ -1,0 +1,39 @@
+"""KFP component: raw ratings (local path, gs:// or the embedded synthetic set) -> preprocessed Dataset."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from metarec.images import components_image
+
+
+@dsl.component(base_image=components_image(), install_kfp_package=False)
+def preprocess(
+    dataset: Output[Dataset],
+    data_uri: str = "synthetic",
+    dataset_config: str = "",
+    config: str = "{}",
+):
+    """Validates, encodes and splits a ratings data set into few-shot tasks.
+
+    Args:
+        dataset: Output directory in the preprocessing layout (schema.json, users.parquet,
+            items.parquet, interactions.parquet). Its metadata holds the summary counts.
+        data_uri: Raw data location: a local directory, a ``gs://`` prefix, ``"synthetic"`` (the
+            embedded synthetic data set) or ``"synthetic:tiny"`` (a small one for tests).
+        dataset_config: Data-set config: a shipped name (``movielens-100k``, ``movielens-csv``,
+            ``synthetic``), a YAML file path or a ``gs://`` URI; empty picks the default for ``data_uri``.
+        config: JSON object with the ``preprocess`` section of the run config (see
+            ``metarec.preprocessing.DEFAULTS``); ``"{}"`` keeps the defaults.
+    """
+    from metarec.components.common import numeric_items, parse_config
+
+    from metarec.preprocessing import run_preprocessing
+
+    summary = run_preprocessing(
+        data_uri=data_uri,
+        dataset_config=dataset_config or None,
+        config=parse_config(config, "preprocess"),
+        output_dir=dataset.path,
+    )
+    dataset.metadata.update(numeric_items(summary or {}))
+    dataset.metadata["data_uri"] = data_uri

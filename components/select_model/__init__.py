@@ -1,0 +1,1 @@
+"""KFP component: select_model (see README.md)."""

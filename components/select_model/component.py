@@ -1,0 +1,59 @@
+"""KFP component: pick the best meta-learned candidate and gate it against the best baseline."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+from metarec.images import components_image
+
+
+@dsl.component(base_image=components_image(), install_kfp_package=False)
+def select_model(
+    evaluation: Input[Artifact],
+    models: Input[list[Model]],
+    selected_model: Output[Model],
+    selection: Output[Artifact],
+    metrics: Output[Metrics],
+    metric: str = "ndcg@3",
+    scenario: str = "user_cold",
+    fail_if_worse: bool = False,
+):
+    """Selects the best meta-learned model of an evaluation and copies it to the output.
+
+    Args:
+        evaluation: Evaluation document (output ``evaluation`` of the evaluate component).
+        models: The candidate models that were evaluated (the same list given to evaluate).
+        selected_model: Copy of the selected candidate's model directory; metadata names the method.
+        selection: JSON summary: selected, metric, scenario, value, best_baseline, baseline_value,
+            beats_baseline, message.
+        metrics: The selected and best-baseline scores, and beats_baseline as 0/1.
+        metric: Selection metric: ``ndcg@<k>`` (higher is better), ``mae`` or ``rmse``.
+        scenario: Scenario whose scores decide: ``user_cold`` (default), ``warm``, ``item_cold`` or
+            ``user_item_cold``.
+        fail_if_worse: Fail the task when the selected model does not beat the best baseline (the
+            default only warns).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from metarec.components.common import model_dirs_by_method, write_json
+
+    from metarec.selection import select_model as choose
+
+    document = json.loads(Path(evaluation.path).read_text())
+    result = choose(document, metric=metric, scenario=scenario, fail_if_worse=fail_if_worse)
+    candidates = model_dirs_by_method(models)
+    if result["selected"] not in candidates:
+        raise ValueError(
+            f"the evaluation selected {result['selected']!r} but the candidate models are {sorted(candidates)}"
+        )
+    shutil.copytree(candidates[result["selected"]], selected_model.path, dirs_exist_ok=True)
+    selected_model.metadata["method"] = result["selected"]
+    result["model_dir"] = selected_model.path
+    write_json(selection.path, result)
+
+    print(result["message"])
+    metrics.log_metric(f"selected.{metric}", float(result["value"]))
+    if result.get("baseline_value") is not None:
+        metrics.log_metric(f"best_baseline.{metric}", float(result["baseline_value"]))
+    metrics.log_metric("beats_baseline", 1.0 if result["beats_baseline"] else 0.0)

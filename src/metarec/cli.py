@@ -1,0 +1,357 @@
+"""The ``metarec`` command: run the pipeline locally, compile it for Kubeflow, serve the result.
+
+```
+metarec run-local [--data PATH_OR_GS_URI] [--dataset-config FILE_OR_NAME] [--config FILE] [--output DIR]
+metarec compile [--output DIR] [--gpu-type nvidia-l4] [--gpus N] [--pytorchjob-nodes N] [--variant V]
+metarec serve [--model-dir DIR] [--workdir DIR] [--inference-port N] ... | metarec serve --stop
+```
+
+Errors end with one line on stderr and a non-zero exit status; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+DEFAULT_RUNS_DIR = Path("runs")
+LATEST_POINTER = "latest.json"
+SUMMARY_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+
+
+class CLIError(Exception):
+    """An error the user can act on; reported as one line without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# run-local
+
+
+def _check_data(data_uri: str) -> None:
+    """Fails early, with a clear message, on data that cannot be read."""
+    if data_uri == "synthetic" or data_uri.startswith("synthetic:"):
+        return
+    from metarec import storage
+
+    if storage.is_gcs(data_uri):
+        # StorageError says whether the bucket is missing, unreachable or forbidden.
+        if not storage.list_uris(data_uri):
+            raise CLIError(f"no data under {data_uri}")
+        return
+    path = Path(data_uri)
+    if not path.exists():
+        raise CLIError(f"data directory not found: {data_uri}")
+    if not path.is_dir():
+        raise CLIError(f"data must be a directory holding the raw files, got a file: {data_uri}")
+
+
+def _check_dataset_config(dataset_config: str | None) -> None:
+    """Parses the data-set config once so that a typo fails before any task starts."""
+    if not dataset_config:
+        return
+    from metarec import storage
+
+    if storage.is_gcs(dataset_config):
+        return  # read by the preprocess task itself
+    from metarec.data.config import load_dataset_config
+
+    load_dataset_config(dataset_config)
+
+
+def _default_output_dir() -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return DEFAULT_RUNS_DIR / stamp
+
+
+def _write_latest_pointer(result) -> Path:
+    """Records the run in ``runs/latest.json`` so that ``metarec serve`` finds its archive."""
+    DEFAULT_RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    pointer = DEFAULT_RUNS_DIR / LATEST_POINTER
+    pointer.write_text(
+        json.dumps(
+            {
+                "output_dir": str(result.output_dir),
+                "archive_dir": str(result.archive_dir) if result.archive_dir else None,
+                "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return pointer
+
+
+def _format_number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def format_summary(result) -> str:
+    """Renders the end-of-run summary: selection, its scores beside the best baseline's, artifacts.
+
+    Args:
+        result: A ``metarec.pipelines.local_run.LocalRunResult``.
+
+    Returns:
+        Multi-line text.
+    """
+    selection, evaluation = result.selection, result.evaluation
+    lines = [""]
+    selected, baseline = selection.get("selected"), selection.get("best_baseline")
+    lines.append(f"Selected model: {selected}   ({selection.get('message', '')})")
+    scenarios = evaluation.get("scenarios", {})
+    for scenario, scores in scenarios.items():
+        columns = [name for name in (selected, baseline) if name in scores]
+        if not columns:
+            continue
+        lines.append("")
+        lines.append(f"  {scenario:<16}" + "".join(f"{name:>18}" for name in columns))
+        for metric in SUMMARY_METRICS:
+            if any(metric in scores[name] for name in columns):
+                lines.append(
+                    f"  {metric:<16}"
+                    + "".join(f"{_format_number(scores[name].get(metric)):>18}" for name in columns)
+                )
+    lines.append("")
+    lines.append("Artifacts:")
+    width = max((len(name) for name in result.artifacts), default=0)
+    for name, path in result.artifacts.items():
+        lines.append(f"  {name:<{width}}  {path}")
+    if result.metrics:
+        # kfp.local writes no file for Metrics artifacts; run.json keeps their values.
+        lines.append(f"  Metrics ({', '.join(result.metrics)}): values in {result.output_dir / 'run.json'}")
+    lines.append("")
+    lines.append(f"Archive (serve it with `metarec serve`): {result.archive_dir}")
+    lines.append(f"Run summary: {result.output_dir / 'run.json'}   log: {result.log_file}")
+    lines.append(f"Pipeline wall time: {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def cmd_run_local(args: argparse.Namespace) -> int:
+    """``metarec run-local``: the whole pipeline under kfp.local."""
+    from metarec.pipelines.local_run import run_local
+    from metarec.pipelines.run_config import load_run_config
+
+    run_config = load_run_config(args.config)
+    _check_data(args.data)
+    _check_dataset_config(args.dataset_config)
+    output_dir = Path(args.output) if args.output else _default_output_dir()
+    print(
+        f"metarec run-local: data={args.data} methods={','.join(run_config['methods'])} output={output_dir}"
+    )
+
+    def progress(line: str) -> None:
+        # Not print(): kfp.local swaps builtins.print for an indenting one while tasks run.
+        sys.stdout.write(f"  {line}\n")
+        sys.stdout.flush()
+
+    result = run_local(
+        run_config, output_dir, data_uri=args.data, dataset_config=args.dataset_config, progress=progress
+    )
+    pointer = _write_latest_pointer(result)
+    print(format_summary(result))
+    print(f"Latest-run pointer: {pointer}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# compile
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """``metarec compile``: every pipeline variant, and the committed component YAMLs."""
+    from metarec.pipelines.compile import VARIANTS, compile_all
+
+    paths = compile_all(
+        args.output, args.gpu_type, args.gpus, args.pytorchjob_nodes, tuple(args.variant or VARIANTS)
+    )
+    if not args.no_components:
+        from metarec.components.build import compile_components
+
+        paths += compile_components()
+    for path in paths:
+        print(path)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# serve
+
+
+def _read_latest_pointer() -> dict:
+    pointer = DEFAULT_RUNS_DIR / LATEST_POINTER
+    if not pointer.is_file():
+        raise CLIError(f"no --model-dir given and no {pointer}: run `metarec run-local` first")
+    return json.loads(pointer.read_text())
+
+
+def resolve_archive(model_dir: str | None) -> tuple[Path, Path]:
+    """Finds the archive to serve and a default TorchServe work directory.
+
+    Args:
+        model_dir: An archive (``config/`` + ``model-store/``), a run-local output folder (holding
+            ``run.json``), or None for the latest run (``runs/latest.json``).
+
+    Returns:
+        ``(archive_dir, default_workdir)``.
+
+    Raises:
+        CLIError: Nothing servable there.
+    """
+    if model_dir is None:
+        latest = _read_latest_pointer()
+        if not latest.get("archive_dir"):
+            raise CLIError(f"the latest run ({latest.get('output_dir')}) produced no archive")
+        return Path(latest["archive_dir"]), Path(latest["output_dir"]) / "torchserve"
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CLIError(f"model directory not found: {model_dir}")
+    if (path / "model-store").is_dir():
+        return path, path.parent / "torchserve"
+    run_json = path / "run.json"
+    if run_json.is_file():
+        archive = json.loads(run_json.read_text()).get("archive_dir")
+        if archive and (Path(archive) / "model-store").is_dir():
+            return Path(archive), path / "torchserve"
+    raise CLIError(f"{model_dir} holds no archive (model-store/) and no run.json of a finished run")
+
+
+def _model_name(archive_dir: Path, requested: str | None) -> str:
+    if requested:
+        return requested
+    archives = sorted((archive_dir / "model-store").glob("*.mar"))
+    if len(archives) != 1:
+        raise CLIError(f"{archive_dir / 'model-store'} holds {len(archives)} .mar files: pass --model-name")
+    return archives[0].stem
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``metarec serve``: start (or ``--stop``) a local TorchServe on the archive."""
+    from metarec import serve_local
+
+    if args.stop:
+        if args.workdir:
+            workdir = Path(args.workdir)
+        else:
+            workdir = resolve_archive(args.model_dir)[1]
+        stopped = serve_local.stop_server(workdir)
+        print(f"stopped TorchServe in {workdir}" if stopped else f"no TorchServe was running in {workdir}")
+        return 0
+    archive_dir, default_workdir = resolve_archive(args.model_dir)
+    workdir = Path(args.workdir) if args.workdir else default_workdir
+    info = serve_local.start_server(
+        archive_dir,
+        workdir,
+        inference_port=args.inference_port,
+        management_port=args.management_port,
+        metrics_port=args.metrics_port,
+        model_name=_model_name(archive_dir, args.model_name),
+        timeout_s=args.timeout,
+        token_auth=not args.no_token_auth,
+    )
+    print(f"TorchServe is serving '{info.model_name}' from {archive_dir} (pid {info.pid})")
+    print(f"  inference:  {info.inference_url}/predictions/{info.model_name}")
+    print(f"  management: {info.management_url}/models/{info.model_name}")
+    print(f"  metrics:    {info.metrics_url}/metrics")
+    if info.inference_token:
+        print(f"  token authorisation is on: keys in {Path(info.workdir) / serve_local.KEY_FILE}")
+    print(f"  stop it with: metarec serve --stop --workdir {info.workdir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the ``metarec`` command."""
+    from metarec.pipelines.compile import add_compile_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="metarec", description="Meta-learned cold-start recommenders on Kubeflow."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)")
+    run.add_argument(
+        "--data", default="synthetic", help="raw data: a directory, a gs:// prefix or 'synthetic' (default)"
+    )
+    run.add_argument(
+        "--dataset-config", help="data-set config: shipped name (movielens-100k ...) or YAML file"
+    )
+    run.add_argument("--config", help="run config YAML, merged on top of the shipped run-local.yaml")
+    run.add_argument("--output", help="output folder (default: runs/<timestamp>)")
+    run.set_defaults(handler=cmd_run_local)
+
+    comp = commands.add_parser("compile", help="compile the pipeline variants and the component YAMLs")
+    add_compile_arguments(comp)
+    comp.add_argument(
+        "--no-components", action="store_true", help="do not regenerate components/*/component.yaml"
+    )
+    comp.set_defaults(handler=cmd_compile)
+
+    serve = commands.add_parser("serve", help="serve the latest (or a given) archive with a local TorchServe")
+    serve.add_argument(
+        "--model-dir", help="archive folder or run-local output folder (default: the latest run)"
+    )
+    serve.add_argument("--workdir", help="TorchServe work folder (default: <run>/torchserve)")
+    serve.add_argument("--model-name", help="model name (default: the single .mar in model-store/)")
+    serve.add_argument("--inference-port", type=int, default=8080)
+    serve.add_argument("--management-port", type=int, default=8081)
+    serve.add_argument("--metrics-port", type=int, default=8082)
+    serve.add_argument("--timeout", type=float, default=120, help="seconds to wait for the model to be ready")
+    serve.add_argument(
+        "--no-token-auth",
+        action="store_true",
+        help="turn TorchServe token authorisation off (local demos only)",
+    )
+    serve.add_argument(
+        "--stop", action="store_true", help="stop the server started in --workdir (default: the latest run's)"
+    )
+    serve.set_defaults(handler=cmd_serve)
+    for sub in (run, comp, serve):
+        sub.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+        )
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line; the type is named unless the message is meant for users as is."""
+    text = " | ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    if not text or not isinstance(error, (CLIError, ValueError, OSError, RuntimeError)):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the ``metarec`` command.
+
+    Args:
+        argv: Arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 on an error, 2 on a usage error, 130 when interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("METAREC_DEBUG") == "1"
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"metarec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure becomes one line; --debug shows where it came from
+        if debug:
+            traceback.print_exc()
+        print(f"metarec {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The ``metarec`` command: error paths (one line, non-zero exit), compile, serve's archive lookup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from metarec.pipelines.run_config import load_run_config, pipeline_arguments, validate_run_config
+
+from metarec import cli
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Each test runs in its own folder: `runs/latest.json` is relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_missing_data_directory_fails_with_one_line(capsys, tmp_path):
+    status, _, err = _run(capsys, "run-local", "--data", str(tmp_path / "no-such-dir"), "--output", "out")
+    assert status != 0
+    _assert_one_line_error(err, "metarec run-local: error:", "data directory not found", "no-such-dir")
+    assert not Path("out").exists()  # nothing started
+
+
+def test_data_given_as_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "u.data").write_text("1\t2\t3\t4\n")
+    status, _, err = _run(capsys, "run-local", "--data", str(tmp_path / "u.data"))
+    assert status == 1
+    _assert_one_line_error(err, "must be a directory")
+
+
+def test_missing_config_file_fails(capsys):
+    status, _, err = _run(capsys, "run-local", "--config", "nope.yaml")
+    assert status == 1
+    _assert_one_line_error(err, "nope.yaml", "no such file")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("train: {meta_stepz: 3}\n", "unknown key(s) ['meta_stepz'] in section 'train'"),
+        ("trian: {}\n", "unknown section(s) ['trian']"),
+        ("methods: [maml, protonet]\n", "unknown method(s) ['protonet']"),
+        ("methods: [maml, maml]\n", "lists a method twice"),
+        ("select: {fail_if_worse: maybe}\n", "fail_if_worse must be true or false"),
+        ("train: [1, 2]\n", "section 'train' must be a mapping"),
+        ("train: {meta_steps: 3\n", "invalid YAML"),
+        ("- just a list\n", "top level must be a mapping"),
+    ],
+)
+def test_bad_run_config_fails_before_running(capsys, tmp_path, content, fragment):
+    (tmp_path / "run.yaml").write_text(content)
+    status, _, err = _run(capsys, "run-local", "--config", "run.yaml", "--output", "out")
+    assert status == 1
+    _assert_one_line_error(err, fragment)
+    assert not Path("out").exists()
+
+
+def test_unknown_dataset_config_fails(capsys):
+    status, _, err = _run(capsys, "run-local", "--dataset-config", "no-such-layout")
+    assert status == 1
+    _assert_one_line_error(err, "no-such-layout")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    status, _, err = _run(capsys, "--debug", "run-local", "--data", str(tmp_path / "missing"))
+    assert status == 1
+    assert "Traceback" in err and "data directory not found" in err.splitlines()[-1]
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["run-local", "--no-such-flag"])
+    assert caught.value.code == 2
+
+
+def test_compile_writes_every_variant(capsys, tmp_path):
+    status, out, _ = _run(
+        capsys,
+        "compile",
+        "--output",
+        str(tmp_path / "pl"),
+        "--gpu-type",
+        "nvidia-a100-80gb",
+        "--no-components",
+    )
+    assert status == 0
+    written = sorted(path.name for path in (tmp_path / "pl").iterdir())
+    assert written == ["metarec-cpu.yaml", "metarec-gpu.yaml", "metarec-pytorchjob.yaml"]
+    assert "nvidia-a100-80gb" in (tmp_path / "pl" / "metarec-gpu.yaml").read_text()
+    assert str(tmp_path / "pl" / "metarec-gpu.yaml") in out
+
+
+def test_serve_without_a_run_says_what_to_do(capsys):
+    status, _, err = _run(capsys, "serve")
+    assert status == 1
+    _assert_one_line_error(err, "runs/latest.json", "metarec run-local")
+
+
+def test_serve_with_a_folder_holding_no_archive_fails(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    status, _, err = _run(capsys, "serve", "--model-dir", str(tmp_path / "empty"))
+    assert status == 1
+    _assert_one_line_error(err, "holds no archive")
+    status, _, err = _run(capsys, "serve", "--model-dir", str(tmp_path / "missing"))
+    _assert_one_line_error(err, "model directory not found")
+
+
+def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
+    run_dir = tmp_path / "runs" / "r1"
+    archive = run_dir / "pipeline_root" / "p" / "package-model" / "archive"
+    (archive / "model-store").mkdir(parents=True)
+    (archive / "model-store" / "metarec.mar").write_bytes(b"mar")
+    (run_dir / "run.json").write_text(json.dumps({"archive_dir": str(archive), "output_dir": str(run_dir)}))
+    return run_dir, archive
+
+
+def test_resolve_archive_accepts_archive_run_folder_and_latest(tmp_path):
+    run_dir, archive = _fake_run(tmp_path)
+    assert cli.resolve_archive(str(archive)) == (archive, archive.parent / "torchserve")
+    assert cli.resolve_archive(str(run_dir)) == (archive, run_dir / "torchserve")
+    Path("runs").mkdir(exist_ok=True)
+    (Path("runs") / cli.LATEST_POINTER).write_text(
+        json.dumps({"output_dir": str(run_dir), "archive_dir": str(archive)})
+    )
+    assert cli.resolve_archive(None) == (archive, run_dir / "torchserve")
+
+
+def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
+    from metarec import serve_local
+
+    run_dir, archive = _fake_run(tmp_path)
+    calls = {}
+
+    class Info:
+        inference_url, management_url, metrics_url = (
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+        )
+        model_name, pid, inference_token = "metarec", 42, None
+        workdir = str(tmp_path / "ts")
+
+    def fake_start(archive_dir, workdir, **kwargs):
+        calls["start"] = (Path(archive_dir), Path(workdir), kwargs)
+        return Info()
+
+    monkeypatch.setattr(serve_local, "start_server", fake_start)
+    monkeypatch.setattr(
+        serve_local, "stop_server", lambda workdir: calls.setdefault("stop", Path(workdir)) is not None
+    )
+    status, out, _ = _run(
+        capsys, "serve", "--model-dir", str(run_dir), "--inference-port", "9080", "--no-token-auth"
+    )
+    assert status == 0
+    started_archive, started_workdir, options = calls["start"]
+    assert (started_archive, started_workdir) == (archive, run_dir / "torchserve")
+    assert (
+        options["inference_port"] == 9080
+        and options["model_name"] == "metarec"
+        and options["token_auth"] is False
+    )
+    assert "http://127.0.0.1:1/predictions/metarec" in out
+    status, out, _ = _run(capsys, "serve", "--stop", "--workdir", str(tmp_path / "ts"))
+    assert status == 0 and calls["stop"] == tmp_path / "ts"
+
+
+def test_run_config_merges_user_file_over_the_shipped_defaults(tmp_path):
+    (tmp_path / "run.yaml").write_text("train: {meta_steps: 7}\nmethods: [reptile]\n")
+    config = load_run_config(tmp_path / "run.yaml")
+    shipped = load_run_config(None)
+    assert config["methods"] == ["reptile"]
+    assert config["train"]["meta_steps"] == 7
+    # Keys the user file does not give keep the shipped values.
+    assert config["train"]["meta_batch"] == shipped["train"]["meta_batch"]
+    arguments = pipeline_arguments(config, data_uri="/data/ml-100k", dataset_config="movielens-100k")
+    assert json.loads(arguments["train_config"])["meta_steps"] == 7
+    assert arguments["methods"] == ["reptile"] and arguments["dataset_config"] == "movielens-100k"
+
+
+def test_validate_fills_select_and_package_defaults():
+    config = validate_run_config({})
+    assert config["methods"] == ["maml", "fomaml", "reptile"]
+    assert config["select"] == {"metric": "ndcg@3", "scenario": "user_cold", "fail_if_worse": False}
+    assert config["package"]["model_name"] == "metarec"
+
+
+@pytest.mark.slow
+def test_a_failing_task_ends_with_one_line_naming_it(capsys, tmp_path):
+    (tmp_path / "bad.yaml").write_text("preprocess: {user_split: alphabetical}\nmethods: [maml]\n")
+    status, out, err = _run(
+        capsys, "run-local", "--data", "synthetic:tiny", "--config", "bad.yaml", "--output", "out"
+    )
+    assert status == 1
+    _assert_one_line_error(err, "task 'preprocess' failed", "user_split", "run-local.log")
+    assert "Executing task 'preprocess'" in out
+    assert not (Path("runs") / cli.LATEST_POINTER).exists()
+
+
+def test_summary_shows_selected_beside_best_baseline_and_artifacts(tmp_path):
+    from metarec.pipelines.local_run import LocalRunResult
+
+    result = LocalRunResult(
+        output_dir=tmp_path,
+        run_dir=tmp_path / "pipeline_root" / "p",
+        log_file=tmp_path / "run-local.log",
+        seconds=12.5,
+        artifacts={"package-model/archive": tmp_path / "archive", "preprocess/dataset": tmp_path / "ds"},
+        evaluation={
+            "scenarios": {
+                "user_cold": {
+                    "reptile": {"mae": 0.71, "ndcg@3": 0.8123},
+                    "maml": {"mae": 0.75, "ndcg@3": 0.7},
+                    "mf_foldin": {"mae": 0.73, "ndcg@3": 0.7911},
+                }
+            }
+        },
+        selection={"selected": "reptile", "best_baseline": "mf_foldin", "message": "selected reptile ..."},
+        archive_dir=tmp_path / "archive",
+        metrics={"evaluate/metrics": {"user_cold.reptile.mae": 0.71}},
+    )
+    text = cli.format_summary(result)
+    header = next(line for line in text.splitlines() if line.strip().startswith("user_cold"))
+    assert header.split() == ["user_cold", "reptile", "mf_foldin"]  # the other candidate is left out
+    ndcg = next(line for line in text.splitlines() if line.strip().startswith("ndcg@3"))
+    assert ndcg.split() == ["ndcg@3", "0.8123", "0.7911"]
+    assert str(tmp_path / "ds") in text and "Pipeline wall time: 12.5 s" in text
+    assert "evaluate/metrics" in text and str(tmp_path / "run.json") in text

@@ -1,0 +1,163 @@
+"""Pipeline variants compile to IR with the right GPU, scheduling, resource, retry and caching settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from metarec.pipelines.compile import compile_all, compile_pipeline, main, pipeline_filename
+from metarec.pipelines.metarec_pipeline import DEFAULT_METHODS, VARIANTS, PipelineOptions, Resources
+
+GPU_LABEL = "cloud.google.com/gke-accelerator"
+
+
+def _load_ir(path: Path) -> tuple[dict, dict]:
+    """Returns (pipeline spec, platform spec or {}) of a compiled pipeline YAML."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    return documents[0], (documents[1] if len(documents) > 1 else {})
+
+
+def _all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the root DAG and of the sub-DAGs (the ParallelFor body), by task name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def _executor_of(spec: dict, task: dict) -> dict:
+    component = spec["components"][task["componentRef"]["name"]]
+    return spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+
+
+def _platform_executors(platform: dict) -> dict[str, dict]:
+    if not platform:
+        return {}
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    out = tmp_path_factory.mktemp("pipelines")
+    paths = compile_all(out, gpu_type="nvidia-tesla-t4", gpus_per_task=2)
+    assert [path.name for path in paths] == [pipeline_filename(variant) for variant in VARIANTS]
+    return {variant: _load_ir(out / pipeline_filename(variant)) for variant in VARIANTS}
+
+
+def test_graph_has_every_step_in_order(compiled):
+    spec, _ = compiled["cpu"]
+    tasks = _all_tasks(spec)
+    assert {"preprocess", "meta-train", "evaluate", "select-model", "package-model"} <= set(tasks)
+    assert "preprocess" in tasks["evaluate"]["dependentTasks"]
+    assert "evaluate" in tasks["select-model"]["dependentTasks"]
+    assert {"evaluate", "select-model"} <= set(tasks["package-model"]["dependentTasks"])
+    # meta-train runs inside a ParallelFor over the methods parameter, collected for evaluate.
+    loop = next(task for name, task in tasks.items() if name.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("methods")
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["methods"]["defaultValue"] == DEFAULT_METHODS
+    assert parameters["data_uri"]["defaultValue"] == "synthetic"
+
+
+def test_gpu_variant_requests_gpus_node_pool_and_toleration(compiled):
+    spec, platform = compiled["gpu"]
+    tasks = _all_tasks(spec)
+    accelerator = _executor_of(spec, tasks["meta-train"])["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu"
+    assert accelerator["resourceCount"] == "2"
+    train_platform = _platform_executors(platform)["exec-meta-train"]
+    assert train_platform["nodeSelector"]["labels"] == {GPU_LABEL: "nvidia-tesla-t4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train_platform[
+        "tolerations"
+    ]
+    # Only training needs a GPU: the other steps are scheduled anywhere.
+    for name in ("preprocess", "evaluate", "select-model", "package-model"):
+        assert "accelerator" not in _executor_of(spec, tasks[name]).get("resources", {}), name
+        assert "nodeSelector" not in _platform_executors(platform).get(f"exec-{name}", {}), name
+
+
+def test_cpu_variant_has_no_gpu_setting_anywhere(compiled):
+    spec, platform = compiled["cpu"]
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in executor["container"].get("resources", {})
+    for settings in _platform_executors(platform).values():
+        assert "nodeSelector" not in settings and "tolerations" not in settings
+    text = yaml.safe_dump(spec) + yaml.safe_dump(platform)
+    assert "nvidia" not in text and GPU_LABEL not in text
+
+
+def test_gpu_type_can_be_left_out(tmp_path):
+    path = compile_pipeline(PipelineOptions(variant="gpu", gpu_type=""), tmp_path / "p.yaml")
+    spec, platform = _load_ir(path)
+    train_platform = _platform_executors(platform)["exec-meta-train"]
+    assert "nodeSelector" not in train_platform and train_platform["tolerations"]
+    assert (
+        _executor_of(spec, _all_tasks(spec)["meta-train"])["resources"]["accelerator"]["resourceCount"] == "1"
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_task_requests_cpu_and_memory(compiled, variant):
+    spec, _ = compiled[variant]
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 5
+    for label, executor in executors.items():
+        resources = executor["container"].get("resources", {})
+        for key in ("cpuRequest", "memoryRequest", "cpuLimit", "memoryLimit"):
+            assert resources.get(key), f"{variant}: {label} lacks {key}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_retries_and_is_never_cached(compiled, variant):
+    spec, platform = compiled[variant]
+    tasks = _all_tasks(spec)
+    train_name = "meta-train-pytorchjob" if variant == "pytorchjob" else "meta-train"
+    train = tasks[train_name]
+    assert train["retryPolicy"]["maxRetryCount"] == 2
+    assert not train.get("cachingOptions", {}).get("enableCache", False)
+    assert _platform_executors(platform)[f"exec-{train_name}"]["activeDeadlineSeconds"]
+    for name in ("preprocess", "evaluate", "select-model", "package-model"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True, name
+        assert "retryPolicy" not in tasks[name], name
+
+
+def test_pytorchjob_variant_passes_gpu_settings_to_the_job_not_the_pod(compiled):
+    spec, platform = compiled["pytorchjob"]
+    tasks = _all_tasks(spec)
+    assert "meta-train" not in tasks
+    train = tasks["meta-train-pytorchjob"]
+    constants = {
+        name: value.get("runtimeValue", {}).get("constant")
+        for name, value in train["inputs"]["parameters"].items()
+    }
+    assert constants["gpu_type"] == "nvidia-tesla-t4"
+    assert constants["gpus_per_node"] == 2
+    assert constants["num_nodes"] == 2
+    # The step itself only submits and watches: no GPU, no GPU node.
+    assert "accelerator" not in _executor_of(spec, train)["resources"]
+    assert "nodeSelector" not in _platform_executors(platform).get("exec-meta-train-pytorchjob", {})
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="unknown pipeline variant"):
+        PipelineOptions(variant="tpu")
+    with pytest.raises(ValueError, match="at least one GPU"):
+        PipelineOptions(variant="gpu", gpus_per_task=0)
+    with pytest.raises(ValueError, match="resources lack"):
+        PipelineOptions(resources={"preprocess": Resources("1", "1Gi")})
+
+
+def test_resources_are_configurable(tmp_path):
+    options = PipelineOptions(variant="cpu")
+    options.resources["evaluate"] = Resources("3", "12Gi", cpu_limit="6")
+    spec, _ = _load_ir(compile_pipeline(options, tmp_path / "p.yaml"))
+    resources = _executor_of(spec, _all_tasks(spec)["evaluate"])["resources"]
+    assert (resources["cpuRequest"], resources["cpuLimit"]) == (3.0, 6.0)
+    assert resources["memoryRequest"] == pytest.approx(12 * 1.073741824)
+
+
+def test_compile_command_line_writes_the_chosen_variants(tmp_path, capsys):
+    assert main(["--output", str(tmp_path), "--variant", "cpu", "--gpu-type", "nvidia-l4"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metarec-cpu.yaml"]
+    assert "metarec-cpu.yaml" in capsys.readouterr().out
