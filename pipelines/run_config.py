@@ -35,14 +35,14 @@ KNOWN_METHODS = ("maml", "fomaml", "reptile")
 
 
 def shipped_config_path(name: str) -> Path:
-    """Returns the path of a run config shipped in ``metarec/configs`` (``run-local``, ``tiny``).
+    """Returns the path of a run config shipped in ``metarec/configs/runs`` (``run-local``, ``tiny``).
 
     Args:
         name: Config name without ``.yaml``.
     """
     import metarec
 
-    return Path(metarec.__file__).resolve().parent / "configs" / f"{name}.yaml"
+    return Path(metarec.__file__).resolve().parent / "configs" / "runs" / f"{name}.yaml"
 
 
 def read_yaml_mapping(path: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """Declarative data-set layout: which files hold ratings, users and items, and how to read them.
 
 A data-set config is a small YAML file (schema in docs/ARCHITECTURE.md). Shipped configs live in
-``metarec/configs/`` and are referred to by name (``movielens-100k``, ``movielens-csv``, ``synthetic``).
+``metarec/configs/datasets/`` and are referred to by name (``movielens-100k``, ``movielens-csv``, ``synthetic``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
 
 FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric")
 PARSERS = ("date_year", "title_year")
@@ -284,7 +284,7 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
 
 
 def shipped_config_names() -> list[str]:
-    """Returns the names of the configs shipped in ``metarec/configs``."""
+    """Returns the names of the configs shipped in ``metarec/configs/datasets``."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
