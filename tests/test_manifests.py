@@ -696,3 +696,17 @@ def _wait_for_exit(pid_file: Path, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
     if status.exists() and "\tZ " not in status.read_text():
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("gpus_per_node", [0, 2])
+def test_pytorchjob_submitted_by_the_pipeline_meets_the_hardening_baseline(gpus_per_node):
+    """The meta_train_pytorchjob component builds its job in code, outside kustomize: same baseline."""
+    from metarec.components.meta_train_pytorchjob import pytorchjob
+
+    job = pytorchjob.build_pytorchjob(
+        name="metarec-maml-test", namespace="team", image="registry/metarec-components:1", method="maml",
+        preprocessed_uri="gs://bucket/pre", output_uri="gs://bucket/model", num_nodes=2,
+        gpus_per_node=gpus_per_node,
+    )  # fmt: skip
+    problems = [p for where, spec in pod_specs(job) for p in hardening_problems(spec, where)]
+    assert problems == []
