@@ -4,8 +4,12 @@ namespace (metarec.components, metarec.pipelines, metarec.serving) so that gener
 
 from setuptools import find_packages, setup
 
-FOLDERS = {"metarec": "src/metarec", "metarec.components": "components",
-           "metarec.pipelines": "pipelines", "metarec.serving": "serving"}
+FOLDERS = {
+    "metarec": "src/metarec",
+    "metarec.components": "components",
+    "metarec.pipelines": "pipelines",
+    "metarec.serving": "serving",
+}
 
 packages, package_dir = [], {}
 for name, folder in FOLDERS.items():
