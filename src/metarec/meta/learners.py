@@ -1,0 +1,413 @@
+"""MAML-family meta-learners built on ``torch.func``: one vectorised pass adapts every task.
+
+The inner loop is a pure function of (parameters, one task) that ``torch.func.grad`` differentiates
+and ``torch.func.vmap`` maps over the tasks of a :class:`~metarec.tasks.TaskBatch`, so no model is
+copied per task. Only the adapted parameters are batched per task; when they are the decoder (modes
+``"decision"`` and ``"head"``) the encoder output, which the inner loop cannot change, is computed
+once per task before the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from metarec.model import PreferenceModel, adapted_parameter_names, inner_learning_rates
+
+if TYPE_CHECKING:
+    from metarec.tasks import TaskBatch
+
+METHODS = ("maml", "fomaml", "reptile")
+Params = dict[str, torch.Tensor]
+
+
+def masked_mse(predictions: torch.Tensor, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real rows only (padding rows have mask 0 and weigh nothing).
+
+    Args:
+        predictions: Float[N] predicted ratings.
+        ratings: Float[N] true ratings.
+        mask: Float[N] 1 for real rows, 0 for padding.
+
+    Returns:
+        Scalar loss (0 when there is no real row).
+    """
+    return ((predictions - ratings) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_mae(predictions: torch.Tensor, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the real rows only (see :func:`masked_mse`)."""
+    return ((predictions - ratings).abs() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+OUTER_LOSSES = {"mse": masked_mse, "l1": masked_mae}
+
+
+class TaskFunctions:
+    """Splits the model into a per-task precomputation and the part the inner loop adapts.
+
+    Args:
+        model: the model (its module structure is used; weights come from ``params``).
+        params: every model parameter by name (e.g. ``dict(model.named_parameters())``).
+        mode: adapt mode, see :func:`metarec.model.adapted_parameter_names`.
+    """
+
+    def __init__(self, model: PreferenceModel, params: Params, mode: str):
+        self.model = model
+        self.mode = mode
+        self.adapted_names = adapted_parameter_names(model, mode)
+        self.params = params
+        if mode == "all":
+            self.split = None
+            return
+        # Everything before the first adapted decoder layer is fixed during adaptation: precompute it.
+        first = min(int(name.split(".")[1]) for name in self.adapted_names)
+        self.split = first
+        self.prefix = model.decoder[:first]
+        self.tail = model.decoder[first:]
+        self.tail_fixed = {
+            name[len("decoder.") :]: tensor
+            for name, tensor in params.items()
+            if name.startswith("decoder.")
+            and int(name.split(".")[1]) >= first
+            and name not in self.adapted_names
+        }
+
+    def initial(self) -> Params:
+        """Returns the starting point of the inner loop (the shared, meta-learned adapted parameters)."""
+        return {name: self.params[name] for name in self.adapted_names}
+
+    def inputs(
+        self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-task inputs of :meth:`predict`, batched over T tasks.
+
+        Args:
+            user_cat: Long[T, C]; user_num: Float[T, D]; user_multi: Float[T, M] user features.
+            items: Long[T, N] item indices.
+
+        Returns:
+            A tuple of tensors with leading dim T (the raw inputs in mode "all"; otherwise the decoder
+            rows up to the first adapted layer and the item-bias offsets).
+        """
+        if self.split is None:
+            return (user_cat, user_num, user_multi, items)
+        encoder_params = _strip(self.params, "encoder.")
+        offsets = self.model.item_offset(items, self.params.get("item_bias.weight"))
+        if self.split == 0:
+            # The first layer is adapted: keep the user part apart, it is the same for all of a task's rows.
+            user_vec, item_rows = functional_call(
+                self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items), {"split": True}
+            )
+            return (user_vec, item_rows, offsets)
+        rows = functional_call(self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items))
+        if self.split > 0:
+            prefix_params = {
+                name: tensor
+                for name, tensor in _strip(self.params, "decoder.").items()
+                if int(name.split(".")[0]) < self.split
+            }
+            rows = functional_call(self.prefix, prefix_params, (rows,))
+        # The item bias is not adapted in these modes: precompute it with the rows.
+        return (rows, offsets)
+
+    def support_query_inputs(
+        self, batch: TaskBatch
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """:meth:`inputs` for the support and the query rows of a batch.
+
+        Args:
+            batch: T tasks.
+
+        Returns:
+            ``(support_inputs, query_inputs)``.
+        """
+        users = (batch.user_cat, batch.user_num, batch.user_multi)
+        if self.split is None:
+            return self.inputs(*users, batch.support_items), self.inputs(*users, batch.query_items)
+        # One encoder pass over support and query rows together.
+        n_support = batch.support_items.shape[1]
+        *shared, rows, offsets = self.inputs(
+            *users, torch.cat([batch.support_items, batch.query_items], dim=1)
+        )
+        return (
+            (*shared, rows[:, :n_support], offsets[:, :n_support]),
+            (*shared, rows[:, n_support:], offsets[:, n_support:]),
+        )
+
+    def predict(self, adapted: Params, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Predicts one task's ratings with its adapted parameters (vmap this over tasks).
+
+        Args:
+            adapted: the adapted parameters of one task.
+            inputs: one task's slice of :meth:`inputs`.
+
+        Returns:
+            Float[N] predicted ratings.
+        """
+        if self.split is None:
+            return functional_call(self.model, {**self.params, **adapted}, inputs)
+        tail_params = {**self.tail_fixed, **_strip(adapted, "decoder.")}
+        if self.split == 0:
+            # First layer on [user, item] rows = user part once per task + item part per row.
+            user_vec, item_rows, offsets = inputs
+            weight, bias = tail_params["0.weight"], tail_params["0.bias"]
+            width = user_vec.shape[-1]
+            hidden = item_rows @ weight[:, width:].T + (weight[:, :width] @ user_vec + bias)
+            rest = {name: tensor for name, tensor in tail_params.items() if not name.startswith("0.")}
+            logits = functional_call(self.tail[1:], rest, (hidden,))
+        else:
+            rows, offsets = inputs
+            logits = functional_call(self.tail, tail_params, (rows,))
+        return self.model.to_rating(logits.squeeze(-1) + offsets)
+
+    def loss(self, adapted: Params, inputs: tuple[torch.Tensor, ...], ratings, mask) -> torch.Tensor:
+        """Masked MSE of one task (see :meth:`predict`)."""
+        return masked_mse(self.predict(adapted, inputs), ratings, mask)
+
+    def outer_loss(self, kind: str) -> Callable:
+        """One task's query loss of the given kind (``"mse"`` or ``"l1"``), same arguments as :meth:`loss`."""
+        measure = OUTER_LOSSES[kind]
+        return lambda adapted, inputs, ratings, mask: measure(self.predict(adapted, inputs), ratings, mask)
+
+
+def _strip(params: Params, prefix: str) -> Params:
+    return {name[len(prefix) :]: tensor for name, tensor in params.items() if name.startswith(prefix)}
+
+
+def _inner_loop(
+    functions: TaskFunctions,
+    inputs: tuple[torch.Tensor, ...],
+    ratings: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    lr: float,
+) -> Params:
+    """Runs ``steps`` SGD steps on every task at once; returns adapted parameters with leading dim T."""
+    start = functions.initial()
+    n_tasks = ratings.shape[0]
+    if steps == 0:
+        return {name: tensor.expand(n_tasks, *tensor.shape) for name, tensor in start.items()}
+    task_grad: Callable = grad(functions.loss)
+    rates = inner_learning_rates(functions.model, functions.adapted_names, lr, functions.params)
+
+    def adapt_one(task_inputs, task_ratings, task_mask):
+        current = start
+        for _ in range(steps):
+            gradients = task_grad(current, task_inputs, task_ratings, task_mask)
+            current = {name: current[name] - rates[name] * gradients[name] for name in current}
+        return current
+
+    return vmap(adapt_one)(inputs, ratings, mask)
+
+
+def adapt(
+    model: PreferenceModel,
+    params: Params | None,
+    batch: TaskBatch,
+    steps: int,
+    lr: float,
+    mode: str = "decision",
+    first_order: bool = False,
+    create_graph: bool | None = None,
+) -> Params:
+    """Adapts the model to every task of a batch on its support rows, in one vectorised pass.
+
+    Each task takes ``steps`` plain SGD steps on the masked MSE of its support rows, starting from
+    ``params``; padding rows change nothing.
+
+    Args:
+        model: the model (structure; the weights used are ``params``).
+        params: all model parameters by name; ``None`` uses the model's own parameters.
+        batch: T tasks (only the user features and support rows are used).
+        steps: number of inner SGD steps (0 returns ``params``' adapted subset, expanded).
+        lr: inner learning rate.
+        mode: which parameters to adapt: ``"all"``, ``"decision"`` or ``"head"``.
+        first_order: drop second-order terms: the adapted parameters depend on ``params`` only
+            through the identity (FOMAML).
+        create_graph: keep the graph from ``params`` to the result so that an outer loss can be
+            differentiated; defaults to ``torch.is_grad_enabled()``. False returns detached tensors
+            (evaluation, serving).
+
+    Returns:
+        The adapted parameters (names from ``adapted_parameter_names(model, mode)``), each with a
+        leading task dimension T. Predict with :func:`predict`.
+    """
+    params = dict(model.named_parameters()) if params is None else params
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    functions = TaskFunctions(model, params, mode)
+    with torch.set_grad_enabled(create_graph and not first_order):
+        inputs = functions.inputs(batch.user_cat, batch.user_num, batch.user_multi, batch.support_items)
+    with torch.set_grad_enabled(create_graph):
+        return _adapt_inputs(functions, inputs, batch.support_ratings, batch.support_mask, steps, lr,
+                             first_order, create_graph)  # fmt: skip
+
+
+def _adapt_inputs(functions, inputs, ratings, mask, steps, lr, first_order, create_graph) -> Params:
+    if not create_graph:
+        with torch.no_grad():
+            detached = tuple(tensor.detach() for tensor in inputs)
+            return _inner_loop(functions, detached, ratings, mask, steps, lr)
+    if first_order:
+        # Run the loop without an outer graph, then attach the result to the starting point through the
+        # identity: d(adapted)/d(params) = I, the first-order approximation.
+        with torch.no_grad():
+            detached = tuple(tensor.detach() for tensor in inputs)
+            moved = _inner_loop(functions, detached, ratings, mask, steps, lr)
+        start = functions.initial()
+        return {name: start[name] + (moved[name] - start[name]).detach() for name in moved}
+    return _inner_loop(functions, inputs, ratings, mask, steps, lr)
+
+
+def predict(
+    model: PreferenceModel,
+    adapted: Params,
+    user_cat: torch.Tensor,
+    user_num: torch.Tensor,
+    user_multi: torch.Tensor,
+    items: torch.Tensor,
+    mode: str = "decision",
+    params: Params | None = None,
+) -> torch.Tensor:
+    """Predicts each task's ratings with its own adapted parameters (the output of :func:`adapt`).
+
+    Args:
+        model: the model.
+        adapted: adapted parameters, each with leading dim T.
+        user_cat: Long[T, C]; user_num: Float[T, D]; user_multi: Float[T, M] user features.
+        items: Long[T, N] items to score per task.
+        mode: the adapt mode ``adapted`` was produced with.
+        params: the shared parameters ``adapt`` started from; ``None`` uses the model's own.
+
+    Returns:
+        Float[T, N] predicted ratings.
+    """
+    params = dict(model.named_parameters()) if params is None else params
+    functions = TaskFunctions(model, params, mode)
+    inputs = functions.inputs(user_cat, user_num, user_multi, items)
+    return vmap(functions.predict)(adapted, inputs)
+
+
+class MetaLearner:
+    """Computes meta-gradients of a model over a batch of tasks.
+
+    Args:
+        model: the model whose parameters are meta-learned.
+        method: ``"maml"`` (second order), ``"fomaml"`` (first order) or ``"reptile"``.
+        inner_steps: inner SGD steps per task.
+        inner_lr: inner learning rate.
+        adapt_mode: which parameters the inner loop adapts (``"all"``, ``"decision"``, ``"head"``).
+        first_order: overrides the method's default (True for fomaml, False for maml; ignored by
+            reptile, which is first order by construction).
+        outer_loss: the query loss the meta-update minimises: ``"mse"`` (default) or ``"l1"`` (aims
+            at the median rating, i.e. at MAE). The inner loop always uses the masked MSE.
+    """
+
+    def __init__(
+        self,
+        model: PreferenceModel,
+        method: str,
+        inner_steps: int = 5,
+        inner_lr: float = 0.01,
+        adapt_mode: str = "decision",
+        first_order: bool | None = None,
+        outer_loss: str = "mse",
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown meta-learning method {method!r}; expected one of {METHODS}")
+        adapted_parameter_names(model, adapt_mode)  # validates the mode
+        self.model = model
+        self.method = method
+        self.inner_steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.adapt_mode = adapt_mode
+        self.first_order = (method == "fomaml") if first_order is None else bool(first_order)
+        if outer_loss not in OUTER_LOSSES:
+            raise ValueError(f"unknown outer loss {outer_loss!r}; expected one of {sorted(OUTER_LOSSES)}")
+        self.outer_loss = outer_loss
+
+    def meta_gradient(self, batch: TaskBatch, total_tasks: int | None = None) -> tuple[torch.Tensor, Params]:
+        """Meta-loss and meta-gradient of the model's trainable parameters over a batch of tasks.
+
+        Args:
+            batch: T training tasks (support rows adapt, query rows score the adaptation).
+            total_tasks: the number of tasks the loss is averaged over; defaults to T. Data-parallel
+                ranks pass the global meta-batch size, so that summing the ranks' results gives the
+                mean over the global batch.
+
+        Returns:
+            ``(loss, grads)``: the detached mean post-adaptation query MSE (summed over this batch and
+            divided by ``total_tasks``) and a dict name -> gradient for every trainable parameter.
+        """
+        total = len(batch) if total_tasks is None else int(total_tasks)
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if self.method == "reptile":
+            return self._reptile(batch, params, total)
+        functions = TaskFunctions(self.model, params, self.adapt_mode)
+        support, query = functions.support_query_inputs(batch)
+        adapted = _adapt_inputs(functions, support, batch.support_ratings, batch.support_mask,
+                                self.inner_steps, self.inner_lr, self.first_order, True)  # fmt: skip
+        task_losses = vmap(functions.outer_loss(self.outer_loss))(
+            adapted, query, batch.query_ratings, batch.query_mask
+        )
+        loss = task_losses.sum() / total
+        return loss.detach(), _gradients(loss, params)
+
+    def _reptile(self, batch: TaskBatch, params: Params, total: int) -> tuple[torch.Tensor, Params]:
+        # Reptile trains on the whole task (support and query rows). The adapted parameters move
+        # towards the adapted solutions: direction (params - adapted) / (steps * lr), which equals the
+        # plain gradient at one step. Parameters the inner loop does not adapt (embeddings in modes
+        # "decision"/"head") get the first-order gradient of the post-adaptation loss instead.
+        functions = TaskFunctions(self.model, params, self.adapt_mode)
+        items = torch.cat([batch.support_items, batch.query_items], dim=1)
+        ratings = torch.cat([batch.support_ratings, batch.query_ratings], dim=1)
+        mask = torch.cat([batch.support_mask, batch.query_mask], dim=1)
+        inputs = functions.inputs(batch.user_cat, batch.user_num, batch.user_multi, items)
+        adapted = _adapt_inputs(functions, inputs, ratings, mask, self.inner_steps, self.inner_lr, True, True)
+        task_losses = vmap(functions.outer_loss(self.outer_loss))(adapted, inputs, ratings, mask)
+        loss = task_losses.sum() / total
+        grads = _gradients(loss, params)
+        if self.inner_steps > 0:
+            scale = 1.0 / (self.inner_steps * self.inner_lr * total)
+            for name in functions.adapted_names:
+                grads[name] = (params[name].detach() - adapted[name].detach()).sum(0) * scale
+        n_support = batch.support_items.shape[1]
+        query_losses = vmap(OUTER_LOSSES[self.outer_loss])(
+            vmap(functions.predict)(adapted, inputs)[:, n_support:].detach(),
+            batch.query_ratings,
+            batch.query_mask,
+        )
+        return query_losses.sum().detach() / total, grads
+
+
+def _gradients(loss: torch.Tensor, params: Params) -> Params:
+    names = list(params)
+    values = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
+    return {
+        name: torch.zeros_like(params[name]) if value is None else value
+        for name, value in zip(names, values, strict=True)
+    }
+
+
+def make_learner(
+    method: str,
+    model: PreferenceModel,
+    inner_steps: int = 5,
+    inner_lr: float = 0.01,
+    adapt_mode: str = "decision",
+    first_order: bool | None = None,
+    outer_loss: str = "mse",
+) -> MetaLearner:
+    """Builds a meta-learner; see :class:`MetaLearner` for the arguments.
+
+    Returns:
+        A :class:`MetaLearner` whose ``meta_gradient(batch)`` returns ``(loss, grads)``.
+
+    Raises:
+        ValueError: unknown method or adapt mode.
+    """
+    return MetaLearner(model, method, inner_steps, inner_lr, adapt_mode, first_order, outer_loss)

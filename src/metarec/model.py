@@ -1,0 +1,415 @@
+"""The preference model: a MeLU-style network that predicts one user's ratings of items.
+
+User and item features are embedded and concatenated (the *encoder*), then a small MLP (the
+*decoder*, MeLU's "decision layers") maps the pair to a rating. The item catalogue (encoded item
+features and the warm-item index) is stored as buffers, so a saved model carries everything it needs
+to score items by index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metarec.features import EncodedFeatures, FeatureDims
+
+ADAPT_MODES = ("all", "decision", "head")
+MODEL_FILE = "model.pt"
+MODEL_JSON = "model.json"
+
+
+class FeatureEmbedder(nn.Module):
+    """Embeds one entity type's encoded features into a flat vector.
+
+    One ``nn.Embedding`` per categorical/hashed slot, one linear layer for the multi-hot block and one
+    for the numeric block (blocks of width 0 get no layer). Works on any leading shape.
+
+    Args:
+        dims: sizes of the encoded features.
+        embed_dim: width of each slot's embedding.
+    """
+
+    def __init__(self, dims: FeatureDims, embed_dim: int):
+        super().__init__()
+        self.cat = nn.ModuleList(nn.Embedding(int(size), embed_dim) for size in dims.cat_sizes)
+        self.multi = nn.Linear(dims.n_multi, embed_dim, bias=False) if dims.n_multi > 0 else None
+        self.num = nn.Linear(dims.n_num, embed_dim) if dims.n_num > 0 else None
+        self.out_dim = embed_dim * (len(self.cat) + (self.multi is not None) + (self.num is not None))
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
+        """Embeds features.
+
+        Args:
+            cat: Long[..., C] categorical slots.
+            num: Float[..., D] numeric features.
+            multi: Float[..., M] multi-hot features.
+
+        Returns:
+            Float[..., out_dim] concatenated embeddings.
+        """
+        parts = [embedding(cat[..., slot]) for slot, embedding in enumerate(self.cat)]
+        if self.multi is not None:
+            # Average over active labels so items with many genres are not scaled up.
+            parts.append(self.multi(multi) / multi.sum(-1, keepdim=True).clamp(min=1.0))
+        if self.num is not None:
+            parts.append(self.num(num))
+        if not parts:  # no features of this entity type (e.g. a data set without a user file)
+            return num.new_zeros(*num.shape[:-1], 0)
+        return torch.cat(parts, dim=-1)
+
+
+class PreferenceEncoder(nn.Module):
+    """Turns (user features, item indices) into the decoder's input rows; holds the item catalogue."""
+
+    def __init__(
+        self,
+        user_dims: FeatureDims,
+        item_dims: FeatureDims,
+        n_warm_items: int,
+        item_features: EncodedFeatures,
+        item_warm_idx: torch.Tensor,
+        embed_dim: int,
+    ):
+        super().__init__()
+        self.user = FeatureEmbedder(user_dims, embed_dim)
+        self.item = FeatureEmbedder(item_dims, embed_dim)
+        # Row 0 is the "unknown id" used by cold items: a learned fallback.
+        self.item_id = nn.Embedding(n_warm_items + 1, embed_dim)
+        self.register_buffer("item_cat", item_features.cat.long().clone())
+        self.register_buffer("item_num", item_features.num.float().clone())
+        self.register_buffer("item_multi", item_features.multi.float().clone())
+        self.register_buffer("item_warm_idx", item_warm_idx.long().clone())
+        self.out_dim = self.user.out_dim + self.item.out_dim + embed_dim
+
+    def forward(
+        self,
+        user_cat: torch.Tensor,
+        user_num: torch.Tensor,
+        user_multi: torch.Tensor,
+        items: torch.Tensor,
+        split: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Builds decoder inputs for users and their items.
+
+        Args:
+            user_cat: Long[..., C] categorical user features.
+            user_num: Float[..., D] numeric user features.
+            user_multi: Float[..., M] multi-hot user features.
+            items: Long[..., N] item indices (same leading shape as the user tensors).
+            split: return the user part and the item part separately instead of concatenated rows.
+
+        Returns:
+            Float[..., N, out_dim] one row per (user, item) pair: [user part, item part]; with
+            ``split``: (Float[..., user_dim], Float[..., N, out_dim - user_dim]).
+        """
+        user_vec = self.user(user_cat, user_num, user_multi)
+        item_vec = self.item(self.item_cat[items], self.item_num[items], self.item_multi[items])
+        id_vec = self.item_id(self.item_warm_idx[items])
+        if split:
+            return user_vec, torch.cat([item_vec, id_vec], dim=-1)
+        user_rows = user_vec.unsqueeze(-2).expand(*item_vec.shape[:-1], user_vec.shape[-1])
+        return torch.cat([user_rows, item_vec, id_vec], dim=-1)
+
+
+class PreferenceModel(nn.Module):
+    """MeLU-style rating model for one user at a time (vmap it over tasks).
+
+    Args:
+        user_dims: sizes of the encoded user features.
+        item_dims: sizes of the encoded item features.
+        n_warm_items: number of items with a learned id embedding (warm_idx 1..n_warm_items).
+        item_features: encoded features of every item (row = item_idx), kept as buffers.
+        item_warm_idx: Long[n_items] warm index per item (0 = cold / unknown id).
+        embed_dim: width of every feature embedding.
+        hidden: widths of the decoder's hidden layers.
+        rating_min: lowest rating; predictions never go below it.
+        rating_max: highest rating; predictions never go above it.
+        item_bias: add a learned per-item offset (warm id; row 0 for cold items) to the decoder's output,
+            outside the adapted layers, so item quality is learned directly and kept while adapting.
+        learn_inner_lr: give every decoder tensor a meta-learned log-scale of the inner learning rate
+            (per-layer learning rates as in MAML++; the inner loop multiplies its lr by ``exp(scale)``).
+    """
+
+    def __init__(
+        self,
+        user_dims: FeatureDims,
+        item_dims: FeatureDims,
+        n_warm_items: int,
+        item_features: EncodedFeatures,
+        item_warm_idx: torch.Tensor,
+        embed_dim: int = 32,
+        hidden: tuple[int, ...] | list[int] = (64, 64),
+        rating_min: float = 1.0,
+        rating_max: float = 5.0,
+        item_bias: bool = True,
+        learn_inner_lr: bool = False,
+    ):
+        super().__init__()
+        self.user_dims = FeatureDims(list(user_dims.cat_sizes), int(user_dims.n_num), int(user_dims.n_multi))
+        self.item_dims = FeatureDims(list(item_dims.cat_sizes), int(item_dims.n_num), int(item_dims.n_multi))
+        self.n_warm_items = int(n_warm_items)
+        self.n_items = int(item_warm_idx.shape[0])
+        self.embed_dim = int(embed_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.rating_min = float(rating_min)
+        self.rating_max = float(rating_max)
+        self.encoder = PreferenceEncoder(
+            self.user_dims, self.item_dims, self.n_warm_items, item_features, item_warm_idx, self.embed_dim
+        )
+        layers: list[nn.Module] = []
+        width = self.encoder.out_dim
+        for size in self.hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.decoder = nn.Sequential(*layers)
+        self.item_bias = nn.Embedding(self.n_warm_items + 1, 1) if item_bias else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
+        self.inner_lr_log = None
+        if learn_inner_lr:
+            self.inner_lr_log = nn.ParameterDict(
+                {
+                    _lr_key(name): nn.Parameter(torch.zeros(()))
+                    for name, _ in self.decoder.named_parameters(prefix="decoder")
+                }
+            )
+        # Start predictions at the middle of the scale with small embeddings.
+        for module in self.encoder.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.1)
+
+    def to_rating(self, logits: torch.Tensor) -> torch.Tensor:
+        """Maps decoder outputs into [rating_min, rating_max] with a scaled sigmoid.
+
+        Args:
+            logits: Float[...] raw decoder outputs.
+
+        Returns:
+            Float[...] ratings strictly inside the rating range.
+        """
+        return self.rating_min + (self.rating_max - self.rating_min) * torch.sigmoid(logits)
+
+    def forward(
+        self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicts one user's ratings.
+
+        Args:
+            user_cat: Long[C] categorical user features.
+            user_num: Float[D] numeric user features.
+            user_multi: Float[M] multi-hot user features.
+            items: Long[N] item indices.
+
+        Returns:
+            Float[N] predicted ratings.
+        """
+        logits = self.decoder(self.encoder(user_cat, user_num, user_multi, items)).squeeze(-1)
+        return self.to_rating(logits + self.item_offset(items))
+
+    def item_offset(self, items: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-item logit offset (zeros when the model has no item bias).
+
+        Args:
+            items: Long[...] item indices.
+            weight: the item-bias table to use instead of the model's own (functional calls).
+
+        Returns:
+            Float[...] offsets added to the decoder output.
+        """
+        if self.item_bias is None:
+            return torch.zeros(items.shape, dtype=self.encoder.item_num.dtype, device=items.device)
+        table = self.item_bias.weight if weight is None else weight
+        return torch.nn.functional.embedding(self.encoder.item_warm_idx[items], table).squeeze(-1)
+
+    def forward_batch(
+        self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicts the ratings of B users (no adaptation).
+
+        Args:
+            user_cat: Long[B, C] categorical user features.
+            user_num: Float[B, D] numeric user features.
+            user_multi: Float[B, M] multi-hot user features.
+            items: Long[B, N] item indices per user.
+
+        Returns:
+            Float[B, N] predicted ratings.
+        """
+        # The layers broadcast over leading dimensions, so the one-user path handles batches too.
+        return self.forward(user_cat, user_num, user_multi, items)
+
+    def init_output(self, rating: float) -> None:
+        """Sets the last layer's bias so that an untrained model predicts about ``rating``.
+
+        Args:
+            rating: starting prediction, e.g. the training set's global mean rating.
+        """
+        fraction = (float(rating) - self.rating_min) / (self.rating_max - self.rating_min)
+        last = self.decoder[self.decoder_linear_indices()[-1]]
+        with torch.no_grad():
+            last.bias.fill_(logit(fraction))
+
+    def decoder_linear_indices(self) -> list[int]:
+        """Returns the positions of the decoder's linear layers in ``self.decoder``."""
+        return [i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Linear)]
+
+    def config(self) -> dict[str, Any]:
+        """Returns the JSON-serialisable constructor arguments (item tensors excepted)."""
+        return {
+            "user_dims": {
+                "cat_sizes": list(self.user_dims.cat_sizes),
+                "n_num": self.user_dims.n_num,
+                "n_multi": self.user_dims.n_multi,
+            },
+            "item_dims": {
+                "cat_sizes": list(self.item_dims.cat_sizes),
+                "n_num": self.item_dims.n_num,
+                "n_multi": self.item_dims.n_multi,
+            },
+            "n_warm_items": self.n_warm_items,
+            "n_items": self.n_items,
+            "embed_dim": self.embed_dim,
+            "hidden": list(self.hidden),
+            "rating_min": self.rating_min,
+            "rating_max": self.rating_max,
+            "item_bias": self.item_bias is not None,
+            "learn_inner_lr": self.inner_lr_log is not None,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PreferenceModel:
+        """Builds a model from ``config()`` output with an all-zero item catalogue of the right shape.
+
+        Args:
+            config: the dict ``config()`` returned.
+
+        Returns:
+            A model whose weights and catalogue buffers are to be filled by ``load_state_dict``.
+        """
+        user_dims = FeatureDims(**config["user_dims"])
+        item_dims = FeatureDims(**config["item_dims"])
+        n_items = int(config["n_items"])
+        catalogue = EncodedFeatures(
+            cat=torch.zeros(n_items, len(item_dims.cat_sizes), dtype=torch.long),
+            num=torch.zeros(n_items, item_dims.n_num),
+            multi=torch.zeros(n_items, item_dims.n_multi),
+        )
+        return cls(
+            user_dims, item_dims, int(config["n_warm_items"]), catalogue,
+            torch.zeros(n_items, dtype=torch.long), embed_dim=int(config["embed_dim"]),
+            hidden=tuple(config["hidden"]), rating_min=float(config["rating_min"]),
+            rating_max=float(config["rating_max"]), item_bias=bool(config.get("item_bias", False)),
+            learn_inner_lr=bool(config.get("learn_inner_lr", False)),
+        )  # fmt: skip
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Writes ``model.pt`` (state_dict, catalogue included) and ``model.json``.
+
+        Args:
+            directory: local directory (created if missing).
+            extra: more JSON-serialisable keys for model.json, e.g. ``{"method": "maml", "adapt":
+                {"mode": "decision", "inner_steps": 5, "inner_lr": 0.1}}``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu() for name, tensor in self.state_dict().items()}
+        torch.save(state, directory / MODEL_FILE)
+        document = {"format_version": 1, "class": "PreferenceModel", "config": self.config(), **(extra or {})}
+        (directory / MODEL_JSON).write_text(json.dumps(document, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> PreferenceModel:
+        """Loads a model written by ``save``.
+
+        Args:
+            directory: directory holding model.pt and model.json.
+            map_location: device to load the tensors to.
+
+        Returns:
+            The model in eval mode.
+        """
+        directory = Path(directory)
+        document = json.loads((directory / MODEL_JSON).read_text())
+        model = cls.from_config(document["config"])
+        state = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model.to(map_location).eval()
+
+
+def read_model_json(directory: str | Path) -> dict[str, Any]:
+    """Returns the parsed ``model.json`` of a model directory (config, method, adapt settings).
+
+    Args:
+        directory: a model directory.
+
+    Returns:
+        The document; ``document["adapt"]`` holds ``mode``, ``inner_steps`` and ``inner_lr`` when the
+        model was meta-trained.
+    """
+    return json.loads((Path(directory) / MODEL_JSON).read_text())
+
+
+def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
+    """Names of the parameters a per-user inner loop adapts.
+
+    Args:
+        model: the model.
+        mode: ``"all"`` (every parameter), ``"decision"`` (the decoder MLP, as in MeLU) or ``"head"``
+            (the last linear layer only, as in ANIL).
+
+    Returns:
+        Parameter names in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    # The learned inner learning rates are meta-parameters of the inner loop, never adapted by it.
+    names = [name for name, _ in model.named_parameters() if not name.startswith("inner_lr_log.")]
+    if mode == "all":
+        return names
+    if mode == "decision":
+        return [name for name in names if name.startswith("decoder.")]
+    if mode == "head":
+        last = model.decoder_linear_indices()[-1]
+        return [name for name in names if name.startswith(f"decoder.{last}.")]
+    raise ValueError(f"unknown adapt mode {mode!r}; expected one of {ADAPT_MODES}")
+
+
+def _lr_key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def inner_learning_rates(
+    model: PreferenceModel, names: list[str], lr: float, params: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor | float]:
+    """The inner learning rate of each adapted parameter: ``lr``, times ``exp(scale)`` when learned.
+
+    Args:
+        model: the model.
+        names: adapted parameter names.
+        lr: the base inner learning rate.
+        params: parameters to read the learned scales from (default: the model's own).
+
+    Returns:
+        name -> learning rate (a float, or a scalar tensor that carries the meta-gradient).
+    """
+    if model.inner_lr_log is None:
+        return {name: lr for name in names}
+    params = dict(model.named_parameters()) if params is None else params
+    rates: dict[str, torch.Tensor | float] = {}
+    for name in names:
+        key = f"inner_lr_log.{_lr_key(name)}"
+        rates[name] = lr * torch.exp(params[key]) if key in params else lr
+    return rates
+
+
+def logit(probability: float) -> float:
+    """Inverse sigmoid, used to start the output at a chosen rating."""
+    probability = min(max(probability, 1e-4), 1 - 1e-4)
+    return math.log(probability / (1 - probability))

@@ -1,0 +1,218 @@
+"""Vectorised meta-learners against a per-task reference loop, first vs second order, padding, Reptile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import N_ITEMS, make_model, user_inputs
+
+from metarec.meta import adapt, make_learner, masked_mse, predict
+from metarec.meta.reference import reference_meta_gradient
+from metarec.model import adapted_parameter_names
+from metarec.tasks import TaskBatch
+
+
+def random_batch(model, n_tasks=6, n_support=9, n_query=5, seed=1) -> TaskBatch:
+    """Tasks with between 2 and n_support real support rows and between 2 and n_query real query rows."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cat, num, multi = user_inputs(model, batch=n_tasks)
+
+    def rows(width):
+        lengths = torch.randint(2, width + 1, (n_tasks, 1), generator=generator)
+        mask = (torch.arange(width)[None] < lengths).float()
+        items = torch.randint(0, N_ITEMS, (n_tasks, width), generator=generator) * mask.long()
+        ratings = torch.randint(1, 6, (n_tasks, width), generator=generator).float() * mask
+        return items, ratings, mask
+
+    support, query = rows(n_support), rows(n_query)
+    return TaskBatch(cat, num, multi, *support, *query)
+
+
+def assert_grads_close(actual, expected, atol=2e-6):
+    assert set(actual) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["decision", "head", "all"])
+def test_vmapped_maml_equals_per_task_loop(mode):
+    model = make_model()
+    batch = random_batch(model)
+    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
+        batch
+    )
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads)
+    # Every trainable parameter gets a gradient, embeddings included (outer loop reaches them).
+    assert set(grads) == {name for name, _ in model.named_parameters()}
+    assert grads["encoder.user.cat.0.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["decision", "all"])
+def test_fomaml_equals_first_order_loop_and_differs_from_maml(mode):
+    model = make_model()
+    batch = random_batch(model)
+    _, first = make_learner("fomaml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
+        batch
+    )
+    _, ref_first = reference_meta_gradient(model, batch, 3, 0.5, mode, first_order=True)
+    assert_grads_close(first, ref_first)
+    _, second = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(batch)
+    # Second-order terms (the Hessian of the support loss) are non-zero for this non-linear model.
+    difference = max(float((first[name] - second[name]).abs().max()) for name in first)
+    assert difference > 1e-4
+
+
+def test_first_and_second_order_agree_without_inner_steps():
+    model = make_model()
+    batch = random_batch(model)
+    _, first = make_learner("fomaml", model, inner_steps=0, inner_lr=0.5).meta_gradient(batch)
+    _, second = make_learner("maml", model, inner_steps=0, inner_lr=0.5).meta_gradient(batch)
+    assert_grads_close(first, second, atol=1e-7)
+    # ... and both are then the plain query-loss gradient of the un-adapted model.
+    _, plain = reference_meta_gradient(model, batch, 0, 0.5)
+    assert_grads_close(first, plain)
+
+
+def test_padding_changes_nothing():
+    model = make_model()
+    batch = random_batch(model, n_tasks=4)
+
+    def padded(tensor, extra, fill):
+        return torch.cat([tensor, torch.full((tensor.shape[0], extra), fill, dtype=tensor.dtype)], dim=1)
+
+    # Padding rows hold real-looking items and ratings: only the mask may make them inert.
+    wide = TaskBatch(
+        batch.user_cat, batch.user_num, batch.user_multi,
+        padded(batch.support_items, 7, 3), padded(batch.support_ratings, 7, 5.0), padded(batch.support_mask, 7, 0.0),
+        padded(batch.query_items, 4, 2), padded(batch.query_ratings, 4, 1.0), padded(batch.query_mask, 4, 0.0),
+    )  # fmt: skip
+    for method in ("maml", "fomaml", "reptile"):
+        learner = make_learner(method, model, inner_steps=2, inner_lr=0.3)
+        loss, grads = learner.meta_gradient(batch)
+        wide_loss, wide_grads = learner.meta_gradient(wide)
+        torch.testing.assert_close(wide_loss, loss)
+        assert_grads_close(wide_grads, grads, atol=1e-6)
+    # Each task alone, trimmed to its real rows, adapts to the same parameters as in the padded batch.
+    adapted = adapt(model, None, wide, 2, 0.3, "decision", create_graph=False)
+    for task in range(len(batch)):
+        n_support = int(batch.support_mask[task].sum())
+        alone = batch.select(slice(task, task + 1))
+        alone.support_items = alone.support_items[:, :n_support]
+        alone.support_ratings = alone.support_ratings[:, :n_support]
+        alone.support_mask = alone.support_mask[:, :n_support]
+        single = adapt(model, None, alone, 2, 0.3, "decision", create_graph=False)
+        for name in single:
+            torch.testing.assert_close(single[name][0], adapted[name][task], atol=1e-6, rtol=1e-5)
+
+
+def test_adapt_reduces_support_loss_and_is_detached_for_serving():
+    model = make_model()
+    batch = random_batch(model, n_tasks=5)
+    with torch.no_grad():
+        adapted = adapt(model, None, batch, steps=10, lr=0.05, mode="decision")
+    assert all(not tensor.requires_grad and tensor.shape[0] == 5 for tensor in adapted.values())
+    users = (batch.user_cat, batch.user_num, batch.user_multi)
+    before = model.forward_batch(*users, batch.support_items)
+    after = predict(model, adapted, *users, batch.support_items, "decision")
+    loss_before = torch.stack(
+        [masked_mse(before[t], batch.support_ratings[t], batch.support_mask[t]) for t in range(5)]
+    )
+    loss_after = torch.stack(
+        [masked_mse(after[t], batch.support_ratings[t], batch.support_mask[t]) for t in range(5)]
+    )
+    assert torch.all(loss_after < loss_before)
+    # Zero steps: the shared parameters, expanded per task; predictions equal the plain model's.
+    unchanged = adapt(model, None, batch, steps=0, lr=0.5, mode="head", create_graph=False)
+    torch.testing.assert_close(predict(model, unchanged, *users, batch.query_items, "head"),
+                               model.forward_batch(*users, batch.query_items))  # fmt: skip
+
+
+def test_reptile_direction_is_the_task_gradient_after_one_step():
+    model = make_model()
+    batch = random_batch(model, n_tasks=4)
+    learner = make_learner("reptile", model, inner_steps=1, inner_lr=0.05, adapt_mode="decision")
+    _, grads = learner.meta_gradient(batch)
+    # One SGD step: (params - adapted) / lr is the gradient of the task loss on all its rows at params.
+    expected = {
+        name: torch.zeros_like(p) for name, p in model.named_parameters() if name.startswith("decoder.")
+    }
+    for task in range(len(batch)):
+        items = torch.cat([batch.support_items[task], batch.query_items[task]])
+        ratings = torch.cat([batch.support_ratings[task], batch.query_ratings[task]])
+        mask = torch.cat([batch.support_mask[task], batch.query_mask[task]])
+        prediction = model(batch.user_cat[task], batch.user_num[task], batch.user_multi[task], items)
+        task_grads = torch.autograd.grad(
+            masked_mse(prediction, ratings, mask), [model.get_parameter(n) for n in expected]
+        )
+        for name, gradient in zip(expected, task_grads, strict=True):
+            expected[name] += gradient / len(batch)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], atol=1e-5, rtol=1e-3)
+    # Non-adapted parameters still learn (first-order gradient of the post-adaptation loss).
+    assert grads["encoder.item_id.weight"].abs().sum() > 0
+
+
+def test_shards_with_global_total_sum_to_the_full_batch_gradient():
+    model = make_model()
+    batch = random_batch(model, n_tasks=7)
+    learner = make_learner("maml", model, inner_steps=2, inner_lr=0.3)
+    loss, grads = learner.meta_gradient(batch)
+    parts = [learner.meta_gradient(batch.select(part), total_tasks=7) for part in (slice(0, 3), slice(3, 7))]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], loss)
+    assert_grads_close({name: parts[0][1][name] + parts[1][1][name] for name in grads}, grads)
+
+
+def test_unknown_method_or_mode_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="method"):
+        make_learner("protonet", model)
+    with pytest.raises(ValueError, match="adapt mode"):
+        make_learner("maml", model, adapt_mode="everything")
+
+
+def test_l1_outer_loss_is_the_query_mae_gradient():
+    model = make_model()
+    batch = random_batch(model, n_tasks=4)
+    loss, grads = make_learner("maml", model, inner_steps=0, outer_loss="l1").meta_gradient(batch)
+    users = (batch.user_cat, batch.user_num, batch.user_multi)
+    errors = (model.forward_batch(*users, batch.query_items) - batch.query_ratings).abs() * batch.query_mask
+    expected_loss = (errors.sum(1) / batch.query_mask.sum(1)).mean()
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, expected_loss.detach())
+    for (name, _), gradient in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(grads[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="outer loss"):
+        make_learner("maml", model, outer_loss="huber")
+
+
+def test_learned_inner_learning_rates_match_the_loop_and_get_meta_gradients():
+    model = make_model(learn_inner_lr=True)
+    with torch.no_grad():
+        for index, scale in enumerate(model.inner_lr_log.values()):
+            scale.fill_(0.3 * index - 0.5)
+    assert not any(name.startswith("inner_lr_log") for name in adapted_parameter_names(model, "all"))
+    batch = random_batch(model)
+    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5).meta_gradient(batch)
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads)
+    assert all(grads[f"inner_lr_log.{key}"].abs() > 0 for key in model.inner_lr_log)
+    # The scales change adaptation: zeroing them gives a different result.
+    before = adapt(model, None, batch, 3, 0.5, "decision", create_graph=False)
+    with torch.no_grad():
+        for scale in model.inner_lr_log.values():
+            scale.zero_()
+    after = adapt(model, None, batch, 3, 0.5, "decision", create_graph=False)
+    assert not torch.allclose(before["decoder.0.weight"], after["decoder.0.weight"])
+
+
+def test_first_order_adapt_keeps_the_identity_path():
+    model = make_model()
+    batch = random_batch(model, n_tasks=3)
+    adapted = adapt(model, None, batch, 2, 0.3, "head", first_order=True, create_graph=True)
+    weight = model.get_parameter("decoder.4.weight")
+    (gradient,) = torch.autograd.grad(adapted["decoder.4.weight"].sum(), [weight])
+    torch.testing.assert_close(gradient, torch.full_like(weight, 3.0))  # d(sum over 3 tasks)/d(start) = 3

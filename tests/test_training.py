@@ -1,0 +1,143 @@
+"""Meta-training: config validation, the model directory it writes, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
+
+from metarec import checkpoint
+from metarec.model import PreferenceModel, read_model_json
+from metarec.training import DEFAULTS, resolve_config, run_meta_training
+
+TINY = {"meta_steps": 30, "meta_batch": 8, "inner_steps": 2, "val_every": 10, "checkpoint_every": 10}
+
+
+@pytest.fixture(scope="module")
+def tiny_preprocessed(tmp_path_factory):
+    from metarec.preprocessing import run_preprocessing
+
+    directory = tmp_path_factory.mktemp("pre-tiny")
+    run_preprocessing("synthetic:tiny", None, None, str(directory))
+    return directory
+
+
+def test_config_defaults_and_unknown_keys():
+    assert resolve_config(None) == {**DEFAULTS, "hidden": list(DEFAULTS["hidden"])}
+    assert resolve_config({"meta_steps": 3})["meta_steps"] == 3
+    with pytest.raises(ValueError, match="unknown training config keys.*learning_rate"):
+        resolve_config({"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="adapt_mode"):
+        resolve_config({"adapt_mode": "some"})
+
+
+def test_unknown_method_is_refused(tiny_preprocessed, tmp_path):
+    with pytest.raises(ValueError, match="method"):
+        run_meta_training(str(tiny_preprocessed), "protonet", TINY, str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_training_writes_a_loadable_model_directory(tiny_preprocessed, tmp_path, method):
+    out = tmp_path / "model"
+    threads = torch.get_num_threads()
+    result = run_meta_training(str(tiny_preprocessed), method, {**TINY, "adapt_mode": "head"}, str(out))
+    assert torch.get_num_threads() == threads  # cpu_threads applies to the run only
+    assert {"model.pt", "model.json", "schema.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    document = read_model_json(out)
+    assert document["method"] == method
+    assert document["adapt"] == {"mode": "head", "inner_steps": 2, "inner_lr": DEFAULTS["inner_lr"]}
+    assert json.loads((out / "schema.json").read_text()) == json.loads(
+        (tiny_preprocessed / "schema.json").read_text()
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["curve"]) == 30 and [v["step"] for v in metrics["val_history"]] == [10, 20, 30]
+    best = min(metrics["val_history"], key=lambda v: v["mae"])
+    assert result["best_step"] == best["step"] and result["val_mae"] == pytest.approx(best["mae"])
+    assert 0 < result["val_mae"] < 2
+    model = PreferenceModel.from_dir(out)
+    assert model.n_items == json.loads((out / "schema.json").read_text())["n_items"]
+    assert [step for step, _ in checkpoint.list_checkpoints(str(out / "checkpoints"))] == [20, 30]
+
+
+def test_meta_training_lowers_the_training_loss(tiny_preprocessed, tmp_path):
+    config = {**TINY, "meta_steps": 60, "outer_lr": 0.01, "val_every": 0, "checkpoint_every": 0}
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path))
+    losses = [loss for _, loss in json.loads((tmp_path / "metrics.json").read_text())["curve"]]
+    assert sum(losses[-15:]) / 15 < sum(losses[:15]) / 15
+
+
+def test_checkpoint_roundtrip_keeps_latest(tmp_path):
+    for step in (5, 10, 15):
+        checkpoint.save_checkpoint(str(tmp_path), step, {"step": step, "w": torch.full((2,), float(step))})
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10, 15]
+    latest = checkpoint.load_latest(str(tmp_path))
+    assert latest["step"] == 15 and torch.equal(latest["w"], torch.full((2,), 15.0))
+    assert checkpoint.load_latest(str(tmp_path / "missing")) is None
+
+
+def test_checkpoints_and_resume_on_gcs(tiny_preprocessed, tmp_path, gcs_bucket):  # noqa: F811
+    prefix = f"gs://{gcs_bucket}/runs/maml/checkpoints"
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 5, "checkpoint_dir": prefix}
+    first = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
+    assert [step for step, _ in checkpoint.list_checkpoints(prefix)] == [5, 10]
+    assert checkpoint.load_latest(prefix)["step"] == 10
+    # A second run with resume finds the finished run's checkpoint and only rewrites the outputs.
+    again = run_meta_training(str(tiny_preprocessed), "maml", config, f"gs://{gcs_bucket}/runs/maml/model")
+    assert again == {**first, "train_seconds": again["train_seconds"]}
+    from metarec import storage
+
+    names = {uri.rsplit("/", 1)[1] for uri in storage.list_uris(f"gs://{gcs_bucket}/runs/maml/model")}
+    assert {"model.pt", "model.json", "schema.json", "metrics.json"} <= names
+
+
+def _train_command(preprocessed, output, config_file, resume=True):
+    command = [sys.executable, "-m", "metarec.training", "--preprocessed", str(preprocessed), "--method", "maml",
+               "--output", str(output), "--config", str(config_file)]  # fmt: skip
+    return command if resume else command + ["--no-resume"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_preprocessed, tmp_path):
+    config = {**TINY, "meta_steps": 120, "checkpoint_every": 5, "val_every": 40, "ema": 0.9}
+    config_file = tmp_path / "train.json"  # JSON is valid YAML
+    config_file.write_text(json.dumps({"train": config}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run(_train_command(tiny_preprocessed, reference, config_file, resume=False), env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+
+    process = subprocess.Popen(_train_command(tiny_preprocessed, interrupted, config_file), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not checkpoint.list_checkpoints(str(interrupted / "checkpoints")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    killed_at = checkpoint.list_checkpoints(str(interrupted / "checkpoints"))[-1][0]
+    assert killed_at < 120 and not (interrupted / "model.pt").exists()
+
+    finished = subprocess.run(_train_command(tiny_preprocessed, interrupted, config_file), env=env, check=True,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert '"event": "resumed"' in finished.stderr
+    for name in ("model.pt",):
+        expected = torch.load(reference / name, weights_only=True)
+        actual = torch.load(interrupted / name, weights_only=True)
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), key
+    # The final (not only the best) weights and the whole training curve match bitwise too.
+    final_expected = checkpoint.load_latest(str(reference / "checkpoints"))
+    final_actual = checkpoint.load_latest(str(interrupted / "checkpoints"))
+    assert final_actual["step"] == final_expected["step"] == 120
+    for key, tensor in final_expected["model"].items():
+        assert torch.equal(final_actual["model"][key], tensor), key
+    assert final_actual["curve"] == final_expected["curve"]
+    for key, tensor in final_expected["ema"].items():
+        assert torch.equal(final_actual["ema"][key], tensor), key
