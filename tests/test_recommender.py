@@ -229,3 +229,13 @@ def _score_gap(document, genre, genres) -> float:
     inside = [i["score"] for i in document["items"] if genre in genres[i["item_id"]]]
     outside = [i["score"] for i in document["items"] if genre not in genres[i["item_id"]]]
     return sum(inside) / len(inside) - sum(outside) / len(outside)
+
+
+def test_every_answer_names_the_model_version_from_the_model_card(untrained_dir, preprocessed):
+    versioned = Recommender.from_dir(untrained_dir, catalogue_dir=preprocessed)
+    versioned.model_version = "7.1"  # as set from model_card.json's "version" inside an archive
+    _, recommended = answer(versioned, {"user": {"age": 30.0}, "k": 3})
+    _, adapted = answer(versioned, {"support": GOOD_SUPPORT, "k": 3}, "adapt")
+    assert recommended["model_version"] == adapted["model_version"] == "7.1"
+    _, unversioned = answer(Recommender.from_dir(untrained_dir, catalogue_dir=preprocessed), {"user_id": "1"})
+    assert unversioned["model_version"] == "unversioned"

@@ -123,6 +123,7 @@ def test_token_is_required(served):
 def test_recommend_known_unknown_and_kserve(served):
     status, known = predict(served, {"user_id": "7", "k": 5})
     assert status == 200 and known["user"] == {"user_id": "7"} and len(known["items"]) == 5
+    assert known["model_version"] == "1.0"  # the archive's version, also in the adapt URL
     status, unknown = predict(served, {"user": {"age": 41, "gender": "F", "occupation": "writer"}, "k": 3})
     assert status == 200 and len(unknown["items"]) == 3
     status, kserve = predict(served, {"instances": [{"user_id": "7", "k": 5}, {"user": {}, "k": 2}]})

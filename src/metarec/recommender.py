@@ -212,6 +212,8 @@ class Recommender:
         self.encoder = FeatureEncoder(schema)
         self.settings = resolve_settings(settings)
         self.model_card = model_card
+        # Echoed in every answer so a caller can tell which model ranked for it.
+        self.model_version = str((model_card or {}).get("version", "unversioned"))
         self.adapt_mode = str(adapt_settings.get("mode", "decision"))
         self.inner_lr = float(adapt_settings.get("inner_lr", 0.01))
         self.default_steps = min(int(adapt_settings.get("inner_steps", 5)), self.settings["max_steps"])
@@ -467,8 +469,8 @@ class Recommender:
             requests: Validated recommend requests.
 
         Returns:
-            One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...]}``,
-            items by descending predicted rating.
+            One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...],
+            "model_version": ...}``, items by descending predicted rating.
         """
         if not requests:
             return []
@@ -479,7 +481,13 @@ class Recommender:
         answers = []
         for row, request in enumerate(requests):
             user = {"user_id": request.user_id} if request.user_id is not None else {"features": True}
-            answers.append({"user": user, "items": self._top_k(scores[row], request)})
+            answers.append(
+                {
+                    "user": user,
+                    "items": self._top_k(scores[row], request),
+                    "model_version": self.model_version,
+                }
+            )
         return answers
 
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
@@ -493,7 +501,7 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"items": [...], "steps": n, "support_size": s,
-            "support_loss_before": mse, "support_loss_after": mse}`` (mean squared error on the
+            "support_loss_before": mse, "support_loss_after": mse, "model_version": ...}`` (mean squared error on the
             support ratings before and after adaptation).
         """
         answers: list[dict[str, Any] | None] = [None] * len(requests)
@@ -534,6 +542,7 @@ class Recommender:
                     "support_size": int(mask.sum()),
                     "support_loss_before": round(float(loss_before), 6),
                     "support_loss_after": round(float(loss_after), 6),
+                    "model_version": self.model_version,
                 }
             )
         return answers
