@@ -242,3 +242,9 @@ def test_summary_shows_selected_beside_best_baseline_and_artifacts(tmp_path):
     assert ndcg.split() == ["ndcg@3", "0.8123", "0.7911"]
     assert str(tmp_path / "ds") in text and "Pipeline wall time: 12.5 s" in text
     assert "evaluate/metrics" in text and str(tmp_path / "run.json") in text
+
+
+def test_demo_request_without_a_server_says_what_to_do(capsys, tmp_path):
+    status, _, err = _run(capsys, "demo-request", "--workdir", str(tmp_path))
+    assert status == 1
+    assert len(err.strip().splitlines()) == 1 and "metarec serve" in err

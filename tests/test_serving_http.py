@@ -156,6 +156,18 @@ def _score_gap(document, genre, genres) -> float:
     return sum(inside) / len(inside) - sum(outside) / len(outside)
 
 
+def test_demo_request_finds_the_server_and_adapts_toward_the_loved_genre(served):
+    """`metarec demo-request` (end of `make demo`) reads server.json and the catalogue from the .mar."""
+    from metarec.demo_request import format_demo, run_demo_request
+
+    result = run_demo_request(served["info"].workdir, k=20)
+    adapted = result["adapted"]
+    assert adapted["support_size"] == 20 and len(adapted["items"]) == 20
+    assert adapted["support_loss_after"] < adapted["support_loss_before"]
+    assert result["genre_share_after"] > result["genre_share_before"], result
+    assert result["genre"] in format_demo(result)
+
+
 def test_model_card_on_the_management_api(served):
     info = served["info"]
     status, described = call(

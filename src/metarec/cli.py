@@ -263,6 +263,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_request(args: argparse.Namespace) -> int:
+    """``metarec demo-request``: a real fast-adapt round trip against a server started by ``serve``."""
+    from metarec.demo_request import format_demo, run_demo_request
+
+    workdir = Path(args.workdir) if args.workdir else resolve_archive(args.model_dir)[1]
+    print(format_demo(run_demo_request(workdir, k=args.k)))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # entry point
 
@@ -314,7 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", action="store_true", help="stop the server started in --workdir (default: the latest run's)"
     )
     serve.set_defaults(handler=cmd_serve)
-    for sub in (run, comp, serve):
+
+    demo = commands.add_parser(
+        "demo-request", help="ask the running server to fast-adapt to a new user who loves one genre"
+    )
+    demo.add_argument(
+        "--workdir", help="TorchServe work folder given to `metarec serve` (default: the latest run's)"
+    )
+    demo.add_argument(
+        "--model-dir", help="run-local output folder whose server to ask (default: the latest run)"
+    )
+    demo.add_argument("--k", type=int, default=10, help="items to rank")
+    demo.set_defaults(handler=cmd_demo_request)
+    for sub in (run, comp, serve, demo):
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
         )

@@ -26,13 +26,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEFAULT_TIMEOUT_S = 120
 # TorchServe's own files inside the work directory.
 PRIVATE_TMP = "tmp"
 KEY_FILE = "key_file.json"
+# Written once the model is ready, so that other processes (metarec demo-request) can find the server.
+SERVER_FILE = "server.json"
 PID_FILE = ".model_server.pid"
 
 
@@ -276,6 +278,7 @@ def start_server(
                 raise RuntimeError("TorchServe exited during start-up")
             try:
                 if any(worker.get("status") == "READY" for worker in model_workers(info)):
+                    _write_server_file(info, archive_dir)
                     return info
             except (urllib.error.URLError, OSError, ValueError, IndexError):
                 pass  # not listening yet, or the model is still registering
@@ -286,6 +289,39 @@ def start_server(
         raise RuntimeError(
             f"TorchServe did not start: {error}\n--- ts_log.log ---\n{_log_tail(workdir)}"
         ) from error
+
+
+def _write_server_file(info: ServerInfo, archive_dir: Path) -> None:
+    """Records where the server answers; the bearer keys stay in TorchServe's own key file."""
+    described = {key: value for key, value in asdict(info).items() if not key.endswith("_token")}
+    described["archive_dir"] = str(archive_dir)
+    described["token_auth"] = info.inference_token is not None
+    (Path(info.workdir) / SERVER_FILE).write_text(json.dumps(described, indent=2) + "\n")
+
+
+def read_server_info(workdir: str | os.PathLike) -> tuple[ServerInfo, Path]:
+    """Describes the server that :func:`start_server` started in ``workdir``.
+
+    Args:
+        workdir: The working directory given to :func:`start_server`.
+
+    Returns:
+        ``(info, archive_dir)``: the server's URLs and keys, and the archive it serves.
+
+    Raises:
+        FileNotFoundError: No server was started there (or it was stopped).
+    """
+    workdir = Path(workdir).resolve()
+    described_path = workdir / SERVER_FILE
+    if not described_path.is_file():
+        raise FileNotFoundError(f"no TorchServe started in {workdir} (no {SERVER_FILE}): run `metarec serve`")
+    described = json.loads(described_path.read_text())
+    archive_dir = Path(described.pop("archive_dir"))
+    tokens: tuple[str | None, str | None] = (None, None)
+    if described.pop("token_auth"):
+        tokens = _read_keys(workdir, time.monotonic() + 5)
+    info = ServerInfo(**described, inference_token=tokens[0], management_token=tokens[1])
+    return info, archive_dir
 
 
 def _process_alive(pid: int) -> bool:
@@ -338,6 +374,7 @@ def stop_server(workdir: str | os.PathLike, timeout_s: float = 30.0) -> bool:
             except ProcessLookupError:
                 pass
     shutil.rmtree(workdir / PRIVATE_TMP, ignore_errors=True)
+    (workdir / SERVER_FILE).unlink(missing_ok=True)
     return True
 
 
