@@ -4,7 +4,10 @@
 PYTHON    ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
-REGISTRY  ?= ghcr.io/metarec
+# METAREC_REGISTRY is also what `metarec compile` writes into the pipelines: one variable for both.
+REGISTRY  ?= $(or $(METAREC_REGISTRY),ghcr.io/metarec)
+# The components image runs GPU training too: CUDA wheels of the pinned torch (they also run on CPU).
+COMPONENTS_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 VERSION   := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/metarec/__init__.py)
 DEMO_DIR  ?= runs/demo
 STAMP     := $(VENV)/.metarec-installed
@@ -39,10 +42,10 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 compile: setup
-	$(BIN)/metarec compile --output build/pipelines
+	METAREC_REGISTRY=$(REGISTRY) $(BIN)/metarec compile --output build/pipelines
 
 images:
-	docker build -f docker/components.Dockerfile -t $(REGISTRY)/metarec-components:$(VERSION) .
+	docker build -f docker/components.Dockerfile --build-arg TORCH_INDEX_URL=$(COMPONENTS_TORCH_INDEX) -t $(REGISTRY)/metarec-components:$(VERSION) .
 	docker build -f docker/serving.Dockerfile -t $(REGISTRY)/metarec-serving:$(VERSION) .
 
 push: images
