@@ -1,0 +1,193 @@
+"""Cold-start quality benchmark: meta-learned recommenders vs honest baselines, over several seeds.
+
+Per seed: preprocess the data with a seeded split, meta-train each meta-learner with the training
+module's defaults (only the seed is set), evaluate every scenario with ``run_evaluation`` (baselines
+fitted on the same train rows, tuned on validation users), then aggregate mean and std over seeds.
+Intermediate outputs go to a temporary directory (never the repository). The last stdout line is one
+JSON object::
+
+    {"dataset": ..., "seeds": [...], "scenarios": {"user_cold": {"<method>": {"mae": .., "rmse": ..,
+     "ndcg@1": .., "ndcg@3": .., "ndcg@5": ..}, ...}, "warm": ..., "item_cold": ..., "user_item_cold": ...},
+     "best_meta": "<method>", "best_baseline": "<method>", "elapsed_s": ..}
+
+Usage:
+    python bench/coldstart_quality.py --data ../shared/data/ml-100k --seeds 0 1 2
+    python bench/coldstart_quality.py --data synthetic:tiny --seeds 0 --quick      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+META_METHODS = ("maml", "fomaml", "reptile")
+BASELINE_METHODS = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune")
+REPORTED_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+# --quick: a smoke run of the whole protocol, NOT a quality measurement.
+QUICK_TRAINING = {"meta_steps": 30, "val_every": 0, "checkpoint_every": 0}
+QUICK_EVALUATION = {
+    "mf_foldin": {"factors": [10], "reg": [10.0], "foldin_reg_scale": [1.0], "foldin_bias_reg": [2.0]},
+    "global_model": {"epochs": 3},
+    "finetune": {"steps": [5], "lr": [0.01]},
+}
+
+
+def default_data_dir() -> str:
+    """MovieLens-100K location: METAREC_ML100K_DIR, else ``<repo>/../shared/data/ml-100k``."""
+    return os.environ.get("METAREC_ML100K_DIR", str(REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+        argv: Arguments (None = sys.argv[1:]).
+
+    Returns:
+        Namespace with data, seeds, dataset_config, methods, quick, workdir, threads.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=default_data_dir(), help="raw data directory, or synthetic[:tiny]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--dataset-config", default=None, help="data-set config name or path (default by data)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(BASELINE_METHODS + META_METHODS),
+        choices=list(BASELINE_METHODS + META_METHODS),
+        help="methods to evaluate (baselines and meta-learners)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: short training and small tuning grids"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="keep intermediate outputs here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these small models gain little from more, and on a shared "
+        "machine extra threads mostly spin; 0 keeps torch's default)",
+    )
+    return parser.parse_args(argv)
+
+
+def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
+    """Preprocesses, meta-trains and evaluates one seed.
+
+    Args:
+        args: Parsed command line.
+        seed: Split, training and evaluation seed.
+        workdir: Directory for this seed's outputs.
+
+    Returns:
+        The seed's evaluation document.
+    """
+    from metarec.evaluation import run_evaluation
+    from metarec.preprocessing import run_preprocessing
+    from metarec.training import run_meta_training
+
+    started = time.monotonic()
+    finished = workdir / "evaluation" / "evaluation.json"
+    if finished.is_file():
+        # --workdir re-runs reuse completed seeds (interrupted training resumes from its checkpoints).
+        print(f"seed {seed}: reusing {finished}", file=sys.stderr, flush=True)
+        return json.loads(finished.read_text())
+    pre_dir = workdir / "preprocessed"
+    run_preprocessing(args.data, args.dataset_config, {"seed": seed}, str(pre_dir))
+    model_dirs = {}
+    for method in [m for m in args.methods if m in META_METHODS]:
+        training_config = {"seed": seed, **(QUICK_TRAINING if args.quick else {})}
+        result = run_meta_training(str(pre_dir), method, training_config, str(workdir / method))
+        model_dirs[method] = str(workdir / method)
+        print(f"seed {seed} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    evaluation_config = {"seed": seed, "baselines": [m for m in args.methods if m in BASELINE_METHODS]}
+    if args.quick:
+        evaluation_config.update(QUICK_EVALUATION)
+    document = run_evaluation(str(pre_dir), model_dirs, evaluation_config, str(workdir / "evaluation"))
+    print(f"seed {seed} done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    return document
+
+
+def summarise(aggregated: dict, elapsed_s: float) -> dict:
+    """Reduces an aggregated evaluation document to the benchmark's one-line result.
+
+    Args:
+        aggregated: Output of :func:`metarec.evaluation.aggregate_seeds`.
+        elapsed_s: Wall time of the whole benchmark.
+
+    Returns:
+        The result object printed as the last line.
+    """
+    scenarios = {
+        scenario: {
+            method: {metric: round(scores[metric], 4) for metric in REPORTED_METRICS if metric in scores}
+            for method, scores in per_method.items()
+        }
+        for scenario, per_method in aggregated["scenarios"].items()
+    }
+    return {
+        "dataset": aggregated["dataset"],
+        "seeds": aggregated["seeds"],
+        "scenarios": scenarios,
+        "best_meta": aggregated.get("best_meta"),
+        "best_baseline": aggregated.get("best_baseline"),
+        "elapsed_s": round(elapsed_s, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark and prints the result as the last stdout line.
+
+    Args:
+        argv: Command-line arguments (None = sys.argv[1:]).
+
+    Returns:
+        The printed result object.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from metarec.evaluation import aggregate_seeds
+    from metarec.report import write_report
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="metarec-coldstart-") as temporary:
+        root = Path(args.workdir or temporary)
+        documents = [run_seed(args, seed, root / f"seed{seed}") for seed in args.seeds]
+        aggregated = aggregate_seeds(documents)
+        if args.workdir:
+            (root / "evaluation.json").write_text(json.dumps(aggregated, indent=2, default=str))
+            write_report(aggregated, root)
+            print(f"aggregated report: {root / 'report.md'}", file=sys.stderr)
+    result = summarise(aggregated, time.monotonic() - started)
+    user_cold = aggregated["scenarios"].get("user_cold", {})
+    meta, baseline = result["best_meta"], result["best_baseline"]
+    if meta and baseline:
+        for metric in ("mae", "ndcg@3"):
+            ours, theirs = user_cold[meta][metric], user_cold[baseline][metric]
+            better = ours < theirs if metric == "mae" else ours > theirs
+            print(
+                f"user_cold {metric}: best meta {meta} {ours:.4f} vs best baseline {baseline} {theirs:.4f}: "
+                f"{'meta wins' if better else 'META LOSES'}",
+                file=sys.stderr,
+            )
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

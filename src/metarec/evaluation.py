@@ -1,0 +1,494 @@
+"""Cold-start evaluation of meta-learned models against honest baselines.
+
+For every scenario of the contract (warm, user_cold, item_cold, user_item_cold) each meta-learned
+model is adapted on each user's support rows with its own stored adapt settings and scores the query
+rows; every baseline is fitted on the train users' support rows (the same data meta-training sees),
+with its hyper-parameters chosen on the *validation* users, never on test users. K-shot curves restrict
+the support set to rows with ``kshot_rank < K``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from metarec.baselines import BASELINE_NAMES
+
+logger = logging.getLogger(__name__)
+
+SCENARIOS = ("warm", "user_cold", "item_cold", "user_item_cold")
+METRIC_NAMES = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+KSHOT_METRICS = ("mae", "rmse", "ndcg@3")
+
+# Baseline hyper-parameter grids: with tune_on_val every combination is fitted on the train rows and the
+# one with the lowest MAE on the *validation* users (user_cold) is kept; without it (or without validation
+# users) the first value of each list is used.
+DEFAULTS: dict = {
+    "seed": None,  # MF init / global-model seed and the document's "seeds"; None: the split seed in schema.json
+    "scenarios": list(SCENARIOS),  # subset of SCENARIOS to evaluate
+    "baselines": list(BASELINE_NAMES),  # baselines to fit (finetune brings global_model along)
+    "kshots": None,  # K values of the K-shot curves; None: the schema's tasks.kshots
+    "kshot_scenarios": ["user_cold"],  # scenarios that get a K-shot curve
+    "ndcg_ks": [1, 3, 5],  # nDCG cut-offs
+    "selection_metric": "ndcg@3",  # decides best_meta / best_baseline (on user_cold)
+    "task_chunk": 128,  # tasks adapted per vmapped call (bounds memory)
+    "tune_on_val": True,  # tune baseline grids on validation users (never on test users)
+    "item_user_bias": {"item_reg": [10.0, 2.0, 5.0, 25.0], "user_reg": [5.0, 0.5, 1.0, 2.0, 10.0]},
+    "mf_foldin": {
+        "factors": [10, 5, 20],
+        "reg": [10.0, 3.0, 30.0],  # ALS ridge penalty on the factors
+        "foldin_reg_scale": [1.0, 0.1, 0.3, 3.0],  # fold-in factor penalty = reg * scale
+        "foldin_bias_reg": [5.0, 1.0, 2.0],  # fold-in penalty on the new user's bias
+        "iterations": 15,  # ALS sweeps (not tuned)
+    },
+    # Adam on all training rows; early stopping on validation MAE when tune_on_val.
+    "global_model": {"epochs": 30, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "patience": 3},
+    # meta.adapt inner loop on the global model: plain SGD steps and learning rates (grids), adapt mode.
+    "finetune": {"mode": "all", "steps": [10, 5], "lr": [0.01, 0.003, 0.03]},
+}
+
+
+def _merge_config(config: dict | None) -> dict:
+    """DEFAULTS overridden by ``config``; unknown keys (also inside nested sections) raise ValueError."""
+    merged = copy.deepcopy(DEFAULTS)
+    for key, value in (config or {}).items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown evaluation config key {key!r}; known: {sorted(DEFAULTS)}")
+        if isinstance(DEFAULTS[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"evaluation config {key!r} must be a mapping, got {value!r}")
+            unknown = set(value) - set(DEFAULTS[key])
+            if unknown:
+                raise ValueError(
+                    f"unknown keys {sorted(unknown)} in evaluation config {key!r}; known: {sorted(DEFAULTS[key])}"
+                )
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    unknown_scenarios = set(merged["scenarios"]) - set(SCENARIOS)
+    if unknown_scenarios:
+        raise ValueError(f"unknown scenarios {sorted(unknown_scenarios)}; known: {list(SCENARIOS)}")
+    unknown_baselines = set(merged["baselines"]) - set(BASELINE_NAMES)
+    if unknown_baselines:
+        raise ValueError(f"unknown baselines {sorted(unknown_baselines)}; known: {list(BASELINE_NAMES)}")
+    if "finetune" in merged["baselines"] and "global_model" not in merged["baselines"]:
+        # finetune starts from the global model, so it cannot run alone.
+        merged["baselines"] = list(merged["baselines"]) + ["global_model"]
+    return merged
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _chunked_predict(predict_fn, batch, chunk: int) -> torch.Tensor:
+    """Runs ``predict_fn`` on slices of ``chunk`` tasks and concatenates the [T, Q] results."""
+    if len(batch) == 0:
+        return torch.zeros(batch.query_items.shape)
+    parts = [predict_fn(batch.select(slice(start, start + chunk))) for start in range(0, len(batch), chunk)]
+    return torch.cat([part.detach().float() for part in parts], dim=0)
+
+
+def _score(predictions: torch.Tensor, batch, ndcg_ks) -> dict[str, float]:
+    from metarec.metrics import rating_metrics
+
+    return rating_metrics(predictions, batch.query_ratings, batch.query_mask, ks=ndcg_ks)
+
+
+def _val_mae(predict_fn, batch, chunk: int) -> float:
+    from metarec.metrics import mae
+
+    return mae(_chunked_predict(predict_fn, batch, chunk), batch.query_ratings, batch.query_mask)
+
+
+def _training_rows(pre) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train users' support rows: the only ratings baselines (and meta-training) may learn from."""
+    frame = pre.interactions
+    rows = frame[(frame["user_split"] == "train") & (frame["role"] == "support")]
+    return (
+        torch.tensor(rows["user_idx"].to_numpy(), dtype=torch.long),
+        torch.tensor(rows["item_idx"].to_numpy(), dtype=torch.long),
+        torch.tensor(rows["rating"].to_numpy(), dtype=torch.float32),
+    )
+
+
+def _tune(name: str, candidates: list[tuple[dict, object]], val_batch, chunk: int, tune: bool):
+    """Returns (settings, fitted baseline) with the lowest validation MAE among ``candidates``."""
+    if not tune or val_batch is None or len(candidates) == 1:
+        return candidates[0]
+    scored = []
+    for settings, baseline in candidates:
+        value = _val_mae(baseline.predict, val_batch, chunk)
+        scored.append((value if not math.isnan(value) else math.inf, settings, baseline))
+        logger.info("tuning %s %s: val MAE %.4f", name, settings, value)
+    best = min(scored, key=lambda item: item[0])
+    return best[1], best[2]
+
+
+def fit_baselines(
+    pre, config: dict, val_batch, model_config: dict | None, seed: int
+) -> dict[str, tuple[object, dict]]:
+    """Fits (and tunes on validation users) every configured baseline on the train users' support rows.
+
+    Args:
+        pre: A loaded :class:`metarec.tasks.Preprocessed`.
+        config: Merged evaluation config (see :data:`DEFAULTS`).
+        val_batch: Validation-user user_cold tasks used for tuning, or None to use the first grid values.
+        model_config: PreferenceModel keyword overrides (embed_dim, hidden, ...) for the global model, so that
+            it matches the meta-learned architecture; None uses the model defaults.
+        seed: Seed for MF initialisation and the global model.
+
+    Returns:
+        Baseline name -> (fitted baseline with ``predict(batch)``, chosen settings).
+    """
+    from metarec.baselines import Finetune, GlobalMean, GlobalModel, ItemUserBias, MFFoldIn
+
+    users, items, ratings = _training_rows(pre)
+    n_items = int(pre.item_warm_idx.shape[0])
+    rating_min, rating_max = float(pre.schema["rating_min"]), float(pre.schema["rating_max"])
+    scale = {"rating_min": rating_min, "rating_max": rating_max}
+    chunk, tune = int(config["task_chunk"]), bool(config["tune_on_val"])
+    fitted: dict[str, tuple[object, dict]] = {}
+    wanted = config["baselines"]
+
+    if "global_mean" in wanted:
+        fitted["global_mean"] = (GlobalMean(**scale).fit(users, items, ratings, n_items), {})
+
+    if "item_user_bias" in wanted:
+        grid = config["item_user_bias"]
+        settings_list = [
+            {"item_reg": i, "user_reg": u}
+            for i in _as_list(grid["item_reg"])
+            for u in _as_list(grid["user_reg"])
+        ]
+        if not tune:
+            settings_list = settings_list[:1]
+        candidates = [
+            (s, ItemUserBias(**s, **scale).fit(users, items, ratings, n_items)) for s in settings_list
+        ]
+        settings, baseline = _tune("item_user_bias", candidates, val_batch, chunk, tune)
+        fitted["item_user_bias"] = (baseline, settings)
+
+    if "mf_foldin" in wanted:
+        grid = config["mf_foldin"]
+        candidates = []
+        factor_grid = _as_list(grid["factors"]) if tune else _as_list(grid["factors"])[:1]
+        reg_grid = _as_list(grid["reg"]) if tune else _as_list(grid["reg"])[:1]
+        scale_grid = _as_list(grid["foldin_reg_scale"]) if tune else _as_list(grid["foldin_reg_scale"])[:1]
+        bias_grid = _as_list(grid["foldin_bias_reg"]) if tune else _as_list(grid["foldin_bias_reg"])[:1]
+        for factors in factor_grid:
+            for reg in reg_grid:
+                model = MFFoldIn(
+                    factors=factors, reg=reg, iterations=int(grid["iterations"]), seed=seed, **scale
+                )
+                model.fit(users, items, ratings, n_items)
+                # Fold-in strength is tuned without refitting: copies share the trained item factors.
+                for foldin_scale in scale_grid:
+                    for foldin_bias_reg in bias_grid:
+                        variant = copy.copy(model)
+                        variant.foldin_reg = reg * foldin_scale
+                        variant.foldin_bias_reg = float(foldin_bias_reg)
+                        settings = {"factors": factors, "reg": reg, "foldin_reg": variant.foldin_reg,
+                                    "foldin_bias_reg": variant.foldin_bias_reg}  # fmt: skip
+                        candidates.append((settings, variant))
+        settings, baseline = _tune("mf_foldin", candidates, val_batch, chunk, tune)
+        fitted["mf_foldin"] = (baseline, settings)
+
+    if "global_model" in wanted:
+        from metarec.model import PreferenceModel
+
+        torch.manual_seed(seed)
+        encoder = pre.encoder
+        model = PreferenceModel(
+            encoder.user_dims,
+            encoder.item_dims,
+            int(pre.schema["n_warm_items"]),
+            pre.item_features,
+            pre.item_warm_idx,
+            rating_min=rating_min,
+            rating_max=rating_max,
+            **(model_config or {}),
+        )
+        settings = dict(config["global_model"])
+        global_model = GlobalModel(model, pre.user_features, seed=seed, **settings, **scale)
+        global_model.fit(users, items, ratings, n_items, validation=val_batch if tune else None)
+        settings["epochs_run"] = len(global_model.history)
+        fitted["global_model"] = (global_model, settings)
+
+        if "finetune" in wanted:
+            grid = config["finetune"]
+            settings_list = [
+                {"mode": grid["mode"], "steps": int(s), "lr": float(lr)}
+                for s in _as_list(grid["steps"])
+                for lr in _as_list(grid["lr"])
+            ]
+            if not tune:
+                settings_list = settings_list[:1]
+            candidates = [
+                (s, Finetune(global_model.model, **s, **scale).fit(users, items, ratings, n_items))
+                for s in settings_list
+            ]
+            settings, baseline = _tune("finetune", candidates, val_batch, chunk, tune)
+            fitted["finetune"] = (baseline, settings)
+    return fitted
+
+
+class MetaModelPredictor:
+    """A meta-learned model directory, adapted per task with its stored adapt settings.
+
+    Args:
+        model_dir: Directory with model.pt / model.json (``PreferenceModel.save``).
+    """
+
+    def __init__(self, model_dir: str | Path):
+        from metarec.model import PreferenceModel, read_model_json
+
+        self.model_dir = str(model_dir)
+        self.model = PreferenceModel.from_dir(model_dir)
+        document = read_model_json(model_dir)
+        adapt_settings = document.get("adapt", {})
+        self.mode = adapt_settings.get("mode", "decision")
+        self.steps = int(adapt_settings.get("inner_steps", 5))
+        self.lr = float(adapt_settings.get("inner_lr", 0.01))
+        self.method = document.get("method")
+        self.config = document.get("config", {})
+
+    def predict(self, batch) -> torch.Tensor:
+        """Adapts to each task's support rows and predicts its query rows.
+
+        Args:
+            batch: Few-shot tasks.
+
+        Returns:
+            Float[T, Q] predicted ratings.
+        """
+        from metarec.baselines import adapt_and_predict
+
+        return adapt_and_predict(self.model, batch, self.steps, self.lr, self.mode)
+
+
+def run_evaluation(
+    preprocessed_dir: str, model_dirs: dict[str, str], config: dict | None, output_dir: str
+) -> dict:
+    """Evaluates meta-learned models and baselines on every cold-start scenario.
+
+    Args:
+        preprocessed_dir: Preprocessing output directory (``Preprocessed.load``).
+        model_dirs: Method name (e.g. "maml") -> model directory; may be empty (baselines only).
+        config: Overrides of :data:`DEFAULTS`; unknown keys raise ValueError.
+        output_dir: Directory for ``evaluation.json``, ``report.md`` and ``kshot.png`` (created).
+
+    Returns:
+        The evaluation document (also written to ``evaluation.json``): ``dataset``, ``seeds``,
+        ``scenarios`` (scenario -> method -> metrics incl. ``<metric>_std`` = 0 for one seed),
+        ``kshot`` (scenario -> method -> K -> metrics), ``methods`` (kind, model dir or tuned settings),
+        ``best_meta``, ``best_baseline`` (by ``selection_metric`` on user_cold), ``selection_metric``.
+
+    Raises:
+        ValueError: Unknown config keys, scenarios or baselines, or a method name used twice.
+    """
+    from metarec.report import write_report
+    from metarec.selection import best_methods
+    from metarec.tasks import Preprocessed, scenario_tasks
+
+    config = _merge_config(config)
+    clash = set(model_dirs) & set(BASELINE_NAMES)
+    if clash:
+        raise ValueError(f"model names {sorted(clash)} clash with baseline names")
+    started = time.monotonic()
+    pre = Preprocessed.load(preprocessed_dir)
+    seed = config["seed"]
+    if seed is None:
+        seed = int(pre.schema.get("splits", {}).get("seed", 0))
+    ndcg_ks = [int(k) for k in config["ndcg_ks"]]
+    chunk = int(config["task_chunk"])
+    kshots = config["kshots"] or pre.schema.get("tasks", {}).get("kshots", [1, 3, 5, 10, 20])
+
+    meta_models = {name: MetaModelPredictor(path) for name, path in model_dirs.items()}
+    model_config = None
+    if meta_models:
+        first = next(iter(meta_models.values())).config
+        model_config = _architecture(first)
+
+    val_batch = None
+    if config["tune_on_val"]:
+        val_users, val_batch = scenario_tasks(pre, "user_cold", users_split="val")
+        if len(val_users) == 0:
+            logger.warning("no validation users: baselines use their untuned defaults")
+            val_batch = None
+    fitted = fit_baselines(pre, config, val_batch, model_config, seed)
+    logger.info("baselines fitted in %.1fs", time.monotonic() - started)
+
+    predictors = {name: predictor.predict for name, predictor in meta_models.items()}
+    predictors.update(
+        {name: baseline.predict for name, (baseline, _) in fitted.items() if name in config["baselines"]}
+    )
+
+    scenarios: dict[str, dict] = {}
+    for scenario in config["scenarios"]:
+        _, batch = scenario_tasks(pre, scenario)
+        scenarios[scenario] = {}
+        for name, predict_fn in predictors.items():
+            scores = _score(_chunked_predict(predict_fn, batch, chunk), batch, ndcg_ks)
+            for metric in [m for m in scores if m not in ("n_users", "n_rows")]:
+                scores[f"{metric}_std"] = 0.0
+            scenarios[scenario][name] = scores
+        logger.info("scenario %s: %d tasks", scenario, len(batch))
+
+    kshot: dict[str, dict] = {}
+    for scenario in config["kshot_scenarios"]:
+        kshot[scenario] = {name: {} for name in predictors}
+        for k in kshots:
+            _, batch = scenario_tasks(pre, scenario, kshot=int(k))
+            for name, predict_fn in predictors.items():
+                scores = _score(_chunked_predict(predict_fn, batch, chunk), batch, ndcg_ks)
+                kshot[scenario][name][str(int(k))] = {metric: scores[metric] for metric in KSHOT_METRICS}
+
+    methods = {name: {"kind": "meta", "model_dir": predictor.model_dir, "adapt": {"mode": predictor.mode,
+               "inner_steps": predictor.steps, "inner_lr": predictor.lr}} for name, predictor in meta_models.items()}  # fmt: skip
+    methods.update(
+        {name: {"kind": "baseline", "settings": settings} for name, (_, settings) in fitted.items()}
+    )
+    document = {
+        "dataset": pre.schema.get("dataset", "unknown"),
+        "seeds": [seed],
+        "scenarios": scenarios,
+        "kshot": kshot,
+        "methods": methods,
+        "selection_metric": config["selection_metric"],
+        "kshots": [int(k) for k in kshots],
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    _set_best(document, best_methods)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "evaluation.json").write_text(json.dumps(_json_safe(document), indent=2, sort_keys=False))
+    write_report(document, output)
+    return document
+
+
+# PreferenceModel arguments that come from the data (or are meta-learning-only), not from the architecture.
+_NOT_ARCHITECTURE = {"user_dims", "item_dims", "n_warm_items", "n_items", "item_features", "item_warm_idx",
+                     "rating_min", "rating_max", "learn_inner_lr"}  # fmt: skip
+
+
+def _architecture(model_config: dict) -> dict:
+    """Architecture keywords of a meta-learned model's config, so that the global-model baseline has the
+    same network and the comparison isolates the training method."""
+    import inspect
+
+    from metarec.model import PreferenceModel
+
+    accepted = set(inspect.signature(PreferenceModel.__init__).parameters) - _NOT_ARCHITECTURE - {"self"}
+    return {key: value for key, value in model_config.items() if key in accepted}
+
+
+def _set_best(document: dict, best_methods) -> None:
+    scenario = (
+        "user_cold" if "user_cold" in document["scenarios"] else next(iter(document["scenarios"]), None)
+    )
+    best_meta, best_baseline = (None, None)
+    if scenario is not None:
+        best_meta, best_baseline = best_methods(
+            document, document.get("selection_metric", "ndcg@3"), scenario
+        )
+    document["best_meta"], document["best_baseline"] = best_meta, best_baseline
+
+
+def _json_safe(value):
+    """Replaces NaN/inf by None so that evaluation.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def aggregate_seeds(documents: list[dict]) -> dict:
+    """Mean and standard deviation over per-seed evaluation documents.
+
+    Args:
+        documents: Evaluation documents of the same methods and scenarios, one per seed.
+
+    Returns:
+        One document of the same shape: every metric is the mean over seeds, ``<metric>_std`` the
+        sample standard deviation (0 for a single seed); K-shot points are averaged the same way;
+        ``seeds`` lists every seed; ``best_meta`` / ``best_baseline`` are recomputed on the means.
+        Methods missing from some seeds are averaged over the seeds that have them.
+
+    Raises:
+        ValueError: For an empty list.
+    """
+    from metarec.selection import best_methods
+
+    if not documents:
+        raise ValueError("aggregate_seeds needs at least one evaluation document")
+    first = documents[0]
+    scenarios: dict[str, dict] = {}
+    for scenario in first.get("scenarios", {}):
+        scenarios[scenario] = {}
+        methods = dict.fromkeys(m for doc in documents for m in doc["scenarios"].get(scenario, {}))
+        for method in methods:
+            per_seed = [
+                doc["scenarios"][scenario][method]
+                for doc in documents
+                if method in doc["scenarios"].get(scenario, {})
+            ]
+            metrics = [m for m in per_seed[0] if not m.endswith("_std") and m not in ("n_users", "n_rows")]
+            aggregated = {}
+            for metric in metrics:
+                aggregated[metric], aggregated[f"{metric}_std"] = _mean_std(
+                    [scores.get(metric) for scores in per_seed]
+                )
+            for count in ("n_users", "n_rows"):
+                if count in per_seed[0]:
+                    aggregated[count] = statistics.fmean(scores[count] for scores in per_seed)
+            scenarios[scenario][method] = aggregated
+    kshot: dict[str, dict] = {}
+    for scenario, curves in first.get("kshot", {}).items():
+        kshot[scenario] = {}
+        for method in curves:
+            kshot[scenario][method] = {}
+            for k in curves[method]:
+                points = [
+                    doc["kshot"][scenario][method][k]
+                    for doc in documents
+                    if k in doc.get("kshot", {}).get(scenario, {}).get(method, {})
+                ]
+                point = {}
+                for metric in points[0]:
+                    point[metric], point[f"{metric}_std"] = _mean_std([p.get(metric) for p in points])
+                kshot[scenario][method][k] = point
+    methods: dict[str, dict] = {}
+    for doc in documents:
+        for name, info in doc.get("methods", {}).items():
+            entry = methods.setdefault(name, {"kind": info.get("kind", "baseline"), "per_seed": []})
+            entry["per_seed"].append({key: value for key, value in info.items() if key != "kind"})
+    document = {
+        "dataset": first.get("dataset", "unknown"),
+        "seeds": [seed for doc in documents for seed in doc.get("seeds", [])],
+        "scenarios": scenarios,
+        "kshot": kshot,
+        "methods": methods,
+        "selection_metric": first.get("selection_metric", "ndcg@3"),
+    }
+    if "kshots" in first:
+        document["kshots"] = first["kshots"]
+    _set_best(document, best_methods)
+    return document

@@ -1,0 +1,141 @@
+"""Cold-start evaluation end to end on the tiny synthetic data set, and seed aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from metarec.evaluation import DEFAULTS, SCENARIOS, aggregate_seeds, run_evaluation
+from metarec.report import render_markdown
+
+# Small grids and a short global-model run keep the end-to-end test to a few seconds.
+FAST_EVALUATION = {
+    "item_user_bias": {"item_reg": [5.0, 1.0], "user_reg": [2.0]},
+    "mf_foldin": {
+        "factors": [4],
+        "reg": [5.0],
+        "foldin_reg_scale": [1.0, 0.3],
+        "foldin_bias_reg": [2.0],
+        "iterations": 5,
+    },
+    "global_model": {"epochs": 2, "batch_size": 512},
+    "finetune": {"steps": [2], "lr": [0.01]},
+}
+TINY_TRAINING = {
+    "meta_steps": 3,
+    "meta_batch": 4,
+    "inner_steps": 1,
+    "embed_dim": 4,
+    "hidden": [8],
+    "val_every": 0,
+    "checkpoint_every": 0,
+}
+METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    from metarec.preprocessing import run_preprocessing
+    from metarec.training import run_meta_training
+
+    root = tmp_path_factory.mktemp("evaluation")
+    run_preprocessing("synthetic:tiny", None, None, str(root / "pre"))
+    run_meta_training(str(root / "pre"), "maml", TINY_TRAINING, str(root / "maml"))
+    document = run_evaluation(
+        str(root / "pre"), {"maml": str(root / "maml")}, FAST_EVALUATION, str(root / "out")
+    )
+    return root, document
+
+
+@pytest.mark.slow
+def test_document_has_every_scenario_method_and_metric(evaluated):
+    root, document = evaluated
+    expected_methods = {"maml", "global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune"}
+    assert set(document["scenarios"]) == set(SCENARIOS)
+    for scenario in SCENARIOS:
+        assert set(document["scenarios"][scenario]) == expected_methods
+        for method, scores in document["scenarios"][scenario].items():
+            for metric in METRICS:
+                assert math.isfinite(scores[metric]), (scenario, method, metric)
+                assert scores[f"{metric}_std"] == 0.0
+            assert 0.0 <= scores["ndcg@3"] <= 1.0
+            assert scores["mae"] <= scores["rmse"] + 1e-9
+    assert document["methods"]["maml"]["kind"] == "meta"
+    assert document["methods"]["maml"]["model_dir"] == str(root / "maml")
+    assert document["methods"]["mf_foldin"]["kind"] == "baseline"
+    assert document["best_meta"] == "maml"
+    assert document["best_baseline"] in expected_methods - {"maml"}
+    assert document["seeds"] == [0]
+    # Sanity check of the fitted baselines: per-item and per-user offsets beat one constant on warm users.
+    warm = document["scenarios"]["warm"]
+    assert warm["item_user_bias"]["mae"] < warm["global_mean"]["mae"]
+
+
+@pytest.mark.slow
+def test_kshot_curves_and_files_written(evaluated):
+    root, document = evaluated
+    curves = document["kshot"]["user_cold"]
+    kshots = json.loads((root / "pre" / "schema.json").read_text())["tasks"]["kshots"]
+    assert set(curves["maml"]) == {str(k) for k in kshots}
+    assert set(curves) == set(document["scenarios"]["user_cold"])
+    # A baseline that reads the support set must score differently as K grows (K is really applied).
+    bias_curve = [curves["item_user_bias"][str(k)]["mae"] for k in kshots]
+    assert len(set(bias_curve)) > 1
+    out = root / "out"
+    on_disk = json.loads((out / "evaluation.json").read_text())
+    assert on_disk["scenarios"]["user_cold"]["maml"]["mae"] == pytest.approx(
+        document["scenarios"]["user_cold"]["maml"]["mae"]
+    )
+    report = (out / "report.md").read_text()
+    assert "![K-shot curves](kshot.png)" in report
+    for scenario_heading in ("User cold-start", "Warm", "Item cold-start", "User and item cold-start"):
+        assert scenario_heading in report
+    assert (out / "kshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_config_keys_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="bogus"):
+        run_evaluation(str(tmp_path), {}, {"bogus": 1}, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="nope"):
+        run_evaluation(str(tmp_path), {}, {"mf_foldin": {"nope": 1}}, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="scenarios"):
+        run_evaluation(str(tmp_path), {}, {"scenarios": ["lukewarm"]}, str(tmp_path / "out"))
+    assert "finetune" in DEFAULTS["baselines"]
+
+
+def _seed_document(seed: int, maml_mae: float, mf_mae: float, maml_ndcg: float, mf_ndcg: float) -> dict:
+    return {
+        "dataset": "d",
+        "seeds": [seed],
+        "scenarios": {
+            "user_cold": {
+                "maml": {"mae": maml_mae, "ndcg@3": maml_ndcg, "mae_std": 0.0, "n_users": 10},
+                "mf_foldin": {"mae": mf_mae, "ndcg@3": mf_ndcg, "mae_std": 0.0, "n_users": 10},
+            }
+        },
+        "kshot": {
+            "user_cold": {"maml": {"1": {"mae": maml_mae + 0.1}}, "mf_foldin": {"1": {"mae": mf_mae + 0.1}}}
+        },
+        "methods": {"maml": {"kind": "meta", "model_dir": f"/m{seed}"}, "mf_foldin": {"kind": "baseline"}},
+        "selection_metric": "ndcg@3",
+    }
+
+
+def test_aggregate_seeds_mean_std_and_best():
+    documents = [_seed_document(0, 0.70, 0.80, 0.75, 0.74), _seed_document(1, 0.80, 0.78, 0.71, 0.73)]
+    aggregated = aggregate_seeds(documents)
+    assert aggregated["seeds"] == [0, 1]
+    maml = aggregated["scenarios"]["user_cold"]["maml"]
+    assert maml["mae"] == pytest.approx(0.75)
+    assert maml["mae_std"] == pytest.approx(math.sqrt(0.005))  # sample std of 0.70 and 0.80
+    assert maml["ndcg@3"] == pytest.approx(0.73)
+    assert aggregated["kshot"]["user_cold"]["mf_foldin"]["1"]["mae"] == pytest.approx(0.89)
+    # Mean nDCG@3: maml 0.73 vs mf_foldin 0.735.
+    assert aggregated["best_meta"] == "maml"
+    assert aggregated["best_baseline"] == "mf_foldin"
+    assert aggregated["methods"]["maml"]["kind"] == "meta"
+    assert "± " in render_markdown(aggregated)
+    with pytest.raises(ValueError):
+        aggregate_seeds([])
