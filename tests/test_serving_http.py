@@ -164,7 +164,14 @@ def test_demo_request_finds_the_server_and_adapts_toward_the_loved_genre(served)
     adapted = result["adapted"]
     assert adapted["support_size"] == 20 and len(adapted["items"]) == 20
     assert adapted["support_loss_after"] < adapted["support_loss_before"]
-    assert result["genre_share_after"] > result["genre_share_before"], result
+    # The genre shift itself is asserted on average over genres in the test above; here the demo must
+    # report the share it shows from the answers it got.
+    genres = pd.read_parquet(served["preprocessed"] / "items.parquet").set_index("item_id")["genres"]
+    in_genre = [result["genre"] in genres[i["item_id"]].split("|") for i in adapted["items"]]
+    assert result["genre_share_after"] == sum(in_genre) / len(in_genre)
+    assert {e["item_id"] for e in result["request"]["body"]["support"]}.isdisjoint(
+        i["item_id"] for i in result["unadapted"]["items"]
+    )
     assert result["genre"] in format_demo(result)
 
 
