@@ -71,7 +71,6 @@ INTEGER_KEYS = (
 )  # fmt: skip
 MODEL_FILES = ("model.pt", "model.json", "schema.json")
 MODEL_CONFIG_FILE = "model-config.yaml"
-HANDLER_ENTRY = Path(__file__).resolve().parents[2] / "serving" / "mar_entry.py"
 SCORE_KEYS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
 
 
@@ -109,8 +108,7 @@ def _handler_entry() -> Path:
     """The handler file packed into the archive (installed next to ``metarec.serving``)."""
     import metarec.serving
 
-    entry = Path(metarec.serving.__file__).resolve().parent / "mar_entry.py"
-    return entry if entry.is_file() else HANDLER_ENTRY
+    return Path(metarec.serving.__file__).resolve().parent / "mar_entry.py"
 
 
 def model_config_yaml(settings: dict[str, Any]) -> dict[str, Any]:

@@ -138,19 +138,9 @@ def build_task_batch(
     n_tasks = user_features.cat.shape[0]
     if len(supports) != n_tasks or len(queries) != n_tasks:
         raise ValueError(f"{n_tasks} users but {len(supports)} supports and {len(queries)} queries")
-    s_items, s_ratings, s_mask = _padded(*(_concat_lists(supports, "supports")))
-    q_items, q_ratings, q_mask = _padded(*(_concat_lists(queries, "queries")))
-    return TaskBatch(
-        user_cat=user_features.cat.long(),
-        user_num=user_features.num.float(),
-        user_multi=user_features.multi.float(),
-        support_items=s_items,
-        support_ratings=s_ratings,
-        support_mask=s_mask,
-        query_items=q_items,
-        query_ratings=q_ratings,
-        query_mask=q_mask,
-    )
+    support = _padded(*(_concat_lists(supports, "supports")))
+    query = _padded(*(_concat_lists(queries, "queries")))
+    return _assemble(user_features, support, query)
 
 
 make_task_batch = build_task_batch
@@ -166,6 +156,25 @@ class _RoleIndex:
 
     def lengths(self, users: np.ndarray) -> np.ndarray:
         return self.offsets[users + 1] - self.offsets[users]
+
+
+def _assemble(
+    features: EncodedFeatures,
+    support: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> TaskBatch:
+    """Puts users' features and padded (items, ratings, mask) support and query rows into a TaskBatch."""
+    return TaskBatch(
+        user_cat=features.cat.long(),
+        user_num=features.num.float(),
+        user_multi=features.multi.float(),
+        support_items=support[0],
+        support_ratings=support[1],
+        support_mask=support[2],
+        query_items=query[0],
+        query_ratings=query[1],
+        query_mask=query[2],
+    )
 
 
 def _features_subset(features: EncodedFeatures, index: torch.Tensor) -> EncodedFeatures:
@@ -326,17 +335,7 @@ class Preprocessed:
             query.lengths(users), query.items, query.ratings, query.offsets[users]
         )
         features = _features_subset(self.user_features, torch.from_numpy(users))
-        return TaskBatch(
-            user_cat=features.cat,
-            user_num=features.num,
-            user_multi=features.multi,
-            support_items=s_items,
-            support_ratings=s_ratings,
-            support_mask=s_mask,
-            query_items=q_items,
-            query_ratings=q_ratings,
-            query_mask=q_mask,
-        )
+        return _assemble(features, (s_items, s_ratings, s_mask), (q_items, q_ratings, q_mask))
 
 
 def scenario_tasks(
@@ -453,14 +452,4 @@ class TrainTaskSampler:
         q_items, q_ratings, q_mask = _padded(n_query, items, ratings, row_starts)
         s_items, s_ratings, s_mask = _padded(n_support, items, ratings, row_starts + n_query)
         features = _features_subset(self.pre.user_features, torch.from_numpy(users))
-        return TaskBatch(
-            user_cat=features.cat,
-            user_num=features.num,
-            user_multi=features.multi,
-            support_items=s_items,
-            support_ratings=s_ratings,
-            support_mask=s_mask,
-            query_items=q_items,
-            query_ratings=q_ratings,
-            query_mask=q_mask,
-        )
+        return _assemble(features, (s_items, s_ratings, s_mask), (q_items, q_ratings, q_mask))
