@@ -216,3 +216,50 @@ def test_first_order_adapt_keeps_the_identity_path():
     weight = model.get_parameter("decoder.4.weight")
     (gradient,) = torch.autograd.grad(adapted["decoder.4.weight"].sum(), [weight])
     torch.testing.assert_close(gradient, torch.full_like(weight, 3.0))  # d(sum over 3 tasks)/d(start) = 3
+
+
+@pytest.mark.parametrize("mode", ["decision", "head", "all"])
+def test_user_bias_moves_during_adaptation_and_matches_the_loop(mode):
+    model = make_model(user_bias=True, user_bias_lr=3.0)
+    batch = random_batch(model)
+    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
+        batch
+    )
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads)
+    assert grads["user_bias"].abs() > 0
+    adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)
+    assert adapted["user_bias"].shape == (len(batch),)
+    assert bool((adapted["user_bias"] != 0).all())
+
+
+@pytest.mark.parametrize("mode", ["decision", "all"])
+def test_user_bias_gauss_newton_steps_match_the_loop_and_fit_the_rating_level(mode):
+    model = make_model(user_bias=True, user_bias_prior=2.0)
+    batch = random_batch(model)
+    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
+        batch
+    )
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads, atol=1e-5)
+    # Bias-only adaptation (lr 0): the MAP steps move the mean support residual towards 0.
+    shifted = TaskBatch(**{**batch.__dict__, "support_ratings": batch.support_mask * 4.5})
+    before = predict(
+        model,
+        adapt(model, None, shifted, 0, 0.0, "head", create_graph=False),
+        shifted.user_cat,
+        shifted.user_num,
+        shifted.user_multi,
+        shifted.support_items,
+        "head",
+    )
+    adapted = adapt(model, None, shifted, 5, 0.0, "head", create_graph=False)
+    after = predict(
+        model, adapted, shifted.user_cat, shifted.user_num, shifted.user_multi, shifted.support_items, "head"
+    )
+    mask = shifted.support_mask
+    residual_before = (((shifted.support_ratings - before) * mask).sum(1) / mask.sum(1)).abs()
+    residual_after = (((shifted.support_ratings - after) * mask).sum(1) / mask.sum(1)).abs()
+    assert bool((residual_after < 0.75 * residual_before).all())  # shrunk towards the prior: not to 0

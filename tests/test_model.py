@@ -132,3 +132,22 @@ def test_save_and_from_dir_roundtrip(tmp_path):
     cat, num, multi = user_inputs(model)
     items = torch.arange(N_ITEMS)
     torch.testing.assert_close(loaded(cat, num, multi, items), model(cat, num, multi, items), rtol=0, atol=0)
+
+
+def test_user_bias_is_adapted_in_every_mode_and_roundtrips(tmp_path):
+    model = make_model(user_bias=True, user_bias_lr=4.0, user_bias_prior=3.0)
+    assert model.get_parameter("user_bias").shape == ()
+    for mode in ("all", "decision", "head"):
+        assert "user_bias" in adapted_parameter_names(model, mode)
+    assert "user_bias" not in adapted_parameter_names(make_model(), "all")
+    # The bias shifts every logit of the user.
+    cat, num, multi = user_inputs(model)
+    items = torch.arange(N_ITEMS)
+    before = model(cat, num, multi, items)
+    with torch.no_grad():
+        model.user_bias.fill_(0.5)
+    assert bool((model(cat, num, multi, items) > before).all())
+    model.save(tmp_path)
+    loaded = PreferenceModel.from_dir(tmp_path)
+    assert loaded.config() == model.config() and loaded.config()["user_bias_prior"] == 3.0
+    torch.testing.assert_close(loaded(cat, num, multi, items), model(cat, num, multi, items), rtol=0, atol=0)

@@ -141,3 +141,19 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_preprocessed
     assert final_actual["curve"] == final_expected["curve"]
     for key, tensor in final_expected["ema"].items():
         assert torch.equal(final_actual["ema"][key], tensor), key
+
+
+def test_default_model_has_an_adapted_user_bias_and_data_initialised_item_bias(tiny_preprocessed):
+    from metarec.model import adapted_parameter_names
+    from metarec.tasks import Preprocessed
+    from metarec.training import build_model
+
+    pre = Preprocessed.load(str(tiny_preprocessed))
+    cfg = resolve_config(None)
+    model = build_model(pre, cfg)
+    assert model.user_bias is not None and model.user_bias_prior == cfg["user_bias_prior"]
+    assert "user_bias" in adapted_parameter_names(model, cfg["adapt_mode"])
+    table = model.item_bias.weight.detach().squeeze(-1)
+    assert float(table[0]) == 0.0 and float(table[1:].abs().max()) > 0  # cold row 0, warm rows fitted
+    plain = build_model(pre, resolve_config({"item_bias_init": False}))
+    assert float(plain.item_bias.weight.detach().abs().max()) == 0.0

@@ -133,6 +133,14 @@ class PreferenceModel(nn.Module):
             outside the adapted layers, so item quality is learned directly and kept while adapting.
         learn_inner_lr: give every decoder tensor a meta-learned log-scale of the inner learning rate
             (per-layer learning rates as in MAML++; the inner loop multiplies its lr by ``exp(scale)``).
+        user_bias: add a per-user logit offset ``user_bias`` (a scalar whose meta-learned value is the
+            prior); every adapt mode adapts it, so a new user's rating level is fitted from the support
+            rows first (what MF fold-in solves in closed form).
+        user_bias_lr: the user bias's inner learning rate as a multiple of the inner lr (the scalar
+            tolerates, and needs, a much larger step than the decoder weights to converge in few steps).
+        user_bias_prior: when set, each inner step moves the user bias by a damped Gauss-Newton step
+            on the support MSE plus ``prior / n_support * (bias - initial bias)^2`` (a MAP fit with
+            ``prior`` pseudo-ratings at the meta-learned value, as MF fold-in's ridge), instead of SGD.
     """
 
     def __init__(
@@ -148,6 +156,9 @@ class PreferenceModel(nn.Module):
         rating_max: float = 5.0,
         item_bias: bool = True,
         learn_inner_lr: bool = False,
+        user_bias: bool = False,
+        user_bias_lr: float = 1.0,
+        user_bias_prior: float | None = None,
     ):
         super().__init__()
         self.user_dims = FeatureDims(list(user_dims.cat_sizes), int(user_dims.n_num), int(user_dims.n_multi))
@@ -171,13 +182,16 @@ class PreferenceModel(nn.Module):
         self.item_bias = nn.Embedding(self.n_warm_items + 1, 1) if item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
+        self.user_bias = nn.Parameter(torch.zeros(())) if user_bias else None
+        self.user_bias_lr = float(user_bias_lr)
+        self.user_bias_prior = None if user_bias_prior is None else float(user_bias_prior)
         self.inner_lr_log = None
         if learn_inner_lr:
+            lr_names = [name for name, _ in self.decoder.named_parameters(prefix="decoder")]
+            if self.user_bias is not None:
+                lr_names.append("user_bias")
             self.inner_lr_log = nn.ParameterDict(
-                {
-                    _lr_key(name): nn.Parameter(torch.zeros(()))
-                    for name, _ in self.decoder.named_parameters(prefix="decoder")
-                }
+                {_lr_key(name): nn.Parameter(torch.zeros(())) for name in lr_names}
             )
         # Start predictions at the middle of the scale with small embeddings.
         for module in self.encoder.modules():
@@ -210,7 +224,22 @@ class PreferenceModel(nn.Module):
             Float[N] predicted ratings.
         """
         logits = self.decoder(self.encoder(user_cat, user_num, user_multi, items)).squeeze(-1)
-        return self.to_rating(logits + self.item_offset(items))
+        return self.to_rating(self.user_offset(logits + self.item_offset(items)))
+
+    def user_offset(self, logits: torch.Tensor, user_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Adds the (adapted) per-user bias to one user's logits; unchanged without a user bias.
+
+        Args:
+            logits: Float[..., N] logits of one user's items (or of B users: [B, N] with a bias of [B]).
+            user_bias: the bias to use instead of the model's own (functional calls).
+
+        Returns:
+            Float[..., N] logits.
+        """
+        bias = self.user_bias if user_bias is None else user_bias
+        if bias is None:
+            return logits
+        return logits + bias.unsqueeze(-1) if bias.dim() > 0 else logits + bias
 
     def item_offset(self, items: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The per-item logit offset (zeros when the model has no item bias).
@@ -280,6 +309,9 @@ class PreferenceModel(nn.Module):
             "rating_max": self.rating_max,
             "item_bias": self.item_bias is not None,
             "learn_inner_lr": self.inner_lr_log is not None,
+            "user_bias": self.user_bias is not None,
+            "user_bias_lr": self.user_bias_lr,
+            "user_bias_prior": self.user_bias_prior,
         }
 
     @classmethod
@@ -306,6 +338,9 @@ class PreferenceModel(nn.Module):
             hidden=tuple(config["hidden"]), rating_min=float(config["rating_min"]),
             rating_max=float(config["rating_max"]), item_bias=bool(config.get("item_bias", False)),
             learn_inner_lr=bool(config.get("learn_inner_lr", False)),
+            user_bias=bool(config.get("user_bias", False)),
+            user_bias_lr=float(config.get("user_bias_lr", 1.0)),
+            user_bias_prior=config.get("user_bias_prior"),
         )  # fmt: skip
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -361,7 +396,8 @@ def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
     Args:
         model: the model.
         mode: ``"all"`` (every parameter), ``"decision"`` (the decoder MLP, as in MeLU) or ``"head"``
-            (the last linear layer only, as in ANIL).
+            (the last linear layer only, as in ANIL). The per-user bias, when the model has one, is
+            adapted in every mode.
 
     Returns:
         Parameter names in ``model.named_parameters()`` order.
@@ -373,11 +409,12 @@ def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
     names = [name for name, _ in model.named_parameters() if not name.startswith("inner_lr_log.")]
     if mode == "all":
         return names
+    user = ["user_bias"] if "user_bias" in names else []
     if mode == "decision":
-        return [name for name in names if name.startswith("decoder.")]
+        return [name for name in names if name.startswith("decoder.")] + user
     if mode == "head":
         last = model.decoder_linear_indices()[-1]
-        return [name for name in names if name.startswith(f"decoder.{last}.")]
+        return [name for name in names if name.startswith(f"decoder.{last}.")] + user
     raise ValueError(f"unknown adapt mode {mode!r}; expected one of {ADAPT_MODES}")
 
 
@@ -399,13 +436,14 @@ def inner_learning_rates(
     Returns:
         name -> learning rate (a float, or a scalar tensor that carries the meta-gradient).
     """
+    base = {name: lr * model.user_bias_lr if name == "user_bias" else lr for name in names}
     if model.inner_lr_log is None:
-        return {name: lr for name in names}
+        return base
     params = dict(model.named_parameters()) if params is None else params
     rates: dict[str, torch.Tensor | float] = {}
     for name in names:
         key = f"inner_lr_log.{_lr_key(name)}"
-        rates[name] = lr * torch.exp(params[key]) if key in params else lr
+        rates[name] = base[name] * torch.exp(params[key]) if key in params else base[name]
     return rates
 
 

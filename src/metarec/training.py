@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "meta_steps": 500,  # outer (meta) optimisation steps
     "meta_batch": 32,  # tasks (users) per meta-step, global over all ranks
     "inner_steps": 5,  # inner SGD steps per task (also the adaptation used at evaluation/serving)
-    "inner_lr": 0.1,  # inner SGD learning rate
+    "inner_lr": 0.05,  # inner SGD learning rate (the user bias takes Gauss-Newton steps, see below)
     "outer_lr": 0.002,  # Adam learning rate of the meta-update
     "outer_loss": "mse",  # query loss of the meta-update: "mse" | "l1" (targets MAE); inner loop: MSE
     "weight_decay": 0.0,  # Adam weight decay (L2) on the meta-parameters
@@ -41,6 +41,11 @@ DEFAULTS: dict[str, Any] = {
     "embed_dim": 16,  # width of every feature embedding
     "hidden": [64, 32],  # decoder MLP hidden widths
     "item_bias": True,  # learned per-item offset outside the adapted layers
+    "item_bias_init": True,  # start the item bias at shrunk item means of the train users' support rows
+    "item_bias_shrink": 10.0,  # pseudo-count of ratings at the global mean in that initial item bias
+    "user_bias": True,  # per-user logit offset, adapted in every mode (its meta-learned value is the prior)
+    "user_bias_lr": 1.0,  # the user bias's inner lr as a multiple of inner_lr
+    "user_bias_prior": 10.0,  # None: SGD on the user bias; P: Gauss-Newton MAP steps, P pseudo-ratings
     "learn_inner_lr": False,  # meta-learn a per-layer inner learning-rate scale (MAML only: 2nd order)
     "query_size": 10,  # inner-query rows per training task (re-split of the user's support rows)
     "seed": 0,  # seeds model init, task sampling and every RNG
@@ -192,9 +197,46 @@ def build_model(pre: Any, config: dict[str, Any]) -> Any:
         rating_max=float(schema["rating_max"]),
         item_bias=bool(config["item_bias"]),
         learn_inner_lr=bool(config["learn_inner_lr"]),
+        user_bias=bool(config["user_bias"]),
+        user_bias_lr=float(config["user_bias_lr"]),
+        user_bias_prior=None if config["user_bias_prior"] is None else float(config["user_bias_prior"]),
     )
     model.init_output(float(schema.get("global_mean", (model.rating_min + model.rating_max) / 2)))
+    if model.item_bias is not None and bool(config.get("item_bias_init", False)):
+        init_item_bias(model, pre, float(config.get("item_bias_shrink", 10.0)))
     return model
+
+
+def init_item_bias(model: Any, pre: Any, shrink: float) -> None:
+    """Starts the item-bias table at each warm item's shrunk mean offset, in logit space.
+
+    Uses only what meta-training sees: the train users' support rows. An item's offset is
+    ``sum(rating - mean) / (count + shrink)`` (the item-bias baseline's estimate), mapped through the
+    model's scaled sigmoid around the global mean so that, before any meta-step, the model predicts
+    about ``mean + offset`` for the item.
+
+    Args:
+        model: the model (its item bias is overwritten).
+        pre: the loaded ``Preprocessed``.
+        shrink: pseudo-count of ratings at the global mean.
+    """
+    from metarec.model import logit
+
+    rows = pre.interactions
+    rows = rows[(rows["user_split"] == "train") & (rows["role"] == "support")]
+    warm = pre.item_warm_idx[torch.as_tensor(rows["item_idx"].to_numpy(copy=True), dtype=torch.long)]
+    ratings = torch.as_tensor(rows["rating"].to_numpy(copy=True), dtype=torch.float64)
+    mean = float(pre.schema.get("global_mean", ratings.mean().item() if len(ratings) else 3.0))
+    size = model.item_bias.weight.shape[0]
+    sums = torch.zeros(size, dtype=torch.float64).index_add_(0, warm, ratings - mean)
+    counts = torch.zeros(size, dtype=torch.float64).index_add_(0, warm, torch.ones_like(ratings))
+    offsets = sums / (counts + shrink)
+    span = model.rating_max - model.rating_min
+    base = logit((mean - model.rating_min) / span)
+    table = torch.tensor([logit((mean + float(o) - model.rating_min) / span) - base for o in offsets])
+    table[0] = 0.0  # the cold-item row
+    with torch.no_grad():
+        model.item_bias.weight.copy_(table.to(model.item_bias.weight.dtype).unsqueeze(-1))
 
 
 def evaluate_adapted(

@@ -64,7 +64,7 @@ class TaskFunctions:
             self.split = None
             return
         # Everything before the first adapted decoder layer is fixed during adaptation: precompute it.
-        first = min(int(name.split(".")[1]) for name in self.adapted_names)
+        first = min(int(name.split(".")[1]) for name in self.adapted_names if name.startswith("decoder."))
         self.split = first
         self.prefix = model.decoder[:first]
         self.tail = model.decoder[first:]
@@ -162,7 +162,8 @@ class TaskFunctions:
         else:
             rows, offsets = inputs
             logits = functional_call(self.tail, tail_params, (rows,))
-        return self.model.to_rating(logits.squeeze(-1) + offsets)
+        logits = self.model.user_offset(logits.squeeze(-1) + offsets, adapted.get("user_bias"))
+        return self.model.to_rating(logits)
 
     def loss(self, adapted: Params, inputs: tuple[torch.Tensor, ...], ratings, mask) -> torch.Tensor:
         """Masked MSE of one task (see :meth:`predict`)."""
@@ -194,14 +195,38 @@ def _inner_loop(
     task_grad: Callable = grad(functions.loss)
     rates = inner_learning_rates(functions.model, functions.adapted_names, lr, functions.params)
 
+    model = functions.model
+    newton = model.user_bias_prior is not None and "user_bias" in start
+
     def adapt_one(task_inputs, task_ratings, task_mask):
         current = start
         for _ in range(steps):
             gradients = task_grad(current, task_inputs, task_ratings, task_mask)
-            current = {name: current[name] - rates[name] * gradients[name] for name in current}
+            updated = {name: current[name] - rates[name] * gradients[name] for name in current}
+            if newton:
+                updated["user_bias"] = _user_bias_step(model, functions, current, start["user_bias"],
+                                                       gradients["user_bias"], task_inputs, task_mask)  # fmt: skip
+            current = updated
         return current
 
     return vmap(adapt_one)(inputs, ratings, mask)
+
+
+def _user_bias_step(model, functions, current, initial, gradient, inputs, mask) -> torch.Tensor:
+    """One damped Gauss-Newton step of the user bias on the support MSE plus its prior term.
+
+    The rating is ``rating_min + span * sigmoid(logit)``, so d rating / d bias is
+    ``(p - rating_min) * (rating_max - p) / span`` at prediction ``p``: the Gauss-Newton curvature needs
+    only the current predictions.
+    """
+    predictions = functions.predict(current, inputs)
+    span = model.rating_max - model.rating_min
+    slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
+    count = mask.sum().clamp(min=1.0)
+    prior = model.user_bias_prior / count
+    curvature = 2.0 * (mask * slope**2).sum() / count + 2.0 * prior + 1e-6
+    bias = current["user_bias"]
+    return bias - (gradient + 2.0 * prior * (bias - initial)) / curvature
 
 
 def adapt(

@@ -53,8 +53,21 @@ def reference_meta_gradient(
             gradients = torch.autograd.grad(
                 support_loss, [current[name] for name in adapted_names], create_graph=not first_order
             )
-            for name, gradient in zip(adapted_names, gradients, strict=True):
-                current[name] = current[name] - rates[name] * gradient
+            updated = {name: current[name] - rates[name] * gradient
+                       for name, gradient in zip(adapted_names, gradients, strict=True)}  # fmt: skip
+            if model.user_bias_prior is not None and "user_bias" in updated:
+                # Damped Gauss-Newton (MAP) step of the user bias, written out from the predictions.
+                span = model.rating_max - model.rating_min
+                slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
+                mask = batch.support_mask[task]
+                count = mask.sum().clamp(min=1.0)
+                prior = model.user_bias_prior / count
+                curvature = 2.0 * (mask * slope**2).sum() / count + 2.0 * prior + 1e-6
+                step = gradients[adapted_names.index("user_bias")] + 2.0 * prior * (
+                    current["user_bias"] - params["user_bias"]
+                )
+                updated["user_bias"] = current["user_bias"] - step / curvature
+            current.update(updated)
         predictions = functional_call(model, current, (*user, batch.query_items[task]))
         total = total + masked_mse(predictions, batch.query_ratings[task], batch.query_mask[task])
     loss = total / len(batch)
