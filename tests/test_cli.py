@@ -182,13 +182,14 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
 
 
 def test_run_config_merges_user_file_over_the_shipped_defaults(tmp_path):
-    (tmp_path / "run.yaml").write_text("train: {meta_steps: 7}\nmethods: [reptile]\n")
+    (tmp_path / "run.yaml").write_text("train: {meta_steps: 7}\nmethods: [reptile]\nselect: {metric: mae}\n")
     config = load_run_config(tmp_path / "run.yaml")
     shipped = load_run_config(None)
     assert config["methods"] == ["reptile"]
     assert config["train"]["meta_steps"] == 7
+    assert config["select"]["metric"] == "mae"
     # Keys the user file does not give keep the shipped values.
-    assert config["train"]["meta_batch"] == shipped["train"]["meta_batch"]
+    assert config["select"]["scenario"] == shipped["select"]["scenario"] == "user_cold"
     arguments = pipeline_arguments(config, data_uri="/data/ml-100k", dataset_config="movielens-100k")
     assert json.loads(arguments["train_config"])["meta_steps"] == 7
     assert arguments["methods"] == ["reptile"] and arguments["dataset_config"] == "movielens-100k"
