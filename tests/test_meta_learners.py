@@ -263,3 +263,51 @@ def test_user_bias_gauss_newton_steps_match_the_loop_and_fit_the_rating_level(mo
     residual_before = (((shifted.support_ratings - before) * mask).sum(1) / mask.sum(1)).abs()
     residual_after = (((shifted.support_ratings - after) * mask).sum(1) / mask.sum(1)).abs()
     assert bool((residual_after < 0.75 * residual_before).all())  # shrunk towards the prior: not to 0
+
+
+@pytest.mark.parametrize("mode", ["decision", "head", "all"])
+@pytest.mark.parametrize("prior", [None, 3.0])
+def test_user_factors_match_the_loop_and_get_meta_gradients(mode, prior):
+    model = make_model(
+        user_bias=True, user_bias_prior=prior, user_factors=4, user_factor_prior=prior and 2 * prior
+    )
+    with torch.no_grad():  # a non-zero prior mean, so that the prior term is exercised
+        model.user_factors.normal_(std=0.3)
+    batch = random_batch(model)
+    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
+        batch
+    )
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads, atol=1e-5)
+    assert grads["user_factors"].abs().sum() > 0
+    assert grads["item_factors.weight"].abs().sum() > 0
+    adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)
+    assert adapted["user_factors"].shape == (len(batch), 4)
+    assert bool((adapted["user_factors"] != model.user_factors.detach()).any(dim=1).all())
+
+
+def test_user_terms_gauss_newton_steps_reach_the_map_fit():
+    """With the decoder frozen (lr 0), repeated Gauss-Newton steps on bias and factors converge to the
+    minimum of support MSE + prior: the objective's gradient in the user terms vanishes there."""
+    model = make_model(user_bias=True, user_bias_prior=2.0, user_factors=3, user_factor_prior=5.0)
+    with torch.no_grad():
+        model.item_factors.weight.normal_(std=0.5)
+    batch = random_batch(model)
+    adapted = adapt(model, None, batch, 25, 0.0, "head", create_graph=False)
+    for task in range(len(batch)):
+        bias = adapted["user_bias"][task].clone().requires_grad_(True)
+        factors = adapted["user_factors"][task].clone().requires_grad_(True)
+        params = {**dict(model.named_parameters()), "user_bias": bias, "user_factors": factors}
+        items = batch.support_items[task]
+        inputs = (batch.user_cat[task], batch.user_num[task], batch.user_multi[task], items)
+        predictions = torch.func.functional_call(model, params, inputs)
+        mask = batch.support_mask[task]
+        count = mask.sum()
+        objective = masked_mse(predictions, batch.support_ratings[task], mask)
+        objective = objective + 2.0 / count * (bias - model.user_bias.detach()) ** 2
+        objective = objective + 5.0 / count * ((factors - model.user_factors.detach()) ** 2).sum()
+        gradients = torch.autograd.grad(objective, [bias, factors])
+        assert max(float(g.abs().max()) for g in gradients) < 1e-4, task
+        # ... and adaptation did move away from the prior mean.
+        assert float((factors.detach() - model.user_factors.detach()).abs().max()) > 1e-3

@@ -151,3 +151,32 @@ def test_user_bias_is_adapted_in_every_mode_and_roundtrips(tmp_path):
     loaded = PreferenceModel.from_dir(tmp_path)
     assert loaded.config() == model.config() and loaded.config()["user_bias_prior"] == 3.0
     torch.testing.assert_close(loaded(cat, num, multi, items), model(cat, num, multi, items), rtol=0, atol=0)
+
+
+def test_user_factors_add_an_interaction_term_adapted_in_every_mode(tmp_path):
+    model = make_model(user_bias=True, user_bias_prior=3.0, user_factors=4, user_factor_prior=6.0)
+    for mode in ("all", "decision", "head"):
+        names = adapted_parameter_names(model, mode)
+        assert "user_factors" in names and ("item_factors.weight" in names) == (mode == "all")
+    cat, num, multi = user_inputs(model)
+    items = torch.arange(N_ITEMS)
+    before = model(cat, num, multi, items)  # the prior mean starts at 0: no interaction yet
+    with torch.no_grad():
+        model.user_factors.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    after = model(cat, num, multi, items)
+    # The logit moved by user_factors . item_factors[warm index] (row 0 for cold items).
+    expected_shift = model.item_factor_rows(items) @ model.user_factors
+    torch.testing.assert_close(
+        torch.logit((after - 1.0) / 4.0) - torch.logit((before - 1.0) / 4.0),
+        expected_shift,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    cold = model.encoder.item_warm_idx[items] == 0
+    torch.testing.assert_close(
+        model.item_factor_rows(items)[cold], model.item_factors.weight[0].expand(int(cold.sum()), 4)
+    )
+    model.save(tmp_path)
+    loaded = PreferenceModel.from_dir(tmp_path)
+    assert loaded.config()["user_factors"] == 4 and loaded.config()["user_factor_prior"] == 6.0
+    torch.testing.assert_close(loaded(cat, num, multi, items), after, rtol=0, atol=0)

@@ -19,6 +19,8 @@ from torch import nn
 from metarec.features import EncodedFeatures, FeatureDims
 
 ADAPT_MODES = ("all", "decision", "head")
+# Per-user parameters every adapt mode adapts (when the model has them), in this order.
+USER_PARAMETERS = ("user_bias", "user_factors")
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 
@@ -138,9 +140,16 @@ class PreferenceModel(nn.Module):
             rows first (what MF fold-in solves in closed form).
         user_bias_lr: the user bias's inner learning rate as a multiple of the inner lr (the scalar
             tolerates, and needs, a much larger step than the decoder weights to converge in few steps).
-        user_bias_prior: when set, each inner step moves the user bias by a damped Gauss-Newton step
-            on the support MSE plus ``prior / n_support * (bias - initial bias)^2`` (a MAP fit with
-            ``prior`` pseudo-ratings at the meta-learned value, as MF fold-in's ridge), instead of SGD.
+        user_bias_prior: when set, each inner step moves the user terms (bias and factors) by a damped
+            Gauss-Newton step on the support MSE plus ``prior / n_support * (bias - initial bias)^2``
+            (a MAP fit with ``prior`` pseudo-ratings at the meta-learned value, as MF fold-in's ridge),
+            instead of SGD.
+        user_factors: width F of a per-user latent vector (0 = none). Its meta-learned value is the
+            prior; every adapt mode adapts it with the user bias, and the logit gains
+            ``user_factors . item_factors[item]`` (matrix factorisation's interaction term, with item
+            factors meta-learned per warm item; row 0 for cold items).
+        user_factor_prior: the Gauss-Newton prior of the user factors in pseudo-ratings (None: the
+            same as ``user_bias_prior``).
     """
 
     def __init__(
@@ -159,6 +168,8 @@ class PreferenceModel(nn.Module):
         user_bias: bool = False,
         user_bias_lr: float = 1.0,
         user_bias_prior: float | None = None,
+        user_factors: int = 0,
+        user_factor_prior: float | None = None,
     ):
         super().__init__()
         self.user_dims = FeatureDims(list(user_dims.cat_sizes), int(user_dims.n_num), int(user_dims.n_multi))
@@ -185,11 +196,20 @@ class PreferenceModel(nn.Module):
         self.user_bias = nn.Parameter(torch.zeros(())) if user_bias else None
         self.user_bias_lr = float(user_bias_lr)
         self.user_bias_prior = None if user_bias_prior is None else float(user_bias_prior)
+        self.n_user_factors = int(user_factors)
+        if self.n_user_factors < 0:
+            raise ValueError(f"user_factors must be >= 0, got {user_factors!r}")
+        self.user_factors = nn.Parameter(torch.zeros(self.n_user_factors)) if self.n_user_factors else None
+        self.item_factors = (
+            nn.Embedding(self.n_warm_items + 1, self.n_user_factors) if self.n_user_factors else None
+        )
+        if self.item_factors is not None:
+            nn.init.normal_(self.item_factors.weight, std=0.1)
+        self.user_factor_prior = None if user_factor_prior is None else float(user_factor_prior)
         self.inner_lr_log = None
         if learn_inner_lr:
             lr_names = [name for name, _ in self.decoder.named_parameters(prefix="decoder")]
-            if self.user_bias is not None:
-                lr_names.append("user_bias")
+            lr_names += [name for name in USER_PARAMETERS if getattr(self, name) is not None]
             self.inner_lr_log = nn.ParameterDict(
                 {_lr_key(name): nn.Parameter(torch.zeros(())) for name in lr_names}
             )
@@ -224,22 +244,52 @@ class PreferenceModel(nn.Module):
             Float[N] predicted ratings.
         """
         logits = self.decoder(self.encoder(user_cat, user_num, user_multi, items)).squeeze(-1)
-        return self.to_rating(self.user_offset(logits + self.item_offset(items)))
+        logits = logits + self.item_offset(items)
+        return self.to_rating(self.user_offset(logits, factor_rows=self.item_factor_rows(items)))
 
-    def user_offset(self, logits: torch.Tensor, user_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Adds the (adapted) per-user bias to one user's logits; unchanged without a user bias.
+    def user_offset(
+        self,
+        logits: torch.Tensor,
+        user_bias: torch.Tensor | None = None,
+        factor_rows: torch.Tensor | None = None,
+        user_factors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Adds the (adapted) per-user terms to one user's logits: bias, and factors . item factors.
 
         Args:
             logits: Float[..., N] logits of one user's items (or of B users: [B, N] with a bias of [B]).
             user_bias: the bias to use instead of the model's own (functional calls).
+            factor_rows: Float[..., N, F] item factors of the scored items (:meth:`item_factor_rows`);
+                None adds no interaction term.
+            user_factors: Float[..., F] the user factors to use instead of the model's own.
 
         Returns:
             Float[..., N] logits.
         """
         bias = self.user_bias if user_bias is None else user_bias
-        if bias is None:
-            return logits
-        return logits + bias.unsqueeze(-1) if bias.dim() > 0 else logits + bias
+        if bias is not None:
+            logits = logits + bias.unsqueeze(-1) if bias.dim() > 0 else logits + bias
+        factors = self.user_factors if user_factors is None else user_factors
+        if factor_rows is not None and factors is not None:
+            logits = logits + (factor_rows * factors.unsqueeze(-2)).sum(-1)
+        return logits
+
+    def item_factor_rows(
+        self, items: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The latent factors of items (None when the model has no user factors).
+
+        Args:
+            items: Long[...] item indices.
+            weight: the item-factor table to use instead of the model's own (functional calls).
+
+        Returns:
+            Float[..., F] factors (row 0 of the table, a learned fallback, for cold items) or None.
+        """
+        if self.item_factors is None:
+            return None
+        table = self.item_factors.weight if weight is None else weight
+        return torch.nn.functional.embedding(self.encoder.item_warm_idx[items], table)
 
     def item_offset(self, items: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The per-item logit offset (zeros when the model has no item bias).
@@ -312,6 +362,8 @@ class PreferenceModel(nn.Module):
             "user_bias": self.user_bias is not None,
             "user_bias_lr": self.user_bias_lr,
             "user_bias_prior": self.user_bias_prior,
+            "user_factors": self.n_user_factors,
+            "user_factor_prior": self.user_factor_prior,
         }
 
     @classmethod
@@ -341,6 +393,8 @@ class PreferenceModel(nn.Module):
             user_bias=bool(config.get("user_bias", False)),
             user_bias_lr=float(config.get("user_bias_lr", 1.0)),
             user_bias_prior=config.get("user_bias_prior"),
+            user_factors=int(config.get("user_factors", 0)),
+            user_factor_prior=config.get("user_factor_prior"),
         )  # fmt: skip
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -396,8 +450,8 @@ def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
     Args:
         model: the model.
         mode: ``"all"`` (every parameter), ``"decision"`` (the decoder MLP, as in MeLU) or ``"head"``
-            (the last linear layer only, as in ANIL). The per-user bias, when the model has one, is
-            adapted in every mode.
+            (the last linear layer only, as in ANIL). The per-user bias and factors, when the model
+            has them, are adapted in every mode.
 
     Returns:
         Parameter names in ``model.named_parameters()`` order.
@@ -409,7 +463,7 @@ def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
     names = [name for name, _ in model.named_parameters() if not name.startswith("inner_lr_log.")]
     if mode == "all":
         return names
-    user = ["user_bias"] if "user_bias" in names else []
+    user = [name for name in USER_PARAMETERS if name in names]
     if mode == "decision":
         return [name for name in names if name.startswith("decoder.")] + user
     if mode == "head":
@@ -436,7 +490,7 @@ def inner_learning_rates(
     Returns:
         name -> learning rate (a float, or a scalar tensor that carries the meta-gradient).
     """
-    base = {name: lr * model.user_bias_lr if name == "user_bias" else lr for name in names}
+    base = {name: lr * model.user_bias_lr if name in USER_PARAMETERS else lr for name in names}
     if model.inner_lr_log is None:
         return base
     params = dict(model.named_parameters()) if params is None else params

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import functional_call, grad, vmap
 
-from metarec.model import PreferenceModel, adapted_parameter_names, inner_learning_rates
+from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 if TYPE_CHECKING:
     from metarec.tasks import TaskBatch
@@ -91,28 +91,36 @@ class TaskFunctions:
 
         Returns:
             A tuple of tensors with leading dim T (the raw inputs in mode "all"; otherwise the decoder
-            rows up to the first adapted layer and the item-bias offsets).
+            rows up to the first adapted layer, the item-bias offsets and, when the model has user
+            factors, the item factor rows; in mode "decision" the user part of the rows comes first,
+            once per task).
         """
         if self.split is None:
             return (user_cat, user_num, user_multi, items)
         encoder_params = _strip(self.params, "encoder.")
-        offsets = self.model.item_offset(items, self.params.get("item_bias.weight"))
+        # The item bias and item factors are not adapted in these modes: precompute them with the rows.
+        per_row = [self.model.item_offset(items, self.params.get("item_bias.weight"))]
+        factor_rows = self.model.item_factor_rows(items, self.params.get("item_factors.weight"))
+        if factor_rows is not None:
+            per_row.append(factor_rows)
         if self.split == 0:
             # The first layer is adapted: keep the user part apart, it is the same for all of a task's rows.
             user_vec, item_rows = functional_call(
                 self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items), {"split": True}
             )
-            return (user_vec, item_rows, offsets)
+            return (user_vec, item_rows, *per_row)
         rows = functional_call(self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items))
-        if self.split > 0:
-            prefix_params = {
-                name: tensor
-                for name, tensor in _strip(self.params, "decoder.").items()
-                if int(name.split(".")[0]) < self.split
-            }
-            rows = functional_call(self.prefix, prefix_params, (rows,))
-        # The item bias is not adapted in these modes: precompute it with the rows.
-        return (rows, offsets)
+        prefix_params = {
+            name: tensor
+            for name, tensor in _strip(self.params, "decoder.").items()
+            if int(name.split(".")[0]) < self.split
+        }
+        rows = functional_call(self.prefix, prefix_params, (rows,))
+        return (rows, *per_row)
+
+    def shared_inputs(self) -> int:
+        """How many leading tensors of :meth:`inputs` hold one row per task rather than per item row."""
+        return 1 if self.split == 0 else 0
 
     def support_query_inputs(
         self, batch: TaskBatch
@@ -130,12 +138,11 @@ class TaskFunctions:
             return self.inputs(*users, batch.support_items), self.inputs(*users, batch.query_items)
         # One encoder pass over support and query rows together.
         n_support = batch.support_items.shape[1]
-        *shared, rows, offsets = self.inputs(
-            *users, torch.cat([batch.support_items, batch.query_items], dim=1)
-        )
+        inputs = self.inputs(*users, torch.cat([batch.support_items, batch.query_items], dim=1))
+        shared, per_row = inputs[: self.shared_inputs()], inputs[self.shared_inputs() :]
         return (
-            (*shared, rows[:, :n_support], offsets[:, :n_support]),
-            (*shared, rows[:, n_support:], offsets[:, n_support:]),
+            (*shared, *(tensor[:, :n_support] for tensor in per_row)),
+            (*shared, *(tensor[:, n_support:] for tensor in per_row)),
         )
 
     def predict(self, adapted: Params, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -153,17 +160,38 @@ class TaskFunctions:
         tail_params = {**self.tail_fixed, **_strip(adapted, "decoder.")}
         if self.split == 0:
             # First layer on [user, item] rows = user part once per task + item part per row.
-            user_vec, item_rows, offsets = inputs
+            user_vec, item_rows, offsets, *factor_rows = inputs
             weight, bias = tail_params["0.weight"], tail_params["0.bias"]
             width = user_vec.shape[-1]
             hidden = item_rows @ weight[:, width:].T + (weight[:, :width] @ user_vec + bias)
             rest = {name: tensor for name, tensor in tail_params.items() if not name.startswith("0.")}
             logits = functional_call(self.tail[1:], rest, (hidden,))
         else:
-            rows, offsets = inputs
+            rows, offsets, *factor_rows = inputs
             logits = functional_call(self.tail, tail_params, (rows,))
-        logits = self.model.user_offset(logits.squeeze(-1) + offsets, adapted.get("user_bias"))
+        logits = self.model.user_offset(
+            logits.squeeze(-1) + offsets,
+            adapted.get("user_bias"),
+            factor_rows[0] if factor_rows else None,
+            adapted.get("user_factors"),
+        )
         return self.model.to_rating(logits)
+
+    def item_factor_rows(self, adapted: Params, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The item factors of one task's rows (None when the model has no user factors).
+
+        Args:
+            adapted: the task's current adapted parameters (mode "all" adapts the item factors too).
+            inputs: one task's slice of :meth:`inputs`.
+
+        Returns:
+            Float[N, F] or None.
+        """
+        if self.split is None:
+            table = adapted.get("item_factors.weight", self.params.get("item_factors.weight"))
+            return self.model.item_factor_rows(inputs[3], table)
+        per_row = inputs[self.shared_inputs() :]
+        return per_row[2] if len(per_row) > 2 else None
 
     def loss(self, adapted: Params, inputs: tuple[torch.Tensor, ...], ratings, mask) -> torch.Tensor:
         """Masked MSE of one task (see :meth:`predict`)."""
@@ -196,7 +224,8 @@ def _inner_loop(
     rates = inner_learning_rates(functions.model, functions.adapted_names, lr, functions.params)
 
     model = functions.model
-    newton = model.user_bias_prior is not None and "user_bias" in start
+    user_names = [name for name in USER_PARAMETERS if name in start]
+    newton = model.user_bias_prior is not None and bool(user_names)
 
     def adapt_one(task_inputs, task_ratings, task_mask):
         current = start
@@ -204,29 +233,101 @@ def _inner_loop(
             gradients = task_grad(current, task_inputs, task_ratings, task_mask)
             updated = {name: current[name] - rates[name] * gradients[name] for name in current}
             if newton:
-                updated["user_bias"] = _user_bias_step(model, functions, current, start["user_bias"],
-                                                       gradients["user_bias"], task_inputs, task_mask)  # fmt: skip
+                predictions = functions.predict(current, task_inputs)
+                design = user_design(model, predictions, functions.item_factor_rows(current, task_inputs))
+                updated.update(
+                    user_newton_step(model, predictions, design, task_mask, current, start, gradients)
+                )
             current = updated
         return current
 
     return vmap(adapt_one)(inputs, ratings, mask)
 
 
-def _user_bias_step(model, functions, current, initial, gradient, inputs, mask) -> torch.Tensor:
-    """One damped Gauss-Newton step of the user bias on the support MSE plus its prior term.
+def user_design(
+    model: PreferenceModel, predictions: torch.Tensor, factor_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """d logit / d (user terms) per row: a column of ones for the user bias, then the item factors.
 
-    The rating is ``rating_min + span * sigmoid(logit)``, so d rating / d bias is
-    ``(p - rating_min) * (rating_max - p) / span`` at prediction ``p``: the Gauss-Newton curvature needs
-    only the current predictions.
+    Args:
+        model: the model (which user terms it has).
+        predictions: Float[..., N] the rows' predictions (gives the shape, dtype and device).
+        factor_rows: Float[..., N, F] the rows' item factors, or None.
+
+    Returns:
+        Float[..., N, P] with P = (1 with a user bias) + F.
     """
-    predictions = functions.predict(current, inputs)
+    columns = [torch.ones_like(predictions).unsqueeze(-1)] if model.user_bias is not None else []
+    if factor_rows is not None:
+        columns.append(factor_rows)
+    return torch.cat(columns, dim=-1)
+
+
+def user_newton_step(
+    model: PreferenceModel,
+    predictions: torch.Tensor,
+    design: torch.Tensor,
+    mask: torch.Tensor,
+    current: Params,
+    initial: Params,
+    gradients: Params,
+) -> Params:
+    """One damped Gauss-Newton (MAP) step of the user terms (bias and factors) together.
+
+    The objective is the support MSE plus ``prior / n * |theta - theta_0|^2`` (``prior`` pseudo-ratings at
+    the meta-learned starting point, as MF fold-in's ridge). The user terms enter the logit linearly
+    (``design`` @ theta) and the rating is ``rating_min + span * sigmoid(logit)``, so the Jacobian row of
+    item i is ``slope_i * design_i`` with ``slope = (p - rating_min) * (rating_max - p) / span`` at the
+    current prediction ``p``: the curvature needs only the current predictions.
+
+    Works on one task (inside ``vmap``) or on T tasks at once (leading dims ``...`` = mask's but the last).
+
+    Args:
+        model: the model (rating range, priors).
+        predictions: Float[..., N] current predictions of the support rows.
+        design: Float[..., N, P] d logit / d theta per row (:func:`user_design`).
+        mask: Float[..., N] 1 for real rows.
+        current: the current parameters (the step starts here), user terms shaped [..., *shape].
+        initial: the meta-learned starting point (the prior's mean), broadcastable to ``current``.
+        gradients: the support-MSE gradients at ``current``, shaped like ``current``.
+
+    Returns:
+        The stepped user terms by name (``user_bias`` and/or ``user_factors``).
+    """
+    lead = mask.shape[:-1]
+    names = [name for name in USER_PARAMETERS if name in current]
+    theta = _pack(current, names, lead)
     span = model.rating_max - model.rating_min
     slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
-    count = mask.sum().clamp(min=1.0)
-    prior = model.user_bias_prior / count
-    curvature = 2.0 * (mask * slope**2).sum() / count + 2.0 * prior + 1e-6
-    bias = current["user_bias"]
-    return bias - (gradient + 2.0 * prior * (bias - initial)) / curvature
+    count = mask.sum(-1).clamp(min=1.0).unsqueeze(-1)  # Float[..., 1]
+    bias_prior = model.user_bias_prior
+    factor_prior = bias_prior if model.user_factor_prior is None else model.user_factor_prior
+    sizes = [current[name].reshape(*lead, -1).shape[-1] for name in names]
+    prior = torch.cat(
+        [theta.new_full((size,), bias_prior if name == "user_bias" else factor_prior)
+         for name, size in zip(names, sizes, strict=True)]
+    ) / count  # fmt: skip
+    initial_theta = torch.cat(
+        [initial[name].expand_as(current[name]).reshape(*lead, -1) for name in names], -1
+    )
+    gradient = _pack(gradients, names, lead) + 2.0 * prior * (theta - initial_theta)
+    weighted = design * (mask * slope**2).unsqueeze(-1)
+    if theta.shape[-1] == 1:
+        curvature = 2.0 * weighted.sum(-2) / count + 2.0 * prior + 1e-6
+        stepped = theta - gradient / curvature
+    else:
+        curvature = 2.0 * weighted.transpose(-1, -2) @ design / count.unsqueeze(-1)
+        curvature = curvature + torch.diag_embed(2.0 * prior + 1e-6)
+        stepped = theta - torch.linalg.solve(curvature, gradient.unsqueeze(-1)).squeeze(-1)
+    out, offset = {}, 0
+    for name, size in zip(names, sizes, strict=True):
+        out[name] = stepped[..., offset : offset + size].reshape(current[name].shape)
+        offset += size
+    return out
+
+
+def _pack(params: Params, names: list[str], lead: torch.Size) -> torch.Tensor:
+    return torch.cat([params[name].reshape(*lead, -1) for name in names], dim=-1)
 
 
 def adapt(

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import functional_call
 
-from metarec.meta.learners import masked_mse
-from metarec.model import PreferenceModel, adapted_parameter_names, inner_learning_rates
+from metarec.meta.learners import masked_mse, user_design, user_newton_step
+from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 if TYPE_CHECKING:
     from metarec.tasks import TaskBatch
@@ -55,18 +55,15 @@ def reference_meta_gradient(
             )
             updated = {name: current[name] - rates[name] * gradient
                        for name, gradient in zip(adapted_names, gradients, strict=True)}  # fmt: skip
-            if model.user_bias_prior is not None and "user_bias" in updated:
-                # Damped Gauss-Newton (MAP) step of the user bias, written out from the predictions.
-                span = model.rating_max - model.rating_min
-                slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
-                mask = batch.support_mask[task]
-                count = mask.sum().clamp(min=1.0)
-                prior = model.user_bias_prior / count
-                curvature = 2.0 * (mask * slope**2).sum() / count + 2.0 * prior + 1e-6
-                step = gradients[adapted_names.index("user_bias")] + 2.0 * prior * (
-                    current["user_bias"] - params["user_bias"]
+            if model.user_bias_prior is not None and any(name in updated for name in USER_PARAMETERS):
+                # Damped Gauss-Newton (MAP) step of the user terms, from the current predictions.
+                factor_rows = model.item_factor_rows(
+                    batch.support_items[task], current.get("item_factors.weight")
                 )
-                updated["user_bias"] = current["user_bias"] - step / curvature
+                design = user_design(model, predictions, factor_rows)
+                named_gradients = dict(zip(adapted_names, gradients, strict=True))
+                updated.update(user_newton_step(model, predictions, design, batch.support_mask[task],
+                                                current, params, named_gradients))  # fmt: skip
             current.update(updated)
         predictions = functional_call(model, current, (*user, batch.query_items[task]))
         total = total + masked_mse(predictions, batch.query_ratings[task], batch.query_mask[task])
