@@ -163,15 +163,34 @@ def _close(a, b) -> bool:
     )
 
 
-def test_adapt_runs_one_vectorised_pass_per_step_count(rec, monkeypatch):
+@pytest.fixture(scope="module")
+def generic_rec(untrained_dir, preprocessed):
+    """The same model served without the fast adaptation path (torch.func inner loop)."""
+    return Recommender.from_dir(untrained_dir, catalogue_dir=preprocessed, fast_adapt=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+def test_adapt_runs_one_vectorised_pass_per_step_count(rec, generic_rec, fast, monkeypatch):
     calls = []
-    real_adapt = recommender_module.meta_adapt
+    if fast:
+        assert rec.fast_adapter is not None
+        real_pass = rec.fast_adapter.adapt_and_score
 
-    def counting_adapt(model, params, batch, steps, lr, mode, **kwargs):
-        calls.append((len(batch), steps, tuple(batch.support_mask.shape)))
-        return real_adapt(model, params, batch, steps, lr, mode, **kwargs)
+        def counting_pass(user_cat, user_num, user_multi, items, ratings, mask, steps, lr, **kwargs):
+            calls.append((len(items), steps, tuple(mask.shape)))
+            return real_pass(user_cat, user_num, user_multi, items, ratings, mask, steps, lr, **kwargs)
 
-    monkeypatch.setattr(recommender_module, "meta_adapt", counting_adapt)
+        monkeypatch.setattr(rec.fast_adapter, "adapt_and_score", counting_pass)
+    else:
+        rec = generic_rec
+        assert rec.fast_adapter is None
+        real_adapt = recommender_module.meta_adapt
+
+        def counting_adapt(model, params, batch, steps, lr, mode, **kwargs):
+            calls.append((len(batch), steps, tuple(batch.support_mask.shape)))
+            return real_adapt(model, params, batch, steps, lr, mode, **kwargs)
+
+        monkeypatch.setattr(recommender_module, "meta_adapt", counting_adapt)
     support_long = [{"item_id": str(i), "rating": 3 + (i % 3)} for i in range(1, 8)]
     bodies = [{"support": GOOD_SUPPORT}, {"support": support_long}, {"support": GOOD_SUPPORT, "steps": 2}]
     results = rec.answer_batch(bodies, ["adapt"] * 3)
@@ -179,6 +198,68 @@ def test_adapt_runs_one_vectorised_pass_per_step_count(rec, monkeypatch):
     # Two requests at the model's default 3 steps share one padded pass; the 2-step one runs alone.
     assert sorted(calls) == [(1, 2, (1, 3)), (2, 3, (2, 7))]
     assert [doc["support_size"] for _, doc in results] == [3, 7, 3]
+
+
+@pytest.fixture(scope="module")
+def user_terms_dir(preprocessed, tmp_path_factory):
+    """A model with every adapted user term and learned inner rates, all weights random."""
+    torch.manual_seed(1)
+    pre = Preprocessed.load(str(preprocessed))
+    model = PreferenceModel(
+        pre.encoder.user_dims, pre.encoder.item_dims, pre.schema["n_warm_items"], pre.item_features,
+        pre.item_warm_idx, hidden=(16, 8), learn_inner_lr=True, user_bias=True, user_bias_prior=3.0,
+        user_factors=4,
+    )  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    out = tmp_path_factory.mktemp("model_user_terms")
+    model.save(out, {"method": "maml", "adapt": {"mode": "head", "inner_steps": 3, "inner_lr": 0.2}})
+    shutil.copyfile(preprocessed / "schema.json", out / "schema.json")
+    return out
+
+
+@pytest.mark.parametrize("model", ["untrained", "user_terms"])
+def test_fast_adapt_answers_equal_the_generic_path(model, untrained_dir, user_terms_dir, preprocessed):
+    model_dir = untrained_dir if model == "untrained" else user_terms_dir
+    fast = Recommender.from_dir(model_dir, catalogue_dir=preprocessed)
+    generic = Recommender.from_dir(model_dir, catalogue_dir=preprocessed, fast_adapt=False)
+    assert fast.fast_adapter is not None and generic.fast_adapter is None
+    support_long = [{"item_id": str(i), "rating": 1 + (i * 7) % 5} for i in range(10, 30)]
+    bodies = [
+        {"support": GOOD_SUPPORT, "k": 20},
+        {"support": support_long, "user_id": "2", "k": 20},
+        {"support": support_long[:5], "user": {"age": 41, "gender": "M"}, "k": 20, "steps": 0},
+        {
+            "instances": [
+                {"support": GOOD_SUPPORT[:1], "k": 20, "steps": 5},
+                {"support": support_long, "k": 20},
+            ]
+        },
+    ]
+    fast_answers = fast.answer_batch(bodies, ["adapt"] * len(bodies))
+    generic_answers = generic.answer_batch(bodies, ["adapt"] * len(bodies))
+    documents = []
+    for (fast_status, fast_doc), (generic_status, generic_doc) in zip(
+        fast_answers, generic_answers, strict=True
+    ):
+        assert fast_status == generic_status == 200
+        pairs = zip(
+            fast_doc.get("predictions", [fast_doc]),
+            generic_doc.get("predictions", [generic_doc]),
+            strict=True,
+        )
+        documents.extend(pairs)
+    for fast_doc, generic_doc in documents:
+        assert _close(fast_doc, generic_doc)
+        for key in ("support_loss_before", "support_loss_after"):
+            assert fast_doc[key] == pytest.approx(generic_doc[key], abs=1e-5)
+        assert (
+            fast_doc["steps"] == generic_doc["steps"]
+            and fast_doc["support_size"] == generic_doc["support_size"]
+        )
+    # Adaptation did something the comparison could miss: the losses moved.
+    assert any(abs(d["support_loss_after"] - d["support_loss_before"]) > 1e-2 for d, _ in documents)
 
 
 def test_adapt_steps_are_capped_and_support_items_not_recommended(rec):

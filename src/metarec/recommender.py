@@ -11,7 +11,8 @@ Requests (one JSON object each; a KServe v1 body ``{"instances": [...]}`` carrie
 * adapt: ``{"support": [{"item_id": "7", "rating": 5}, ...]}`` plus optional ``user`` or
   ``user_id``, ``steps``, ``k``, ``candidates``, ``exclude``. The support items are never
   recommended back. All adapt requests of a batch that take the same number of steps are adapted
-  together in one vectorised pass of :func:`metarec.meta.adapt` (padded supports, masks).
+  together in one batched pass (padded supports, masks): :class:`metarec.meta.fast_adapt.FastAdapter`
+  in modes "decision"/"head", otherwise the vmapped :func:`metarec.meta.adapt`. Both compute the same.
 
 Every validation failure raises :class:`RequestError` with an HTTP status and a message naming the
 problem; :meth:`Recommender.answer_batch` turns them into per-request error answers.
@@ -34,8 +35,9 @@ from metarec.features import EncodedFeatures, FeatureEncoder
 from metarec.meta import adapt as meta_adapt
 from metarec.meta import masked_mse
 from metarec.meta import predict as meta_predict
+from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.model import PreferenceModel, read_model_json
-from metarec.tasks import build_task_batch
+from metarec.tasks import TaskBatch, build_task_batch
 
 ROUTE_RECOMMEND = ""
 ROUTE_ADAPT = "adapt"
@@ -193,6 +195,9 @@ class Recommender:
         settings: Serving limits (keys of ``DEFAULT_SETTINGS``).
         model_card: The model card shown by ``describe`` (None when the directory has none).
         device: Torch device to run on.
+        fast_adapt: Adapt with :class:`metarec.meta.fast_adapt.FastAdapter` (no autograd, same math)
+            when it supports the model's adapt mode; False always uses the generic
+            :func:`metarec.meta.adapt` / :func:`metarec.meta.predict`.
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class Recommender:
         settings: dict[str, Any] | None = None,
         model_card: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
+        fast_adapt: bool = True,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -238,6 +244,10 @@ class Recommender:
             self.user_index = {str(user_id): row for row, user_id in enumerate(users["user_id"])}
             encoded = self.encoder.encode_users(users)
             self.user_features = EncodedFeatures(*(tensor.to(self.device) for tensor in encoded))
+        # Single requests are dominated by torch.func dispatch overhead: adapt by hand when possible.
+        self.fast_adapter: FastAdapter | None = None
+        if fast_adapt and supports_fast_path(self.model, self.adapt_mode):
+            self.fast_adapter = FastAdapter(self.model, self.adapt_mode)
 
     @classmethod
     def from_dir(
@@ -245,6 +255,7 @@ class Recommender:
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         catalogue_dir: str | Path | None = None,
+        fast_adapt: bool = True,
         **settings: Any,
     ) -> Recommender:
         """Loads a model directory (or an unpacked archive).
@@ -255,6 +266,7 @@ class Recommender:
             device: Torch device.
             catalogue_dir: Where to find ``items.parquet``/``users.parquet`` when ``model_dir`` lacks
                 them (a preprocessing output directory).
+            fast_adapt: See :class:`Recommender`.
             **settings: Serving limits overriding ``DEFAULT_SETTINGS`` (``max_support``,
                 ``max_steps``, ``default_k``, ``max_k``, ``max_instances``).
 
@@ -283,7 +295,8 @@ class Recommender:
         users = pd.read_parquet(users_path) if users_path is not None else None
         card_path = find(MODEL_CARD_FILE, False)
         card = json.loads(card_path.read_text()) if card_path is not None else None
-        return cls(model, schema, items, users, document.get("adapt") or {}, settings, card, device)
+        adapt_settings = document.get("adapt") or {}
+        return cls(model, schema, items, users, adapt_settings, settings, card, device, fast_adapt)
 
     # ----------------------------------------------------------------------------------- parsing
 
@@ -493,8 +506,9 @@ class Recommender:
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
         """Adapts the model to a batch of new users on their support ratings and ranks for each.
 
-        Requests taking the same number of steps share one vectorised pass of the meta-learning
-        inner loop (:func:`metarec.meta.adapt`, vmapped over the users, supports padded and masked).
+        Requests taking the same number of steps share one batched pass of the meta-learning inner
+        loop (supports padded and masked): the autograd-free :class:`~metarec.meta.fast_adapt.FastAdapter`
+        when it supports the adapt mode, else :func:`metarec.meta.adapt` vmapped over the users.
 
         Args:
             requests: Validated adapt requests.
@@ -521,15 +535,10 @@ class Recommender:
         batch = build_task_batch(users, supports, [empty] * len(requests)).to(self.device)
         n_support = batch.support_items.shape[1]
         with torch.no_grad():
-            before = self.model.forward_batch(users.cat, users.num, users.multi, batch.support_items)
-            adapted = meta_adapt(
-                self.model, None, batch, steps, self.inner_lr, self.adapt_mode, create_graph=False
-            )
-            # Support rows and the whole catalogue scored in one pass with each user's parameters.
-            items = torch.cat([batch.support_items, self.all_items.expand(len(requests), -1)], dim=1)
-            after = meta_predict(
-                self.model, adapted, users.cat, users.num, users.multi, items, self.adapt_mode
-            )
+            if self.fast_adapter is not None:
+                before, after = self._fast_adapt_group(users, batch, steps)
+            else:
+                before, after = self._generic_adapt_group(users, batch, steps)
         answers = []
         for row, request in enumerate(requests):
             mask = batch.support_mask[row]
@@ -546,6 +555,35 @@ class Recommender:
                 }
             )
         return answers
+
+    def _fast_adapt_group(
+        self, users: EncodedFeatures, batch: TaskBatch, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support predictions before adaptation and [support, catalogue] predictions after (fast path)."""
+        result = self.fast_adapter.adapt_and_score(
+            users.cat,
+            users.num,
+            users.multi,
+            batch.support_items,
+            batch.support_ratings,
+            batch.support_mask,
+            steps,
+            self.inner_lr,
+        )
+        return result.support_before, torch.cat([result.support_after, result.scores], dim=1)
+
+    def _generic_adapt_group(
+        self, users: EncodedFeatures, batch: TaskBatch, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_fast_adapt_group`, with the generic ``torch.func`` inner loop (any adapt mode)."""
+        before = self.model.forward_batch(users.cat, users.num, users.multi, batch.support_items)
+        adapted = meta_adapt(
+            self.model, None, batch, steps, self.inner_lr, self.adapt_mode, create_graph=False
+        )
+        # Support rows and the whole catalogue scored in one pass with each user's parameters.
+        items = torch.cat([batch.support_items, self.all_items.expand(len(batch), -1)], dim=1)
+        after = meta_predict(self.model, adapted, users.cat, users.num, users.multi, items, self.adapt_mode)
+        return before, after
 
     # ---------------------------------------------------------------------------------- batches
 

@@ -1,0 +1,466 @@
+"""Serving-time adaptation without autograd: the inner loop of modes "decision"/"head" by hand.
+
+Why this exists: a serving request adapts a tiny MLP on ~20 support rows, where the real arithmetic
+takes microseconds. :func:`metarec.meta.learners.adapt` runs the same loop through ``torch.func``
+(``vmap`` of ``grad`` per inner step), whose dispatch overhead costs about a millisecond per step and
+dominates the latency of a single request. Here the T tasks of a batch are adapted together with
+batched weights (``[T, out, in]``, ``torch.bmm``) and a hand-written backward pass of the masked MSE,
+so an inner step is a handful of plain tensor operations.
+
+The math is exactly that of ``learners.adapt(..., create_graph=False)`` followed by
+``learners.predict``: SGD on every adapted decoder tensor with
+:func:`metarec.model.inner_learning_rates`, and for the per-user bias either SGD or, when the model
+has a ``user_bias_prior``, the damped Gauss-Newton step of ``learners.user_newton_step`` (shared),
+both evaluated at the pre-step parameters. Mode ``"all"`` (encoder embeddings adapted) is not handled:
+:func:`supports_fast_path` says so and the caller keeps the generic path.
+
+Only the decoder's adapted tail (from the first adapted Linear layer on) depends on the per-task
+parameters. Everything before it is fixed, and its item side is fixed for the whole catalogue, so
+:class:`FastAdapter` precomputes it once per model; a request only adds its user part.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from metarec.meta.learners import user_design, user_newton_step
+from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
+
+Params = dict[str, torch.Tensor]
+
+FAST_MODES = ("decision", "head")
+# Parameter prefixes whose role in the forward pass this module reproduces; a model with any other
+# parameter falls back to the generic path until this module learns it.
+_KNOWN_PREFIXES = ("encoder.", "decoder.", "item_bias.", "item_factors.", "inner_lr_log.", *USER_PARAMETERS)
+
+
+class _TaskRows(NamedTuple):
+    """The fixed inputs of the adapted part of the model for T tasks' rows.
+
+    Attributes:
+        user_part: Float[T, user_width] the user part of the first adapted layer's input, or None when
+            that layer sees only ``rows``.
+        rows: Float[T, N, width] the per-row input of the first adapted layer.
+        offsets: Float[T, N] item-bias logit offsets.
+        factor_rows: Float[T, N, F] item factors, or None when the model has no user factors.
+    """
+
+    user_part: torch.Tensor | None
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    factor_rows: torch.Tensor | None
+
+
+class FastAdaptResult(NamedTuple):
+    """What serving needs from one batched adaptation.
+
+    Attributes:
+        support_before: Float[T, S] support predictions of the un-adapted model.
+        support_after: Float[T, S] support predictions after adaptation.
+        scores: Float[T, N] predicted ratings of the scored items after adaptation.
+    """
+
+    support_before: torch.Tensor
+    support_after: torch.Tensor
+    scores: torch.Tensor
+
+
+def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
+    """Whether :class:`FastAdapter` reproduces ``learners.adapt`` for this model and mode.
+
+    True for modes ``"decision"`` and ``"head"`` when the decoder is Linear/ReLU layers ending in a
+    one-output Linear, every Linear layer from the first adapted one on is adapted, and the model has
+    no parameter whose role this module does not know.
+
+    Args:
+        model: the model.
+        mode: the adapt mode.
+
+    Returns:
+        True when the fast path applies; otherwise use ``learners.adapt`` / ``learners.predict``.
+    """
+    if mode not in FAST_MODES:
+        return False
+    names = [name for name, _ in model.named_parameters()]
+    if not all(name.startswith(_KNOWN_PREFIXES) for name in names):
+        return False
+    layers = list(model.decoder)
+    if not layers or not all(isinstance(layer, (nn.Linear, nn.ReLU)) for layer in layers):
+        return False
+    if not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
+        return False
+    adapted = set(adapted_parameter_names(model, mode))
+    if not adapted <= {name for name in names if name.startswith("decoder.")} | set(USER_PARAMETERS):
+        return False
+    first = _first_adapted_layer(adapted)
+    tail = layers[first:]
+    # The tail alternates Linear, ReLU, ..., Linear, and every Linear in it is adapted (with its bias).
+    for position, layer in enumerate(tail):
+        if isinstance(layer, nn.Linear) != (position % 2 == 0):
+            return False
+        if isinstance(layer, nn.Linear):
+            index = first + position
+            if layer.bias is None or not {f"decoder.{index}.weight", f"decoder.{index}.bias"} <= adapted:
+                return False
+    return True
+
+
+def _first_adapted_layer(adapted_names) -> int:
+    return min(int(name.split(".")[1]) for name in adapted_names if name.startswith("decoder."))
+
+
+class FastAdapter:
+    """Batched, autograd-free adaptation and scoring for one model in mode "decision" or "head".
+
+    Build it once per model (serving start-up) after the weights are final: it caches the fixed,
+    item-side part of the decoder input for the whole catalogue. Rebuild it if the weights change.
+
+    Args:
+        model: the model.
+        mode: ``"decision"`` or ``"head"`` (see :func:`supports_fast_path`).
+
+    Raises:
+        ValueError: the fast path does not apply to this model and mode.
+    """
+
+    def __init__(self, model: PreferenceModel, mode: str):
+        if not supports_fast_path(model, mode):
+            raise ValueError(f"the fast adaptation path does not support this model in mode {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.adapted_names = adapted_parameter_names(model, mode)
+        self.user_terms = [name for name in self.adapted_names if name in USER_PARAMETERS]
+        self.first = _first_adapted_layer(self.adapted_names)
+        # Decoder indices of the adapted Linear layers (a ReLU sits between consecutive ones).
+        self.linear_indices = list(range(self.first, len(model.decoder), 2))
+        self.newton = model.user_bias_prior is not None and bool(self.user_terms)
+        self._rates: dict[float, dict[str, torch.Tensor | float]] = {}
+        with torch.no_grad():
+            self.start = {name: tensor.detach() for name, tensor in model.named_parameters()}
+            self._precompute_catalogue()
+
+    # ------------------------------------------------------------------------ fixed decoder input
+
+    def _precompute_catalogue(self) -> None:
+        """Caches the item side of the decoder input, item offsets and item factors of the catalogue."""
+        model = self.model
+        encoder = model.encoder
+        all_items = torch.arange(model.n_items, device=encoder.item_warm_idx.device)
+        no_user = (
+            torch.zeros(1, len(model.user_dims.cat_sizes), dtype=torch.long, device=all_items.device),
+            torch.zeros(1, model.user_dims.n_num, device=all_items.device),
+            torch.zeros(1, model.user_dims.n_multi, device=all_items.device),
+        )
+        _, item_rows = encoder(*no_user, all_items[None], split=True)
+        self.user_width = encoder.user.out_dim
+        self.item_offsets = model.item_offset(all_items)  # Float[n_items]
+        self.item_factor_rows = model.item_factor_rows(all_items)  # Float[n_items, F] or None
+        if self.first == 0:
+            # The first adapted layer acts on [user part, item part]: keep the item rows.
+            self.catalogue_rows = item_rows[0]  # Float[n_items, item_width]
+            return
+        # The fixed prefix starts with a Linear on [user part, item part]: cache the item part's
+        # projection; a request adds its user part, then the rest of the prefix runs on the rows.
+        first_layer = model.decoder[0]
+        self.prefix_user_weight = first_layer.weight[:, : self.user_width]
+        self.catalogue_rows = item_rows[0] @ first_layer.weight[:, self.user_width :].T
+        self.prefix_bias = first_layer.bias
+        self.prefix_rest = model.decoder[1 : self.first]
+
+    def _fixed_inputs(self, user_vec: torch.Tensor, items: torch.Tensor) -> _TaskRows:
+        """The inputs of the adapted part for T tasks' items (fixed during adaptation).
+
+        Args:
+            user_vec: Float[T, user_width] encoded users.
+            items: Long[T, N] item indices.
+
+        Returns:
+            The rows' fixed inputs.
+        """
+        offsets = self.item_offsets[items]
+        factor_rows = None if self.item_factor_rows is None else self.item_factor_rows[items]
+        rows = self.catalogue_rows[items]
+        if self.first == 0:
+            return _TaskRows(user_vec, rows, offsets, factor_rows)
+        hidden = rows + (user_vec @ self.prefix_user_weight.T + self.prefix_bias).unsqueeze(1)
+        return _TaskRows(None, self.prefix_rest(hidden), offsets, factor_rows)
+
+    # ------------------------------------------------------------------------------- the tail
+
+    def _tail_forward(
+        self, params: Params, user_part: torch.Tensor | None, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs the adapted decoder tail with per-task weights.
+
+        Returns:
+            ``(outputs, inputs)``: Float[T, N] tail outputs and the input rows of each adapted Linear
+            layer (post-ReLU activations after the first), kept for the backward pass.
+        """
+        inputs = []
+        hidden = rows
+        for position, index in enumerate(self.linear_indices):
+            weight, bias = params[f"decoder.{index}.weight"], params[f"decoder.{index}.bias"]
+            if position > 0:
+                hidden = torch.relu(hidden)
+            inputs.append(hidden)
+            if position == 0 and user_part is not None:
+                # [user, item] rows: the user part is the same for all of a task's rows.
+                width = user_part.shape[-1]
+                shared = torch.bmm(weight[:, :, :width], user_part.unsqueeze(-1)).squeeze(-1) + bias
+                hidden = torch.baddbmm(shared.unsqueeze(1), hidden, weight[:, :, width:].transpose(1, 2))
+            else:
+                hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
+        return hidden.squeeze(-1), inputs
+
+    def _tail_backward(
+        self, params: Params, user_part: torch.Tensor | None, inputs: list[torch.Tensor], grad: torch.Tensor
+    ) -> Params:
+        """Gradients of the adapted tail's weights given d loss / d tail output (Float[T, N])."""
+        grads: Params = {}
+        delta = grad.unsqueeze(-1)  # Float[T, N, out]
+        for position in reversed(range(len(self.linear_indices))):
+            index = self.linear_indices[position]
+            weight = params[f"decoder.{index}.weight"]
+            rows = inputs[position]
+            weight_grad = torch.bmm(delta.transpose(1, 2), rows)
+            if position == 0 and user_part is not None:
+                user_grad = delta.sum(1).unsqueeze(-1) * user_part.unsqueeze(1)
+                weight_grad = torch.cat([user_grad, weight_grad], dim=2)
+            grads[f"decoder.{index}.weight"] = weight_grad
+            grads[f"decoder.{index}.bias"] = delta.sum(1)
+            if position > 0:
+                # Through the Linear, then the ReLU before it (its output is this layer's input).
+                delta = torch.bmm(delta, weight) * (rows > 0)
+        return grads
+
+    def _predict_logits(
+        self, params: Params, task_rows: _TaskRows
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float[T, N] logits with per-task parameters, and the tail's layer inputs (for backward)."""
+        outputs, inputs = self._tail_forward(params, task_rows.user_part, task_rows.rows)
+        return _add_user_terms(outputs + task_rows.offsets, params, task_rows.factor_rows), inputs
+
+    # -------------------------------------------------------------------------------- public
+
+    def learning_rates(self, lr: float) -> dict[str, torch.Tensor | float]:
+        """The inner learning rate of each adapted tensor (cached per base ``lr``)."""
+        if lr not in self._rates:
+            with torch.no_grad():
+                rates = inner_learning_rates(self.model, self.adapted_names, lr)
+            self._rates[lr] = {
+                name: rate.detach() if isinstance(rate, torch.Tensor) else rate
+                for name, rate in rates.items()
+            }
+        return self._rates[lr]
+
+    def encode_users(self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor):
+        """Float[T, user_width]: the encoder's user part for T users (Long[T, C], Float[T, D], Float[T, M])."""
+        return self.model.encoder.user(user_cat, user_num, user_multi)
+
+    @torch.no_grad()
+    def adapt(
+        self,
+        user_cat: torch.Tensor,
+        user_num: torch.Tensor,
+        user_multi: torch.Tensor,
+        support_items: torch.Tensor,
+        support_ratings: torch.Tensor,
+        support_mask: torch.Tensor,
+        steps: int,
+        lr: float,
+    ) -> tuple[Params, torch.Tensor]:
+        """Adapts T tasks on their support rows, as ``learners.adapt(..., create_graph=False)``.
+
+        Args:
+            user_cat: Long[T, C]; user_num: Float[T, D]; user_multi: Float[T, M] user features.
+            support_items: Long[T, S] support items (padding rows may hold any valid index).
+            support_ratings: Float[T, S] support ratings.
+            support_mask: Float[T, S] 1 for real rows, 0 for padding.
+            steps: inner steps (0 returns the starting parameters, expanded).
+            lr: base inner learning rate.
+
+        Returns:
+            ``(adapted, support_before)``: the adapted parameters by name, each with leading dim T
+            (the names and shapes ``learners.adapt`` returns), and Float[T, S] the support predictions
+            of the un-adapted model.
+        """
+        adapted, before, _ = self._adapt(
+            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr
+        )
+        return adapted, before
+
+    def _adapt(self, user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr):
+        """:meth:`adapt`, also returning the encoded users (``(adapted, support_before, user_vec)``)."""
+        n_tasks = support_items.shape[0]
+        user_vec = self.encode_users(user_cat, user_num, user_multi)
+        task_rows = self._fixed_inputs(user_vec, support_items)
+        initial = {
+            name: self.start[name].expand(n_tasks, *self.start[name].shape) for name in self.adapted_names
+        }
+        rates = self.learning_rates(lr)
+        model = self.model
+        span = model.rating_max - model.rating_min
+        count = support_mask.sum(1).clamp(min=1.0)
+        current, before = initial, None
+        for step in range(steps + 1):
+            logits, inputs = self._predict_logits(current, task_rows)
+            sigmoid = torch.sigmoid(logits)
+            predictions = model.rating_min + span * sigmoid
+            if step == 0:
+                before = predictions
+            if step == steps:
+                break
+            # d masked MSE / d logit of each row.
+            logit_grad = 2.0 * (predictions - support_ratings) * support_mask / count.unsqueeze(1)
+            logit_grad = logit_grad * span * sigmoid * (1.0 - sigmoid)
+            grads = self._tail_backward(current, task_rows.user_part, inputs, logit_grad)
+            updated = {name: current[name] - rates[name] * grads[name] for name in grads}
+            user_terms = _user_terms_step(
+                model,
+                current,
+                initial,
+                logit_grad,
+                factor_rows=task_rows.factor_rows,
+                predictions=predictions,
+                mask=support_mask,
+                rates=rates,
+                newton=self.newton,
+            )
+            updated.update(user_terms)
+            current = updated
+        return current, before, user_vec
+
+    @torch.no_grad()
+    def predict(self, adapted: Params, user_vec: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of T tasks' items with their adapted parameters (as ``learners.predict``).
+
+        Args:
+            adapted: the output of :meth:`adapt`.
+            user_vec: Float[T, user_width] from :meth:`encode_users`.
+            items: Long[T, N] item indices.
+
+        Returns:
+            Float[T, N] predicted ratings.
+        """
+        logits, _ = self._predict_logits(adapted, self._fixed_inputs(user_vec, items))
+        return self.model.to_rating(logits)
+
+    @torch.no_grad()
+    def adapt_and_score(
+        self,
+        user_cat: torch.Tensor,
+        user_num: torch.Tensor,
+        user_multi: torch.Tensor,
+        support_items: torch.Tensor,
+        support_ratings: torch.Tensor,
+        support_mask: torch.Tensor,
+        steps: int,
+        lr: float,
+        score_items: torch.Tensor | None = None,
+    ) -> FastAdaptResult:
+        """Adapts T tasks on their support rows, then scores their support rows and items.
+
+        Args:
+            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr:
+                as in :meth:`adapt`.
+            score_items: Long[T, N] items to score per task; None scores the whole catalogue.
+
+        Returns:
+            The support predictions before and after adaptation and the scores.
+        """
+        adapted, before, user_vec = self._adapt(
+            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr
+        )
+        n_tasks, n_support = support_items.shape
+        if score_items is None:
+            score_items = torch.arange(self.model.n_items, device=support_items.device).expand(n_tasks, -1)
+        after = self.predict(adapted, user_vec, torch.cat([support_items, score_items], dim=1))
+        return FastAdaptResult(before, after[:, :n_support], after[:, n_support:])
+
+
+# ------------------------------------------------------------------------------------------------
+# User-side adapted terms: per-user parameters that enter the logits linearly, the scalar
+# ``user_bias`` (d logit / d bias = 1) and the vector ``user_factors`` (d logit / d factors = the
+# row's item factors). Their forward contribution and their inner-loop step live here only.
+
+
+def _add_user_terms(logits: torch.Tensor, params: Params, factor_rows: torch.Tensor | None) -> torch.Tensor:
+    """Adds the per-task user terms to Float[T, N] logits (as ``PreferenceModel.user_offset``)."""
+    bias = params.get("user_bias")
+    if bias is not None:
+        logits = logits + bias.unsqueeze(-1)
+    factors = params.get("user_factors")
+    if factors is not None and factor_rows is not None:
+        logits = logits + (factor_rows * factors.unsqueeze(-2)).sum(-1)
+    return logits
+
+
+def _user_terms_step(
+    model: PreferenceModel,
+    current: Params,
+    initial: Params,
+    logit_grad: torch.Tensor,
+    factor_rows: torch.Tensor | None,
+    predictions: torch.Tensor,
+    mask: torch.Tensor,
+    rates: dict[str, torch.Tensor | float],
+    newton: bool,
+) -> Params:
+    """One inner step of the user terms, from the pre-step parameters.
+
+    SGD with each term's rate, or (``newton``) the damped Gauss-Newton step that the vectorised loop
+    takes (:func:`metarec.meta.learners.user_newton_step`, the same function, on T tasks at once).
+
+    Args:
+        model: the model (rating range, priors).
+        current: the pre-step parameters (leading dim T).
+        initial: the starting (meta-learned) parameters, expanded to T (the prior's mean).
+        logit_grad: Float[T, S] d support loss / d logit per row.
+        factor_rows: Float[T, S, F] the support rows' item factors, or None.
+        predictions: Float[T, S] support predictions at ``current``.
+        mask: Float[T, S] 1 for real support rows.
+        rates: inner learning rates by name.
+        newton: take the Gauss-Newton step instead of SGD.
+
+    Returns:
+        The updated user terms by name (empty when the model has none).
+    """
+    names = [name for name in USER_PARAMETERS if name in current]
+    if not names:
+        return {}
+    design = user_design(model, predictions, factor_rows)  # Float[T, S, P]
+    gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
+    gradients, offset = {}, 0
+    for name in names:
+        size = current[name][0].numel()
+        gradients[name] = gradient[:, offset : offset + size].reshape(current[name].shape)
+        offset += size
+    if newton:
+        return user_newton_step(model, predictions, design, mask, current, initial, gradients)
+    return {name: current[name] - rates[name] * gradients[name] for name in names}
+
+
+def adapt_and_score(
+    model: PreferenceModel,
+    mode: str,
+    user_cat: torch.Tensor,
+    user_num: torch.Tensor,
+    user_multi: torch.Tensor,
+    support_items: torch.Tensor,
+    support_ratings: torch.Tensor,
+    support_mask: torch.Tensor,
+    steps: int,
+    lr: float,
+    score_items: torch.Tensor | None = None,
+) -> FastAdaptResult:
+    """One-off :meth:`FastAdapter.adapt_and_score` (builds the per-model cache each call).
+
+    Serving should keep a :class:`FastAdapter` instead. Arguments as in
+    :meth:`FastAdapter.adapt_and_score`; ``mode`` must satisfy :func:`supports_fast_path`.
+    """
+    return FastAdapter(model, mode).adapt_and_score(
+        user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr, score_items
+    )

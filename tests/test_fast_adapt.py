@@ -1,0 +1,163 @@
+"""The autograd-free serving adaptation equals the generic torch.func inner loop, case by case."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_model import N_ITEMS, N_WARM, user_inputs
+
+from metarec.features import EncodedFeatures, FeatureDims
+from metarec.meta import adapt, predict
+from metarec.meta.fast_adapt import FastAdapter, adapt_and_score, supports_fast_path
+from metarec.model import PreferenceModel
+from metarec.tasks import TaskBatch
+
+ATOL = 1e-5
+LR = 0.3
+# Per-user terms: none, the bias and/or latent factors, by SGD or by the Gauss-Newton step with priors.
+USER_TERMS = {
+    "none": {},
+    "bias_sgd": {"user_bias": True, "user_bias_lr": 5.0},
+    "bias_prior": {"user_bias": True, "user_bias_prior": 2.0},
+    "factors_sgd": {"user_factors": 3, "user_bias_lr": 5.0},
+    "one_factor_prior": {"user_factors": 1, "user_bias_prior": 2.0},
+    "bias_factors_sgd": {"user_bias": True, "user_factors": 3, "user_bias_lr": 5.0},
+    "bias_factors_prior": {
+        "user_bias": True,
+        "user_factors": 3,
+        "user_bias_prior": 2.0,
+        "user_factor_prior": 6.0,
+    },
+}
+
+
+def random_model(hidden=(16, 8), seed=0, **kwargs) -> PreferenceModel:
+    """A small model whose every parameter is random (biases and inner-lr scales non-zero too)."""
+    torch.manual_seed(seed)
+    user_dims, item_dims = FeatureDims([3, 5], 1, 4), FeatureDims([7], 2, 6)
+    catalogue = EncodedFeatures(
+        cat=torch.randint(0, 7, (N_ITEMS, 1)),
+        num=torch.randn(N_ITEMS, 2),
+        multi=(torch.rand(N_ITEMS, 6) < 0.3).float(),
+    )
+    warm = torch.cat([torch.arange(1, N_WARM + 1), torch.zeros(N_ITEMS - N_WARM, dtype=torch.long)])
+    model = PreferenceModel(
+        user_dims, item_dims, N_WARM, catalogue, warm, embed_dim=8, hidden=hidden, **kwargs
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scale = 0.5 if name.startswith(("inner_lr_log.", "item_bias.", "user_", "item_factors")) else 0.1
+            parameter.add_(scale * torch.randn_like(parameter))
+    return model.eval()
+
+
+def padded_batch(model, lengths=(1, 4, 7, 2), n_query=6, seed=1) -> TaskBatch:
+    """Tasks with different support lengths; padding rows hold random items and out-of-range ratings."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n_tasks, width = len(lengths), max(lengths)
+    cat, num, multi = user_inputs(model, batch=n_tasks)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float()
+    items = torch.randint(0, N_ITEMS, (n_tasks, width), generator=generator)
+    ratings = torch.randint(1, 6, (n_tasks, width), generator=generator).float()
+    # A padding row that leaked into the loss would pull hard: rating 40 is far outside [1, 5].
+    ratings = torch.where(mask > 0, ratings, torch.full_like(ratings, 40.0))
+    query_items = torch.randint(0, N_ITEMS, (n_tasks, n_query), generator=generator)
+    query = (query_items, torch.zeros(n_tasks, n_query), torch.ones(n_tasks, n_query))
+    return TaskBatch(cat, num, multi, items, ratings, mask, *query)
+
+
+def generic(model, batch, steps, mode, items):
+    adapted = adapt(model, None, batch, steps, LR, mode, create_graph=False)
+    return adapted, predict(model, adapted, batch.user_cat, batch.user_num, batch.user_multi, items, mode)
+
+
+# (learn_inner_lr, item_bias): each on and off.
+OPTIONS = [(False, True), (True, False), (True, True)]
+CASES = [
+    (mode, terms, *options, steps)
+    for mode, terms, options, steps in itertools.product(["decision", "head"], USER_TERMS, OPTIONS, [0, 1, 5])
+]
+
+
+@pytest.mark.parametrize(("mode", "user_terms", "learn_inner_lr", "item_bias", "steps"), CASES)
+def test_fast_path_equals_generic_adapt_and_predict(mode, user_terms, learn_inner_lr, item_bias, steps):
+    model = random_model(item_bias=item_bias, learn_inner_lr=learn_inner_lr, **USER_TERMS[user_terms])
+    assert supports_fast_path(model, mode)
+    batch = padded_batch(model)
+    items = torch.cat([batch.support_items, batch.query_items], dim=1)
+    expected_params, expected = generic(model, batch, steps, mode, items)
+
+    fast = FastAdapter(model, mode)
+    users = (batch.user_cat, batch.user_num, batch.user_multi)
+    support = (batch.support_items, batch.support_ratings, batch.support_mask)
+    adapted, before = fast.adapt(*users, *support, steps, LR)
+    assert set(adapted) == set(expected_params)
+    for name, tensor in expected_params.items():
+        # Relative too: a Gauss-Newton step on a nearly saturated task can move a factor far (~100).
+        expected_tensor = tensor.expand_as(adapted[name])
+        torch.testing.assert_close(adapted[name], expected_tensor, atol=ATOL, rtol=ATOL, msg=name)
+    result = fast.adapt_and_score(*users, *support, steps, LR, score_items=batch.query_items)
+    n_support = batch.support_items.shape[1]
+    torch.testing.assert_close(result.support_after, expected[:, :n_support], atol=ATOL, rtol=0)
+    torch.testing.assert_close(result.scores, expected[:, n_support:], atol=ATOL, rtol=0)
+    unadapted = model.forward_batch(*users, batch.support_items).detach()
+    torch.testing.assert_close(result.support_before, unadapted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(before, unadapted, atol=ATOL, rtol=0)
+    if steps > 0:
+        # The comparison is not vacuous: adaptation moved the predictions well beyond the tolerance.
+        assert float((result.support_after - unadapted).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("hidden", [(), (12,), (16, 8, 4)])
+@pytest.mark.parametrize("mode", ["decision", "head"])
+def test_fast_path_handles_any_decoder_depth(hidden, mode):
+    model = random_model(hidden=hidden, learn_inner_lr=True, **USER_TERMS["bias_factors_prior"])
+    batch = padded_batch(model, lengths=(3, 5))
+    items = torch.cat([batch.support_items, batch.query_items], dim=1)
+    _, expected = generic(model, batch, 3, mode, items)
+    result = adapt_and_score(model, mode, batch.user_cat, batch.user_num, batch.user_multi,
+                             batch.support_items, batch.support_ratings, batch.support_mask, 3, LR,
+                             score_items=batch.query_items)  # fmt: skip
+    torch.testing.assert_close(
+        torch.cat([result.support_after, result.scores], 1), expected, atol=ATOL, rtol=0
+    )
+
+
+def test_default_scores_cover_the_whole_catalogue():
+    model = random_model(**USER_TERMS["bias_factors_sgd"])
+    batch = padded_batch(model)
+    catalogue = torch.arange(N_ITEMS).expand(len(batch), -1)
+    _, expected = generic(model, batch, 2, "decision", catalogue)
+    fast = FastAdapter(model, "decision")
+    result = fast.adapt_and_score(batch.user_cat, batch.user_num, batch.user_multi, batch.support_items,
+                                  batch.support_ratings, batch.support_mask, 2, LR)  # fmt: skip
+    torch.testing.assert_close(result.scores, expected, atol=ATOL, rtol=0)
+
+
+def test_user_bias_prior_takes_the_gauss_newton_step_not_sgd():
+    """Same weights with and without a prior: the fast path must follow the generic path's choice."""
+    with_prior = random_model(**USER_TERMS["bias_prior"])
+    without = random_model(user_bias=True)
+    without.load_state_dict(with_prior.state_dict())
+    batch = padded_batch(with_prior)
+    biases = {}
+    for name, model in (("prior", with_prior), ("sgd", without)):
+        fast, _ = FastAdapter(model, "decision").adapt(
+            batch.user_cat, batch.user_num, batch.user_multi, batch.support_items, batch.support_ratings,
+            batch.support_mask, 1, LR,
+        )  # fmt: skip
+        biases[name] = fast["user_bias"]
+    assert float((biases["prior"] - biases["sgd"]).abs().min()) > 1e-3
+
+
+def test_mode_all_and_unknown_parameters_fall_back():
+    model = random_model()
+    assert not supports_fast_path(model, "all")
+    with pytest.raises(ValueError, match="does not support"):
+        FastAdapter(model, "all")
+    # A parameter whose role the fast path does not know (e.g. a future per-user term) disables it.
+    model.register_parameter("user_embedding", torch.nn.Parameter(torch.zeros(4)))
+    assert not supports_fast_path(model, "decision")
