@@ -11,7 +11,7 @@ import pytest
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
 
 from metarec.data.synthetic import generate_synthetic
-from metarec.preprocessing import DEFAULTS, run_preprocessing
+from metarec.preprocessing import DEFAULTS, resolve_config, run_preprocessing
 
 
 def read(out: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -38,6 +38,7 @@ def test_outputs_follow_the_contract(tiny):
     assert [f["name"] for f in schema["user_features"]] == ["age", "gender", "occupation", "zip"]
     assert [f["name"] for f in schema["item_features"]] == ["genres", "year"]
     assert schema["tasks"] == {"query_size": 10, "cold_query_size": 10, "min_ratings": 13, "max_ratings": 100,
+                               "users_over_max": "train", "n_extra_train_users": 0,
                                "kshots": [1, 3, 5, 10, 20]}  # fmt: skip
     assert list(users.columns[:2]) == ["user_idx", "user_id"] and users["user_idx"].tolist() == list(
         range(len(users))
@@ -105,18 +106,50 @@ def test_vocabularies_and_statistics_use_train_users_and_warm_items_only(tmp_pat
 
 def test_filtering_counts_add_up(tmp_path):
     out = tmp_path / "out"
-    summary = run_preprocessing("synthetic", None, {"max_ratings": 60, "min_ratings": 25}, str(out))
+    config = {"max_ratings": 60, "min_ratings": 25, "users_over_max": "drop"}
+    summary = run_preprocessing("synthetic", None, config, str(out))
     schema, users, _, rows = read(out)
     counts = schema["counts"]
     assert counts == summary["counts"]
     dropped = (counts["users_dropped_too_few_ratings"] + counts["users_dropped_too_many_ratings"]
                + counts["users_dropped_too_few_warm_ratings"])  # fmt: skip
     assert counts["users_dropped_too_many_ratings"] > 0 and counts["users_dropped_too_few_ratings"] > 0
+    assert counts["users_kept_over_max_for_training"] == 0
     assert counts["users_read"] == dropped + len(users) == 600
     assert counts["ratings_kept"] == counts["ratings_dropped_with_users"] + len(rows)
     per_user = rows.groupby("user_idx").size()
     assert per_user.min() >= 25 and per_user.max() <= 60
     assert sum(counts[f"rows_{r}"] for r in ("support", "query", "cold_query", "unused")) == len(rows)
+
+
+def test_users_over_max_train_only_and_leave_the_evaluated_users_unchanged(tmp_path):
+    config = {"max_ratings": 60, "min_ratings": 25}
+    run_preprocessing("synthetic", None, {**config, "users_over_max": "drop"}, str(tmp_path / "drop"))
+    summary = run_preprocessing(
+        "synthetic", None, {**config, "users_over_max": "train"}, str(tmp_path / "train")
+    )
+    _, dropped_users, _, dropped_rows = read(tmp_path / "drop")
+    schema, users, _, rows = read(tmp_path / "train")
+    counts = summary["counts"]
+    extra = counts["users_kept_over_max_for_training"]
+    assert extra > 0 and schema["tasks"]["n_extra_train_users"] == extra
+    assert counts["users_read"] == len(users) + counts["users_dropped_too_few_ratings"] + counts[
+        "users_dropped_too_many_ratings"] + counts["users_dropped_too_few_warm_ratings"]  # fmt: skip
+    assert len(users) == len(dropped_users) + extra
+    per_user = rows.groupby("user_idx").size()
+    heavy = per_user.index[per_user > 60]
+    assert len(heavy) == extra
+    # Heavy users are training users only, and every warm rating of theirs is a support row.
+    assert set(users.loc[users["user_idx"].isin(heavy), "user_split"]) == {"train"}
+    heavy_rows = rows[rows["user_idx"].isin(heavy)]
+    assert set(heavy_rows.loc[~heavy_rows["item_cold"], "role"]) == {"support"}
+    # The task users (and so the validation and test sets) are the same users with the same split.
+    by_id = users.set_index("user_id")["user_split"]
+    dropped_by_id = dropped_users.set_index("user_id")["user_split"]
+    assert (by_id.loc[dropped_by_id.index] == dropped_by_id).all()
+    evaluated = users.loc[users["user_split"] != "train", "user_idx"]
+    assert per_user.loc[evaluated].max() <= 60
+    assert len(rows) == len(dropped_rows) + len(heavy_rows)
 
 
 def test_same_seed_same_output_other_seed_differs(tmp_path):
@@ -167,11 +200,15 @@ def test_preprocess_real_movielens(ml100k_dir, tmp_path):
     schema, users, items, rows = read(tmp_path / "out")
     assert schema["n_items"] == 1682 and schema["counts"]["users_read"] == 943
     assert summary["n_users"] == len(users) > 300
-    assert (rows.groupby("user_idx").size() <= 100).all()
+    per_user = rows.groupby("user_idx").size()
+    evaluated = users.loc[users["user_split"] != "train", "user_idx"]
+    assert (per_user.loc[evaluated] <= 100).all() and per_user.max() > 100  # heavy users train only
 
 
 def test_config_is_validated():
     assert set(DEFAULTS) >= {"min_ratings", "max_ratings", "query_size", "kshots", "seed", "user_split"}
+    with pytest.raises(ValueError, match="users_over_max"):
+        resolve_config({"users_over_max": "keep"})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['min_rating'\]"):
         run_preprocessing("synthetic:tiny", None, {"min_rating": 3}, "/nonexistent/never-written")
     with pytest.raises(ValueError, match="user_split"):

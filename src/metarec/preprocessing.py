@@ -45,9 +45,13 @@ DEFAULTS: dict[str, Any] = {
     "cold_item_fraction": 0.2,
     # count split: items with at most this many ratings are cold.
     "cold_max_ratings": 5,
-    # users with fewer / more ratings than this are dropped.
+    # users with fewer / more ratings than this are not tasks (neither evaluated nor validated on).
     "min_ratings": 13,
     "max_ratings": 100,
+    # users with more than max_ratings ratings: "train" keeps them as meta-training users only (their
+    # ratings teach the item side and they add training tasks, capped at max_ratings rows); "drop"
+    # discards them. Validation and test users always have min_ratings..max_ratings ratings.
+    "users_over_max": "train",
     # warm ratings per user held out as the query set; cold-item ratings per user held out as cold_query.
     "query_size": 10,
     "cold_query_size": 10,
@@ -80,6 +84,8 @@ def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
 
     if full["user_split"] not in ("random", "time"):
         raise fail("user_split", "expected 'random' or 'time'")
+    if full["users_over_max"] not in ("train", "drop"):
+        raise fail("users_over_max", "expected 'train' or 'drop'")
     if full["item_split"] not in ("date", "count"):
         raise fail("item_split", "expected 'date' or 'count'")
     fractions = full["split_fractions"]
@@ -191,15 +197,21 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     too_few = per_user < cfg["min_ratings"]
     too_many = per_user > cfg["max_ratings"]
     too_few_warm = ~too_few & ~too_many & (warm_per_user < cfg["query_size"] + 1)
-    keep_user = ~(too_few | too_many | too_few_warm)
+    task_user = ~(too_few | too_many | too_few_warm)
+    # Heavy users train only; two warm ratings make the smallest training task (one support, one query).
+    extra_train = (
+        too_many & (warm_per_user >= 2) if cfg["users_over_max"] == "train" else np.zeros_like(too_many)
+    )
+    keep_user = task_user | extra_train
     counts.update(
         users_read=int(len(raw_user_ids)),
         users_dropped_too_few_ratings=int(too_few.sum()),
-        users_dropped_too_many_ratings=int(too_many.sum()),
+        users_dropped_too_many_ratings=int((too_many & ~extra_train).sum()),
         users_dropped_too_few_warm_ratings=int(too_few_warm.sum()),
         users_kept=int(keep_user.sum()),
+        users_kept_over_max_for_training=int(extra_train.sum()),
     )
-    if not keep_user.any():
+    if not task_user.any():
         raise ValueError(
             f"no user has between {cfg['min_ratings']} and {cfg['max_ratings']} ratings with at least "
             f"{cfg['query_size'] + 1} of warm items; counts: {counts}"
@@ -208,6 +220,8 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     new_index[keep_user] = np.arange(int(keep_user.sum()))
     kept_ids = raw_user_ids[keep_user]
     n_users = len(kept_ids)
+    is_extra = extra_train[keep_user]
+    del task_user, extra_train
 
     # Roles: a seeded random rank within each user's warm pool and cold pool. One sort of a composite
     # key (user, cold, random 32 bits) groups the rows by user and shuffles them within each pool.
@@ -241,16 +255,22 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     # User split (rows are grouped by user now, so per-user minima are one reduceat).
     user_starts = np.flatnonzero(np.r_[True, user_idx[1:] != user_idx[:-1]])
     first_time = np.minimum.reduceat(timestamp, user_starts)
-    user_split = _split_users(n_users, first_time, cfg, split_rng)
+    # Only task users are split; extra training users are all "train" (the split of the task users
+    # does not depend on whether heavy users are kept).
+    user_split = np.zeros(n_users, dtype=np.int8)
+    user_split[~is_extra] = _split_users(int((~is_extra).sum()), first_time[~is_extra], cfg, split_rng)
     n_per_split = {name: int((user_split == code).sum()) for code, name in enumerate(SPLITS)}
 
     query_size, cold_query_size = cfg["query_size"], cfg["cold_query_size"]
+    # Extra training users hold no query rows: every warm rating is a support (training) row.
+    row_query_size = np.where(is_extra[user_idx], 0, query_size)
     role = np.where(
         row_cold,
         np.where(rank < cold_query_size, 2, 3),
-        np.where(rank < query_size, 1, 0),
+        np.where(rank < row_query_size, 1, 0),
     ).astype(np.int8)
-    kshot_rank = np.where(role == 0, rank - query_size, -1).astype(np.int32)
+    kshot_rank = np.where(role == 0, rank - row_query_size, -1).astype(np.int32)
+    del row_query_size
     del rank
     row_split = user_split[user_idx]
     for code, name in enumerate(ROLES):
@@ -315,6 +335,8 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
             "cold_query_size": cold_query_size,
             "min_ratings": cfg["min_ratings"],
             "max_ratings": cfg["max_ratings"],
+            "users_over_max": cfg["users_over_max"],
+            "n_extra_train_users": int(is_extra.sum()),
             "kshots": cfg["kshots"],
         },
         "counts": counts,
