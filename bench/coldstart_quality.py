@@ -13,6 +13,7 @@ JSON object::
 Usage:
     python bench/coldstart_quality.py --data ../shared/data/ml-100k --seeds 0 1 2
     python bench/coldstart_quality.py --data synthetic:tiny --seeds 0 --quick      # smoke run
+    python bench/coldstart_quality.py --users-over-max drop     # heavy users dropped, not trained on
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         argv: Arguments (None = sys.argv[1:]).
 
     Returns:
-        Namespace with data, seeds, dataset_config, methods, quick, workdir, threads.
+        Namespace with data, seeds, dataset_config, methods, quick, users_over_max, workdir, threads.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=default_data_dir(), help="raw data directory, or synthetic[:tiny]")
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: short training and small tuning grids"
+    )
+    parser.add_argument(
+        "--users-over-max",
+        choices=["train", "drop"],
+        default="train",
+        help="preprocessing's users_over_max: keep users above max_ratings as training users (default) "
+        "or drop them (the stricter protocol)",
     )
     parser.add_argument(
         "--workdir", default=None, help="keep intermediate outputs here (default: a temp dir)"
@@ -104,7 +112,9 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
         print(f"seed {seed}: reusing {finished}", file=sys.stderr, flush=True)
         return json.loads(finished.read_text())
     pre_dir = workdir / "preprocessed"
-    run_preprocessing(args.data, args.dataset_config, {"seed": seed}, str(pre_dir))
+    run_preprocessing(
+        args.data, args.dataset_config, {"seed": seed, "users_over_max": args.users_over_max}, str(pre_dir)
+    )
     model_dirs = {}
     for method in [m for m in args.methods if m in META_METHODS]:
         training_config = {"seed": seed, **(QUICK_TRAINING if args.quick else {})}
