@@ -10,7 +10,7 @@ from test_model import N_ITEMS, N_WARM, user_inputs
 
 from metarec.features import EncodedFeatures, FeatureDims
 from metarec.meta import adapt, predict
-from metarec.meta.fast_adapt import FastAdapter, adapt_and_score, supports_fast_path
+from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.model import PreferenceModel
 from metarec.tasks import TaskBatch
 
@@ -118,9 +118,10 @@ def test_fast_path_handles_any_decoder_depth(hidden, mode):
     batch = padded_batch(model, lengths=(3, 5))
     items = torch.cat([batch.support_items, batch.query_items], dim=1)
     _, expected = generic(model, batch, 3, mode, items)
-    result = adapt_and_score(model, mode, batch.user_cat, batch.user_num, batch.user_multi,
-                             batch.support_items, batch.support_ratings, batch.support_mask, 3, LR,
-                             score_items=batch.query_items)  # fmt: skip
+    result = FastAdapter(model, mode).adapt_and_score(
+        batch.user_cat, batch.user_num, batch.user_multi, batch.support_items, batch.support_ratings,
+        batch.support_mask, 3, LR, score_items=batch.query_items,
+    )  # fmt: skip
     torch.testing.assert_close(
         torch.cat([result.support_after, result.scores], 1), expected, atol=ATOL, rtol=0
     )

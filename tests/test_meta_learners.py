@@ -35,16 +35,21 @@ def assert_grads_close(actual, expected, atol=2e-6):
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=1e-4, msg=name)
 
 
+def maml_matching_the_loop(model, batch, mode, atol=2e-6):
+    """The vmapped MAML meta-gradient (3 inner steps, lr 0.5), checked against the per-task loop."""
+    learner = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode)
+    loss, grads = learner.meta_gradient(batch)
+    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_grads_close(grads, ref_grads, atol=atol)
+    return grads
+
+
 @pytest.mark.parametrize("mode", ["decision", "head", "all"])
 def test_vmapped_maml_equals_per_task_loop(mode):
     model = make_model()
     batch = random_batch(model)
-    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
-        batch
-    )
-    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
-    torch.testing.assert_close(loss, ref_loss)
-    assert_grads_close(grads, ref_grads)
+    grads = maml_matching_the_loop(model, batch, mode)
     # Every trainable parameter gets a gradient, embeddings included (outer loop reaches them).
     assert set(grads) == {name for name, _ in model.named_parameters()}
     assert grads["encoder.user.cat.0.weight"].abs().sum() > 0
@@ -222,12 +227,7 @@ def test_first_order_adapt_keeps_the_identity_path():
 def test_user_bias_moves_during_adaptation_and_matches_the_loop(mode):
     model = make_model(user_bias=True, user_bias_lr=3.0)
     batch = random_batch(model)
-    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
-        batch
-    )
-    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
-    torch.testing.assert_close(loss, ref_loss)
-    assert_grads_close(grads, ref_grads)
+    grads = maml_matching_the_loop(model, batch, mode)
     assert grads["user_bias"].abs() > 0
     adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)
     assert adapted["user_bias"].shape == (len(batch),)
@@ -238,12 +238,7 @@ def test_user_bias_moves_during_adaptation_and_matches_the_loop(mode):
 def test_user_bias_gauss_newton_steps_match_the_loop_and_fit_the_rating_level(mode):
     model = make_model(user_bias=True, user_bias_prior=2.0)
     batch = random_batch(model)
-    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
-        batch
-    )
-    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
-    torch.testing.assert_close(loss, ref_loss)
-    assert_grads_close(grads, ref_grads, atol=1e-5)
+    maml_matching_the_loop(model, batch, mode, atol=1e-5)
     # Bias-only adaptation (lr 0): the MAP steps move the mean support residual towards 0.
     shifted = TaskBatch(**{**batch.__dict__, "support_ratings": batch.support_mask * 4.5})
     before = predict(
@@ -274,12 +269,7 @@ def test_user_factors_match_the_loop_and_get_meta_gradients(mode, prior):
     with torch.no_grad():  # a non-zero prior mean, so that the prior term is exercised
         model.user_factors.normal_(std=0.3)
     batch = random_batch(model)
-    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
-        batch
-    )
-    ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
-    torch.testing.assert_close(loss, ref_loss)
-    assert_grads_close(grads, ref_grads, atol=1e-5)
+    grads = maml_matching_the_loop(model, batch, mode, atol=1e-5)
     assert grads["user_factors"].abs().sum() > 0
     assert grads["item_factors.weight"].abs().sum() > 0
     adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)

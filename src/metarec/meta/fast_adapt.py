@@ -441,26 +441,3 @@ def _user_terms_step(
     if newton:
         return user_newton_step(model, predictions, design, mask, current, initial, gradients)
     return {name: current[name] - rates[name] * gradients[name] for name in names}
-
-
-def adapt_and_score(
-    model: PreferenceModel,
-    mode: str,
-    user_cat: torch.Tensor,
-    user_num: torch.Tensor,
-    user_multi: torch.Tensor,
-    support_items: torch.Tensor,
-    support_ratings: torch.Tensor,
-    support_mask: torch.Tensor,
-    steps: int,
-    lr: float,
-    score_items: torch.Tensor | None = None,
-) -> FastAdaptResult:
-    """One-off :meth:`FastAdapter.adapt_and_score` (builds the per-model cache each call).
-
-    Serving should keep a :class:`FastAdapter` instead. Arguments as in
-    :meth:`FastAdapter.adapt_and_score`; ``mode`` must satisfy :func:`supports_fast_path`.
-    """
-    return FastAdapter(model, mode).adapt_and_score(
-        user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr, score_items
-    )
