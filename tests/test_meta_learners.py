@@ -301,3 +301,32 @@ def test_user_terms_gauss_newton_steps_reach_the_map_fit():
         assert max(float(g.abs().max()) for g in gradients) < 1e-4, task
         # ... and adaptation did move away from the prior mean.
         assert float((factors.detach() - model.user_factors.detach()).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+@pytest.mark.parametrize("mode", ["decision", "head"])
+def test_id_dropout_shows_hidden_rows_as_cold_items(method, mode):
+    import copy
+
+    model = make_model(user_bias=True, user_bias_prior=2.0, user_factors=3)
+    batch = random_batch(model)
+    learner = make_learner(method, model, inner_steps=3, inner_lr=0.5, adapt_mode=mode, id_dropout=0.5)
+    learner._hidden_ids = lambda n_tasks, n_rows, device: torch.ones(n_tasks, n_rows, dtype=torch.bool)
+    loss, grads = learner.meta_gradient(batch)
+    # Every id hidden = the same model with a catalogue of cold items only.
+    cold = copy.deepcopy(model)
+    cold.encoder.item_warm_idx.zero_()
+    expected_loss, expected = make_learner(
+        method, cold, inner_steps=3, inner_lr=0.5, adapt_mode=mode
+    ).meta_gradient(batch)
+    torch.testing.assert_close(loss, expected_loss)
+    assert_grads_close(grads, expected)
+    assert float(grads["item_bias.weight"][1:].abs().max()) == 0.0  # no warm row learns from hidden rows
+    assert float(grads["item_bias.weight"][0].abs().max()) > 0.0
+    # A real draw hides about the requested share of rows.
+    drawn = make_learner(method, model, adapt_mode=mode, id_dropout=0.3)._hidden_ids(
+        200, 50, torch.device("cpu")
+    )
+    assert 0.27 < float(drawn.float().mean()) < 0.33
+    with pytest.raises(ValueError, match="id_dropout"):
+        make_learner(method, model, adapt_mode="all", id_dropout=0.3)

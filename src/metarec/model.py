@@ -95,6 +95,7 @@ class PreferenceEncoder(nn.Module):
         user_multi: torch.Tensor,
         items: torch.Tensor,
         split: bool = False,
+        warm_idx: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Builds decoder inputs for users and their items.
 
@@ -104,6 +105,8 @@ class PreferenceEncoder(nn.Module):
             user_multi: Float[..., M] multi-hot user features.
             items: Long[..., N] item indices (same leading shape as the user tensors).
             split: return the user part and the item part separately instead of concatenated rows.
+            warm_idx: Long[..., N] the items' warm indices to use instead of the catalogue's (0 hides
+                an item's id, as for a cold item: id dropout in training).
 
         Returns:
             Float[..., N, out_dim] one row per (user, item) pair: [user part, item part]; with
@@ -111,7 +114,7 @@ class PreferenceEncoder(nn.Module):
         """
         user_vec = self.user(user_cat, user_num, user_multi)
         item_vec = self.item(self.item_cat[items], self.item_num[items], self.item_multi[items])
-        id_vec = self.item_id(self.item_warm_idx[items])
+        id_vec = self.item_id(self.item_warm_idx[items] if warm_idx is None else warm_idx)
         if split:
             return user_vec, torch.cat([item_vec, id_vec], dim=-1)
         user_rows = user_vec.unsqueeze(-2).expand(*item_vec.shape[:-1], user_vec.shape[-1])
@@ -275,13 +278,14 @@ class PreferenceModel(nn.Module):
         return logits
 
     def item_factor_rows(
-        self, items: torch.Tensor, weight: torch.Tensor | None = None
+        self, items: torch.Tensor, weight: torch.Tensor | None = None, warm_idx: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """The latent factors of items (None when the model has no user factors).
 
         Args:
             items: Long[...] item indices.
             weight: the item-factor table to use instead of the model's own (functional calls).
+            warm_idx: the items' warm indices to use instead of the catalogue's (id dropout).
 
         Returns:
             Float[..., F] factors (row 0 of the table, a learned fallback, for cold items) or None.
@@ -289,14 +293,19 @@ class PreferenceModel(nn.Module):
         if self.item_factors is None:
             return None
         table = self.item_factors.weight if weight is None else weight
-        return torch.nn.functional.embedding(self.encoder.item_warm_idx[items], table)
+        return torch.nn.functional.embedding(
+            self.encoder.item_warm_idx[items] if warm_idx is None else warm_idx, table
+        )
 
-    def item_offset(self, items: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def item_offset(
+        self, items: torch.Tensor, weight: torch.Tensor | None = None, warm_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The per-item logit offset (zeros when the model has no item bias).
 
         Args:
             items: Long[...] item indices.
             weight: the item-bias table to use instead of the model's own (functional calls).
+            warm_idx: the items' warm indices to use instead of the catalogue's (id dropout).
 
         Returns:
             Float[...] offsets added to the decoder output.
@@ -304,7 +313,9 @@ class PreferenceModel(nn.Module):
         if self.item_bias is None:
             return torch.zeros(items.shape, dtype=self.encoder.item_num.dtype, device=items.device)
         table = self.item_bias.weight if weight is None else weight
-        return torch.nn.functional.embedding(self.encoder.item_warm_idx[items], table).squeeze(-1)
+        return torch.nn.functional.embedding(
+            self.encoder.item_warm_idx[items] if warm_idx is None else warm_idx, table
+        ).squeeze(-1)
 
     def forward_batch(
         self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor

@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     # support rows, the rows baselines are fitted on; meta-training then refines them with the rest.
     "item_factor_init": True,
     "item_factor_init_reg": 10.0,  # that ALS fit's ridge penalty
+    # probability that a training row's item is seen as a cold item, so that the features alone also
+    # learn to rank (item cold-start); modes "decision" and "head" only
+    "id_dropout": 0.0,
     "learn_inner_lr": False,  # meta-learn a per-layer inner learning-rate scale (MAML only: 2nd order)
     "query_size": 10,  # inner-query rows per training task (re-split of the user's support rows)
     "seed": 0,  # seeds model init, task sampling and every RNG
@@ -407,7 +410,7 @@ def run_meta_training(
                                      weight_decay=float(cfg["weight_decay"]))  # fmt: skip
         learner = make_learner(
             method, model, int(cfg["inner_steps"]), float(cfg["inner_lr"]), cfg["adapt_mode"],
-            outer_loss=cfg["outer_loss"],
+            outer_loss=cfg["outer_loss"], id_dropout=float(cfg["id_dropout"]),
         )  # fmt: skip
         # Tasks of heavy training users (preprocessing's users_over_max) are capped to the size of an
         # evaluated user's support set, so they look like the tasks the model will meet.

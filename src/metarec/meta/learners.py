@@ -81,13 +81,20 @@ class TaskFunctions:
         return {name: self.params[name] for name in self.adapted_names}
 
     def inputs(
-        self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
+        self,
+        user_cat: torch.Tensor,
+        user_num: torch.Tensor,
+        user_multi: torch.Tensor,
+        items: torch.Tensor,
+        hidden_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Per-task inputs of :meth:`predict`, batched over T tasks.
 
         Args:
             user_cat: Long[T, C]; user_num: Float[T, D]; user_multi: Float[T, M] user features.
             items: Long[T, N] item indices.
+            hidden_ids: Bool[T, N] rows whose item is seen as a cold item (its id embedding, bias and
+                factors replaced by the cold fallback row): id dropout. Not in mode "all".
 
         Returns:
             A tuple of tensors with leading dim T (the raw inputs in mode "all"; otherwise the decoder
@@ -96,20 +103,26 @@ class TaskFunctions:
             once per task).
         """
         if self.split is None:
+            if hidden_ids is not None:
+                raise ValueError('id dropout needs an adapt mode that keeps the item side fixed, not "all"')
             return (user_cat, user_num, user_multi, items)
         encoder_params = _strip(self.params, "encoder.")
+        warm = self.model.encoder.item_warm_idx[items]
+        if hidden_ids is not None:
+            warm = warm.masked_fill(hidden_ids, 0)
         # The item bias and item factors are not adapted in these modes: precompute them with the rows.
-        per_row = [self.model.item_offset(items, self.params.get("item_bias.weight"))]
-        factor_rows = self.model.item_factor_rows(items, self.params.get("item_factors.weight"))
+        per_row = [self.model.item_offset(items, self.params.get("item_bias.weight"), warm)]
+        factor_rows = self.model.item_factor_rows(items, self.params.get("item_factors.weight"), warm)
         if factor_rows is not None:
             per_row.append(factor_rows)
+        encoder_inputs = (user_cat, user_num, user_multi, items)
         if self.split == 0:
             # The first layer is adapted: keep the user part apart, it is the same for all of a task's rows.
             user_vec, item_rows = functional_call(
-                self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items), {"split": True}
+                self.model.encoder, encoder_params, encoder_inputs, {"split": True, "warm_idx": warm}
             )
             return (user_vec, item_rows, *per_row)
-        rows = functional_call(self.model.encoder, encoder_params, (user_cat, user_num, user_multi, items))
+        rows = functional_call(self.model.encoder, encoder_params, encoder_inputs, {"warm_idx": warm})
         prefix_params = {
             name: tensor
             for name, tensor in _strip(self.params, "decoder.").items()
@@ -123,22 +136,25 @@ class TaskFunctions:
         return 1 if self.split == 0 else 0
 
     def support_query_inputs(
-        self, batch: TaskBatch
+        self, batch: TaskBatch, hidden_ids: torch.Tensor | None = None
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """:meth:`inputs` for the support and the query rows of a batch.
 
         Args:
             batch: T tasks.
+            hidden_ids: Bool[T, S + Q] id dropout of the support rows, then the query rows.
 
         Returns:
             ``(support_inputs, query_inputs)``.
         """
         users = (batch.user_cat, batch.user_num, batch.user_multi)
+        n_support = batch.support_items.shape[1]
         if self.split is None:
+            if hidden_ids is not None:
+                raise ValueError('id dropout needs an adapt mode that keeps the item side fixed, not "all"')
             return self.inputs(*users, batch.support_items), self.inputs(*users, batch.query_items)
         # One encoder pass over support and query rows together.
-        n_support = batch.support_items.shape[1]
-        inputs = self.inputs(*users, torch.cat([batch.support_items, batch.query_items], dim=1))
+        inputs = self.inputs(*users, torch.cat([batch.support_items, batch.query_items], dim=1), hidden_ids)
         shared, per_row = inputs[: self.shared_inputs()], inputs[self.shared_inputs() :]
         return (
             (*shared, *(tensor[:, :n_support] for tensor in per_row)),
@@ -431,6 +447,9 @@ class MetaLearner:
             reptile, which is first order by construction).
         outer_loss: the query loss the meta-update minimises: ``"mse"`` (default) or ``"l1"`` (aims
             at the median rating, i.e. at MAE). The inner loop always uses the masked MSE.
+        id_dropout: probability that a training row's item is seen as a cold item (id embedding, bias
+            and factors replaced by the cold fallback row), so that the model also learns to rank items
+            from their features (as DropoutNet). 0 disables it; needs adapt mode "decision" or "head".
     """
 
     def __init__(
@@ -442,6 +461,7 @@ class MetaLearner:
         adapt_mode: str = "decision",
         first_order: bool | None = None,
         outer_loss: str = "mse",
+        id_dropout: float = 0.0,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown meta-learning method {method!r}; expected one of {METHODS}")
@@ -455,6 +475,19 @@ class MetaLearner:
         if outer_loss not in OUTER_LOSSES:
             raise ValueError(f"unknown outer loss {outer_loss!r}; expected one of {sorted(OUTER_LOSSES)}")
         self.outer_loss = outer_loss
+        if not 0.0 <= float(id_dropout) < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout!r}")
+        if id_dropout > 0 and adapt_mode == "all":
+            raise ValueError(
+                'id_dropout needs adapt mode "decision" or "head": mode "all" adapts the item side'
+            )
+        self.id_dropout = float(id_dropout)
+
+    def _hidden_ids(self, n_tasks: int, n_rows: int, device: torch.device) -> torch.Tensor | None:
+        """Bool[T, N] rows whose item id is hidden this step (None without id dropout)."""
+        if self.id_dropout == 0.0:
+            return None
+        return torch.rand(n_tasks, n_rows, device=device) < self.id_dropout
 
     def meta_gradient(self, batch: TaskBatch, total_tasks: int | None = None) -> tuple[torch.Tensor, Params]:
         """Meta-loss and meta-gradient of the model's trainable parameters over a batch of tasks.
@@ -474,7 +507,9 @@ class MetaLearner:
         if self.method == "reptile":
             return self._reptile(batch, params, total)
         functions = TaskFunctions(self.model, params, self.adapt_mode)
-        support, query = functions.support_query_inputs(batch)
+        n_rows = batch.support_items.shape[1] + batch.query_items.shape[1]
+        hidden = self._hidden_ids(len(batch), n_rows, batch.support_items.device)
+        support, query = functions.support_query_inputs(batch, hidden)
         adapted = _adapt_inputs(functions, support, batch.support_ratings, batch.support_mask,
                                 self.inner_steps, self.inner_lr, self.first_order, True)  # fmt: skip
         task_losses = vmap(functions.outer_loss(self.outer_loss))(
@@ -492,7 +527,8 @@ class MetaLearner:
         items = torch.cat([batch.support_items, batch.query_items], dim=1)
         ratings = torch.cat([batch.support_ratings, batch.query_ratings], dim=1)
         mask = torch.cat([batch.support_mask, batch.query_mask], dim=1)
-        inputs = functions.inputs(batch.user_cat, batch.user_num, batch.user_multi, items)
+        hidden = self._hidden_ids(*items.shape, items.device)
+        inputs = functions.inputs(batch.user_cat, batch.user_num, batch.user_multi, items, hidden)
         adapted = _adapt_inputs(functions, inputs, ratings, mask, self.inner_steps, self.inner_lr, True, True)
         task_losses = vmap(functions.outer_loss(self.outer_loss))(adapted, inputs, ratings, mask)
         loss = task_losses.sum() / total
@@ -527,6 +563,7 @@ def make_learner(
     adapt_mode: str = "decision",
     first_order: bool | None = None,
     outer_loss: str = "mse",
+    id_dropout: float = 0.0,
 ) -> MetaLearner:
     """Builds a meta-learner; see :class:`MetaLearner` for the arguments.
 
@@ -536,4 +573,4 @@ def make_learner(
     Raises:
         ValueError: unknown method or adapt mode.
     """
-    return MetaLearner(model, method, inner_steps, inner_lr, adapt_mode, first_order, outer_loss)
+    return MetaLearner(model, method, inner_steps, inner_lr, adapt_mode, first_order, outer_loss, id_dropout)
