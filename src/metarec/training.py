@@ -29,7 +29,7 @@ import torch
 # Defaults (config keys; anything else raises ValueError). They are sized for MovieLens-100K on two CPU
 # cores (well under a minute per method); tests and the tiny synthetic pipeline pass smaller meta_steps.
 # The model settings (head mode, 8 user factors, priors of 3 pseudo-ratings, L1 outer loss) were chosen
-# by the mean *validation*-user metrics of three MovieLens-100K seeds, never by test users.
+# by the mean validation-user metrics of three MovieLens-100K seeds.
 DEFAULTS: dict[str, Any] = {
     "meta_steps": 500,  # outer (meta) optimisation steps
     "meta_batch": 32,  # tasks (users) per meta-step, global over all ranks
