@@ -108,17 +108,6 @@ def _val_mae(predict_fn, batch, chunk: int) -> float:
     return mae(_chunked_predict(predict_fn, batch, chunk), batch.query_ratings, batch.query_mask)
 
 
-def _training_rows(pre) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train users' support rows: the only ratings baselines (and meta-training) may learn from."""
-    frame = pre.interactions
-    rows = frame[(frame["user_split"] == "train") & (frame["role"] == "support")]
-    return (
-        torch.tensor(rows["user_idx"].to_numpy(), dtype=torch.long),
-        torch.tensor(rows["item_idx"].to_numpy(), dtype=torch.long),
-        torch.tensor(rows["rating"].to_numpy(), dtype=torch.float32),
-    )
-
-
 def _tune(name: str, candidates: list[tuple[dict, object]], val_batch, chunk: int, tune: bool):
     """Returns (settings, fitted baseline) with the lowest validation MAE among ``candidates``."""
     if not tune or val_batch is None or len(candidates) == 1:
@@ -150,7 +139,7 @@ def fit_baselines(
     """
     from metarec.baselines import Finetune, GlobalMean, GlobalModel, ItemUserBias, MFFoldIn
 
-    users, items, ratings = _training_rows(pre)
+    users, items, ratings = pre.training_rows()
     n_items = int(pre.item_warm_idx.shape[0])
     rating_min, rating_max = float(pre.schema["rating_min"]), float(pre.schema["rating_max"])
     scale = {"rating_min": rating_min, "rating_max": rating_max}

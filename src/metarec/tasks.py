@@ -228,6 +228,20 @@ class Preprocessed:
         self.user_split = self._user_split_codes()
         self._roles = self._index_roles()
 
+    def training_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The train users' support rows: the only ratings baselines and meta-training learn from.
+
+        Returns:
+            ``(user_idx Long[R], item_idx Long[R], rating Float[R])``.
+        """
+        frame = self.interactions
+        rows = frame[(frame["user_split"] == "train") & (frame["role"] == "support")]
+        return (
+            torch.tensor(rows["user_idx"].to_numpy(), dtype=torch.long),
+            torch.tensor(rows["item_idx"].to_numpy(), dtype=torch.long),
+            torch.tensor(rows["rating"].to_numpy(), dtype=torch.float32),
+        )
+
     @classmethod
     def load(cls, directory: str | Path) -> Preprocessed:
         """Reads a preprocessing output directory.

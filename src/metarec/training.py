@@ -225,17 +225,6 @@ def build_model(pre: Any, config: dict[str, Any]) -> Any:
     return model
 
 
-def _train_support_rows(pre: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(user_idx, item_idx, rating) of the train users' support rows: what meta-training learns from."""
-    rows = pre.interactions
-    rows = rows[(rows["user_split"] == "train") & (rows["role"] == "support")]
-    return (
-        torch.as_tensor(rows["user_idx"].to_numpy(copy=True), dtype=torch.long),
-        torch.as_tensor(rows["item_idx"].to_numpy(copy=True), dtype=torch.long),
-        torch.as_tensor(rows["rating"].to_numpy(copy=True), dtype=torch.float64),
-    )
-
-
 def init_item_factors(model: Any, pre: Any, reg: float, seed: int, with_item_bias: bool = True) -> None:
     """Starts the item factors (and the item bias) from a biased MF of the train users' support rows.
 
@@ -254,7 +243,7 @@ def init_item_factors(model: Any, pre: Any, reg: float, seed: int, with_item_bia
     """
     from metarec.baselines import MFFoldIn
 
-    users, items, ratings = _train_support_rows(pre)
+    users, items, ratings = pre.training_rows()
     mf = MFFoldIn(factors=model.n_user_factors, reg=reg, seed=seed).fit(users, items, ratings, model.n_items)
     span = model.rating_max - model.rating_min
     fraction = min(max((mf.global_mean - model.rating_min) / span, 0.05), 0.95)
@@ -286,7 +275,8 @@ def init_item_bias(model: Any, pre: Any, shrink: float) -> None:
     """
     from metarec.model import logit
 
-    _, items, ratings = _train_support_rows(pre)
+    _, items, ratings = pre.training_rows()
+    ratings = ratings.double()  # sums in float64 below
     warm = pre.item_warm_idx[items]
     mean = float(pre.schema.get("global_mean", ratings.mean().item() if len(ratings) else 3.0))
     size = model.item_bias.weight.shape[0]

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from metarec.meta.learners import user_design, user_newton_step
+from metarec.meta.learners import unpack_user_terms, user_design, user_newton_step
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 Params = dict[str, torch.Tensor]
@@ -241,7 +241,13 @@ class FastAdapter:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Float[T, N] logits with per-task parameters, and the tail's layer inputs (for backward)."""
         outputs, inputs = self._tail_forward(params, task_rows.user_part, task_rows.rows)
-        return _add_user_terms(outputs + task_rows.offsets, params, task_rows.factor_rows), inputs
+        logits = self.model.user_offset(
+            outputs + task_rows.offsets,
+            params.get("user_bias"),
+            task_rows.factor_rows,
+            params.get("user_factors"),
+        )
+        return logits, inputs
 
     # -------------------------------------------------------------------------------- public
 
@@ -384,18 +390,7 @@ class FastAdapter:
 # ------------------------------------------------------------------------------------------------
 # User-side adapted terms: per-user parameters that enter the logits linearly, the scalar
 # ``user_bias`` (d logit / d bias = 1) and the vector ``user_factors`` (d logit / d factors = the
-# row's item factors). Their forward contribution and their inner-loop step live here only.
-
-
-def _add_user_terms(logits: torch.Tensor, params: Params, factor_rows: torch.Tensor | None) -> torch.Tensor:
-    """Adds the per-task user terms to Float[T, N] logits (as ``PreferenceModel.user_offset``)."""
-    bias = params.get("user_bias")
-    if bias is not None:
-        logits = logits + bias.unsqueeze(-1)
-    factors = params.get("user_factors")
-    if factors is not None and factor_rows is not None:
-        logits = logits + (factor_rows * factors.unsqueeze(-2)).sum(-1)
-    return logits
+# row's item factors). Their forward contribution is the model's own ``user_offset``; their step is here.
 
 
 def _user_terms_step(
@@ -433,11 +428,7 @@ def _user_terms_step(
         return {}
     design = user_design(model, predictions, factor_rows)  # Float[T, S, P]
     gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
-    gradients, offset = {}, 0
-    for name in names:
-        size = current[name][0].numel()
-        gradients[name] = gradient[:, offset : offset + size].reshape(current[name].shape)
-        offset += size
+    gradients = unpack_user_terms(gradient, current, names)
     if newton:
         return user_newton_step(model, predictions, design, mask, current, initial, gradients)
     return {name: current[name] - rates[name] * gradients[name] for name in names}

@@ -335,9 +335,25 @@ def user_newton_step(
         curvature = 2.0 * weighted.transpose(-1, -2) @ design / count.unsqueeze(-1)
         curvature = curvature + torch.diag_embed(2.0 * prior + 1e-6)
         stepped = theta - torch.linalg.solve(curvature, gradient.unsqueeze(-1)).squeeze(-1)
+    return unpack_user_terms(stepped, current, names)
+
+
+def unpack_user_terms(vector: torch.Tensor, like: Params, names: list[str]) -> Params:
+    """Splits Float[..., P] packed user terms (``names`` side by side) back into tensors shaped as ``like``.
+
+    Args:
+        vector: the packed values; leading dims ``...`` as ``like``'s (none inside ``vmap``).
+        like: tensors giving each name's shape (leading dims included).
+        names: the packed names, in packing order.
+
+    Returns:
+        name -> tensor of ``like[name]``'s shape.
+    """
+    lead = vector.shape[:-1]
     out, offset = {}, 0
-    for name, size in zip(names, sizes, strict=True):
-        out[name] = stepped[..., offset : offset + size].reshape(current[name].shape)
+    for name in names:
+        size = like[name].reshape(*lead, -1).shape[-1]
+        out[name] = vector[..., offset : offset + size].reshape(like[name].shape)
         offset += size
     return out
 
