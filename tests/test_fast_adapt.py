@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from test_model import N_ITEMS, N_WARM, user_inputs
+from test_model import N_ITEMS, N_WARM, adapt, predict, user_inputs
 
 from metarec.features import EncodedFeatures, FeatureDims
-from metarec.meta import adapt, predict
+from metarec.meta import Adapter, AdaptSettings
 from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.model import PreferenceModel
 from metarec.tasks import TaskBatch
@@ -70,8 +70,26 @@ def padded_batch(model, lengths=(1, 4, 7, 2), n_query=6, seed=1) -> TaskBatch:
 
 
 def generic(model, batch, steps, mode, items):
-    adapted = adapt(model, None, batch, steps, LR, mode, create_graph=False)
+    adapted = adapt(model, batch, steps, LR, mode)
     return adapted, predict(model, adapted, batch.user_cat, batch.user_num, batch.user_multi, items, mode)
+
+
+def fast_adapter(model, mode, steps) -> Adapter:
+    adapter = Adapter(model, AdaptSettings(mode, steps, LR), fast=True)
+    assert adapter.fast is not None
+    return adapter
+
+
+def users_of(batch) -> EncodedFeatures:
+    return EncodedFeatures(batch.user_cat, batch.user_num, batch.user_multi)
+
+
+def fast_adapt_and_score(model, mode, batch, steps, items):
+    """The fast path's state and its scores of ``items`` (Long[T, N])."""
+    adapter = fast_adapter(model, mode, steps)
+    users = users_of(batch)
+    state = adapter.adapt(users, batch.support_items, batch.support_ratings, batch.support_mask)
+    return state, adapter.score(users, state, items)
 
 
 # (learn_inner_lr, item_bias): each on and off.
@@ -90,25 +108,21 @@ def test_fast_path_equals_generic_adapt_and_predict(mode, user_terms, learn_inne
     items = torch.cat([batch.support_items, batch.query_items], dim=1)
     expected_params, expected = generic(model, batch, steps, mode, items)
 
-    fast = FastAdapter(model, mode)
-    users = (batch.user_cat, batch.user_num, batch.user_multi)
-    support = (batch.support_items, batch.support_ratings, batch.support_mask)
-    adapted, before = fast.adapt(*users, *support, steps, LR)
+    adapted, scores = fast_adapt_and_score(model, mode, batch, steps, items)
     assert set(adapted) == set(expected_params)
     for name, tensor in expected_params.items():
         # Relative too: a Gauss-Newton step on a nearly saturated task can move a factor far (~100).
         expected_tensor = tensor.expand_as(adapted[name])
         torch.testing.assert_close(adapted[name], expected_tensor, atol=ATOL, rtol=ATOL, msg=name)
-    result = fast.adapt_and_score(*users, *support, steps, LR, score_items=batch.query_items)
-    n_support = batch.support_items.shape[1]
-    torch.testing.assert_close(result.support_after, expected[:, :n_support], atol=ATOL, rtol=0)
-    torch.testing.assert_close(result.scores, expected[:, n_support:], atol=ATOL, rtol=0)
-    unadapted = model.forward_batch(*users, batch.support_items).detach()
-    torch.testing.assert_close(result.support_before, unadapted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(scores, expected, atol=ATOL, rtol=0)
+    adapter = fast_adapter(model, mode, steps)
+    before = adapter.score(users_of(batch), adapter.prior_state(len(batch)), batch.support_items)
+    unadapted = model(batch.user_cat, batch.user_num, batch.user_multi, batch.support_items).detach()
     torch.testing.assert_close(before, unadapted, atol=ATOL, rtol=0)
     if steps > 0:
         # The comparison is not vacuous: adaptation moved the predictions well beyond the tolerance.
-        assert float((result.support_after - unadapted).abs().max()) > 1e-2
+        n_support = batch.support_items.shape[1]
+        assert float((scores[:, :n_support] - unadapted).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("hidden", [(), (12,), (16, 8, 4)])
@@ -118,24 +132,8 @@ def test_fast_path_handles_any_decoder_depth(hidden, mode):
     batch = padded_batch(model, lengths=(3, 5))
     items = torch.cat([batch.support_items, batch.query_items], dim=1)
     _, expected = generic(model, batch, 3, mode, items)
-    result = FastAdapter(model, mode).adapt_and_score(
-        batch.user_cat, batch.user_num, batch.user_multi, batch.support_items, batch.support_ratings,
-        batch.support_mask, 3, LR, score_items=batch.query_items,
-    )  # fmt: skip
-    torch.testing.assert_close(
-        torch.cat([result.support_after, result.scores], 1), expected, atol=ATOL, rtol=0
-    )
-
-
-def test_default_scores_cover_the_whole_catalogue():
-    model = random_model(**USER_TERMS["bias_factors_sgd"])
-    batch = padded_batch(model)
-    catalogue = torch.arange(N_ITEMS).expand(len(batch), -1)
-    _, expected = generic(model, batch, 2, "decision", catalogue)
-    fast = FastAdapter(model, "decision")
-    result = fast.adapt_and_score(batch.user_cat, batch.user_num, batch.user_multi, batch.support_items,
-                                  batch.support_ratings, batch.support_mask, 2, LR)  # fmt: skip
-    torch.testing.assert_close(result.scores, expected, atol=ATOL, rtol=0)
+    _, scores = fast_adapt_and_score(model, mode, batch, 3, items)
+    torch.testing.assert_close(scores, expected, atol=ATOL, rtol=0)
 
 
 def test_user_bias_prior_takes_the_gauss_newton_step_not_sgd():
@@ -146,10 +144,7 @@ def test_user_bias_prior_takes_the_gauss_newton_step_not_sgd():
     batch = padded_batch(with_prior)
     biases = {}
     for name, model in (("prior", with_prior), ("sgd", without)):
-        fast, _ = FastAdapter(model, "decision").adapt(
-            batch.user_cat, batch.user_num, batch.user_multi, batch.support_items, batch.support_ratings,
-            batch.support_mask, 1, LR,
-        )  # fmt: skip
+        fast, _ = fast_adapt_and_score(model, "decision", batch, 1, batch.query_items)
         biases[name] = fast["user_bias"]
     assert float((biases["prior"] - biases["sgd"]).abs().min()) > 1e-3
 
@@ -159,6 +154,7 @@ def test_mode_all_and_unknown_parameters_fall_back():
     assert not supports_fast_path(model, "all")
     with pytest.raises(ValueError, match="does not support"):
         FastAdapter(model, "all")
+    assert Adapter(model, AdaptSettings("all"), fast=True).fast is None
     # A parameter whose role the fast path does not know (e.g. a future per-user term) disables it.
     model.register_parameter("user_embedding", torch.nn.Parameter(torch.zeros(4)))
     assert not supports_fast_path(model, "decision")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import N_ITEMS, make_model, user_inputs
+from test_model import N_ITEMS, adapt, make_model, predict, user_inputs
 
-from metarec.meta import adapt, make_learner, masked_mse, predict
+from metarec.features import EncodedFeatures
+from metarec.meta import Adapter, AdaptSettings, MetaLearner, masked_mse
 from metarec.meta.reference import reference_meta_gradient
 from metarec.model import adapted_parameter_names
 from metarec.tasks import TaskBatch
@@ -37,7 +38,7 @@ def assert_grads_close(actual, expected, atol=2e-6):
 
 def maml_matching_the_loop(model, batch, mode, atol=2e-6):
     """The vmapped MAML meta-gradient (3 inner steps, lr 0.5), checked against the per-task loop."""
-    learner = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode)
+    learner = MetaLearner(model, "maml", inner_steps=3, inner_lr=0.5, adapt_mode=mode)
     loss, grads = learner.meta_gradient(batch)
     ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5, mode)
     torch.testing.assert_close(loss, ref_loss)
@@ -59,12 +60,10 @@ def test_vmapped_maml_equals_per_task_loop(mode):
 def test_fomaml_equals_first_order_loop_and_differs_from_maml(mode):
     model = make_model()
     batch = random_batch(model)
-    _, first = make_learner("fomaml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(
-        batch
-    )
+    _, first = MetaLearner(model, "fomaml", inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(batch)
     _, ref_first = reference_meta_gradient(model, batch, 3, 0.5, mode, first_order=True)
     assert_grads_close(first, ref_first)
-    _, second = make_learner("maml", model, inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(batch)
+    _, second = MetaLearner(model, "maml", inner_steps=3, inner_lr=0.5, adapt_mode=mode).meta_gradient(batch)
     # Second-order terms (the Hessian of the support loss) are non-zero for this non-linear model.
     difference = max(float((first[name] - second[name]).abs().max()) for name in first)
     assert difference > 1e-4
@@ -73,8 +72,8 @@ def test_fomaml_equals_first_order_loop_and_differs_from_maml(mode):
 def test_first_and_second_order_agree_without_inner_steps():
     model = make_model()
     batch = random_batch(model)
-    _, first = make_learner("fomaml", model, inner_steps=0, inner_lr=0.5).meta_gradient(batch)
-    _, second = make_learner("maml", model, inner_steps=0, inner_lr=0.5).meta_gradient(batch)
+    _, first = MetaLearner(model, "fomaml", inner_steps=0, inner_lr=0.5).meta_gradient(batch)
+    _, second = MetaLearner(model, "maml", inner_steps=0, inner_lr=0.5).meta_gradient(batch)
     assert_grads_close(first, second, atol=1e-7)
     # ... and both are then the plain query-loss gradient of the un-adapted model.
     _, plain = reference_meta_gradient(model, batch, 0, 0.5)
@@ -95,20 +94,20 @@ def test_padding_changes_nothing():
         padded(batch.query_items, 4, 2), padded(batch.query_ratings, 4, 1.0), padded(batch.query_mask, 4, 0.0),
     )  # fmt: skip
     for method in ("maml", "fomaml", "reptile"):
-        learner = make_learner(method, model, inner_steps=2, inner_lr=0.3)
+        learner = MetaLearner(model, method, inner_steps=2, inner_lr=0.3)
         loss, grads = learner.meta_gradient(batch)
         wide_loss, wide_grads = learner.meta_gradient(wide)
         torch.testing.assert_close(wide_loss, loss)
         assert_grads_close(wide_grads, grads, atol=1e-6)
     # Each task alone, trimmed to its real rows, adapts to the same parameters as in the padded batch.
-    adapted = adapt(model, None, wide, 2, 0.3, "decision", create_graph=False)
+    adapted = adapt(model, wide, 2, 0.3, "decision")
     for task in range(len(batch)):
         n_support = int(batch.support_mask[task].sum())
         alone = batch.select(slice(task, task + 1))
         alone.support_items = alone.support_items[:, :n_support]
         alone.support_ratings = alone.support_ratings[:, :n_support]
         alone.support_mask = alone.support_mask[:, :n_support]
-        single = adapt(model, None, alone, 2, 0.3, "decision", create_graph=False)
+        single = adapt(model, alone, 2, 0.3, "decision")
         for name in single:
             torch.testing.assert_close(single[name][0], adapted[name][task], atol=1e-6, rtol=1e-5)
 
@@ -116,11 +115,10 @@ def test_padding_changes_nothing():
 def test_adapt_reduces_support_loss_and_is_detached_for_serving():
     model = make_model()
     batch = random_batch(model, n_tasks=5)
-    with torch.no_grad():
-        adapted = adapt(model, None, batch, steps=10, lr=0.05, mode="decision")
+    adapted = adapt(model, batch, 10, 0.05, "decision")  # no graph even with autograd on
     assert all(not tensor.requires_grad and tensor.shape[0] == 5 for tensor in adapted.values())
     users = (batch.user_cat, batch.user_num, batch.user_multi)
-    before = model.forward_batch(*users, batch.support_items)
+    before = model(*users, batch.support_items)
     after = predict(model, adapted, *users, batch.support_items, "decision")
     loss_before = torch.stack(
         [masked_mse(before[t], batch.support_ratings[t], batch.support_mask[t]) for t in range(5)]
@@ -130,15 +128,15 @@ def test_adapt_reduces_support_loss_and_is_detached_for_serving():
     )
     assert torch.all(loss_after < loss_before)
     # Zero steps: the shared parameters, expanded per task; predictions equal the plain model's.
-    unchanged = adapt(model, None, batch, steps=0, lr=0.5, mode="head", create_graph=False)
+    unchanged = adapt(model, batch, 0, 0.5, "head")
     torch.testing.assert_close(predict(model, unchanged, *users, batch.query_items, "head"),
-                               model.forward_batch(*users, batch.query_items))  # fmt: skip
+                               model(*users, batch.query_items))  # fmt: skip
 
 
 def test_reptile_direction_is_the_task_gradient_after_one_step():
     model = make_model()
     batch = random_batch(model, n_tasks=4)
-    learner = make_learner("reptile", model, inner_steps=1, inner_lr=0.05, adapt_mode="decision")
+    learner = MetaLearner(model, "reptile", inner_steps=1, inner_lr=0.05, adapt_mode="decision")
     _, grads = learner.meta_gradient(batch)
     # One SGD step: (params - adapted) / lr is the gradient of the task loss on all its rows at params.
     expected = {
@@ -163,7 +161,7 @@ def test_reptile_direction_is_the_task_gradient_after_one_step():
 def test_shards_with_global_total_sum_to_the_full_batch_gradient():
     model = make_model()
     batch = random_batch(model, n_tasks=7)
-    learner = make_learner("maml", model, inner_steps=2, inner_lr=0.3)
+    learner = MetaLearner(model, "maml", inner_steps=2, inner_lr=0.3)
     loss, grads = learner.meta_gradient(batch)
     parts = [learner.meta_gradient(batch.select(part), total_tasks=7) for part in (slice(0, 3), slice(3, 7))]
     torch.testing.assert_close(parts[0][0] + parts[1][0], loss)
@@ -173,24 +171,24 @@ def test_shards_with_global_total_sum_to_the_full_batch_gradient():
 def test_unknown_method_or_mode_is_refused():
     model = make_model()
     with pytest.raises(ValueError, match="method"):
-        make_learner("protonet", model)
+        MetaLearner(model, "protonet")
     with pytest.raises(ValueError, match="adapt mode"):
-        make_learner("maml", model, adapt_mode="everything")
+        MetaLearner(model, "maml", adapt_mode="everything")
 
 
 def test_l1_outer_loss_is_the_query_mae_gradient():
     model = make_model()
     batch = random_batch(model, n_tasks=4)
-    loss, grads = make_learner("maml", model, inner_steps=0, outer_loss="l1").meta_gradient(batch)
+    loss, grads = MetaLearner(model, "maml", inner_steps=0, outer_loss="l1").meta_gradient(batch)
     users = (batch.user_cat, batch.user_num, batch.user_multi)
-    errors = (model.forward_batch(*users, batch.query_items) - batch.query_ratings).abs() * batch.query_mask
+    errors = (model(*users, batch.query_items) - batch.query_ratings).abs() * batch.query_mask
     expected_loss = (errors.sum(1) / batch.query_mask.sum(1)).mean()
     expected = torch.autograd.grad(expected_loss, list(model.parameters()))
     torch.testing.assert_close(loss, expected_loss.detach())
     for (name, _), gradient in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(grads[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="outer loss"):
-        make_learner("maml", model, outer_loss="huber")
+        MetaLearner(model, "maml", outer_loss="huber")
 
 
 def test_learned_inner_learning_rates_match_the_loop_and_get_meta_gradients():
@@ -200,24 +198,27 @@ def test_learned_inner_learning_rates_match_the_loop_and_get_meta_gradients():
             scale.fill_(0.3 * index - 0.5)
     assert not any(name.startswith("inner_lr_log") for name in adapted_parameter_names(model, "all"))
     batch = random_batch(model)
-    loss, grads = make_learner("maml", model, inner_steps=3, inner_lr=0.5).meta_gradient(batch)
+    loss, grads = MetaLearner(model, "maml", inner_steps=3, inner_lr=0.5).meta_gradient(batch)
     ref_loss, ref_grads = reference_meta_gradient(model, batch, 3, 0.5)
     torch.testing.assert_close(loss, ref_loss)
     assert_grads_close(grads, ref_grads)
     assert all(grads[f"inner_lr_log.{key}"].abs() > 0 for key in model.inner_lr_log)
     # The scales change adaptation: zeroing them gives a different result.
-    before = adapt(model, None, batch, 3, 0.5, "decision", create_graph=False)
+    before = adapt(model, batch, 3, 0.5, "decision")
     with torch.no_grad():
         for scale in model.inner_lr_log.values():
             scale.zero_()
-    after = adapt(model, None, batch, 3, 0.5, "decision", create_graph=False)
+    after = adapt(model, batch, 3, 0.5, "decision")
     assert not torch.allclose(before["decoder.0.weight"], after["decoder.0.weight"])
 
 
 def test_first_order_adapt_keeps_the_identity_path():
     model = make_model()
     batch = random_batch(model, n_tasks=3)
-    adapted = adapt(model, None, batch, 2, 0.3, "head", first_order=True, create_graph=True)
+    adapter = Adapter(model, AdaptSettings("head", 2, 0.3))
+    users = EncodedFeatures(batch.user_cat, batch.user_num, batch.user_multi)
+    inputs = adapter.inputs(users, batch.support_items)
+    adapted = adapter.adapt_inputs(inputs, batch.support_ratings, batch.support_mask, first_order=True)
     weight = model.get_parameter("decoder.4.weight")
     (gradient,) = torch.autograd.grad(adapted["decoder.4.weight"].sum(), [weight])
     torch.testing.assert_close(gradient, torch.full_like(weight, 3.0))  # d(sum over 3 tasks)/d(start) = 3
@@ -229,7 +230,7 @@ def test_user_bias_moves_during_adaptation_and_matches_the_loop(mode):
     batch = random_batch(model)
     grads = maml_matching_the_loop(model, batch, mode)
     assert grads["user_bias"].abs() > 0
-    adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)
+    adapted = adapt(model, batch, 3, 0.5, mode)
     assert adapted["user_bias"].shape == (len(batch),)
     assert bool((adapted["user_bias"] != 0).all())
 
@@ -243,14 +244,14 @@ def test_user_bias_gauss_newton_steps_match_the_loop_and_fit_the_rating_level(mo
     shifted = TaskBatch(**{**batch.__dict__, "support_ratings": batch.support_mask * 4.5})
     before = predict(
         model,
-        adapt(model, None, shifted, 0, 0.0, "head", create_graph=False),
+        adapt(model, shifted, 0, 0.0, "head"),
         shifted.user_cat,
         shifted.user_num,
         shifted.user_multi,
         shifted.support_items,
         "head",
     )
-    adapted = adapt(model, None, shifted, 5, 0.0, "head", create_graph=False)
+    adapted = adapt(model, shifted, 5, 0.0, "head")
     after = predict(
         model, adapted, shifted.user_cat, shifted.user_num, shifted.user_multi, shifted.support_items, "head"
     )
@@ -272,7 +273,7 @@ def test_user_factors_match_the_loop_and_get_meta_gradients(mode, prior):
     grads = maml_matching_the_loop(model, batch, mode, atol=1e-5)
     assert grads["user_factors"].abs().sum() > 0
     assert grads["item_factors.weight"].abs().sum() > 0
-    adapted = adapt(model, None, batch, 3, 0.5, mode, create_graph=False)
+    adapted = adapt(model, batch, 3, 0.5, mode)
     assert adapted["user_factors"].shape == (len(batch), 4)
     assert bool((adapted["user_factors"] != model.user_factors.detach()).any(dim=1).all())
 
@@ -284,7 +285,7 @@ def test_user_terms_gauss_newton_steps_reach_the_map_fit():
     with torch.no_grad():
         model.item_factors.weight.normal_(std=0.5)
     batch = random_batch(model)
-    adapted = adapt(model, None, batch, 25, 0.0, "head", create_graph=False)
+    adapted = adapt(model, batch, 25, 0.0, "head")
     for task in range(len(batch)):
         bias = adapted["user_bias"][task].clone().requires_grad_(True)
         factors = adapted["user_factors"][task].clone().requires_grad_(True)
@@ -310,23 +311,23 @@ def test_id_dropout_shows_hidden_rows_as_cold_items(method, mode):
 
     model = make_model(user_bias=True, user_bias_prior=2.0, user_factors=3)
     batch = random_batch(model)
-    learner = make_learner(method, model, inner_steps=3, inner_lr=0.5, adapt_mode=mode, id_dropout=0.5)
+    learner = MetaLearner(model, method, inner_steps=3, inner_lr=0.5, adapt_mode=mode, id_dropout=0.5)
     learner._hidden_ids = lambda n_tasks, n_rows, device: torch.ones(n_tasks, n_rows, dtype=torch.bool)
     loss, grads = learner.meta_gradient(batch)
     # Every id hidden = the same model with a catalogue of cold items only.
     cold = copy.deepcopy(model)
     cold.encoder.item_warm_idx.zero_()
-    expected_loss, expected = make_learner(
-        method, cold, inner_steps=3, inner_lr=0.5, adapt_mode=mode
+    expected_loss, expected = MetaLearner(
+        cold, method, inner_steps=3, inner_lr=0.5, adapt_mode=mode
     ).meta_gradient(batch)
     torch.testing.assert_close(loss, expected_loss)
     assert_grads_close(grads, expected)
     assert float(grads["item_bias.weight"][1:].abs().max()) == 0.0  # no warm row learns from hidden rows
     assert float(grads["item_bias.weight"][0].abs().max()) > 0.0
     # A real draw hides about the requested share of rows.
-    drawn = make_learner(method, model, adapt_mode=mode, id_dropout=0.3)._hidden_ids(
+    drawn = MetaLearner(model, method, adapt_mode=mode, id_dropout=0.3)._hidden_ids(
         200, 50, torch.device("cpu")
     )
     assert 0.27 < float(drawn.float().mean()) < 0.33
     with pytest.raises(ValueError, match="id_dropout"):
-        make_learner(method, model, adapt_mode="all", id_dropout=0.3)
+        MetaLearner(model, method, adapt_mode="all", id_dropout=0.3)

@@ -28,6 +28,23 @@ def make_model(user_dims=None, item_dims=None, **kwargs) -> PreferenceModel:
     )
 
 
+def adapt(model: PreferenceModel, batch, steps: int, lr: float, mode: str, fast: bool = False):
+    """A batch's tasks adapted on their support rows with :class:`metarec.meta.Adapter` (a UserState)."""
+    from metarec.meta import Adapter, AdaptSettings
+
+    adapter = Adapter(model, AdaptSettings(mode, steps, lr), fast=fast)
+    users = EncodedFeatures(batch.user_cat, batch.user_num, batch.user_multi)
+    return adapter.adapt(users, batch.support_items, batch.support_ratings, batch.support_mask)
+
+
+def predict(model: PreferenceModel, state, cat, num, multi, items, mode: str, fast: bool = False):
+    """Scores ``items`` (Long[T, N]) with each task's state (:meth:`metarec.meta.Adapter.score`)."""
+    from metarec.meta import Adapter, AdaptSettings
+
+    adapter = Adapter(model, AdaptSettings(mode), fast=fast)
+    return adapter.score(EncodedFeatures(cat, num, multi), state, items)
+
+
 def user_inputs(model: PreferenceModel, batch: int | None = None):
     shape = () if batch is None else (batch,)
     cat = torch.stack([torch.randint(0, size, shape) for size in model.user_dims.cat_sizes], dim=-1)
@@ -38,16 +55,16 @@ def test_forward_one_user_and_batch_agree_and_stay_in_range():
     model = make_model(rating_min=1.0, rating_max=5.0)
     cat, num, multi = user_inputs(model, batch=3)
     items = torch.randint(0, N_ITEMS, (3, 11))
-    batched = model.forward_batch(cat, num, multi, items)
+    batched = model(cat, num, multi, items)
     assert batched.shape == (3, 11)
     for user in range(3):
         single = model(cat[user], num[user], multi[user], items[user])
         torch.testing.assert_close(single, batched[user])
     with torch.no_grad():
         model.decoder[-1].bias.fill_(50.0)
-        high = model.forward_batch(cat, num, multi, items)
+        high = model(cat, num, multi, items)
         model.decoder[-1].bias.fill_(-50.0)
-        low = model.forward_batch(cat, num, multi, items)
+        low = model(cat, num, multi, items)
     assert torch.all(high <= 5.0) and torch.all(high > 4.99)
     assert torch.all(low >= 1.0) and torch.all(low < 1.01)
 
@@ -88,11 +105,10 @@ def test_zero_width_blocks_get_no_layer():
     assert model.encoder.user.num is None and model.encoder.user.multi is None
     assert model.encoder.item.num is None and model.encoder.item.multi is not None
     cat, num, multi = user_inputs(model, batch=2)
-    assert model.forward_batch(cat, num, multi, torch.randint(0, N_ITEMS, (2, 4))).shape == (2, 4)
+    assert model(cat, num, multi, torch.randint(0, N_ITEMS, (2, 4))).shape == (2, 4)
 
 
 def test_a_model_without_user_features_adapts():
-    from metarec.meta import adapt, predict
     from metarec.tasks import TaskBatch
 
     model = make_model(user_dims=FeatureDims([], 0, 0))
@@ -101,7 +117,7 @@ def test_a_model_without_user_features_adapts():
     empty_long, empty = torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0)
     batch = TaskBatch(empty_long, empty, empty, items, torch.full((3, 6), 4.0), torch.ones(3, 6),
                       items, torch.full((3, 6), 4.0), torch.ones(3, 6))  # fmt: skip
-    adapted = adapt(model, None, batch, 3, 0.1, "decision", create_graph=False)
+    adapted = adapt(model, batch, 3, 0.1, "decision")
     assert predict(model, adapted, empty_long, empty, empty, items, "decision").shape == (3, 6)
 
 

@@ -12,7 +12,6 @@ import torch
 from metarec.serving.demo import build_demo_model
 from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
 
-from metarec import recommender as recommender_module
 from metarec.model import PreferenceModel
 from metarec.preprocessing import run_preprocessing
 from metarec.recommender import Recommender, RequestError, resolve_settings
@@ -172,25 +171,15 @@ def generic_rec(untrained_dir, preprocessed):
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
 def test_adapt_runs_one_vectorised_pass_per_step_count(rec, generic_rec, fast, monkeypatch):
     calls = []
-    if fast:
-        assert rec.fast_adapter is not None
-        real_pass = rec.fast_adapter.adapt_and_score
+    rec = rec if fast else generic_rec
+    assert (rec.adapter.fast is not None) == fast
+    real_adapt = rec.adapter.adapt
 
-        def counting_pass(user_cat, user_num, user_multi, items, ratings, mask, steps, lr, **kwargs):
-            calls.append((len(items), steps, tuple(mask.shape)))
-            return real_pass(user_cat, user_num, user_multi, items, ratings, mask, steps, lr, **kwargs)
+    def counting_adapt(users, items, ratings, mask, steps=None):
+        calls.append((len(items), steps, tuple(mask.shape)))
+        return real_adapt(users, items, ratings, mask, steps)
 
-        monkeypatch.setattr(rec.fast_adapter, "adapt_and_score", counting_pass)
-    else:
-        rec = generic_rec
-        assert rec.fast_adapter is None
-        real_adapt = recommender_module.meta_adapt
-
-        def counting_adapt(model, params, batch, steps, lr, mode, **kwargs):
-            calls.append((len(batch), steps, tuple(batch.support_mask.shape)))
-            return real_adapt(model, params, batch, steps, lr, mode, **kwargs)
-
-        monkeypatch.setattr(recommender_module, "meta_adapt", counting_adapt)
+    monkeypatch.setattr(rec.adapter, "adapt", counting_adapt)
     support_long = [{"item_id": str(i), "rating": 3 + (i % 3)} for i in range(1, 8)]
     bodies = [{"support": GOOD_SUPPORT}, {"support": support_long}, {"support": GOOD_SUPPORT, "steps": 2}]
     results = rec.answer_batch(bodies, ["adapt"] * 3)
@@ -224,7 +213,7 @@ def test_fast_adapt_answers_equal_the_generic_path(model, untrained_dir, user_te
     model_dir = untrained_dir if model == "untrained" else user_terms_dir
     fast = Recommender.from_dir(model_dir, catalogue_dir=preprocessed)
     generic = Recommender.from_dir(model_dir, catalogue_dir=preprocessed, fast_adapt=False)
-    assert fast.fast_adapter is not None and generic.fast_adapter is None
+    assert fast.adapter.fast is not None and generic.adapter.fast is None
     support_long = [{"item_id": str(i), "rating": 1 + (i * 7) % 5} for i in range(10, 30)]
     bodies = [
         {"support": GOOD_SUPPORT, "k": 20},

@@ -160,9 +160,10 @@ def test_default_model_has_an_adapted_user_bias_and_data_initialised_item_bias(t
 
 
 def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
+    from metarec.meta import AdaptSettings
     from metarec.preprocessing import run_preprocessing
     from metarec.tasks import Preprocessed, scenario_tasks
-    from metarec.training import build_model, evaluate_adapted
+    from metarec.training import build_model, validate
 
     # The default synthetic set (600 users): its ratings come from latent tastes that MF can recover.
     run_preprocessing("synthetic", None, None, str(tmp_path / "pre"))
@@ -178,7 +179,8 @@ def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     # Before any meta-step, adapting only the user terms (inner lr 0) on the support rows predicts the
     # train users' held-out query rows better with the MF item side than with random item factors
     # (measured: MAE 0.698 vs 0.743).
-    with_mf = evaluate_adapted(fitted, batch, inner_steps=3, inner_lr=0.0, adapt_mode="head")
-    without = evaluate_adapted(random, batch, inner_steps=3, inner_lr=0.0, adapt_mode="head")
+    user_terms_only = AdaptSettings(mode="head", inner_steps=3, inner_lr=0.0)
+    with_mf = validate(fitted, batch, user_terms_only)
+    without = validate(random, batch, user_terms_only)
     assert with_mf["mae"] < without["mae"] - 0.02, (with_mf, without)
     assert with_mf["ndcg@3"] > without["ndcg@3"], (with_mf, without)

@@ -12,7 +12,7 @@ baseline predicts that user's query rows from it:
 - ``global_model``: a :class:`metarec.model.PreferenceModel` trained by plain minibatch Adam on all
   training rows; no meta-learning and no adaptation.
 - ``finetune``: that global model fine-tuned per user on the support set with the shared
-  :func:`metarec.meta.adapt` inner loop (plain transfer learning).
+  :class:`metarec.meta.Adapter` inner loop (plain transfer learning).
 
 Item indices are ``item_idx`` (0..n_items-1, warm and cold alike).
 """
@@ -441,7 +441,7 @@ class GlobalModel(RatingBaseline):
 
 
 class Finetune(RatingBaseline):
-    """The global model fine-tuned on each user's support set with the shared ``meta.adapt`` loop.
+    """The global model fine-tuned on each user's support set with the shared :class:`metarec.meta.Adapter` loop.
 
     Args:
         model: A trained global PreferenceModel (not modified).
@@ -476,29 +476,8 @@ class Finetune(RatingBaseline):
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         """See :meth:`RatingBaseline.predict`: adapts per user on the support rows, then scores."""
-        return self._clip(adapt_and_predict(self.model, batch, self.steps, self.lr, self.mode))
+        from metarec.meta import Adapter, AdaptSettings
 
-
-def adapt_and_predict(
-    model: torch.nn.Module, batch: TaskBatch, steps: int, lr: float, mode: str
-) -> torch.Tensor:
-    """Adapts ``model`` to every task's support set with :func:`metarec.meta.adapt` and scores its query rows.
-
-    Args:
-        model: A PreferenceModel (its weights are not changed).
-        batch: Few-shot tasks.
-        steps: Inner SGD steps (0 scores the unadapted model).
-        lr: Inner learning rate.
-        mode: Parameters to adapt ("all" | "decision" | "head").
-
-    Returns:
-        Float[T, Q] predictions (not clipped).
-    """
-    from metarec.meta import adapt, predict
-
-    model.eval()
-    with torch.no_grad():
-        adapted = adapt(model, None, batch, steps, lr, mode, create_graph=False)
-        return predict(
-            model, adapted, batch.user_cat, batch.user_num, batch.user_multi, batch.query_items, mode=mode
-        )
+        self.model.eval()
+        settings = AdaptSettings.from_dict(mode=self.mode, inner_steps=self.steps, inner_lr=self.lr)
+        return self._clip(Adapter(self.model, settings).score_tasks(batch))

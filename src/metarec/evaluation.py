@@ -237,15 +237,14 @@ class MetaModelPredictor:
     """
 
     def __init__(self, model_dir: str | Path):
+        from metarec.meta import Adapter, AdaptSettings
         from metarec.model import PreferenceModel, read_model_json
 
         self.model_dir = str(model_dir)
         self.model = PreferenceModel.from_dir(model_dir)
         document = read_model_json(model_dir)
-        adapt_settings = document.get("adapt", {})
-        self.mode = adapt_settings.get("mode", "decision")
-        self.steps = int(adapt_settings.get("inner_steps", 5))
-        self.lr = float(adapt_settings.get("inner_lr", 0.01))
+        self.settings = AdaptSettings.from_dict(document.get("adapt"))
+        self.adapter = Adapter(self.model, self.settings)
         self.method = document.get("method")
         self.config = document.get("config", {})
 
@@ -258,9 +257,7 @@ class MetaModelPredictor:
         Returns:
             Float[T, Q] predicted ratings.
         """
-        from metarec.baselines import adapt_and_predict
-
-        return adapt_and_predict(self.model, batch, self.steps, self.lr, self.mode)
+        return self.adapter.score_tasks(batch)
 
 
 def run_evaluation(
@@ -340,8 +337,10 @@ def run_evaluation(
                 scores = _score(_chunked_predict(predict_fn, batch, chunk), batch, ndcg_ks)
                 kshot[scenario][name][str(int(k))] = {metric: scores[metric] for metric in KSHOT_METRICS}
 
-    methods = {name: {"kind": "meta", "model_dir": predictor.model_dir, "adapt": {"mode": predictor.mode,
-               "inner_steps": predictor.steps, "inner_lr": predictor.lr}} for name, predictor in meta_models.items()}  # fmt: skip
+    methods = {
+        name: {"kind": "meta", "model_dir": predictor.model_dir, "adapt": predictor.settings.to_dict()}
+        for name, predictor in meta_models.items()
+    }
     methods.update(
         {name: {"kind": "baseline", "settings": settings} for name, (_, settings) in fitted.items()}
     )

@@ -345,6 +345,40 @@ class PreferenceModel(nn.Module):
         with torch.no_grad():
             last.bias.fill_(logit(fraction))
 
+    def tail_start(self, mode: str) -> int | None:
+        """Where the adapted part of the decoder starts: the model's split for the inner loop.
+
+        Everything before this decoder layer (the encoder, the item bias and item factors too) is
+        fixed while a user adapts in ``mode``, so it runs once per task; the inner loop runs only the
+        tail from here on, plus the per-user terms.
+
+        Args:
+            mode: the adapt mode.
+
+        Returns:
+            The index in ``self.decoder`` of the first adapted layer, or None in mode "all" (the whole
+            model adapts).
+        """
+        if mode == "all":
+            return None
+        names = adapted_parameter_names(self, mode)
+        return min(int(name.split(".")[1]) for name in names if name.startswith("decoder."))
+
+    def split_first_layer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Splits the first decoder layer's weight into its user part and its item part.
+
+        The layer sees ``[user part, item part]`` rows (:class:`PreferenceEncoder`); the user part is the
+        same for all of a user's rows, so it is applied once per user and the item part per row.
+
+        Args:
+            weight: Float[..., out, in] the first layer's weight (batched per user or not).
+
+        Returns:
+            ``(user_weight, item_weight)``: Float[..., out, user_width], Float[..., out, in - user_width].
+        """
+        width = self.encoder.user.out_dim
+        return weight[..., :width], weight[..., width:]
+
     def decoder_linear_indices(self) -> list[int]:
         """Returns the positions of the decoder's linear layers in ``self.decoder``."""
         return [i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Linear)]

@@ -11,8 +11,8 @@ Requests (one JSON object each; a KServe v1 body ``{"instances": [...]}`` carrie
 * adapt: ``{"support": [{"item_id": "7", "rating": 5}, ...]}`` plus optional ``user`` or
   ``user_id``, ``steps``, ``k``, ``candidates``, ``exclude``. The support items are never
   recommended back. All adapt requests of a batch that take the same number of steps are adapted
-  together in one batched pass (padded supports, masks): :class:`metarec.meta.fast_adapt.FastAdapter`
-  in modes "decision"/"head", otherwise the vmapped :func:`metarec.meta.adapt`. Both compute the same.
+  together in one batched pass (padded supports, masks) of :class:`metarec.meta.Adapter` (autograd-free
+  in modes "decision"/"head", otherwise the vmapped ``torch.func`` loop; both compute the same).
 
 Every validation failure raises :class:`RequestError` with an HTTP status and a message naming the
 problem; :meth:`Recommender.answer_batch` turns them into per-request error answers.
@@ -32,12 +32,9 @@ import pandas as pd
 import torch
 
 from metarec.features import EncodedFeatures, FeatureEncoder
-from metarec.meta import adapt as meta_adapt
-from metarec.meta import masked_mse
-from metarec.meta import predict as meta_predict
-from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
+from metarec.meta import Adapter, AdaptSettings, masked_mse
 from metarec.model import PreferenceModel, read_model_json
-from metarec.tasks import TaskBatch, build_task_batch
+from metarec.tasks import build_task_batch
 
 ROUTE_RECOMMEND = ""
 ROUTE_ADAPT = "adapt"
@@ -196,8 +193,8 @@ class Recommender:
         model_card: The model card shown by ``describe`` (None when the directory has none).
         device: Torch device to run on.
         fast_adapt: Adapt with :class:`metarec.meta.fast_adapt.FastAdapter` (no autograd, same math)
-            when it supports the model's adapt mode; False always uses the generic
-            :func:`metarec.meta.adapt` / :func:`metarec.meta.predict`.
+            when it supports the model's adapt mode; False always uses the generic ``torch.func`` loop
+            (``Adapter(..., fast=False)``).
     """
 
     def __init__(
@@ -245,9 +242,10 @@ class Recommender:
             encoded = self.encoder.encode_users(users)
             self.user_features = EncodedFeatures(*(tensor.to(self.device) for tensor in encoded))
         # Single requests are dominated by torch.func dispatch overhead: adapt by hand when possible.
-        self.fast_adapter: FastAdapter | None = None
-        if fast_adapt and supports_fast_path(self.model, self.adapt_mode):
-            self.fast_adapter = FastAdapter(self.model, self.adapt_mode)
+        settings = AdaptSettings.from_dict(
+            mode=self.adapt_mode, inner_steps=self.default_steps, inner_lr=self.inner_lr
+        )
+        self.adapter = Adapter(self.model, settings, fast=fast_adapt)
 
     @classmethod
     def from_dir(
@@ -476,7 +474,7 @@ class Recommender:
         )
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
-        """Ranks the catalogue for a batch of users without adaptation (one forward pass).
+        """Ranks the catalogue for a batch of users without adaptation (one pass, the prior state).
 
         Args:
             requests: Validated recommend requests.
@@ -489,8 +487,7 @@ class Recommender:
             return []
         users = self._stack_users(requests)
         items = self.all_items.expand(len(requests), -1)
-        with torch.no_grad():
-            scores = self.model.forward_batch(users.cat, users.num, users.multi, items)
+        scores = self.adapter.score(users, self.adapter.prior_state(len(requests)), items)
         answers = []
         for row, request in enumerate(requests):
             user = {"user_id": request.user_id} if request.user_id is not None else {"features": True}
@@ -506,9 +503,9 @@ class Recommender:
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
         """Adapts the model to a batch of new users on their support ratings and ranks for each.
 
-        Requests taking the same number of steps share one batched pass of the meta-learning inner
-        loop (supports padded and masked): the autograd-free :class:`~metarec.meta.fast_adapt.FastAdapter`
-        when it supports the adapt mode, else :func:`metarec.meta.adapt` vmapped over the users.
+        Requests taking the same number of steps share one batched :meth:`metarec.meta.Adapter.adapt`
+        (supports padded and masked; autograd-free in modes "decision"/"head" unless ``fast_adapt``
+        is off).
 
         Args:
             requests: Validated adapt requests.
@@ -534,11 +531,13 @@ class Recommender:
         empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0))
         batch = build_task_batch(users, supports, [empty] * len(requests)).to(self.device)
         n_support = batch.support_items.shape[1]
-        with torch.no_grad():
-            if self.fast_adapter is not None:
-                before, after = self._fast_adapt_group(users, batch, steps)
-            else:
-                before, after = self._generic_adapt_group(users, batch, steps)
+        before = self.adapter.score(users, self.adapter.prior_state(len(requests)), batch.support_items)
+        state = self.adapter.adapt(
+            users, batch.support_items, batch.support_ratings, batch.support_mask, steps
+        )
+        # Support rows and the whole catalogue scored in one pass with each user's state.
+        items = torch.cat([batch.support_items, self.all_items.expand(len(batch), -1)], dim=1)
+        after = self.adapter.score(users, state, items)
         answers = []
         for row, request in enumerate(requests):
             mask = batch.support_mask[row]
@@ -555,35 +554,6 @@ class Recommender:
                 }
             )
         return answers
-
-    def _fast_adapt_group(
-        self, users: EncodedFeatures, batch: TaskBatch, steps: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support predictions before adaptation and [support, catalogue] predictions after (fast path)."""
-        result = self.fast_adapter.adapt_and_score(
-            users.cat,
-            users.num,
-            users.multi,
-            batch.support_items,
-            batch.support_ratings,
-            batch.support_mask,
-            steps,
-            self.inner_lr,
-        )
-        return result.support_before, torch.cat([result.support_after, result.scores], dim=1)
-
-    def _generic_adapt_group(
-        self, users: EncodedFeatures, batch: TaskBatch, steps: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`_fast_adapt_group`, with the generic ``torch.func`` inner loop (any adapt mode)."""
-        before = self.model.forward_batch(users.cat, users.num, users.multi, batch.support_items)
-        adapted = meta_adapt(
-            self.model, None, batch, steps, self.inner_lr, self.adapt_mode, create_graph=False
-        )
-        # Support rows and the whole catalogue scored in one pass with each user's parameters.
-        items = torch.cat([batch.support_items, self.all_items.expand(len(batch), -1)], dim=1)
-        after = meta_predict(self.model, adapted, users.cat, users.num, users.multi, items, self.adapt_mode)
-        return before, after
 
     # ---------------------------------------------------------------------------------- batches
 

@@ -291,43 +291,23 @@ def init_item_bias(model: Any, pre: Any, shrink: float) -> None:
         model.item_bias.weight.copy_(table.to(model.item_bias.weight.dtype).unsqueeze(-1))
 
 
-def evaluate_adapted(
-    model: Any, batch: Any, inner_steps: int, inner_lr: float, adapt_mode: str, chunk: int = 256
-) -> dict[str, float]:
-    """Adapts to every task on its support rows and scores its query rows.
+def validate(model: Any, batch: Any, settings: Any, chunk: int = 256) -> dict[str, float]:
+    """Adapts to every validation task on its support rows and scores its query rows.
 
     Args:
         model: the model.
         batch: a TaskBatch (e.g. ``scenario_tasks(pre, "user_cold", users_split="val")``).
-        inner_steps: inner SGD steps.
-        inner_lr: inner learning rate.
-        adapt_mode: adapt mode.
+        settings: the model's ``AdaptSettings``.
         chunk: tasks adapted per vectorised pass (bounds memory).
 
     Returns:
         ``{"mae", "rmse", "ndcg@3", "n_users"}`` pooled over every real query row (nDCG averaged
         over users).
     """
-    from metarec.meta import adapt, predict
+    from metarec.meta import Adapter
     from metarec.metrics import mae, ndcg_at_k, rmse
 
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(batch), chunk):
-            part = batch.select(slice(start, start + chunk))
-            adapted = adapt(model, None, part, inner_steps, inner_lr, adapt_mode, create_graph=False)
-            predictions.append(
-                predict(
-                    model,
-                    adapted,
-                    part.user_cat,
-                    part.user_num,
-                    part.user_multi,
-                    part.query_items,
-                    adapt_mode,
-                )  # fmt: skip
-            )
-    scores = torch.cat(predictions).cpu()
+    scores = Adapter(model, settings).score_tasks(batch, chunk).cpu()
     targets, mask = batch.query_ratings.cpu(), batch.query_mask.cpu()
     return {
         "mae": mae(scores, targets, mask),
@@ -378,7 +358,7 @@ def run_meta_training(
         ValueError: unknown method or config key.
     """
     from metarec import checkpoint, distributed
-    from metarec.meta import METHODS, make_learner
+    from metarec.meta import METHODS, AdaptSettings, MetaLearner
     from metarec.tasks import Preprocessed, TrainTaskSampler, scenario_tasks
 
     if method not in METHODS:
@@ -398,10 +378,13 @@ def run_meta_training(
         distributed.broadcast_parameters(context, model)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["outer_lr"]),
                                      weight_decay=float(cfg["weight_decay"]))  # fmt: skip
-        learner = make_learner(
-            method, model, int(cfg["inner_steps"]), float(cfg["inner_lr"]), cfg["adapt_mode"],
+        learner = MetaLearner(
+            model, method, int(cfg["inner_steps"]), float(cfg["inner_lr"]), cfg["adapt_mode"],
             outer_loss=cfg["outer_loss"], id_dropout=float(cfg["id_dropout"]),
         )  # fmt: skip
+        adapt_settings = AdaptSettings.from_dict(
+            mode=cfg["adapt_mode"], inner_steps=int(cfg["inner_steps"]), inner_lr=float(cfg["inner_lr"])
+        )
         # Tasks of heavy training users (preprocessing's users_over_max) are capped to the size of an
         # evaluated user's support set, so they look like the tasks the model will meet.
         max_ratings = pre.schema.get("tasks", {}).get("max_ratings")
@@ -462,8 +445,7 @@ def run_meta_training(
             if (val_every and step % val_every == 0) or step == total_steps:
                 validated = model if averaged is None else averaged
                 validated.eval()
-                metrics = evaluate_adapted(validated, val_batch, int(cfg["inner_steps"]), float(cfg["inner_lr"]),
-                                           cfg["adapt_mode"])  # fmt: skip
+                metrics = validate(validated, val_batch, adapt_settings)
                 val_history.append({"step": step, **metrics})
                 if metrics["mae"] < best["mae"]:
                     best_state = {

@@ -1,10 +1,23 @@
-"""Meta-learners (MAML, FOMAML, Reptile) and the vectorised inner loop shared with evaluation and serving.
+"""Adapting the model to users: the one adapt/score API and the meta-learners built on it.
 
-``adapt`` adapts a model to every task of a :class:`~metarec.tasks.TaskBatch` in one ``torch.func.vmap``
-pass; ``predict`` scores items with the adapted parameters; ``make_learner`` builds a meta-learner whose
-``meta_gradient(batch)`` returns ``(loss, grads)``.
+:class:`Adapter` adapts a model to T users on their support rows (:meth:`Adapter.adapt` returns a
+:data:`UserState`, the adapted parameters by name) and scores items with each user's state
+(:meth:`Adapter.score`). :class:`MetaLearner` (MAML, FOMAML, Reptile) computes meta-gradients through
+the same engine.
 """
 
-from metarec.meta.learners import METHODS, MetaLearner, adapt, make_learner, masked_mae, masked_mse, predict
+from metarec.meta.adapter import Adapter, AdaptSettings, UserState, select_users
+from metarec.meta.learners import METHODS, MetaLearner
+from metarec.meta.losses import OUTER_LOSSES, masked_mae, masked_mse
 
-__all__ = ["METHODS", "MetaLearner", "adapt", "make_learner", "masked_mae", "masked_mse", "predict"]
+__all__ = [
+    "METHODS",
+    "OUTER_LOSSES",
+    "AdaptSettings",
+    "Adapter",
+    "MetaLearner",
+    "UserState",
+    "masked_mae",
+    "masked_mse",
+    "select_users",
+]

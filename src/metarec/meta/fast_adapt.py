@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from metarec.meta.learners import unpack_user_terms, user_design, user_newton_step
+from metarec.features import EncodedFeatures
+from metarec.meta.user_terms import user_terms_step
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 Params = dict[str, torch.Tensor]
@@ -52,20 +53,6 @@ class _TaskRows(NamedTuple):
     rows: torch.Tensor
     offsets: torch.Tensor
     factor_rows: torch.Tensor | None
-
-
-class FastAdaptResult(NamedTuple):
-    """What serving needs from one batched adaptation.
-
-    Attributes:
-        support_before: Float[T, S] support predictions of the un-adapted model.
-        support_after: Float[T, S] support predictions after adaptation.
-        scores: Float[T, N] predicted ratings of the scored items after adaptation.
-    """
-
-    support_before: torch.Tensor
-    support_after: torch.Tensor
-    scores: torch.Tensor
 
 
 def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
@@ -95,7 +82,7 @@ def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
     adapted = set(adapted_parameter_names(model, mode))
     if not adapted <= {name for name in names if name.startswith("decoder.")} | set(USER_PARAMETERS):
         return False
-    first = _first_adapted_layer(adapted)
+    first = model.tail_start(mode)
     tail = layers[first:]
     # The tail alternates Linear, ReLU, ..., Linear, and every Linear in it is adapted (with its bias).
     for position, layer in enumerate(tail):
@@ -106,10 +93,6 @@ def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
             if layer.bias is None or not {f"decoder.{index}.weight", f"decoder.{index}.bias"} <= adapted:
                 return False
     return True
-
-
-def _first_adapted_layer(adapted_names) -> int:
-    return min(int(name.split(".")[1]) for name in adapted_names if name.startswith("decoder."))
 
 
 class FastAdapter:
@@ -133,7 +116,7 @@ class FastAdapter:
         self.mode = mode
         self.adapted_names = adapted_parameter_names(model, mode)
         self.user_terms = [name for name in self.adapted_names if name in USER_PARAMETERS]
-        self.first = _first_adapted_layer(self.adapted_names)
+        self.first = model.tail_start(mode)
         # Decoder indices of the adapted Linear layers (a ReLU sits between consecutive ones).
         self.linear_indices = list(range(self.first, len(model.decoder), 2))
         self.newton = model.user_bias_prior is not None and bool(self.user_terms)
@@ -155,7 +138,6 @@ class FastAdapter:
             torch.zeros(1, model.user_dims.n_multi, device=all_items.device),
         )
         _, item_rows = encoder(*no_user, all_items[None], split=True)
-        self.user_width = encoder.user.out_dim
         self.item_offsets = model.item_offset(all_items)  # Float[n_items]
         self.item_factor_rows = model.item_factor_rows(all_items)  # Float[n_items, F] or None
         if self.first == 0:
@@ -165,8 +147,8 @@ class FastAdapter:
         # The fixed prefix starts with a Linear on [user part, item part]: cache the item part's
         # projection; a request adds its user part, then the rest of the prefix runs on the rows.
         first_layer = model.decoder[0]
-        self.prefix_user_weight = first_layer.weight[:, : self.user_width]
-        self.catalogue_rows = item_rows[0] @ first_layer.weight[:, self.user_width :].T
+        self.prefix_user_weight, item_weight = model.split_first_layer(first_layer.weight)
+        self.catalogue_rows = item_rows[0] @ item_weight.T
         self.prefix_bias = first_layer.bias
         self.prefix_rest = model.decoder[1 : self.first]
 
@@ -208,9 +190,9 @@ class FastAdapter:
             inputs.append(hidden)
             if position == 0 and user_part is not None:
                 # [user, item] rows: the user part is the same for all of a task's rows.
-                width = user_part.shape[-1]
-                shared = torch.bmm(weight[:, :, :width], user_part.unsqueeze(-1)).squeeze(-1) + bias
-                hidden = torch.baddbmm(shared.unsqueeze(1), hidden, weight[:, :, width:].transpose(1, 2))
+                user_weight, item_weight = self.model.split_first_layer(weight)
+                shared = torch.bmm(user_weight, user_part.unsqueeze(-1)).squeeze(-1) + bias
+                hidden = torch.baddbmm(shared.unsqueeze(1), hidden, item_weight.transpose(1, 2))
             else:
                 hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight.transpose(1, 2))
         return hidden.squeeze(-1), inputs
@@ -262,26 +244,20 @@ class FastAdapter:
             }
         return self._rates[lr]
 
-    def encode_users(self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor):
-        """Float[T, user_width]: the encoder's user part for T users (Long[T, C], Float[T, D], Float[T, M])."""
-        return self.model.encoder.user(user_cat, user_num, user_multi)
-
     @torch.no_grad()
     def adapt(
         self,
-        user_cat: torch.Tensor,
-        user_num: torch.Tensor,
-        user_multi: torch.Tensor,
+        users: EncodedFeatures,
         support_items: torch.Tensor,
         support_ratings: torch.Tensor,
         support_mask: torch.Tensor,
         steps: int,
         lr: float,
-    ) -> tuple[Params, torch.Tensor]:
-        """Adapts T tasks on their support rows, as ``learners.adapt(..., create_graph=False)``.
+    ) -> Params:
+        """Adapts T users on their support rows, as :meth:`metarec.meta.adapter.Adapter.adapt`.
 
         Args:
-            user_cat: Long[T, C]; user_num: Float[T, D]; user_multi: Float[T, M] user features.
+            users: T users' encoded features.
             support_items: Long[T, S] support items (padding rows may hold any valid index).
             support_ratings: Float[T, S] support ratings.
             support_mask: Float[T, S] 1 for real rows, 0 for padding.
@@ -289,20 +265,10 @@ class FastAdapter:
             lr: base inner learning rate.
 
         Returns:
-            ``(adapted, support_before)``: the adapted parameters by name, each with leading dim T
-            (the names and shapes ``learners.adapt`` returns), and Float[T, S] the support predictions
-            of the un-adapted model.
+            The adapted parameters by name, each with leading dim T (a ``UserState``).
         """
-        adapted, before, _ = self._adapt(
-            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr
-        )
-        return adapted, before
-
-    def _adapt(self, user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr):
-        """:meth:`adapt`, also returning the encoded users (``(adapted, support_before, user_vec)``)."""
         n_tasks = support_items.shape[0]
-        user_vec = self.encode_users(user_cat, user_num, user_multi)
-        task_rows = self._fixed_inputs(user_vec, support_items)
+        task_rows = self._fixed_inputs(self.model.encoder.user(*users), support_items)
         initial = {
             name: self.start[name].expand(n_tasks, *self.start[name].shape) for name in self.adapted_names
         }
@@ -310,125 +276,44 @@ class FastAdapter:
         model = self.model
         span = model.rating_max - model.rating_min
         count = support_mask.sum(1).clamp(min=1.0)
-        current, before = initial, None
-        for step in range(steps + 1):
+        current = initial
+        for _ in range(steps):
             logits, inputs = self._predict_logits(current, task_rows)
             sigmoid = torch.sigmoid(logits)
             predictions = model.rating_min + span * sigmoid
-            if step == 0:
-                before = predictions
-            if step == steps:
-                break
             # d masked MSE / d logit of each row.
             logit_grad = 2.0 * (predictions - support_ratings) * support_mask / count.unsqueeze(1)
             logit_grad = logit_grad * span * sigmoid * (1.0 - sigmoid)
             grads = self._tail_backward(current, task_rows.user_part, inputs, logit_grad)
             updated = {name: current[name] - rates[name] * grads[name] for name in grads}
-            user_terms = _user_terms_step(
-                model,
-                current,
-                initial,
-                logit_grad,
-                factor_rows=task_rows.factor_rows,
-                predictions=predictions,
-                mask=support_mask,
-                rates=rates,
-                newton=self.newton,
+            updated.update(
+                user_terms_step(
+                    model,
+                    current,
+                    initial,
+                    logit_grad,
+                    factor_rows=task_rows.factor_rows,
+                    predictions=predictions,
+                    mask=support_mask,
+                    rates=rates,
+                    newton=self.newton,
+                )
             )
-            updated.update(user_terms)
             current = updated
-        return current, before, user_vec
+        return current
 
     @torch.no_grad()
-    def predict(self, adapted: Params, user_vec: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Predicted ratings of T tasks' items with their adapted parameters (as ``learners.predict``).
+    def predict(self, adapted: Params, users: EncodedFeatures, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of T users' items with their adapted parameters.
 
         Args:
-            adapted: the output of :meth:`adapt`.
-            user_vec: Float[T, user_width] from :meth:`encode_users`.
+            adapted: the output of :meth:`adapt` (or the prior state).
+            users: T users' encoded features.
             items: Long[T, N] item indices.
 
         Returns:
             Float[T, N] predicted ratings.
         """
-        logits, _ = self._predict_logits(adapted, self._fixed_inputs(user_vec, items))
+        task_rows = self._fixed_inputs(self.model.encoder.user(*users), items)
+        logits, _ = self._predict_logits(adapted, task_rows)
         return self.model.to_rating(logits)
-
-    @torch.no_grad()
-    def adapt_and_score(
-        self,
-        user_cat: torch.Tensor,
-        user_num: torch.Tensor,
-        user_multi: torch.Tensor,
-        support_items: torch.Tensor,
-        support_ratings: torch.Tensor,
-        support_mask: torch.Tensor,
-        steps: int,
-        lr: float,
-        score_items: torch.Tensor | None = None,
-    ) -> FastAdaptResult:
-        """Adapts T tasks on their support rows, then scores their support rows and items.
-
-        Args:
-            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr:
-                as in :meth:`adapt`.
-            score_items: Long[T, N] items to score per task; None scores the whole catalogue.
-
-        Returns:
-            The support predictions before and after adaptation and the scores.
-        """
-        adapted, before, user_vec = self._adapt(
-            user_cat, user_num, user_multi, support_items, support_ratings, support_mask, steps, lr
-        )
-        n_tasks, n_support = support_items.shape
-        if score_items is None:
-            score_items = torch.arange(self.model.n_items, device=support_items.device).expand(n_tasks, -1)
-        after = self.predict(adapted, user_vec, torch.cat([support_items, score_items], dim=1))
-        return FastAdaptResult(before, after[:, :n_support], after[:, n_support:])
-
-
-# ------------------------------------------------------------------------------------------------
-# User-side adapted terms: per-user parameters that enter the logits linearly, the scalar
-# ``user_bias`` (d logit / d bias = 1) and the vector ``user_factors`` (d logit / d factors = the
-# row's item factors). Their forward contribution is the model's own ``user_offset``; their step is here.
-
-
-def _user_terms_step(
-    model: PreferenceModel,
-    current: Params,
-    initial: Params,
-    logit_grad: torch.Tensor,
-    factor_rows: torch.Tensor | None,
-    predictions: torch.Tensor,
-    mask: torch.Tensor,
-    rates: dict[str, torch.Tensor | float],
-    newton: bool,
-) -> Params:
-    """One inner step of the user terms, from the pre-step parameters.
-
-    SGD with each term's rate, or (``newton``) the damped Gauss-Newton step that the vectorised loop
-    takes (:func:`metarec.meta.learners.user_newton_step`, the same function, on T tasks at once).
-
-    Args:
-        model: the model (rating range, priors).
-        current: the pre-step parameters (leading dim T).
-        initial: the starting (meta-learned) parameters, expanded to T (the prior's mean).
-        logit_grad: Float[T, S] d support loss / d logit per row.
-        factor_rows: Float[T, S, F] the support rows' item factors, or None.
-        predictions: Float[T, S] support predictions at ``current``.
-        mask: Float[T, S] 1 for real support rows.
-        rates: inner learning rates by name.
-        newton: take the Gauss-Newton step instead of SGD.
-
-    Returns:
-        The updated user terms by name (empty when the model has none).
-    """
-    names = [name for name in USER_PARAMETERS if name in current]
-    if not names:
-        return {}
-    design = user_design(model, predictions, factor_rows)  # Float[T, S, P]
-    gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
-    gradients = unpack_user_terms(gradient, current, names)
-    if newton:
-        return user_newton_step(model, predictions, design, mask, current, initial, gradients)
-    return {name: current[name] - rates[name] * gradients[name] for name in names}

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import functional_call
 
-from metarec.meta.learners import masked_mse, user_design, user_newton_step
+from metarec.meta.losses import masked_mse
+from metarec.meta.user_terms import user_design, user_newton_step
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 if TYPE_CHECKING:

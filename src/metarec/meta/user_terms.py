@@ -1,0 +1,167 @@
+"""The per-user terms of the model: how they enter the logit, and their inner-loop step.
+
+The user terms (``user_bias``, a scalar, and ``user_factors``, a vector of width F) enter the logit
+linearly: ``logit_i = rest_i + design_i . theta`` with ``theta = [user_bias, user_factors]`` and the
+*design row* ``design_i = [1, item_factors[item_i]]`` (``d logit_i / d theta``, :func:`user_design`).
+So the user-term update decomposes over the support rows: with ``r_i`` the residual of row i and
+``s_i`` the slope of the scaled sigmoid at its prediction,
+
+* the gradient of the support MSE is ``sum_i (2 / n) r_i s_i design_i`` (one term per row), and
+* the Gauss-Newton curvature is ``sum_i (2 / n) s_i^2 design_i design_i^T`` (one rank-one term per row)
+  plus the prior's ridge ``2 prior / n``,
+
+and :func:`user_newton_step` solves ``curvature @ step = gradient``. An explanation of a user's
+adapted terms can therefore attribute the step to support rows by their gradient terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metarec.model import USER_PARAMETERS, PreferenceModel
+
+Params = dict[str, torch.Tensor]
+
+
+def user_design(
+    model: PreferenceModel, predictions: torch.Tensor, factor_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """d logit / d (user terms) per row: a column of ones for the user bias, then the item factors.
+
+    Args:
+        model: the model (which user terms it has).
+        predictions: Float[..., N] the rows' predictions (gives the shape, dtype and device).
+        factor_rows: Float[..., N, F] the rows' item factors, or None.
+
+    Returns:
+        Float[..., N, P] with P = (1 with a user bias) + F.
+    """
+    columns = [torch.ones_like(predictions).unsqueeze(-1)] if model.user_bias is not None else []
+    if factor_rows is not None:
+        columns.append(factor_rows)
+    return torch.cat(columns, dim=-1)
+
+
+def user_newton_step(
+    model: PreferenceModel,
+    predictions: torch.Tensor,
+    design: torch.Tensor,
+    mask: torch.Tensor,
+    current: Params,
+    initial: Params,
+    gradients: Params,
+) -> Params:
+    """One damped Gauss-Newton (MAP) step of the user terms (bias and factors) together.
+
+    The objective is the support MSE plus ``prior / n * |theta - theta_0|^2`` (``prior`` pseudo-ratings at
+    the meta-learned starting point, as MF fold-in's ridge). The user terms enter the logit linearly
+    (``design`` @ theta) and the rating is ``rating_min + span * sigmoid(logit)``, so the Jacobian row of
+    item i is ``slope_i * design_i`` with ``slope = (p - rating_min) * (rating_max - p) / span`` at the
+    current prediction ``p``: the curvature needs only the current predictions.
+
+    Works on one task (inside ``vmap``) or on T tasks at once (leading dims ``...`` = mask's but the last).
+
+    Args:
+        model: the model (rating range, priors).
+        predictions: Float[..., N] current predictions of the support rows.
+        design: Float[..., N, P] d logit / d theta per row (:func:`user_design`).
+        mask: Float[..., N] 1 for real rows.
+        current: the current parameters (the step starts here), user terms shaped [..., *shape].
+        initial: the meta-learned starting point (the prior's mean), broadcastable to ``current``.
+        gradients: the support-MSE gradients at ``current``, shaped like ``current``.
+
+    Returns:
+        The stepped user terms by name (``user_bias`` and/or ``user_factors``).
+    """
+    lead = mask.shape[:-1]
+    names = [name for name in USER_PARAMETERS if name in current]
+    theta = _pack(current, names, lead)
+    span = model.rating_max - model.rating_min
+    slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
+    count = mask.sum(-1).clamp(min=1.0).unsqueeze(-1)  # Float[..., 1]
+    bias_prior = model.user_bias_prior
+    factor_prior = bias_prior if model.user_factor_prior is None else model.user_factor_prior
+    sizes = [current[name].reshape(*lead, -1).shape[-1] for name in names]
+    prior = torch.cat(
+        [theta.new_full((size,), bias_prior if name == "user_bias" else factor_prior)
+         for name, size in zip(names, sizes, strict=True)]
+    ) / count  # fmt: skip
+    initial_theta = torch.cat(
+        [initial[name].expand_as(current[name]).reshape(*lead, -1) for name in names], -1
+    )
+    gradient = _pack(gradients, names, lead) + 2.0 * prior * (theta - initial_theta)
+    weighted = design * (mask * slope**2).unsqueeze(-1)
+    if theta.shape[-1] == 1:
+        curvature = 2.0 * weighted.sum(-2) / count + 2.0 * prior + 1e-6
+        stepped = theta - gradient / curvature
+    else:
+        curvature = 2.0 * weighted.transpose(-1, -2) @ design / count.unsqueeze(-1)
+        curvature = curvature + torch.diag_embed(2.0 * prior + 1e-6)
+        stepped = theta - torch.linalg.solve(curvature, gradient.unsqueeze(-1)).squeeze(-1)
+    return unpack_user_terms(stepped, current, names)
+
+
+def unpack_user_terms(vector: torch.Tensor, like: Params, names: list[str]) -> Params:
+    """Splits Float[..., P] packed user terms (``names`` side by side) back into tensors shaped as ``like``.
+
+    Args:
+        vector: the packed values; leading dims ``...`` as ``like``'s (none inside ``vmap``).
+        like: tensors giving each name's shape (leading dims included).
+        names: the packed names, in packing order.
+
+    Returns:
+        name -> tensor of ``like[name]``'s shape.
+    """
+    lead = vector.shape[:-1]
+    out, offset = {}, 0
+    for name in names:
+        size = like[name].reshape(*lead, -1).shape[-1]
+        out[name] = vector[..., offset : offset + size].reshape(like[name].shape)
+        offset += size
+    return out
+
+
+def _pack(params: Params, names: list[str], lead: torch.Size) -> torch.Tensor:
+    return torch.cat([params[name].reshape(*lead, -1) for name in names], dim=-1)
+
+
+def user_terms_step(
+    model: PreferenceModel,
+    current: Params,
+    initial: Params,
+    logit_grad: torch.Tensor,
+    factor_rows: torch.Tensor | None,
+    predictions: torch.Tensor,
+    mask: torch.Tensor,
+    rates: dict[str, torch.Tensor | float],
+    newton: bool,
+) -> Params:
+    """One inner step of the user terms, from the pre-step parameters.
+
+    SGD with each term's rate, or (``newton``) the damped Gauss-Newton step :func:`user_newton_step`
+    (the one the autograd loop takes), on T tasks at once. The gradient is assembled per support row
+    from ``logit_grad`` and the design rows, so no autograd is needed.
+
+    Args:
+        model: the model (rating range, priors).
+        current: the pre-step parameters (leading dim T).
+        initial: the starting (meta-learned) parameters, expanded to T (the prior's mean).
+        logit_grad: Float[T, S] d support loss / d logit per row.
+        factor_rows: Float[T, S, F] the support rows' item factors, or None.
+        predictions: Float[T, S] support predictions at ``current``.
+        mask: Float[T, S] 1 for real support rows.
+        rates: inner learning rates by name.
+        newton: take the Gauss-Newton step instead of SGD.
+
+    Returns:
+        The updated user terms by name (empty when the model has none).
+    """
+    names = [name for name in USER_PARAMETERS if name in current]
+    if not names:
+        return {}
+    design = user_design(model, predictions, factor_rows)  # Float[T, S, P]
+    gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
+    gradients = unpack_user_terms(gradient, current, names)
+    if newton:
+        return user_newton_step(model, predictions, design, mask, current, initial, gradients)
+    return {name: current[name] - rates[name] * gradients[name] for name in names}
