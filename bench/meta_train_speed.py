@@ -2,7 +2,7 @@
 
 Data: the embedded synthetic data set (``run_preprocessing("synthetic", ...)`` into a temporary
 directory; MovieLens-100K layout and sizes per user), tasks drawn by ``TrainTaskSampler`` exactly as in
-meta-training, the model built with ``metarec.training.DEFAULTS``. Both implementations compute the
+meta-training, the model built with ``metarec.training.TrainSettings``. Both implementations compute the
 meta-gradient of the same model on the same tasks with the same inner steps; the script checks they
 agree (exit status 1 when they do not) and prints one JSON line last::
 
@@ -54,25 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from metarec.distributed import pick_device
-    from metarec.meta import make_learner
+    from metarec.meta import MetaLearner
     from metarec.meta.reference import reference_meta_gradient
+    from metarec.model_init import build_model
     from metarec.preprocessing import run_preprocessing
     from metarec.tasks import Preprocessed, TrainTaskSampler
-    from metarec.training import DEFAULTS, build_model, resolve_config
+    from metarec.training import TrainSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    config = resolve_config(None)
+    settings = TrainSettings()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="metarec-bench-") as tmp:
         run_preprocessing("synthetic", None, None, tmp)
         pre = Preprocessed.load(tmp)
-        model = build_model(pre, config).to(device)
-        sampler = TrainTaskSampler(pre, query_size=int(config["query_size"]), seed=0)
+        model = build_model(pre, settings).to(device)
+        sampler = TrainTaskSampler(pre, query_size=settings.query_size, seed=0)
         batches = [sampler.sample(args.meta_batch).to(device) for _ in range(args.steps)]
-    lr, mode = float(DEFAULTS["inner_lr"]), DEFAULTS["adapt_mode"]
-    learner = make_learner("maml", model, args.inner_steps, lr, mode)
+    lr, mode = settings.inner_lr, settings.adapt_mode
+    learner = MetaLearner(model, "maml", args.inner_steps, lr, mode)
 
     # Same meta-gradient from both implementations on every batch.
     max_diff = 0.0

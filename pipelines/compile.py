@@ -33,6 +33,7 @@ def compile_pipeline(options, output_path: str | Path) -> Path:
         The written path.
     """
     from kfp import compiler
+
     from metarec.pipelines.metarec_pipeline import build_pipeline
 
     output_path = Path(output_path)

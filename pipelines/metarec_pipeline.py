@@ -14,6 +14,7 @@ Every task gets CPU and memory requests; training tasks get retries, a time-out 
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
+
 from metarec.components.evaluate.component import evaluate
 from metarec.components.meta_train.component import meta_train
 from metarec.components.meta_train_pytorchjob.component import meta_train_pytorchjob

@@ -23,12 +23,14 @@ from typing import Any
 
 import yaml
 
+from metarec.selection import SelectSettings
+
 STEP_SECTIONS = {
     "preprocess": "metarec.preprocessing",
     "train": "metarec.training",
     "evaluate": "metarec.evaluation",
 }
-SELECT_DEFAULTS = {"metric": "ndcg@3", "scenario": "user_cold", "fail_if_worse": False}
+SELECT_DEFAULTS = SelectSettings().to_dict()
 PACKAGE_DEFAULTS = {"model_name": "metarec", "output_uri": "", "serving": {}}
 TOP_LEVEL_KEYS = ("methods", *STEP_SECTIONS, "select", "package")
 KNOWN_METHODS = ("maml", "fomaml", "reptile")

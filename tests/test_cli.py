@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from metarec.pipelines.run_config import load_run_config, pipeline_arguments, validate_run_config
 
 from metarec import cli
+from metarec.pipelines.run_config import load_run_config, pipeline_arguments, validate_run_config
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

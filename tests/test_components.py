@@ -9,6 +9,7 @@ import pytest
 import yaml
 from kfp import compiler, components, dsl
 from kfp.dsl import Artifact, Model, Output
+
 from metarec.components import build
 from metarec.components.common import (
     embed_images,
@@ -187,6 +188,7 @@ def test_component_loaded_from_yaml_compiles_in_a_pipeline(name, tmp_path):
 @pytest.fixture()
 def local_runner(tmp_path):
     from kfp import local
+
     from metarec.pipelines.local_run import _import_kfp_local_dispatcher
 
     _import_kfp_local_dispatcher()

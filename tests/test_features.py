@@ -53,7 +53,7 @@ def test_schema_round_trip_encodes_identically(encoder):
     a, b = encoder.encode_users(frame), reloaded.encode_users(frame)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-    assert FeatureEncoder.from_schema(encoder.schema).user_dims == encoder.user_dims
+    assert FeatureEncoder(encoder.schema).user_dims == encoder.user_dims
 
 
 def test_encode_users_oov_missing_and_standardisation(encoder):

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
-from metarec.serving.handler import MetaRecHandler, handler_settings
-from metarec.serving.noop_handler import NoopHandler
 from ts.context import Context, RequestProcessor
 
 from metarec.model import PreferenceModel
 from metarec.preprocessing import run_preprocessing
+from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
+from metarec.serving.handler import MetaRecHandler, handler_settings
+from metarec.serving.noop_handler import NoopHandler
 from metarec.tasks import Preprocessed
 
 CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {}}}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from metarec.pipelines.compile import compile_all, compile_pipeline, main, pipeline_filename
 from metarec.pipelines.metarec_pipeline import DEFAULT_METHODS, VARIANTS, PipelineOptions, Resources
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from metarec.pipelines.local_run import LocalRunError, failure_reason, run_local
 from metarec.pipelines.run_config import load_run_config, shipped_config_path
 

@@ -9,12 +9,12 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from metarec.serving.demo import build_demo_model
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
 
 from metarec.model import PreferenceModel
 from metarec.preprocessing import run_preprocessing
 from metarec.recommender import Recommender, RequestError, resolve_settings
+from metarec.serving.demo import build_demo_model
+from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
 from metarec.tasks import Preprocessed
 
 

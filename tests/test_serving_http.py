@@ -17,12 +17,12 @@ import zipfile
 import gcs_emulator as emulator_support
 import pandas as pd
 import pytest
-from metarec.serving.demo import build_demo_archive
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
 
 from metarec import storage
 from metarec.packaging import build_archive
 from metarec.serve_local import model_workers, start_server, stop_server
+from metarec.serving.demo import build_demo_archive
+from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
 
 pytestmark = pytest.mark.slow
 # A real GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), bound here so pytest finds the fixtures.

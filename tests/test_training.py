@@ -15,7 +15,7 @@ from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
 
 from metarec import checkpoint
 from metarec.model import PreferenceModel, read_model_json
-from metarec.training import DEFAULTS, resolve_config, run_meta_training
+from metarec.training import DEFAULTS, TrainSettings, run_meta_training
 
 TINY = {"meta_steps": 30, "meta_batch": 8, "inner_steps": 2, "val_every": 10, "checkpoint_every": 10}
 
@@ -30,12 +30,14 @@ def tiny_preprocessed(tmp_path_factory):
 
 
 def test_config_defaults_and_unknown_keys():
-    assert resolve_config(None) == {**DEFAULTS, "hidden": list(DEFAULTS["hidden"])}
-    assert resolve_config({"meta_steps": 3})["meta_steps"] == 3
-    with pytest.raises(ValueError, match="unknown training config keys.*learning_rate"):
-        resolve_config({"learning_rate": 0.1})
+    assert TrainSettings.from_dict(None).to_dict() == DEFAULTS
+    assert TrainSettings.from_dict({"meta_steps": 3}).meta_steps == 3
+    with pytest.raises(ValueError, match="train settings: unknown key.*learning_rate"):
+        TrainSettings.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="adapt_mode"):
-        resolve_config({"adapt_mode": "some"})
+        TrainSettings.from_dict({"adapt_mode": "some"})
+    with pytest.raises(ValueError, match="ema"):
+        TrainSettings.from_dict({"ema": 1.0})
 
 
 def test_unknown_method_is_refused(tiny_preprocessed, tmp_path):
@@ -145,25 +147,26 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_preprocessed
 
 def test_default_model_has_an_adapted_user_bias_and_data_initialised_item_bias(tiny_preprocessed):
     from metarec.model import adapted_parameter_names
+    from metarec.model_init import build_model
     from metarec.tasks import Preprocessed
-    from metarec.training import build_model
 
     pre = Preprocessed.load(str(tiny_preprocessed))
-    cfg = resolve_config(None)
-    model = build_model(pre, cfg)
-    assert model.user_bias is not None and model.user_bias_prior == cfg["user_bias_prior"]
-    assert "user_bias" in adapted_parameter_names(model, cfg["adapt_mode"])
+    settings = TrainSettings()
+    model = build_model(pre, settings)
+    assert model.user_bias is not None and model.user_bias_prior == settings.user_bias_prior
+    assert "user_bias" in adapted_parameter_names(model, settings.adapt_mode)
     table = model.item_bias.weight.detach().squeeze(-1)
     assert float(table[0]) == 0.0 and float(table[1:].abs().max()) > 0  # cold row 0, warm rows fitted
-    plain = build_model(pre, resolve_config({"item_bias_init": False}))
+    plain = build_model(pre, TrainSettings(item_bias_init=False))
     assert float(plain.item_bias.weight.detach().abs().max()) == 0.0
 
 
 def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     from metarec.meta import AdaptSettings
+    from metarec.model_init import build_model
     from metarec.preprocessing import run_preprocessing
     from metarec.tasks import Preprocessed, scenario_tasks
-    from metarec.training import build_model, validate
+    from metarec.trainer import validate
 
     # The default synthetic set (600 users): its ratings come from latent tastes that MF can recover.
     run_preprocessing("synthetic", None, None, str(tmp_path / "pre"))
@@ -171,9 +174,9 @@ def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     _, batch = scenario_tasks(pre, "user_cold", users_split="train")
     config = {"user_factors": 4, "user_factor_prior": 1.0}
     torch.manual_seed(0)
-    fitted = build_model(pre, resolve_config(config))
+    fitted = build_model(pre, TrainSettings.from_dict(config))
     torch.manual_seed(0)
-    random = build_model(pre, resolve_config({**config, "item_factor_init": False}))
+    random = build_model(pre, TrainSettings.from_dict({**config, "item_factor_init": False}))
     table = fitted.item_factors.weight.detach()
     assert float(table[0].abs().max()) == 0.0 and float(table[1:].abs().max()) > 0  # cold row 0
     # Before any meta-step, adapting only the user terms (inner lr 0) on the support rows predicts the

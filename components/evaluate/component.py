@@ -33,7 +33,6 @@ def evaluate(
     from pathlib import Path
 
     from metarec.components.common import embed_images, model_dirs_by_method, parse_config
-
     from metarec.evaluation import run_evaluation
 
     key_metrics = ("ndcg@3", "mae", "rmse")

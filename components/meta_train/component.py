@@ -26,7 +26,6 @@ def meta_train(
             ``metarec.training.DEFAULTS``); ``"{}"`` keeps the defaults.
     """
     from metarec.components.common import numeric_items, parse_config
-
     from metarec.training import run_meta_training
 
     result = run_meta_training(

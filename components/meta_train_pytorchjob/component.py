@@ -49,6 +49,7 @@ def meta_train_pytorchjob(
     import json
     import uuid
 
+    from metarec import storage
     from metarec.components.common import parse_config
     from metarec.components.meta_train_pytorchjob.pytorchjob import (
         build_pytorchjob,
@@ -56,8 +57,6 @@ def meta_train_pytorchjob(
         job_name,
         submit_and_wait,
     )
-
-    from metarec import storage
     from metarec.images import components_image
 
     job = build_pytorchjob(

@@ -31,7 +31,6 @@ def package_model(
             promoted with a completion manifest written last, so readers never see half an archive.
     """
     from metarec.components.common import parse_config
-
     from metarec.packaging import build_archive
 
     summary = build_archive(

@@ -26,7 +26,6 @@ def preprocess(
             ``metarec.preprocessing.DEFAULTS``); ``"{}"`` keeps the defaults.
     """
     from metarec.components.common import numeric_items, parse_config
-
     from metarec.preprocessing import run_preprocessing
 
     summary = run_preprocessing(

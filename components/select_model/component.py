@@ -37,7 +37,6 @@ def select_model(
     from pathlib import Path
 
     from metarec.components.common import model_dirs_by_method, write_json
-
     from metarec.selection import select_model as choose
 
     document = json.loads(Path(evaluation.path).read_text())

@@ -398,9 +398,7 @@ class GlobalModel(RatingBaseline):
             for start in range(0, order.shape[0], self.batch_size):
                 rows = order[start : start + self.batch_size]
                 row_users = users[rows]
-                predictions = self.model.forward_batch(
-                    cat[row_users], num[row_users], multi[row_users], items[rows, None]
-                )
+                predictions = self.model(cat[row_users], num[row_users], multi[row_users], items[rows, None])
                 loss = torch.nn.functional.mse_loss(predictions[:, 0], ratings[rows])
                 optimiser.zero_grad()
                 loss.backward()
@@ -434,9 +432,7 @@ class GlobalModel(RatingBaseline):
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         """See :meth:`RatingBaseline.predict` (the support set is ignored)."""
         self.model.eval()
-        predictions = self.model.forward_batch(
-            batch.user_cat, batch.user_num, batch.user_multi, batch.query_items
-        )
+        predictions = self.model(batch.user_cat, batch.user_num, batch.user_multi, batch.query_items)
         return self._clip(predictions)
 
 

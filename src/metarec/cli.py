@@ -21,7 +21,6 @@ from pathlib import Path
 
 DEFAULT_RUNS_DIR = Path("runs")
 LATEST_POINTER = "latest.json"
-SUMMARY_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
 
 
 class CLIError(Exception):
@@ -99,6 +98,8 @@ def format_summary(result) -> str:
     Returns:
         Multi-line text.
     """
+    from metarec.metrics import METRIC_NAMES
+
     selection, evaluation = result.selection, result.evaluation
     lines = [""]
     selected, baseline = selection.get("selected"), selection.get("best_baseline")
@@ -110,7 +111,7 @@ def format_summary(result) -> str:
             continue
         lines.append("")
         lines.append(f"  {scenario:<16}" + "".join(f"{name:>18}" for name in columns))
-        for metric in SUMMARY_METRICS:
+        for metric in METRIC_NAMES:
             if any(metric in scores[name] for name in columns):
                 lines.append(
                     f"  {metric:<16}"

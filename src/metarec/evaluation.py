@@ -10,36 +10,34 @@ the support set to rows with ``kshot_rank < K``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from metarec.baselines import BASELINE_NAMES
+from metarec.baselines import BASELINE_NAMES, RatingBaseline
+from metarec.metrics import DEFAULT_NDCG_KS, KSHOT_METRICS
+from metarec.model import ModelConfig, PreferenceModel
+from metarec.settings import Settings
+
+if TYPE_CHECKING:
+    from metarec.tasks import Preprocessed, TaskBatch
 
 logger = logging.getLogger(__name__)
 
 SCENARIOS = ("warm", "user_cold", "item_cold", "user_item_cold")
-METRIC_NAMES = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
-KSHOT_METRICS = ("mae", "rmse", "ndcg@3")
 
-# Baseline hyper-parameter grids: with tune_on_val every combination is fitted on the train rows and the
-# one with the lowest MAE on the *validation* users (user_cold) is kept; without it (or without validation
-# users) the first value of each list is used.
-DEFAULTS: dict = {
-    "seed": None,  # MF init / global-model seed and the document's "seeds"; None: the split seed in schema.json
-    "scenarios": list(SCENARIOS),  # subset of SCENARIOS to evaluate
-    "baselines": list(BASELINE_NAMES),  # baselines to fit (finetune brings global_model along)
-    "kshots": None,  # K values of the K-shot curves; None: the schema's tasks.kshots
-    "kshot_scenarios": ["user_cold"],  # scenarios that get a K-shot curve
-    "ndcg_ks": [1, 3, 5],  # nDCG cut-offs
-    "selection_metric": "ndcg@3",  # decides best_meta / best_baseline (on user_cold)
-    "task_chunk": 128,  # tasks adapted per vmapped call (bounds memory)
-    "tune_on_val": True,  # tune baseline grids on validation users (never on test users)
+# The baseline grids: with tune_on_val every combination is fitted on the train rows and the one with
+# the lowest MAE on the *validation* users (user_cold) is kept; without it (or without validation
+# users) the first value of each list is used. A partial grid in a config is merged over these.
+_GRIDS = {
     "item_user_bias": {"item_reg": [10.0, 2.0, 5.0, 25.0], "user_reg": [5.0, 0.5, 1.0, 2.0, 10.0]},
     "mf_foldin": {
         "factors": [10, 5, 20],
@@ -50,38 +48,71 @@ DEFAULTS: dict = {
     },
     # Adam on all training rows; early stopping on validation MAE when tune_on_val.
     "global_model": {"epochs": 30, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "patience": 3},
-    # meta.adapt inner loop on the global model: plain SGD steps and learning rates (grids), adapt mode.
+    # Adapter inner loop on the global model: plain SGD steps and learning rates (grids), adapt mode.
     "finetune": {"mode": "all", "steps": [10, 5], "lr": [0.01, 0.003, 0.03]},
 }
 
 
-def _merge_config(config: dict | None) -> dict:
-    """DEFAULTS overridden by ``config``; unknown keys (also inside nested sections) raise ValueError."""
-    merged = copy.deepcopy(DEFAULTS)
-    for key, value in (config or {}).items():
-        if key not in DEFAULTS:
-            raise ValueError(f"unknown evaluation config key {key!r}; known: {sorted(DEFAULTS)}")
-        if isinstance(DEFAULTS[key], dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"evaluation config {key!r} must be a mapping, got {value!r}")
-            unknown = set(value) - set(DEFAULTS[key])
+def _grid(name: str) -> Any:
+    return dataclasses.field(default_factory=lambda: copy.deepcopy(_GRIDS[name]))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings(Settings):
+    """The ``evaluate`` section of a run config (keys of :data:`DEFAULTS`)."""
+
+    section = "evaluate"
+    seed: int | None = None  # MF init / global-model seed and the document's "seeds"; None: the split seed
+    scenarios: tuple[str, ...] = SCENARIOS  # subset of SCENARIOS to evaluate
+    baselines: tuple[str, ...] = BASELINE_NAMES  # baselines to fit (finetune brings global_model along)
+    kshots: tuple[int, ...] | None = None  # K values of the K-shot curves; None: the schema's tasks.kshots
+    kshot_scenarios: tuple[str, ...] = ("user_cold",)  # scenarios that get a K-shot curve
+    ndcg_ks: tuple[int, ...] = DEFAULT_NDCG_KS  # nDCG cut-offs
+    selection_metric: str = "ndcg@3"  # decides best_meta / best_baseline (on user_cold)
+    task_chunk: int = 128  # tasks adapted per vmapped call (bounds memory)
+    tune_on_val: bool = True  # tune baseline grids on validation users (never on test users)
+    item_user_bias: dict = _grid("item_user_bias")
+    mf_foldin: dict = _grid("mf_foldin")
+    global_model: dict = _grid("global_model")
+    finetune: dict = _grid("finetune")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> EvaluateSettings:
+        """As :meth:`Settings.from_dict`; a grid section is merged over its defaults, key by key."""
+        merged = {**dict(values or {}), **overrides}
+        for name, defaults in _GRIDS.items():
+            if name not in merged:
+                continue
+            value = merged[name]
+            if not isinstance(value, Mapping):
+                raise ValueError(f"evaluation config {name!r} must be a mapping, got {value!r}")
+            unknown = sorted(set(value) - set(defaults))
             if unknown:
                 raise ValueError(
-                    f"unknown keys {sorted(unknown)} in evaluation config {key!r}; known: {sorted(DEFAULTS[key])}"
+                    f"unknown keys {unknown} in evaluation config {name!r}; known: {sorted(defaults)}"
                 )
-            merged[key].update(value)
-        else:
-            merged[key] = value
-    unknown_scenarios = set(merged["scenarios"]) - set(SCENARIOS)
-    if unknown_scenarios:
-        raise ValueError(f"unknown scenarios {sorted(unknown_scenarios)}; known: {list(SCENARIOS)}")
-    unknown_baselines = set(merged["baselines"]) - set(BASELINE_NAMES)
-    if unknown_baselines:
-        raise ValueError(f"unknown baselines {sorted(unknown_baselines)}; known: {list(BASELINE_NAMES)}")
-    if "finetune" in merged["baselines"] and "global_model" not in merged["baselines"]:
-        # finetune starts from the global model, so it cannot run alone.
-        merged["baselines"] = list(merged["baselines"]) + ["global_model"]
-    return merged
+            merged[name] = {**copy.deepcopy(defaults), **value}
+        return super().from_dict(merged)
+
+    def validate(self) -> None:
+        """Refuses unknown scenarios and baselines."""
+        unknown_scenarios = set(self.scenarios) - set(SCENARIOS)
+        if unknown_scenarios:
+            raise ValueError(f"unknown scenarios {sorted(unknown_scenarios)}; known: {list(SCENARIOS)}")
+        unknown_baselines = set(self.baselines) - set(BASELINE_NAMES)
+        if unknown_baselines:
+            raise ValueError(f"unknown baselines {sorted(unknown_baselines)}; known: {list(BASELINE_NAMES)}")
+
+    def fitted_baselines(self) -> tuple[str, ...]:
+        """The baselines to fit and score: ``baselines``, with global_model when finetune needs it."""
+        if "finetune" in self.baselines and "global_model" not in self.baselines:
+            # finetune starts from the global model, so it cannot run alone.
+            return (*self.baselines, "global_model")
+        return self.baselines
+
+
+# The evaluate section's keys and defaults as a dict (run-config validation, docs).
+DEFAULTS: dict = EvaluateSettings().to_dict()
 
 
 def _as_list(value) -> list:
@@ -122,16 +153,20 @@ def _tune(name: str, candidates: list[tuple[dict, object]], val_batch, chunk: in
 
 
 def fit_baselines(
-    pre, config: dict, val_batch, model_config: dict | None, seed: int
-) -> dict[str, tuple[object, dict]]:
+    pre: Preprocessed,
+    config: EvaluateSettings,
+    val_batch: TaskBatch | None,
+    model_config: ModelConfig | None,
+    seed: int,
+) -> dict[str, tuple[RatingBaseline, dict]]:
     """Fits (and tunes on validation users) every configured baseline on the train users' support rows.
 
     Args:
         pre: A loaded :class:`metarec.tasks.Preprocessed`.
-        config: Merged evaluation config (see :data:`DEFAULTS`).
+        config: The evaluation settings.
         val_batch: Validation-user user_cold tasks used for tuning, or None to use the first grid values.
-        model_config: PreferenceModel keyword overrides (embed_dim, hidden, ...) for the global model, so that
-            it matches the meta-learned architecture; None uses the model defaults.
+        model_config: The global model's architecture, so that it matches the meta-learned one (the
+            comparison isolates the training method); None: the model defaults on the data's rating range.
         seed: Seed for MF initialisation and the global model.
 
     Returns:
@@ -143,15 +178,15 @@ def fit_baselines(
     n_items = int(pre.item_warm_idx.shape[0])
     rating_min, rating_max = float(pre.schema["rating_min"]), float(pre.schema["rating_max"])
     scale = {"rating_min": rating_min, "rating_max": rating_max}
-    chunk, tune = int(config["task_chunk"]), bool(config["tune_on_val"])
-    fitted: dict[str, tuple[object, dict]] = {}
-    wanted = config["baselines"]
+    chunk, tune = config.task_chunk, config.tune_on_val
+    fitted: dict[str, tuple[RatingBaseline, dict]] = {}
+    wanted = config.fitted_baselines()
 
     if "global_mean" in wanted:
         fitted["global_mean"] = (GlobalMean(**scale).fit(users, items, ratings, n_items), {})
 
     if "item_user_bias" in wanted:
-        grid = config["item_user_bias"]
+        grid = config.item_user_bias
         settings_list = [
             {"item_reg": i, "user_reg": u}
             for i in _as_list(grid["item_reg"])
@@ -166,7 +201,7 @@ def fit_baselines(
         fitted["item_user_bias"] = (baseline, settings)
 
     if "mf_foldin" in wanted:
-        grid = config["mf_foldin"]
+        grid = config.mf_foldin
         candidates = []
         factor_grid = _as_list(grid["factors"]) if tune else _as_list(grid["factors"])[:1]
         reg_grid = _as_list(grid["reg"]) if tune else _as_list(grid["reg"])[:1]
@@ -191,8 +226,6 @@ def fit_baselines(
         fitted["mf_foldin"] = (baseline, settings)
 
     if "global_model" in wanted:
-        from metarec.model import PreferenceModel
-
         torch.manual_seed(seed)
         encoder = pre.encoder
         model = PreferenceModel(
@@ -201,18 +234,16 @@ def fit_baselines(
             int(pre.schema["n_warm_items"]),
             pre.item_features,
             pre.item_warm_idx,
-            rating_min=rating_min,
-            rating_max=rating_max,
-            **(model_config or {}),
+            model_config or ModelConfig(rating_min=rating_min, rating_max=rating_max),
         )
-        settings = dict(config["global_model"])
+        settings = dict(config.global_model)
         global_model = GlobalModel(model, pre.user_features, seed=seed, **settings, **scale)
         global_model.fit(users, items, ratings, n_items, validation=val_batch if tune else None)
         settings["epochs_run"] = len(global_model.history)
         fitted["global_model"] = (global_model, settings)
 
         if "finetune" in wanted:
-            grid = config["finetune"]
+            grid = config.finetune
             settings_list = [
                 {"mode": grid["mode"], "steps": int(s), "lr": float(lr)}
                 for s in _as_list(grid["steps"])
@@ -246,7 +277,6 @@ class MetaModelPredictor:
         self.settings = AdaptSettings.from_dict(document.get("adapt"))
         self.adapter = Adapter(self.model, self.settings)
         self.method = document.get("method")
-        self.config = document.get("config", {})
 
     def predict(self, batch) -> torch.Tensor:
         """Adapts to each task's support rows and predicts its query rows.
@@ -284,41 +314,51 @@ def run_evaluation(
     from metarec.selection import best_methods
     from metarec.tasks import Preprocessed, scenario_tasks
 
-    config = _merge_config(config)
+    config = EvaluateSettings.from_dict(config)
     clash = set(model_dirs) & set(BASELINE_NAMES)
     if clash:
         raise ValueError(f"model names {sorted(clash)} clash with baseline names")
     started = time.monotonic()
     pre = Preprocessed.load(preprocessed_dir)
-    seed = config["seed"]
+    seed = config.seed
     if seed is None:
         seed = int(pre.schema.get("splits", {}).get("seed", 0))
-    ndcg_ks = [int(k) for k in config["ndcg_ks"]]
-    chunk = int(config["task_chunk"])
-    kshots = config["kshots"] or pre.schema.get("tasks", {}).get("kshots", [1, 3, 5, 10, 20])
+    ndcg_ks = list(config.ndcg_ks)
+    chunk = config.task_chunk
+    kshots = config.kshots or pre.schema.get("tasks", {}).get("kshots", [1, 3, 5, 10, 20])
 
     meta_models = {name: MetaModelPredictor(path) for name, path in model_dirs.items()}
-    model_config = None
+    architecture = None
     if meta_models:
-        first = next(iter(meta_models.values())).config
-        model_config = _architecture(first)
+        # The global-model baseline gets the first meta-learned model's network on this data's rating
+        # range (learn_inner_lr is meta-learning only), so the comparison isolates the training method.
+        first = next(iter(meta_models.values())).model.settings
+        architecture = first.replace(
+            rating_min=float(pre.schema["rating_min"]),
+            rating_max=float(pre.schema["rating_max"]),
+            learn_inner_lr=False,
+        )
 
     val_batch = None
-    if config["tune_on_val"]:
+    if config.tune_on_val:
         val_users, val_batch = scenario_tasks(pre, "user_cold", users_split="val")
         if len(val_users) == 0:
             logger.warning("no validation users: baselines use their untuned defaults")
             val_batch = None
-    fitted = fit_baselines(pre, config, val_batch, model_config, seed)
+    fitted = fit_baselines(pre, config, val_batch, architecture, seed)
     logger.info("baselines fitted in %.1fs", time.monotonic() - started)
 
     predictors = {name: predictor.predict for name, predictor in meta_models.items()}
     predictors.update(
-        {name: baseline.predict for name, (baseline, _) in fitted.items() if name in config["baselines"]}
+        {
+            name: baseline.predict
+            for name, (baseline, _) in fitted.items()
+            if name in config.fitted_baselines()
+        }
     )
 
     scenarios: dict[str, dict] = {}
-    for scenario in config["scenarios"]:
+    for scenario in config.scenarios:
         _, batch = scenario_tasks(pre, scenario)
         scenarios[scenario] = {}
         for name, predict_fn in predictors.items():
@@ -329,7 +369,7 @@ def run_evaluation(
         logger.info("scenario %s: %d tasks", scenario, len(batch))
 
     kshot: dict[str, dict] = {}
-    for scenario in config["kshot_scenarios"]:
+    for scenario in config.kshot_scenarios:
         kshot[scenario] = {name: {} for name in predictors}
         for k in kshots:
             _, batch = scenario_tasks(pre, scenario, kshot=int(k))
@@ -350,7 +390,7 @@ def run_evaluation(
         "scenarios": scenarios,
         "kshot": kshot,
         "methods": methods,
-        "selection_metric": config["selection_metric"],
+        "selection_metric": config.selection_metric,
         "kshots": [int(k) for k in kshots],
         "elapsed_s": round(time.monotonic() - started, 1),
     }
@@ -360,22 +400,6 @@ def run_evaluation(
     (output / "evaluation.json").write_text(json.dumps(_json_safe(document), indent=2, sort_keys=False))
     write_report(document, output)
     return document
-
-
-# PreferenceModel arguments that come from the data (or are meta-learning-only), not from the architecture.
-_NOT_ARCHITECTURE = {"user_dims", "item_dims", "n_warm_items", "n_items", "item_features", "item_warm_idx",
-                     "rating_min", "rating_max", "learn_inner_lr"}  # fmt: skip
-
-
-def _architecture(model_config: dict) -> dict:
-    """Architecture keywords of a meta-learned model's config, so that the global-model baseline has the
-    same network and the comparison isolates the training method."""
-    import inspect
-
-    from metarec.model import PreferenceModel
-
-    accepted = set(inspect.signature(PreferenceModel.__init__).parameters) - _NOT_ARCHITECTURE - {"self"}
-    return {key: value for key, value in model_config.items() if key in accepted}
 
 
 def _set_best(document: dict, best_methods) -> None:

@@ -276,11 +276,6 @@ class FeatureEncoder:
             }
         )
 
-    @classmethod
-    def from_schema(cls, schema: dict[str, Any]) -> FeatureEncoder:
-        """Same as ``FeatureEncoder(schema)``."""
-        return cls(schema)
-
     @property
     def user_dims(self) -> FeatureDims:
         """Sizes of the encoded user features."""

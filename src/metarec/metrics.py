@@ -14,6 +14,10 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_NDCG_KS = (1, 3, 5)
+# The metric registry: every metric a scenario reports (evaluation, report tables, summaries, model
+# cards), and the subset each K-shot point keeps. Other modules import these, never repeat them.
+METRIC_NAMES = ("mae", "rmse", *(f"ndcg@{k}" for k in DEFAULT_NDCG_KS))
+KSHOT_METRICS = ("mae", "rmse", "ndcg@3")
 
 
 def _as_float_tensor(values) -> torch.Tensor:

@@ -8,6 +8,7 @@ to score items by index.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from metarec.features import EncodedFeatures, FeatureDims
+from metarec.settings import Settings
 
 ADAPT_MODES = ("all", "decision", "head")
 # Per-user parameters every adapt mode adapts (when the model has them), in this order.
@@ -121,15 +123,11 @@ class PreferenceEncoder(nn.Module):
         return torch.cat([user_rows, item_vec, id_vec], dim=-1)
 
 
-class PreferenceModel(nn.Module):
-    """MeLU-style rating model for one user at a time (vmap it over tasks).
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Settings):
+    """The model's architecture and rating range: everything but the data's sizes and catalogue.
 
-    Args:
-        user_dims: sizes of the encoded user features.
-        item_dims: sizes of the encoded item features.
-        n_warm_items: number of items with a learned id embedding (warm_idx 1..n_warm_items).
-        item_features: encoded features of every item (row = item_idx), kept as buffers.
-        item_warm_idx: Long[n_items] warm index per item (0 = cold / unknown id).
+    Attributes:
         embed_dim: width of every feature embedding.
         hidden: widths of the decoder's hidden layers.
         rating_min: lowest rating; predictions never go below it.
@@ -155,6 +153,43 @@ class PreferenceModel(nn.Module):
             same as ``user_bias_prior``).
     """
 
+    section = "model"
+    embed_dim: int = 32
+    hidden: tuple[int, ...] = (64, 64)
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    item_bias: bool = True
+    learn_inner_lr: bool = False
+    user_bias: bool = False
+    user_bias_lr: float = 1.0
+    user_bias_prior: float | None = None
+    user_factors: int = 0
+    user_factor_prior: float | None = None
+
+    def validate(self) -> None:
+        """Refuses sizes that cannot build a model."""
+        if self.embed_dim < 1:
+            raise ValueError(f"model settings: embed_dim must be >= 1, got {self.embed_dim!r}")
+        if self.user_factors < 0:
+            raise ValueError(f"user_factors must be >= 0, got {self.user_factors!r}")
+        if self.rating_max <= self.rating_min:
+            raise ValueError(f"model settings: rating_max must exceed rating_min, got {self.rating_max!r}")
+
+
+class PreferenceModel(nn.Module):
+    """MeLU-style rating model for one user at a time (vmap it over tasks).
+
+    Args:
+        user_dims: sizes of the encoded user features.
+        item_dims: sizes of the encoded item features.
+        n_warm_items: number of items with a learned id embedding (warm_idx 1..n_warm_items).
+        item_features: encoded features of every item (row = item_idx), kept as buffers.
+        item_warm_idx: Long[n_items] warm index per item (0 = cold / unknown id).
+        config: the architecture (None: ``ModelConfig()``'s defaults).
+        **overrides: :class:`ModelConfig` fields to change (e.g. ``hidden=(16, 8)``); unknown names
+            raise ValueError.
+    """
+
     def __init__(
         self,
         user_dims: FeatureDims,
@@ -162,27 +197,20 @@ class PreferenceModel(nn.Module):
         n_warm_items: int,
         item_features: EncodedFeatures,
         item_warm_idx: torch.Tensor,
-        embed_dim: int = 32,
-        hidden: tuple[int, ...] | list[int] = (64, 64),
-        rating_min: float = 1.0,
-        rating_max: float = 5.0,
-        item_bias: bool = True,
-        learn_inner_lr: bool = False,
-        user_bias: bool = False,
-        user_bias_lr: float = 1.0,
-        user_bias_prior: float | None = None,
-        user_factors: int = 0,
-        user_factor_prior: float | None = None,
+        config: ModelConfig | None = None,
+        **overrides: Any,
     ):
         super().__init__()
+        config = ModelConfig.from_dict({**(config or ModelConfig()).to_dict(), **overrides})
+        self.settings = config
         self.user_dims = FeatureDims(list(user_dims.cat_sizes), int(user_dims.n_num), int(user_dims.n_multi))
         self.item_dims = FeatureDims(list(item_dims.cat_sizes), int(item_dims.n_num), int(item_dims.n_multi))
         self.n_warm_items = int(n_warm_items)
         self.n_items = int(item_warm_idx.shape[0])
-        self.embed_dim = int(embed_dim)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.rating_min = float(rating_min)
-        self.rating_max = float(rating_max)
+        self.embed_dim = config.embed_dim
+        self.hidden = config.hidden
+        self.rating_min = config.rating_min
+        self.rating_max = config.rating_max
         self.encoder = PreferenceEncoder(
             self.user_dims, self.item_dims, self.n_warm_items, item_features, item_warm_idx, self.embed_dim
         )
@@ -193,24 +221,22 @@ class PreferenceModel(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         self.decoder = nn.Sequential(*layers)
-        self.item_bias = nn.Embedding(self.n_warm_items + 1, 1) if item_bias else None
+        self.item_bias = nn.Embedding(self.n_warm_items + 1, 1) if config.item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
-        self.user_bias = nn.Parameter(torch.zeros(())) if user_bias else None
-        self.user_bias_lr = float(user_bias_lr)
-        self.user_bias_prior = None if user_bias_prior is None else float(user_bias_prior)
-        self.n_user_factors = int(user_factors)
-        if self.n_user_factors < 0:
-            raise ValueError(f"user_factors must be >= 0, got {user_factors!r}")
+        self.user_bias = nn.Parameter(torch.zeros(())) if config.user_bias else None
+        self.user_bias_lr = config.user_bias_lr
+        self.user_bias_prior = config.user_bias_prior
+        self.n_user_factors = config.user_factors
         self.user_factors = nn.Parameter(torch.zeros(self.n_user_factors)) if self.n_user_factors else None
         self.item_factors = (
             nn.Embedding(self.n_warm_items + 1, self.n_user_factors) if self.n_user_factors else None
         )
         if self.item_factors is not None:
             nn.init.normal_(self.item_factors.weight, std=0.1)
-        self.user_factor_prior = None if user_factor_prior is None else float(user_factor_prior)
+        self.user_factor_prior = config.user_factor_prior
         self.inner_lr_log = None
-        if learn_inner_lr:
+        if config.learn_inner_lr:
             lr_names = [name for name, _ in self.decoder.named_parameters(prefix="decoder")]
             lr_names += [name for name in USER_PARAMETERS if getattr(self, name) is not None]
             self.inner_lr_log = nn.ParameterDict(
@@ -235,16 +261,16 @@ class PreferenceModel(nn.Module):
     def forward(
         self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
     ) -> torch.Tensor:
-        """Predicts one user's ratings.
+        """Predicts the ratings of one user (or of B users: the layers broadcast over leading dims).
 
         Args:
-            user_cat: Long[C] categorical user features.
-            user_num: Float[D] numeric user features.
-            user_multi: Float[M] multi-hot user features.
-            items: Long[N] item indices.
+            user_cat: Long[..., C] categorical user features.
+            user_num: Float[..., D] numeric user features.
+            user_multi: Float[..., M] multi-hot user features.
+            items: Long[..., N] item indices.
 
         Returns:
-            Float[N] predicted ratings.
+            Float[..., N] predicted ratings.
         """
         logits = self.decoder(self.encoder(user_cat, user_num, user_multi, items)).squeeze(-1)
         logits = logits + self.item_offset(items)
@@ -317,23 +343,6 @@ class PreferenceModel(nn.Module):
             self.encoder.item_warm_idx[items] if warm_idx is None else warm_idx, table
         ).squeeze(-1)
 
-    def forward_batch(
-        self, user_cat: torch.Tensor, user_num: torch.Tensor, user_multi: torch.Tensor, items: torch.Tensor
-    ) -> torch.Tensor:
-        """Predicts the ratings of B users (no adaptation).
-
-        Args:
-            user_cat: Long[B, C] categorical user features.
-            user_num: Float[B, D] numeric user features.
-            user_multi: Float[B, M] multi-hot user features.
-            items: Long[B, N] item indices per user.
-
-        Returns:
-            Float[B, N] predicted ratings.
-        """
-        # The layers broadcast over leading dimensions, so the one-user path handles batches too.
-        return self.forward(user_cat, user_num, user_multi, items)
-
     def init_output(self, rating: float) -> None:
         """Sets the last layer's bias so that an untrained model predicts about ``rating``.
 
@@ -384,31 +393,13 @@ class PreferenceModel(nn.Module):
         return [i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Linear)]
 
     def config(self) -> dict[str, Any]:
-        """Returns the JSON-serialisable constructor arguments (item tensors excepted)."""
+        """Returns the JSON form of the model: the data's sizes and the :class:`ModelConfig` fields."""
         return {
-            "user_dims": {
-                "cat_sizes": list(self.user_dims.cat_sizes),
-                "n_num": self.user_dims.n_num,
-                "n_multi": self.user_dims.n_multi,
-            },
-            "item_dims": {
-                "cat_sizes": list(self.item_dims.cat_sizes),
-                "n_num": self.item_dims.n_num,
-                "n_multi": self.item_dims.n_multi,
-            },
+            "user_dims": self.user_dims._asdict(),
+            "item_dims": self.item_dims._asdict(),
             "n_warm_items": self.n_warm_items,
             "n_items": self.n_items,
-            "embed_dim": self.embed_dim,
-            "hidden": list(self.hidden),
-            "rating_min": self.rating_min,
-            "rating_max": self.rating_max,
-            "item_bias": self.item_bias is not None,
-            "learn_inner_lr": self.inner_lr_log is not None,
-            "user_bias": self.user_bias is not None,
-            "user_bias_lr": self.user_bias_lr,
-            "user_bias_prior": self.user_bias_prior,
-            "user_factors": self.n_user_factors,
-            "user_factor_prior": self.user_factor_prior,
+            **self.settings.to_dict(),
         }
 
     @classmethod
@@ -429,18 +420,8 @@ class PreferenceModel(nn.Module):
             num=torch.zeros(n_items, item_dims.n_num),
             multi=torch.zeros(n_items, item_dims.n_multi),
         )
-        return cls(
-            user_dims, item_dims, int(config["n_warm_items"]), catalogue,
-            torch.zeros(n_items, dtype=torch.long), embed_dim=int(config["embed_dim"]),
-            hidden=tuple(config["hidden"]), rating_min=float(config["rating_min"]),
-            rating_max=float(config["rating_max"]), item_bias=bool(config.get("item_bias", False)),
-            learn_inner_lr=bool(config.get("learn_inner_lr", False)),
-            user_bias=bool(config.get("user_bias", False)),
-            user_bias_lr=float(config.get("user_bias_lr", 1.0)),
-            user_bias_prior=config.get("user_bias_prior"),
-            user_factors=int(config.get("user_factors", 0)),
-            user_factor_prior=config.get("user_factor_prior"),
-        )  # fmt: skip
+        warm = torch.zeros(n_items, dtype=torch.long)
+        return cls(user_dims, item_dims, int(config["n_warm_items"]), catalogue, warm, model_config(config))
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Writes ``model.pt`` (state_dict, catalogue included) and ``model.json``.
@@ -474,6 +455,19 @@ class PreferenceModel(nn.Module):
         state = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
         return model.to(map_location).eval()
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` fields of a dict that holds more (``model.json``'s config, a train section).
+
+    Args:
+        values: a dict with some :class:`ModelConfig` keys among others.
+
+    Returns:
+        Those fields over the defaults.
+    """
+    names = {field.name for field in dataclasses.fields(ModelConfig)}
+    return ModelConfig.from_dict({key: value for key, value in values.items() if key in names})
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:

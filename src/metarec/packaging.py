@@ -38,6 +38,7 @@ import yaml
 
 import metarec
 from metarec import storage
+from metarec.metrics import METRIC_NAMES
 from metarec.recommender import DEFAULT_SETTINGS, ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
 from metarec.serve_local import format_properties
 
@@ -71,7 +72,7 @@ INTEGER_KEYS = (
 )  # fmt: skip
 MODEL_FILES = ("model.pt", "model.json", "schema.json")
 MODEL_CONFIG_FILE = "model-config.yaml"
-SCORE_KEYS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+SCORE_KEYS = METRIC_NAMES
 
 
 def resolve_serving_config(config: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from metarec.metrics import METRIC_NAMES
+
 SCENARIO_ORDER = ("user_cold", "warm", "item_cold", "user_item_cold")
 SCENARIO_TITLES = {
     "warm": "Warm (train users, known items)",
@@ -16,7 +18,7 @@ SCENARIO_TITLES = {
     "item_cold": "Item cold-start (train users, new items)",
     "user_item_cold": "User and item cold-start (new users, new items)",
 }
-TABLE_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+TABLE_METRICS = METRIC_NAMES
 PLOT_METRICS = ("mae", "ndcg@3")
 
 

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 from metarec.metrics import higher_is_better
+from metarec.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {"metric": "ndcg@3", "scenario": "user_cold", "fail_if_worse": False}
+
+@dataclasses.dataclass(frozen=True)
+class SelectSettings(Settings):
+    """The ``select`` section of a run config.
+
+    Attributes:
+        metric: the selection metric: ``"ndcg@<k>"`` (higher is better), ``"mae"`` or ``"rmse"``.
+        scenario: the scenario whose scores decide.
+        fail_if_worse: raise when the selected model does not beat the best baseline.
+    """
+
+    section = "select"
+    metric: str = "ndcg@3"
+    scenario: str = "user_cold"
+    fail_if_worse: bool = False
+
+    def validate(self) -> None:
+        """Refuses an unknown metric."""
+        higher_is_better(self.metric)
+
+
+DEFAULTS = SelectSettings().to_dict()
 
 
 class ModelSelectionError(RuntimeError):
@@ -58,7 +81,10 @@ def best_methods(
 
 
 def select_model(
-    evaluation: dict, metric: str = "ndcg@3", scenario: str = "user_cold", fail_if_worse: bool = False
+    evaluation: dict,
+    metric: str = SelectSettings.metric,
+    scenario: str = SelectSettings.scenario,
+    fail_if_worse: bool = SelectSettings.fail_if_worse,
 ) -> dict:
     """Picks the best meta-learned model of an evaluation and checks it beats every baseline.
 

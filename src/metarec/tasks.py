@@ -8,6 +8,7 @@ per-user (items, ratings) lists into a TaskBatch (serving, baselines, tests).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -424,6 +425,15 @@ class TrainTaskSampler:
         if self.users.size == 0:
             raise ValueError(f"no {users_split} user has 2 or more support rows to sample tasks from")
         self._support = support
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's random state (what a checkpoint needs to resume the same batch sequence)."""
+        return {"rng": ("generator", copy.deepcopy(self.rng.bit_generator.state))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output."""
+        _, bit_state = state["rng"]
+        self.rng.bit_generator.state = bit_state
 
     def sample(self, meta_batch: int) -> TaskBatch:
         """Samples a meta-batch of tasks.

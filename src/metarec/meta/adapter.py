@@ -167,9 +167,8 @@ class Adapter:
         """
         steps = self.settings.inner_steps if steps is None else int(steps)
         if self.fast is not None:
-            return self.fast.adapt(
-                users, support_items, support_ratings, support_mask, steps, self.settings.inner_lr
-            )
+            support = (support_items, support_ratings, support_mask)
+            return self.fast.adapt(users, support, steps, self.settings.inner_lr)
         inputs = tuple(tensor.detach() for tensor in self.inputs(users, support_items))
         return self._inner_loop(inputs, support_ratings, support_mask, steps)
 

@@ -1,21 +1,20 @@
-"""Serving-time adaptation without autograd: the inner loop of modes "decision"/"head" by hand.
+"""The backend of ``Adapter(..., fast=True)``: the inner loop of modes "decision"/"head" without autograd.
 
 Why this exists: a serving request adapts a tiny MLP on ~20 support rows, where the real arithmetic
-takes microseconds. :func:`metarec.meta.learners.adapt` runs the same loop through ``torch.func``
-(``vmap`` of ``grad`` per inner step), whose dispatch overhead costs about a millisecond per step and
-dominates the latency of a single request. Here the T tasks of a batch are adapted together with
-batched weights (``[T, out, in]``, ``torch.bmm``) and a hand-written backward pass of the masked MSE,
-so an inner step is a handful of plain tensor operations.
+takes microseconds. :class:`~metarec.meta.adapter.Adapter` runs the loop through ``torch.func``
+(``vmap`` of ``grad`` per inner step), whose dispatch overhead dominates the latency of a single
+request. Here the T tasks of a batch are adapted together with batched weights (``[T, out, in]``,
+``torch.bmm``) and a hand-written backward pass of the masked MSE, so an inner step is a handful of
+plain tensor operations. FIGURE
 
-The math is exactly that of ``learners.adapt(..., create_graph=False)`` followed by
-``learners.predict``: SGD on every adapted decoder tensor with
-:func:`metarec.model.inner_learning_rates`, and for the per-user bias either SGD or, when the model
-has a ``user_bias_prior``, the damped Gauss-Newton step of ``learners.user_newton_step`` (shared),
-both evaluated at the pre-step parameters. Mode ``"all"`` (encoder embeddings adapted) is not handled:
-:func:`supports_fast_path` says so and the caller keeps the generic path.
+The math is exactly the autograd path's: SGD on every adapted decoder tensor with
+:func:`metarec.model.inner_learning_rates`, and for the user terms either SGD or the damped
+Gauss-Newton step (:mod:`metarec.meta.user_terms`, shared), both at the pre-step parameters. The
+split is the model's own (``tail_start``, ``split_first_layer``, ``item_offset``, ``item_factor_rows``,
+``user_offset``); only the tail's backward pass is written here. Mode ``"all"`` (encoder embeddings
+adapted) is not handled: :func:`supports_fast_path` says so and the Adapter keeps the autograd path.
 
-Only the decoder's adapted tail (from the first adapted Linear layer on) depends on the per-task
-parameters. Everything before it is fixed, and its item side is fixed for the whole catalogue, so
+Everything before the adapted tail is fixed, and its item side is fixed for the whole catalogue, so
 :class:`FastAdapter` precomputes it once per model; a request only adds its user part.
 """
 
@@ -56,7 +55,7 @@ class _TaskRows(NamedTuple):
 
 
 def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
-    """Whether :class:`FastAdapter` reproduces ``learners.adapt`` for this model and mode.
+    """Whether :class:`FastAdapter` reproduces the autograd adaptation for this model and mode.
 
     True for modes ``"decision"`` and ``"head"`` when the decoder is Linear/ReLU layers ending in a
     one-output Linear, every Linear layer from the first adapted one on is adapted, and the model has
@@ -67,7 +66,7 @@ def supports_fast_path(model: PreferenceModel, mode: str) -> bool:
         mode: the adapt mode.
 
     Returns:
-        True when the fast path applies; otherwise use ``learners.adapt`` / ``learners.predict``.
+        True when the fast path applies; otherwise ``Adapter`` keeps its ``torch.func`` loop.
     """
     if mode not in FAST_MODES:
         return False
@@ -248,25 +247,22 @@ class FastAdapter:
     def adapt(
         self,
         users: EncodedFeatures,
-        support_items: torch.Tensor,
-        support_ratings: torch.Tensor,
-        support_mask: torch.Tensor,
+        support: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         steps: int,
         lr: float,
     ) -> Params:
-        """Adapts T users on their support rows, as :meth:`metarec.meta.adapter.Adapter.adapt`.
+        """Adapts T users on their support rows: :meth:`metarec.meta.adapter.Adapter.adapt`'s backend.
 
         Args:
             users: T users' encoded features.
-            support_items: Long[T, S] support items (padding rows may hold any valid index).
-            support_ratings: Float[T, S] support ratings.
-            support_mask: Float[T, S] 1 for real rows, 0 for padding.
+            support: ``(items, ratings, mask)`` of the support rows, each [T, S] (mask 0 = padding).
             steps: inner steps (0 returns the starting parameters, expanded).
             lr: base inner learning rate.
 
         Returns:
             The adapted parameters by name, each with leading dim T (a ``UserState``).
         """
+        support_items, support_ratings, support_mask = support
         n_tasks = support_items.shape[0]
         task_rows = self._fixed_inputs(self.model.encoder.user(*users), support_items)
         initial = {

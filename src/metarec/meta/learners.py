@@ -36,7 +36,8 @@ class MetaLearner:
         adapt_mode: which parameters the inner loop adapts (``"all"``, ``"decision"``, ``"head"``).
         first_order: overrides the method's default (True for fomaml, False for maml; ignored by
             reptile, which is first order by construction).
-        outer_loss: the query loss the meta-update minimises: ``"mse"`` (default) or ``"l1"`` (aims
+        outer_loss: the query loss the meta-update minimises: ``"mse"`` (this class's default, as the
+            reference loop) or ``"l1"`` (meta-training's default, ``TrainSettings.outer_loss``; aims
             at the median rating, i.e. at MAE). The inner loop always uses the masked MSE.
         id_dropout: probability that a training row's item is seen as a cold item (id embedding, bias
             and factors replaced by the cold fallback row), so that the model also learns to rank items
