@@ -41,13 +41,13 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from metarec.features import EncodedFeatures
+from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.meta.losses import OUTER_LOSSES, masked_mse
 from metarec.meta.user_terms import user_design, user_newton_step
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 from metarec.settings import Settings
 
 if TYPE_CHECKING:
-    from metarec.meta.fast_adapt import FastAdapter
     from metarec.tasks import TaskBatch
 
 Params = dict[str, torch.Tensor]
@@ -114,16 +114,12 @@ class Adapter:
     ):
         self.model = model
         self.settings = settings
-        self.mode = settings.mode
         self.adapted_names = adapted_parameter_names(model, settings.mode)
         self.params = dict(model.named_parameters()) if params is None else params
         self.split = model.tail_start(settings.mode)
-        self.fast: FastAdapter | None = None
-        if fast:
-            from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
-
-            if supports_fast_path(model, settings.mode):
-                self.fast = FastAdapter(model, settings.mode)
+        self.fast = (
+            FastAdapter(model, settings.mode) if fast and supports_fast_path(model, settings.mode) else None
+        )
         if self.split is None:
             return
         self.prefix = model.decoder[: self.split]

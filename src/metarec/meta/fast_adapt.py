@@ -5,7 +5,10 @@ takes microseconds. :class:`~metarec.meta.adapter.Adapter` runs the loop through
 (``vmap`` of ``grad`` per inner step), whose dispatch overhead dominates the latency of a single
 request. Here the T tasks of a batch are adapted together with batched weights (``[T, out, in]``,
 ``torch.bmm``) and a hand-written backward pass of the masked MSE, so an inner step is a handful of
-plain tensor operations. FIGURE
+plain tensor operations. It still pays (measured in-process with the default TrainSettings model,
+synthetic data, 5 steps, 1 thread, support padded to 71 rows, prior + adapt + scoring of the 400-item
+catalogue, median of 50): one request 8.0 ms here vs 56.6 ms through ``torch.func`` (7.1x); a batch
+of 8 requests 23.3 ms vs 52.1 ms (2.2x); predictions agree to 5e-7.
 
 The math is exactly the autograd path's: SGD on every adapted decoder tensor with
 :func:`metarec.model.inner_learning_rates`, and for the user terms either SGD or the damped
