@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import random
 import statistics
@@ -28,14 +27,19 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
 
-import pandas as pd
+from serving_support import (
+    build_metarec_archive,
+    build_noop_archive,
+    catalogue_ids,
+    connect,
+    post,
+    worker_identity,
+)
 
-from metarec.packaging import build_noop_archive, resolve_serving_config
-from metarec.serve_local import ServerInfo, model_workers, start_server, stop_server
+from metarec.serve_local import ServerInfo, start_server, stop_server
+from metarec.serving_settings import ServingSettings
 
 SUPPORT_SIZE = 20
 INNER_STEPS = 5
@@ -80,26 +84,21 @@ def run_load(
     Returns:
         ``{"latencies_ms": [...], "errors": n, "wall_s": s}``.
     """
-    url = urlparse(info.inference_url)
-    headers = {"Content-Type": "application/json", **info.inference_headers()}
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
 
     def worker(share: list[bytes]) -> None:
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        connection = connect(info, 60)
         try:
             for body in share:
                 start = time.perf_counter()
                 try:
-                    connection.request("POST", path, body=body, headers=headers)
-                    response = connection.getresponse()
-                    response.read()
-                    ok = response.status == 200
+                    ok = post(connection, info, path, body)[0] == 200
                 except (OSError, http.client.HTTPException):
                     ok = False
                     connection.close()
-                    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                    connection = connect(info, 60)
                 elapsed = (time.perf_counter() - start) * 1000.0
                 with lock:
                     latencies.append(elapsed)
@@ -115,11 +114,6 @@ def run_load(
     for thread in threads:
         thread.join()
     return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - start}
-
-
-def worker_identity(info: ServerInfo) -> set[tuple]:
-    """The (id, pid, start time) of every worker: a restart changes it."""
-    return {(w["id"], w["pid"], w["startTime"]) for w in model_workers(info)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,23 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.archive_dir:
             archive_dir = Path(args.archive_dir)
         else:
-            from metarec.serving.demo import build_demo_archive
-
-            print(f"building the archive from {args.data} ...", file=sys.stderr)
-            archive_dir = build_demo_archive(workdir / "build", args.data, args.meta_steps)["archive_dir"]
-        settings = resolve_serving_config(None)
+            archive_dir = build_metarec_archive(workdir / "build", args.data, args.meta_steps)
+        settings = ServingSettings()
         noop_dir = workdir / "noop-archive"
         build_noop_archive(noop_dir, "noop")
-
-        with zipfile.ZipFile(archive_dir / "model-store" / "metarec.mar") as mar:
-            item_ids = pd.read_parquet(io.BytesIO(mar.read("items.parquet")))["item_id"].astype(str).tolist()
-            user_ids = pd.read_parquet(io.BytesIO(mar.read("users.parquet")))["user_id"].astype(str).tolist()
+        item_ids, user_ids = catalogue_ids(archive_dir)
 
         servers: dict[str, ServerInfo] = {}
         try:
-            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, 0, timeout_s=300)
+            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, timeout_s=300)
             servers["noop"] = start_server(
-                noop_dir, workdir / "ts-noop", 0, 0, 0, model_name="noop", timeout_s=300
+                noop_dir, workdir / "ts-noop", 0, 0, model_name="noop", timeout_s=300
             )
             identities = {name: worker_identity(info) for name, info in servers.items()}
             paths = {
@@ -199,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "support_size": SUPPORT_SIZE,
         "inner_steps": INNER_STEPS,
         "serving": {
-            key: settings[key] for key in ("min_workers", "max_workers", "batch_size", "max_batch_delay_ms")
+            key: getattr(settings, key)
+            for key in ("min_workers", "max_workers", "batch_size", "max_batch_delay_ms")
         },
     }
     print(json.dumps(summary))
