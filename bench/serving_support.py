@@ -24,6 +24,10 @@ from metarec.serving_settings import ServingSettings
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
+from fuzz_requests import run_fuzz  # noqa: E402  (tests/ is on the path from here on)
+
+__all__ = ["run_fuzz"]
+
 
 def build_metarec_archive(workdir: Path, data: str, meta_steps: int) -> Path:
     """Builds the demo archive (preprocess, meta-train, evaluate, package) and returns its folder."""

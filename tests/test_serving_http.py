@@ -18,6 +18,7 @@ import gcs_emulator as emulator_support
 import pandas as pd
 import pytest
 from demo_model import build_demo_archive
+from fuzz_requests import run_fuzz
 from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 
 from metarec import storage
@@ -218,6 +219,15 @@ def test_concurrent_requests_with_one_bad_one(served):
     # Batched or not, the same request gets the same ranking.
     rankings = {tuple(item["item_id"] for item in document["items"]) for _, document in results[:6]}
     assert len(rankings) == 1
+
+
+def test_bounded_fuzz_with_canaries(served):
+    """A few hundred hostile requests from 4 threads, a valid canary after every 4th (CI-sized)."""
+    outcome = run_fuzz(served["info"], n=400, seed=13, concurrency=4)
+    assert outcome["canaries"] == 100 and outcome["canaries_failed"] == 0, outcome
+    assert outcome["5xx"] == outcome["non_json_200"] == outcome["connection_errors"] == 0, outcome
+    assert set(outcome["by_status"]) <= {"200", "400", "404", "413"}, outcome
+    assert outcome["max_answer_bytes"] < 64_000, outcome
 
 
 def test_workers_never_restarted(served):
