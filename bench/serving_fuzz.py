@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving_support import build_metarec_archive, run_fuzz, worker_identity
+from serving_support import add_archive_arguments, archive_for, run_fuzz, worker_identity
 
 from metarec.serve_local import start_server, stop_server
 
@@ -33,16 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2700, help="hostile requests (canaries come on top)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build the demo one)")
-    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+    add_archive_arguments(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="metarec-fuzz-") as tmp:
         workdir = Path(tmp)
-        archive_dir = (
-            Path(args.archive_dir)
-            if args.archive_dir
-            else build_metarec_archive(workdir / "build", "synthetic", args.meta_steps)
-        )
+        archive_dir = archive_for(args, workdir)
         info = start_server(archive_dir, workdir / "ts", 0, 0, timeout_s=300)
         try:
             before = worker_identity(info)

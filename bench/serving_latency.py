@@ -19,22 +19,19 @@ Usage: ``python bench/serving_latency.py [--requests N] [--archive-dir DIR] [--d
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import random
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from serving_support import (
-    build_metarec_archive,
+    add_archive_arguments,
+    archive_for,
     build_noop_archive,
     catalogue_ids,
-    connect,
-    post,
+    load,
     worker_identity,
 )
 
@@ -70,60 +67,13 @@ def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> 
     return {"adapt": adapt, "recommend": recommend}
 
 
-def run_load(
-    info: ServerInfo, path: str, bodies: list[bytes], concurrency: int
-) -> dict[str, float | int | list]:
-    """Sends every body once, ``concurrency`` threads in parallel, each on a keep-alive connection.
-
-    Args:
-        info: The server.
-        path: URL path (``/predictions/<model>[/1.0/adapt]``).
-        bodies: Request bodies (split evenly across threads).
-        concurrency: Number of client threads.
-
-    Returns:
-        ``{"latencies_ms": [...], "errors": n, "wall_s": s}``.
-    """
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def worker(share: list[bytes]) -> None:
-        connection = connect(info, 60)
-        try:
-            for body in share:
-                start = time.perf_counter()
-                try:
-                    ok = post(connection, info, path, body)[0] == 200
-                except (OSError, http.client.HTTPException):
-                    ok = False
-                    connection.close()
-                    connection = connect(info, 60)
-                elapsed = (time.perf_counter() - start) * 1000.0
-                with lock:
-                    latencies.append(elapsed)
-                    errors[0] += 0 if ok else 1
-        finally:
-            connection.close()
-
-    shares = [bodies[i::concurrency] for i in range(concurrency)]
-    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - start}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per kind and concurrency level")
-    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build one)")
     parser.add_argument(
         "--data", default="synthetic", help="data for the built archive (synthetic: 400 items)"
     )
-    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+    add_archive_arguments(parser)
     parser.add_argument("--workdir", help="where to build and run (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.requests < max(CONCURRENCIES):
@@ -132,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metarec-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        if args.archive_dir:
-            archive_dir = Path(args.archive_dir)
-        else:
-            archive_dir = build_metarec_archive(workdir / "build", args.data, args.meta_steps)
+        archive_dir = archive_for(args, workdir, args.data)
         settings = ServingSettings()
         noop_dir = workdir / "noop-archive"
         build_noop_archive(noop_dir, "noop")
@@ -160,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 level: dict[str, float] = {}
                 for kind, (info, path) in paths.items():
                     kind_bodies = bodies["recommend" if kind == "recommend" else "adapt"]
-                    run_load(info, path, kind_bodies[: max(16, concurrency * 2)], concurrency)  # warm-up
-                    outcome = run_load(info, path, kind_bodies, concurrency)
+                    warm_up = kind_bodies[: max(16, concurrency * 2)]
+                    load(info, [(path, body) for body in warm_up], concurrency)
+                    outcome = load(info, [(path, b) for b in kind_bodies], concurrency)
                     latencies = outcome["latencies_ms"]
                     total_requests += len(latencies)
                     total_errors += outcome["errors"]

@@ -21,7 +21,6 @@ Usage: ``python bench/serving_soak.py --seconds 60 [--kills 3] [--archive-dir DI
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from serving_latency import make_bodies, percentile
-from serving_support import build_metarec_archive, catalogue_ids, connect, post, worker_identity
+from serving_support import add_archive_arguments, archive_for, catalogue_ids, load, worker_identity
 
 from metarec.serve_local import ServerInfo, model_workers, start_server, stop_server
 from metarec.serving_settings import ServingSettings
@@ -55,50 +54,11 @@ def worker_rss_mb(info: ServerInfo) -> float:
     return total_kb / 1024.0
 
 
-def timed_load(
-    info: ServerInfo, requests: list[tuple[str, bytes]], concurrency: int, stop: threading.Event
-) -> dict:
-    """Sends requests in a loop from ``concurrency`` threads until ``stop`` is set.
-
-    Returns:
-        ``{"latencies_ms": [...], "errors": n, "wall_s": s}``.
-    """
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def worker(offset: int) -> None:
-        connection = connect(info, 60)
-        index = offset
-        while not stop.is_set():
-            path, body = requests[index % len(requests)]
-            index += concurrency
-            started = time.perf_counter()
-            try:
-                ok = post(connection, info, path, body)[0] == 200
-            except (OSError, http.client.HTTPException):
-                ok = False
-                connection.close()
-                connection = connect(info, 60)
-            with lock:
-                latencies.append((time.perf_counter() - started) * 1000.0)
-                errors[0] += 0 if ok else 1
-        connection.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - started}
-
-
 def run_for(info, requests, concurrency: int, seconds: float, during=None) -> dict:
-    """Runs :func:`timed_load` for ``seconds`` (calling ``during()`` meanwhile, if given)."""
+    """Runs :func:`serving_support.load` for ``seconds`` (calling ``during()`` meanwhile, if given)."""
     stop = threading.Event()
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(timed_load(info, requests, concurrency, stop)))
+    runner = threading.Thread(target=lambda: result.update(load(info, requests, concurrency, stop)))
     runner.start()
     if during is not None:
         during()
@@ -135,17 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="load duration per concurrency level")
     parser.add_argument("--kills", type=int, default=3, help="workers killed with SIGKILL under load")
-    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build the demo one)")
-    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+    add_archive_arguments(parser)
     args = parser.parse_args(argv)
     settings = ServingSettings()
     with tempfile.TemporaryDirectory(prefix="metarec-soak-") as tmp:
         workdir = Path(tmp)
-        archive_dir = (
-            Path(args.archive_dir)
-            if args.archive_dir
-            else build_metarec_archive(workdir / "build", "synthetic", args.meta_steps)
-        )
+        archive_dir = archive_for(args, workdir)
         item_ids, user_ids = catalogue_ids(archive_dir)
         bodies = make_bodies(item_ids, user_ids, 500, seed=0)
         requests = [("/predictions/metarec/1.0/adapt", body) for body in bodies["adapt"]]

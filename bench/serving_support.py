@@ -6,10 +6,13 @@ puts that folder on ``sys.path``. Run the benchmarks from the repository root wi
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import io
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,6 +38,66 @@ def build_metarec_archive(workdir: Path, data: str, meta_steps: int) -> Path:
 
     print(f"building the archive from {data} ...", file=sys.stderr)
     return build_demo_archive(workdir, data, meta_steps)["archive_dir"]
+
+
+def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every serving benchmark that serves the MetaRec archive."""
+    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build the demo one)")
+    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+
+
+def archive_for(args: argparse.Namespace, workdir: Path, data: str = "synthetic") -> Path:
+    """``--archive-dir`` if given, else the demo archive built under ``workdir``."""
+    return (
+        Path(args.archive_dir)
+        if args.archive_dir
+        else build_metarec_archive(workdir / "build", data, args.meta_steps)
+    )
+
+
+def load(
+    info: ServerInfo, requests: list[tuple[str, bytes]], concurrency: int, stop: threading.Event | None = None
+) -> dict:
+    """Sends ``(path, body)`` requests from ``concurrency`` threads, each on a keep-alive connection.
+
+    Args:
+        info: The server.
+        requests: What to send; split evenly across the threads.
+        concurrency: Client threads.
+        stop: None = send every request once; else each thread cycles through its share until set.
+
+    Returns:
+        ``{"latencies_ms": [...], "errors": n, "wall_s": s}`` (errors: non-200 or connection failures).
+    """
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def worker(share: list[tuple[str, bytes]]) -> None:
+        connection = connect(info, 60)
+        index = 0
+        while (index < len(share)) if stop is None else not stop.is_set():
+            path, body = share[index % len(share)]
+            index += 1
+            started = time.perf_counter()
+            try:
+                ok = post(connection, info, path, body)[0] == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = connect(info, 60)
+            with lock:
+                latencies.append((time.perf_counter() - started) * 1000.0)
+                errors[0] += 0 if ok else 1
+        connection.close()
+
+    threads = [threading.Thread(target=worker, args=(requests[i::concurrency],)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - started}
 
 
 def build_noop_archive(

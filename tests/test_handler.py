@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
+from demo_model import build_untrained_model
 from metarec.serving.handler import MetaRecHandler, handler_limits
 from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 from ts.context import Context, RequestProcessor
-
-from metarec.model import PreferenceModel
-from metarec.preprocessing import run_preprocessing
-from metarec.tasks import Preprocessed
 
 CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {}}}
 
@@ -23,21 +18,8 @@ CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {
 @pytest.fixture(scope="module")
 def archive_dir(tmp_path_factory):
     """What TorchServe unpacks from the .mar: model files, catalogue tables and the model card."""
-    pre_dir = tmp_path_factory.mktemp("pre")
-    run_preprocessing("synthetic:tiny", None, None, str(pre_dir))
-    pre = Preprocessed.load(str(pre_dir))
-    torch.manual_seed(0)
-    model = PreferenceModel(
-        pre.encoder.user_dims,
-        pre.encoder.item_dims,
-        pre.schema["n_warm_items"],
-        pre.item_features,
-        pre.item_warm_idx,
-    )
-    out = tmp_path_factory.mktemp("unpacked")
-    model.save(out, {"method": "maml", "adapt": {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}})
-    for name in ("schema.json", "items.parquet", "users.parquet"):
-        shutil.copyfile(pre_dir / name, out / name)
+    adapt = {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}
+    out = build_untrained_model(tmp_path_factory.mktemp("unpacked"), adapt)
     (out / "model_card.json").write_text(json.dumps(CARD))
     return out
 

@@ -9,21 +9,17 @@ without disturbing a valid request batched with it.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
+from demo_model import build_untrained_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from metarec.serving import requests as protocol
 from metarec.serving.requests import RequestError, RequestParser, answer_batch, decode_body, json_depth, quote
 from serving_cases import BAD_REQUESTS, GOOD_SUPPORT, HOSTILE_REQUESTS, answer_all
 
-from metarec.model import PreferenceModel
-from metarec.preprocessing import run_preprocessing
 from metarec.recommender import Recommender
 from metarec.serving_settings import RequestLimits, ServingSettings
-from metarec.tasks import Preprocessed
 
 # Longest error answer: the message cap plus the JSON envelope.
 MAX_ERROR_BYTES = protocol.MAX_MESSAGE_CHARS + 200
@@ -32,18 +28,8 @@ MAX_ERROR_BYTES = protocol.MAX_MESSAGE_CHARS + 200
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory):
     """An untrained model over the tiny synthetic catalogue (validation does not need training)."""
-    pre_dir = tmp_path_factory.mktemp("pre")
-    run_preprocessing("synthetic:tiny", None, None, str(pre_dir))
-    pre = Preprocessed.load(str(pre_dir))
-    torch.manual_seed(0)
-    model = PreferenceModel(
-        pre.encoder.user_dims, pre.encoder.item_dims, pre.schema["n_warm_items"], pre.item_features,
-        pre.item_warm_idx,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("model")
-    model.save(out, {"method": "maml", "adapt": {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}})
-    shutil.copyfile(pre_dir / "schema.json", out / "schema.json")
-    return Recommender.from_dir(out, catalogue_dir=pre_dir)
+    adapt = {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}
+    return Recommender.from_dir(build_untrained_model(tmp_path_factory.mktemp("untrained"), adapt))
 
 
 def strict_loads(text: str):
