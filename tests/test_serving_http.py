@@ -13,6 +13,7 @@ import json
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import gcs_emulator as emulator_support
 import pandas as pd
@@ -228,6 +229,13 @@ def test_bounded_fuzz_with_canaries(served):
     assert outcome["5xx"] == outcome["non_json_200"] == outcome["connection_errors"] == 0, outcome
     assert set(outcome["by_status"]) <= {"200", "400", "404", "413"}, outcome
     assert outcome["max_answer_bytes"] < 64_000, outcome
+
+
+def test_bad_bodies_left_no_traceback_in_the_worker_log(served):
+    # Runs after every bad and fuzzed body above: the workers get raw bytes (decode_input_request=false),
+    # so TorchServe's own json.loads never logged "Failed json decoding" with a traceback.
+    log = (Path(served["info"].workdir) / "logs" / "model_log.log").read_text(errors="replace")
+    assert "Failed json decoding" not in log and "Traceback" not in log
 
 
 def test_workers_never_restarted(served):
