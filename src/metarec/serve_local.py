@@ -271,6 +271,7 @@ def start_server(
     workdir: str | os.PathLike,
     inference_port: int = 8080,
     metrics_port: int = 8082,
+    *,
     model_name: str = "metarec",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     token_auth: bool = True,
