@@ -45,8 +45,8 @@ compile: setup
 	METAREC_REGISTRY=$(REGISTRY) $(BIN)/metarec compile --output build/pipelines
 
 images:
-	docker build -f docker/components.Dockerfile --build-arg TORCH_INDEX_URL=$(COMPONENTS_TORCH_INDEX) -t $(REGISTRY)/metarec-components:$(VERSION) .
-	docker build -f docker/serving.Dockerfile -t $(REGISTRY)/metarec-serving:$(VERSION) .
+	docker build -f images/components.Dockerfile --build-arg TORCH_INDEX_URL=$(COMPONENTS_TORCH_INDEX) -t $(REGISTRY)/metarec-components:$(VERSION) .
+	docker build -f images/serving.Dockerfile -t $(REGISTRY)/metarec-serving:$(VERSION) .
 
 push: images
 	docker push $(REGISTRY)/metarec-components:$(VERSION)

@@ -18,8 +18,8 @@ from metarec import __version__, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
-    "components": REPO_ROOT / "docker/components.Dockerfile",
-    "serving": REPO_ROOT / "docker/serving.Dockerfile",
+    "components": REPO_ROOT / "images/components.Dockerfile",
+    "serving": REPO_ROOT / "images/serving.Dockerfile",
 }
 
 

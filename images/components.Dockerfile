@@ -3,9 +3,9 @@
 # PyTorchJob trainer (torchrun -m metarec.training) run in it. Nothing is pip-installed at run time.
 #
 # Build from the repository root (the context must hold pyproject.toml, setup.py, src/, components/ ...):
-#   docker build -f docker/components.Dockerfile -t ghcr.io/metarec/metarec-components:0.1.0 .
+#   docker build -f images/components.Dockerfile -t ghcr.io/metarec/metarec-components:0.1.0 .
 # GPU node pool (CUDA wheels of the same torch release):
-#   docker build -f docker/components.Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ...
+#   docker build -f images/components.Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ...
 # The tag must be the package version: metarec.images.components_image() names it in compiled pipelines.
 
 # Pinned by tag (Debian bookworm); pin by digest too once the registry is reachable.

@@ -2,7 +2,7 @@
 # MetaRec serving image: TorchServe 0.12 on a Java 17 runtime, the MetaRec handler and core package.
 #
 # Build from the repository root:
-#   docker build -f docker/serving.Dockerfile -t ghcr.io/metarec/metarec-serving:0.1.0 .
+#   docker build -f images/serving.Dockerfile -t ghcr.io/metarec/metarec-serving:0.1.0 .
 # GPU node pool: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # The tag must be the package version: metarec.images.serving_image() and manifests/ name it.
 #
@@ -53,7 +53,7 @@ RUN groupadd --gid "${UID}" model-server \
         --shell /usr/sbin/nologin model-server \
     && mkdir -p /home/model-server/model-store /home/model-server/logs \
     && chown -R model-server:model-server /home/model-server
-COPY --chown=${UID}:${UID} docker/serving/config.properties /home/model-server/config.properties
+COPY --chown=${UID}:${UID} images/serving/config.properties /home/model-server/config.properties
 
 USER ${UID}:${UID}
 WORKDIR /home/model-server
