@@ -163,7 +163,12 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """``metarec compile``: every pipeline variant, and the committed component YAMLs."""
+    """``metarec compile``: every pipeline variant and every component, all under ``--output``.
+
+    The committed ``components/*/component.yaml`` are never touched here (they name the default
+    registry; ``python -m metarec.components.build`` regenerates them), so compiling for another
+    registry leaves the working tree clean.
+    """
     from metarec.pipelines.compile import VARIANTS, compile_all
 
     paths = compile_all(
@@ -172,7 +177,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not args.no_components:
         from metarec.components.build import compile_components
 
-        paths += compile_components()
+        paths += compile_components(Path(args.output) / "components")
     for path in paths:
         print(path)
     return 0
@@ -297,10 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (default: runs/<timestamp>)")
     run.set_defaults(handler=cmd_run_local)
 
-    comp = commands.add_parser("compile", help="compile the pipeline variants and the component YAMLs")
+    comp = commands.add_parser(
+        "compile", help="compile the pipeline variants and the components into --output"
+    )
     add_compile_arguments(comp)
     comp.add_argument(
-        "--no-components", action="store_true", help="do not regenerate components/*/component.yaml"
+        "--no-components", action="store_true", help="do not compile the components to OUTPUT/components"
     )
     comp.set_defaults(handler=cmd_compile)
 
