@@ -20,7 +20,8 @@ def _load_config() -> None:
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         config.load_incluster_config()
     else:
-        config.load_kube_config()
+        # Named explicitly: the client reads KUBECONFIG only once, when it is imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
 def custom_objects_api() -> Any:
