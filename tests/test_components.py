@@ -59,17 +59,34 @@ def test_committed_component_yaml_is_fresh(name, tmp_path, default_registry):
 @pytest.mark.parametrize("name", build.COMPONENT_NAMES)
 def test_component_folder_is_complete(name):
     folder = COMPONENTS_DIR / name
-    for file_name in ("__init__.py", "component.py", "README.md", "component.yaml"):
+    for file_name in ("__init__.py", "component.py", "README.md", "component.yaml", "metadata.yaml"):
         assert (folder / file_name).is_file(), f"{folder / file_name} missing"
     spec = yaml.safe_load((folder / "component.yaml").read_text())
     executor = next(iter(spec["deploymentSpec"]["executors"].values()))["container"]
     assert executor["image"].endswith("/metarec-components:" + __import__("metarec").__version__)
+    assert list((folder / "tests").glob("test_*.py")), f"{name} has no tests/ folder beside it"
     # Nothing may be pip-installed at run time: the image holds every package.
     assert "pip install" not in " ".join(executor["command"])
     readme = (folder / "README.md").read_text()
     component = components.load_component_from_file(str(folder / "component.yaml"))
     for parameter in [*component.component_spec.inputs, *(component.component_spec.outputs or {})]:
         assert f"`{parameter}`" in readme, f"{name}/README.md does not document {parameter!r}"
+
+
+@pytest.mark.parametrize("name", build.COMPONENT_NAMES)
+def test_component_metadata_names_stability_kfp_version_and_verification(name):
+    import datetime as dt
+    import re
+
+    metadata = yaml.safe_load((COMPONENTS_DIR / name / "metadata.yaml").read_text())
+    assert metadata["name"] == name
+    assert metadata["stability"] in ("alpha", "beta", "stable")
+    (pipelines,) = [dep for dep in metadata["dependencies"]["kubeflow"] if dep["name"] == "Pipelines"]
+    # dsl.Collected fan-in (used by evaluate/select_model) needs a KFP 2.2+ backend.
+    minimum = re.fullmatch(r">=(\d+)\.(\d+)\.\d+", pipelines["version"])
+    assert minimum and (int(minimum.group(1)), int(minimum.group(2))) >= (2, 2), pipelines["version"]
+    verified = dt.date.fromisoformat(str(metadata["lastVerified"]))
+    assert verified <= dt.date.today()
 
 
 def test_unknown_component_name_is_refused():
@@ -96,12 +113,26 @@ def _two_step_pipeline(name: str):
             first = loaded(data_uri="synthetic:tiny")
             _load("meta_train")(dataset=first.outputs["dataset"], method="maml", config='{"meta_steps": 1}')
 
-    elif name in ("meta_train", "meta_train_pytorchjob"):
+    elif name == "fingerprint_data":
 
-        @dsl.pipeline(name=f"two-step-{name}")
+        @dsl.pipeline(name="two-step-fingerprint")
+        def pipe():
+            first = loaded(data_uri="synthetic:tiny")
+            _load("preprocess")(data_uri="synthetic:tiny", data_fingerprint=first.output)
+
+    elif name == "meta_train":
+
+        @dsl.pipeline(name="two-step-meta-train")
         def pipe():
             first = _load("preprocess")(data_uri="synthetic:tiny")
             loaded(dataset=first.outputs["dataset"], method="reptile")
+
+    elif name == "meta_train_pytorchjob":
+
+        @dsl.pipeline(name="two-step-pytorchjob")
+        def pipe():
+            first = _load("preprocess")(data_uri="synthetic:tiny")
+            loaded(dataset=first.outputs["dataset"], method="reptile", image="registry/metarec-components:1")
 
     elif name == "evaluate":
 
@@ -135,9 +166,17 @@ def _two_step_pipeline(name: str):
             loaded(
                 model=candidate.outputs["model"],
                 evaluation=scores.outputs["evaluation"],
+                selection=scores.outputs["evaluation"],
                 dataset=first.outputs["dataset"],
                 model_name="demo",
             )
+
+    elif name == "deploy_model":
+
+        @dsl.pipeline(name="two-step-deploy")
+        def pipe():
+            candidate = fake_candidate(method="maml")
+            loaded(archive=candidate.outputs["model"], target="inferenceservice")
 
     else:  # a new component must get its own two-step pipeline here
         raise AssertionError(f"no two-step pipeline for {name}")
