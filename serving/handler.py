@@ -73,7 +73,9 @@ class MetaRecHandler(BaseHandler):
         self.manifest = context.manifest
         settings, torch_threads = handler_settings(getattr(context, "model_yaml_config", None))
         torch.set_num_threads(torch_threads)
-        self.device = torch.device("cpu")
+        gpu_id = context.system_properties.get("gpu_id")  # TorchServe assigns one per worker on GPU nodes
+        use_gpu = gpu_id is not None and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
         self.recommender = Recommender.from_dir(model_dir, device=self.device, **settings)
         logger.info("MetaRec model loaded from %s with settings %s", model_dir, self.recommender.settings)

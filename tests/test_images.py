@@ -242,17 +242,23 @@ def _rendered_images(kustomization: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("kustomization", "expected"),
+    ("kustomization", "expected", "cuda"),
     [
-        ("serving/overlays/gke-cpu", "serving"),
-        ("serving/overlays/gke-gpu", "serving"),
-        ("serving/overlays/kserve", "serving"),
-        ("training", "components"),
+        ("serving/overlays/gke-cpu", "serving", False),
+        ("serving/overlays/gke-gpu", "serving", True),
+        ("serving/overlays/kserve", "serving", False),
+        ("training-example", "components", True),
     ],
 )
-def test_manifests_name_the_release_images(default_registry, kustomization, expected):
-    expected_image = {"serving": images.serving_image, "components": images.components_image}[expected]()
+def test_manifests_name_the_release_images(default_registry, kustomization, expected, cuda):
+    """CPU and CUDA builds have distinct tags; what asks for a GPU names the CUDA one, the rest the CPU one."""
+    expected_image = {"serving": images.serving_image, "components": images.components_image}[expected](cuda)
     assert _rendered_images(kustomization) == {expected_image}
+
+
+def test_cpu_and_cuda_images_have_distinct_tags(default_registry):
+    assert images.components_image() != images.components_image(cuda=True)
+    assert images.serving_image(cuda=True).endswith(f":{__version__}-cuda")
 
 
 # ----------------------------------------------------------------------------------------------
