@@ -19,6 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
+COMMANDS_GROUP = "metarec.commands"  # entry points: callables adding sub-commands
+
 DEFAULT_RUNS_DIR = Path("runs")
 LATEST_POINTER = "latest.json"
 SUMMARY_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
@@ -131,56 +133,8 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
-def cmd_run_local(args: argparse.Namespace) -> int:
-    """``metarec run-local``: the whole pipeline under kfp.local."""
-    from metarec.pipelines.local_run import run_local
-    from metarec.pipelines.run_config import load_run_config
-
-    run_config = load_run_config(args.config)
-    _check_data(args.data)
-    _check_dataset_config(args.dataset_config)
-    output_dir = Path(args.output) if args.output else _default_output_dir()
-    print(
-        f"metarec run-local: data={args.data} methods={','.join(run_config['methods'])} output={output_dir}"
-    )
-
-    def progress(line: str) -> None:
-        # Not print(): kfp.local swaps builtins.print for an indenting one while tasks run.
-        sys.stdout.write(f"  {line}\n")
-        sys.stdout.flush()
-
-    result = run_local(
-        run_config, output_dir, data_uri=args.data, dataset_config=args.dataset_config, progress=progress
-    )
-    pointer = _write_latest_pointer(result)
-    print(format_summary(result))
-    print(f"Latest-run pointer: {pointer}")
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # compile
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    """``metarec compile``: every pipeline variant and every component, all under ``--output``.
-
-    The committed ``components/*/component.yaml`` are never touched here (they name the default
-    registry; ``python -m metarec.components.build`` regenerates them), so compiling for another
-    registry leaves the working tree clean.
-    """
-    from metarec.pipelines.compile import VARIANTS, compile_all
-
-    paths = compile_all(
-        args.output, args.gpu_type, args.gpus, args.pytorchjob_nodes, tuple(args.variant or VARIANTS)
-    )
-    if not args.no_components:
-        from metarec.components.build import compile_components
-
-        paths += compile_components(Path(args.output) / "components")
-    for path in paths:
-        print(path)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,7 +237,7 @@ def cmd_demo_request(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``metarec`` command."""
-    from metarec.pipelines.compile import add_compile_arguments
+    from importlib.metadata import entry_points
 
     parser = argparse.ArgumentParser(
         prog="metarec", description="Meta-learned cold-start recommenders on Kubeflow."
@@ -291,25 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)")
-    run.add_argument(
-        "--data", default="synthetic", help="raw data: a directory, a gs:// prefix or 'synthetic' (default)"
-    )
-    run.add_argument(
-        "--dataset-config", help="data-set config: shipped name (movielens-100k ...) or YAML file"
-    )
-    run.add_argument("--config", help="run config YAML, merged on top of the shipped run-local.yaml")
-    run.add_argument("--output", help="output folder (default: runs/<timestamp>)")
-    run.set_defaults(handler=cmd_run_local)
-
-    comp = commands.add_parser(
-        "compile", help="compile the pipeline variants and the components into --output"
-    )
-    add_compile_arguments(comp)
-    comp.add_argument(
-        "--no-components", action="store_true", help="do not compile the components to OUTPUT/components"
-    )
-    comp.set_defaults(handler=cmd_compile)
+    # run-local and compile come from the pipelines package (entry point group metarec.commands): the
+    # core never imports the mapped folders, they plug into it.
+    for entry_point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry_point.load()(commands)
 
     serve = commands.add_parser("serve", help="serve the latest (or a given) archive with a local TorchServe")
     serve.add_argument(
@@ -342,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--k", type=int, default=10, help="items to rank")
     demo.set_defaults(handler=cmd_demo_request)
-    for sub in (run, comp, serve, demo):
+    for sub in commands.choices.values():
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
         )

@@ -103,11 +103,20 @@ def resolve_serving_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return full
 
 
+def _serving_file(name: str) -> Path:
+    """A file of the installed ``metarec.serving`` folder, located without importing it: the archive
+    carries the file, the core never runs serving code (the mapped folders depend on the core only)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("metarec.serving")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("metarec.serving is not installed: the archive needs its handler files")
+    return Path(next(iter(spec.submodule_search_locations))) / name
+
+
 def _handler_entry() -> Path:
     """The handler file packed into the archive (installed next to ``metarec.serving``)."""
-    import metarec.serving
-
-    return Path(metarec.serving.__file__).resolve().parent / "mar_entry.py"
+    return _serving_file("mar_entry.py")
 
 
 def model_config_yaml(settings: dict[str, Any]) -> dict[str, Any]:
@@ -486,9 +495,7 @@ def build_noop_archive(output_dir: str | os.PathLike, model_name: str = "noop", 
         Path of the archive.
     """
     settings = resolve_serving_config(serving_config)
-    import metarec.serving
-
-    handler = Path(metarec.serving.__file__).resolve().parent / "noop_handler.py"
+    handler = _serving_file("noop_handler.py")
     with tempfile.TemporaryDirectory(prefix="metarec-noop-") as stage:
         config_file = Path(stage) / MODEL_CONFIG_FILE
         document = model_config_yaml(settings)
