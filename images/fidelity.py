@@ -79,10 +79,31 @@ def dockerfile_copies(image: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_venv(workdir: Path, image: str = IMAGE) -> Path:
-    """Builds a clean venv holding exactly what the image installs; returns its ``bin`` folder."""
+def _dependency_key(image: str) -> str:
+    """What decides the venv's third-party content: the install spec, the pins, the declared deps."""
+    import hashlib
+
+    parts = [
+        REPO / "images" / f"{image}.extras",
+        REPO / "requirements/constraints.txt",
+        REPO / "pyproject.toml",
+    ]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in parts)).hexdigest()
+
+
+def build_venv(workdir: Path, image: str = IMAGE, fresh: bool = False) -> Path:
+    """Builds a venv holding exactly what the image installs; returns its ``bin`` folder.
+
+    Like Docker's layer cache, the dependency layers (torch, then the extras' requirements) are reused
+    while ``images/<image>.extras``, the constraints and ``pyproject.toml`` are unchanged; the metarec
+    package itself is always reinstalled from a fresh copy of the build context. ``fresh`` (or a clean
+    checkout) builds everything from nothing.
+    """
     venv, context = workdir / "venv", workdir / "context"
-    shutil.rmtree(venv, ignore_errors=True)
+    key_file, key = venv / ".metarec-dependency-key", _dependency_key(image)
+    reuse = not fresh and key_file.is_file() and key_file.read_text() == key
+    if not reuse:
+        shutil.rmtree(venv, ignore_errors=True)
     shutil.rmtree(context, ignore_errors=True)
     for source, destination in dockerfile_copies(image):
         target = context / destination.rstrip("/")
@@ -91,22 +112,19 @@ def build_venv(workdir: Path, image: str = IMAGE) -> Path:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REPO / source, target)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-compile",
-        "--disable-pip-version-check",
-    ]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check"]
     constraints = workdir / "constraints.txt"
     lines = (context / "requirements/constraints.txt").read_text().splitlines()
     constraints.write_text("\n".join(line for line in lines if not line.startswith("torch==")) + "\n")
+    if reuse:
+        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "metarec"], check=True)
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU build on disk, first (as the image)
     subprocess.run(pip + ["-c", str(constraints), f"{context}[{image_extras(image)}]"], check=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"], check=True)
+    subprocess.run([python, "-m", "pip", "check"], check=True)
+    key_file.write_text(key)
     launcher = workdir / "launcher"
     launcher.mkdir(exist_ok=True)
     (launcher / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -321,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     """Builds the venv, runs the chain, prints the JSON summary last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="build/fidelity", help="scratch folder (venv, artifacts)")
-    parser.add_argument("--reuse-venv", action="store_true", help="skip the venv build (local iteration)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild the dependency layers too")
     args = parser.parse_args(argv)
     from fake_kube import FakeKube
     from gcs_emulator import start_emulator, stop_emulator, use_emulator
@@ -334,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     bin_dir = workdir / "venv" / "bin"
-    if not (args.reuse_venv and bin_dir.is_dir()):
-        build_venv(workdir)
+    build_venv(workdir, fresh=args.fresh)
     print(f"venv with the {IMAGE} image's content ready ({time.monotonic() - started:.0f} s)", flush=True)
     shutil.rmtree(workdir / "gcs", ignore_errors=True)
     shutil.rmtree(workdir / "jobs", ignore_errors=True)
