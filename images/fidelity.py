@@ -108,7 +108,9 @@ def build_venv(workdir: Path, image: str = IMAGE, fresh: bool = False) -> Path:
     for source, destination in dockerfile_copies(image):
         target = context / destination.rstrip("/")
         if (REPO / source).is_dir():
-            shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+            shutil.copytree(
+                REPO / source, target, ignore=shutil.ignore_patterns("__pycache__", "tests", "conftest.py")
+            )
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REPO / source, target)
