@@ -275,14 +275,15 @@ def build_pipeline(options: PipelineOptions | None = None):
         )
         _set_resources(packaged, res["package_model"])
 
-        rollout = deploy_model(
-            archive=packaged.outputs["archive"],
-            target=deploy_target,
-            name=deploy_name,
-            namespace=deploy_namespace,
-            canary_percent=canary_percent,
-        )
-        rollout.set_caching_options(False)
-        _set_resources(rollout, res["deploy_model"])
+        with dsl.If(deploy_target != "", name="deploy"):
+            rollout = deploy_model(
+                archive=packaged.outputs["archive"],
+                target=deploy_target,
+                name=deploy_name,
+                namespace=deploy_namespace,
+                canary_percent=canary_percent,
+            )
+            rollout.set_caching_options(False)  # a rollout acts on the cluster's current state
+            _set_resources(rollout, res["deploy_model"])
 
     return metarec_pipeline

@@ -54,7 +54,14 @@ def test_graph_has_every_step_in_order(compiled):
             "deploy-model"} <= set(tasks)  # fmt: skip
     assert "fingerprint-data" in tasks["preprocess"]["dependentTasks"]
     assert "preprocess" in tasks["evaluate"]["dependentTasks"]
-    assert "package-model" in tasks["deploy-model"]["dependentTasks"]
+    deploy = next(
+        task for task in spec["root"]["dag"]["tasks"].values() if task["taskInfo"]["name"] == "deploy"
+    )
+    assert deploy["dependentTasks"] == ["package-model"]
+    assert (
+        deploy["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--deploy_target'] != ''"
+    )
     assert "evaluate" in tasks["select-model"]["dependentTasks"]
     assert {"evaluate", "select-model"} <= set(tasks["package-model"]["dependentTasks"])
     # meta-train runs inside a ParallelFor over the methods parameter, collected for evaluate.
@@ -180,8 +187,8 @@ def test_only_gpu_training_runs_the_cuda_image_and_asks_for_cuda(compiled):
         spec, _ = compiled[variant]
         tasks = _all_tasks(spec)
         for name, task in tasks.items():
-            if "componentRef" not in task or name.startswith("for-loop"):
-                continue
+            if "executorLabel" not in spec["components"][task["componentRef"]["name"]]:
+                continue  # a sub-DAG (ParallelFor, If), not a container
             image = _executor_of(spec, task)["image"]
             expected = images.components_image(cuda=variant == "gpu" and name == "meta-train")
             assert image == expected, f"{variant}: {name} runs {image}"
@@ -215,5 +222,13 @@ def test_publishing_is_gated_and_deploy_follows_the_published_version(compiled):
     assert package_inputs["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select-model"
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert parameters["publish_if_worse"]["defaultValue"] is False
-    deploy_input = tasks["deploy-model"]["inputs"]["artifacts"]["archive"]["taskOutputArtifact"]
-    assert deploy_input == {"outputArtifactKey": "archive", "producerTask": "package-model"}
+    # deploy-model runs only when a target is set, on the archive package-model published.
+    deploy = next(
+        task for task in spec["root"]["dag"]["tasks"].values() if task["taskInfo"]["name"] == "deploy"
+    )
+    (channel,) = deploy["inputs"]["artifacts"].values()
+    assert channel["taskOutputArtifact"] == {"outputArtifactKey": "archive", "producerTask": "package-model"}
+    assert (
+        tasks["deploy-model"]["inputs"]["artifacts"]["archive"]["componentInputArtifact"]
+        in deploy["inputs"]["artifacts"]
+    )
