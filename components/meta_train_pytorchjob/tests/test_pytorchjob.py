@@ -51,9 +51,7 @@ def test_pytorchjob_has_master_workers_torchrun_and_gpu_scheduling():
 
 
 def test_pytorchjob_matches_the_shape_of_the_training_manifest(repo_root):
-    manifest = repo_root / "manifests" / "training" / "pytorchjob.yaml"
-    if not manifest.is_file():
-        pytest.skip("manifests/training/pytorchjob.yaml not present")
+    manifest = repo_root / "manifests" / "training-example" / "pytorchjob.yaml"
     reference = yaml.safe_load(manifest.read_text())
     job = _job(num_nodes=2)
     assert job["apiVersion"] == reference["apiVersion"] and job["kind"] == reference["kind"]
