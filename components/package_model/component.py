@@ -31,7 +31,7 @@ def package_model(
             published version (what deploy_model rolls out).
         model_name: Model name in TorchServe (URL ``/predictions/<model_name>``).
         serving_config: JSON object with the ``package.serving`` settings (see
-            ``metarec.packaging.DEFAULTS``); ``"{}"`` keeps the defaults.
+            ``metarec.serving_settings.ServingSettings``); ``"{}"`` keeps the defaults.
         output_uri: Optional ``gs://`` prefix (or local directory) of the published versions: the archive
             goes to ``<output_uri>/<version>``, promoted with a completion manifest written last. An
             existing version is never overwritten; a live one is replaced only by deploy_model.
