@@ -11,6 +11,7 @@ JSON object::
      "per_seed": {"<seed>": {"<scenario>": {"<method>": {"mae": .., "ndcg@3": ..}}}},
      "ci95": {"user_cold": {"mae": [lo, hi], "ndcg@3": [lo, hi]}, ...},
      "ci95_vs": {"user_cold": {"mae": {"meta": .., "other": .., "diff": .., "includes_zero": ..}}, ...},
+     "peer_cost": {"<peer>": {"retrains": .., "retrain_s": ..}},   # summed over seeds, validation grid incl.
      "best_meta": "<method>", "best_baseline": "<method>", "elapsed_s": ..}
 
 Peer references (``surprise_svdpp``, ``surprise_knn``, ``lightfm``; ``metarec.peers``, the ``bench``
@@ -194,6 +195,20 @@ def per_seed_results(documents: list[dict]) -> dict:
     }
 
 
+def peer_costs(documents: list[dict]) -> dict:
+    """peer -> full retrains and their seconds, summed over seeds (grid search on validation users included)."""
+    costs: dict[str, dict] = {}
+    for doc in documents:
+        for name, info in doc.get("methods", {}).items():
+            if info.get("kind") == "reference":
+                entry = costs.setdefault(name, {"retrains": 0, "retrain_s": 0.0})
+                entry["retrains"] += int(info["retrains"]) + int(info["tuning_retrains"])
+                entry["retrain_s"] = round(
+                    entry["retrain_s"] + float(info["retrain_s"]) + float(info["tuning_s"]), 1
+                )
+    return costs
+
+
 def summarise(aggregated: dict, elapsed_s: float, documents: list[dict] | None = None,
               comparisons: dict | None = None) -> dict:  # fmt: skip
     """Reduces an aggregated evaluation document to the benchmark's one-line result.
@@ -228,6 +243,7 @@ def summarise(aggregated: dict, elapsed_s: float, documents: list[dict] | None =
             }
             for s, per_metric in comparisons.items()
         },
+        "peer_cost": peer_costs(documents or []),
         "best_meta": aggregated.get("best_meta"),
         "best_baseline": aggregated.get("best_baseline"),
         "elapsed_s": round(elapsed_s, 1),

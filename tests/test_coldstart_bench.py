@@ -26,6 +26,8 @@ def test_quick_bench_reports_per_seed_results_peers_and_intervals(repo_root, tmp
     assert set(result["per_seed"]) == {"0", "1"}
     assert set(result["per_seed"]["0"]["user_cold"]) == {"reptile", "mf_foldin", "surprise_knn"}
     assert "surprise_knn" in result["scenarios"]["item_cold"]
+    # base fit, user_cold, user_item_cold and one per K of the curve, per seed (quick: no grid search)
+    assert result["peer_cost"]["surprise_knn"]["retrains"] >= 2 * 3
     assert set(result["ci95"]) == set(result["scenarios"])
     for scenario, per_metric in result["ci95"].items():
         assert set(per_metric) == {"mae", "ndcg@3"}

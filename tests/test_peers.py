@@ -114,6 +114,7 @@ def test_evaluation_labels_peers_as_references_and_keeps_per_user_parts(pre_dir,
             assert math.isfinite(scenario[name]["mae"])
         assert set(document["kshot"]["user_cold"][name]) == {"1", "3"}
     assert [p["k"] for p in document["methods"]["surprise_knn"]["grid_val_mae"]] == [40, 10]
+    assert document["methods"]["surprise_knn"]["tuning_retrains"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "| surprise_svdpp | reference |" in report
     assert "retrained from scratch" in report

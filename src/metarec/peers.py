@@ -257,6 +257,7 @@ class RetrainedPeer:
         self.retrains = 0  # full retrains run so far (the report states their cost)
         self.retrain_seconds = 0.0
         self.grid_val_mae: list[dict] = []  # filled by fit_peers: every grid point tried
+        self.tuning_seconds = 0.0  # filled by fit_peers: the retrains of that grid search
 
     def _train_user_signatures(self) -> dict[str, int]:
         order = np.argsort(self.users, kind="stable")
@@ -337,6 +338,8 @@ class RetrainedPeer:
             "grid_val_mae": self.grid_val_mae,
             "retrains": self.retrains,
             "retrain_s": round(self.retrain_seconds, 1),
+            "tuning_retrains": len(self.grid_val_mae),
+            "tuning_s": round(self.tuning_seconds, 1),
             "cost": "full retrain on the train rows + every evaluated user's support rows, per scenario / K",
         }
 
@@ -364,15 +367,17 @@ def fit_peers(pre, peers, val_batch, seed: int) -> dict[str, RetrainedPeer]:
         raise ValueError(f"peers {sorted(grids)} need the packages {missing}: pip install 'metarec[bench]'")
     fitted = {}
     for name, grid in grids.items():
-        points, tried = _grid_points(grid), []
+        points, tried, seconds = _grid_points(grid), [], 0.0
         best = points[0]
         if val_batch is not None and len(points) > 1:
             for point in points:
-                predictions = RetrainedPeer(name, point, pre, seed).predict(val_batch)
+                candidate = RetrainedPeer(name, point, pre, seed)
+                predictions = candidate.predict(val_batch)
+                seconds += candidate.retrain_seconds
                 value = mae(predictions, val_batch.query_ratings, val_batch.query_mask)
                 tried.append({**point, "val_mae": round(value, 6) if math.isfinite(value) else None})
                 logger.info("tuning peer %s %s: val MAE %.4f", name, point, value)
             best = points[min(range(len(points)), key=lambda i: tried[i]["val_mae"] or math.inf)]
         fitted[name] = RetrainedPeer(name, best, pre, seed)
-        fitted[name].grid_val_mae = tried
+        fitted[name].grid_val_mae, fitted[name].tuning_seconds = tried, seconds
     return fitted
