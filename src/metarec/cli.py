@@ -4,6 +4,7 @@
 metarec run-local [--data PATH_OR_GS_URI] [--dataset-config FILE_OR_NAME] [--config FILE] [--output DIR]
 metarec compile [--output DIR] [--gpu-type nvidia-l4] [--gpus N] [--pytorchjob-nodes N] [--variant V]
 metarec serve [--model-dir DIR] [--workdir DIR] [--inference-port N] ... | metarec serve --stop
+metarec tune (--preprocessed DIR... | --data PATH [--split-seeds N...]) [--method M] [--trials N] [--set KEY=VALUE] [--output DIR]
 ```
 
 Errors end with one line on stderr and a non-zero exit status; ``--debug`` shows the traceback.
@@ -244,6 +245,44 @@ def cmd_demo_request(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# tune
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
+    import yaml
+
+    from metarec.tuning import run_tuning
+
+    fixed = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        fixed[key] = yaml.safe_load(value)
+    output = Path(args.output)
+    preprocessed = args.preprocessed
+    if preprocessed is None:
+        from metarec.preprocessing import run_preprocessing
+
+        _check_data(args.data)
+        preprocessed = [str(output / f"preprocessed-seed{seed}") for seed in args.split_seeds]
+        for seed, directory in zip(args.split_seeds, preprocessed, strict=True):
+            run_preprocessing(args.data, args.dataset_config, {"seed": seed}, directory)
+    settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
+                "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
+    summary = run_tuning(preprocessed, settings, str(output))
+    best, defaults = summary["best"], summary["defaults"]
+    print(f"best of {len(summary['trials'])} trials ({summary['objective']}, validation users): "
+          f"val MAE {best['val_mae']:.4f}, val nDCG@3 {best['val_ndcg@3']:.4f}  params {best['params']}")  # fmt: skip
+    if defaults:
+        print(f"current defaults (trial 0): val MAE {defaults['val_mae']:.4f}, "
+              f"val nDCG@3 {defaults['val_ndcg@3']:.4f}")  # fmt: skip
+    print(f"run config: {summary['run_config']}   all trials: {output / 'tuning.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -292,6 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--k", type=int, default=10, help="items to rank")
     demo.set_defaults(handler=cmd_demo_request)
+    tune = commands.add_parser("tune", help="search a meta-learner's hyper-parameters on validation users")
+    source = tune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preprocessed", nargs="+", help="preprocessing output(s): a trial scores the mean")
+    source.add_argument("--data", help="raw data (directory, gs:// or synthetic): preprocessed first")
+    tune.add_argument("--split-seeds", type=int, nargs="+", default=[0], help="split seeds for --data")
+    tune.add_argument("--dataset-config", help="data-set config for --data")
+    tune.add_argument("--method", default="reptile", choices=["maml", "fomaml", "reptile"])
+    tune.add_argument("--trials", type=int, default=12, help="Optuna trials (trial 0 = training's defaults)")
+    tune.add_argument("--objective", default="ndcg@3", choices=["ndcg@3", "mae"], help="validation metric")
+    tune.add_argument("--space", nargs="+", help="search only these names of metarec.tuning.SEARCH_SPACE")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="training setting fixed in every trial (YAML value), e.g. meta_steps=150")  # fmt: skip
+    tune.add_argument("--seed", type=int, default=0, help="training and sampler seed")
+    tune.add_argument("--timeout", type=float, default=None, help="seconds after which no trial starts")
+    tune.add_argument("--output", default="runs/tune", help="folder for tuning.json and best-run-config.yaml")
+    tune.set_defaults(handler=cmd_tune)
     for sub in commands.choices.values():
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
