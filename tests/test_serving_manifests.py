@@ -94,7 +94,7 @@ def test_every_written_config_closes_the_surface():
         )
     for where, properties in configs.items():
         assert surface_problems(properties) == [], where
-    weakened = dict(configs["docker/serving/config.properties"], allowed_urls="file://.*|http(s)?://.*")
+    weakened = dict(configs["images/serving/config.properties"], allowed_urls="file://.*|http(s)?://.*")
     weakened.pop("workflow_store")
     assert len(surface_problems(weakened)) == 2
 

@@ -150,7 +150,7 @@ def deployed_properties(model_store: str, extra: dict[str, Any] | None = None) -
 
 # Checked-in files rendered from this module (path from the repository root -> properties).
 TARGETS: dict[str, dict[str, Any]] = {
-    "docker/serving/config.properties": deployed_properties("/home/model-server/model-store"),
+    "images/serving/config.properties": deployed_properties("/home/model-server/model-store"),
     "manifests/serving/base/config.properties": deployed_properties(
         "/home/model-server/archive/model-store", {"default_response_timeout": 30, "job_queue_size": 100}
     ),

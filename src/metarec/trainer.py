@@ -14,7 +14,6 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from metarec.model_init import build_model
 from metarec.tasks import Preprocessed, TaskBatch, TrainTaskSampler, scenario_tasks
 from metarec.training import TrainSettings
 
-MODEL_FILES = ("model.pt", "model.json", "schema.json", "metrics.json")
 # Settings of this machine's run, not of the model: left out of model.json's "training".
 _RUN_ONLY_KEYS = ("checkpoint_dir", "device", "cpu_threads")
 VALIDATION_CHUNK = 256  # validation tasks adapted per vectorised pass (bounds memory)
@@ -138,7 +136,7 @@ class Trainer:
         self.method = method
         self.settings = settings
         self.output_dir = output_dir
-        self.checkpoint_dir = settings.checkpoint_dir or output_dir.rstrip("/") + "/checkpoints"
+        self.checkpoint_dir = settings.checkpoint_dir or storage.join(output_dir, "checkpoints")
         self.step = 0
         self.curve: list[list[float]] = []
         self.val_history: list[dict[str, float]] = []
@@ -303,13 +301,8 @@ class Trainer:
         extra = {"method": self.method, "adapt": self.settings.adapt().to_dict(), "training": training}
         metrics = {"method": self.method, **result, "curve": self.curve, "val_history": self.val_history}
         model = copy.deepcopy(self.model).cpu()
-        if not storage.is_gcs(self.output_dir):
-            self._write_local(model, extra, metrics, Path(self.output_dir))
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            self._write_local(model, extra, metrics, Path(tmp))
-            for name in MODEL_FILES:
-                storage.upload(Path(tmp) / name, self.output_dir.rstrip("/") + "/" + name)
+        with storage.local_output(self.output_dir) as directory:
+            self._write_local(model, extra, metrics, directory)
 
     def _write_local(self, model: PreferenceModel, extra: dict, metrics: dict, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

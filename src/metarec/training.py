@@ -162,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value)
-    result = run_meta_training(args.preprocessed, args.method, config, args.output, resume=not args.no_resume)
+    from metarec import storage
+
+    # A PyTorchJob pod gets the data set as a gs:// prefix: train on a local copy of it.
+    with storage.local_copy(args.preprocessed) as preprocessed:
+        result = run_meta_training(
+            str(preprocessed), args.method, config, args.output, resume=not args.no_resume
+        )
     print(json.dumps(result))
     return 0
 
