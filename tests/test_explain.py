@@ -1,0 +1,120 @@
+"""Explanations are exact: the support rows' shares sum to the adapted score's change, the feature
+groups' Shapley shares sum to the prior, and the scores explained are the ones adaptation serves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast_adapt import USER_TERMS, random_model
+from test_model import N_ITEMS
+
+from metarec.explain import Explainer, embedding_blocks
+from metarec.features import FeatureDims
+from metarec.meta import adapt, predict
+from metarec.tasks import TaskBatch
+
+LR = 0.3
+EXACT = 1e-9  # float64 sums
+SERVED = 2e-5  # float64 explanation vs the float32 served scores
+
+
+def one_user(model, n_support=6, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    user = (
+        torch.tensor([1, 4]),
+        torch.randn(1, generator=generator),
+        (torch.rand(4, generator=generator) < 0.5).float(),
+    )
+    items = torch.randperm(N_ITEMS, generator=generator)[:n_support]
+    ratings = torch.randint(1, 6, (n_support,), generator=generator).float()
+    return user, items, ratings
+
+
+def served_scores(model, user, items, ratings, targets, steps):
+    """What serving computes: the generic inner loop and predict (float32)."""
+    cat, num, multi = (tensor[None] for tensor in user)
+    empty = torch.zeros(1, 0)
+    batch = TaskBatch(cat, num, multi, items[None], ratings[None], torch.ones(1, len(items)),
+                      empty.long(), empty, empty)  # fmt: skip
+    adapted = adapt(model, None, batch, steps, LR, "head", create_graph=False)
+    return predict(model, adapted, cat, num, multi, targets[None], "head")[0]
+
+
+@pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_prior", "bias_factors_sgd", "none"])
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_support_shares_sum_to_the_served_change(terms, steps):
+    model = random_model(**USER_TERMS[terms])
+    user, items, ratings = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, targets, steps)
+    served = served_scores(model, user, items, ratings, targets, steps)
+    assert torch.allclose(explanation.scores.float(), served, atol=SERVED)
+    prior = model(*user, targets)
+    assert torch.allclose(explanation.prior.float(), prior, atol=SERVED)
+    change = explanation.scores - explanation.prior
+    assert torch.allclose(explanation.contributions.sum(1), change, atol=EXACT, rtol=0)
+    assert explanation.contributions.shape == (N_ITEMS, len(items))
+    if steps == 0:
+        assert explanation.contributions.abs().max() == 0
+    else:
+        assert change.abs().max() > 1e-3  # the adaptation moved something, so the check above bites
+        # Shares keep the sign of the logit shares (the secant slope is positive).
+        same = (explanation.contributions * explanation.logit_contributions) >= 0
+        assert bool(same.all())
+
+
+def test_one_rating_owns_the_whole_change():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, ratings = one_user(model, n_support=1)
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, torch.arange(N_ITEMS), 5)
+    assert torch.allclose(explanation.contributions[:, 0], explanation.scores - explanation.prior, atol=EXACT)
+
+
+def test_a_high_rating_pulls_its_own_score_up():
+    """A rating above the prediction raises that item's score, and its own row is why."""
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, _ = one_user(model, n_support=4)
+    ratings = torch.tensor([5.0, 1.0, 1.0, 1.0])
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, items, 5)
+    assert explanation.contributions[0, 0] > 0
+    assert explanation.contributions[0, 1:].max() < explanation.contributions[0, 0]
+
+
+def test_prior_shares_sum_to_the_prior_score():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, _, _ = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    schema = {
+        "user_features": [{"name": "gender", "kind": "categorical"}, {"name": "zip", "kind": "hashed"},
+                          {"name": "age", "kind": "numeric"}, {"name": "hobbies", "kind": "multi_hot"}],
+        "item_features": [{"name": "decade", "kind": "categorical"}, {"name": "genres", "kind": "multi_hot"},
+                          {"name": "year", "kind": "numeric"}, {"name": "length", "kind": "numeric"}],
+    }  # fmt: skip
+    explanation = Explainer(model, "head", LR, schema).prior(user, targets)
+    assert explanation.groups == [
+        "gender",
+        "zip",
+        "hobbies",
+        "age",
+        "decade",
+        "genres",
+        "year+length",
+        "item_id",
+    ]
+    assert torch.allclose(explanation.prior.float(), model(*user, targets), atol=SERVED)
+    total = explanation.baseline + explanation.shares.sum(1)
+    assert torch.allclose(total, explanation.prior, atol=EXACT, rtol=0)
+    # Cold items (no learned id) get no share from the id: their id is the baseline's.
+    cold = model.encoder.item_warm_idx == 0
+    assert bool(cold.any()) and explanation.shares[cold, -1].abs().max() < EXACT
+    assert explanation.shares[~cold, -1].abs().max() > 1e-4
+
+
+def test_only_head_mode_is_exact():
+    with pytest.raises(ValueError, match="adapt mode 'head'"):
+        Explainer(random_model(), "decision", LR)
+
+
+def test_block_names_follow_the_embedder_order():
+    dims = FeatureDims([3, 5], 2, 4)
+    assert embedding_blocks(None, dims, "user") == ["user_cat0", "user_cat1", "user_multi", "user_numeric"]
