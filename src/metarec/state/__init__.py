@@ -5,6 +5,6 @@ One small interface (:class:`~metarec.state.store.UserStateStore`) with two impl
 :func:`~metarec.state.store.open_store` picks one from a URL.
 """
 
-from metarec.state.store import Rating, UserState, UserStateStore, open_store
+from metarec.state.store import Rating, StoredUser, UserStateStore, open_store
 
-__all__ = ["Rating", "UserState", "UserStateStore", "open_store"]
+__all__ = ["Rating", "StoredUser", "UserStateStore", "open_store"]

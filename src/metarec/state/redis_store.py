@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from metarec.state.store import DEFAULT_WINDOW, Rating, UserState, UserStateStore, check_ratings
+from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
 
 # KEYS: ratings list, meta hash. ARGV: window, then the JSON ratings. Returns [version, blob,
 # blob_version, window...].
@@ -52,7 +52,7 @@ class RedisStateStore(UserStateStore):
         tag = f"{self.prefix}:{{{user_id}}}"
         return f"{tag}:ratings", f"{tag}:meta"
 
-    def append(self, user_id: str, ratings: list[Rating]) -> UserState:
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
         check_ratings(ratings)
         encoded = [json.dumps(r.to_list()) for r in ratings]
         version, blob, blob_version, window = self._append(
@@ -60,7 +60,7 @@ class RedisStateStore(UserStateStore):
         )
         return _state(window, version, blob, blob_version)
 
-    def get(self, user_id: str) -> UserState | None:
+    def get(self, user_id: str) -> StoredUser | None:
         ratings_key, meta_key = self._keys(user_id)
         # MULTI/EXEC: the window and the version are read as one snapshot.
         pipe = self.client.pipeline(transaction=True)
@@ -81,8 +81,8 @@ class RedisStateStore(UserStateStore):
         self.client.close()
 
 
-def _state(window: list, version, blob, blob_version) -> UserState:
-    return UserState(
+def _state(window: list, version, blob, blob_version) -> StoredUser:
+    return StoredUser(
         ratings=[Rating.from_list(json.loads(entry)) for entry in window],
         version=int(version),
         blob=None if blob in (None, False) else bytes(blob),

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from metarec.state.store import DEFAULT_WINDOW, Rating, UserState, UserStateStore, check_ratings
+from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
 
 _BUSY_TIMEOUT_MS = 30_000
 _SCHEMA = """
@@ -61,7 +61,7 @@ class SqliteStateStore(UserStateStore):
             self._local.connection, self._local.pid = connection, os.getpid()
         return self._local.connection
 
-    def append(self, user_id: str, ratings: list[Rating]) -> UserState:
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
         check_ratings(ratings)
         connection = self._connection()
         with _immediate(connection):
@@ -78,7 +78,7 @@ class SqliteStateStore(UserStateStore):
             )
             return self._read(connection, user_id)
 
-    def get(self, user_id: str) -> UserState | None:
+    def get(self, user_id: str) -> StoredUser | None:
         connection = self._connection()
         # One read transaction, so the window and the version belong together.
         with _deferred(connection):
@@ -106,7 +106,7 @@ class SqliteStateStore(UserStateStore):
             connection.close()
         self._local = threading.local()
 
-    def _read(self, connection: sqlite3.Connection, user_id: str) -> UserState | None:
+    def _read(self, connection: sqlite3.Connection, user_id: str) -> StoredUser | None:
         row = connection.execute(
             "SELECT version, blob, blob_version FROM users WHERE user_id = ?", (user_id,)
         ).fetchone()
@@ -115,7 +115,7 @@ class SqliteStateStore(UserStateStore):
         rows = connection.execute(
             "SELECT item_id, rating, timestamp FROM ratings WHERE user_id = ? ORDER BY seq", (user_id,)
         ).fetchall()
-        return UserState(
+        return StoredUser(
             ratings=[Rating(item_id, rating, timestamp) for item_id, rating, timestamp in rows],
             version=int(row[0]),
             blob=None if row[1] is None else bytes(row[1]),

@@ -43,7 +43,7 @@ class Rating:
 
 
 @dataclass
-class UserState:
+class StoredUser:
     """What a store holds for one user.
 
     Attributes:
@@ -77,7 +77,7 @@ class UserStateStore(ABC):
         self.window = window
 
     @abstractmethod
-    def append(self, user_id: str, ratings: list[Rating]) -> UserState:
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
         """Appends ratings to a user's window atomically and bumps the version.
 
         Args:
@@ -89,7 +89,7 @@ class UserStateStore(ABC):
         """
 
     @abstractmethod
-    def get(self, user_id: str) -> UserState | None:
+    def get(self, user_id: str) -> StoredUser | None:
         """Returns a user's state, or None for a user the store has never seen."""
 
     @abstractmethod

@@ -1,0 +1,145 @@
+"""One user's personalisation for serving: ratings window -> support set -> adapted state -> scores.
+
+The only place the real-time loop touches the meta-learning API (``metarec.meta``): the inner loop that
+training and evaluation use, run on one user's ratings, and scoring with its result. The adapted state
+(the per-user tensors the inner loop produces, by name) is serialised into the store's blob, tagged with
+the model version so a state computed by another model is never used.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import torch
+
+from metarec.features import EncodedFeatures
+from metarec.meta import adapt as meta_adapt
+from metarec.meta import predict as meta_predict
+from metarec.meta.fast_adapt import FastAdapter
+from metarec.model import PreferenceModel
+from metarec.state import Rating
+from metarec.tasks import TaskBatch
+
+Params = dict[str, torch.Tensor]
+
+
+class Personaliser:
+    """Adapts one model to single users and scores items with the adapted state.
+
+    Args:
+        model: the trained model (eval mode).
+        mode: its adapt mode.
+        inner_lr: the inner learning rate.
+        fast_adapter: the autograd-free path for this model, or None for the generic ``torch.func`` loop
+            (both compute the same, see :mod:`metarec.meta.fast_adapt`).
+    """
+
+    def __init__(self, model: PreferenceModel, mode: str, inner_lr: float, fast_adapter: FastAdapter | None):
+        self.model = model
+        self.mode = mode
+        self.inner_lr = inner_lr
+        self.fast_adapter = fast_adapter
+
+    @torch.no_grad()
+    def adapt(self, user: EncodedFeatures, items: torch.Tensor, ratings: torch.Tensor, steps: int) -> Params:
+        """Runs the meta-learned inner loop on one user's ratings.
+
+        Args:
+            user: the user's encoded features (leading dimension 1).
+            items: Long[S] rated items (S >= 1).
+            ratings: Float[S] their ratings.
+            steps: inner steps.
+
+        Returns:
+            The adapted parameters by name, each with leading dimension 1.
+        """
+        items, ratings = items.reshape(1, -1), ratings.reshape(1, -1).float()
+        mask = torch.ones_like(ratings)
+        if self.fast_adapter is not None:
+            adapted, _ = self.fast_adapter.adapt(user.cat, user.num, user.multi, items, ratings, mask, steps,
+                                                 self.inner_lr)  # fmt: skip
+            return adapted
+        empty = torch.zeros(1, 0, device=items.device)
+        batch = TaskBatch(user.cat, user.num, user.multi, items, ratings, mask, empty.long(), empty, empty)
+        return meta_adapt(self.model, None, batch, steps, self.inner_lr, self.mode, create_graph=False)
+
+    @torch.no_grad()
+    def score(self, user: EncodedFeatures, adapted: Params | None, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of items for one user.
+
+        Args:
+            user: the user's encoded features (leading dimension 1).
+            adapted: the output of :meth:`adapt`, or None for the un-adapted prior.
+            items: Long[N] items.
+
+        Returns:
+            Float[N] predicted ratings.
+        """
+        if adapted is None:
+            return self.model.forward_batch(user.cat, user.num, user.multi, items.reshape(1, -1))[0]
+        if self.fast_adapter is not None:
+            user_vec = self.fast_adapter.encode_users(user.cat, user.num, user.multi)
+            return self.fast_adapter.predict(adapted, user_vec, items.reshape(1, -1))[0]
+        return meta_predict(
+            self.model, adapted, user.cat, user.num, user.multi, items.reshape(1, -1), self.mode
+        )[0]
+
+
+def support_from_window(
+    window: Sequence[Rating], item_index: dict[str, int]
+) -> tuple[list[int], list[float]]:
+    """The support set of a ratings window: the latest rating of each item still in the catalogue.
+
+    Args:
+        window: ratings, oldest first.
+        item_index: raw item id -> item index of the serving catalogue.
+
+    Returns:
+        ``(item indices, ratings)`` in order of each item's latest rating.
+    """
+    latest: dict[int, float] = {}
+    for entry in window:
+        index = item_index.get(entry.item_id)
+        if index is None:
+            continue  # an item the current model no longer has
+        latest.pop(index, None)
+        latest[index] = float(entry.rating)
+    return list(latest), list(latest.values())
+
+
+def encode_state(adapted: Params, model_version: str) -> bytes:
+    """Serialises an adapted state (tensors by name, leading dimension 1) for the store.
+
+    Args:
+        adapted: the output of :meth:`Personaliser.adapt`.
+        model_version: the version of the model that computed it.
+
+    Returns:
+        The blob.
+    """
+    buffer = io.BytesIO()
+    torch.save(
+        {"model_version": model_version, "params": {k: v.detach().cpu() for k, v in adapted.items()}}, buffer
+    )
+    return buffer.getvalue()
+
+
+def decode_state(blob: bytes, model_version: str, device: torch.device) -> Params | None:
+    """Inverse of :func:`encode_state`; None when the blob is unreadable or from another model version.
+
+    Args:
+        blob: the stored bytes.
+        model_version: the serving model's version.
+        device: where to put the tensors.
+
+    Returns:
+        The adapted state, or None (the caller recomputes it from the ratings window).
+    """
+    try:
+        document = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable blob is recomputed, never served
+        return None
+    if not isinstance(document, dict) or document.get("model_version") != model_version:
+        return None
+    return document["params"]
