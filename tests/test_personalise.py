@@ -39,8 +39,11 @@ def test_window_keeps_the_latest_rating_per_known_item():
 
 def test_state_round_trips_and_is_refused_by_another_model_version():
     state = {"user_bias": torch.tensor([0.5]), "decoder.4.weight": torch.randn(1, 1, 8)}
-    blob = encode_state(state, "v1")
-    back = decode_state(blob, "v1", torch.device("cpu"))
+    blob = encode_state(state, "v1", _user())
+    document = decode_state(blob, "v1", torch.device("cpu"))
+    back = document["params"]
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    assert decode_state(encode_state(state, "v1"), "v1", torch.device("cpu"))["features"] is None
     assert decode_state(blob, "v2", torch.device("cpu")) is None
     assert decode_state(b"not a torch file", "v1", torch.device("cpu")) is None

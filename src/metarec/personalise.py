@@ -108,24 +108,29 @@ def support_from_window(
     return list(latest), list(latest.values())
 
 
-def encode_state(adapted: Params, model_version: str) -> bytes:
+def encode_state(adapted: Params, model_version: str, features: EncodedFeatures | None = None) -> bytes:
     """Serialises an adapted state (tensors by name, leading dimension 1) for the store.
 
     Args:
         adapted: the output of :meth:`Personaliser.adapt`.
         model_version: the version of the model that computed it.
+        features: the user's encoded features it was adapted with (kept so that a new user is scored
+            with them later), or None.
 
     Returns:
         The blob.
     """
+    document = {
+        "model_version": model_version,
+        "params": {name: tensor.detach().cpu() for name, tensor in adapted.items()},
+        "features": None if features is None else [tensor.detach().cpu() for tensor in features],
+    }
     buffer = io.BytesIO()
-    torch.save(
-        {"model_version": model_version, "params": {k: v.detach().cpu() for k, v in adapted.items()}}, buffer
-    )
+    torch.save(document, buffer)
     return buffer.getvalue()
 
 
-def decode_state(blob: bytes, model_version: str, device: torch.device) -> Params | None:
+def decode_state(blob: bytes, model_version: str, device: torch.device) -> dict | None:
     """Inverse of :func:`encode_state`; None when the blob is unreadable or from another model version.
 
     Args:
@@ -134,7 +139,8 @@ def decode_state(blob: bytes, model_version: str, device: torch.device) -> Param
         device: where to put the tensors.
 
     Returns:
-        The adapted state, or None (the caller recomputes it from the ratings window).
+        ``{"params": adapted state, "features": [cat, num, multi] or None}``, or None (the caller then
+        recomputes the state from the user's ratings).
     """
     try:
         document = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
@@ -142,4 +148,4 @@ def decode_state(blob: bytes, model_version: str, device: torch.device) -> Param
         return None
     if not isinstance(document, dict) or document.get("model_version") != model_version:
         return None
-    return document["params"]
+    return document
