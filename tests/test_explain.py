@@ -8,7 +8,7 @@ import torch
 from test_fast_adapt import USER_TERMS, random_model
 from test_model import N_ITEMS
 
-from metarec.explain import Explainer, embedding_blocks
+from metarec.explain import Explainer, embedding_blocks, explanation_documents
 from metarec.features import FeatureDims
 from metarec.meta import adapt, predict
 from metarec.tasks import TaskBatch
@@ -118,3 +118,25 @@ def test_only_head_mode_is_exact():
 def test_block_names_follow_the_embedder_order():
     dims = FeatureDims([3, 5], 2, 4)
     assert embedding_blocks(None, dims, "user") == ["user_cat0", "user_cat1", "user_multi", "user_numeric"]
+
+
+def test_documents_add_up_and_name_the_top_ratings():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, ratings = one_user(model, n_support=8)
+    explainer = Explainer(model, "head", LR)
+    ids = [f"item{n}" for n in range(N_ITEMS)]
+    documents = explanation_documents(
+        explainer, user, items.tolist(), ratings.tolist(), [0, 5], 5, ids, top=3
+    )
+    for document in documents:
+        assert len(document["ratings"]) == 3
+        named = sum(entry["contribution"] for entry in document["ratings"])
+        assert abs(document["from_ratings"] - named - document["other_ratings"]) < EXACT
+        assert abs(document["score"] - document["prior"] - document["from_ratings"]) < EXACT
+        features = document["prior_features"]
+        assert abs(features["baseline"] + sum(features["shares"].values()) - document["prior"]) < EXACT
+        magnitudes = [abs(entry["contribution"]) for entry in document["ratings"]]
+        assert magnitudes == sorted(magnitudes, reverse=True)
+        assert {entry["item_id"] for entry in document["ratings"]} <= {ids[i] for i in items.tolist()}
+    prior_only = explanation_documents(explainer, user, [], [], [0], 5, ids)
+    assert prior_only[0]["ratings"] == [] and prior_only[0]["score"] == prior_only[0]["prior"]

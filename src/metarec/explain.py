@@ -323,3 +323,70 @@ def _secant(
     return torch.where(
         tiny, slope, rating_change / torch.where(tiny, torch.ones_like(logit_change), logit_change)
     )
+
+
+def explanation_documents(
+    explainer: Explainer,
+    user: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    support_items: list[int],
+    support_ratings: list[float],
+    items: list[int],
+    steps: int,
+    item_ids: list[str],
+    top: int = 5,
+) -> list[dict[str, Any]]:
+    """The ``explanation`` of each returned item, as the answers carry it (see docs/explanations.md).
+
+    Args:
+        explainer: the model's explainer.
+        user: the user's encoded features ``(cat[C], num[D], multi[M])``.
+        support_items: the item indices the user's state was adapted on (empty: the prior alone).
+        support_ratings: their ratings.
+        items: item indices to explain.
+        steps: inner steps of the adaptation.
+        item_ids: raw item id of each item index.
+        top: most ratings listed by name (the rest are summed in ``other_ratings``).
+
+    Returns:
+        One document per item: ``prior``, ``from_ratings``, ``ratings`` [{item_id, rating,
+        contribution}], ``other_ratings``, ``prior_features`` {baseline, shares}, ``score``.
+    """
+    targets = torch.tensor(items, dtype=torch.long)
+    prior = explainer.prior(user, targets)
+    if support_items:
+        adapted = explainer.adapt(
+            user,
+            torch.tensor(support_items),
+            torch.tensor(support_ratings, dtype=torch.float64),
+            targets,
+            steps,
+        )
+        scores, contributions = adapted.scores, adapted.contributions
+    else:
+        scores, contributions = prior.prior, prior.prior.new_zeros(len(items), 0)
+    documents = []
+    for row in range(len(items)):
+        shares = contributions[row]
+        order = torch.argsort(shares.abs(), descending=True, stable=True)[:top].tolist()
+        listed = [
+            {
+                "item_id": item_ids[support_items[i]],
+                "rating": support_ratings[i],
+                "contribution": float(shares[i]),
+            }
+            for i in order
+        ]
+        documents.append(
+            {
+                "score": float(scores[row]),
+                "prior": float(prior.prior[row]),
+                "from_ratings": float(shares.sum()),
+                "ratings": listed,
+                "other_ratings": float(shares.sum() - sum(entry["contribution"] for entry in listed)),
+                "prior_features": {
+                    "baseline": prior.baseline,
+                    "shares": dict(zip(prior.groups, prior.shares[row].tolist(), strict=True)),
+                },
+            }
+        )
+    return documents
