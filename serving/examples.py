@@ -136,11 +136,7 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         400,
         "'steps' must be",
     ),
-    (
-        "adapt_unknown_user",
-        "adapt",
-        b'{"user_id": "999999", "support": [{"item_id": "1", "rating": 5}]}',
-        404,
-        "unknown user_id",
-    ),
 ]
+# An adapt request with a user_id the catalogue does not know is no longer refused when the server has
+# a state store: it creates that user (tests/test_realtime_http.py); without a store it is a 404
+# (tests/test_recommender_realtime.py).

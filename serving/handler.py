@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +32,11 @@ from metarec.recommender import DEFAULT_SETTINGS, Recommender
 logger = logging.getLogger(__name__)
 
 # Keys of model-config.yaml's ``handler:`` section besides the Recommender's serving limits.
-HANDLER_ONLY_KEYS = frozenset({"torch_threads"})
+HANDLER_ONLY_KEYS = frozenset({"torch_threads", "state_url"})
+# The per-user state store: this environment variable (the Redis overlay sets it), else the
+# ``state_url`` of model-config.yaml, else an SQLite file in the server's working directory.
+STATE_URL_ENV = "METAREC_STATE_URL"
+STATE_FILE = "metarec-state.sqlite"
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -55,6 +62,15 @@ def handler_settings(model_yaml_config: dict[str, Any] | None) -> tuple[dict[str
     return section, torch_threads
 
 
+def default_state_url() -> str:
+    """The embedded store: an SQLite file in the working directory TorchServe was started from (shared
+    by its worker processes), or in the temporary directory when that one is read-only (a container)."""
+    folder = Path.cwd()
+    if not os.access(folder, os.W_OK):
+        folder = Path(tempfile.gettempdir())
+    return f"sqlite:///{folder / STATE_FILE}"
+
+
 class MetaRecHandler(BaseHandler):
     """Serves a MetaRec archive: recommend for known or new users, adapt to a support set."""
 
@@ -75,7 +91,12 @@ class MetaRecHandler(BaseHandler):
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cpu")
         model_dir = context.system_properties["model_dir"]
-        self.recommender = Recommender.from_dir(model_dir, device=self.device, **settings)
+        state_url = os.environ.get(STATE_URL_ENV) or settings.pop("state_url", None) or default_state_url()
+        settings.pop("state_url", None)
+        self.recommender = Recommender.from_dir(
+            model_dir, device=self.device, state_url=state_url, **settings
+        )
+        logger.info("MetaRec user state in %s", state_url.split("@")[-1])  # never log a password
         logger.info("MetaRec model loaded from %s with settings %s", model_dir, self.recommender.settings)
         self.initialized = True
 

@@ -78,8 +78,13 @@ def test_feedback_re_adapts_from_the_meta_learned_start(users):
 
 def test_a_new_user_keeps_the_features_it_was_adapted_with(users):
     users.record("new", [Rating("i3", 5.0)], features(seed=3))
-    view = users.view("new", features(seed=0))
+    view = users.view("new", features(seed=0), authoritative=False)
     assert torch.equal(view.features.cat, features(seed=3).cat)
+    # Feedback that only names the user keeps them, also when the state is recomputed.
+    later = users.record("new", [Rating("i4", 1.0)], features(seed=0), authoritative=False)
+    assert torch.equal(later.features.cat, features(seed=3).cat)
+    expected = adapt_from_scratch(users, [3, 4], [5.0, 1.0], user=features(seed=3))
+    assert torch.allclose(scores(users, later), expected, atol=1e-6)
 
 
 def test_stale_or_foreign_states_are_recomputed(users, model):

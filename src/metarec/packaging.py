@@ -38,6 +38,7 @@ import yaml
 
 import metarec
 from metarec import storage
+from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import DEFAULT_SETTINGS, ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
 from metarec.serve_local import format_properties
 
@@ -56,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "default_k": DEFAULT_SETTINGS["default_k"],
     "max_k": DEFAULT_SETTINGS["max_k"],
     "max_instances": DEFAULT_SETTINGS["max_instances"],
+    "max_feedback": DEFAULT_SETTINGS["max_feedback"],
+    "state_window": DEFAULT_SETTINGS["state_window"],
     "torch_threads": 1,
     # config.properties for KServe's TorchServe runtime (storageUri mounted at /mnt/models).
     "model_store": "/mnt/models/model-store",
@@ -66,7 +69,8 @@ DEFAULTS: dict[str, Any] = {
 }
 INTEGER_KEYS = (
     "min_workers", "max_workers", "batch_size", "max_batch_delay_ms", "response_timeout_s", "job_queue_size",
-    "max_support", "max_steps", "default_k", "max_k", "max_instances", "torch_threads", "inference_port",
+    "max_support", "max_steps", "default_k", "max_k", "max_instances", "max_feedback", "state_window",
+    "torch_threads", "inference_port",
     "management_port", "metrics_port",
 )  # fmt: skip
 MODEL_FILES = ("model.pt", "model.json", "schema.json")
@@ -439,6 +443,10 @@ def build_archive(
         users = _find_table(USERS_FILE, folders)
         if users is not None:
             shutil.copyfile(users, stage / USERS_FILE)
+        # The known (training) users' recent ratings: the server personalises them from it.
+        interactions = _find_table("interactions.parquet", folders)
+        if interactions is not None:
+            write_history(interactions.parent, stage / HISTORY_FILE, settings["state_window"])
 
         if isinstance(evaluation_json, dict) or evaluation_json is None:
             evaluation = evaluation_json or {}
@@ -449,7 +457,8 @@ def build_archive(
         (stage / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_config_yaml(settings), sort_keys=False))
 
         extra = [
-            stage / name for name in ("model.json", "schema.json", ITEMS_FILE, USERS_FILE, MODEL_CARD_FILE)
+            stage / name
+            for name in ("model.json", "schema.json", ITEMS_FILE, USERS_FILE, HISTORY_FILE, MODEL_CARD_FILE)
         ]
         archive = run_archiver(
             model_name,

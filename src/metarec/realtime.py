@@ -85,13 +85,14 @@ class RealtimeUsers:
         bound = self.store.window
         return items[-bound:], ratings[-bound:]
 
-    def view(self, user_id: str, features: EncodedFeatures) -> UserView | None:
+    def view(self, user_id: str, features: EncodedFeatures, authoritative: bool = True) -> UserView | None:
         """The user's current state, computed and cached when the cached one is missing or stale.
 
         Args:
             user_id: raw user id.
-            features: the user's features from the catalogue or the request (a stored new user's own
-                features win).
+            features: the user's features.
+            authoritative: ``features`` come from the catalogue or the request; False lets the features
+                stored with a new user's state win (a request that only names the user).
 
         Returns:
             The view, or None for a user with neither history nor stored state.
@@ -99,29 +100,37 @@ class RealtimeUsers:
         stored = self.store.get(user_id)
         if stored is None and user_id not in self.history:
             return None
-        return self._resolve(user_id, features, stored)
+        return self._resolve(user_id, features, stored, authoritative)
 
-    def record(self, user_id: str, ratings: Sequence[Rating], features: EncodedFeatures) -> UserView:
+    def record(
+        self, user_id: str, ratings: Sequence[Rating], features: EncodedFeatures, authoritative: bool = True
+    ) -> UserView:
         """Appends ratings (feedback, or an adapt request's support) and stores the re-adapted state.
 
         Args:
             user_id: raw user id (a new one is created).
             ratings: validated ratings of catalogue items.
-            features: the user's features (kept in the state for a new user).
+            features: the user's features (kept in the state, for a new user).
+            authoritative: see :meth:`view`.
 
         Returns:
             The view after this append.
         """
         stored = self.store.append(user_id, list(ratings))
-        return self._resolve(user_id, features, stored)
+        return self._resolve(user_id, features, stored, authoritative)
 
-    def _resolve(self, user_id: str, features: EncodedFeatures, stored: StoredUser | None) -> UserView:
+    def _resolve(
+        self, user_id: str, features: EncodedFeatures, stored: StoredUser | None, authoritative: bool
+    ) -> UserView:
         version = stored.version if stored is not None else 0
         items, ratings = self.support(user_id, stored)
-        if stored is not None and stored.fresh:
+        document = None
+        if stored is not None and stored.blob is not None:
             document = decode_state(stored.blob, self.model_version, self.device)
-            if document is not None:
-                return UserView(_features(document, features), document["params"], items, ratings, version)
+        if document is not None and not authoritative:
+            features = _features(document, features)
+        if document is not None and stored.fresh:
+            return UserView(features, document["params"], items, ratings, version)
         adapted = None
         if items:
             adapted = self.personaliser.adapt(

@@ -21,6 +21,7 @@ problem; :meth:`Recommender.answer_batch` turns them into per-request error answ
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,17 +32,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from metarec.explain import EXPLAIN_MODE, Explainer, explanation_documents
 from metarec.features import EncodedFeatures, FeatureEncoder
 from metarec.meta import adapt as meta_adapt
 from metarec.meta import masked_mse
 from metarec.meta import predict as meta_predict
 from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.model import PreferenceModel, read_model_json
+from metarec.personalise import Personaliser
+from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
+from metarec.state import Rating, UserStateStore, open_store
+from metarec.state.store import DEFAULT_WINDOW
 from metarec.tasks import TaskBatch, build_task_batch
+
+logger = logging.getLogger(__name__)
 
 ROUTE_RECOMMEND = ""
 ROUTE_ADAPT = "adapt"
-ROUTES = (ROUTE_RECOMMEND, ROUTE_ADAPT)
+ROUTE_FEEDBACK = "feedback"
+ROUTES = (ROUTE_RECOMMEND, ROUTE_ADAPT, ROUTE_FEEDBACK)
 MODEL_CARD_FILE = "model_card.json"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
@@ -53,10 +62,15 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "default_k": 10,  # items returned when a request gives no k
     "max_k": 100,  # largest k accepted
     "max_instances": 64,  # requests in one KServe v1 body
+    "max_feedback": 100,  # ratings in one feedback request (larger -> 413)
+    "state_window": DEFAULT_WINDOW,  # ratings kept per user in the state store (the support set bound)
 }
-RECOMMEND_FIELDS = frozenset({"user_id", "user", "k", "candidates", "exclude"})
+RECOMMEND_FIELDS = frozenset({"user_id", "user", "k", "candidates", "exclude", "include_rated", "explain"})
 ADAPT_FIELDS = RECOMMEND_FIELDS | {"support", "steps"}
+FEEDBACK_FIELDS = RECOMMEND_FIELDS | {"ratings"}
 SUPPORT_FIELDS = frozenset({"item_id", "rating"})
+FEEDBACK_RATING_FIELDS = SUPPORT_FIELDS | {"timestamp"}
+EXPLAIN_TOP_RATINGS = 5  # ratings named per explained item (the rest are summed)
 
 
 class RequestError(ValueError):
@@ -86,12 +100,31 @@ class RecommendRequest:
         user_id: Raw id of a known user, None for a user described by features.
         k: Number of items to return.
         candidate_mask: Bool[n_items] items that may be returned (candidates minus exclusions).
+        include_rated: Keep the items the user has rated (excluded by default).
+        explain: Add an ``explanation`` to every returned item.
+        described: The request gave ``user`` features (with a new ``user_id``).
     """
 
     user_features: EncodedFeatures
     user_id: str | None
     k: int
     candidate_mask: torch.Tensor
+    include_rated: bool = False
+    explain: bool = False
+    described: bool = False
+
+
+@dataclass
+class FeedbackRequest(RecommendRequest):
+    """One validated feedback request: ratings to append to a user's state.
+
+    Attributes:
+        ratings: The validated ratings (catalogue items, in range), in request order.
+        answer_items: Whether to answer the new top-k (the request gave ``k``).
+    """
+
+    ratings: list[Rating] = None
+    answer_items: bool = False
 
 
 @dataclass
@@ -102,11 +135,13 @@ class AdaptRequest(RecommendRequest):
         support_items: Long[S] item indices of the support ratings.
         support_ratings: Float[S] the ratings.
         steps: Inner steps to take (already capped by ``max_steps``).
+        support_ids: The raw item ids of the support ratings.
     """
 
     support_items: torch.Tensor = None
     support_ratings: torch.Tensor = None
     steps: int = 0
+    support_ids: list[str] = None
 
 
 def decode_body(body: Any) -> Any:
@@ -198,6 +233,9 @@ class Recommender:
         fast_adapt: Adapt with :class:`metarec.meta.fast_adapt.FastAdapter` (no autograd, same math)
             when it supports the model's adapt mode; False always uses the generic
             :func:`metarec.meta.adapt` / :func:`metarec.meta.predict`.
+        store: The per-user state store (feedback, stored adapted states); None serves known users
+            from their history without caching and refuses feedback.
+        history: Raw user id -> known ratings (the archive's ``history.parquet``).
     """
 
     def __init__(
@@ -211,6 +249,8 @@ class Recommender:
         model_card: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         fast_adapt: bool = True,
+        store: UserStateStore | None = None,
+        history: dict[str, list[Rating]] | None = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -248,6 +288,16 @@ class Recommender:
         self.fast_adapter: FastAdapter | None = None
         if fast_adapt and supports_fast_path(self.model, self.adapt_mode):
             self.fast_adapter = FastAdapter(self.model, self.adapt_mode)
+        self.personaliser = Personaliser(self.model, self.adapt_mode, self.inner_lr, self.fast_adapter)
+        self.store = store
+        self.users = (
+            RealtimeUsers(self.personaliser, store, self.item_index, history or {}, self.model_version,
+                          self.default_steps)
+            if store is not None
+            else None
+        )  # fmt: skip
+        self.history = history or {}
+        self._explainer: Explainer | None = None
 
     @classmethod
     def from_dir(
@@ -256,6 +306,7 @@ class Recommender:
         device: str | torch.device = "cpu",
         catalogue_dir: str | Path | None = None,
         fast_adapt: bool = True,
+        state_url: str | None = None,
         **settings: Any,
     ) -> Recommender:
         """Loads a model directory (or an unpacked archive).
@@ -267,8 +318,11 @@ class Recommender:
             catalogue_dir: Where to find ``items.parquet``/``users.parquet`` when ``model_dir`` lacks
                 them (a preprocessing output directory).
             fast_adapt: See :class:`Recommender`.
+            state_url: The per-user state store (``sqlite:///path`` or ``redis://host:port/db``, see
+                :func:`metarec.state.open_store`); None: no store (no feedback, no cached states).
             **settings: Serving limits overriding ``DEFAULT_SETTINGS`` (``max_support``,
-                ``max_steps``, ``default_k``, ``max_k``, ``max_instances``).
+                ``max_steps``, ``default_k``, ``max_k``, ``max_instances``, ``max_feedback``,
+                ``state_window``).
 
         Returns:
             The Recommender.
@@ -296,7 +350,12 @@ class Recommender:
         card_path = find(MODEL_CARD_FILE, False)
         card = json.loads(card_path.read_text()) if card_path is not None else None
         adapt_settings = document.get("adapt") or {}
-        return cls(model, schema, items, users, adapt_settings, settings, card, device, fast_adapt)
+        history = read_history(find(HISTORY_FILE, False))
+        window = int(settings.get("state_window", DEFAULT_SETTINGS["state_window"]))
+        store = open_store(state_url, window) if state_url is not None else None
+        return cls(
+            model, schema, items, users, adapt_settings, settings, card, device, fast_adapt, store, history
+        )
 
     # ----------------------------------------------------------------------------------- parsing
 
@@ -314,42 +373,76 @@ class Recommender:
             raise RequestError(400, f"unknown item id(s) in '{field}': {unknown[:10]}")
         return [self.item_index[str(value)] for value in values]
 
-    def _parse_user(self, request: dict[str, Any], required: bool) -> tuple[EncodedFeatures, str | None]:
+    def _parse_user(
+        self, request: dict[str, Any], required: bool, allow_new: bool = False
+    ) -> tuple[EncodedFeatures, str | None, bool]:
+        """The user's features, raw id and whether ``user`` features were given.
+
+        A ``user_id`` the catalogue does not know is accepted when ``allow_new`` (adapt, feedback: a new
+        user, described by optional ``user`` features) or when the state store holds that user.
+        """
         has_id, has_features = "user_id" in request, "user" in request
-        if has_id and has_features:
-            raise RequestError(400, "give either 'user_id' (a known user) or 'user' (features), not both")
+        user_id = None
         if has_id:
             user_id = request["user_id"]
             if not (isinstance(user_id, str) or _is_int(user_id)):
                 raise RequestError(
                     400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}"
                 )
-            if self.user_features is None:
-                raise RequestError(
-                    404, "this model has no user table; describe the user with 'user' features"
-                )
-            row = self.user_index.get(str(user_id))
-            if row is None:
-                raise RequestError(404, f"unknown user_id {str(user_id)!r}")
-            features = EncodedFeatures(*(tensor[row : row + 1] for tensor in self.user_features))
-            return features, str(user_id)
-        if has_features or not required:
+            user_id = str(user_id)
+            row = self.user_index.get(user_id)
+            if row is not None:
+                if has_features:
+                    raise RequestError(
+                        400, "give either 'user_id' (a known user) or 'user' (features), not both"
+                    )
+                return self.user_encoding(user_id), user_id, False
+            if not (allow_new and self.users is not None) and not self._has_state(user_id):
+                if self.user_features is None and self.users is None:
+                    raise RequestError(
+                        404, "this model has no user table; describe the user with 'user' features"
+                    )
+                raise RequestError(404, f"unknown user_id {user_id!r}")
+        if has_id or has_features or not required:
             try:
                 encoded = self.encoder.encode_user_dict(request.get("user", {}))
             except ValueError as error:
                 raise RequestError(400, f"bad 'user' features: {error}") from error
-            return EncodedFeatures(*(tensor.to(self.device) for tensor in encoded)), None
+            return EncodedFeatures(*(tensor.to(self.device) for tensor in encoded)), user_id, has_features
         raise RequestError(400, "missing field: give 'user_id' (a known user) or 'user' (a feature object)")
 
+    def user_encoding(self, user_id: str) -> EncodedFeatures:
+        """The catalogue features of a known user (leading dimension 1).
+
+        Raises:
+            KeyError: a user the catalogue does not know.
+        """
+        row = self.user_index[str(user_id)]
+        return EncodedFeatures(*(tensor[row : row + 1] for tensor in self.user_features))
+
+    def _has_state(self, user_id: str) -> bool:
+        return self.users is not None and self.store.get(user_id) is not None
+
     def _parse_common(
-        self, request: Any, allowed: frozenset[str], user_required: bool
-    ) -> tuple[EncodedFeatures, str | None, int, torch.Tensor]:
+        self, request: Any, allowed: frozenset[str], user_required: bool, allow_new: bool = False
+    ) -> tuple[EncodedFeatures, str | None, int, torch.Tensor, dict[str, bool]]:
         if not isinstance(request, dict):
             raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
         unknown = sorted(set(request) - allowed)
         if unknown:
             raise RequestError(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-        features, user_id = self._parse_user(request, user_required)
+        features, user_id, described = self._parse_user(request, user_required, allow_new)
+        flags = {"described": described}
+        for flag in ("include_rated", "explain"):
+            value = request.get(flag, False)
+            if not isinstance(value, bool):
+                raise RequestError(400, f"'{flag}' must be true or false, got {_json_type(value)}")
+            flags[flag] = value
+        if flags["explain"] and self.adapt_mode != EXPLAIN_MODE:
+            raise RequestError(
+                400,
+                f"'explain' needs a model adapted in mode {EXPLAIN_MODE!r}; this one adapts in {self.adapt_mode!r}",
+            )
         k = request.get("k", self.settings["default_k"])
         if not _is_int(k) or k <= 0:
             raise RequestError(400, f"'k' must be a positive integer, got {k!r}")
@@ -361,7 +454,7 @@ class Recommender:
             mask[self._item_indices(request["candidates"], "candidates", allow_empty=False)] = True
         if "exclude" in request:
             mask[self._item_indices(request["exclude"], "exclude", allow_empty=True)] = False
-        return features, user_id, k, mask
+        return features, user_id, k, mask, flags
 
     def parse_recommend(self, request: Any) -> RecommendRequest:
         """Validates one recommend request.
@@ -375,10 +468,10 @@ class Recommender:
         Raises:
             RequestError: 400 for a malformed request, 404 for an unknown ``user_id``.
         """
-        features, user_id, k, mask = self._parse_common(request, RECOMMEND_FIELDS, user_required=True)
+        features, user_id, k, mask, flags = self._parse_common(request, RECOMMEND_FIELDS, user_required=True)
         if not mask.any():
             raise RequestError(400, "no item left to rank after 'candidates' and 'exclude'")
-        return RecommendRequest(features, user_id, k, mask.to(self.device))
+        return RecommendRequest(features, user_id, k, mask.to(self.device), **flags)
 
     def parse_adapt(self, request: Any) -> AdaptRequest:
         """Validates one adapt request.
@@ -393,46 +486,14 @@ class Recommender:
             RequestError: 400 for a malformed request or support set, 404 for an unknown
                 ``user_id``, 413 for a support set larger than ``max_support``.
         """
-        features, user_id, k, mask = self._parse_common(request, ADAPT_FIELDS, user_required=False)
+        features, user_id, k, mask, flags = self._parse_common(
+            request, ADAPT_FIELDS, user_required=False, allow_new=True
+        )
         if "support" not in request:
             raise RequestError(400, "missing field 'support': a list of {item_id, rating} objects")
-        support = request["support"]
-        if not isinstance(support, list):
-            raise RequestError(
-                400, f"'support' must be a list of {{item_id, rating}} objects, got {_json_type(support)}"
-            )
-        if not support:
-            raise RequestError(400, "'support' must not be empty: adaptation needs at least one rating")
-        if len(support) > self.settings["max_support"]:
-            raise RequestError(
-                413, f"'support' holds {len(support)} ratings; at most {self.settings['max_support']} allowed"
-            )
-        items, ratings = [], []
-        for position, entry in enumerate(support):
-            where = f"support[{position}]"
-            if not isinstance(entry, dict):
-                raise RequestError(
-                    400, f"{where} must be an object {{item_id, rating}}, got {_json_type(entry)}"
-                )
-            missing = sorted(SUPPORT_FIELDS - set(entry))
-            if missing:
-                raise RequestError(400, f"{where} is missing field(s) {missing}")
-            extra = sorted(set(entry) - SUPPORT_FIELDS)
-            if extra:
-                raise RequestError(400, f"{where} has unknown field(s) {extra}")
-            rating = entry["rating"]
-            if not _is_number(rating):
-                raise RequestError(400, f"{where}.rating must be a number, got {_json_type(rating)}")
-            if not math.isfinite(rating):
-                raise RequestError(400, f"{where}.rating must be finite, got {rating}")
-            if not self.rating_min <= rating <= self.rating_max:
-                raise RequestError(
-                    400,
-                    f"{where}.rating {rating} is outside the trained range [{self.rating_min:g}, {self.rating_max:g}]",
-                )
-            items.append(entry["item_id"])
-            ratings.append(float(rating))
-        indices = self._item_indices(items, "support", allow_empty=False)
+        items, indices, ratings, _ = self._parse_ratings(
+            request["support"], "support", SUPPORT_FIELDS, self.settings["max_support"]
+        )
         if len(set(indices)) != len(indices):
             seen, duplicates = set(), []
             for value, index in zip(items, indices, strict=True):
@@ -454,16 +515,102 @@ class Recommender:
             user_id,
             k,
             mask.to(self.device),
+            **flags,
             support_items=torch.tensor(indices, dtype=torch.long),
             support_ratings=torch.tensor(ratings, dtype=torch.float32),
             steps=min(steps, self.settings["max_steps"]),
+            support_ids=[str(item) for item in items],
         )
+
+    def parse_feedback(self, request: Any) -> FeedbackRequest:
+        """Validates one feedback request: ``user_id``, ``ratings`` [{item_id, rating, timestamp}], ``k``.
+
+        Args:
+            request: The decoded JSON request object.
+
+        Returns:
+            The validated request; nothing is stored before every rating passed.
+
+        Raises:
+            RequestError: 400 for a malformed request, an unknown item or an out-of-scale rating, 404
+                when the server has no state store, 413 for more than ``max_feedback`` ratings.
+        """
+        if self.users is None:
+            raise RequestError(404, "feedback needs a state store; this server was started without one")
+        if isinstance(request, dict) and "user_id" not in request:
+            raise RequestError(400, "missing field 'user_id': feedback belongs to a user")
+        features, user_id, k, mask, flags = self._parse_common(
+            request, FEEDBACK_FIELDS, user_required=True, allow_new=True
+        )
+        if "ratings" not in request:
+            raise RequestError(400, "missing field 'ratings': a list of {item_id, rating, timestamp} objects")
+        items, _, ratings, stamps = self._parse_ratings(
+            request["ratings"], "ratings", FEEDBACK_RATING_FIELDS, self.settings["max_feedback"]
+        )
+        if not mask.any():
+            raise RequestError(400, "no item left to rank after 'candidates' and 'exclude'")
+        return FeedbackRequest(
+            features,
+            user_id,
+            k,
+            mask.to(self.device),
+            **flags,
+            ratings=[Rating(str(i), r, t) for i, r, t in zip(items, ratings, stamps, strict=True)],
+            answer_items="k" in request,
+        )
+
+    def _parse_ratings(
+        self, entries: Any, field: str, allowed: frozenset[str], limit: int
+    ) -> tuple[list, list[int], list[float], list[float | None]]:
+        """Validates a list of rating objects (``item_id``, ``rating`` and, where allowed, ``timestamp``).
+
+        Returns:
+            ``(raw item ids, item indices, ratings, timestamps)``.
+        """
+        shape = "{" + ", ".join(sorted(allowed)) + "}"
+        if not isinstance(entries, list):
+            raise RequestError(400, f"'{field}' must be a list of {shape} objects, got {_json_type(entries)}")
+        if not entries:
+            raise RequestError(400, f"'{field}' must not be empty: give at least one rating")
+        if len(entries) > limit:
+            raise RequestError(413, f"'{field}' holds {len(entries)} ratings; at most {limit} allowed")
+        items, ratings, stamps = [], [], []
+        for position, entry in enumerate(entries):
+            where = f"{field}[{position}]"
+            if not isinstance(entry, dict):
+                raise RequestError(400, f"{where} must be an object {shape}, got {_json_type(entry)}")
+            missing = sorted(SUPPORT_FIELDS - set(entry))
+            if missing:
+                raise RequestError(400, f"{where} is missing field(s) {missing}")
+            extra = sorted(set(entry) - allowed)
+            if extra:
+                raise RequestError(400, f"{where} has unknown field(s) {extra}")
+            rating = entry["rating"]
+            if not _is_number(rating):
+                raise RequestError(400, f"{where}.rating must be a number, got {_json_type(rating)}")
+            if not math.isfinite(rating):
+                raise RequestError(400, f"{where}.rating must be finite, got {rating}")
+            if not self.rating_min <= rating <= self.rating_max:
+                raise RequestError(
+                    400,
+                    f"{where}.rating {rating} is outside the trained range [{self.rating_min:g}, {self.rating_max:g}]",
+                )
+            stamp = entry.get("timestamp")
+            if stamp is not None and not (_is_number(stamp) and math.isfinite(stamp)):
+                raise RequestError(400, f"{where}.timestamp must be a finite number (seconds), got {stamp!r}")
+            items.append(entry["item_id"])
+            ratings.append(float(rating))
+            stamps.append(None if stamp is None else float(stamp))
+        return items, self._item_indices(items, field, allow_empty=False), ratings, stamps
 
     # ------------------------------------------------------------------------------- inference
 
-    def _top_k(self, scores: torch.Tensor, request: RecommendRequest) -> list[dict[str, Any]]:
-        masked = scores.masked_fill(~request.candidate_mask, -math.inf)
-        k = min(request.k, int(request.candidate_mask.sum()))
+    def _top_k(
+        self, scores: torch.Tensor, request: RecommendRequest, mask: torch.Tensor | None = None
+    ) -> list[dict[str, Any]]:
+        mask = request.candidate_mask if mask is None else mask
+        masked = scores.masked_fill(~mask, -math.inf)
+        k = min(request.k, int(mask.sum()))
         values, indices = torch.topk(masked, k)
         return [
             {"item_id": self.item_ids[index], "score": round(float(value), 4)}
@@ -476,31 +623,111 @@ class Recommender:
         )
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
-        """Ranks the catalogue for a batch of users without adaptation (one forward pass).
+        """Ranks the catalogue for a batch of users.
+
+        Users with a state (known users with history, users who sent feedback or adapted with a
+        ``user_id``) are scored with their adapted state, their rated items excluded unless
+        ``include_rated``; the others share one forward pass of the un-adapted model.
 
         Args:
             requests: Validated recommend requests.
 
         Returns:
             One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...],
-            "model_version": ...}``, items by descending predicted rating.
+            "model_version": ...}``, items by descending predicted rating; for a named user also
+            ``personalised``, and with a state ``state_version`` and ``support_size``.
         """
-        if not requests:
-            return []
-        users = self._stack_users(requests)
-        items = self.all_items.expand(len(requests), -1)
-        with torch.no_grad():
-            scores = self.model.forward_batch(users.cat, users.num, users.multi, items)
+        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        prior_rows = []
+        for position, request in enumerate(requests):
+            view = self._view(request)
+            if view is None:
+                prior_rows.append(position)
+            else:
+                answers[position] = self._personal_answer(request, view)
+        if prior_rows:
+            users = self._stack_users([requests[p] for p in prior_rows])
+            items = self.all_items.expand(len(prior_rows), -1)
+            with torch.no_grad():
+                scores = self.model.forward_batch(users.cat, users.num, users.multi, items)
+            for row, position in enumerate(prior_rows):
+                request = requests[position]
+                answer = {"user": _user_field(request), "items": self._top_k(scores[row], request)}
+                if request.user_id is not None:
+                    answer["personalised"] = False
+                if request.explain:
+                    self._explain(answer["items"], request.user_features, [], [])
+                answers[position] = {**answer, "model_version": self.model_version}
+        return answers
+
+    def _view(self, request: RecommendRequest) -> UserView | None:
+        if self.users is None or request.user_id is None:
+            return None
+        view = self.users.view(request.user_id, request.user_features, self._authoritative(request))
+        if view is not None:
+            logger.info("realtime user=%s route=recommend version=%d", request.user_id, view.version)
+        return view
+
+    def _authoritative(self, request: RecommendRequest) -> bool:
+        """Whether the request's features are the user's (catalogue or given), not a stand-in."""
+        return request.described or request.user_id in self.user_index
+
+    def _personal_answer(self, request: RecommendRequest, view: UserView) -> dict[str, Any]:
+        """Top-k of a user with a state: scored with it, rated items excluded unless asked for."""
+        scores = self.personaliser.score(view.features, view.adapted, self.all_items)
+        mask = request.candidate_mask.clone()
+        if not request.include_rated:
+            mask[view.support_items] = False
+        items = self._top_k(scores, request, mask) if mask.any() else []
+        if request.explain and items:
+            self._explain(items, view.features, view.support_items, view.support_ratings)
+        return {
+            "user": _user_field(request),
+            "items": items,
+            "personalised": view.adapted is not None,
+            "state_version": view.version,
+            "support_size": len(view.support_items),
+            "model_version": self.model_version,
+        }
+
+    def _explain(
+        self, items: list[dict[str, Any]], user: EncodedFeatures, support_items, support_ratings, steps=None
+    ) -> None:
+        """Adds an ``explanation`` to each returned item (see docs/explanations.md)."""
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.adapt_mode, self.inner_lr, self.schema)
+        indices = [self.item_index[entry["item_id"]] for entry in items]
+        documents = explanation_documents(
+            self._explainer, tuple(tensor[0].cpu() for tensor in user), list(support_items), list(support_ratings),
+            indices, self.default_steps if steps is None else steps, self.item_ids, EXPLAIN_TOP_RATINGS,
+        )  # fmt: skip
+        for entry, document in zip(items, documents, strict=True):
+            entry["explanation"] = document
+
+    def feedback(self, requests: Sequence[FeedbackRequest]) -> list[dict[str, Any]]:
+        """Appends each request's ratings to its user's state, re-adapts and stores it.
+
+        The user is re-adapted from the meta-learned initialisation on their history plus all their
+        feedback (the same inner loop and steps as evaluation), never from the previous state.
+
+        Args:
+            requests: Validated feedback requests.
+
+        Returns:
+            One answer per request: ``{"user", "stored": true, "state_version", "support_size",
+            "model_version"}`` and, when the request gave ``k``, the new top-k ``items``.
+        """
         answers = []
-        for row, request in enumerate(requests):
-            user = {"user_id": request.user_id} if request.user_id is not None else {"features": True}
-            answers.append(
-                {
-                    "user": user,
-                    "items": self._top_k(scores[row], request),
-                    "model_version": self.model_version,
-                }
+        for request in requests:
+            view = self.users.record(
+                request.user_id, request.ratings, request.user_features, self._authoritative(request)
             )
+            logger.info("realtime user=%s route=feedback version=%d", request.user_id, view.version)
+            answer = self._personal_answer(request, view) if request.answer_items else {
+                "user": _user_field(request), "state_version": view.version,
+                "support_size": len(view.support_items), "model_version": self.model_version,
+            }  # fmt: skip
+            answers.append({**answer, "stored": True})
         return answers
 
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
@@ -526,7 +753,28 @@ class Recommender:
             group = [requests[p] for p in positions]
             for position, answer in zip(positions, self._adapt_group(group, steps), strict=True):
                 answers[position] = answer
+        for request, answer in zip(requests, answers, strict=True):
+            if request.explain:
+                self._explain(answer["items"], request.user_features, request.support_items.tolist(),
+                              request.support_ratings.tolist(), request.steps)  # fmt: skip
+            if self._is_new_user(request.user_id):
+                # A new user's next plain recommend is personalised: keep their ratings and state.
+                ratings = [
+                    Rating(i, r)
+                    for i, r in zip(request.support_ids, request.support_ratings.tolist(), strict=True)
+                ]
+                view = self.users.record(
+                    request.user_id, ratings, request.user_features, self._authoritative(request)
+                )
+                logger.info("realtime user=%s route=adapt version=%d", request.user_id, view.version)
+                answer.update(stored=True, state_version=view.version)
         return answers
+
+    def _is_new_user(self, user_id: str | None) -> bool:
+        """A named user the server knows nothing about yet (no history, no stored state)."""
+        if self.users is None or user_id is None or user_id in self.history:
+            return False
+        return self.store.get(user_id) is None
 
     def _adapt_group(self, requests: Sequence[AdaptRequest], steps: int) -> list[dict[str, Any]]:
         users = self._stack_users(requests)
@@ -603,15 +851,19 @@ class Recommender:
         """
         results: list[tuple[int, Any] | None] = [None] * len(bodies)
         # (request position, instance position) of each parsed instance, per route.
-        parsed: dict[str, list[tuple[int, int, RecommendRequest]]] = {ROUTE_RECOMMEND: [], ROUTE_ADAPT: []}
+        parsed: dict[str, list[tuple[int, int, RecommendRequest]]] = {route: [] for route in ROUTES}
         layouts: dict[int, tuple[bool, int]] = {}
         for position, (body, route) in enumerate(zip(bodies, routes, strict=True)):
             route = (route or "").strip("/")
             try:
                 if route not in ROUTES:
-                    raise RequestError(404, f"unknown endpoint {route!r}; use '' (recommend) or 'adapt'")
+                    raise RequestError(
+                        404, f"unknown endpoint {route!r}; use '' (recommend), 'adapt' or 'feedback'"
+                    )
                 instances, is_kserve = split_instances(decode_body(body), self.settings["max_instances"])
-                parse = self.parse_adapt if route == ROUTE_ADAPT else self.parse_recommend
+                parse = {ROUTE_ADAPT: self.parse_adapt, ROUTE_FEEDBACK: self.parse_feedback}.get(
+                    route, self.parse_recommend
+                )
                 requests = []
                 for instance_position, instance in enumerate(instances):
                     try:
@@ -631,7 +883,7 @@ class Recommender:
         for route, entries in parsed.items():
             if not entries:
                 continue
-            run = self.adapt if route == ROUTE_ADAPT else self.recommend
+            run = {ROUTE_ADAPT: self.adapt, ROUTE_FEEDBACK: self.feedback}.get(route, self.recommend)
             for (position, instance, _), answer in zip(entries, run([e[2] for e in entries]), strict=True):
                 answers[(position, instance)] = answer
         for position, (is_kserve, count) in layouts.items():
@@ -646,6 +898,10 @@ class Recommender:
         if self.model_card is not None:
             return self.model_card
         return {"n_items": self.model.n_items, "adapt": {"mode": self.adapt_mode, "inner_lr": self.inner_lr}}
+
+
+def _user_field(request: RecommendRequest) -> dict[str, Any]:
+    return {"user_id": request.user_id} if request.user_id is not None else {"features": True}
 
 
 def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,180 @@
+"""The Recommender's real-time loop in-process: known users from history, feedback, new users who adapt,
+explanations, and bad feedback that stores nothing (same code path as the handler, no TorchServe)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from metarec.serving.demo import build_demo_model
+
+from metarec.realtime import HISTORY_FILE, write_history
+from metarec.recommender import Recommender
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    paths = build_demo_model(tmp_path_factory.mktemp("rt-rec"), meta_steps=150)
+    model = paths["model"]
+    shutil.copyfile(paths["preprocessed"] / "schema.json", model / "schema.json")
+    write_history(paths["preprocessed"], model / HISTORY_FILE, window=200)
+    return paths
+
+
+@pytest.fixture
+def rec(demo, tmp_path):
+    recommender = Recommender.from_dir(
+        demo["model"], catalogue_dir=demo["preprocessed"], state_url=f"sqlite:///{tmp_path / 's.db'}"
+    )
+    yield recommender
+    recommender.store.close()
+
+
+def ask(rec, body, route=""):
+    ((status, document),) = rec.answer_batch([body], [route])
+    return status, document
+
+
+def test_without_a_store_feedback_and_new_users_are_refused(demo):
+    rec = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+    status, answer = ask(
+        rec, {"user_id": "new", "ratings": [{"item_id": rec.item_ids[0], "rating": 4}]}, "feedback"
+    )
+    assert status == 404 and "state store" in answer["message"]
+    status, answer = ask(
+        rec, {"user_id": "new", "support": [{"item_id": rec.item_ids[0], "rating": 4}]}, "adapt"
+    )
+    assert status == 404 and "unknown user_id" in answer["message"]
+
+
+def test_known_user_ranked_from_history_without_rated_items(rec, demo):
+    history = pd.read_parquet(demo["model"] / HISTORY_FILE)
+    user_id = str(history["user_id"].iloc[0])
+    rated = set(history.loc[history["user_id"] == user_id, "item_id"])
+    status, answer = ask(rec, {"user_id": user_id, "k": 100})
+    assert status == 200 and answer["personalised"] and answer["support_size"] == len(rated)
+    assert rated.isdisjoint(e["item_id"] for e in answer["items"])
+    assert len(answer["items"]) == len(rec.item_ids) - len(rated)
+    prior = rec.personaliser.score(rec.user_encoding(user_id), None, rec.all_items)
+    scores = {e["item_id"]: e["score"] for e in answer["items"]}
+    assert max(abs(scores[i] - float(prior[rec.item_index[i]])) for i in scores) > 0.05
+
+
+def test_feedback_appends_readapts_and_answers_top_k(rec):
+    items = rec.item_ids
+    status, first = ask(rec, {"user_id": "fresh", "ratings": [{"item_id": items[0], "rating": 5, "timestamp": 1}]},
+                        "feedback")  # fmt: skip
+    assert status == 200 and first["stored"] and first["state_version"] == 1 and "items" not in first
+    status, second = ask(rec, {"user_id": "fresh", "ratings": [{"item_id": items[1], "rating": 1}], "k": 4},
+                         "feedback")  # fmt: skip
+    assert status == 200 and second["state_version"] == 2 and second["support_size"] == 2
+    assert len(second["items"]) == 4 and {items[0], items[1]}.isdisjoint(
+        e["item_id"] for e in second["items"]
+    )
+    # The same ranking as an adapt request on the same ratings (same loop, same steps).
+    support = [{"item_id": items[0], "rating": 5}, {"item_id": items[1], "rating": 1}]
+    status, adapted = ask(rec, {"user": {}, "support": support, "k": 4}, "adapt")
+    assert [e["item_id"] for e in adapted["items"]] == [e["item_id"] for e in second["items"]]
+    status, later = ask(rec, {"user_id": "fresh", "k": 4})
+    assert later["items"] == second["items"] and later["state_version"] == 2
+
+
+def test_bad_feedback_stores_nothing(rec):
+    good = {"item_id": rec.item_ids[0], "rating": 4}
+    bad = [
+        ({"item_id": "nope", "rating": 4}, 400),
+        ({"item_id": rec.item_ids[1], "rating": 6}, 400),
+        ({"item_id": rec.item_ids[1], "rating": float("nan")}, 400),
+        ({"item_id": rec.item_ids[1], "rating": 4, "timestamp": "yesterday"}, 400),
+        ({"item_id": rec.item_ids[1], "rating": 4, "mood": "happy"}, 400),
+    ]
+    for entry, expected in bad:
+        status, answer = ask(rec, {"user_id": "careful", "ratings": [good, entry]}, "feedback")
+        assert status == expected, answer
+    status, answer = ask(rec, {"user_id": "careful", "ratings": [good] * 101}, "feedback")
+    assert status == 413 and "at most 100" in answer["message"]
+    assert rec.store.get("careful") is None
+
+
+def test_adapt_with_a_new_user_id_stores_the_user(rec):
+    support = [{"item_id": rec.item_ids[n], "rating": 5 if n % 2 else 1} for n in range(6)]
+    status, adapted = ask(
+        rec, {"user_id": "adapter", "user": {"age": 30}, "support": support, "k": 5}, "adapt"
+    )
+    assert status == 200 and adapted["stored"] and adapted["state_version"] == 1
+    status, later = ask(rec, {"user_id": "adapter", "k": 5})
+    assert later["personalised"] and [e["item_id"] for e in later["items"]] == [
+        e["item_id"] for e in adapted["items"]
+    ]
+
+
+def _check_explanations(items):
+    assert items
+    for entry in items:
+        why = entry["explanation"]
+        assert abs(why["score"] - why["prior"] - why["from_ratings"]) < 1e-9
+        assert abs(why["score"] - entry["score"]) < 1e-3
+        named = sum(r["contribution"] for r in why["ratings"])
+        assert abs(why["from_ratings"] - named - why["other_ratings"]) < 1e-9
+        shares = why["prior_features"]["shares"]
+        assert abs(why["prior_features"]["baseline"] + sum(shares.values()) - why["prior"]) < 1e-9
+
+
+def test_explain_on_every_route(rec):
+    items = rec.item_ids
+    ratings = [{"item_id": items[n], "rating": 5 if n < 3 else 1} for n in range(6)]
+    status, fed = ask(rec, {"user_id": "why", "ratings": ratings, "k": 3, "explain": True}, "feedback")
+    assert status == 200
+    _check_explanations(fed["items"])
+    assert all(len(e["explanation"]["ratings"]) == 5 for e in fed["items"])
+    status, recommended = ask(rec, {"user_id": "why", "k": 3, "explain": True})
+    _check_explanations(recommended["items"])
+    status, adapted = ask(rec, {"user": {}, "support": ratings[:2], "k": 2, "explain": True}, "adapt")
+    _check_explanations(adapted["items"])
+    status, prior = ask(rec, {"user": {}, "k": 2, "explain": True})
+    _check_explanations(prior["items"])
+    assert prior["items"][0]["explanation"]["ratings"] == []
+    status, answer = ask(rec, {"user": {}, "explain": "yes"})
+    assert status == 400 and "'explain' must be true or false" in answer["message"]
+
+
+def test_concurrent_feedback_in_process_matches_a_sequential_replay(rec, demo, tmp_path):
+    import concurrent.futures
+
+    items = rec.item_ids
+
+    def client(c):
+        for n in range(10):
+            body = {
+                "user_id": "many",
+                "ratings": [{"item_id": items[(c * 10 + n) % len(items)], "rating": 1 + (c + n) % 5}],
+            }
+            assert ask(rec, body, "feedback")[0] == 200
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(client, range(8)))
+    stored = rec.store.get("many")
+    assert stored.version == 80 and len(stored.ratings) == 80
+    _, final = ask(rec, {"user_id": "many", "k": 10})
+    # Sequential replay of the stored ratings on a fresh store.
+    replay = Recommender.from_dir(
+        demo["model"], catalogue_dir=demo["preprocessed"], state_url=f"sqlite:///{tmp_path / 'r.db'}"
+    )
+    for rating in stored.ratings:
+        ask(
+            replay,
+            {"user_id": "many", "ratings": [{"item_id": rating.item_id, "rating": rating.rating}]},
+            "feedback",
+        )
+    _, sequential = ask(replay, {"user_id": "many", "k": 10})
+    assert final["items"] == sequential["items"]
