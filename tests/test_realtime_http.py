@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -80,7 +81,7 @@ def test_known_user_is_personalised_from_history_and_rated_items_are_excluded(se
 
 def _workers_for(served, user_id: str) -> set[str]:
     """Worker ids (W-<port>-...) whose log lines say they answered for this user."""
-    log = (served["info"].workdir / "logs" / "model_log.log").read_text(errors="replace")
+    log = (Path(served["info"].workdir) / "logs" / "model_log.log").read_text(errors="replace")
     pattern = re.compile(r"(W-\d+)-\S*.*realtime user=" + re.escape(user_id) + r"\b")
     return {match.group(1) for match in pattern.finditer(log)}
 
