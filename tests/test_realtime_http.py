@@ -14,24 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from metarec.serving.demo import build_demo_archive
-from test_serving_http import call
+import test_serving_http as serving_http
 
-from metarec.serve_local import model_workers, start_server, stop_server
+from metarec.serve_local import model_workers
 
 pytestmark = pytest.mark.slow
+# This module's own TorchServe (the same fixture as test_serving_http.py, started again for this module).
+served = serving_http.served
+call = serving_http.call
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    built = build_demo_archive(tmp_path_factory.mktemp("realtime-demo"))
-    workdir = tmp_path_factory.mktemp("realtime-torchserve")
-    info = start_server(built["archive_dir"], workdir, 0, 0, 0, timeout_s=180)
-    try:
-        assert len(model_workers(info)) == 2, "the read-your-writes test needs two worker processes"
-        yield {**built, "info": info}
-    finally:
-        stop_server(workdir)
+def test_two_worker_processes(served):
+    """The read-your-writes test below is only meaningful with two worker processes."""
+    assert len({worker["pid"] for worker in model_workers(served["info"])}) == 2
 
 
 def post(served, body, route=""):

@@ -7,19 +7,11 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
 from metarec.serving.demo import build_demo_model
+from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

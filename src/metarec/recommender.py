@@ -486,13 +486,8 @@ class Recommender:
             RequestError: 400 for a malformed request or support set, 404 for an unknown
                 ``user_id``, 413 for a support set larger than ``max_support``.
         """
-        features, user_id, k, mask, flags = self._parse_common(
-            request, ADAPT_FIELDS, user_required=False, allow_new=True
-        )
-        if "support" not in request:
-            raise RequestError(400, "missing field 'support': a list of {item_id, rating} objects")
-        items, indices, ratings, _ = self._parse_ratings(
-            request["support"], "support", SUPPORT_FIELDS, self.settings["max_support"]
+        (features, user_id, k, mask, flags), (items, indices, ratings, _) = self._parse_rated(
+            request, ADAPT_FIELDS, False, "support", SUPPORT_FIELDS, self.settings["max_support"]
         )
         if len(set(indices)) != len(indices):
             seen, duplicates = set(), []
@@ -539,13 +534,8 @@ class Recommender:
             raise RequestError(404, "feedback needs a state store; this server was started without one")
         if isinstance(request, dict) and "user_id" not in request:
             raise RequestError(400, "missing field 'user_id': feedback belongs to a user")
-        features, user_id, k, mask, flags = self._parse_common(
-            request, FEEDBACK_FIELDS, user_required=True, allow_new=True
-        )
-        if "ratings" not in request:
-            raise RequestError(400, "missing field 'ratings': a list of {item_id, rating, timestamp} objects")
-        items, _, ratings, stamps = self._parse_ratings(
-            request["ratings"], "ratings", FEEDBACK_RATING_FIELDS, self.settings["max_feedback"]
+        (features, user_id, k, mask, flags), (items, _, ratings, stamps) = self._parse_rated(
+            request, FEEDBACK_FIELDS, True, "ratings", FEEDBACK_RATING_FIELDS, self.settings["max_feedback"]
         )
         if not mask.any():
             raise RequestError(400, "no item left to rank after 'candidates' and 'exclude'")
@@ -558,6 +548,14 @@ class Recommender:
             ratings=[Rating(str(i), r, t) for i, r, t in zip(items, ratings, stamps, strict=True)],
             answer_items="k" in request,
         )
+
+    def _parse_rated(self, request, fields, user_required, field, allowed, limit) -> tuple[tuple, tuple]:
+        """The common fields (new users allowed) and the rating list under ``field`` of a request."""
+        common = self._parse_common(request, fields, user_required, allow_new=True)
+        if field not in request:
+            shape = "{" + ", ".join(sorted(allowed)) + "}"
+            raise RequestError(400, f"missing field '{field}': a list of {shape} objects")
+        return common, self._parse_ratings(request[field], field, allowed, limit)
 
     def _parse_ratings(
         self, entries: Any, field: str, allowed: frozenset[str], limit: int
