@@ -4,6 +4,7 @@ explanations, and bad feedback that stores nothing (same code path as the handle
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -170,3 +171,15 @@ def test_concurrent_feedback_in_process_matches_a_sequential_replay(rec, demo, t
         )
     _, sequential = ask(replay, {"user_id": "many", "k": 10})
     assert final["items"] == sequential["items"]
+
+
+def test_handler_keeps_the_embedded_store_in_its_working_directory(monkeypatch, tmp_path):
+    import tempfile
+
+    from metarec.serving import handler
+
+    monkeypatch.chdir(tmp_path)
+    assert handler.default_state_url() == f"sqlite:///{tmp_path / handler.STATE_FILE}"
+    # A read-only working directory (the hardened pod's root filesystem): the temporary directory.
+    monkeypatch.setattr(handler.os, "access", lambda path, mode: False)
+    assert handler.default_state_url() == f"sqlite:///{Path(tempfile.gettempdir()) / handler.STATE_FILE}"
