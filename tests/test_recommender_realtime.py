@@ -183,3 +183,11 @@ def test_handler_keeps_the_embedded_store_in_its_working_directory(monkeypatch, 
     # A read-only working directory (the hardened pod's root filesystem): the temporary directory.
     monkeypatch.setattr(handler.os, "access", lambda path, mode: False)
     assert handler.default_state_url() == f"sqlite:///{Path(tempfile.gettempdir()) / handler.STATE_FILE}"
+
+
+def test_include_rated_keeps_the_support_items_of_an_adapt_request(rec):
+    support = [{"item_id": rec.item_ids[n], "rating": 5} for n in range(3)]
+    n_items = len(rec.item_ids)
+    _, without = ask(rec, {"user": {}, "support": support, "k": 100}, "adapt")
+    _, with_rated = ask(rec, {"user": {}, "support": support, "k": 100, "include_rated": True}, "adapt")
+    assert len(without["items"]) == n_items - 3 and len(with_rated["items"]) == n_items

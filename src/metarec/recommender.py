@@ -499,8 +499,9 @@ class Recommender:
         steps = request.get("steps", self.default_steps)
         if not _is_int(steps) or steps < 0:
             raise RequestError(400, f"'steps' must be a non-negative integer, got {steps!r}")
-        # Items the user just rated are not recommended back.
-        mask[indices] = False
+        # Items the user just rated are not recommended back (unless asked for).
+        if not flags["include_rated"]:
+            mask[indices] = False
         if not mask.any():
             raise RequestError(
                 400, "no item left to rank after 'candidates', 'exclude' and the support items"
