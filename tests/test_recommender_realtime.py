@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import redis_server
 from metarec.serving.demo import build_demo_model
 from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
+from metarec.state import open_store
+
+redis_url = redis_server.redis_url  # a real redis-server for the module (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +195,22 @@ def test_include_rated_keeps_the_support_items_of_an_adapt_request(rec):
     _, without = ask(rec, {"user": {}, "support": support, "k": 100}, "adapt")
     _, with_rated = ask(rec, {"user": {}, "support": support, "k": 100, "include_rated": True}, "adapt")
     assert len(without["items"]) == n_items - 3 and len(with_rated["items"]) == n_items
+
+
+def test_two_replicas_share_users_through_redis(demo, redis_url):
+    """Two Recommenders (two replicas) on one real Redis: a write through one is read by the other."""
+    store = open_store(redis_url)
+    store.client.flushdb()
+    store.close()
+    replicas = [
+        Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], state_url=redis_url)
+        for _ in range(2)
+    ]
+    items = replicas[0].item_ids
+    for n in range(6):
+        writer, reader = replicas[n % 2], replicas[(n + 1) % 2]
+        body = {"user_id": "roaming", "ratings": [{"item_id": items[n], "rating": 1 + n % 5}], "k": 3}
+        status, written = ask(writer, body, "feedback")
+        assert status == 200 and written["state_version"] == n + 1
+        status, read = ask(reader, {"user_id": "roaming", "k": 3})
+        assert read["state_version"] == n + 1 and read["items"] == written["items"]
