@@ -3,6 +3,7 @@ explanations, and bad feedback that stores nothing (same code path as the handle
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -214,3 +215,24 @@ def test_two_replicas_share_users_through_redis(demo, redis_url):
         assert status == 200 and written["state_version"] == n + 1
         status, read = ask(reader, {"user_id": "roaming", "k": 3})
         assert read["state_version"] == n + 1 and read["items"] == written["items"]
+
+
+def test_answers_carry_the_catalogues_display_fields(demo, tmp_path):
+    catalogue = tmp_path / "catalogue"
+    shutil.copytree(demo["preprocessed"], catalogue)
+    items = pd.read_parquet(catalogue / "items.parquet")
+    items["display_title"] = [f"Film {n}" for n in range(len(items))]
+    items["display_genres"] = [["Drama", "War"] if n % 2 else None for n in range(len(items))]
+    items["display_year"] = [1990.0 + n if n % 3 else float("nan") for n in range(len(items))]
+    items["display_score"] = 1.0  # a reserved key: never shown
+    items.to_parquet(catalogue / "items.parquet")
+    rec = Recommender.from_dir(demo["model"], catalogue_dir=catalogue)
+    status, answer = ask(rec, {"user": {}, "k": 100})
+    assert status == 200
+    for entry in answer["items"]:
+        n = rec.item_index[entry["item_id"]]
+        assert entry["title"] == f"Film {n}"
+        assert entry.get("genres") == (["Drama", "War"] if n % 2 else None)
+        assert entry.get("year") == (1990.0 + n if n % 3 else None)
+        assert isinstance(entry["score"], float) and entry["score"] != 1.0
+    json.dumps(answer, allow_nan=False)

@@ -275,6 +275,7 @@ class Recommender:
             )
         self.item_ids = [str(item_id) for item_id in items["item_id"]]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
+        self.item_display = display_fields(items)
         self.all_items = torch.arange(model.n_items, device=self.device)
 
         self.user_index: dict[str, int] = {}
@@ -612,7 +613,7 @@ class Recommender:
         k = min(request.k, int(mask.sum()))
         values, indices = torch.topk(masked, k)
         return [
-            {"item_id": self.item_ids[index], "score": round(float(value), 4)}
+            {"item_id": self.item_ids[index], "score": round(float(value), 4), **self.item_display[index]}
             for value, index in zip(values.tolist(), indices.tolist(), strict=True)
         ]
 
@@ -897,6 +898,42 @@ class Recommender:
         if self.model_card is not None:
             return self.model_card
         return {"n_items": self.model.n_items, "adapt": {"mode": self.adapt_mode, "inner_lr": self.inner_lr}}
+
+
+# Keys of a returned item that a display field may not take.
+RESERVED_ITEM_KEYS = frozenset({"item_id", "score", "explanation"})
+
+
+def display_fields(items: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each catalogue item's display fields (``display_<name>`` columns of items.parquet), JSON-ready.
+
+    Args:
+        items: the items table in item-index order.
+
+    Returns:
+        One ``{name: value}`` per item (missing values left out; empty without display columns).
+    """
+    columns = [c for c in items.columns if c.startswith("display_") and c[8:] not in RESERVED_ITEM_KEYS]
+    rows: list[dict[str, Any]] = [{} for _ in range(len(items))]
+    for column in columns:
+        for row, value in enumerate(items[column].tolist()):
+            value = _plain(value)
+            if value is not None:
+                rows[row][column[len("display_") :]] = value
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON values; NaN as None."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _user_field(request: RecommendRequest) -> dict[str, Any]:
