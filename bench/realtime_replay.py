@@ -48,10 +48,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from metarec.serving.requests import RequestParser, answer_batch
 
 from metarec.baselines import ItemUserBias, MFFoldIn
 from metarec.explain import Explainer
 from metarec.metrics import ndcg_per_user
+from metarec.serving_settings import RequestLimits
 from metarec.tasks import Preprocessed, build_task_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,14 @@ def _event_records(predictions: torch.Tensor, targets: torch.Tensor, mask: torch
     ]
 
 
+def ask(parser, body: dict, route: str) -> tuple[int, dict]:
+    """One request through the serving protocol layer and the Recommender (as the handler runs it)."""
+    ((status, text),) = answer_batch(parser, [body], [route])
+    answer = json.loads(text)
+    assert status == 200, answer
+    return status, answer
+
+
 def replay_served(
     rec, pre: Preprocessed, events: dict[int, pd.DataFrame]
 ) -> tuple[list[dict], list[dict], list[float]]:
@@ -132,6 +142,8 @@ def replay_served(
     """
     served, prior, feedback_ms = [], [], []
     item_ids = rec.item_ids
+    # k up to the whole catalogue: the replay ranks every item a user has not rated yet.
+    parser = RequestParser(rec, RequestLimits(max_k=len(item_ids)))
     for user, rows in events.items():
         user_id = str(pre.users.loc[pre.users["user_idx"] == user, "user_id"].iloc[0])
         items, ratings = rows["item_idx"].tolist(), rows["rating"].tolist()
@@ -140,12 +152,11 @@ def replay_served(
         # Row t: the state before rating t, scoring items t.. (column 0 = the item rated next).
         served_rows, prior_rows, target_rows = torch.zeros(n, n), torch.zeros(n, n), torch.zeros(n, n)
         mask = torch.zeros(n, n)
-        features = rec.user_encoding(user_id)
+        features = rec.known_user(user_id)
         for t in range(n):
             remaining = [item_ids[i] for i in items[t:]]
             body = {"user_id": user_id, "candidates": remaining, "k": len(remaining)}
-            ((status, answer),) = rec.answer_batch([body], [""])
-            assert status == 200, answer
+            status, answer = ask(parser, body, "")
             scores = {entry["item_id"]: entry["score"] for entry in answer["items"]}
             served_rows[t, : n - t] = torch.tensor([scores[i] for i in remaining])
             prior_rows[t, : n - t] = rec.personaliser.score(features, None, torch.tensor(items[t:]))
@@ -154,9 +165,8 @@ def replay_served(
             feedback = {"user_id": user_id, "ratings": [
                 {"item_id": item_ids[items[t]], "rating": ratings[t], "timestamp": int(stamps[t])}]}  # fmt: skip
             start = time.perf_counter()
-            ((status, answer),) = rec.answer_batch([feedback], ["feedback"])
+            status, answer = ask(parser, feedback, "feedback")
             feedback_ms.append((time.perf_counter() - start) * 1000)
-            assert status == 200, answer
         served += _event_records(served_rows, target_rows, mask)
         prior += _event_records(prior_rows, target_rows, mask)
     return served, prior, feedback_ms
@@ -207,7 +217,7 @@ def deletion_test(rec, pre: Preprocessed, events, seed: int) -> dict:
             continue
         rows = rows.iloc[:DELETION_HISTORY]
         user_id = str(pre.users.loc[pre.users["user_idx"] == user, "user_id"].iloc[0])
-        features = rec.user_encoding(user_id)
+        features = rec.known_user(user_id)
         items = torch.tensor(rows["item_idx"].tolist())
         ratings = torch.tensor(rows["rating"].tolist(), dtype=torch.float32)
         adapted = rec.personaliser.adapt(features, items, ratings, rec.default_steps)
@@ -256,12 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
         trained_s = time.perf_counter() - started
         pre = Preprocessed.load(str(work / "pre"))
         pre = Preprocessed.load(str(work / "pre"))
-        # k up to the whole catalogue: the replay ranks every item a user has not rated yet.
+        window = RequestLimits().state_window
         rec = Recommender.from_dir(
             work / "model", catalogue_dir=work / "pre", state_url=f"sqlite:///{work / 'state.sqlite'}",
-            max_k=pre.n_items,
+            state_window=window,
         )  # fmt: skip
-        window = rec.settings["state_window"]
         test = user_events(pre, "test", args.max_users)
         validation = user_events(pre, "val", args.max_users)
         bias, bias_settings = tune(ItemUserBias, BIAS_GRID, pre, validation, window)

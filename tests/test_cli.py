@@ -149,9 +149,9 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
     calls = {}
 
     class Info:
-        inference_url, management_url, metrics_url = (
+        inference_url, management_socket, metrics_url = (
             "http://127.0.0.1:1",
-            "http://127.0.0.1:2",
+            "/tmp/ts/mgmt.sock",
             "http://127.0.0.1:3",
         )
         model_name, pid, inference_token = "metarec", 42, None
@@ -176,9 +176,23 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
         and options["model_name"] == "metarec"
         and options["token_auth"] is False
     )
-    assert "http://127.0.0.1:1/predictions/metarec" in out
+    assert "http://127.0.0.1:1/predictions/metarec" in out and "/tmp/ts/mgmt.sock" in out
     status, out, _ = _run(capsys, "serve", "--stop", "--workdir", str(tmp_path / "ts"))
     assert status == 0 and calls["stop"] == tmp_path / "ts"
+
+
+def test_serve_reports_why_the_start_failed_in_one_line(capsys, tmp_path, monkeypatch):
+    from metarec import serve_local
+
+    run_dir, _ = _fake_run(tmp_path)
+
+    def failing_start(archive_dir, workdir, **kwargs):
+        raise RuntimeError("TorchServe failed: java.net.BindException: Address already in use\n--- log ---")
+
+    monkeypatch.setattr(serve_local, "start_server", failing_start)
+    status, _, err = _run(capsys, "serve", "--model-dir", str(run_dir))
+    assert status == 1
+    assert "did not start: TorchServe failed: java.net.BindException: Address already in use" in err
 
 
 def test_run_config_merges_user_file_over_the_shipped_defaults(tmp_path):

@@ -164,7 +164,7 @@ def test_serving_image_layout():
         for line in (REPO_ROOT / config_copy[-2]).read_text().splitlines()
         if "=" in line and not line.startswith("#")
     )
-    assert config["management_address"] == "http://127.0.0.1:8081"
+    assert config["management_address"].startswith("unix:")  # metarec.torchserve_config: no TCP listener
     assert config["inference_address"].endswith(":8080") and config["metrics_address"].endswith(":8082")
     assert config["model_store"] == "/home/model-server/model-store"
     assert config["enable_model_api"] == "false"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import redis_server
-from metarec.serving.demo import build_demo_model
+from demo_model import build_demo_model
+from serving_cases import answer_all
 from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
 from metarec.realtime import HISTORY_FILE, write_history
@@ -39,7 +40,8 @@ def rec(demo, tmp_path):
 
 
 def ask(rec, body, route=""):
-    ((status, document),) = rec.answer_batch([body], [route])
+    """One request through the serving protocol layer (validation, routing) and the Recommender."""
+    ((status, document),) = answer_all(rec, [body], [route])
     return status, document
 
 
@@ -63,7 +65,7 @@ def test_known_user_ranked_from_history_without_rated_items(rec, demo):
     assert status == 200 and answer["personalised"] and answer["support_size"] == len(rated)
     assert rated.isdisjoint(e["item_id"] for e in answer["items"])
     assert len(answer["items"]) == len(rec.item_ids) - len(rated)
-    prior = rec.personaliser.score(rec.user_encoding(user_id), None, rec.all_items)
+    prior = rec.personaliser.score(rec.known_user(user_id), None, rec.all_items)
     scores = {e["item_id"]: e["score"] for e in answer["items"]}
     assert max(abs(scores[i] - float(prior[rec.item_index[i]])) for i in scores) > 0.05
 

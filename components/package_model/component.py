@@ -26,7 +26,7 @@ def package_model(
             ``storageUri`` at it, or at ``output_uri``).
         model_name: Model name in TorchServe (URL ``/predictions/<model_name>``).
         serving_config: JSON object with the ``package.serving`` settings (see
-            ``metarec.packaging.DEFAULTS``); ``"{}"`` keeps the defaults.
+            ``metarec.serving_settings.ServingSettings``); ``"{}"`` keeps the defaults.
         output_uri: Optional ``gs://`` prefix (or local directory) the archive is also published to;
             promoted with a completion manifest written last, so readers never see half an archive.
     """

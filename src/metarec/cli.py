@@ -243,19 +243,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     archive_dir, default_workdir = resolve_archive(args.model_dir)
     workdir = Path(args.workdir) if args.workdir else default_workdir
-    info = serve_local.start_server(
-        archive_dir,
-        workdir,
-        inference_port=args.inference_port,
-        management_port=args.management_port,
-        metrics_port=args.metrics_port,
-        model_name=_model_name(archive_dir, args.model_name),
-        timeout_s=args.timeout,
-        token_auth=not args.no_token_auth,
-    )
+    if args.no_token_auth:
+        # TorchServe 0.12 has one switch for every API: the management socket's 0700 folder is all
+        # that protects it then.
+        print(
+            "warning: token authorisation off for inference AND management (local demos only)",
+            file=sys.stderr,
+        )
+    try:
+        info = serve_local.start_server(
+            archive_dir,
+            workdir,
+            inference_port=args.inference_port,
+            metrics_port=args.metrics_port,
+            model_name=_model_name(archive_dir, args.model_name),
+            timeout_s=args.timeout,
+            token_auth=not args.no_token_auth,
+        )
+    except (serve_local.ArchiveError, RuntimeError) as error:
+        # The first line is TorchServe's own error (or the archive check's); the log tail follows.
+        raise CLIError(f"TorchServe did not start: {error}") from error
     print(f"TorchServe is serving '{info.model_name}' from {archive_dir} (pid {info.pid})")
     print(f"  inference:  {info.inference_url}/predictions/{info.model_name}")
-    print(f"  management: {info.management_url}/models/{info.model_name}")
+    print(
+        f"  management: unix socket {info.management_socket} (curl --unix-socket ... http://localhost/models)"
+    )
     print(f"  metrics:    {info.metrics_url}/metrics")
     if info.inference_token:
         print(f"  token authorisation is on: keys in {Path(info.workdir) / serve_local.KEY_FILE}")
@@ -311,7 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workdir", help="TorchServe work folder (default: <run>/torchserve)")
     serve.add_argument("--model-name", help="model name (default: the single .mar in model-store/)")
     serve.add_argument("--inference-port", type=int, default=8080)
-    serve.add_argument("--management-port", type=int, default=8081)
     serve.add_argument("--metrics-port", type=int, default=8082)
     serve.add_argument("--timeout", type=float, default=120, help="seconds to wait for the model to be ready")
     serve.add_argument(

@@ -1,8 +1,9 @@
 """A TorchServe handler that parses the JSON body and answers a fixed tiny document.
 
-It is the latency baseline of ``bench/serving_latency.py``: the same HTTP path, frontend queue,
-worker socket and JSON decoding as the real handler, but no model work. The file is self-contained
-(TorchServe imports it directly from the ``.mar``), so it is also the archive's handler file.
+It is the latency baseline of ``bench/serving_latency.py`` (archive: ``serving_support.build_noop_archive``):
+the same HTTP path, frontend queue, worker socket and JSON decoding as the real handler, but no model
+work. The file is self-contained (TorchServe imports it directly from the ``.mar``); it is not part
+of the wheel.
 """
 
 from __future__ import annotations

@@ -21,6 +21,41 @@ DEMO_TRAIN_CONFIG: dict[str, Any] = {
 DEMO_EVAL_CONFIG: dict[str, Any] = {"baselines": ["global_mean", "item_user_bias"], "tune_on_val": False}
 
 
+def build_untrained_model(workdir: str | Path, adapt: dict[str, Any]) -> Path:
+    """Preprocesses ``synthetic:tiny`` and saves a freshly initialised model with its catalogue tables.
+
+    Fast (no training); enough for request validation, routing and batching tests.
+
+    Args:
+        workdir: Directory to write ``pre/`` and ``model/`` into.
+        adapt: The ``adapt`` section of model.json (``mode``, ``inner_steps``, ``inner_lr``).
+
+    Returns:
+        The model directory, laid out like an unpacked archive (schema and tables beside the model).
+    """
+    import shutil
+
+    import torch
+
+    from metarec.model import PreferenceModel
+    from metarec.preprocessing import run_preprocessing
+    from metarec.tasks import Preprocessed
+
+    workdir = Path(workdir)
+    pre_dir, out = workdir / "pre", workdir / "model"
+    run_preprocessing("synthetic:tiny", None, None, str(pre_dir))
+    pre = Preprocessed.load(str(pre_dir))
+    torch.manual_seed(0)
+    model = PreferenceModel(
+        pre.encoder.user_dims, pre.encoder.item_dims, pre.schema["n_warm_items"], pre.item_features,
+        pre.item_warm_idx,
+    )  # fmt: skip
+    model.save(out, {"method": "maml", "adapt": adapt})
+    for name in ("schema.json", "items.parquet", "users.parquet"):
+        shutil.copyfile(pre_dir / name, out / name)
+    return out
+
+
 def build_demo_model(
     workdir: str | Path, data_uri: str = "synthetic:tiny", meta_steps: int = 400
 ) -> dict[str, Path]:

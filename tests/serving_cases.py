@@ -1,11 +1,16 @@
 """Example requests against a model trained on the synthetic data (item ids "1".."80" in the tiny
 preset, user ids "1".."120"): the good ones the docs show and every bad-input case the tests send
-through the Recommender, the in-process handler and a real TorchServe.
+through the request protocol, the in-process handler and a real TorchServe; plus
+:func:`answer_all`, the request protocol in one call.
 """
 
 from __future__ import annotations
 
 import json
+
+from metarec.serving.requests import RequestParser, answer_batch
+
+from metarec.serving_settings import RequestLimits
 
 GOOD_SUPPORT = [{"item_id": "1", "rating": 5}, {"item_id": "2", "rating": 1}, {"item_id": "3", "rating": 4}]
 
@@ -111,8 +116,14 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         400,
         "outside the trained range",
     ),
-    ("rating_nan", "adapt", b'{"support": [{"item_id": "1", "rating": NaN}]}', 400, "must be finite"),
-    ("rating_inf", "adapt", b'{"support": [{"item_id": "1", "rating": Infinity}]}', 400, "must be finite"),
+    ("rating_nan", "adapt", b'{"support": [{"item_id": "1", "rating": NaN}]}', 400, "NaN is not a number"),
+    (
+        "rating_inf",
+        "adapt",
+        b'{"support": [{"item_id": "1", "rating": Infinity}]}',
+        400,
+        "Infinity is not a number",
+    ),
     ("rating_string", "adapt", b'{"support": [{"item_id": "1", "rating": "5"}]}', 400, "must be a number"),
     ("rating_bool", "adapt", b'{"support": [{"item_id": "1", "rating": true}]}', 400, "must be a number"),
     (
@@ -140,3 +151,76 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
 # An adapt request with a user_id the catalogue does not know is no longer refused when the server has
 # a state store: it creates that user (tests/test_realtime_http.py); without a store it is a 404
 # (tests/test_recommender_realtime.py).
+
+# The hostile inputs of issue 13 (each once killed a worker, failed its batch or answered NaN), with
+# the default limits (1 MiB bodies, depth 8, 40-character numbers, features within mean ± 10 std).
+_DEEP = b'{"user": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+_HUGE_INT = b"9" * 400
+HOSTILE_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
+    (
+        "user_id_5mb_nel",
+        "",
+        json.dumps({"user_id": "\u0085" * 2_600_000}, ensure_ascii=False).encode(),
+        413,
+        "at most",
+    ),
+    (
+        "steps_1mb_string",
+        "adapt",
+        json.dumps({"support": GOOD_SUPPORT, "steps": "9" * 1_100_000}).encode(),
+        413,
+        "at most",
+    ),
+    ("unknown_user_id_900kb", "", json.dumps({"user_id": "x" * 900_000}).encode(), 404, "900000 characters"),
+    (
+        "steps_long_string",
+        "adapt",
+        json.dumps({"support": GOOD_SUPPORT, "steps": "9" * 100_000}).encode(),
+        400,
+        "100000 characters",
+    ),
+    ("nested_1000_levels", "", _DEEP, 400, "nested 1001 levels"),
+    ("age_309_digits", "", b'{"user": {"age": ' + _HUGE_INT + b"}}", 400, "400 characters"),
+    (
+        "rating_309_digits",
+        "adapt",
+        b'{"support": [{"item_id": "1", "rating": ' + _HUGE_INT + b"}]}",
+        400,
+        "400 characters",
+    ),
+    ("age_1e308", "", b'{"user": {"age": 1e308}}', 400, "outside the range the model was trained on"),
+    ("age_infinity", "", b'{"user": {"age": Infinity}}', 400, "Infinity is not a number"),
+    ("age_inf_string", "", b'{"user": {"age": "inf"}}', 400, "outside the range the model was trained on"),
+    (
+        "age_1e999_string",
+        "",
+        b'{"user": {"age": "1e999"}}',
+        400,
+        "outside the range the model was trained on",
+    ),
+    ("age_1e999", "", b'{"user": {"age": 1e999}}', 400, "out of range"),
+    ("age_int_1e40", "", b'{"user": {"age": 10000000000000000000000000000000000000000}}', 400, "characters"),
+    ("age_1e20", "", b'{"user": {"age": 1e20}}', 400, "outside the range"),
+    ("age_minus_1e20", "", b'{"user": {"age": -1e20}}', 400, "outside the range"),
+    (
+        "kserve_nested_bad_number",
+        "",
+        b'{"instances": [{"user": {"age": 1e300}}]}',
+        400,
+        "instances[0]: user.age",
+    ),
+    (
+        "huge_unknown_field",
+        "",
+        json.dumps({"user_id": "1", "x" * 500_000: 1}).encode(),
+        400,
+        "500000 characters",
+    ),
+]
+BAD_REQUESTS += HOSTILE_REQUESTS
+
+
+def answer_all(recommender, bodies, routes, limits: RequestLimits | None = None) -> list[tuple[int, dict]]:
+    """Answers raw bodies through the request protocol; returns ``(status, decoded JSON)`` each."""
+    parser = RequestParser(recommender, limits or RequestLimits())
+    return [(status, json.loads(text)) for status, text in answer_batch(parser, bodies, routes)]
