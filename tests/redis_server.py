@@ -1,4 +1,4 @@
-"""A real ``redis-server`` for tests, on 127.0.0.1 and a free port, with no persistence.
+"""A real ``redis-server`` for tests (:mod:`metarec.state.local_redis`), one per test module.
 
 Tests skip with a reason when the binary is absent (``apt-get install -y redis-server``; ``.ci/run``
 installs it).
@@ -6,69 +6,20 @@ installs it).
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-_START_TIMEOUT_S = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_redis(workdir: Path) -> tuple[str, subprocess.Popen]:
-    """Starts ``redis-server`` and waits until it answers PING.
-
-    Args:
-        workdir: Folder for its log (it keeps no data on disk).
-
-    Returns:
-        ``(url, process)``; stop the process with :func:`stop_redis`.
-    """
-    executable = shutil.which("redis-server")
-    if executable is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    port = _free_port()
-    command = [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-               "--dir", str(workdir), "--logfile", str(workdir / "redis.log")]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {process.returncode}; see {workdir / 'redis.log'}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0", process
-        except OSError:
-            time.sleep(0.05)
-    stop_redis(process)
-    raise RuntimeError(f"redis-server did not answer on port {port} within {_START_TIMEOUT_S}s")
-
-
-def stop_redis(process: subprocess.Popen) -> None:
-    """Stops a server started by :func:`start_redis` (by its own pid)."""
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+from metarec.state.local_redis import start_redis, stop_redis
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> Iterator[str]:
     """The URL of a real Redis server running for the test module."""
-    url, process = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        url, process = start_redis(tmp_path_factory.mktemp("redis"))
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
     try:
         yield url
     finally:
