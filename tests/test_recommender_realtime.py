@@ -238,3 +238,23 @@ def test_answers_carry_the_catalogues_display_fields(demo, tmp_path):
         assert entry.get("year") == (1990.0 + n if n % 3 else None)
         assert isinstance(entry["score"], float) and entry["score"] != 1.0
     json.dumps(answer, allow_nan=False)
+
+
+def test_demo_request_shows_titles_when_the_answer_has_them():
+    from metarec.demo_request import format_demo
+
+    items = [
+        {"item_id": "1", "score": 4.5, "title": "Toy Story", "year": 1995.0},
+        {"item_id": "2", "score": 4.2, "title": "Heat (1995)", "year": 1995},
+        {"item_id": "3", "score": 4.1},
+    ]
+    result = {
+        "adapted": {"items": items, "support_loss_before": 1.0, "support_loss_after": 0.5, "steps": 5},
+        "request": {"url": "http://x", "body": {"support": [{}]}},
+        "genre": "Drama",
+        "genre_share_before": 0.1,
+        "genre_share_after": 0.5,
+    }
+    lines = format_demo(result).splitlines()
+    assert "  4.50  Toy Story (1995)" in lines and "  4.20  Heat (1995)" in lines
+    assert not any(line.startswith("  4.10") for line in lines)
