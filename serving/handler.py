@@ -81,7 +81,9 @@ class MetaRecHandler(BaseHandler):
         self.manifest = context.manifest
         limits = handler_limits(getattr(context, "model_yaml_config", None))
         torch.set_num_threads(limits.torch_threads)
-        self.device = torch.device("cpu")
+        gpu_id = context.system_properties.get("gpu_id")  # TorchServe assigns one per worker on GPU nodes
+        use_gpu = gpu_id is not None and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
         state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
         self.recommender = Recommender.from_dir(

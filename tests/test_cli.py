@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -263,3 +264,53 @@ def test_demo_request_without_a_server_says_what_to_do(capsys, tmp_path):
     status, _, err = _run(capsys, "demo-request", "--workdir", str(tmp_path))
     assert status == 1
     assert len(err.strip().splitlines()) == 1 and "metarec serve" in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# compile leaves the committed component YAMLs alone; the core does not import the mapped folders
+
+
+def test_compile_writes_components_under_output_only(tmp_path, monkeypatch):
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "components"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*/component.yaml")}
+    monkeypatch.setenv("METAREC_REGISTRY", "europe-docker.pkg.dev/p/r")
+    assert cli.main(["compile", "--output", str(tmp_path), "--variant", "cpu"]) == 0
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*/component.yaml")} == before
+    written = sorted(p.parent.name for p in (tmp_path / "components").glob("*/component.yaml"))
+    assert written == sorted(p.parent.name for p in before)
+
+
+def test_component_build_refuses_to_commit_another_registry(monkeypatch):
+    from metarec.components import build
+
+    monkeypatch.setenv("METAREC_REGISTRY", "europe-docker.pkg.dev/p/r")
+    with pytest.raises(SystemExit):
+        build.main([])
+
+
+@pytest.mark.parametrize("module", ["metarec.cli", "metarec.packaging"])
+def test_core_modules_do_not_import_the_mapped_folders(module):
+    """The core stays framework-neutral: pipelines/ and serving/ plug into it, never the reverse."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    mapped = ("metarec.pipelines", "metarec.serving")  # not metarec.serving_settings: that one is core
+    leaks = sorted(
+        name for name in imported if name in mapped or name.startswith(tuple(f"{m}." for m in mapped))
+    )
+    assert not leaks, f"{module} imports {leaks}"
+
+
+def test_run_local_and_compile_come_from_the_pipelines_entry_point():
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert {"run-local", "compile", "serve"} <= set(commands.choices)

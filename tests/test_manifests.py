@@ -26,9 +26,23 @@ EXPECTED_KUSTOMIZATIONS = {
     "serving/overlays/gke-gpu",
     "serving/overlays/kserve",
     "training",
+    "training-example",
+    "pipeline-rbac",
+    "monitoring",
 }
-DEPLOYABLE = ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu", "serving/overlays/kserve", "training"]
-CUSTOM_KINDS = {"InferenceService", "PyTorchJob", "AuthorizationPolicy", "PeerAuthentication"}
+DEPLOYABLE = [
+    "serving/overlays/gke-cpu",
+    "serving/overlays/gke-gpu",
+    "serving/overlays/kserve",
+    "training-example",
+]
+CUSTOM_KINDS = {
+    "InferenceService",
+    "PyTorchJob",
+    "PodMonitoring",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+}
 MANAGEMENT_PORT = 8081
 
 
@@ -292,7 +306,7 @@ def test_hardening_checker_rejects_weakened_templates(weakening):
 
 
 def test_hardening_checker_sees_every_pytorchjob_replica():
-    job = copy.deepcopy(_objects("PyTorchJob", "training")[0])
+    job = copy.deepcopy(_objects("PyTorchJob", "training-example")[0])
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].pop("seccompProfile")
     problems = [p for where, spec in pod_specs(job) for p in hardening_problems(spec, where)]
     assert len(problems) == 1 and "Worker" in problems[0]
@@ -540,7 +554,7 @@ def test_inference_service():
 
 
 def test_pytorchjob():
-    objects = render("training")
+    objects = render("training-example")
     job = next(obj for obj in objects if obj["kind"] == "PyTorchJob")
     assert pytorchjob_problems(job) == []
     account = next(obj for obj in objects if obj["kind"] == "ServiceAccount")

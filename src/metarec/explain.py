@@ -25,7 +25,7 @@ item feature, the item id with its learned bias and factors) by exact Shapley va
 baseline of an anonymous user and an unknown item with no features (every group at its "missing"
 encoding, the id at the cold fallback row): ``baseline + sum(shares) = prior``.
 
-Everything runs in float64 on a copy of the model so the sums hold to ~1e-9; the scores agree with the
+Everything runs in float64 on a CPU copy of the model so the sums hold to ~1e-9; the scores agree with the
 float32 serving path to ~1e-5.
 """
 
@@ -102,7 +102,7 @@ class Explainer:
                 f"exact explanations need adapt mode {EXPLAIN_MODE!r} (scores linear in the adapted "
                 f"parameters); this model adapts in mode {mode!r}"
             )
-        self.model = copy.deepcopy(model).double().eval()
+        self.model = copy.deepcopy(model).cpu().double().eval()  # float64 on the CPU, whatever serves
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.params = dict(self.model.named_parameters())

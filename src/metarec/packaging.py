@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +278,7 @@ def _archiver_executable() -> str:
     beside = Path(sys.executable).parent / "torch-model-archiver"
     found = str(beside) if beside.is_file() else shutil.which("torch-model-archiver")
     if not found:
-        raise RuntimeError("torch-model-archiver is not installed (pip install metarec[serving])")
+        raise RuntimeError("torch-model-archiver is not installed (pip install metarec[archive])")
     return found
 
 
@@ -370,17 +369,13 @@ def build_archive(
     if not model_name or not model_name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"model_name must be letters, digits, '-' or '_', got {model_name!r}")
     if storage.is_gcs(output_dir):
-        with tempfile.TemporaryDirectory(prefix="metarec-archive-") as local_out:
+        with storage.local_output(output_dir, promote_last=True) as local_out:
             summary = build_archive(
-                model_dir, evaluation_json, local_out, model_name, serving_config, preprocessed_dir
+                model_dir, evaluation_json, str(local_out), model_name, serving_config, preprocessed_dir
             )
-            final = str(output_dir).rstrip("/")
-            staging = f"{final}.staging-{uuid.uuid4().hex[:8]}"
-            storage.upload_dir(local_out, staging)
-            storage.promote(staging, final)
+        final = str(output_dir).rstrip("/")
         return summary | {
             "output_dir": final,
-            "staging_uri": staging,
             "archive": f"{final}/model-store/{model_name}.mar",
             "config_properties": f"{final}/config/config.properties",
         }

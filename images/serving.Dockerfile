@@ -2,8 +2,8 @@
 # MetaRec serving image: TorchServe 0.12 on a Java 17 runtime, the MetaRec handler and core package.
 #
 # Build from the repository root:
-#   docker build -f docker/serving.Dockerfile -t ghcr.io/metarec/metarec-serving:0.1.0 .
-# GPU node pool: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   docker build -f images/serving.Dockerfile -t ghcr.io/metarec/metarec-serving:0.1.0 .
+# GPU node pool: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, tag <version>-cuda
 # The tag must be the package version: metarec.images.serving_image() and manifests/ name it.
 #
 # Layout: config /home/model-server/config.properties (Kubernetes mounts its ConfigMap over it), model
@@ -38,13 +38,15 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/metarec
 COPY requirements/constraints.txt requirements/constraints.txt
+# What this image installs: the one list `make fidelity` replays in a clean venv.
+COPY images/serving.extras images/serving.extras
 COPY pyproject.toml setup.py README.md ./
 COPY src/ src/
 COPY components/ components/
 COPY pipelines/ pipelines/
 COPY serving/ serving/
 RUN grep -v '^torch==' requirements/constraints.txt > /tmp/constraints.txt \
-    && pip install -c /tmp/constraints.txt ".[serving]" \
+    && pip install -c /tmp/constraints.txt ".[$(grep -v '^#' images/serving.extras)]" \
     && pip check \
     && python -c "import metarec.storage, ts, torch; print('ok')" \
     && rm -rf /tmp/constraints.txt /opt/metarec/build
@@ -54,7 +56,7 @@ RUN groupadd --gid "${UID}" model-server \
         --shell /usr/sbin/nologin model-server \
     && mkdir -p /home/model-server/model-store /home/model-server/logs \
     && chown -R model-server:model-server /home/model-server
-COPY --chown=${UID}:${UID} docker/serving/config.properties /home/model-server/config.properties
+COPY --chown=${UID}:${UID} images/serving/config.properties /home/model-server/config.properties
 
 USER ${UID}:${UID}
 WORKDIR /home/model-server

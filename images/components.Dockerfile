@@ -3,10 +3,10 @@
 # PyTorchJob trainer (torchrun -m metarec.training) run in it. Nothing is pip-installed at run time.
 #
 # Build from the repository root (the context must hold pyproject.toml, setup.py, src/, components/ ...):
-#   docker build -f docker/components.Dockerfile -t ghcr.io/metarec/metarec-components:0.1.0 .
+#   docker build -f images/components.Dockerfile -t ghcr.io/metarec/metarec-components:0.1.0 .
 # GPU node pool (CUDA wheels of the same torch release):
-#   docker build -f docker/components.Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ...
-# The tag must be the package version: metarec.images.components_image() names it in compiled pipelines.
+#   docker build -f images/components.Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t ...:0.1.0-cuda .
+# Tags: <version> for the CPU build, <version>-cuda for the CUDA build (metarec.images.components_image(cuda=...)).
 
 # Pinned by tag (Debian bookworm); pin by digest too once the registry is reachable.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
@@ -36,6 +36,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/metarec
 COPY requirements/constraints.txt requirements/constraints.txt
+# What this image installs: the one list `make fidelity` replays in a clean venv.
+COPY images/components.extras images/components.extras
 COPY pyproject.toml setup.py README.md ./
 COPY src/ src/
 COPY components/ components/
@@ -43,7 +45,7 @@ COPY pipelines/ pipelines/
 COPY serving/ serving/
 # The constraints file pins torch to the CPU build; drop that line so a CUDA build stays in place.
 RUN grep -v '^torch==' requirements/constraints.txt > /tmp/constraints.txt \
-    && pip install -c /tmp/constraints.txt ".[pipelines]" \
+    && pip install -c /tmp/constraints.txt ".[$(grep -v '^#' images/components.extras)]" \
     && pip check \
     && python -c "import metarec, metarec.storage, metarec.images, kfp, torch; print(metarec.images.components_image())" \
     && rm -rf /tmp/constraints.txt /opt/metarec/build
