@@ -54,6 +54,7 @@ from metarec.baselines import ItemUserBias, MFFoldIn
 from metarec.explain import Explainer
 from metarec.metrics import ndcg_per_user
 from metarec.serving_settings import RequestLimits
+from metarec.state.open import open_store
 from metarec.tasks import Preprocessed, build_task_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -268,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         pre = Preprocessed.load(str(work / "pre"))
         window = RequestLimits().state_window
         rec = Recommender.from_dir(
-            work / "model", catalogue_dir=work / "pre", state_url=f"sqlite:///{work / 'state.sqlite'}",
-            state_window=window,
+            work / "model", catalogue_dir=work / "pre", store=open_store(f"sqlite:///{work / 'state.sqlite'}", window),
         )  # fmt: skip
         test = user_events(pre, "test", args.max_users)
         validation = user_events(pre, "val", args.max_users)

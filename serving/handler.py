@@ -28,6 +28,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from metarec.recommender import Recommender
 from metarec.serving_settings import RequestLimits
+from metarec.state.open import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MetaRecHandler(BaseHandler):
         model_dir = context.system_properties["model_dir"]
         state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
         self.recommender = Recommender.from_dir(
-            model_dir, device=self.device, state_url=state_url, state_window=limits.state_window
+            model_dir, device=self.device, store=open_store(state_url, limits.state_window)
         )
         self.parser = RequestParser(self.recommender, limits)
         logger.info("MetaRec user state in %s", state_url.split("@")[-1])  # never log a password

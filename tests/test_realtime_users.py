@@ -15,7 +15,8 @@ from metarec.features import EncodedFeatures
 from metarec.meta.fast_adapt import FastAdapter
 from metarec.personalise import Personaliser, decode_state
 from metarec.realtime import RealtimeUsers
-from metarec.state import Rating, open_store
+from metarec.state import Rating
+from metarec.state.open import open_store
 
 STEPS = 5
 ITEM_INDEX = {f"i{n}": n for n in range(N_ITEMS)}

@@ -16,7 +16,7 @@ from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
-from metarec.state import open_store
+from metarec.state.open import open_store
 
 redis_url = redis_server.redis_url  # a real redis-server for the module (fixture)
 
@@ -33,7 +33,7 @@ def demo(tmp_path_factory):
 @pytest.fixture
 def rec(demo, tmp_path):
     recommender = Recommender.from_dir(
-        demo["model"], catalogue_dir=demo["preprocessed"], state_url=f"sqlite:///{tmp_path / 's.db'}"
+        demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(f"sqlite:///{tmp_path / 's.db'}")
     )
     yield recommender
     recommender.store.close()
@@ -168,7 +168,7 @@ def test_concurrent_feedback_in_process_matches_a_sequential_replay(rec, demo, t
     _, final = ask(rec, {"user_id": "many", "k": 10})
     # Sequential replay of the stored ratings on a fresh store.
     replay = Recommender.from_dir(
-        demo["model"], catalogue_dir=demo["preprocessed"], state_url=f"sqlite:///{tmp_path / 'r.db'}"
+        demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(f"sqlite:///{tmp_path / 'r.db'}")
     )
     for rating in stored.ratings:
         ask(
@@ -206,7 +206,7 @@ def test_two_replicas_share_users_through_redis(demo, redis_url):
     store.client.flushdb()
     store.close()
     replicas = [
-        Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], state_url=redis_url)
+        Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(redis_url))
         for _ in range(2)
     ]
     items = replicas[0].item_ids

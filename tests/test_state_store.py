@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import redis_server
 
-from metarec.state import Rating, open_store
+from metarec.state import Rating
+from metarec.state.open import open_store
 
 redis_url = redis_server.redis_url
 
@@ -121,7 +122,8 @@ def test_a_second_connection_reads_what_the_first_wrote(store_url, store):
 _CLIENT = textwrap.dedent(
     """
     import sys
-    from metarec.state import Rating, open_store
+    from metarec.state import Rating
+    from metarec.state.open import open_store
     url, client, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     store = open_store(url, window=int(sys.argv[4]))
     for n in range(count):

@@ -31,8 +31,7 @@ from metarec.meta.fast_adapt import FastAdapter, supports_fast_path
 from metarec.model import PreferenceModel, read_model_json
 from metarec.personalise import Personaliser
 from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
-from metarec.state import Rating, UserStateStore, open_store
-from metarec.state.store import DEFAULT_WINDOW
+from metarec.state import Rating, UserStateStore
 from metarec.tasks import TaskBatch, build_task_batch
 
 logger = logging.getLogger(__name__)
@@ -184,8 +183,7 @@ class Recommender:
         device: str | torch.device = "cpu",
         catalogue_dir: str | Path | None = None,
         fast_adapt: bool = True,
-        state_url: str | None = None,
-        state_window: int = DEFAULT_WINDOW,
+        store: UserStateStore | None = None,
     ) -> Recommender:
         """Loads a model directory (or an unpacked archive).
 
@@ -196,9 +194,7 @@ class Recommender:
             catalogue_dir: Where to find ``items.parquet``/``users.parquet`` when ``model_dir`` lacks
                 them (a preprocessing output directory).
             fast_adapt: See :class:`Recommender`.
-            state_url: The per-user state store (``sqlite:///path`` or ``redis://host:port/db``, see
-                :func:`metarec.state.open_store`); None: no store.
-            state_window: Most feedback ratings the store keeps per user.
+            store: The per-user state store (:func:`metarec.state.open.open_store`); None: none.
 
         Returns:
             The Recommender.
@@ -227,7 +223,6 @@ class Recommender:
         card = json.loads(card_path.read_text()) if card_path is not None else None
         adapt_settings = document.get("adapt") or {}
         history = read_history(find(HISTORY_FILE, False))
-        store = open_store(state_url, state_window) if state_url is not None else None
         return cls(model, schema, items, users, adapt_settings, card, device, fast_adapt, store, history)
 
     def known_user(self, user_id: str) -> EncodedFeatures | None:

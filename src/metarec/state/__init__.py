@@ -2,9 +2,9 @@
 
 One small interface (:class:`~metarec.state.store.UserStateStore`) with two implementations: SQLite
 (embedded, one node, safe across TorchServe's worker processes) and Redis (shared by every replica).
-:func:`~metarec.state.store.open_store` picks one from a URL.
+:func:`metarec.state.open.open_store` picks one from a URL.
 """
 
-from metarec.state.store import Rating, StoredUser, UserStateStore, open_store
+from metarec.state.store import Rating, StoredUser, UserStateStore
 
-__all__ = ["Rating", "StoredUser", "UserStateStore", "open_store"]
+__all__ = ["Rating", "StoredUser", "UserStateStore"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 
 DEFAULT_WINDOW = 200  # ratings kept per user: the adapt support set is at most this large
 
@@ -125,30 +124,3 @@ def check_ratings(ratings: list[Rating]) -> None:
     for position, entry in enumerate(ratings):
         if not math.isfinite(entry.rating):
             raise ValueError(f"ratings[{position}].rating must be finite, got {entry.rating}")
-
-
-def open_store(url: str, window: int = DEFAULT_WINDOW) -> UserStateStore:
-    """Opens the store a URL names.
-
-    Args:
-        url: ``sqlite:///absolute/path.db`` (or ``sqlite:relative/path.db``) for the embedded store,
-            ``redis://host:port/db`` (``rediss://`` for TLS) for Redis.
-        window: Most ratings kept per user.
-
-    Returns:
-        The store.
-
-    Raises:
-        ValueError: An unknown scheme.
-    """
-    if url.startswith("sqlite:"):
-        from metarec.state.sqlite_store import SqliteStateStore
-
-        path = url[len("sqlite:") :]
-        path = path[2:] if path.startswith("//") else path
-        return SqliteStateStore(Path(path), window)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from metarec.state.redis_store import RedisStateStore
-
-        return RedisStateStore(url, window)
-    raise ValueError(f"unknown state store URL {url!r}; use sqlite:///path.db or redis://host:port/db")
