@@ -8,10 +8,14 @@ catalogue. Requests are sent at concurrency 1 and 8 (threads, one keep-alive con
 
 The last line printed is one JSON document::
 
-    {"concurrency": {"1": {"adapt_p50_ms", "adapt_p99_ms", "recommend_p50_ms", "noop_p50_ms", ...},
-                     "8": {...}},
-     "adapt_over_noop_p50": .., "adapt_throughput_scaling": .., "requests": .., "errors": ..,
-     "worker_restarts": .., ...}
+    {"concurrency": {"1": {"adapt_p50_ms", "adapt_p99_ms", "recommend_p50_ms", "feedback_p50_ms",
+                           "feedback_redis_p50_ms", "noop_p50_ms", ...}, "8": {...}},
+     "adapt_over_noop_p50": .., "feedback_over_noop_p50": .., "feedback_redis_over_noop_p50": ..,
+     "adapt_throughput_scaling": .., "requests": .., "errors": .., "worker_restarts": .., ...}
+
+Feedback rows: one rating per request for a pool of 64 users (append, re-adapt, store), with the
+embedded SQLite store and, on a third server of the same archive, a real ``redis-server`` (skipped
+with a message when it is not installed).
 
 Usage: ``python bench/serving_latency.py [--requests N] [--archive-dir DIR] [--data synthetic]``
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -36,11 +41,16 @@ from serving_support import (
 )
 
 from metarec.serve_local import ServerInfo, start_server, stop_server
+from metarec.serving.handler import STATE_URL_ENV
 from metarec.serving_settings import ServingSettings
+from metarec.state.local_redis import start_redis, stop_redis
 
 SUPPORT_SIZE = 20
 INNER_STEPS = 5
 CONCURRENCIES = (1, 8)
+FEEDBACK_USERS = 64
+# Which request bodies each measured kind sends (the no-op handler gets the adapt bodies).
+BODIES_OF = {"noop": "adapt", "feedback_redis": "feedback"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,7 +74,26 @@ def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> 
         ]
         adapt.append(json.dumps({"support": support, "k": 10, "steps": INNER_STEPS}).encode())
         recommend.append(json.dumps({"user_id": rng.choice(user_ids), "k": 10}).encode())
-    return {"adapt": adapt, "recommend": recommend}
+    # Feedback: one rating each for a pool of users, so every request appends, re-adapts and stores.
+    feedback = [
+        json.dumps({"user_id": f"bench-{rng.randrange(FEEDBACK_USERS)}",
+                    "ratings": [{"item_id": rng.choice(item_ids), "rating": rng.randint(1, 5)}]}).encode()
+        for _ in range(n)
+    ]  # fmt: skip
+    return {"adapt": adapt, "recommend": recommend, "feedback": feedback}
+
+
+def start_with_state(archive_dir: Path, workdir: Path, state_url: str) -> ServerInfo:
+    """Starts TorchServe on the archive with its workers' user state at ``state_url``."""
+    previous = os.environ.get(STATE_URL_ENV)
+    os.environ[STATE_URL_ENV] = state_url  # the workers inherit the launcher's environment
+    try:
+        return start_server(archive_dir, workdir, 0, 0, timeout_s=300)
+    finally:
+        if previous is None:
+            os.environ.pop(STATE_URL_ENV)
+        else:
+            os.environ[STATE_URL_ENV] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,24 +118,35 @@ def main(argv: list[str] | None = None) -> int:
         item_ids, user_ids = catalogue_ids(archive_dir)
 
         servers: dict[str, ServerInfo] = {}
+        redis = None
         try:
             servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, timeout_s=300)
             servers["noop"] = start_server(
                 noop_dir, workdir / "ts-noop", 0, 0, model_name="noop", timeout_s=300
             )
+            # The same archive again, its user state in a real Redis (the embedded SQLite file above).
+            try:
+                redis_url, redis = start_redis(workdir)
+                servers["metarec-redis"] = start_with_state(archive_dir, workdir / "ts-redis", redis_url)
+            except FileNotFoundError as error:
+                print(f"no Redis row: {error}", file=sys.stderr)
             identities = {name: worker_identity(info) for name, info in servers.items()}
+            feedback_path = "/predictions/metarec/1.0/feedback"
             paths = {
                 "adapt": (servers["metarec"], "/predictions/metarec/1.0/adapt"),
                 "recommend": (servers["metarec"], "/predictions/metarec"),
+                "feedback": (servers["metarec"], feedback_path),
                 "noop": (servers["noop"], "/predictions/noop"),
             }
+            if "metarec-redis" in servers:
+                paths["feedback_redis"] = (servers["metarec-redis"], feedback_path)
             results: dict[str, dict] = {}
             total_requests = total_errors = 0
             for concurrency in CONCURRENCIES:
                 bodies = make_bodies(item_ids, user_ids, args.requests, seed=concurrency)
                 level: dict[str, float] = {}
                 for kind, (info, path) in paths.items():
-                    kind_bodies = bodies["recommend" if kind == "recommend" else "adapt"]
+                    kind_bodies = bodies[BODIES_OF.get(kind, kind)]
                     warm_up = kind_bodies[: max(16, concurrency * 2)]
                     load(info, [(path, body) for body in warm_up], concurrency)
                     outcome = load(info, [(path, b) for b in kind_bodies], concurrency)
@@ -122,11 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for name in list(servers):
                 stop_server(servers[name].workdir)
+            if redis is not None:
+                stop_redis(redis)
 
     one, many = results["1"], results[str(max(CONCURRENCIES))]
     summary = {
         "concurrency": results,
         "adapt_over_noop_p50": round(one["adapt_p50_ms"] / one["noop_p50_ms"], 2),
+        # Feedback: append + re-adapt from the meta-learned start + store, per store (None: no redis-server).
+        "feedback_over_noop_p50": round(one["feedback_p50_ms"] / one["noop_p50_ms"], 2),
+        "feedback_redis_over_noop_p50": (
+            round(one["feedback_redis_p50_ms"] / one["noop_p50_ms"], 2)
+            if "feedback_redis_p50_ms" in one
+            else None
+        ),
         "adapt_throughput_scaling": round(many["adapt_throughput_rps"] / one["adapt_throughput_rps"], 2),
         "requests": total_requests,
         "errors": total_errors,

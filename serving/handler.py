@@ -16,7 +16,10 @@ problems because TorchServe applies its status to every request of the batch. Bo
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +28,14 @@ from ts.torch_handler.base_handler import BaseHandler
 from metarec.recommender import Recommender
 from metarec.serving.requests import RequestParser, answer_batch, dumps_strict
 from metarec.serving_settings import RequestLimits
+from metarec.state.open import open_store
 
 logger = logging.getLogger(__name__)
 
+# The per-user state store: this environment variable (the Redis overlay sets it), else an SQLite
+# file in the server's working directory (see default_state_url).
+STATE_URL_ENV = "METAREC_STATE_URL"
+STATE_FILE = "metarec-state.sqlite"
 JSON_CONTENT_TYPE = "application/json"
 
 
@@ -44,6 +52,15 @@ def handler_limits(model_yaml_config: dict[str, Any] | None) -> RequestLimits:
         ValueError: An unknown key or a bad value in the section.
     """
     return RequestLimits.from_dict((model_yaml_config or {}).get("handler") or {})
+
+
+def default_state_url() -> str:
+    """The embedded store: an SQLite file in the working directory TorchServe was started from (shared
+    by its worker processes), or in the temporary directory when that one is read-only (a container)."""
+    folder = Path.cwd()
+    if not os.access(folder, os.W_OK):
+        folder = Path(tempfile.gettempdir())
+    return f"sqlite:///{folder / STATE_FILE}"
 
 
 class MetaRecHandler(BaseHandler):
@@ -69,8 +86,12 @@ class MetaRecHandler(BaseHandler):
         use_gpu = gpu_id is not None and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
-        self.recommender = Recommender.from_dir(model_dir, device=self.device)
+        state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
+        self.recommender = Recommender.from_dir(
+            model_dir, device=self.device, store=open_store(state_url, limits.state_window)
+        )
         self.parser = RequestParser(self.recommender, limits)
+        logger.info("MetaRec user state in %s", state_url.split("@")[-1])  # never log a password
         logger.info("MetaRec model loaded from %s with limits %s", model_dir, limits.to_dict())
         self.initialized = True
 

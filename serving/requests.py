@@ -31,13 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from metarec.explain import EXPLAIN_MODE
 from metarec.features import EncodedFeatures
-from metarec.recommender import AdaptRequest, Recommender, RecommendRequest
+from metarec.recommender import AdaptRequest, FeedbackRequest, Recommender, RecommendRequest
 from metarec.serving_settings import RequestLimits
+from metarec.state import Rating
 
-RECOMMEND_FIELDS = frozenset({"user_id", "user", "k", "candidates", "exclude"})
+RECOMMEND_FIELDS = frozenset({"user_id", "user", "k", "candidates", "exclude", "include_rated", "explain"})
 ADAPT_FIELDS = RECOMMEND_FIELDS | {"support", "steps"}
+FEEDBACK_FIELDS = RECOMMEND_FIELDS | {"ratings"}
 SUPPORT_FIELDS = frozenset({"item_id", "rating"})
+FEEDBACK_RATING_FIELDS = SUPPORT_FIELDS | {"timestamp"}
 # Longest error message sent back, whatever it quotes (TorchServe frames answers; keep them small).
 MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
@@ -349,33 +353,47 @@ class RequestParser:
         return encoded, notes
 
     def _parse_user(
-        self, request: dict[str, Any], required: bool
-    ) -> tuple[EncodedFeatures, str | None, list[str]]:
+        self, request: dict[str, Any], required: bool, allow_new: bool = False
+    ) -> tuple[EncodedFeatures, str | None, list[str], bool]:
+        """The user's features, raw id, notes and whether ``user`` features were given.
+
+        A ``user_id`` the user table does not know is accepted when the Recommender keeps per-user
+        state and either ``allow_new`` (adapt, feedback: a new user, optionally described by ``user``
+        features) or the store already holds that user.
+        """
         has_id, has_features = "user_id" in request, "user" in request
-        if has_id and has_features:
-            raise RequestError(400, "give either 'user_id' (a known user) or 'user' (features), not both")
+        user_id = None
         if has_id:
             user_id = request["user_id"]
             if not (isinstance(user_id, str) or _is_int(user_id)):
                 raise RequestError(
                     400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}"
                 )
-            features = self.recommender.known_user(str(user_id))
-            if features is None:
-                if self.recommender.user_features is None:
+            user_id = str(user_id)
+            features = self.recommender.known_user(user_id)
+            if features is not None:
+                if has_features:
+                    raise RequestError(
+                        400, "give either 'user_id' (a known user) or 'user' (features), not both"
+                    )
+                return features, user_id, [], False
+            keeps_state = self.recommender.keeps_state
+            if not (keeps_state and (allow_new or self.recommender.has_state(user_id))):
+                if self.recommender.user_features is None and not keeps_state:
                     raise RequestError(
                         404, "this model has no user table; describe the user with 'user' features"
                     )
-                raise RequestError(404, f"unknown user_id {self._quote(str(user_id))}")
-            return features, str(user_id), []
-        if has_features or not required:
+                raise RequestError(404, f"unknown user_id {self._quote(user_id)}")
+        if has_id or has_features or not required:
             features, notes = self._parse_features(request.get("user", {}))
-            return features, None, notes
+            return features, user_id, notes, has_features
         raise RequestError(
             400, "missing field: give 'user_id' (a known user) or 'user' (features of a new user)"
         )
 
-    def _parse_common(self, request: Any, fields: frozenset[str], user_required: bool):
+    def _parse_common(
+        self, request: Any, fields: frozenset[str], user_required: bool, allow_new: bool = False
+    ):
         if not isinstance(request, dict):
             raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
         unknown = sorted((key for key in request if key not in fields), key=str)
@@ -384,7 +402,19 @@ class RequestParser:
                 400,
                 f"unknown field(s) {_quote_keys(unknown, self.limits.max_quote_chars)}; allowed: {sorted(fields)}",
             )
-        features, user_id, notes = self._parse_user(request, required=user_required)
+        features, user_id, notes, described = self._parse_user(request, user_required, allow_new)
+        flags = {"described": described}
+        for flag in ("include_rated", "explain"):
+            value = request.get(flag, False)
+            if not isinstance(value, bool):
+                raise RequestError(400, f"'{flag}' must be true or false, got {_json_type(value)}")
+            flags[flag] = value
+        if flags["explain"] and self.recommender.adapt_mode != EXPLAIN_MODE:
+            raise RequestError(
+                400,
+                f"'explain' needs a model adapted in mode {EXPLAIN_MODE!r}; "
+                f"this one adapts in {self.recommender.adapt_mode!r}",
+            )
         k = request.get("k", self.limits.default_k)
         if not _is_int(k) or k <= 0:
             raise RequestError(400, f"'k' must be a positive integer, got {self._quote(k)}")
@@ -397,7 +427,7 @@ class RequestParser:
             mask[self._item_indices(request["candidates"], "candidates", allow_empty=False)] = True
         if "exclude" in request:
             mask[self._item_indices(request["exclude"], "exclude", allow_empty=True)] = False
-        return features, user_id, k, mask, notes
+        return features, user_id, k, mask, notes, flags
 
     def parse_recommend(self, request: Any) -> tuple[RecommendRequest, list[str]]:
         """Validates one recommend request.
@@ -411,10 +441,10 @@ class RequestParser:
         Raises:
             RequestError: 400 for a malformed request, 404 for an unknown ``user_id``.
         """
-        features, user_id, k, mask, notes = self._parse_common(request, RECOMMEND_FIELDS, user_required=True)
+        features, user_id, k, mask, notes, flags = self._parse_common(request, RECOMMEND_FIELDS, True)
         if not mask.any():
             raise RequestError(400, "no item left to rank after 'candidates' and 'exclude'")
-        return RecommendRequest(features, user_id, k, mask.to(self.recommender.device)), notes
+        return RecommendRequest(features, user_id, k, mask.to(self.recommender.device), **flags), notes
 
     def parse_adapt(self, request: Any) -> tuple[AdaptRequest, list[str]]:
         """Validates one adapt request.
@@ -429,53 +459,9 @@ class RequestParser:
             RequestError: 400 for a malformed request or support set, 404 for an unknown
                 ``user_id``, 413 for a support set larger than ``max_support``.
         """
-        features, user_id, k, mask, notes = self._parse_common(request, ADAPT_FIELDS, user_required=False)
-        if "support" not in request:
-            raise RequestError(400, "missing field 'support': a list of {item_id, rating} objects")
-        support = request["support"]
-        if not isinstance(support, list):
-            raise RequestError(
-                400, f"'support' must be a list of {{item_id, rating}} objects, got {_json_type(support)}"
-            )
-        if not support:
-            raise RequestError(400, "'support' must not be empty: adaptation needs at least one rating")
-        if len(support) > self.limits.max_support:
-            raise RequestError(
-                413, f"'support' holds {len(support)} ratings; at most {self.limits.max_support} allowed"
-            )
-        low, high = self.recommender.rating_min, self.recommender.rating_max
-        items, ratings = [], []
-        for position, entry in enumerate(support):
-            where = f"support[{position}]"
-            if not isinstance(entry, dict):
-                raise RequestError(
-                    400, f"{where} must be an object {{item_id, rating}}, got {_json_type(entry)}"
-                )
-            missing = sorted(SUPPORT_FIELDS - set(entry))
-            if missing:
-                raise RequestError(400, f"{where} is missing field(s) {missing}")
-            extra = sorted((key for key in entry if key not in SUPPORT_FIELDS), key=str)
-            if extra:
-                raise RequestError(
-                    400, f"{where} has unknown field(s) {_quote_keys(extra, self.limits.max_quote_chars)}"
-                )
-            rating = entry["rating"]
-            if not _is_number(rating):
-                raise RequestError(400, f"{where}.rating must be a number, got {_json_type(rating)}")
-            try:
-                finite = math.isfinite(rating)
-            except OverflowError:
-                finite = False
-            if not finite:
-                raise RequestError(400, f"{where}.rating must be finite, got {self._quote(rating)}")
-            if not low <= rating <= high:
-                raise RequestError(
-                    400,
-                    f"{where}.rating {self._quote(rating)} is outside the trained range [{low:g}, {high:g}]",
-                )
-            items.append(entry["item_id"])
-            ratings.append(float(rating))
-        indices = self._item_indices(items, "support", allow_empty=False)
+        (features, user_id, k, mask, notes, flags), (items, indices, ratings, _) = self._parse_rated(
+            request, ADAPT_FIELDS, False, "support", SUPPORT_FIELDS, self.limits.max_support
+        )
         if len(set(indices)) != len(indices):
             seen, duplicates = set(), []
             for value, index in zip(items, indices, strict=True):
@@ -489,8 +475,9 @@ class RequestParser:
         steps = request.get("steps", self.recommender.default_steps)
         if not _is_int(steps) or steps < 0:
             raise RequestError(400, f"'steps' must be a non-negative integer, got {self._quote(steps)}")
-        # Items the user just rated are not recommended back.
-        mask[indices] = False
+        # Items the user just rated are not recommended back (unless asked for).
+        if not flags["include_rated"]:
+            mask[indices] = False
         if not mask.any():
             raise RequestError(
                 400, "no item left to rank after 'candidates', 'exclude' and the support items"
@@ -500,11 +487,111 @@ class RequestParser:
             user_id,
             k,
             mask.to(self.recommender.device),
+            **flags,
             support_items=torch.tensor(indices, dtype=torch.long),
             support_ratings=torch.tensor(ratings, dtype=torch.float32),
             steps=min(steps, self.limits.max_steps),
+            support_ids=[str(item) for item in items],
         )
         return request_out, notes
+
+    def parse_feedback(self, request: Any) -> tuple[FeedbackRequest, list[str]]:
+        """Validates one feedback request: ``user_id``, ``ratings`` [{item_id, rating, timestamp}], ``k``.
+
+        Args:
+            request: The decoded JSON request object.
+
+        Returns:
+            The validated request (nothing is stored before every rating passed) and notes.
+
+        Raises:
+            RequestError: 400 for a malformed request, an unknown item or an out-of-scale rating, 404
+                when the server keeps no per-user state, 413 for more than ``max_feedback`` ratings.
+        """
+        if not self.recommender.keeps_state:
+            raise RequestError(404, "feedback needs a state store; this server was started without one")
+        if isinstance(request, dict) and "user_id" not in request:
+            raise RequestError(400, "missing field 'user_id': feedback belongs to a user")
+        (features, user_id, k, mask, notes, flags), (items, _, ratings, stamps) = self._parse_rated(
+            request, FEEDBACK_FIELDS, True, "ratings", FEEDBACK_RATING_FIELDS, self.limits.max_feedback
+        )
+        if not mask.any():
+            raise RequestError(400, "no item left to rank after 'candidates' and 'exclude'")
+        validated = FeedbackRequest(
+            features,
+            user_id,
+            k,
+            mask.to(self.recommender.device),
+            **flags,
+            ratings=[Rating(str(i), r, t) for i, r, t in zip(items, ratings, stamps, strict=True)],
+            answer_items="k" in request,
+        )
+        return validated, notes
+
+    def _parse_rated(self, request, fields, user_required, field, allowed, limit) -> tuple[tuple, tuple]:
+        """The common fields (new users allowed) and the rating list under ``field`` of a request."""
+        common = self._parse_common(request, fields, user_required, allow_new=True)
+        if field not in request:
+            shape = "{" + ", ".join(sorted(allowed)) + "}"
+            raise RequestError(400, f"missing field '{field}': a list of {shape} objects")
+        return common, self._parse_ratings(request[field], field, allowed, limit)
+
+    def _parse_ratings(
+        self, entries: Any, field: str, allowed: frozenset[str], limit: int
+    ) -> tuple[list, list[int], list[float], list[float | None]]:
+        """Validates a list of rating objects (``item_id``, ``rating`` and, where allowed, ``timestamp``).
+
+        Returns:
+            ``(raw item ids, item indices, ratings, timestamps)``.
+        """
+        shape = "{" + ", ".join(sorted(allowed)) + "}"
+        if not isinstance(entries, list):
+            raise RequestError(400, f"'{field}' must be a list of {shape} objects, got {_json_type(entries)}")
+        if not entries:
+            raise RequestError(400, f"'{field}' must not be empty: give at least one rating")
+        if len(entries) > limit:
+            raise RequestError(413, f"'{field}' holds {len(entries)} ratings; at most {limit} allowed")
+        low, high = self.recommender.rating_min, self.recommender.rating_max
+        items, ratings, stamps = [], [], []
+        for position, entry in enumerate(entries):
+            where = f"{field}[{position}]"
+            if not isinstance(entry, dict):
+                raise RequestError(400, f"{where} must be an object {shape}, got {_json_type(entry)}")
+            missing = sorted(SUPPORT_FIELDS - set(entry))
+            if missing:
+                raise RequestError(400, f"{where} is missing field(s) {missing}")
+            extra = sorted((key for key in entry if key not in allowed), key=str)
+            if extra:
+                raise RequestError(
+                    400, f"{where} has unknown field(s) {_quote_keys(extra, self.limits.max_quote_chars)}"
+                )
+            ratings.append(self._check_rating(where, entry["rating"], low, high))
+            stamp = entry.get("timestamp")
+            if stamp is not None and not (_is_number(stamp) and self._finite(stamp)):
+                raise RequestError(
+                    400, f"{where}.timestamp must be a finite number (seconds), got {self._quote(stamp)}"
+                )
+            items.append(entry["item_id"])
+            stamps.append(None if stamp is None else float(stamp))
+        return items, self._item_indices(items, field, allow_empty=False), ratings, stamps
+
+    def _check_rating(self, where: str, rating: Any, low: float, high: float) -> float:
+        if not _is_number(rating):
+            raise RequestError(400, f"{where}.rating must be a number, got {_json_type(rating)}")
+        if not self._finite(rating):
+            raise RequestError(400, f"{where}.rating must be finite, got {self._quote(rating)}")
+        if not low <= rating <= high:
+            raise RequestError(
+                400, f"{where}.rating {self._quote(rating)} is outside the trained range [{low:g}, {high:g}]"
+            )
+        return float(rating)
+
+    @staticmethod
+    def _finite(number: Any) -> bool:
+        try:
+            return math.isfinite(number)
+        except OverflowError:  # an integer too large for a float
+            return False
 
 
 @dataclass(frozen=True)
@@ -524,6 +611,7 @@ class Route:
 ROUTES: dict[str, Route] = {
     "": Route(RequestParser.parse_recommend, Recommender.recommend),
     "adapt": Route(RequestParser.parse_adapt, Recommender.adapt),
+    "feedback": Route(RequestParser.parse_feedback, Recommender.feedback),
 }
 
 

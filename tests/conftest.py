@@ -22,3 +22,16 @@ def ml100k_dir() -> Path:
     if not (ML100K_DIR / "u.data").is_file():
         pytest.skip(f"MovieLens-100K not found at {ML100K_DIR} (set METAREC_ML100K_DIR to run this test)")
     return ML100K_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_store_outside_the_repository(tmp_path_factory):
+    """Handlers built in-process (and TorchServe started by tests) keep their per-user state store in a
+    temporary directory, not in the working directory the tests run from (the repository)."""
+    previous = os.environ.get("METAREC_STATE_URL")
+    os.environ["METAREC_STATE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('state') / 'metarec-state.sqlite'}"
+    yield
+    if previous is None:
+        os.environ.pop("METAREC_STATE_URL", None)
+    else:
+        os.environ["METAREC_STATE_URL"] = previous

@@ -146,14 +146,10 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         400,
         "'steps' must be",
     ),
-    (
-        "adapt_unknown_user",
-        "adapt",
-        b'{"user_id": "999999", "support": [{"item_id": "1", "rating": 5}]}',
-        404,
-        "unknown user_id",
-    ),
 ]
+# An adapt request with a user_id the catalogue does not know is no longer refused when the server has
+# a state store: it creates that user (tests/test_realtime_http.py); without a store it is a 404
+# (tests/test_recommender_realtime.py).
 
 # The hostile inputs of issue 13 (each once killed a worker, failed its batch or answered NaN), with
 # the default limits (1 MiB bodies, depth 8, 40-character numbers, features within mean ± 10 std).

@@ -126,18 +126,32 @@ def format_demo(result: dict[str, Any]) -> str:
         result: What :func:`run_demo_request` returned.
 
     Returns:
-        Several lines: the request, the adapted answer as JSON, and the genre shift.
+        Several lines: the request, the adapted answer as JSON, the top items by title (when the
+        catalogue has display fields) and the genre shift.
     """
     adapted = result["adapted"]
     support = result["request"]["body"]["support"]
+    readable = [
+        f"  {entry['score']:.2f}  {_title(entry)}" for entry in adapted["items"][:10] if "title" in entry
+    ]
     return "\n".join(
         [
             f"POST {result['request']['url']}  ({len(support)} support ratings: "
             f"'{result['genre']}' items rated high, other items low)",
             json.dumps(adapted),
+            *readable,
             f"support loss {adapted['support_loss_before']:.3f} -> {adapted['support_loss_after']:.3f} "
             f"after {adapted['steps']} inner steps",
             f"share of '{result['genre']}' in the top {len(adapted['items'])}: "
             f"{result['genre_share_before']:.0%} without adaptation -> {result['genre_share_after']:.0%} adapted",
         ]
     )
+
+
+def _title(entry: dict[str, Any]) -> str:
+    """An item's title with its year, e.g. ``Toy Story (1995)`` (display fields of the answer)."""
+    year = entry.get("year")
+    if isinstance(year, float) and year.is_integer():
+        year = int(year)
+    title = str(entry["title"])
+    return title if year is None or str(year) in title else f"{title} ({year})"

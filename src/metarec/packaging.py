@@ -38,6 +38,7 @@ import yaml
 import metarec
 from metarec import storage
 from metarec.metrics import METRIC_NAMES
+from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
 from metarec.serving_settings import ServingSettings
 from metarec.torchserve_config import (
@@ -404,6 +405,10 @@ def build_archive(
         users = _find_table(USERS_FILE, folders)
         if users is not None:
             shutil.copyfile(users, stage / USERS_FILE)
+        # The known (training) users' recent ratings: the server personalises them from it.
+        interactions = _find_table("interactions.parquet", folders)
+        if interactions is not None:
+            write_history(interactions.parent, stage / HISTORY_FILE, settings.state_window)
 
         if isinstance(evaluation_json, dict) or evaluation_json is None:
             evaluation = evaluation_json or {}
@@ -414,7 +419,8 @@ def build_archive(
         (stage / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_config_yaml(settings), sort_keys=False))
 
         extra = [
-            stage / name for name in ("model.json", "schema.json", ITEMS_FILE, USERS_FILE, MODEL_CARD_FILE)
+            stage / name
+            for name in ("model.json", "schema.json", ITEMS_FILE, USERS_FILE, HISTORY_FILE, MODEL_CARD_FILE)
         ]
         handler_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="metarec-entry-")))
         (handler_dir / HANDLER_ENTRY_FILE).write_text(HANDLER_ENTRY)

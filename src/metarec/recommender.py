@@ -11,6 +11,7 @@ pass (padded supports, masks) of :class:`metarec.meta.Adapter` (autograd-free in
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +22,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from metarec.explain import Explainer, explanation_documents
 from metarec.features import EncodedFeatures, FeatureEncoder
 from metarec.meta import Adapter, AdaptSettings, masked_mse
 from metarec.model import PreferenceModel, read_model_json
+from metarec.personalise import Personaliser
+from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
+from metarec.state import Rating, UserStateStore
 from metarec.tasks import build_task_batch
+
+logger = logging.getLogger(__name__)
 
 MODEL_CARD_FILE = "model_card.json"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
+EXPLAIN_TOP_RATINGS = 5  # ratings named per explained item (the rest are summed)
 
 
 @dataclass
@@ -40,12 +48,31 @@ class RecommendRequest:
         user_id: Raw id of a known user, None for a user described by features.
         k: Number of items to return.
         candidate_mask: Bool[n_items] items that may be returned (candidates minus exclusions).
+        include_rated: Keep the items the user has rated (excluded by default).
+        explain: Add an ``explanation`` to every returned item.
+        described: The request gave ``user`` features (with a new ``user_id``).
     """
 
     user_features: EncodedFeatures
     user_id: str | None
     k: int
     candidate_mask: torch.Tensor
+    include_rated: bool = False
+    explain: bool = False
+    described: bool = False
+
+
+@dataclass
+class FeedbackRequest(RecommendRequest):
+    """One validated feedback request: ratings to append to a user's state.
+
+    Attributes:
+        ratings: The validated ratings (catalogue items, in range), in request order.
+        answer_items: Whether to answer the new top-k (the request gave ``k``).
+    """
+
+    ratings: list[Rating] = None
+    answer_items: bool = False
 
 
 @dataclass
@@ -56,11 +83,13 @@ class AdaptRequest(RecommendRequest):
         support_items: Long[S] item indices of the support ratings.
         support_ratings: Float[S] the ratings.
         steps: Inner steps to take (already capped by ``max_steps``).
+        support_ids: The raw item ids of the support ratings.
     """
 
     support_items: torch.Tensor = None
     support_ratings: torch.Tensor = None
     steps: int = 0
+    support_ids: list[str] = None
 
 
 class Recommender:
@@ -78,6 +107,9 @@ class Recommender:
         fast_adapt: Adapt with :class:`metarec.meta.fast_adapt.FastAdapter` (no autograd, same math)
             when it supports the model's adapt mode; False always uses the generic ``torch.func`` loop
             (``Adapter(..., fast=False)``).
+        store: The per-user state store (feedback, stored adapted states); None: no per-user state
+            (known users get the prior, feedback is refused).
+        history: Raw user id -> known ratings (the archive's ``history.parquet``).
     """
 
     def __init__(
@@ -90,6 +122,8 @@ class Recommender:
         model_card: dict[str, Any] | None = None,
         device: str | torch.device = "cpu",
         fast_adapt: bool = True,
+        store: UserStateStore | None = None,
+        history: dict[str, list[Rating]] | None = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -114,6 +148,7 @@ class Recommender:
             )
         self.item_ids = [str(item_id) for item_id in items["item_id"]]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
+        self.item_display = display_fields(items)
         self.all_items = torch.arange(model.n_items, device=self.device)
 
         self.user_index: dict[str, int] = {}
@@ -128,6 +163,16 @@ class Recommender:
             mode=self.adapt_mode, inner_steps=self.default_steps, inner_lr=self.inner_lr
         )
         self.adapter = Adapter(self.model, settings, fast=fast_adapt)
+        self.personaliser = Personaliser(self.adapter)
+        self.store = store
+        self.history = history or {}
+        self.users = (
+            RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.model_version,
+                          self.default_steps)
+            if store is not None
+            else None
+        )  # fmt: skip
+        self._explainer: Explainer | None = None
 
     @classmethod
     def from_dir(
@@ -136,6 +181,7 @@ class Recommender:
         device: str | torch.device = "cpu",
         catalogue_dir: str | Path | None = None,
         fast_adapt: bool = True,
+        store: UserStateStore | None = None,
     ) -> Recommender:
         """Loads a model directory (or an unpacked archive).
 
@@ -146,6 +192,7 @@ class Recommender:
             catalogue_dir: Where to find ``items.parquet``/``users.parquet`` when ``model_dir`` lacks
                 them (a preprocessing output directory).
             fast_adapt: See :class:`Recommender`.
+            store: The per-user state store (:func:`metarec.state.open.open_store`); None: none.
 
         Returns:
             The Recommender.
@@ -173,7 +220,8 @@ class Recommender:
         card_path = find(MODEL_CARD_FILE, False)
         card = json.loads(card_path.read_text()) if card_path is not None else None
         adapt_settings = document.get("adapt") or {}
-        return cls(model, schema, items, users, adapt_settings, card, device, fast_adapt)
+        history = read_history(find(HISTORY_FILE, False))
+        return cls(model, schema, items, users, adapt_settings, card, device, fast_adapt, store, history)
 
     def known_user(self, user_id: str) -> EncodedFeatures | None:
         """Returns the encoded features of a user of the user table (None: unknown or no table)."""
@@ -182,14 +230,26 @@ class Recommender:
             return None
         return EncodedFeatures(*(tensor[row : row + 1] for tensor in self.user_features))
 
+    def has_state(self, user_id: str) -> bool:
+        """Whether the state store holds this user (feedback or an adapt with a new ``user_id``)."""
+        return self.users is not None and self.store.get(user_id) is not None
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether this Recommender has a state store (feedback, new users created by ``user_id``)."""
+        return self.users is not None
+
     # ------------------------------------------------------------------------------- inference
 
-    def _top_k(self, scores: torch.Tensor, request: RecommendRequest) -> list[dict[str, Any]]:
-        masked = scores.masked_fill(~request.candidate_mask, -math.inf)
-        k = min(request.k, int(request.candidate_mask.sum()))
+    def _top_k(
+        self, scores: torch.Tensor, request: RecommendRequest, mask: torch.Tensor | None = None
+    ) -> list[dict[str, Any]]:
+        mask = request.candidate_mask if mask is None else mask
+        masked = scores.masked_fill(~mask, -math.inf)
+        k = min(request.k, int(mask.sum()))
         values, indices = torch.topk(masked, k)
         return [
-            {"item_id": self.item_ids[index], "score": round(float(value), 4)}
+            {"item_id": self.item_ids[index], "score": round(float(value), 4), **self.item_display[index]}
             for value, index in zip(values.tolist(), indices.tolist(), strict=True)
         ]
 
@@ -199,30 +259,110 @@ class Recommender:
         )
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
-        """Ranks the catalogue for a batch of users without adaptation (one pass, the prior state).
+        """Ranks the catalogue for a batch of users.
+
+        Users with a state (known users with history, users who sent feedback or adapted with a
+        ``user_id``) are scored with their adapted state, their rated items excluded unless
+        ``include_rated``; the others share one forward pass of the un-adapted model.
 
         Args:
             requests: Validated recommend requests.
 
         Returns:
             One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...],
-            "model_version": ...}``, items by descending predicted rating.
+            "model_version": ...}``, items by descending predicted rating; for a named user also
+            ``personalised``, and with a state ``state_version`` and ``support_size``.
         """
-        if not requests:
-            return []
-        users = self._stack_users(requests)
-        items = self.all_items.expand(len(requests), -1)
-        scores = self.adapter.score(users, self.adapter.prior_state(len(requests)), items)
+        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        prior_rows = []
+        for position, request in enumerate(requests):
+            view = self._view(request)
+            if view is None:
+                prior_rows.append(position)
+            else:
+                answers[position] = self._personal_answer(request, view)
+        if prior_rows:
+            users = self._stack_users([requests[p] for p in prior_rows])
+            items = self.all_items.expand(len(prior_rows), -1)
+            scores = self.adapter.score(users, self.adapter.prior_state(len(prior_rows)), items)
+            for row, position in enumerate(prior_rows):
+                request = requests[position]
+                answer = {"user": _user_field(request), "items": self._top_k(scores[row], request)}
+                if request.user_id is not None:
+                    answer["personalised"] = False
+                if request.explain:
+                    self._explain(answer["items"], request.user_features, [], [])
+                answers[position] = {**answer, "model_version": self.model_version}
+        return answers
+
+    def _view(self, request: RecommendRequest) -> UserView | None:
+        if self.users is None or request.user_id is None:
+            return None
+        view = self.users.view(request.user_id, request.user_features, self._authoritative(request))
+        if view is not None:
+            logger.info("realtime user=%s route=recommend version=%d", request.user_id, view.version)
+        return view
+
+    def _authoritative(self, request: RecommendRequest) -> bool:
+        """Whether the request's features are the user's (catalogue or given), not a stand-in."""
+        return request.described or request.user_id in self.user_index
+
+    def _personal_answer(self, request: RecommendRequest, view: UserView) -> dict[str, Any]:
+        """Top-k of a user with a state: scored with it, rated items excluded unless asked for."""
+        scores = self.personaliser.score(view.features, view.adapted, self.all_items)
+        mask = request.candidate_mask.clone()
+        if not request.include_rated:
+            mask[view.support_items] = False
+        items = self._top_k(scores, request, mask) if mask.any() else []
+        if request.explain and items:
+            self._explain(items, view.features, view.support_items, view.support_ratings)
+        return {
+            "user": _user_field(request),
+            "items": items,
+            "personalised": view.adapted is not None,
+            "state_version": view.version,
+            "support_size": len(view.support_items),
+            "model_version": self.model_version,
+        }
+
+    def _explain(
+        self, items: list[dict[str, Any]], user: EncodedFeatures, support_items, support_ratings, steps=None
+    ) -> None:
+        """Adds an ``explanation`` to each returned item (see docs/explanations.md)."""
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.adapt_mode, self.inner_lr, self.schema)
+        indices = [self.item_index[entry["item_id"]] for entry in items]
+        documents = explanation_documents(
+            self._explainer, tuple(tensor[0].cpu() for tensor in user), list(support_items), list(support_ratings),
+            indices, self.default_steps if steps is None else steps, self.item_ids, EXPLAIN_TOP_RATINGS,
+        )  # fmt: skip
+        for entry, document in zip(items, documents, strict=True):
+            entry["explanation"] = document
+
+    def feedback(self, requests: Sequence[FeedbackRequest]) -> list[dict[str, Any]]:
+        """Appends each request's ratings to its user's state, re-adapts and stores it.
+
+        The user is re-adapted from the meta-learned initialisation on their history plus all their
+        feedback (the same inner loop and steps as evaluation), never from the previous state.
+
+        Args:
+            requests: Validated feedback requests.
+
+        Returns:
+            One answer per request: ``{"user", "stored": true, "state_version", "support_size",
+            "model_version"}`` and, when the request gave ``k``, the new top-k ``items``.
+        """
         answers = []
-        for row, request in enumerate(requests):
-            user = {"user_id": request.user_id} if request.user_id is not None else {"features": True}
-            answers.append(
-                {
-                    "user": user,
-                    "items": self._top_k(scores[row], request),
-                    "model_version": self.model_version,
-                }
+        for request in requests:
+            view = self.users.record(
+                request.user_id, request.ratings, request.user_features, self._authoritative(request)
             )
+            logger.info("realtime user=%s route=feedback version=%d", request.user_id, view.version)
+            answer = self._personal_answer(request, view) if request.answer_items else {
+                "user": _user_field(request), "state_version": view.version,
+                "support_size": len(view.support_items), "model_version": self.model_version,
+            }  # fmt: skip
+            answers.append({**answer, "stored": True})
         return answers
 
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
@@ -248,7 +388,28 @@ class Recommender:
             group = [requests[p] for p in positions]
             for position, answer in zip(positions, self._adapt_group(group, steps), strict=True):
                 answers[position] = answer
+        for request, answer in zip(requests, answers, strict=True):
+            if request.explain:
+                self._explain(answer["items"], request.user_features, request.support_items.tolist(),
+                              request.support_ratings.tolist(), request.steps)  # fmt: skip
+            if self._is_new_user(request.user_id):
+                # A new user's next plain recommend is personalised: keep their ratings and state.
+                ratings = [
+                    Rating(i, r)
+                    for i, r in zip(request.support_ids, request.support_ratings.tolist(), strict=True)
+                ]
+                view = self.users.record(
+                    request.user_id, ratings, request.user_features, self._authoritative(request)
+                )
+                logger.info("realtime user=%s route=adapt version=%d", request.user_id, view.version)
+                answer.update(stored=True, state_version=view.version)
         return answers
+
+    def _is_new_user(self, user_id: str | None) -> bool:
+        """A named user the server knows nothing about yet (no history, no stored state)."""
+        if self.users is None or user_id is None or user_id in self.history:
+            return False
+        return self.store.get(user_id) is None
 
     def _adapt_group(self, requests: Sequence[AdaptRequest], steps: int) -> list[dict[str, Any]]:
         users = self._stack_users(requests)
@@ -285,3 +446,43 @@ class Recommender:
         if self.model_card is not None:
             return self.model_card
         return {"n_items": self.model.n_items, "adapt": {"mode": self.adapt_mode, "inner_lr": self.inner_lr}}
+
+
+# Keys of a returned item that a display field may not take.
+RESERVED_ITEM_KEYS = frozenset({"item_id", "score", "explanation"})
+
+
+def display_fields(items: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each catalogue item's display fields (``display_<name>`` columns of items.parquet), JSON-ready.
+
+    Args:
+        items: the items table in item-index order.
+
+    Returns:
+        One ``{name: value}`` per item (missing values left out; empty without display columns).
+    """
+    columns = [c for c in items.columns if c.startswith("display_") and c[8:] not in RESERVED_ITEM_KEYS]
+    rows: list[dict[str, Any]] = [{} for _ in range(len(items))]
+    for column in columns:
+        for row, value in enumerate(items[column].tolist()):
+            value = _plain(value)
+            if value is not None:
+                rows[row][column[len("display_") :]] = value
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON values; NaN as None."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _user_field(request: RecommendRequest) -> dict[str, Any]:
+    return {"user_id": request.user_id} if request.user_id is not None else {"features": True}

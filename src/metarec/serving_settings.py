@@ -32,6 +32,9 @@ class RequestLimits(Settings):
             refusing magnitudes that saturate the model (e.g. age 1e20).
         max_quote_chars: Longest prefix of any input value quoted back in an error message.
         torch_threads: Intra-op threads per worker (several workers share few cores).
+        max_feedback: Ratings in one feedback request (more: 413).
+        state_window: Ratings kept per user in the state store and shipped per known user in the
+            archive's history (the newest); a user's support set is at most this large.
     """
 
     section = "serving limits"
@@ -47,6 +50,8 @@ class RequestLimits(Settings):
     feature_z_limit: float = 10.0
     max_quote_chars: int = 40
     torch_threads: int = 1
+    max_feedback: int = 100
+    state_window: int = 200
 
     def validate(self) -> None:
         """Every limit must be positive."""

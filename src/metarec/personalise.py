@@ -1,0 +1,127 @@
+"""One user's personalisation for serving: ratings window -> support set -> adapted state -> scores.
+
+The only place the real-time loop touches the meta-learning API (:class:`metarec.meta.Adapter`): the
+inner loop that training and evaluation use, run on one user's ratings, and scoring with its result. The adapted state
+(the per-user tensors the inner loop produces, by name) is serialised into the store's blob, tagged with
+the model version so a state computed by another model is never used.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import torch
+
+from metarec.features import EncodedFeatures
+from metarec.meta import Adapter
+from metarec.state import Rating
+
+Params = dict[str, torch.Tensor]
+
+
+class Personaliser:
+    """Adapts one model to single users and scores items with the adapted state.
+
+    Args:
+        adapter: the model's :class:`metarec.meta.Adapter` (the one adapt/score API of training,
+            evaluation and serving).
+    """
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+        self.model = adapter.model
+
+    def adapt(self, user: EncodedFeatures, items: torch.Tensor, ratings: torch.Tensor, steps: int) -> Params:
+        """Runs the meta-learned inner loop on one user's ratings.
+
+        Args:
+            user: the user's encoded features (leading dimension 1).
+            items: Long[S] rated items (S >= 1).
+            ratings: Float[S] their ratings.
+            steps: inner steps.
+
+        Returns:
+            The adapted state (tensors by name, leading dimension 1).
+        """
+        ratings = ratings.reshape(1, -1).float()
+        return self.adapter.adapt(user, items.reshape(1, -1), ratings, torch.ones_like(ratings), steps)
+
+    def score(self, user: EncodedFeatures, adapted: Params | None, items: torch.Tensor) -> torch.Tensor:
+        """Predicted ratings of items for one user.
+
+        Args:
+            user: the user's encoded features (leading dimension 1).
+            adapted: the output of :meth:`adapt`, or None for the un-adapted prior.
+            items: Long[N] items.
+
+        Returns:
+            Float[N] predicted ratings.
+        """
+        state = self.adapter.prior_state(1) if adapted is None else adapted
+        return self.adapter.score(user, state, items.reshape(1, -1))[0]
+
+
+def support_from_window(
+    window: Sequence[Rating], item_index: dict[str, int]
+) -> tuple[list[int], list[float]]:
+    """The support set of a ratings window: the latest rating of each item still in the catalogue.
+
+    Args:
+        window: ratings, oldest first.
+        item_index: raw item id -> item index of the serving catalogue.
+
+    Returns:
+        ``(item indices, ratings)`` in order of each item's latest rating.
+    """
+    latest: dict[int, float] = {}
+    for entry in window:
+        index = item_index.get(entry.item_id)
+        if index is None:
+            continue  # an item the current model no longer has
+        latest.pop(index, None)
+        latest[index] = float(entry.rating)
+    return list(latest), list(latest.values())
+
+
+def encode_state(adapted: Params, model_version: str, features: EncodedFeatures | None = None) -> bytes:
+    """Serialises an adapted state (tensors by name, leading dimension 1) for the store.
+
+    Args:
+        adapted: the output of :meth:`Personaliser.adapt`.
+        model_version: the version of the model that computed it.
+        features: the user's encoded features it was adapted with (kept so that a new user is scored
+            with them later), or None.
+
+    Returns:
+        The blob.
+    """
+    document = {
+        "model_version": model_version,
+        "params": {name: tensor.detach().cpu() for name, tensor in adapted.items()},
+        "features": None if features is None else [tensor.detach().cpu() for tensor in features],
+    }
+    buffer = io.BytesIO()
+    torch.save(document, buffer)
+    return buffer.getvalue()
+
+
+def decode_state(blob: bytes, model_version: str, device: torch.device) -> dict | None:
+    """Inverse of :func:`encode_state`; None when the blob is unreadable or from another model version.
+
+    Args:
+        blob: the stored bytes.
+        model_version: the serving model's version.
+        device: where to put the tensors.
+
+    Returns:
+        ``{"params": adapted state, "features": [cat, num, multi] or None}``, or None (the caller then
+        recomputes the state from the user's ratings).
+    """
+    try:
+        document = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable blob is recomputed, never served
+        return None
+    if not isinstance(document, dict) or document.get("model_version") != model_version:
+        return None
+    return document

@@ -1,0 +1,205 @@
+"""Per-user serving state: each user's support set, adapted state and its caching in the store.
+
+A user's support set is their history (the ratings the archive ships for known users, fixed) followed by
+the feedback they sent since (the store's ratings window), the latest rating of each item winning,
+bounded to the last ``window`` items. The adapted state is the meta-learned inner loop run on that
+support set from the meta-learned initialisation (never from a previous state, so serving computes
+exactly what evaluation measured); it is cached in the store, tagged with the version of the feedback
+it saw, and recomputed when stale. The blob also keeps the user's encoded features, so a new user who
+described themselves once is scored with the same features later.
+
+Consistency: appends are atomic in the store and a state is only stored over an older one, so after
+any interleaving of concurrent feedback the stored ratings are all of them and the newest stored state
+is the one computed from all of them (what a sequential replay gives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from metarec.features import EncodedFeatures
+from metarec.personalise import Params, Personaliser, decode_state, encode_state, support_from_window
+from metarec.state import Rating, StoredUser, UserStateStore
+
+HISTORY_FILE = "history.parquet"
+HISTORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+
+
+@dataclass
+class UserView:
+    """What serving knows about one user.
+
+    Attributes:
+        features: encoded user features (leading dimension 1).
+        adapted: the adapted state, or None when the user has no rating yet (the prior applies).
+        support_items: item indices of the support set the state was adapted on.
+        support_ratings: their ratings.
+        version: the store version of the user's feedback (0 without feedback).
+    """
+
+    features: EncodedFeatures
+    adapted: Params | None
+    support_items: list[int]
+    support_ratings: list[float]
+    version: int
+
+
+class RealtimeUsers:
+    """Per-user state of one served model over a :class:`~metarec.state.UserStateStore`.
+
+    Args:
+        personaliser: adapts and scores for the model.
+        store: the shared store.
+        item_index: raw item id -> item index.
+        history: raw user id -> the user's known ratings, oldest first (from :func:`read_history`).
+        model_version: stored states from another version are recomputed.
+        steps: inner steps of every adaptation (the model's evaluated setting).
+    """
+
+    def __init__(
+        self,
+        personaliser: Personaliser,
+        store: UserStateStore,
+        item_index: dict[str, int],
+        history: dict[str, list[Rating]],
+        model_version: str,
+        steps: int,
+    ):
+        self.personaliser = personaliser
+        self.store = store
+        self.item_index = item_index
+        self.history = history
+        self.model_version = model_version
+        self.steps = steps
+        self.device = next(personaliser.model.parameters()).device
+
+    def support(self, user_id: str, stored: StoredUser | None) -> tuple[list[int], list[float]]:
+        """The support set of a user: history, then stored feedback; latest per item; last ``window``."""
+        window = self.history.get(user_id, []) + (stored.ratings if stored is not None else [])
+        items, ratings = support_from_window(window, self.item_index)
+        bound = self.store.window
+        return items[-bound:], ratings[-bound:]
+
+    def view(self, user_id: str, features: EncodedFeatures, authoritative: bool = True) -> UserView | None:
+        """The user's current state, computed and cached when the cached one is missing or stale.
+
+        Args:
+            user_id: raw user id.
+            features: the user's features.
+            authoritative: ``features`` come from the catalogue or the request; False lets the features
+                stored with a new user's state win (a request that only names the user).
+
+        Returns:
+            The view, or None for a user with neither history nor stored state.
+        """
+        stored = self.store.get(user_id)
+        if stored is None and user_id not in self.history:
+            return None
+        return self._resolve(user_id, features, stored, authoritative)
+
+    def record(
+        self, user_id: str, ratings: Sequence[Rating], features: EncodedFeatures, authoritative: bool = True
+    ) -> UserView:
+        """Appends ratings (feedback, or an adapt request's support) and stores the re-adapted state.
+
+        Args:
+            user_id: raw user id (a new one is created).
+            ratings: validated ratings of catalogue items.
+            features: the user's features (kept in the state, for a new user).
+            authoritative: see :meth:`view`.
+
+        Returns:
+            The view after this append.
+        """
+        stored = self.store.append(user_id, list(ratings))
+        return self._resolve(user_id, features, stored, authoritative)
+
+    def _resolve(
+        self, user_id: str, features: EncodedFeatures, stored: StoredUser | None, authoritative: bool
+    ) -> UserView:
+        version = stored.version if stored is not None else 0
+        items, ratings = self.support(user_id, stored)
+        document = None
+        if stored is not None and stored.blob is not None:
+            document = decode_state(stored.blob, self.model_version, self.device)
+        if document is not None and not authoritative:
+            features = _features(document, features)
+        if document is not None and stored.fresh:
+            return UserView(features, document["params"], items, ratings, version)
+        adapted = None
+        if items:
+            adapted = self.personaliser.adapt(
+                features,
+                torch.tensor(items, device=self.device),
+                torch.tensor(ratings, device=self.device),
+                self.steps,
+            )
+        if adapted is not None:
+            blob = encode_state(adapted, self.model_version, features)
+            self.store.put_state(user_id, blob, version)
+        return UserView(features, adapted, items, ratings, version)
+
+
+def _features(document: dict, fallback: EncodedFeatures) -> EncodedFeatures:
+    stored = document.get("features")
+    return EncodedFeatures(*stored) if stored is not None else fallback
+
+
+def read_history(path: str | Path | None) -> dict[str, list[Rating]]:
+    """Loads an archive's ``history.parquet`` into per-user rating lists (oldest first).
+
+    Args:
+        path: the file, or None / a missing file for no history.
+
+    Returns:
+        raw user id -> ratings.
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    frame = pd.read_parquet(path, columns=HISTORY_COLUMNS).sort_values(
+        ["user_id", "timestamp"], kind="stable"
+    )
+    history: dict[str, list[Rating]] = {}
+    for user_id, item_id, rating, timestamp in frame.itertuples(index=False):
+        history.setdefault(str(user_id), []).append(Rating(str(item_id), float(rating), float(timestamp)))
+    return history
+
+
+def write_history(preprocessed_dir: str | Path, output: str | Path, window: int, splits=("train",)) -> int:
+    """Writes the known users' recent ratings for an archive (raw ids, last ``window`` per user).
+
+    Only users of ``splits`` (default: the training users) are included, so the validation and test
+    users' ratings stay out of the served model and an evaluation against the archive stays honest.
+
+    Args:
+        preprocessed_dir: preprocessing output (``interactions.parquet``, ``users.parquet``,
+            ``items.parquet``).
+        output: the ``history.parquet`` to write.
+        window: most ratings kept per user (the newest).
+        splits: user splits to include.
+
+    Returns:
+        The number of rows written.
+    """
+    folder = Path(preprocessed_dir)
+    interactions = pd.read_parquet(folder / "interactions.parquet")
+    users = pd.read_parquet(folder / "users.parquet", columns=["user_idx", "user_id"])
+    items = pd.read_parquet(folder / "items.parquet", columns=["item_idx", "item_id"])
+    rows = interactions[interactions["user_split"].isin(list(splits))]
+    rows = rows.sort_values(["user_idx", "timestamp"], kind="stable").groupby("user_idx").tail(window)
+    rows = rows.merge(users, on="user_idx").merge(items, on="item_idx")
+    table = pd.DataFrame(
+        {
+            "user_id": rows["user_id"].astype(str),
+            "item_id": rows["item_id"].astype(str),
+            "rating": rows["rating"].astype("float32"),
+            "timestamp": rows["timestamp"].astype("int64"),
+        }
+    )
+    table.to_parquet(output, index=False)
+    return len(table)

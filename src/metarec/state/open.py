@@ -1,0 +1,38 @@
+"""Opening a user-state store from a URL (the one place that may need the Redis client).
+
+Kept apart from the interface so that code which only takes a store (the Recommender, packaging) does
+not depend on the ``redis`` package; the serving image installs it with the ``serving`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metarec.state.store import DEFAULT_WINDOW, UserStateStore
+
+
+def open_store(url: str, window: int = DEFAULT_WINDOW) -> UserStateStore:
+    """Opens the store a URL names.
+
+    Args:
+        url: ``sqlite:///absolute/path.db`` (or ``sqlite:relative/path.db``) for the embedded store,
+            ``redis://host:port/db`` (``rediss://`` for TLS) for Redis.
+        window: Most ratings kept per user.
+
+    Returns:
+        The store.
+
+    Raises:
+        ValueError: An unknown scheme.
+    """
+    if url.startswith("sqlite:"):
+        from metarec.state.sqlite_store import SqliteStateStore
+
+        path = url[len("sqlite:") :]
+        path = path[2:] if path.startswith("//") else path
+        return SqliteStateStore(Path(path), window)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from metarec.state.redis_store import RedisStateStore
+
+        return RedisStateStore(url, window)
+    raise ValueError(f"unknown state store URL {url!r}; use sqlite:///path.db or redis://host:port/db")

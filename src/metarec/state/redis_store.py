@@ -1,0 +1,90 @@
+"""The shared user-state store on Redis: every worker and every replica sees the same users.
+
+Each write is one Lua script, which Redis runs atomically, so an append (push, trim, bump the
+version, read back) and a conditional state write can never interleave with another client's. A
+user's keys share the hash tag ``{user_id}`` so the scripts also work on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+
+from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
+
+# KEYS: ratings list, meta hash. ARGV: window, then the JSON ratings. Returns [version, blob,
+# blob_version, window...].
+_APPEND = """
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
+local meta = redis.call('HMGET', KEYS[2], 'blob', 'blob_version')
+return {version, meta[1] or false, meta[2] or false, redis.call('LRANGE', KEYS[1], 0, -1)}
+"""
+# KEYS: meta hash. ARGV: blob, version. Stores only over an older state.
+_PUT_STATE = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'blob_version') or '-1')
+if stored >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'blob_version', ARGV[2])
+if not redis.call('HGET', KEYS[1], 'version') then redis.call('HSET', KEYS[1], 'version', 0) end
+return 1
+"""
+
+
+class RedisStateStore(UserStateStore):
+    """:class:`UserStateStore` on a Redis server.
+
+    Args:
+        url: ``redis://host:port/db`` (``rediss://`` for TLS, ``unix:///path.sock``).
+        window: Most ratings kept per user.
+        prefix: Key prefix, so several models or environments can share one server.
+    """
+
+    def __init__(self, url: str, window: int = DEFAULT_WINDOW, prefix: str = "metarec"):
+        super().__init__(window)
+        import redis  # the serving extra; only needed when this store is chosen
+
+        self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self.prefix = prefix
+        self._append = self.client.register_script(_APPEND)
+        self._put_state = self.client.register_script(_PUT_STATE)
+
+    def _keys(self, user_id: str) -> tuple[str, str]:
+        tag = f"{self.prefix}:{{{user_id}}}"
+        return f"{tag}:ratings", f"{tag}:meta"
+
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
+        check_ratings(ratings)
+        encoded = [json.dumps(r.to_list()) for r in ratings]
+        version, blob, blob_version, window = self._append(
+            keys=list(self._keys(user_id)), args=[self.window, *encoded]
+        )
+        return _state(window, version, blob, blob_version)
+
+    def get(self, user_id: str) -> StoredUser | None:
+        ratings_key, meta_key = self._keys(user_id)
+        # MULTI/EXEC: the window and the version are read as one snapshot.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(meta_key, "version", "blob", "blob_version")
+        pipe.lrange(ratings_key, 0, -1)
+        (version, blob, blob_version), window = pipe.execute()
+        if version is None:
+            return None
+        return _state(window, version, blob, blob_version)
+
+    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
+        return bool(self._put_state(keys=[self._keys(user_id)[1]], args=[blob, int(version)]))
+
+    def delete(self, user_id: str) -> None:
+        self.client.delete(*self._keys(user_id))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _state(window: list, version, blob, blob_version) -> StoredUser:
+    return StoredUser(
+        ratings=[Rating.from_list(json.loads(entry)) for entry in window],
+        version=int(version),
+        blob=None if blob in (None, False) else bytes(blob),
+        blob_version=-1 if blob_version in (None, False) else int(blob_version),
+    )

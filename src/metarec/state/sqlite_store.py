@@ -1,0 +1,145 @@
+"""The embedded user-state store: one SQLite file shared by the worker processes of one node.
+
+TorchServe runs each worker as its own process, so the file is the only shared memory: WAL mode lets
+readers run beside the one writer, every write is a ``BEGIN IMMEDIATE`` transaction (it takes the
+write lock before reading, so read-modify-write cannot interleave) and a busy timeout makes a
+contending process wait instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
+
+_BUSY_TIMEOUT_MS = 30_000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 0,
+    blob BLOB,
+    blob_version INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS ratings (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    rating REAL NOT NULL,
+    timestamp REAL
+);
+CREATE INDEX IF NOT EXISTS ratings_by_user ON ratings (user_id, seq);
+"""
+
+
+class SqliteStateStore(UserStateStore):
+    """:class:`UserStateStore` on one SQLite file (created if missing).
+
+    Each thread and each process gets its own connection (SQLite connections must not cross a fork).
+
+    Args:
+        path: The database file.
+        window: Most ratings kept per user.
+    """
+
+    def __init__(self, path: str | Path, window: int = DEFAULT_WINDOW):
+        super().__init__(window)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connection().executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        owner = getattr(self._local, "pid", None)
+        if owner != os.getpid():
+            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
+            self._local.connection, self._local.pid = connection, os.getpid()
+        return self._local.connection
+
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
+        check_ratings(ratings)
+        connection = self._connection()
+        with _immediate(connection):
+            connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+            connection.executemany(
+                "INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
+                [(user_id, r.item_id, float(r.rating), r.timestamp) for r in ratings],
+            )
+            connection.execute("UPDATE users SET version = version + 1 WHERE user_id = ?", (user_id,))
+            connection.execute(
+                "DELETE FROM ratings WHERE user_id = ? AND seq NOT IN "
+                "(SELECT seq FROM ratings WHERE user_id = ? ORDER BY seq DESC LIMIT ?)",
+                (user_id, user_id, self.window),
+            )
+            return self._read(connection, user_id)
+
+    def get(self, user_id: str) -> StoredUser | None:
+        connection = self._connection()
+        # One read transaction, so the window and the version belong together.
+        with _deferred(connection):
+            return self._read(connection, user_id)
+
+    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
+        connection = self._connection()
+        with _immediate(connection):
+            connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+            cursor = connection.execute(
+                "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version < ?",
+                (sqlite3.Binary(blob), int(version), user_id, int(version)),
+            )
+            return cursor.rowcount == 1
+
+    def delete(self, user_id: str) -> None:
+        connection = self._connection()
+        with _immediate(connection):
+            connection.execute("DELETE FROM ratings WHERE user_id = ?", (user_id,))
+            connection.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            connection.close()
+        self._local = threading.local()
+
+    def _read(self, connection: sqlite3.Connection, user_id: str) -> StoredUser | None:
+        row = connection.execute(
+            "SELECT version, blob, blob_version FROM users WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        rows = connection.execute(
+            "SELECT item_id, rating, timestamp FROM ratings WHERE user_id = ? ORDER BY seq", (user_id,)
+        ).fetchall()
+        return StoredUser(
+            ratings=[Rating(item_id, rating, timestamp) for item_id, rating, timestamp in rows],
+            version=int(row[0]),
+            blob=None if row[1] is None else bytes(row[1]),
+            blob_version=int(row[2]),
+        )
+
+
+class _Transaction:
+    """``with`` block around one SQLite transaction: commit on success, roll back on error."""
+
+    def __init__(self, connection: sqlite3.Connection, begin: str):
+        self.connection, self.begin = connection, begin
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.connection.execute(self.begin)
+        return self.connection
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.connection.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _immediate(connection: sqlite3.Connection) -> _Transaction:
+    return _Transaction(connection, "BEGIN IMMEDIATE")
+
+
+def _deferred(connection: sqlite3.Connection) -> _Transaction:
+    return _Transaction(connection, "BEGIN")

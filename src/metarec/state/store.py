@@ -1,0 +1,126 @@
+"""The user-state store interface, its records, and the URL that chooses an implementation.
+
+A store keeps, per user: the window of the most recent ratings (bounded, oldest dropped first), a
+version counter bumped by every append, and one opaque state blob (the adapted parameters) tagged with
+the version of the ratings it was computed from. Appends are atomic, so concurrent feedback for one
+user loses nothing; a state is only stored when it is not older than the one already stored, so the
+last write always matches the newest ratings.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+DEFAULT_WINDOW = 200  # ratings kept per user: the adapt support set is at most this large
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One rating of one item.
+
+    Attributes:
+        item_id: Raw item id.
+        rating: The rating value.
+        timestamp: Seconds since the epoch when the user rated (None when unknown).
+    """
+
+    item_id: str
+    rating: float
+    timestamp: float | None = None
+
+    def to_list(self) -> list:
+        """Returns the compact JSON form ``[item_id, rating, timestamp]``."""
+        return [self.item_id, self.rating, self.timestamp]
+
+    @classmethod
+    def from_list(cls, values: list) -> Rating:
+        """Inverse of :meth:`to_list`."""
+        item_id, rating, timestamp = values
+        return cls(str(item_id), float(rating), None if timestamp is None else float(timestamp))
+
+
+@dataclass
+class StoredUser:
+    """What a store holds for one user.
+
+    Attributes:
+        ratings: The ratings window, oldest first.
+        version: Bumped by every append (0 for a user with no ratings yet).
+        blob: The stored adapted state, or None.
+        blob_version: The ``version`` of the ratings ``blob`` was computed from (-1 without a blob).
+    """
+
+    ratings: list[Rating] = field(default_factory=list)
+    version: int = 0
+    blob: bytes | None = None
+    blob_version: int = -1
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the stored blob was computed from the current ratings."""
+        return self.blob is not None and self.blob_version == self.version
+
+
+class UserStateStore(ABC):
+    """Per-user ratings windows and adapted states, safe for concurrent writers.
+
+    Args:
+        window: Most ratings kept per user (the oldest go first).
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"the ratings window must be a positive integer, got {window!r}")
+        self.window = window
+
+    @abstractmethod
+    def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
+        """Appends ratings to a user's window atomically and bumps the version.
+
+        Args:
+            user_id: Raw user id.
+            ratings: Ratings to append, in order.
+
+        Returns:
+            The user's state right after this append (window, new version, stored blob).
+        """
+
+    @abstractmethod
+    def get(self, user_id: str) -> StoredUser | None:
+        """Returns a user's state, or None for a user the store has never seen."""
+
+    @abstractmethod
+    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
+        """Stores an adapted state computed from the ratings at ``version``.
+
+        A state older than the stored one is dropped, so a slow writer never overwrites the state of
+        newer ratings.
+
+        Args:
+            user_id: Raw user id.
+            blob: The serialised state.
+            version: The ratings version it was computed from.
+
+        Returns:
+            True when stored, False when a state at least as new was already there.
+        """
+
+    @abstractmethod
+    def delete(self, user_id: str) -> None:
+        """Forgets a user entirely (ratings and state)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Releases connections."""
+
+
+def check_ratings(ratings: list[Rating]) -> None:
+    """Refuses records no store should hold (the serving layer validates requests before this).
+
+    Raises:
+        ValueError: A rating that is not finite, naming its position.
+    """
+    for position, entry in enumerate(ratings):
+        if not math.isfinite(entry.rating):
+            raise ValueError(f"ratings[{position}].rating must be finite, got {entry.rating}")

@@ -1,0 +1,139 @@
+"""Explanations are exact: the support rows' shares sum to the adapted score's change, the feature
+groups' Shapley shares sum to the prior, and the scores explained are the ones adaptation serves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast_adapt import USER_TERMS, random_model
+from test_model import N_ITEMS
+
+from metarec.explain import Explainer, embedding_blocks, explanation_documents
+from metarec.features import EncodedFeatures, FeatureDims
+from metarec.meta import Adapter, AdaptSettings
+
+LR = 0.3
+EXACT = 1e-9  # float64 sums
+SERVED = 2e-5  # float64 explanation vs the float32 served scores
+
+
+def one_user(model, n_support=6, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    user = (
+        torch.tensor([1, 4]),
+        torch.randn(1, generator=generator),
+        (torch.rand(4, generator=generator) < 0.5).float(),
+    )
+    items = torch.randperm(N_ITEMS, generator=generator)[:n_support]
+    ratings = torch.randint(1, 6, (n_support,), generator=generator).float()
+    return user, items, ratings
+
+
+def served_scores(model, user, items, ratings, targets, steps):
+    """What serving computes: the generic inner loop of the one adapt/score API (float32)."""
+    adapter = Adapter(model, AdaptSettings.from_dict(mode="head", inner_lr=LR))
+    users = EncodedFeatures(*(tensor[None] for tensor in user))
+    state = adapter.adapt(users, items[None], ratings[None], torch.ones(1, len(items)), steps)
+    return adapter.score(users, state, targets[None])[0]
+
+
+@pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_prior", "bias_factors_sgd", "none"])
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_support_shares_sum_to_the_served_change(terms, steps):
+    model = random_model(**USER_TERMS[terms])
+    user, items, ratings = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, targets, steps)
+    served = served_scores(model, user, items, ratings, targets, steps)
+    assert torch.allclose(explanation.scores.float(), served, atol=SERVED)
+    prior = model(*user, targets)
+    assert torch.allclose(explanation.prior.float(), prior, atol=SERVED)
+    change = explanation.scores - explanation.prior
+    assert torch.allclose(explanation.contributions.sum(1), change, atol=EXACT, rtol=0)
+    assert explanation.contributions.shape == (N_ITEMS, len(items))
+    if steps == 0:
+        assert explanation.contributions.abs().max() == 0
+    else:
+        assert change.abs().max() > 1e-3  # the adaptation moved something, so the check above bites
+        # Shares keep the sign of the logit shares (the secant slope is positive).
+        same = (explanation.contributions * explanation.logit_contributions) >= 0
+        assert bool(same.all())
+
+
+def test_one_rating_owns_the_whole_change():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, ratings = one_user(model, n_support=1)
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, torch.arange(N_ITEMS), 5)
+    assert torch.allclose(explanation.contributions[:, 0], explanation.scores - explanation.prior, atol=EXACT)
+
+
+def test_a_high_rating_pulls_its_own_score_up():
+    """A rating above the prediction raises that item's score, and its own row is why."""
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, _ = one_user(model, n_support=4)
+    ratings = torch.tensor([5.0, 1.0, 1.0, 1.0])
+    explanation = Explainer(model, "head", LR).adapt(user, items, ratings, items, 5)
+    assert explanation.contributions[0, 0] > 0
+    assert explanation.contributions[0, 1:].max() < explanation.contributions[0, 0]
+
+
+def test_prior_shares_sum_to_the_prior_score():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, _, _ = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    schema = {
+        "user_features": [{"name": "gender", "kind": "categorical"}, {"name": "zip", "kind": "hashed"},
+                          {"name": "age", "kind": "numeric"}, {"name": "hobbies", "kind": "multi_hot"}],
+        "item_features": [{"name": "decade", "kind": "categorical"}, {"name": "genres", "kind": "multi_hot"},
+                          {"name": "year", "kind": "numeric"}, {"name": "length", "kind": "numeric"}],
+    }  # fmt: skip
+    explanation = Explainer(model, "head", LR, schema).prior(user, targets)
+    assert explanation.groups == [
+        "gender",
+        "zip",
+        "hobbies",
+        "age",
+        "decade",
+        "genres",
+        "year+length",
+        "item_id",
+    ]
+    assert torch.allclose(explanation.prior.float(), model(*user, targets), atol=SERVED)
+    total = explanation.baseline + explanation.shares.sum(1)
+    assert torch.allclose(total, explanation.prior, atol=EXACT, rtol=0)
+    # Cold items (no learned id) get no share from the id: their id is the baseline's.
+    cold = model.encoder.item_warm_idx == 0
+    assert bool(cold.any()) and explanation.shares[cold, -1].abs().max() < EXACT
+    assert explanation.shares[~cold, -1].abs().max() > 1e-4
+
+
+def test_only_head_mode_is_exact():
+    with pytest.raises(ValueError, match="adapt mode 'head'"):
+        Explainer(random_model(), "decision", LR)
+
+
+def test_block_names_follow_the_embedder_order():
+    dims = FeatureDims([3, 5], 2, 4)
+    assert embedding_blocks(None, dims, "user") == ["user_cat0", "user_cat1", "user_multi", "user_numeric"]
+
+
+def test_documents_add_up_and_name_the_top_ratings():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    user, items, ratings = one_user(model, n_support=8)
+    explainer = Explainer(model, "head", LR)
+    ids = [f"item{n}" for n in range(N_ITEMS)]
+    documents = explanation_documents(
+        explainer, user, items.tolist(), ratings.tolist(), [0, 5], 5, ids, top=3
+    )
+    for document in documents:
+        assert len(document["ratings"]) == 3
+        named = sum(entry["contribution"] for entry in document["ratings"])
+        assert abs(document["from_ratings"] - named - document["other_ratings"]) < EXACT
+        assert abs(document["score"] - document["prior"] - document["from_ratings"]) < EXACT
+        features = document["prior_features"]
+        assert abs(features["baseline"] + sum(features["shares"].values()) - document["prior"]) < EXACT
+        magnitudes = [abs(entry["contribution"]) for entry in document["ratings"]]
+        assert magnitudes == sorted(magnitudes, reverse=True)
+        assert {entry["item_id"] for entry in document["ratings"]} <= {ids[i] for i in items.tolist()}
+    prior_only = explanation_documents(explainer, user, [], [], [0], 5, ids)
+    assert prior_only[0]["ratings"] == [] and prior_only[0]["score"] == prior_only[0]["prior"]

@@ -1,0 +1,51 @@
+"""One user's personalisation: the fast and generic loops agree, windows become support sets, states
+round-trip through the store's blob and are refused across model versions."""
+
+from __future__ import annotations
+
+import torch
+from test_fast_adapt import USER_TERMS, random_model
+from test_model import N_ITEMS
+
+from metarec.features import EncodedFeatures
+from metarec.meta import Adapter, AdaptSettings
+from metarec.personalise import Personaliser, decode_state, encode_state, support_from_window
+from metarec.state import Rating
+
+
+def _user():
+    return EncodedFeatures(
+        torch.tensor([[1, 2]]), torch.tensor([[0.3]]), torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    )
+
+
+def test_fast_and_generic_paths_agree_and_adaptation_moves_scores():
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    settings = AdaptSettings.from_dict(mode="head", inner_lr=0.3)
+    fast = Personaliser(Adapter(model, settings, fast=True))
+    generic = Personaliser(Adapter(model, settings, fast=False))
+    assert fast.adapter.fast is not None and generic.adapter.fast is None
+    items, ratings = torch.tensor([3, 7, 11]), torch.tensor([5.0, 1.0, 4.0])
+    everything = torch.arange(N_ITEMS)
+    scores = [p.score(_user(), p.adapt(_user(), items, ratings, 5), everything) for p in (fast, generic)]
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+    prior = fast.score(_user(), None, everything)
+    assert (scores[0] - prior).abs().max() > 1e-3
+
+
+def test_window_keeps_the_latest_rating_per_known_item():
+    window = [Rating("a", 1.0), Rating("b", 2.0), Rating("gone", 5.0), Rating("a", 4.0)]
+    items, ratings = support_from_window(window, {"a": 0, "b": 1})
+    assert items == [1, 0] and ratings == [2.0, 4.0]
+
+
+def test_state_round_trips_and_is_refused_by_another_model_version():
+    state = {"user_bias": torch.tensor([0.5]), "decoder.4.weight": torch.randn(1, 1, 8)}
+    blob = encode_state(state, "v1", _user())
+    document = decode_state(blob, "v1", torch.device("cpu"))
+    back = document["params"]
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    assert decode_state(encode_state(state, "v1"), "v1", torch.device("cpu"))["features"] is None
+    assert decode_state(blob, "v2", torch.device("cpu")) is None
+    assert decode_state(b"not a torch file", "v1", torch.device("cpu")) is None

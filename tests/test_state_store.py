@@ -1,0 +1,160 @@
+"""Contract tests of the user-state stores: the same tests run on SQLite and on a real Redis server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import redis_server
+
+from metarec.state import Rating
+from metarec.state.open import open_store
+
+redis_url = redis_server.redis_url
+
+WINDOW = 500
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path) -> str:
+    """A URL naming an empty store of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.sqlite'}"
+    url = request.getfixturevalue("redis_url")
+    store = open_store(url)
+    store.client.flushdb()
+    store.close()
+    return url
+
+
+@pytest.fixture
+def store(store_url):
+    opened = open_store(store_url, window=WINDOW)
+    yield opened
+    opened.close()
+
+
+def ratings(*pairs) -> list[Rating]:
+    return [Rating(str(item), float(value), 1000.0 + n) for n, (item, value) in enumerate(pairs)]
+
+
+def test_unknown_user_has_no_state(store):
+    assert store.get("nobody") is None
+
+
+def test_append_returns_window_and_bumps_version(store):
+    first = store.append("u1", ratings((1, 4), (2, 3)))
+    assert first.version == 1
+    assert [(r.item_id, r.rating) for r in first.ratings] == [("1", 4.0), ("2", 3.0)]
+    assert first.ratings[0].timestamp == 1000.0
+    second = store.append("u1", [Rating("3", 5.0)])
+    assert second.version == 2
+    assert [r.item_id for r in second.ratings] == ["1", "2", "3"]
+    assert second.ratings[-1].timestamp is None
+    assert store.get("u1").ratings == second.ratings
+
+
+def test_window_keeps_the_newest_ratings(store_url):
+    small = open_store(store_url, window=3)
+    try:
+        for item in range(5):
+            state = small.append("u1", [Rating(str(item), 3.0)])
+        assert [r.item_id for r in state.ratings] == ["2", "3", "4"]
+        assert state.version == 5
+    finally:
+        small.close()
+
+
+def test_users_are_independent(store):
+    store.append("a", ratings((1, 1)))
+    store.append("b", ratings((2, 2), (3, 3)))
+    assert [r.item_id for r in store.get("a").ratings] == ["1"]
+    assert store.get("b").version == 1
+
+
+def test_state_is_stored_only_over_an_older_one(store):
+    state = store.append("u1", ratings((1, 4)))
+    assert not state.fresh
+    assert store.put_state("u1", b"state-v1", state.version)
+    assert store.get("u1").fresh and store.get("u1").blob == b"state-v1"
+    # A slow writer that computed from older ratings, or the same version again, does not overwrite.
+    assert not store.put_state("u1", b"stale", state.version - 1)
+    assert not store.put_state("u1", b"again", state.version)
+    assert store.get("u1").blob == b"state-v1"
+    newer = store.append("u1", ratings((2, 5)))
+    assert not newer.fresh and newer.blob == b"state-v1"
+    assert store.put_state("u1", b"\x00binary\xff", newer.version)
+    got = store.get("u1")
+    assert got.fresh and got.blob == b"\x00binary\xff" and got.blob_version == 2
+
+
+def test_state_without_ratings(store):
+    """adapt with a new user_id may store a state before any feedback."""
+    assert store.put_state("u9", b"blob", 0)
+    got = store.get("u9")
+    assert got.ratings == [] and got.version == 0 and got.fresh
+
+
+def test_non_finite_rating_stores_nothing(store):
+    with pytest.raises(ValueError, match=r"ratings\[1\].rating must be finite"):
+        store.append("u1", [Rating("1", 3.0), Rating("2", float("nan"))])
+    assert store.get("u1") is None
+
+
+def test_delete_forgets_the_user(store):
+    store.append("u1", ratings((1, 4)))
+    store.put_state("u1", b"x", 1)
+    store.delete("u1")
+    assert store.get("u1") is None
+
+
+def test_a_second_connection_reads_what_the_first_wrote(store_url, store):
+    store.append("u1", ratings((1, 4)))
+    other = open_store(store_url, window=WINDOW)
+    try:
+        assert [r.item_id for r in other.get("u1").ratings] == ["1"]
+    finally:
+        other.close()
+
+
+_CLIENT = textwrap.dedent(
+    """
+    import sys
+    from metarec.state import Rating
+    from metarec.state.open import open_store
+    url, client, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = open_store(url, window=int(sys.argv[4]))
+    for n in range(count):
+        store.append("shared", [Rating(f"{client}-{n}", 1.0 + (n % 5), float(n))])
+    store.close()
+    """
+)
+
+
+def test_concurrent_appends_lose_nothing(store_url, store):
+    """8 client processes x 50 single-rating appends to one user: all 400 stored, 400 versions."""
+    clients, count = 8, 50
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _CLIENT, store_url, str(c), str(count), str(WINDOW)])
+        for c in range(clients)
+    ]
+    for process in processes:
+        assert process.wait(timeout=120) == 0
+    state = store.get("shared")
+    assert state.version == clients * count
+    assert sorted(r.item_id for r in state.ratings) == sorted(
+        f"{c}-{n}" for c in range(clients) for n in range(count)
+    )
+    # Each client's own ratings keep their order.
+    for c in range(clients):
+        mine = [r.item_id for r in state.ratings if r.item_id.startswith(f"{c}-")]
+        assert mine == [f"{c}-{n}" for n in range(count)]
+
+
+def test_open_store_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown state store URL"):
+        open_store("postgres://x")
+    with pytest.raises(ValueError, match="positive integer"):
+        open_store(f"sqlite:///{tmp_path / 's.db'}", window=0)
