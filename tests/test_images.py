@@ -322,13 +322,20 @@ def _module_file(module: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
 
 
+# Peer reference models (scikit-surprise, LightFM) are quality-bench references, not part of any image:
+# asking the evaluate component for them without the bench extra is a ValueError naming the extra
+# (test_peers), so the check does not follow that import.
+BENCH_ONLY = frozenset({"metarec.peers"})
+
+
 def code_needs(entry: Path) -> tuple[set[str], set[str]]:
     """Third-party top-level modules of everything ``entry`` imports from metarec, transitively, and the
     string constants of ``entry`` and the modules it imports directly (where the executables a step runs
     are named: the step function the component calls).
 
     Every import counts, lazy ones inside functions included: the image must hold what any code path of
-    the component may import.
+    the component may import. The one exception is :data:`BENCH_ONLY`: modules whose packages are a
+    bench extra by design and which refuse, naming the extra, when it is absent.
     """
     import ast
     import sys
@@ -351,6 +358,8 @@ def code_needs(entry: Path) -> tuple[set[str], set[str]]:
             for name in names:
                 top = name.split(".")[0]
                 if top == "metarec":
+                    if any(name == m or name.startswith(f"{m}.") for m in BENCH_ONLY):
+                        continue
                     found = _module_file(name)
                     if found is not None:
                         todo.append((found, depth + 1))

@@ -50,9 +50,6 @@ _GRIDS = {
     "global_model": {"epochs": 30, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "patience": 3},
     # Adapter inner loop on the global model: plain SGD steps and learning rates (grids), adapt mode.
     "finetune": {"mode": "all", "steps": [10, 5], "lr": [0.01, 0.003, 0.03]},
-    # Peer references (metarec.peers): names, or name -> grid overrides; each retrains per scenario (slow).
-    "peers": [],
-    "per_user": False,  # keep per-user metric parts in the document (paired bootstrap, metarec.stats)
 }
 
 
@@ -79,7 +76,7 @@ class EvaluateSettings(Settings):
     global_model: dict = _grid("global_model")
     finetune: dict = _grid("finetune")
     # Peer references (metarec.peers): names, or name -> grid overrides; each retrains per scenario (slow).
-    peers: tuple[str | dict, ...] = ()
+    peers: Any = ()  # a list of names, or a mapping name -> grid overrides (checked by metarec.peers)
     per_user: bool = False  # keep per-user metric parts in the document (paired bootstrap, metarec.stats)
 
     @classmethod
@@ -356,7 +353,7 @@ def run_evaluation(
             logger.warning("no validation users: baselines use their untuned defaults")
             val_batch = None
     fitted = fit_baselines(pre, config, val_batch, architecture, seed)
-    peers = fit_peers(pre, list(config.peers), val_batch, seed)
+    peers = fit_peers(pre, config.peers, val_batch, seed)
     logger.info("baselines fitted in %.1fs", time.monotonic() - started)
 
     predictors = {name: predictor.predict for name, predictor in meta_models.items()}
