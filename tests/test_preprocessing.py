@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def test_outputs_follow_the_contract(tiny):
     assert schema["format_version"] == 1 and schema["dataset"] == "synthetic"
     assert schema["rating_min"] == 1.0 and schema["rating_max"] == 5.0
     assert [f["name"] for f in schema["user_features"]] == ["age", "gender", "occupation", "zip"]
-    assert [f["name"] for f in schema["item_features"]] == ["genres", "year"]
+    assert [f["name"] for f in schema["item_features"]] == ["genres", "year", "text"]
     assert schema["tasks"] == {"query_size": 10, "cold_query_size": 10, "min_ratings": 13, "max_ratings": 100,
                                "users_over_max": "train", "n_extra_train_users": 0,
                                "kshots": [1, 3, 5, 10, 20]}  # fmt: skip
@@ -187,6 +188,7 @@ def test_csv_dataset_without_user_features(tmp_path):
     movies = pd.DataFrame({"movieId": range(1, 31), "title": [f"M{i} ({1980 + i})" for i in range(1, 31)],
                            "genres": ["Comedy|Drama", "Action"] * 15})  # fmt: skip
     movies.to_csv(tmp_path / "movies.csv", index=False)
+    (tmp_path / "tags.csv").write_text("userId,movieId,tag,timestamp\n")  # a release may have no tags yet
     summary = run_preprocessing(str(tmp_path), "movielens-csv", {"max_ratings": 30}, str(tmp_path / "out"))
     schema, users, items, interactions = read(tmp_path / "out")
     assert schema["user_features"] == [] and list(users.columns) == ["user_idx", "user_id", "user_split"]
@@ -244,3 +246,48 @@ def test_scale_benchmark_smoke(repo_root, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= {"ratings", "seconds", "peak_rss_mb", "ratings_per_s"}
     assert 15_000 < result["ratings"] < 25_000 and result["interactions_written"] > 10_000
+
+
+def test_text_features_see_only_what_training_sees(tmp_path):
+    from csv_release import write_csv_release
+
+    from metarec.text_features import vector_column
+
+    source = write_csv_release(tmp_path / "raw")
+    summary = run_preprocessing(str(source), "movielens-csv", None, str(tmp_path / "out"))
+    schema, users, items, rows = read(tmp_path / "out")
+    text = next(f for f in schema["item_features"] if f["kind"] == "text")
+    assert text["sources"] == {"columns": ["title"], "tags": True} and text["dim"] == 32
+    assert text["encoder"] == "ngrams" and text["fitted_on_items"] == schema["n_warm_items"]
+    vectors = np.stack(items[vector_column("text")].to_numpy())
+    assert vectors.shape == (len(items), 32) and np.isfinite(vectors).all()
+
+    # Which pair tags u<user>m<item> reached each item's text.
+    seen = {(u, m) for t in items["text"] for u, m in re.findall(r"u(\d+)m(\d+)", t)}
+    pair_tags = pd.read_csv(source / "tags.csv").query("tag.str.startswith('u')")
+    user_split = users.set_index("user_id")["user_split"].astype(str)
+    item_of = items.set_index("item_idx")["item_id"]
+    user_of = users.set_index("user_idx")["user_id"]
+    query = {
+        (user_of[u], item_of[i])
+        for u, i in rows.loc[rows["role"] == "query", ["user_idx", "item_idx"]].to_numpy()
+    }
+    cold = set(items.loc[items["is_cold"], "item_id"])
+    expected = {
+        (str(u), str(m))
+        for u, m in pair_tags[["userId", "movieId"]].to_numpy()
+        if user_split.get(str(u), "dropped") not in ("val", "test")
+        and str(m) not in cold
+        and (str(u), str(m)) not in query
+    }
+    assert seen == expected and len(expected) > 100
+    assert summary["counts"]["tags_used"] > len(expected)  # the genre tags count too
+    assert (items.loc[items["is_cold"], "text"] == items.loc[items["is_cold"], "display_title"]).all()
+
+    assert schema["display"] == [
+        {"name": "title", "column": "display_title", "source": "title"},
+        {"name": "genres", "column": "display_genres", "source": "genres"},
+        {"name": "year", "column": "display_year", "source": "year"},
+    ]
+    assert list(items.loc[0, "display_genres"]) == [items.loc[0, "genres"]]
+    assert items["display_year"].tolist() == items["year"].astype(int).tolist()
