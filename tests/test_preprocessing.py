@@ -37,7 +37,7 @@ def test_outputs_follow_the_contract(tiny):
     assert schema["format_version"] == 1 and schema["dataset"] == "synthetic"
     assert schema["rating_min"] == 1.0 and schema["rating_max"] == 5.0
     assert [f["name"] for f in schema["user_features"]] == ["age", "gender", "occupation", "zip"]
-    assert [f["name"] for f in schema["item_features"]] == ["genres", "year", "text"]
+    assert [f["name"] for f in schema["item_features"]] == ["genres", "year"]
     assert schema["tasks"] == {"query_size": 10, "cold_query_size": 10, "min_ratings": 13, "max_ratings": 100,
                                "users_over_max": "train", "n_extra_train_users": 0,
                                "kshots": [1, 3, 5, 10, 20]}  # fmt: skip
@@ -52,6 +52,8 @@ def test_outputs_follow_the_contract(tiny):
     assert schema["n_users"] == len(users) == rows["user_idx"].nunique()
     assert schema["n_items"] == len(items) and schema["n_warm_items"] == int((~items["is_cold"]).sum())
     assert "|" in "".join(items["genres"])  # multi-hot stored as a joined string
+    assert [d["name"] for d in schema["display"]] == ["title", "genres", "year"]
+    assert items["display_title"].str.fullmatch(r"The \w+ \w+ \d+ \(\d{4}\)").all()  # readable titles
 
 
 def test_roles_and_kshot_ranks_per_user(tiny):
