@@ -287,15 +287,23 @@ def test_movielens_100k_display_fields(ml100k_dir):
     assert items.loc[1, "display_year"] == 1995
 
 
-def test_bad_tags_table_names_file_column_and_row(tmp_path):
-    write_csv_dataset(tmp_path, tags="userId,movieId,tag\n1,1,fun\nx,2,dull\n")
-    with pytest.raises(ValueError, match=r"tags.csv: column 'userId', data row 2 .*non-numeric id 'x'"):
-        load_raw(tmp_path, "movielens-csv")
-    write_csv_dataset(tmp_path, tags="userId,movieId,label\n1,1,fun\n")
-    with pytest.raises(ValueError, match=r"tags.csv: column 'tag', header: missing column"):
-        load_raw(tmp_path, "movielens-csv")
-    (tmp_path / "tags.csv").unlink()
-    with pytest.raises(ValueError, match=r"tags.csv: file not found"):
+BAD_TAGS = {
+    "non-numeric user": (
+        "userId,movieId,tag\n1,1,fun\nx,2,dull\n",
+        r"column 'userId', data row 2 .*non-numeric id 'x'",
+    ),
+    "missing column": ("userId,movieId,label\n1,1,fun\n", r"column 'tag', header: missing column"),
+    "missing file": (None, r"file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TAGS))
+def test_bad_tags_table_names_file_column_and_row(tmp_path, case):
+    tags, message = BAD_TAGS[case]
+    write_csv_dataset(tmp_path, tags=tags or "")
+    if tags is None:
+        (tmp_path / "tags.csv").unlink()
+    with pytest.raises(ValueError, match=f"tags.csv: {message}"):
         load_raw(tmp_path, "movielens-csv")
 
 
