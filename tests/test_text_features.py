@@ -82,6 +82,18 @@ def tiny_sentence_model(tmp_path_factory) -> Path:
     from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer
 
     vocab = ["star", "wars", "trek", "toy", "story", "batman", "returns", "robin", "jedi", "pulp", "fiction"]
+    vocab += [
+        "the",
+        "mission",
+        "party",
+        "letters",
+        "haunting",
+        "wedding",
+        "planet",
+        "funny",
+        "scary",
+        "space",
+    ]
     generator = torch.Generator().manual_seed(0)
     words = WordEmbeddings(
         tokenizer=WhitespaceTokenizer(vocab=vocab, do_lower_case=True),
@@ -96,10 +108,11 @@ def tiny_sentence_model(tmp_path_factory) -> Path:
 
 def test_sentence_encoder_from_a_local_folder(tiny_sentence_model):
     spec = FeatureSpec(name="text", kind="text", dim=3, encoder="sentence", model=str(tiny_sentence_model))
-    titles = ["Batman", "Batman Returns", "Toy Story", "Star Wars", "", "Batman Robin"]
-    fit = np.array([True, True, True, True, True, False])
+    titles = ["Batman", "Batman Returns", "Toy Story", "Star Wars", "", "Batman Robin", "zzz qqq"]
+    fit = np.array([True, True, True, True, True, False, True])
     vectors, description = text_vectors(spec, titles, fit)
-    assert vectors.shape == (6, 3) and np.isnan(vectors[4]).all()
+    # No text, or no word the model knows: missing (NaN), and left out of the PCA fit.
+    assert vectors.shape == (7, 3) and np.isnan(vectors[[4, 6]]).all() and np.isfinite(vectors[:4]).all()
     assert description | {"model": None} == {
         "encoder": "sentence", "model": None, "embedding_dim": 16, "reduction": "pca", "fitted_on_items": 4
     }  # fmt: skip
@@ -132,3 +145,25 @@ def test_sentence_encoder_missing_or_broken_model_is_a_clear_error(tmp_path):
     spec = FeatureSpec(name="text", kind="text", dim=2, encoder="sentence", model=str(tmp_path / "broken"))
     with pytest.raises(ValueError, match="could not be loaded"):
         text_vectors(spec, ["a", "b"], np.array([True, True]))
+
+
+def test_preprocessing_with_the_sentence_encoder(tiny_sentence_model, tmp_path):
+    import json
+
+    import yaml
+    from csv_release import write_csv_release
+
+    from metarec.data.config import CONFIGS_DIR
+    from metarec.preprocessing import run_preprocessing
+
+    config = yaml.safe_load((CONFIGS_DIR / "movielens-csv.yaml").read_text())
+    text = next(f for f in config["items"]["features"] if f["kind"] == "text")
+    text.update(encoder="sentence", model=str(tiny_sentence_model), dim=4)
+    (tmp_path / "dataset.yaml").write_text(yaml.safe_dump(config))
+    source = write_csv_release(tmp_path / "raw", n_users=60, n_movies=40)
+    run_preprocessing(str(source), str(tmp_path / "dataset.yaml"), None, str(tmp_path / "out"))
+    schema = json.loads((tmp_path / "out" / "schema.json").read_text())
+    entry = next(f for f in schema["item_features"] if f["kind"] == "text")
+    assert entry["encoder"] == "sentence" and entry["model"] == str(tiny_sentence_model) and entry["dim"] == 4
+    vectors = np.stack(pd.read_parquet(tmp_path / "out" / "items.parquet")["text_vector"].to_numpy())
+    assert vectors.shape == (40, 4) and np.isfinite(vectors).all() and vectors.std(axis=0).min() > 0

@@ -206,16 +206,23 @@ def sentence_vectors(
         embeddings = model.encode(
             list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True
         )
-    embeddings = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    # A text with no token the model knows pools to zeros (or NaN): such an item has no usable text.
+    unusable = ~np.isfinite(embeddings).all(axis=1)
+    unusable |= np.abs(np.nan_to_num(embeddings)).sum(axis=1) == 0
+    fit_rows = fit_rows & ~unusable
+    embeddings = torch.from_numpy(np.where(unusable[:, None], 0.0, embeddings).astype(np.float32))
     fit = embeddings[torch.from_numpy(np.flatnonzero(fit_rows))]
     mean = fit.mean(dim=0, keepdim=True) if len(fit) else torch.zeros(1, embeddings.shape[1])
     components = _top_components(fit - mean, dim, seed)
     vectors = _pad((embeddings - mean) @ components, dim)
+    vectors[unusable] = np.nan
     description = {
         "encoder": "sentence",
         "model": model_uri,
         "embedding_dim": int(embeddings.shape[1]),
         "reduction": "pca",
+        "fitted_on_items": int(fit_rows.sum()),
     }
     return vectors, description
 
@@ -241,5 +248,5 @@ def text_vectors(
     else:
         vectors, description = ngram_vectors(texts, fit_rows & has_text, spec.dim, seed)
     vectors[~has_text] = np.nan
-    description["fitted_on_items"] = int((fit_rows & has_text).sum())
+    description.setdefault("fitted_on_items", int((fit_rows & has_text).sum()))
     return vectors, description
