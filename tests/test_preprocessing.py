@@ -207,6 +207,10 @@ def test_preprocess_real_movielens(ml100k_dir, tmp_path):
     per_user = rows.groupby("user_idx").size()
     evaluated = users.loc[users["user_split"] != "train", "user_idx"]
     assert (per_user.loc[evaluated] <= 100).all() and per_user.max() > 100  # heavy users train only
+    text = next(f for f in schema["item_features"] if f["kind"] == "text")
+    assert text["fitted_on_items"] == schema["n_warm_items"] and text["sources"]["columns"] == ["title"]
+    assert np.isfinite(np.stack(items["text_vector"].to_numpy())).all()
+    assert items.loc[0, "display_title"] == "Toy Story (1995)" and items.loc[0, "display_year"] == 1995
 
 
 def test_config_is_validated():
