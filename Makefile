@@ -6,13 +6,13 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 # METAREC_REGISTRY is also what `metarec compile` writes into the pipelines: one variable for both.
 REGISTRY  ?= $(or $(METAREC_REGISTRY),ghcr.io/metarec)
-# The components image runs GPU training too: CUDA wheels of the pinned torch (they also run on CPU).
-COMPONENTS_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+# CUDA builds (tag suffix -cuda, metarec.images) carry CUDA wheels of the pinned torch; CPU builds the CPU wheels.
+CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 VERSION   := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/metarec/__init__.py)
 DEMO_DIR  ?= runs/demo
 STAMP     := $(VENV)/.metarec-installed
 
-.PHONY: setup demo test lint format compile images push bench clean
+.PHONY: setup demo test test-fast fidelity lint format compile images push bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[pipelines,serving,dev]"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[pipelines,serving,dev,bench]"
 	touch $@
 
 demo: setup
@@ -38,19 +38,32 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint fidelity
 	$(BIN)/python -m pytest -q
+
+# The quick inner loop: everything but the tests marked slow (CI runs `make test`, i.e. all of them).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Each image's install spec (images/*.extras) replayed in a clean venv, then every component's compiled
+# container command run in it on tiny data (see images/fidelity.py). Last line: one JSON summary.
+fidelity: setup
+	$(BIN)/python images/fidelity.py --workdir build/fidelity
 
 compile: setup
 	METAREC_REGISTRY=$(REGISTRY) $(BIN)/metarec compile --output build/pipelines
 
 images:
-	docker build -f docker/components.Dockerfile --build-arg TORCH_INDEX_URL=$(COMPONENTS_TORCH_INDEX) -t $(REGISTRY)/metarec-components:$(VERSION) .
-	docker build -f docker/serving.Dockerfile -t $(REGISTRY)/metarec-serving:$(VERSION) .
+	for image in components serving; do \
+	  docker build -f images/$$image.Dockerfile -t $(REGISTRY)/metarec-$$image:$(VERSION) . && \
+	  docker build -f images/$$image.Dockerfile --build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX) \
+	    -t $(REGISTRY)/metarec-$$image:$(VERSION)-cuda . || exit 1; \
+	done
 
 push: images
-	docker push $(REGISTRY)/metarec-components:$(VERSION)
-	docker push $(REGISTRY)/metarec-serving:$(VERSION)
+	for tag in $(VERSION) $(VERSION)-cuda; do \
+	  docker push $(REGISTRY)/metarec-components:$$tag && docker push $(REGISTRY)/metarec-serving:$$tag || exit 1; \
+	done
 
 bench: setup
 	$(BIN)/python bench/meta_train_speed.py

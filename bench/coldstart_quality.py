@@ -8,12 +8,22 @@ JSON object::
 
     {"dataset": ..., "seeds": [...], "scenarios": {"user_cold": {"<method>": {"mae": .., "rmse": ..,
      "ndcg@1": .., "ndcg@3": .., "ndcg@5": ..}, ...}, "warm": ..., "item_cold": ..., "user_item_cold": ...},
+     "per_seed": {"<seed>": {"<scenario>": {"<method>": {"mae": .., "ndcg@3": ..}}}},
+     "ci95": {"user_cold": {"mae": [lo, hi], "ndcg@3": [lo, hi]}, ...},
+     "ci95_vs": {"user_cold": {"mae": {"meta": .., "other": .., "diff": .., "includes_zero": ..}}, ...},
+     "peer_cost": {"<peer>": {"retrains": .., "retrain_s": ..}},   # summed over seeds, validation grid incl.
      "best_meta": "<method>", "best_baseline": "<method>", "elapsed_s": ..}
+
+Peer references (``surprise_svdpp``, ``surprise_knn``, ``lightfm``; ``metarec.peers``, the ``bench``
+extra) are evaluated beside the baselines unless ``--peers`` is given without names. ``ci95`` is a
+paired bootstrap over test users (``metarec.stats``) of best meta-learner minus best other method
+(baselines and peers), chosen per scenario and metric on the mean over seeds.
 
 Usage:
     python bench/coldstart_quality.py --data ../shared/data/ml-100k --seeds 0 1 2
     python bench/coldstart_quality.py --data synthetic:tiny --seeds 0 --quick      # smoke run
     python bench/coldstart_quality.py --users-over-max drop     # heavy users dropped, not trained on
+    python bench/coldstart_quality.py --peers                   # no peer references
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 META_METHODS = ("maml", "fomaml", "reptile")
 BASELINE_METHODS = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune")
 REPORTED_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
+PEER_METHODS = ("surprise_svdpp", "surprise_knn", "lightfm")
+PER_SEED_METRICS = ("mae", "ndcg@3")
 # --quick: a smoke run of the whole protocol, NOT a quality measurement.
 QUICK_TRAINING = {"meta_steps": 30, "val_every": 0, "checkpoint_every": 0}
 QUICK_EVALUATION = {
@@ -66,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(BASELINE_METHODS + META_METHODS),
         choices=list(BASELINE_METHODS + META_METHODS),
         help="methods to evaluate (baselines and meta-learners)",
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(PEER_METHODS),
+        choices=list(PEER_METHODS),
+        help="peer references to evaluate (default all; the flag alone: none)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: short training and small tuning grids"
@@ -121,20 +140,84 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
         result = run_meta_training(str(pre_dir), method, training_config, str(workdir / method))
         model_dirs[method] = str(workdir / method)
         print(f"seed {seed} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    evaluation_config = {"seed": seed, "baselines": [m for m in args.methods if m in BASELINE_METHODS]}
+    evaluation_config = {"seed": seed, "baselines": [m for m in args.methods if m in BASELINE_METHODS],
+                         "peers": list(args.peers), "per_user": True}  # fmt: skip
     if args.quick:
+        from metarec.peers import DEFAULT_GRIDS
+
         evaluation_config.update(QUICK_EVALUATION)
+        # The first (default) grid point of each peer: no validation retrains.
+        evaluation_config["peers"] = {p: {k: v[:1] for k, v in DEFAULT_GRIDS[p].items()} for p in args.peers}
     document = run_evaluation(str(pre_dir), model_dirs, evaluation_config, str(workdir / "evaluation"))
     print(f"seed {seed} done in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return document
 
 
-def summarise(aggregated: dict, elapsed_s: float) -> dict:
+def confidence_intervals(aggregated: dict, documents: list[dict]) -> dict:
+    """Paired bootstrap of best meta-learner minus best other method, per scenario and metric.
+
+    Args:
+        aggregated: Output of :func:`metarec.evaluation.aggregate_seeds` (ranks the methods).
+        documents: The per-seed evaluation documents, with their ``per_user`` sections.
+
+    Returns:
+        scenario -> metric -> ``{"meta", "other", "diff", "ci95": [lo, hi], "includes_zero"}``; scenarios
+        without a meta-learner, another method or per-user parts are left out.
+    """
+    from metarec.selection import best_methods
+    from metarec.stats import CI_METRICS, paired_bootstrap
+
+    comparisons: dict[str, dict] = {}
+    for scenario in aggregated["scenarios"]:
+        per_seed = [doc["per_user"][scenario] for doc in documents if scenario in doc.get("per_user", {})]
+        if len(per_seed) != len(documents):
+            continue
+        for metric in CI_METRICS:
+            meta, other = best_methods(aggregated, metric, scenario)
+            if meta is None or other is None:
+                continue
+            result = paired_bootstrap(per_seed, meta, other, metric)
+            comparisons.setdefault(scenario, {})[metric] = {"meta": meta, "other": other, **result}
+    return comparisons
+
+
+def per_seed_results(documents: list[dict]) -> dict:
+    """seed -> scenario -> method -> the headline metrics of that seed alone."""
+    return {
+        str(doc["seeds"][0]): {
+            scenario: {
+                method: {m: round(scores[m], 4) for m in PER_SEED_METRICS if scores.get(m) is not None}
+                for method, scores in per_method.items()
+            }
+            for scenario, per_method in doc["scenarios"].items()
+        }
+        for doc in documents
+    }
+
+
+def peer_costs(documents: list[dict]) -> dict:
+    """peer -> full retrains and their seconds, summed over seeds (grid search on validation users included)."""
+    costs: dict[str, dict] = {}
+    for doc in documents:
+        for name, info in doc.get("methods", {}).items():
+            if info.get("kind") == "reference":
+                entry = costs.setdefault(name, {"retrains": 0, "retrain_s": 0.0})
+                entry["retrains"] += int(info["retrains"]) + int(info["tuning_retrains"])
+                entry["retrain_s"] = round(
+                    entry["retrain_s"] + float(info["retrain_s"]) + float(info["tuning_s"]), 1
+                )
+    return costs
+
+
+def summarise(aggregated: dict, elapsed_s: float, documents: list[dict] | None = None,
+              comparisons: dict | None = None) -> dict:  # fmt: skip
     """Reduces an aggregated evaluation document to the benchmark's one-line result.
 
     Args:
         aggregated: Output of :func:`metarec.evaluation.aggregate_seeds`.
         elapsed_s: Wall time of the whole benchmark.
+        documents: The per-seed documents (for ``per_seed``), if any.
+        comparisons: Output of :func:`confidence_intervals`, if any.
 
     Returns:
         The result object printed as the last line.
@@ -146,10 +229,21 @@ def summarise(aggregated: dict, elapsed_s: float) -> dict:
         }
         for scenario, per_method in aggregated["scenarios"].items()
     }
+    comparisons = comparisons or {}
     return {
         "dataset": aggregated["dataset"],
         "seeds": aggregated["seeds"],
         "scenarios": scenarios,
+        "per_seed": per_seed_results(documents or []),
+        "ci95": {s: {m: c["ci95"] for m, c in per_metric.items()} for s, per_metric in comparisons.items()},
+        "ci95_vs": {
+            s: {
+                m: {k: c[k] for k in ("meta", "other", "diff", "includes_zero")}
+                for m, c in per_metric.items()
+            }
+            for s, per_metric in comparisons.items()
+        },
+        "peer_cost": peer_costs(documents or []),
         "best_meta": aggregated.get("best_meta"),
         "best_baseline": aggregated.get("best_baseline"),
         "elapsed_s": round(elapsed_s, 1),
@@ -173,17 +267,25 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from metarec.evaluation import aggregate_seeds
     from metarec.report import write_report
+    from metarec.stats import render_ci_markdown
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="metarec-coldstart-") as temporary:
         root = Path(args.workdir or temporary)
         documents = [run_seed(args, seed, root / f"seed{seed}") for seed in args.seeds]
         aggregated = aggregate_seeds(documents)
+        comparisons = confidence_intervals(aggregated, documents)
         if args.workdir:
             (root / "evaluation.json").write_text(json.dumps(aggregated, indent=2, default=str))
-            write_report(aggregated, root)
-            print(f"aggregated report: {root / 'report.md'}", file=sys.stderr)
-    result = summarise(aggregated, time.monotonic() - started)
+            report = Path(write_report(aggregated, root)["report"])
+            report.write_text(report.read_text() + "\n" + render_ci_markdown(comparisons))
+            print(f"aggregated report: {report}", file=sys.stderr)
+    result = summarise(aggregated, time.monotonic() - started, documents, comparisons)
+    for scenario, per_metric in comparisons.items():
+        for metric, c in per_metric.items():
+            lo, hi = c["ci95"]
+            print(f"{scenario} {metric}: {c['meta']} - {c['other']} = {c['diff']:+.4f}, 95% CI [{lo:+.4f}, "
+                  f"{hi:+.4f}]{': INCLUDES ZERO' if c['includes_zero'] else ''}", file=sys.stderr)  # fmt: skip
     user_cold = aggregated["scenarios"].get("user_cold", {})
     meta, baseline = result["best_meta"], result["best_baseline"]
     if meta and baseline:

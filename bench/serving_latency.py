@@ -19,23 +19,24 @@ Usage: ``python bench/serving_latency.py [--requests N] [--archive-dir DIR] [--d
 from __future__ import annotations
 
 import argparse
-import http.client
-import io
 import json
 import random
 import statistics
 import sys
 import tempfile
-import threading
-import time
-import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
 
-import pandas as pd
+from serving_support import (
+    add_archive_arguments,
+    archive_for,
+    build_noop_archive,
+    catalogue_ids,
+    load,
+    worker_identity,
+)
 
-from metarec.packaging import build_noop_archive, resolve_serving_config
-from metarec.serve_local import ServerInfo, model_workers, start_server, stop_server
+from metarec.serve_local import ServerInfo, start_server, stop_server
+from metarec.serving_settings import ServingSettings
 
 SUPPORT_SIZE = 20
 INNER_STEPS = 5
@@ -66,70 +67,13 @@ def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> 
     return {"adapt": adapt, "recommend": recommend}
 
 
-def run_load(
-    info: ServerInfo, path: str, bodies: list[bytes], concurrency: int
-) -> dict[str, float | int | list]:
-    """Sends every body once, ``concurrency`` threads in parallel, each on a keep-alive connection.
-
-    Args:
-        info: The server.
-        path: URL path (``/predictions/<model>[/1.0/adapt]``).
-        bodies: Request bodies (split evenly across threads).
-        concurrency: Number of client threads.
-
-    Returns:
-        ``{"latencies_ms": [...], "errors": n, "wall_s": s}``.
-    """
-    url = urlparse(info.inference_url)
-    headers = {"Content-Type": "application/json", **info.inference_headers()}
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def worker(share: list[bytes]) -> None:
-        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        try:
-            for body in share:
-                start = time.perf_counter()
-                try:
-                    connection.request("POST", path, body=body, headers=headers)
-                    response = connection.getresponse()
-                    response.read()
-                    ok = response.status == 200
-                except (OSError, http.client.HTTPException):
-                    ok = False
-                    connection.close()
-                    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-                elapsed = (time.perf_counter() - start) * 1000.0
-                with lock:
-                    latencies.append(elapsed)
-                    errors[0] += 0 if ok else 1
-        finally:
-            connection.close()
-
-    shares = [bodies[i::concurrency] for i in range(concurrency)]
-    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {"latencies_ms": latencies, "errors": errors[0], "wall_s": time.perf_counter() - start}
-
-
-def worker_identity(info: ServerInfo) -> set[tuple]:
-    """The (id, pid, start time) of every worker: a restart changes it."""
-    return {(w["id"], w["pid"], w["startTime"]) for w in model_workers(info)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per kind and concurrency level")
-    parser.add_argument("--archive-dir", help="build_archive output to serve (default: build one)")
     parser.add_argument(
         "--data", default="synthetic", help="data for the built archive (synthetic: 400 items)"
     )
-    parser.add_argument("--meta-steps", type=int, default=100, help="meta-training steps of the built model")
+    add_archive_arguments(parser)
     parser.add_argument("--workdir", help="where to build and run (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.requests < max(CONCURRENCIES):
@@ -138,26 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metarec-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        if args.archive_dir:
-            archive_dir = Path(args.archive_dir)
-        else:
-            from metarec.serving.demo import build_demo_archive
-
-            print(f"building the archive from {args.data} ...", file=sys.stderr)
-            archive_dir = build_demo_archive(workdir / "build", args.data, args.meta_steps)["archive_dir"]
-        settings = resolve_serving_config(None)
+        archive_dir = archive_for(args, workdir, args.data)
+        settings = ServingSettings()
         noop_dir = workdir / "noop-archive"
         build_noop_archive(noop_dir, "noop")
-
-        with zipfile.ZipFile(archive_dir / "model-store" / "metarec.mar") as mar:
-            item_ids = pd.read_parquet(io.BytesIO(mar.read("items.parquet")))["item_id"].astype(str).tolist()
-            user_ids = pd.read_parquet(io.BytesIO(mar.read("users.parquet")))["user_id"].astype(str).tolist()
+        item_ids, user_ids = catalogue_ids(archive_dir)
 
         servers: dict[str, ServerInfo] = {}
         try:
-            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, 0, timeout_s=300)
+            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, timeout_s=300)
             servers["noop"] = start_server(
-                noop_dir, workdir / "ts-noop", 0, 0, 0, model_name="noop", timeout_s=300
+                noop_dir, workdir / "ts-noop", 0, 0, model_name="noop", timeout_s=300
             )
             identities = {name: worker_identity(info) for name, info in servers.items()}
             paths = {
@@ -172,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 level: dict[str, float] = {}
                 for kind, (info, path) in paths.items():
                     kind_bodies = bodies["recommend" if kind == "recommend" else "adapt"]
-                    run_load(info, path, kind_bodies[: max(16, concurrency * 2)], concurrency)  # warm-up
-                    outcome = run_load(info, path, kind_bodies, concurrency)
+                    warm_up = kind_bodies[: max(16, concurrency * 2)]
+                    load(info, [(path, body) for body in warm_up], concurrency)
+                    outcome = load(info, [(path, b) for b in kind_bodies], concurrency)
                     latencies = outcome["latencies_ms"]
                     total_requests += len(latencies)
                     total_errors += outcome["errors"]
@@ -199,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "support_size": SUPPORT_SIZE,
         "inner_steps": INNER_STEPS,
         "serving": {
-            key: settings[key] for key in ("min_workers", "max_workers", "batch_size", "max_batch_delay_ms")
+            key: getattr(settings, key)
+            for key in ("min_workers", "max_workers", "batch_size", "max_batch_delay_ms")
         },
     }
     print(json.dumps(summary))

@@ -153,3 +153,64 @@ def write_json(path: str | Path, document: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_dir(root: str, output_uri: str, run_id: str, task_id: str, method: str) -> str:
+    """Returns the checkpoint location of one training task: unique to run, task and method.
+
+    A KFP retry keeps the run and task ids, so it resumes; a later run or a parallel method never
+    reads another's checkpoints.
+
+    Args:
+        root: Durable prefix (``gs://`` or a folder); empty: the folder above ``output_uri``.
+        output_uri: URI of the task's model artifact.
+        run_id: KFP run id.
+        task_id: KFP task id.
+        method: Meta-learning method.
+
+    Returns:
+        ``<root>/checkpoints/<run_id>/<task_id>/<method>``.
+
+    Raises:
+        ValueError: An id is empty or an unfilled KFP placeholder.
+    """
+    from metarec import storage
+
+    for label, value in (("run_id", run_id), ("task_id", task_id)):
+        if not value or "{{" in value:
+            raise ValueError(f"{label} is {value!r}: checkpoints need the run and task ids KFP fills in")
+    base = root or str(output_uri).rstrip("/").rsplit("/", 1)[0]
+    return storage.join(base, "checkpoints", run_id, task_id, method)
+
+
+def publish_version(local_dir: str, output_uri: str, version: str, gate: dict, publish_if_worse: bool) -> str:
+    """Publishes an archive under ``<output_uri>/<version>`` once it passed the quality gate.
+
+    Args:
+        local_dir: The archive folder (KServe's TorchServe layout).
+        output_uri: Prefix holding one folder per published version.
+        version: This version's folder name (the KFP run id by default).
+        gate: select_model's selection document (``beats_baseline``, ``message``).
+        publish_if_worse: Publish even when the model loses to the best baseline.
+
+    Returns:
+        The URI of the published version.
+
+    Raises:
+        ValueError: The model failed the gate, the version is empty, or it was already published
+            (versions are immutable: a live model is never overwritten in place).
+    """
+    from metarec import storage
+
+    if not gate.get("beats_baseline") and not publish_if_worse:
+        raise ValueError(
+            f"quality gate: not publishing, the selected model does not beat the best baseline "
+            f"({gate.get('message', 'no message')}); set publish_if_worse to override"
+        )
+    if not version or "{{" in version or "/" in version:
+        raise ValueError(f"version must be a plain non-empty name, got {version!r}")
+    target = storage.join(output_uri, version)
+    if storage.exists(target):
+        raise ValueError(f"{target} already exists: versions are never overwritten, choose a new version")
+    storage.promote(local_dir, target)
+    return target

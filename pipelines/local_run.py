@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import io
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -101,31 +99,6 @@ class _ProgressStream(io.TextIOBase):
 
     def flush(self) -> None:
         self._log.flush()
-
-
-def _import_kfp_local_dispatcher() -> None:
-    """Imports kfp.local's task dispatcher without letting a ``docker/`` folder shadow the docker SDK.
-
-    kfp.local imports the optional ``docker`` package and only tolerates an ImportError; run from a
-    checkout holding a ``docker/`` folder (Dockerfiles), the working directory on ``sys.path`` turns it
-    into a namespace package and the import fails with AttributeError.
-    """
-    if "kfp.local.task_dispatcher" in sys.modules:
-        return
-    shadowing = sys.modules.get("docker")
-    if shadowing is not None and getattr(shadowing, "__file__", None) is None:
-        del sys.modules["docker"]  # a namespace package, not the SDK
-    saved_path = sys.path[:]
-
-    def shadows(entry: str) -> bool:
-        folder = os.path.join(os.path.abspath(entry or "."), "docker")
-        return os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "__init__.py"))
-
-    sys.path[:] = [entry for entry in sys.path if not shadows(entry)]
-    try:
-        importlib.import_module("kfp.local.task_dispatcher")
-    finally:
-        sys.path[:] = saved_path
 
 
 @contextlib.contextmanager
@@ -228,8 +201,6 @@ def run_local(
         LocalRunError: A task failed (the message names it and quotes its error).
     """
     from kfp import local
-
-    _import_kfp_local_dispatcher()
     from metarec.pipelines.metarec_pipeline import PipelineOptions, build_pipeline
 
     output_dir = Path(output_dir).resolve()

@@ -1,4 +1,5 @@
-"""The MetaRec pipeline: preprocess -> meta-train candidates in parallel -> evaluate -> select -> package.
+"""The MetaRec pipeline: fingerprint -> preprocess -> meta-train candidates in parallel -> evaluate ->
+select -> package (versioned, gated publishing) -> deploy.
 
 ``build_pipeline(PipelineOptions(...))`` returns a pipeline function for one of three variants:
 
@@ -8,13 +9,17 @@
 * ``pytorchjob``: each meta-train task submits a Training Operator PyTorchJob (multi-node torchrun)
   and waits for it.
 
-Every task gets CPU and memory requests; training tasks get retries, a time-out and no caching.
+Every task gets CPU and memory requests; training tasks get retries, a time-out and no caching. Only the
+GPU training steps run the CUDA image (``-cuda`` tag); everything else runs the CPU image. The minimum
+KFP backend is 2.2 (``dsl.Collected`` fan-in; see each component's metadata.yaml).
 """
 
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
+from metarec.components.deploy_model.component import deploy_model
 from metarec.components.evaluate.component import evaluate
+from metarec.components.fingerprint_data.component import fingerprint_data
 from metarec.components.meta_train.component import meta_train
 from metarec.components.meta_train_pytorchjob.component import meta_train_pytorchjob
 from metarec.components.package_model.component import package_model
@@ -22,10 +27,14 @@ from metarec.components.preprocess.component import preprocess
 from metarec.components.select_model.component import select_model
 from metarec.pipelines.compile import VARIANTS
 
+from metarec.images import components_image
+
 PIPELINE_NAME = "metarec"
 DEFAULT_METHODS = ["maml", "fomaml", "reptile"]
 GPU_RESOURCE = "nvidia.com/gpu"  # open-source KFP uses the accelerator type as the resource name
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+# The PyTorchJob launcher gives up (and deletes its job) this long before the pod's own deadline kills it.
+LAUNCHER_GRACE_S = 300
 
 
 @dataclass
@@ -52,6 +61,7 @@ def _default_resources() -> dict[str, Resources]:
         "evaluate": Resources("2", "8Gi"),
         "select_model": Resources("500m", "1Gi"),
         "package_model": Resources("1", "2Gi"),
+        "deploy_model": Resources("250m", "512Mi"),
     }
 
 
@@ -112,6 +122,18 @@ def _configure_training(task: dsl.PipelineTask, options: PipelineOptions) -> Non
     kubernetes.set_timeout(task, options.train_timeout_s)
 
 
+def _cpu_threads(cpu: str) -> int:
+    """torch threads for a CPU request (``"4"`` -> 4, ``"500m"`` -> 1)."""
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, int(cores))
+
+
+def _pass_pod_identity(task: dsl.PipelineTask) -> None:
+    """POD_NAME/POD_UID from the downward API: the PyTorchJob's ownerReference points at this pod."""
+    kubernetes.use_field_path_as_env(task, env_name="POD_NAME", field_path="metadata.name")
+    kubernetes.use_field_path_as_env(task, env_name="POD_UID", field_path="metadata.uid")
+
+
 def _request_gpus(task: dsl.PipelineTask, options: PipelineOptions) -> None:
     """GPU resource, GKE accelerator node selector and the GPU-taint toleration."""
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(options.gpus_per_task)
@@ -149,6 +171,12 @@ def build_pipeline(options: PipelineOptions | None = None):
         model_name: str = "metarec",
         serving_config: str = "{}",
         output_uri: str = "",
+        publish_if_worse: bool = False,
+        checkpoint_root: str = "",
+        deploy_target: str = "",
+        deploy_name: str = "metarec",
+        deploy_namespace: str = "",
+        canary_percent: int = 10,
     ):
         """MetaRec training pipeline.
 
@@ -164,9 +192,27 @@ def build_pipeline(options: PipelineOptions | None = None):
             fail_if_worse: Fail when the selected model does not beat the best baseline.
             model_name: TorchServe model name of the archive.
             serving_config: JSON ``package.serving`` settings.
-            output_uri: Optional gs:// prefix the archive is published to (KServe storageUri).
+            output_uri: Optional gs:// prefix the archive is published to, one folder per run
+                (``<output_uri>/<run id>``); the quality gate applies whenever it is set.
+            publish_if_worse: Publish even when the model does not beat the best baseline.
+            checkpoint_root: Durable prefix for training checkpoints (gs:// on a cluster); empty: next
+                to the model artifact. A retried task resumes from its own checkpoints only.
+            deploy_target: ``inferenceservice``, ``deployment`` or empty (no deploy step effect).
+            deploy_name: Name of the InferenceService / Deployment to roll the new version out to.
+            deploy_namespace: Its namespace; empty: the run's namespace.
+            canary_percent: InferenceService canary traffic share while the new revision is checked.
         """
-        prep = preprocess(data_uri=data_uri, dataset_config=dataset_config, config=preprocess_config)
+        # Never cached: it reads the data every time, so preprocess (cached on its inputs) reruns
+        # whenever the bytes under data_uri changed, not only when the string did.
+        fingerprint = fingerprint_data(data_uri=data_uri)
+        fingerprint.set_caching_options(False)
+        _set_resources(fingerprint, Resources("250m", "512Mi"))
+        prep = preprocess(
+            data_uri=data_uri,
+            dataset_config=dataset_config,
+            config=preprocess_config,
+            data_fingerprint=fingerprint.output,
+        )
         prep.set_display_name("preprocess")
         _set_resources(prep, res["preprocess"])
 
@@ -174,6 +220,7 @@ def build_pipeline(options: PipelineOptions | None = None):
             if options.variant == "pytorchjob":
                 train = meta_train_pytorchjob(
                     dataset=prep.outputs["dataset"],
+                    image=components_image(cuda=options.gpus_per_task > 0),
                     method=method,
                     config=train_config,
                     num_nodes=options.pytorchjob_nodes,
@@ -181,14 +228,24 @@ def build_pipeline(options: PipelineOptions | None = None):
                     gpu_type=options.gpu_type,
                     cpu_request=res["meta_train"].cpu,
                     memory_request=res["meta_train"].memory,
-                    timeout_s=options.train_timeout_s,
+                    timeout_s=options.train_timeout_s - LAUNCHER_GRACE_S,
                 )
                 # This pod only submits and watches the job: it needs little of its own.
                 _set_resources(train, Resources("250m", "512Mi"))
+                _pass_pod_identity(train)
             else:
-                train = meta_train(dataset=prep.outputs["dataset"], method=method, config=train_config)
+                gpu = options.variant == "gpu"
+                train = meta_train(
+                    dataset=prep.outputs["dataset"],
+                    method=method,
+                    config=train_config,
+                    device="cuda" if gpu else "cpu",
+                    cpu_threads=_cpu_threads(res["meta_train"].cpu),
+                    checkpoint_root=checkpoint_root,
+                )
                 _set_resources(train, res["meta_train"])
-                if options.variant == "gpu":
+                if gpu:
+                    train.set_container_image(components_image(cuda=True))
                     _request_gpus(train, options)
             train.set_display_name("meta-train")
             _configure_training(train, options)
@@ -209,11 +266,24 @@ def build_pipeline(options: PipelineOptions | None = None):
         packaged = package_model(
             model=chosen.outputs["selected_model"],
             evaluation=scores.outputs["evaluation"],
+            selection=chosen.outputs["selection"],
             dataset=prep.outputs["dataset"],
             model_name=model_name,
             serving_config=serving_config,
             output_uri=output_uri,
+            publish_if_worse=publish_if_worse,
         )
         _set_resources(packaged, res["package_model"])
+
+        with dsl.If(deploy_target != "", name="deploy"):
+            rollout = deploy_model(
+                archive=packaged.outputs["archive"],
+                target=deploy_target,
+                name=deploy_name,
+                namespace=deploy_namespace,
+                canary_percent=canary_percent,
+            )
+            rollout.set_caching_options(False)  # a rollout acts on the cluster's current state
+            _set_resources(rollout, res["deploy_model"])
 
     return metarec_pipeline

@@ -6,7 +6,7 @@ preprocess: {...}                  # metarec.preprocessing.DEFAULTS keys
 train: {...}                       # metarec.training.DEFAULTS keys
 evaluate: {...}                    # metarec.evaluation.DEFAULTS keys
 select: {metric: ndcg@3, scenario: user_cold, fail_if_worse: false}
-package: {model_name: metarec, output_uri: "", serving: {...}}   # serving: metarec.packaging settings
+package: {model_name: metarec, output_uri: "", publish_if_worse: false, serving: {...}}   # serving: metarec.packaging settings
 ```
 
 ``metarec run-local`` starts from the shipped ``run-local.yaml`` and merges a user file on top, section
@@ -29,7 +29,7 @@ STEP_SECTIONS = {
     "evaluate": "metarec.evaluation",
 }
 SELECT_DEFAULTS = {"metric": "ndcg@3", "scenario": "user_cold", "fail_if_worse": False}
-PACKAGE_DEFAULTS = {"model_name": "metarec", "output_uri": "", "serving": {}}
+PACKAGE_DEFAULTS = {"model_name": "metarec", "output_uri": "", "publish_if_worse": False, "serving": {}}
 TOP_LEVEL_KEYS = ("methods", *STEP_SECTIONS, "select", "package")
 KNOWN_METHODS = ("maml", "fomaml", "reptile")
 
@@ -157,8 +157,9 @@ def validate_run_config(config: dict, source: str = "run config") -> dict:
                 f"{source}: unknown key(s) {typos} in section '{section}'; known: {sorted(defaults)}"
             )
         result[section] = {**copy.deepcopy(defaults), **values}
-    if not isinstance(result["select"]["fail_if_worse"], bool):
-        raise ValueError(f"{source}: select.fail_if_worse must be true or false")
+    for section, key in (("select", "fail_if_worse"), ("package", "publish_if_worse")):
+        if not isinstance(result[section][key], bool):
+            raise ValueError(f"{source}: {section}.{key} must be true or false")
     if not isinstance(result["package"]["serving"], dict):
         raise ValueError(f"{source}: package.serving must be a mapping")
     return result
@@ -216,4 +217,5 @@ def pipeline_arguments(
         "model_name": run_config["package"]["model_name"],
         "serving_config": json.dumps(run_config["package"]["serving"], sort_keys=True),
         "output_uri": run_config["package"]["output_uri"] or "",
+        "publish_if_worse": run_config["package"]["publish_if_worse"],
     }

@@ -1,58 +1,49 @@
-"""TorchServe handler for MetaRec: a thin adapter from TorchServe's batch API to the Recommender.
+"""TorchServe handler for MetaRec: a thin adapter from TorchServe's batch API to the request protocol.
 
 Routing: ``POST /predictions/<model>`` recommends; ``POST /predictions/<model>/<version>/adapt``
 (TorchServe passes the suffix in the ``url_path`` request header) adapts to a new user's support
-ratings first; any other suffix answers 404. ``GET /models/<model>?customized=true`` on the
-management API returns the model card (:meth:`MetaRecHandler.describe_handle`).
+ratings first; any other suffix answers 404 (:data:`metarec.serving.requests.ROUTES`). ``GET
+/models/<model>?customized=true`` on the management API returns the model card.
 
 Batching and errors: TorchServe hands the handler several HTTP requests at once (``batchSize``).
-Each is validated on its own; the valid ones run together (one forward pass for the recommend
-requests, one vectorised adaptation for the adapt requests) and an invalid one gets its own 4xx
-status through ``context.set_response_status`` with a JSON body ``{"code", "type", "message"}``,
-so one bad request never fails its batch neighbours. ``PredictionException`` is not used for
-per-request problems because TorchServe applies its status to every request of the batch; an
-unexpected internal error still surfaces as TorchServe's 503 without killing the worker.
+Each is validated on its own (:func:`metarec.serving.requests.answer_batch`); the valid ones run
+together and an invalid one gets its own 4xx status through ``context.set_response_status``, so one
+bad request never fails its batch neighbours. ``PredictionException`` is not used for per-request
+problems because TorchServe applies its status to every request of the batch. Bodies arrive raw
+(``decode_input_request=false``) so that only the limited parser ever decodes them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from http import HTTPStatus
 from typing import Any
 
 import torch
+from metarec.serving.requests import RequestParser, answer_batch, dumps_strict
 from ts.torch_handler.base_handler import BaseHandler
 
-from metarec.recommender import DEFAULT_SETTINGS, Recommender
+from metarec.recommender import Recommender
+from metarec.serving_settings import RequestLimits
 
 logger = logging.getLogger(__name__)
 
-# Keys of model-config.yaml's ``handler:`` section besides the Recommender's serving limits.
-HANDLER_ONLY_KEYS = frozenset({"torch_threads"})
 JSON_CONTENT_TYPE = "application/json"
 
 
-def handler_settings(model_yaml_config: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
-    """Reads the ``handler:`` section of model-config.yaml.
+def handler_limits(model_yaml_config: dict[str, Any] | None) -> RequestLimits:
+    """Reads the ``handler:`` section of model-config.yaml (written by packaging).
 
     Args:
         model_yaml_config: The parsed model-config.yaml (``context.model_yaml_config``), or None.
 
     Returns:
-        ``(recommender_settings, torch_threads)``.
+        The request limits.
 
     Raises:
-        ValueError: An unknown key in the section (a typo would otherwise be ignored silently).
+        ValueError: An unknown key or a bad value in the section.
     """
-    section = dict((model_yaml_config or {}).get("handler") or {})
-    unknown = sorted(set(section) - set(DEFAULT_SETTINGS) - HANDLER_ONLY_KEYS)
-    if unknown:
-        raise ValueError(f"model-config.yaml handler: unknown key(s) {unknown}")
-    # One thread per worker by default: several workers share few cores, and the per-request
-    # tensors are small enough that intra-op threading only adds contention.
-    torch_threads = int(section.pop("torch_threads", 1))
-    return section, torch_threads
+    return RequestLimits.from_dict((model_yaml_config or {}).get("handler") or {})
 
 
 class MetaRecHandler(BaseHandler):
@@ -61,6 +52,7 @@ class MetaRecHandler(BaseHandler):
     def __init__(self):
         super().__init__()
         self.recommender: Recommender | None = None
+        self.parser: RequestParser | None = None
 
     def initialize(self, context):
         """Loads the Recommender from the unpacked archive.
@@ -71,12 +63,15 @@ class MetaRecHandler(BaseHandler):
         """
         self.context = context
         self.manifest = context.manifest
-        settings, torch_threads = handler_settings(getattr(context, "model_yaml_config", None))
-        torch.set_num_threads(torch_threads)
-        self.device = torch.device("cpu")
+        limits = handler_limits(getattr(context, "model_yaml_config", None))
+        torch.set_num_threads(limits.torch_threads)
+        gpu_id = context.system_properties.get("gpu_id")  # TorchServe assigns one per worker on GPU nodes
+        use_gpu = gpu_id is not None and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
-        self.recommender = Recommender.from_dir(model_dir, device=self.device, **settings)
-        logger.info("MetaRec model loaded from %s with settings %s", model_dir, self.recommender.settings)
+        self.recommender = Recommender.from_dir(model_dir, device=self.device)
+        self.parser = RequestParser(self.recommender, limits)
+        logger.info("MetaRec model loaded from %s with limits %s", model_dir, limits.to_dict())
         self.initialized = True
 
     def handle(self, data, context):
@@ -87,19 +82,19 @@ class MetaRecHandler(BaseHandler):
             context: TorchServe's ``ts.context.Context`` (request headers, response statuses).
 
         Returns:
-            One JSON string per request; failed requests carry their 4xx status in the context.
+            One JSON string per request; failed requests carry their status in the context.
         """
         self.context = context
         if self._is_describe():
-            return [json.dumps(self.describe_handle())]
+            return [dumps_strict(self.describe_handle())]
         bodies = [row.get("body") if row.get("body") is not None else row.get("data") for row in data]
         routes = [context.get_request_header(index, "url_path") for index in range(len(data))]
         answers = []
-        for index, (status, document) in enumerate(self.recommender.answer_batch(bodies, routes)):
+        for index, (status, text) in enumerate(answer_batch(self.parser, bodies, routes)):
             if status != HTTPStatus.OK:
                 context.set_response_status(status, HTTPStatus(status).phrase, index)
             context.set_response_content_type(index, JSON_CONTENT_TYPE)
-            answers.append(json.dumps(document))
+            answers.append(text)
         return answers
 
     def describe_handle(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -149,9 +150,9 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
     calls = {}
 
     class Info:
-        inference_url, management_url, metrics_url = (
+        inference_url, management_socket, metrics_url = (
             "http://127.0.0.1:1",
-            "http://127.0.0.1:2",
+            "/tmp/ts/mgmt.sock",
             "http://127.0.0.1:3",
         )
         model_name, pid, inference_token = "metarec", 42, None
@@ -176,9 +177,23 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
         and options["model_name"] == "metarec"
         and options["token_auth"] is False
     )
-    assert "http://127.0.0.1:1/predictions/metarec" in out
+    assert "http://127.0.0.1:1/predictions/metarec" in out and "/tmp/ts/mgmt.sock" in out
     status, out, _ = _run(capsys, "serve", "--stop", "--workdir", str(tmp_path / "ts"))
     assert status == 0 and calls["stop"] == tmp_path / "ts"
+
+
+def test_serve_reports_why_the_start_failed_in_one_line(capsys, tmp_path, monkeypatch):
+    from metarec import serve_local
+
+    run_dir, _ = _fake_run(tmp_path)
+
+    def failing_start(archive_dir, workdir, **kwargs):
+        raise RuntimeError("TorchServe failed: java.net.BindException: Address already in use\n--- log ---")
+
+    monkeypatch.setattr(serve_local, "start_server", failing_start)
+    status, _, err = _run(capsys, "serve", "--model-dir", str(run_dir))
+    assert status == 1
+    assert "did not start: TorchServe failed: java.net.BindException: Address already in use" in err
 
 
 def test_run_config_merges_user_file_over_the_shipped_defaults(tmp_path):
@@ -249,3 +264,53 @@ def test_demo_request_without_a_server_says_what_to_do(capsys, tmp_path):
     status, _, err = _run(capsys, "demo-request", "--workdir", str(tmp_path))
     assert status == 1
     assert len(err.strip().splitlines()) == 1 and "metarec serve" in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# compile leaves the committed component YAMLs alone; the core does not import the mapped folders
+
+
+def test_compile_writes_components_under_output_only(tmp_path, monkeypatch):
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "components"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*/component.yaml")}
+    monkeypatch.setenv("METAREC_REGISTRY", "europe-docker.pkg.dev/p/r")
+    assert cli.main(["compile", "--output", str(tmp_path), "--variant", "cpu"]) == 0
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*/component.yaml")} == before
+    written = sorted(p.parent.name for p in (tmp_path / "components").glob("*/component.yaml"))
+    assert written == sorted(p.parent.name for p in before)
+
+
+def test_component_build_refuses_to_commit_another_registry(monkeypatch):
+    from metarec.components import build
+
+    monkeypatch.setenv("METAREC_REGISTRY", "europe-docker.pkg.dev/p/r")
+    with pytest.raises(SystemExit):
+        build.main([])
+
+
+@pytest.mark.parametrize("module", ["metarec.cli", "metarec.packaging"])
+def test_core_modules_do_not_import_the_mapped_folders(module):
+    """The core stays framework-neutral: pipelines/ and serving/ plug into it, never the reverse."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    mapped = ("metarec.pipelines", "metarec.serving")  # not metarec.serving_settings: that one is core
+    leaks = sorted(
+        name for name in imported if name in mapped or name.startswith(tuple(f"{m}." for m in mapped))
+    )
+    assert not leaks, f"{module} imports {leaks}"
+
+
+def test_run_local_and_compile_come_from_the_pipelines_entry_point():
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert {"run-local", "compile", "serve"} <= set(commands.choices)

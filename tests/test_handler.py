@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shutil
+from pathlib import Path
 
 import pytest
-import torch
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
-from metarec.serving.handler import MetaRecHandler, handler_settings
-from metarec.serving.noop_handler import NoopHandler
+from demo_model import build_untrained_model
+from metarec.serving.handler import MetaRecHandler, handler_limits
+from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 from ts.context import Context, RequestProcessor
-
-from metarec.model import PreferenceModel
-from metarec.preprocessing import run_preprocessing
-from metarec.tasks import Preprocessed
 
 CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {}}}
 
@@ -22,21 +18,8 @@ CARD = {"model_name": "metarec", "version": "1.0", "evaluation": {"scenarios": {
 @pytest.fixture(scope="module")
 def archive_dir(tmp_path_factory):
     """What TorchServe unpacks from the .mar: model files, catalogue tables and the model card."""
-    pre_dir = tmp_path_factory.mktemp("pre")
-    run_preprocessing("synthetic:tiny", None, None, str(pre_dir))
-    pre = Preprocessed.load(str(pre_dir))
-    torch.manual_seed(0)
-    model = PreferenceModel(
-        pre.encoder.user_dims,
-        pre.encoder.item_dims,
-        pre.schema["n_warm_items"],
-        pre.item_features,
-        pre.item_warm_idx,
-    )
-    out = tmp_path_factory.mktemp("unpacked")
-    model.save(out, {"method": "maml", "adapt": {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}})
-    for name in ("schema.json", "items.parquet", "users.parquet"):
-        shutil.copyfile(pre_dir / name, out / name)
+    adapt = {"mode": "decision", "inner_steps": 2, "inner_lr": 0.05}
+    out = build_untrained_model(tmp_path_factory.mktemp("unpacked"), adapt)
     (out / "model_card.json").write_text(json.dumps(CARD))
     return out
 
@@ -70,15 +53,15 @@ def run_batch(handler, archive_dir, requests: list[tuple[str | None, object]]):
 def test_initialize_reads_handler_settings(archive_dir):
     handler = MetaRecHandler()
     handler.initialize(make_context(archive_dir, [{}], {"handler": {"max_steps": 3, "default_k": 4}}))
-    assert handler.recommender.settings["max_steps"] == 3
-    assert handler.recommender.settings["default_k"] == 4
+    assert handler.parser.limits.max_steps == 3
+    assert handler.parser.limits.default_k == 4
     assert handler.initialized
 
 
 def test_unknown_handler_setting_is_refused():
     with pytest.raises(ValueError, match="max_suport"):
-        handler_settings({"handler": {"max_suport": 3}})
-    assert handler_settings(None) == ({}, 1)
+        handler_limits({"handler": {"max_suport": 3}})
+    assert handler_limits(None).torch_threads == 1
 
 
 def test_routing_by_url_path(handler, archive_dir):
@@ -119,7 +102,7 @@ def test_a_bad_request_does_not_fail_its_batch(handler, archive_dir):
         ],
     )
     assert [status for status, _ in results] == [200, 400, 200, 400]
-    assert "must be finite" in results[1][1]["message"]
+    assert "NaN is not a number" in results[1][1]["message"]
     assert results[3][1]["type"] == "RequestError"
     assert len(results[0][1]["items"]) == 10  # default k
 
@@ -140,7 +123,12 @@ def test_describe_returns_the_model_card(handler, archive_dir):
 
 
 def test_noop_handler_answers_without_a_model():
-    noop = NoopHandler()
+    # The latency benchmark's baseline handler lives in bench/ (not in the wheel).
+    path = Path(__file__).resolve().parents[1] / "bench" / "noop_handler.py"
+    spec = importlib.util.spec_from_file_location("noop_handler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    noop = module.NoopHandler()
     context = make_context("/nonexistent", [{}, {}])
     noop.initialize(context)
     assert noop.handle([{"body": b'{"instances": [1, 2]}'}, {"body": {"a": 1}}], context) == [

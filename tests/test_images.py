@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from metarec import __version__, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
-    "components": REPO_ROOT / "docker/components.Dockerfile",
-    "serving": REPO_ROOT / "docker/serving.Dockerfile",
+    "components": REPO_ROOT / "images/components.Dockerfile",
+    "serving": REPO_ROOT / "images/serving.Dockerfile",
 }
 
 
@@ -143,8 +144,10 @@ def test_base_image_pinned_and_user_not_root(name):
     torch_install = next(line for line in run_lines if "torch==" in line)
     assert '"torch==2.13.0"' in _expand(torch_install, defaults)
     assert "download.pytorch.org/whl/" in _expand(torch_install, defaults)
-    extra = {"components": "pipelines", "serving": "serving"}[name]
-    assert any(f'".[{extra}]"' in line for line in run_lines), f"the project is not installed with [{extra}]"
+    # The extras come from the one install spec images/<name>.extras (what `make fidelity` replays).
+    spec = f"images/{name}.extras"
+    assert any(f"\".[$(grep -v '^#' {spec})]\"" in line for line in run_lines), f"not installed from {spec}"
+    assert spec in copy_sources(instructions)
     assert any("pip check" in line for line in run_lines)
 
 
@@ -164,7 +167,7 @@ def test_serving_image_layout():
         for line in (REPO_ROOT / config_copy[-2]).read_text().splitlines()
         if "=" in line and not line.startswith("#")
     )
-    assert config["management_address"] == "http://127.0.0.1:8081"
+    assert config["management_address"].startswith("unix:")  # metarec.torchserve_config: no TCP listener
     assert config["inference_address"].endswith(":8080") and config["metrics_address"].endswith(":8082")
     assert config["model_store"] == "/home/model-server/model-store"
     assert config["enable_model_api"] == "false"
@@ -221,7 +224,11 @@ def test_compiled_pipelines_name_the_components_image(default_registry, tmp_path
     for path in paths:
         documents = [doc for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
         found = set().union(*(_executor_images(doc) for doc in documents))
-        assert found == {images.components_image()}, f"{Path(path).name} names {found}"
+        # Only the gpu variant's training step runs the CUDA build; every other step the CPU build.
+        expected = {images.components_image()} | (
+            {images.components_image(cuda=True)} if "-gpu" in Path(path).name else set()
+        )
+        assert found == expected, f"{Path(path).name} names {found}"
 
 
 def _rendered_images(kustomization: str) -> set[str]:
@@ -239,14 +246,157 @@ def _rendered_images(kustomization: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("kustomization", "expected"),
+    ("kustomization", "expected", "cuda"),
     [
-        ("serving/overlays/gke-cpu", "serving"),
-        ("serving/overlays/gke-gpu", "serving"),
-        ("serving/overlays/kserve", "serving"),
-        ("training", "components"),
+        ("serving/overlays/gke-cpu", "serving", False),
+        ("serving/overlays/gke-gpu", "serving", True),
+        ("serving/overlays/kserve", "serving", False),
+        ("training-example", "components", True),
     ],
 )
-def test_manifests_name_the_release_images(default_registry, kustomization, expected):
-    expected_image = {"serving": images.serving_image, "components": images.components_image}[expected]()
+def test_manifests_name_the_release_images(default_registry, kustomization, expected, cuda):
+    """CPU and CUDA builds have distinct tags; what asks for a GPU names the CUDA one, the rest the CPU one."""
+    expected_image = {"serving": images.serving_image, "components": images.components_image}[expected](cuda)
     assert _rendered_images(kustomization) == {expected_image}
+
+
+def test_cpu_and_cuda_images_have_distinct_tags(default_registry):
+    assert images.components_image() != images.components_image(cuda=True)
+    assert images.serving_image(cuda=True).endswith(f":{__version__}-cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Install specs cover what the code needs (fast; `make fidelity` runs the real thing)
+
+
+def image_extras(name: str) -> list[str]:
+    """The extras of ``images/<name>.extras`` (the Dockerfile installs exactly these)."""
+    lines = (REPO_ROOT / "images" / f"{name}.extras").read_text().splitlines()
+    text = ",".join(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return [extra.strip() for extra in text.split(",") if extra.strip()]
+
+
+def _distribution_closure(requirements: list[str]) -> set[str]:
+    """Normalised names of the distributions ``requirements`` pull in, transitively (as installed here)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    pending = [Requirement(text) for text in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = md.requires(requirement.name) or []
+        except md.PackageNotFoundError:
+            continue
+        for text in requires:
+            child = Requirement(text)
+            if child.marker is None or child.marker.evaluate({"extra": ""}):
+                pending.append(child)
+    return seen
+
+
+def installed_by(image: str) -> set[str]:
+    """Distributions the image installs: torch, the core dependencies and its extras, transitively."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = ["torch", *project["dependencies"]]
+    for extra in image_extras(image):
+        requirements += project["optional-dependencies"][extra]
+    return _distribution_closure(requirements)
+
+
+def _module_file(module: str) -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def code_needs(entry: Path) -> tuple[set[str], set[str]]:
+    """Third-party top-level modules of everything ``entry`` imports from metarec, transitively, and the
+    string constants of ``entry`` and the modules it imports directly (where the executables a step runs
+    are named: the step function the component calls).
+
+    Every import counts, lazy ones inside functions included: the image must hold what any code path of
+    the component may import.
+    """
+    import ast
+    import sys
+
+    modules, strings, done, todo = set(), set(), set(), [(entry, 0)]
+    while todo:
+        path, depth = todo.pop()
+        if path in done:
+            continue
+        done.add(path)
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and depth <= 1:
+                strings.add(node.value)
+            for name in names:
+                top = name.split(".")[0]
+                if top == "metarec":
+                    found = _module_file(name)
+                    if found is not None:
+                        todo.append((found, depth + 1))
+                    parent = _module_file(name.rsplit(".", 1)[0]) if "." in name else None
+                    if parent is not None:
+                        todo.append((parent, depth + 1))
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    modules.add(top)
+    return modules, strings
+
+
+def _providers() -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Module -> distributions, and console script -> distribution, for what is installed here."""
+    import importlib.metadata as md
+
+    modules = {m: {d.lower().replace("_", "-") for d in ds} for m, ds in md.packages_distributions().items()}
+    scripts = {}
+    for dist in md.distributions():
+        for entry_point in dist.entry_points:
+            if entry_point.group == "console_scripts":
+                scripts[entry_point.name] = dist.metadata["Name"].lower().replace("_", "-")
+    return modules, scripts
+
+
+def missing_from_image(image: str, entry: Path) -> list[str]:
+    """What the code reachable from ``entry`` imports or executes that the image does not install."""
+    installed = installed_by(image) | {"metarec"}
+    module_dists, scripts = _providers()
+    modules, strings = code_needs(entry)
+    missing = [m for m in sorted(modules) if module_dists.get(m) and not module_dists[m] & installed]
+    missing += [f"{s} (executable)" for s in sorted(strings & set(scripts)) if scripts[s] not in installed]
+    return missing
+
+
+@pytest.mark.parametrize("component", __import__("metarec.components.build").components.build.COMPONENT_NAMES)
+def test_components_image_installs_what_each_component_needs(component):
+    missing = missing_from_image("components", REPO_ROOT / "components" / component / "component.py")
+    assert not missing, f"{component} needs {missing}, which images/components.extras does not install"
+
+
+def test_serving_image_installs_what_the_handler_needs():
+    assert not missing_from_image("serving", REPO_ROOT / "serving" / "handler.py")
+
+
+def test_spec_check_catches_a_missing_executable(monkeypatch):
+    """The check fails the old spec: package_model runs torch-model-archiver, [pipelines] lacks it."""
+    monkeypatch.setattr(sys.modules[__name__], "image_extras", lambda name: ["pipelines"])
+    missing = missing_from_image("components", REPO_ROOT / "components" / "package_model" / "component.py")
+    assert "torch-model-archiver (executable)" in missing

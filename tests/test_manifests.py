@@ -26,9 +26,23 @@ EXPECTED_KUSTOMIZATIONS = {
     "serving/overlays/gke-gpu",
     "serving/overlays/kserve",
     "training",
+    "training-example",
+    "pipeline-rbac",
+    "monitoring",
 }
-DEPLOYABLE = ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu", "serving/overlays/kserve", "training"]
-CUSTOM_KINDS = {"InferenceService", "PyTorchJob"}
+DEPLOYABLE = [
+    "serving/overlays/gke-cpu",
+    "serving/overlays/gke-gpu",
+    "serving/overlays/kserve",
+    "training-example",
+]
+CUSTOM_KINDS = {
+    "InferenceService",
+    "PyTorchJob",
+    "PodMonitoring",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+}
 MANAGEMENT_PORT = 8081
 
 
@@ -292,7 +306,7 @@ def test_hardening_checker_rejects_weakened_templates(weakening):
 
 
 def test_hardening_checker_sees_every_pytorchjob_replica():
-    job = copy.deepcopy(_objects("PyTorchJob", "training")[0])
+    job = copy.deepcopy(_objects("PyTorchJob", "training-example")[0])
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].pop("seccompProfile")
     problems = [p for where, spec in pod_specs(job) for p in hardening_problems(spec, where)]
     assert len(problems) == 1 and "Worker" in problems[0]
@@ -377,7 +391,8 @@ def test_torchserve_config(kustomization):
     )
     properties = _properties(config_map["data"]["config.properties"])
     assert properties["inference_address"] == "http://0.0.0.0:8080"
-    assert properties["management_address"] == "http://127.0.0.1:8081"
+    # REST management on a Unix socket (no TCP peer reaches it), see metarec.torchserve_config.
+    assert properties["management_address"].startswith("unix:")
     assert properties["metrics_address"] == "http://0.0.0.0:8082"
     assert properties["metrics_mode"] == "prometheus"
     assert properties["enable_model_api"] == "false"
@@ -388,9 +403,9 @@ def test_torchserve_config(kustomization):
         for c in _objects("ConfigMap", kustomization)
         if c["metadata"]["name"].startswith("metarec-serving-env")
     )
-    bucket = env_map["data"]["MODEL_URI"][len("gs://") :].split("/")[0]
-    allowed = properties["allowed_urls"].split(",")
-    assert allowed and all(f"/{bucket}/" in url for url in allowed), allowed
+    assert env_map["data"]["MODEL_URI"].startswith("gs://")
+    # No URL may be registered at all (the init container fetches the model, not TorchServe).
+    assert properties["allowed_urls"] == "^$"
     deployment = _objects("Deployment", kustomization)[0]
     pod = deployment["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
@@ -525,11 +540,10 @@ def test_inference_service():
     assert volume_names == [config_map["metadata"]["name"]]
     properties = _properties(config_map["data"]["config.properties"])
     assert properties["inference_address"] == "http://0.0.0.0:8080"  # KServe's container port
-    assert properties["management_address"].startswith("http://127.0.0.1:")
+    assert properties["management_address"].startswith("unix:")
     assert properties["model_store"] == "/mnt/models/model-store"
     assert properties["disable_token_authorization"] == "true" and properties["enable_model_api"] == "false"
-    bucket = isvc["spec"]["predictor"]["pytorch"]["storageUri"][len("gs://") :].split("/")[0]
-    assert all(f"/{bucket}/" in url for url in properties["allowed_urls"].split(","))
+    assert properties["allowed_urls"] == "^$"  # KServe's storage initializer fetches the model
     broken = copy.deepcopy(isvc)
     broken["spec"]["predictor"]["pytorch"]["storageUri"] = "s3://bucket/model"
     broken["spec"]["predictor"]["pytorch"]["protocolVersion"] = "v2"
@@ -540,7 +554,7 @@ def test_inference_service():
 
 
 def test_pytorchjob():
-    objects = render("training")
+    objects = render("training-example")
     job = next(obj for obj in objects if obj["kind"] == "PyTorchJob")
     assert pytorchjob_problems(job) == []
     account = next(obj for obj in objects if obj["kind"] == "ServiceAccount")
@@ -614,7 +628,7 @@ def test_rendered_torchserve_config_serves_probes_without_token(tmp_path):
         if c["metadata"]["name"].startswith("metarec-serving-config")
     )
     properties = _properties(config_map["data"]["config.properties"])
-    ports = {name: _free_port() for name in ("inference", "management", "metrics")}
+    ports = {name: _free_port() for name in ("inference", "metrics")}
     store, work = tmp_path / "model-store", tmp_path / "work"
     for folder in (store, work / "tmp", work / "logs"):
         folder.mkdir(parents=True)
@@ -636,6 +650,7 @@ def test_rendered_torchserve_config_serves_probes_without_token(tmp_path):
     for name, port in ports.items():
         properties[f"{name}_address"] = f"http://127.0.0.1:{port}"
     properties["model_store"] = str(store)
+    properties["management_address"] = f"unix:{work / 'tmp' / 'management.sock'}"
     properties["default_workers_per_model"] = "1"
     config = tmp_path / "config.properties"
     config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
@@ -662,9 +677,12 @@ def test_rendered_torchserve_config_serves_probes_without_token(tmp_path):
             time.sleep(1)
         assert status == 200, f"/ping without a token answered {status} (TorchServe exited: {server.poll()})"
         assert _http("POST", f"{inference}/predictions/probe", timeout=30) == (200, b'{\n  "ok": true\n}')
-        management = f"http://127.0.0.1:{ports['management']}"
-        registration = _http("POST", f"{management}/models?url=https://example.com/evil.mar")
-        assert registration[0] >= 400, registration
+        registration = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(work / "tmp" / "management.sock"),
+             "-X", "POST", "http://localhost/models?url=https://example.com/evil.mar"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert int(registration.stdout) >= 400, registration
         assert _http("GET", f"http://127.0.0.1:{ports['metrics']}/metrics")[0] == 200
     finally:
         os.killpg(server.pid, signal.SIGTERM)

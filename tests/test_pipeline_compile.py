@@ -9,6 +9,8 @@ import yaml
 from metarec.pipelines.compile import compile_all, compile_pipeline, main, pipeline_filename
 from metarec.pipelines.metarec_pipeline import DEFAULT_METHODS, VARIANTS, PipelineOptions, Resources
 
+from metarec import images
+
 GPU_LABEL = "cloud.google.com/gke-accelerator"
 
 
@@ -48,8 +50,18 @@ def compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
 def test_graph_has_every_step_in_order(compiled):
     spec, _ = compiled["cpu"]
     tasks = _all_tasks(spec)
-    assert {"preprocess", "meta-train", "evaluate", "select-model", "package-model"} <= set(tasks)
+    assert {"fingerprint-data", "preprocess", "meta-train", "evaluate", "select-model", "package-model",
+            "deploy-model"} <= set(tasks)  # fmt: skip
+    assert "fingerprint-data" in tasks["preprocess"]["dependentTasks"]
     assert "preprocess" in tasks["evaluate"]["dependentTasks"]
+    deploy = next(
+        task for task in spec["root"]["dag"]["tasks"].values() if task["taskInfo"]["name"] == "deploy"
+    )
+    assert deploy["dependentTasks"] == ["package-model"]
+    assert (
+        deploy["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--deploy_target'] != ''"
+    )
     assert "evaluate" in tasks["select-model"]["dependentTasks"]
     assert {"evaluate", "select-model"} <= set(tasks["package-model"]["dependentTasks"])
     # meta-train runs inside a ParallelFor over the methods parameter, collected for evaluate.
@@ -101,7 +113,7 @@ def test_gpu_type_can_be_left_out(tmp_path):
 def test_every_task_requests_cpu_and_memory(compiled, variant):
     spec, _ = compiled[variant]
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 5
+    assert len(executors) == 7
     for label, executor in executors.items():
         resources = executor["container"].get("resources", {})
         for key in ("cpuRequest", "memoryRequest", "cpuLimit", "memoryLimit"):
@@ -161,3 +173,62 @@ def test_compile_command_line_writes_the_chosen_variants(tmp_path, capsys):
     assert main(["--output", str(tmp_path), "--variant", "cpu", "--gpu-type", "nvidia-l4"]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["metarec-cpu.yaml"]
     assert "metarec-cpu.yaml" in capsys.readouterr().out
+
+
+def _constants(task: dict) -> dict:
+    return {
+        name: value.get("runtimeValue", {}).get("constant")
+        for name, value in task["inputs"]["parameters"].items()
+    }
+
+
+def test_only_gpu_training_runs_the_cuda_image_and_asks_for_cuda(compiled):
+    for variant in VARIANTS:
+        spec, _ = compiled[variant]
+        tasks = _all_tasks(spec)
+        for name, task in tasks.items():
+            if "executorLabel" not in spec["components"][task["componentRef"]["name"]]:
+                continue  # a sub-DAG (ParallelFor, If), not a container
+            image = _executor_of(spec, task)["image"]
+            expected = images.components_image(cuda=variant == "gpu" and name == "meta-train")
+            assert image == expected, f"{variant}: {name} runs {image}"
+    assert _constants(_all_tasks(compiled["gpu"][0])["meta-train"])["device"] == "cuda"
+    cpu_train = _constants(_all_tasks(compiled["cpu"][0])["meta-train"])
+    assert cpu_train["device"] == "cpu"
+    assert cpu_train["cpu_threads"] == 4  # the task's CPU request, not torch's single thread
+
+
+def test_pytorchjob_gets_the_compile_time_image(monkeypatch, tmp_path):
+    monkeypatch.setenv("METAREC_REGISTRY", "europe-docker.pkg.dev/p/r")
+    spec, _ = _load_ir(compile_pipeline(PipelineOptions(variant="pytorchjob"), tmp_path / "p.yaml"))
+    image = _constants(_all_tasks(spec)["meta-train-pytorchjob"])["image"]
+    assert image == images.components_image(cuda=True)
+    assert image.startswith("europe-docker.pkg.dev/p/r/") and image.endswith("-cuda")
+
+
+def test_pytorchjob_launcher_gives_up_before_its_pod_deadline_and_knows_its_pod(compiled):
+    spec, platform = compiled["pytorchjob"]
+    settings = _platform_executors(platform)["exec-meta-train-pytorchjob"]
+    timeout = _constants(_all_tasks(spec)["meta-train-pytorchjob"])["timeout_s"]
+    assert 0 < timeout < int(settings["activeDeadlineSeconds"])
+    fields = {entry["name"]: entry["fieldPath"] for entry in settings["fieldPathAsEnv"]}
+    assert fields == {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+
+
+def test_publishing_is_gated_and_deploy_follows_the_published_version(compiled):
+    spec, _ = compiled["cpu"]
+    tasks = _all_tasks(spec)
+    package_inputs = tasks["package-model"]["inputs"]
+    assert package_inputs["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select-model"
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["publish_if_worse"]["defaultValue"] is False
+    # deploy-model runs only when a target is set, on the archive package-model published.
+    deploy = next(
+        task for task in spec["root"]["dag"]["tasks"].values() if task["taskInfo"]["name"] == "deploy"
+    )
+    (channel,) = deploy["inputs"]["artifacts"].values()
+    assert channel["taskOutputArtifact"] == {"outputArtifactKey": "archive", "producerTask": "package-model"}
+    assert (
+        tasks["deploy-model"]["inputs"]["artifacts"]["archive"]["componentInputArtifact"]
+        in deploy["inputs"]["artifacts"]
+    )

@@ -1,4 +1,5 @@
-"""Recommender: request validation, recommend/adapt semantics, batching, genre shift after adaptation."""
+"""Recommender: recommend/adapt semantics, batching, genre shift after adaptation (requests go through
+the request protocol, metarec.serving.requests, whose own tests are in test_requests.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from metarec.serving.demo import build_demo_model
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
+from demo_model import build_demo_model
+from serving_cases import GOOD_SUPPORT, answer_all
 
 from metarec import recommender as recommender_module
 from metarec.model import PreferenceModel
 from metarec.preprocessing import run_preprocessing
-from metarec.recommender import Recommender, RequestError, resolve_settings
+from metarec.recommender import Recommender
+from metarec.serving_settings import RequestLimits
 from metarec.tasks import Preprocessed
 
 
@@ -64,31 +66,8 @@ def trained(tmp_path_factory):
 
 
 def answer(rec, body, route=""):
-    ((status, document),) = rec.answer_batch([body], [route])
+    ((status, document),) = answer_all(rec, [body], [route])
     return status, document
-
-
-@pytest.mark.parametrize(
-    ("name", "route", "body", "status", "fragment"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
-)
-def test_bad_requests_are_refused_with_status_and_message(rec, name, route, body, status, fragment):
-    got_status, document = answer(rec, body, route)
-    assert got_status == status, document
-    assert document["code"] == status
-    assert fragment in document["message"], document["message"]
-
-
-def test_request_error_carries_status():
-    error = RequestError(413, "too big")
-    assert isinstance(error, ValueError)
-    assert error.to_body() == {"code": 413, "type": "RequestError", "message": "too big"}
-
-
-def test_settings_reject_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match="max_suport"):
-        resolve_settings({"max_suport": 3})
-    with pytest.raises(ValueError, match="max_steps"):
-        resolve_settings({"max_steps": 0})
 
 
 def test_missing_items_table_is_reported(untrained_dir):
@@ -145,7 +124,7 @@ def test_batch_answers_equal_single_answers_and_bad_request_stays_isolated(rec):
         {"instances": [{"user": {"gender": "F"}, "k": 2}]},
     ]
     routes = ["", "adapt", "", "adapt", None]
-    batch = rec.answer_batch(bodies, routes)
+    batch = answer_all(rec, bodies, routes)
     assert [status for status, _ in batch] == [200, 200, 404, 200, 200]
     for body, route, (status, document) in zip(bodies, routes, batch, strict=True):
         if status == 200:
@@ -193,7 +172,7 @@ def test_adapt_runs_one_vectorised_pass_per_step_count(rec, generic_rec, fast, m
         monkeypatch.setattr(recommender_module, "meta_adapt", counting_adapt)
     support_long = [{"item_id": str(i), "rating": 3 + (i % 3)} for i in range(1, 8)]
     bodies = [{"support": GOOD_SUPPORT}, {"support": support_long}, {"support": GOOD_SUPPORT, "steps": 2}]
-    results = rec.answer_batch(bodies, ["adapt"] * 3)
+    results = answer_all(rec, bodies, ["adapt"] * 3)
     assert [status for status, _ in results] == [200, 200, 200]
     # Two requests at the model's default 3 steps share one padded pass; the 2-step one runs alone.
     assert sorted(calls) == [(1, 2, (1, 3)), (2, 3, (2, 7))]
@@ -237,8 +216,8 @@ def test_fast_adapt_answers_equal_the_generic_path(model, untrained_dir, user_te
             ]
         },
     ]
-    fast_answers = fast.answer_batch(bodies, ["adapt"] * len(bodies))
-    generic_answers = generic.answer_batch(bodies, ["adapt"] * len(bodies))
+    fast_answers = answer_all(fast, bodies, ["adapt"] * len(bodies))
+    generic_answers = answer_all(generic, bodies, ["adapt"] * len(bodies))
     documents = []
     for (fast_status, fast_doc), (generic_status, generic_doc) in zip(
         fast_answers, generic_answers, strict=True
@@ -265,7 +244,7 @@ def test_fast_adapt_answers_equal_the_generic_path(model, untrained_dir, user_te
 def test_adapt_steps_are_capped_and_support_items_not_recommended(rec):
     status, document = answer(rec, {"support": GOOD_SUPPORT, "k": 100, "steps": 1000}, "adapt")
     assert status == 200
-    assert document["steps"] == rec.settings["max_steps"]
+    assert document["steps"] == RequestLimits().max_steps
     returned = {item["item_id"] for item in document["items"]}
     assert returned.isdisjoint({"1", "2", "3"}) and len(returned) == 77
 
@@ -287,7 +266,8 @@ def test_trained_adaptation_lowers_support_loss_and_shifts_toward_the_favoured_g
         support = [{"item_id": i, "rating": 5} for i in favoured[: len(favoured) // 2]]
         support += [{"item_id": i, "rating": 1} for i in others[:10]]
         rated = [entry["item_id"] for entry in support]
-        (_, before), (_, after) = rec.answer_batch(
+        (_, before), (_, after) = answer_all(
+            rec,
             [{"user": {}, "k": 80, "exclude": rated}, {"user": {}, "k": 80, "support": support}],
             ["", "adapt"],
         )

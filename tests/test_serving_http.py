@@ -13,16 +13,20 @@ import json
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import gcs_emulator as emulator_support
 import pandas as pd
 import pytest
-from metarec.serving.demo import build_demo_archive
-from metarec.serving.examples import BAD_REQUESTS, GOOD_SUPPORT
+from demo_model import build_demo_archive
+from fuzz_requests import run_fuzz
+from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 
 from metarec import storage
 from metarec.packaging import build_archive
-from metarec.serve_local import model_workers, start_server, stop_server
+from metarec.serve_local import management_request, model_workers, start_server, stop_server
+from metarec.serving_settings import RequestLimits
+from metarec.torchserve_config import request_size_limit
 
 pytestmark = pytest.mark.slow
 # A real GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), bound here so pytest finds the fixtures.
@@ -34,7 +38,7 @@ gcs_bucket = emulator_support.gcs_bucket
 def served(tmp_path_factory):
     built = build_demo_archive(tmp_path_factory.mktemp("demo"))
     workdir = tmp_path_factory.mktemp("torchserve")
-    info = start_server(built["archive_dir"], workdir, 0, 0, 0, timeout_s=180)
+    info = start_server(built["archive_dir"], workdir, 0, 0, timeout_s=180)
     try:
         workers_at_start = {(w["id"], w["pid"], w["startTime"]) for w in model_workers(info)}
         yield {**built, "info": info, "workers_at_start": workers_at_start}
@@ -76,8 +80,11 @@ def test_archive_and_kserve_config_layout(served):
         line.split("=", 1) for line in (archive / "config" / "config.properties").read_text().splitlines()
     )
     assert properties["inference_address"].startswith("http://127.0.0.1:")
-    assert properties["management_address"].startswith("http://127.0.0.1:")
-    assert properties["enable_model_api"] == "false"
+    assert properties["management_address"].startswith("unix:")
+    assert properties["enable_model_api"] == "false" and properties["allowed_urls"] == "^$"
+    assert properties["decode_input_request"] == "false"
+    checksum = (archive / "config" / "metarec.mar.sha256").read_text().split()
+    assert checksum[1] == "metarec.mar" and len(checksum[0]) == 64
     assert properties["metrics_mode"] == "prometheus"
     snapshot = json.loads(properties["model_snapshot"])
     assert snapshot["models"]["metarec"]["1.0"]["marName"] == "metarec.mar"
@@ -110,14 +117,12 @@ def test_build_archive_to_gcs_is_promoted_complete(served, gcs_emulator, gcs_buc
 def test_token_is_required(served):
     # TorchServe 0.12 answers a missing or wrong key with 400 InvalidKeyException.
     info = served["info"]
-    for url, headers in [
-        (f"{info.inference_url}/predictions/metarec", {}),
-        (f"{info.inference_url}/predictions/metarec", {"Authorization": "Bearer wrong"}),
-        (f"{info.management_url}/models/metarec", {}),
-        (f"{info.management_url}/models/metarec", info.inference_headers()),  # keys are per API
-    ]:
-        status, document = call(url, {"user_id": "1"} if "predictions" in url else None, headers)
-        assert status == 400 and document["type"] == "InvalidKeyException", (url, document)
+    for headers in [{}, {"Authorization": "Bearer wrong"}]:
+        status, document = call(f"{info.inference_url}/predictions/metarec", {"user_id": "1"}, headers)
+        assert status == 400 and document["type"] == "InvalidKeyException", document
+    for token in [None, "wrong", info.inference_token]:  # keys are per API
+        status, body = management_request(info, "GET", "/models/metarec", token=token)
+        assert status == 400 and json.loads(body)["type"] == "InvalidKeyException", body
 
 
 def test_recommend_known_unknown_and_kserve(served):
@@ -177,9 +182,8 @@ def test_demo_request_finds_the_server_and_adapts_toward_the_loved_genre(served)
 
 def test_model_card_on_the_management_api(served):
     info = served["info"]
-    status, described = call(
-        f"{info.management_url}/models/metarec?customized=true", headers=info.management_headers()
-    )
+    status, body = management_request(info, "GET", "/models/metarec?customized=true")
+    described = json.loads(body)
     assert status == 200
     card = described[0]["customizedMetadata"]
     if isinstance(card, str):
@@ -203,7 +207,9 @@ def test_model_card_on_the_management_api(served):
 def test_bad_input_over_http(served, name, route, body, status, fragment):
     got, document = predict(served, body, route)
     assert got == status, document
+    assert len(body) < request_size_limit(RequestLimits())  # else Netty's empty 413 would answer
     assert fragment in document["message"], document
+    assert len(json.dumps(document)) < 1000
 
 
 def test_concurrent_requests_with_one_bad_one(served):
@@ -214,6 +220,22 @@ def test_concurrent_requests_with_one_bad_one(served):
     # Batched or not, the same request gets the same ranking.
     rankings = {tuple(item["item_id"] for item in document["items"]) for _, document in results[:6]}
     assert len(rankings) == 1
+
+
+def test_bounded_fuzz_with_canaries(served):
+    """A few hundred hostile requests from 4 threads, a valid canary after every 4th (CI-sized)."""
+    outcome = run_fuzz(served["info"], n=400, seed=13, concurrency=4)
+    assert outcome["canaries"] == 100 and outcome["canaries_failed"] == 0, outcome
+    assert outcome["5xx"] == outcome["non_json_200"] == outcome["connection_errors"] == 0, outcome
+    assert set(outcome["by_status"]) <= {"200", "400", "404", "413"}, outcome
+    assert outcome["max_answer_bytes"] < 64_000, outcome
+
+
+def test_bad_bodies_left_no_traceback_in_the_worker_log(served):
+    # Runs after every bad and fuzzed body above: the workers get raw bytes (decode_input_request=false),
+    # so TorchServe's own json.loads never logged "Failed json decoding" with a traceback.
+    log = (Path(served["info"].workdir) / "logs" / "model_log.log").read_text(errors="replace")
+    assert "Failed json decoding" not in log and "Traceback" not in log
 
 
 def test_workers_never_restarted(served):

@@ -350,3 +350,40 @@ def test_transient_errors_are_retried_with_backoff(gcs_emulator, gcs_bucket, ope
     assert proxy.failed == 2, "the 503s were not sent"
     assert any(match in path for _, path in proxy.forwarded), "the request was not retried after the 503s"
     assert storage.read_bytes(uri) == (b"before" if operation == "read" else b"after")
+
+
+# ----------------------------------------------------------------------------------------------
+# The one join and the one "write locally, then upload" helper
+
+
+def test_join_handles_slashes_for_uris_and_paths():
+    assert storage.join("gs://b/p/", "a", "/b/", "c.pt") == "gs://b/p/a/b/c.pt"
+    assert storage.join("/tmp/x", "y") == "/tmp/x/y"
+
+
+def test_local_output_writes_in_place_for_a_folder(tmp_path):
+    with storage.local_output(tmp_path / "out") as folder:
+        (folder / "a.txt").write_text("a")
+    assert folder == tmp_path / "out" and (tmp_path / "out" / "a.txt").read_text() == "a"
+
+
+def test_local_output_uploads_on_success_only(gcs_bucket):
+    target = f"gs://{gcs_bucket}/outputs/run-1"
+    with storage.local_output(target) as folder:
+        (folder / "nested").mkdir()
+        (folder / "nested" / "x.bin").write_bytes(b"x")
+    assert storage.read_bytes(f"{target}/nested/x.bin") == b"x"
+    with (
+        pytest.raises(RuntimeError, match="step failed"),
+        storage.local_output(f"gs://{gcs_bucket}/broken") as folder,
+    ):
+        (folder / "half.bin").write_bytes(b"h")
+        raise RuntimeError("step failed")
+    assert not storage.exists(f"gs://{gcs_bucket}/broken")
+
+
+def test_local_output_can_promote_with_a_manifest(gcs_bucket):
+    target = f"gs://{gcs_bucket}/models/v1"
+    with storage.local_output(target, promote_last=True) as folder:
+        (folder / "model.mar").write_bytes(b"m")
+    assert storage.is_complete(target)

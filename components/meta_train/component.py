@@ -13,8 +13,13 @@ def meta_train(
     metrics: Output[Metrics],
     method: str = "maml",
     config: str = "{}",
+    device: str = "cpu",
+    cpu_threads: int = 1,
+    checkpoint_root: str = "",
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
 ):
-    """Meta-trains a preference model with one meta-learning method.
+    """Meta-trains a preference model with one meta-learning method, resuming a retry from its checkpoints.
 
     Args:
         dataset: Preprocessed data set (output of the preprocess component).
@@ -24,16 +29,26 @@ def meta_train(
         method: Meta-learning method: ``maml``, ``fomaml`` or ``reptile``.
         config: JSON object with the ``train`` section of the run config (see
             ``metarec.training.DEFAULTS``); ``"{}"`` keeps the defaults.
+        device: ``cpu`` or ``cuda``, set by the pipeline variant: ``cuda`` fails when no GPU is visible
+            rather than training on the CPU while holding the GPU.
+        cpu_threads: torch CPU threads, set by the pipeline to the task's CPU request.
+        checkpoint_root: Durable prefix (``gs://`` on a cluster) for checkpoints; empty: the folder
+            above the model artifact. A retry of the same task resumes from
+            ``<root>/checkpoints/<run_id>/<task_id>/<method>``; another run never sees them.
+        run_id: KFP run id (the backend fills it).
+        task_id: KFP task id (the backend fills it; a retry keeps it).
     """
-    from metarec.components.common import numeric_items, parse_config
+    from metarec.components.common import checkpoint_dir, numeric_items, parse_config
 
     from metarec.training import run_meta_training
 
+    train = dict(parse_config(config, "train") or {})
+    train["checkpoint_dir"] = checkpoint_dir(
+        train.get("checkpoint_dir") or checkpoint_root, model.uri, run_id, task_id, method
+    )
+    train["device"], train["cpu_threads"] = device, cpu_threads
     result = run_meta_training(
-        preprocessed_dir=dataset.path,
-        method=method,
-        config=parse_config(config, "train"),
-        output_dir=model.path,
+        preprocessed_dir=dataset.path, method=method, config=train, output_dir=model.path
     )
     model.metadata["method"] = method
     for name, value in numeric_items(result or {}).items():

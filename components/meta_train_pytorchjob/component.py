@@ -10,9 +10,9 @@ from metarec.images import components_image
 def meta_train_pytorchjob(
     dataset: Input[Dataset],
     model: Output[Model],
+    image: str,
     method: str = "maml",
     config: str = "{}",
-    image: str = "",
     namespace: str = "",
     num_nodes: int = 2,
     gpus_per_node: int = 1,
@@ -20,22 +20,26 @@ def meta_train_pytorchjob(
     cpu_request: str = "4",
     memory_request: str = "16Gi",
     service_account: str = "",
-    timeout_s: int = 86400,
+    timeout_s: int = 86100,
     poll_interval_s: int = 30,
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
 ):
-    """Submits a PyTorchJob running ``torchrun -m metarec.training`` and waits for it to finish.
+    """Submits (or, on a retry, adopts) a PyTorchJob running ``torchrun -m metarec.training`` and waits.
 
     Needs a gs:// pipeline root (the job's pods read and write the artifacts in Cloud Storage
-    themselves) and a pipeline service account allowed to create and get ``pytorchjobs.kubeflow.org``
-    in ``namespace`` (see docs/pipeline.md).
+    themselves), a pipeline service account allowed to create, get, update and delete
+    ``pytorchjobs.kubeflow.org`` in the run's namespace (manifests/pipeline-rbac) and the
+    ``metarec-training`` service account there (manifests/training); see docs/cluster.md.
 
     Args:
         dataset: Preprocessed data set (output of the preprocess component); its URI must be gs://.
         model: Output model directory: the job writes it to the artifact's gs:// URI, the component then
             copies it into the local artifact path so the KFP launcher records the same files.
+        image: Training image, fixed when the pipeline is compiled (``metarec.images.components_image``
+            for the compile-time registry; the pod's own environment does not know it).
         method: Meta-learning method: ``maml``, ``fomaml`` or ``reptile``.
         config: JSON object with the ``train`` section of the run config; ``"{}"`` keeps the defaults.
-        image: Training image; empty uses the MetaRec components image of this release.
         namespace: Namespace of the job; empty uses the namespace this step runs in.
         num_nodes: Pods in the job (one Master plus num_nodes - 1 Workers).
         gpus_per_node: GPUs per pod and torchrun processes per pod (0: CPU, one process).
@@ -43,27 +47,31 @@ def meta_train_pytorchjob(
         cpu_request: CPU request of each job pod.
         memory_request: Memory request of each job pod.
         service_account: Service account of the job pods (Workload Identity for GCS); empty: metarec-training.
-        timeout_s: Seconds to wait for the job before deleting it and failing.
+        timeout_s: Seconds to wait for the job before deleting it and failing; the pipeline keeps it
+            below the pod's deadline so that the deletion happens.
         poll_interval_s: Seconds between two job status reads.
+        run_id: KFP run id (the backend fills it); with task_id it names the job.
+        task_id: KFP task id, kept by a retry: the retry adopts the job instead of starting a second one.
     """
     import json
-    import uuid
 
     from metarec.components.common import parse_config
+    from metarec.components.kube import current_namespace, launcher_pod
     from metarec.components.meta_train_pytorchjob.pytorchjob import (
         build_pytorchjob,
-        current_namespace,
         job_name,
+        owner_reference,
         submit_and_wait,
     )
 
     from metarec import storage
-    from metarec.images import components_image
 
+    if not image:
+        raise ValueError("image is empty: compile the pipeline with metarec compile (it names the image)")
     job = build_pytorchjob(
-        name=job_name(method, uuid.uuid4().hex[:8]),
+        name=job_name(method, run_id, task_id),
         namespace=namespace or current_namespace(),
-        image=image or components_image(),
+        image=image,
         method=method,
         preprocessed_uri=dataset.uri,
         output_uri=model.uri,
@@ -75,6 +83,7 @@ def meta_train_pytorchjob(
         memory_request=memory_request,
         service_account=service_account,
         active_deadline_s=timeout_s,
+        owner=owner_reference(*launcher_pod()),
     )
     print(json.dumps(job["metadata"]), flush=True)
     submit_and_wait(job, timeout_s=timeout_s, poll_interval_s=poll_interval_s)

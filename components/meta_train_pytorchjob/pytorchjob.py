@@ -1,7 +1,11 @@
 """Build, submit and watch a Kubeflow Training Operator PyTorchJob that meta-trains with torchrun.
 
 The meta_train_pytorchjob component calls these inside its pod; they are plain functions so that the
-job object can be tested without a cluster. The job runs ``torchrun -m metarec.training`` (the entry
+job object can be tested against a fake API server. Safety: the job is named after the KFP run and task, so
+a retried launcher adopts the job its previous attempt started instead of starting a second one; it is
+owned by the launcher pod (deleting the run's pods deletes it), has a TTL after it finishes, deletes its
+running pods on completion (``cleanPodPolicy: Running``) and is deleted when the launcher is terminated or
+gives up waiting. The job runs ``torchrun -m metarec.training`` (the entry
 point in docs/ARCHITECTURE.md) on ``num_nodes`` pods with ``gpus_per_node`` GPUs each; the Training
 Operator sets the ``PET_*`` variables (nnodes, node rank, master address) that torchrun reads.
 """
@@ -9,33 +13,59 @@ Operator sets the ``PET_*`` variables (nnodes, node rank, master address) that t
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
+import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the Training Operator finds the training container by this name
 MAX_RESTARTS = 3  # torchrun restarts of the local worker group before the pod fails
 DEFAULT_SERVICE_ACCOUNT = "metarec-training"  # manifests/training/serviceaccount.yaml (Workload Identity)
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 TERMINAL_CONDITIONS = ("Succeeded", "Failed")
+TTL_AFTER_FINISHED_S = 3600  # the finished job (and its logs) stays an hour for debugging, then goes
+# Istio-injected profile namespaces would add a sidecar that never exits, so the pods never complete.
+POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 
 
 class PyTorchJobError(RuntimeError):
     """The PyTorchJob failed, timed out or could not be created."""
 
 
-def job_name(method: str, suffix: str) -> str:
-    """Returns a valid Kubernetes name ``metarec-<method>-<suffix>`` (lower case, at most 63 chars).
+def job_name(method: str, run_id: str, task_id: str) -> str:
+    """Returns the job's name, the same for every attempt of one task of one run.
 
     Args:
-        method: Meta-learning method.
-        suffix: Unique part, e.g. a short random hex string.
+        method: Meta-learning method (kept readable in the name).
+        run_id: KFP run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``).
+        task_id: KFP task id (``dsl.PIPELINE_TASK_ID_PLACEHOLDER``): a retry keeps it.
+
+    Returns:
+        ``metarec-<method>-<hash of run and task>``, a valid Kubernetes name (at most 63 chars).
+
+    Raises:
+        ValueError: An id is empty (the job would not be unique to its run and task).
     """
-    name = re.sub(r"[^a-z0-9-]+", "-", f"metarec-{method}-{suffix}".lower()).strip("-")
-    return name[:63].rstrip("-")
+    if not run_id or not task_id:
+        raise ValueError(f"run_id and task_id are required to name the job, got {run_id!r} and {task_id!r}")
+    digest = hashlib.sha256(f"{run_id}/{task_id}".encode()).hexdigest()[:12]
+    prefix = re.sub(r"[^a-z0-9-]+", "-", f"metarec-{method}".lower()).strip("-")[:48].rstrip("-")
+    return f"{prefix}-{digest}"
+
+
+def owner_reference(pod_name: str, pod_uid: str) -> dict | None:
+    """Returns an ownerReference to the launcher pod, or None outside a pod.
+
+    Args:
+        pod_name: The launcher pod's name (downward API ``metadata.name``).
+        pod_uid: Its uid (downward API ``metadata.uid``).
+    """
+    if not pod_name or not pod_uid:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid,
+            "controller": False, "blockOwnerDeletion": False}  # fmt: skip
 
 
 def training_command(
@@ -73,6 +103,8 @@ def build_pytorchjob(
     service_account: str = "",
     backoff_limit: int = 6,
     active_deadline_s: int = 86400,
+    owner: dict | None = None,
+    ttl_s: int = TTL_AFTER_FINISHED_S,
 ) -> dict:
     """Builds the PyTorchJob object (same shape as ``manifests/training/``).
 
@@ -93,6 +125,8 @@ def build_pytorchjob(
             (manifests/training/serviceaccount.yaml).
         backoff_limit: Pod restarts before the job is marked Failed (preemptions count as failures).
         active_deadline_s: Wall-clock limit of the job in seconds.
+        owner: ownerReference to the launcher pod (see ``owner_reference``); None: no owner.
+        ttl_s: Seconds a finished job is kept before the Training Operator deletes it.
 
     Returns:
         The PyTorchJob as a dict, ready for ``CustomObjectsApi.create_namespaced_custom_object``.
@@ -171,20 +205,28 @@ def build_pytorchjob(
         return {
             "replicas": replicas,
             "restartPolicy": "OnFailure",
-            "template": {"metadata": {"labels": dict(labels)}, "spec": copy.deepcopy(pod_spec)},
+            "template": {
+                "metadata": {"labels": dict(labels), "annotations": dict(POD_ANNOTATIONS)},
+                "spec": copy.deepcopy(pod_spec),
+            },
         }
 
     replica_specs = {"Master": replica(1)}
     if num_nodes > 1:
         replica_specs["Worker"] = replica(num_nodes - 1)
+    metadata: dict = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if owner:
+        metadata["ownerReferences"] = [dict(owner)]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(max(gpus_per_node, 1)),
             "runPolicy": {
-                "cleanPodPolicy": "None",
+                # Running: worker pods left after the master finished stop holding their GPUs.
+                "cleanPodPolicy": "Running",
+                "ttlSecondsAfterFinished": ttl_s,
                 "backoffLimit": backoff_limit,
                 "activeDeadlineSeconds": active_deadline_s,
             },
@@ -217,15 +259,43 @@ def failure_message(job: dict) -> str:
     return "no message"
 
 
-def current_namespace(default: str = "kubeflow") -> str:
-    """Returns the namespace of the pod this runs in (service account mount), or ``default``.
+class Terminated(Exception):
+    """The launcher received SIGTERM (run cancelled, pod evicted or past its deadline)."""
 
-    Args:
-        default: Namespace used outside a cluster.
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _create_or_adopt(api, job: dict) -> dict:
+    """Creates the job, or adopts the one a previous attempt of this task created.
+
+    A job left Failed by the previous attempt is deleted and created again (the retry is meant to train
+    again, resuming from its checkpoints); a running or succeeded one is adopted, with this pod added
+    to its owners so that it outlives the previous attempt's pod.
     """
-    if SERVICE_ACCOUNT_NAMESPACE.is_file():
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    return default
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    try:
+        created = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+        print(f"created {KIND} {namespace}/{name}", flush=True)
+        return created
+    except ApiException as error:
+        if error.status != 409:
+            raise PyTorchJobError(f"could not create {KIND} {namespace}/{name}: {error.reason}") from error
+    existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    if job_state(existing) == "Failed":
+        print(f"{KIND} {namespace}/{name} of a previous attempt failed: recreating it", flush=True)
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    owners = existing["metadata"].get("ownerReferences") or []
+    new_owners = [o for o in job["metadata"].get("ownerReferences") or [] if o not in owners]
+    if new_owners:
+        existing["metadata"]["ownerReferences"] = owners + new_owners
+        existing = api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, existing)
+    print(f"adopted {KIND} {namespace}/{name} started by a previous attempt", flush=True)
+    return existing
 
 
 def submit_and_wait(
@@ -236,12 +306,16 @@ def submit_and_wait(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
-    """Creates the PyTorchJob and polls it until it succeeds or fails.
+    """Creates (or adopts) the PyTorchJob and polls it until it succeeds or fails.
+
+    The job is deleted when the wait times out or the process receives SIGTERM (KFP cancelling the run,
+    an eviction, the pod's deadline): nobody would wait for it any more, and it would hold its GPUs.
 
     Args:
         job: The object from ``build_pytorchjob``.
-        api: A ``kubernetes.client.CustomObjectsApi`` (None: built from the in-cluster config).
-        timeout_s: Seconds to wait before deleting the job and failing.
+        api: A ``kubernetes.client.CustomObjectsApi`` (None: see ``metarec.components.kube``).
+        timeout_s: Seconds to wait before deleting the job and failing; keep it below the launcher
+            pod's own deadline so that this deletion runs.
         poll_interval_s: Seconds between two status reads.
         sleep: Sleep function (tests pass a fake one).
         clock: Monotonic clock (tests pass a fake one).
@@ -250,29 +324,34 @@ def submit_and_wait(
         The final job object read back from the API server.
 
     Raises:
-        PyTorchJobError: The job failed or did not finish within ``timeout_s``.
+        PyTorchJobError: The job failed, did not finish within ``timeout_s``, or the launcher was
+            terminated.
     """
     if api is None:
-        from kubernetes import client, config
+        from metarec.components.kube import custom_objects_api
 
-        config.load_incluster_config()
-        api = client.CustomObjectsApi()
+        api = custom_objects_api()
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-    print(f"created {KIND} {namespace}/{name}", flush=True)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     deadline = clock() + timeout_s
-    while True:
-        current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        state = job_state(current)
-        if state == "Succeeded":
-            print(f"{KIND} {namespace}/{name} succeeded", flush=True)
-            return current
-        if state == "Failed":
-            raise PyTorchJobError(f"{KIND} {namespace}/{name} failed: {failure_message(current)}")
-        if clock() >= deadline:
-            # Free the GPUs: a job nobody waits for any more would hold them until its own deadline.
-            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            raise PyTorchJobError(
-                f"{KIND} {namespace}/{name} did not finish within {timeout_s:.0f} s; deleted it"
-            )
-        sleep(poll_interval_s)
+    try:
+        _create_or_adopt(api, job)
+        while True:
+            current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            state = job_state(current)
+            if state == "Succeeded":
+                print(f"{KIND} {namespace}/{name} succeeded", flush=True)
+                return current
+            if state == "Failed":
+                raise PyTorchJobError(f"{KIND} {namespace}/{name} failed: {failure_message(current)}")
+            if clock() >= deadline:
+                api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+                raise PyTorchJobError(
+                    f"{KIND} {namespace}/{name} did not finish within {timeout_s:.0f} s; deleted it"
+                )
+            sleep(poll_interval_s)
+    except Terminated as why:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        raise PyTorchJobError(f"launcher terminated ({why}): deleted {KIND} {namespace}/{name}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)

@@ -12,6 +12,7 @@ def preprocess(
     data_uri: str = "synthetic",
     dataset_config: str = "",
     config: str = "{}",
+    data_fingerprint: str = "",
 ):
     """Validates, encodes and splits a ratings data set into few-shot tasks.
 
@@ -24,6 +25,8 @@ def preprocess(
             ``synthetic``), a YAML file path or a ``gs://`` URI; empty picks the default for ``data_uri``.
         config: JSON object with the ``preprocess`` section of the run config (see
             ``metarec.preprocessing.DEFAULTS``); ``"{}"`` keeps the defaults.
+        data_fingerprint: Output of the fingerprint_data step. Unused by the code, it is part of the
+            cache key: KFP reuses a cached Dataset only while the data is byte for byte the same.
     """
     from metarec.components.common import numeric_items, parse_config
 
@@ -37,3 +40,4 @@ def preprocess(
     )
     dataset.metadata.update(numeric_items(summary or {}))
     dataset.metadata["data_uri"] = data_uri
+    dataset.metadata["data_fingerprint"] = data_fingerprint

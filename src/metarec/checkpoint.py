@@ -22,10 +22,6 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
-
-
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
     """Lists the checkpoints in a folder or ``gs://`` prefix.
 
@@ -62,7 +58,7 @@ def save_checkpoint(directory: str, step: int, state: dict[str, Any], keep_last:
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    uri = _join(str(directory), checkpoint_name(step))
+    uri = storage.join(directory, checkpoint_name(step))
     storage.write_bytes(uri, buffer.getvalue())
     if not storage.is_gcs(str(directory)) and keep_last > 0:
         for _, old in list_checkpoints(str(directory))[:-keep_last]:

@@ -4,6 +4,7 @@
 metarec run-local [--data PATH_OR_GS_URI] [--dataset-config FILE_OR_NAME] [--config FILE] [--output DIR]
 metarec compile [--output DIR] [--gpu-type nvidia-l4] [--gpus N] [--pytorchjob-nodes N] [--variant V]
 metarec serve [--model-dir DIR] [--workdir DIR] [--inference-port N] ... | metarec serve --stop
+metarec tune (--preprocessed DIR... | --data PATH [--split-seeds N...]) [--method M] [--trials N] [--set KEY=VALUE] [--output DIR]
 ```
 
 Errors end with one line on stderr and a non-zero exit status; ``--debug`` shows the traceback.
@@ -18,6 +19,8 @@ import os
 import sys
 import traceback
 from pathlib import Path
+
+COMMANDS_GROUP = "metarec.commands"  # entry points: callables adding sub-commands
 
 DEFAULT_RUNS_DIR = Path("runs")
 LATEST_POINTER = "latest.json"
@@ -131,51 +134,8 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
-def cmd_run_local(args: argparse.Namespace) -> int:
-    """``metarec run-local``: the whole pipeline under kfp.local."""
-    from metarec.pipelines.local_run import run_local
-    from metarec.pipelines.run_config import load_run_config
-
-    run_config = load_run_config(args.config)
-    _check_data(args.data)
-    _check_dataset_config(args.dataset_config)
-    output_dir = Path(args.output) if args.output else _default_output_dir()
-    print(
-        f"metarec run-local: data={args.data} methods={','.join(run_config['methods'])} output={output_dir}"
-    )
-
-    def progress(line: str) -> None:
-        # Not print(): kfp.local swaps builtins.print for an indenting one while tasks run.
-        sys.stdout.write(f"  {line}\n")
-        sys.stdout.flush()
-
-    result = run_local(
-        run_config, output_dir, data_uri=args.data, dataset_config=args.dataset_config, progress=progress
-    )
-    pointer = _write_latest_pointer(result)
-    print(format_summary(result))
-    print(f"Latest-run pointer: {pointer}")
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # compile
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    """``metarec compile``: every pipeline variant, and the committed component YAMLs."""
-    from metarec.pipelines.compile import VARIANTS, compile_all
-
-    paths = compile_all(
-        args.output, args.gpu_type, args.gpus, args.pytorchjob_nodes, tuple(args.variant or VARIANTS)
-    )
-    if not args.no_components:
-        from metarec.components.build import compile_components
-
-        paths += compile_components()
-    for path in paths:
-        print(path)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,19 +203,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     archive_dir, default_workdir = resolve_archive(args.model_dir)
     workdir = Path(args.workdir) if args.workdir else default_workdir
-    info = serve_local.start_server(
-        archive_dir,
-        workdir,
-        inference_port=args.inference_port,
-        management_port=args.management_port,
-        metrics_port=args.metrics_port,
-        model_name=_model_name(archive_dir, args.model_name),
-        timeout_s=args.timeout,
-        token_auth=not args.no_token_auth,
-    )
+    if args.no_token_auth:
+        # TorchServe 0.12 has one switch for every API: the management socket's 0700 folder is all
+        # that protects it then.
+        print(
+            "warning: token authorisation off for inference AND management (local demos only)",
+            file=sys.stderr,
+        )
+    try:
+        info = serve_local.start_server(
+            archive_dir,
+            workdir,
+            inference_port=args.inference_port,
+            metrics_port=args.metrics_port,
+            model_name=_model_name(archive_dir, args.model_name),
+            timeout_s=args.timeout,
+            token_auth=not args.no_token_auth,
+        )
+    except (serve_local.ArchiveError, RuntimeError) as error:
+        # The first line is TorchServe's own error (or the archive check's); the log tail follows.
+        raise CLIError(f"TorchServe did not start: {error}") from error
     print(f"TorchServe is serving '{info.model_name}' from {archive_dir} (pid {info.pid})")
     print(f"  inference:  {info.inference_url}/predictions/{info.model_name}")
-    print(f"  management: {info.management_url}/models/{info.model_name}")
+    print(
+        f"  management: unix socket {info.management_socket} (curl --unix-socket ... http://localhost/models)"
+    )
     print(f"  metrics:    {info.metrics_url}/metrics")
     if info.inference_token:
         print(f"  token authorisation is on: keys in {Path(info.workdir) / serve_local.KEY_FILE}")
@@ -273,12 +245,50 @@ def cmd_demo_request(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# tune
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
+    import yaml
+
+    from metarec.tuning import run_tuning
+
+    fixed = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        fixed[key] = yaml.safe_load(value)
+    output = Path(args.output)
+    preprocessed = args.preprocessed
+    if preprocessed is None:
+        from metarec.preprocessing import run_preprocessing
+
+        _check_data(args.data)
+        preprocessed = [str(output / f"preprocessed-seed{seed}") for seed in args.split_seeds]
+        for seed, directory in zip(args.split_seeds, preprocessed, strict=True):
+            run_preprocessing(args.data, args.dataset_config, {"seed": seed}, directory)
+    settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
+                "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
+    summary = run_tuning(preprocessed, settings, str(output))
+    best, defaults = summary["best"], summary["defaults"]
+    print(f"best of {len(summary['trials'])} trials ({summary['objective']}, validation users): "
+          f"val MAE {best['val_mae']:.4f}, val nDCG@3 {best['val_ndcg@3']:.4f}  params {best['params']}")  # fmt: skip
+    if defaults:
+        print(f"current defaults (trial 0): val MAE {defaults['val_mae']:.4f}, "
+              f"val nDCG@3 {defaults['val_ndcg@3']:.4f}")  # fmt: skip
+    print(f"run config: {summary['run_config']}   all trials: {output / 'tuning.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Returns the argument parser of the ``metarec`` command."""
-    from metarec.pipelines.compile import add_compile_arguments
+    from importlib.metadata import entry_points
 
     parser = argparse.ArgumentParser(
         prog="metarec", description="Meta-learned cold-start recommenders on Kubeflow."
@@ -286,23 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run-local", help="run the whole pipeline on this machine (kfp.local)")
-    run.add_argument(
-        "--data", default="synthetic", help="raw data: a directory, a gs:// prefix or 'synthetic' (default)"
-    )
-    run.add_argument(
-        "--dataset-config", help="data-set config: shipped name (movielens-100k ...) or YAML file"
-    )
-    run.add_argument("--config", help="run config YAML, merged on top of the shipped run-local.yaml")
-    run.add_argument("--output", help="output folder (default: runs/<timestamp>)")
-    run.set_defaults(handler=cmd_run_local)
-
-    comp = commands.add_parser("compile", help="compile the pipeline variants and the component YAMLs")
-    add_compile_arguments(comp)
-    comp.add_argument(
-        "--no-components", action="store_true", help="do not regenerate components/*/component.yaml"
-    )
-    comp.set_defaults(handler=cmd_compile)
+    # run-local and compile come from the pipelines package (entry point group metarec.commands): the
+    # core never imports the mapped folders, they plug into it.
+    for entry_point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry_point.load()(commands)
 
     serve = commands.add_parser("serve", help="serve the latest (or a given) archive with a local TorchServe")
     serve.add_argument(
@@ -311,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workdir", help="TorchServe work folder (default: <run>/torchserve)")
     serve.add_argument("--model-name", help="model name (default: the single .mar in model-store/)")
     serve.add_argument("--inference-port", type=int, default=8080)
-    serve.add_argument("--management-port", type=int, default=8081)
     serve.add_argument("--metrics-port", type=int, default=8082)
     serve.add_argument("--timeout", type=float, default=120, help="seconds to wait for the model to be ready")
     serve.add_argument(
@@ -335,7 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--k", type=int, default=10, help="items to rank")
     demo.set_defaults(handler=cmd_demo_request)
-    for sub in (run, comp, serve, demo):
+    tune = commands.add_parser("tune", help="search a meta-learner's hyper-parameters on validation users")
+    source = tune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preprocessed", nargs="+", help="preprocessing output(s): a trial scores the mean")
+    source.add_argument("--data", help="raw data (directory, gs:// or synthetic): preprocessed first")
+    tune.add_argument("--split-seeds", type=int, nargs="+", default=[0], help="split seeds for --data")
+    tune.add_argument("--dataset-config", help="data-set config for --data")
+    tune.add_argument("--method", default="reptile", choices=["maml", "fomaml", "reptile"])
+    tune.add_argument("--trials", type=int, default=12, help="Optuna trials (trial 0 = training's defaults)")
+    tune.add_argument("--objective", default="ndcg@3", choices=["ndcg@3", "mae"], help="validation metric")
+    tune.add_argument("--space", nargs="+", help="search only these names of metarec.tuning.SEARCH_SPACE")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="training setting fixed in every trial (YAML value), e.g. meta_steps=150")  # fmt: skip
+    tune.add_argument("--seed", type=int, default=0, help="training and sampler seed")
+    tune.add_argument("--timeout", type=float, default=None, help="seconds after which no trial starts")
+    tune.add_argument("--output", default="runs/tune", help="folder for tuning.json and best-run-config.yaml")
+    tune.set_defaults(handler=cmd_tune)
+    for sub in commands.choices.values():
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
         )

@@ -50,9 +50,18 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
     Returns:
         The device.
+
+    Raises:
+        RuntimeError: A CUDA device was asked for and none is visible (a GPU task must not train on
+            the CPU while it holds the GPU).
     """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(requested).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {requested!r} was asked for but CUDA is not available (torch {torch.__version__}, "
+            "built without CUDA or no GPU visible): use the -cuda image on a GPU node, or device 'cpu'"
+        )
     if requested == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(requested)

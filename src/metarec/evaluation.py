@@ -52,6 +52,9 @@ DEFAULTS: dict = {
     "global_model": {"epochs": 30, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "patience": 3},
     # meta.adapt inner loop on the global model: plain SGD steps and learning rates (grids), adapt mode.
     "finetune": {"mode": "all", "steps": [10, 5], "lr": [0.01, 0.003, 0.03]},
+    # Peer references (metarec.peers): names, or name -> grid overrides; each retrains per scenario (slow).
+    "peers": [],
+    "per_user": False,  # keep per-user metric parts in the document (paired bootstrap, metarec.stats)
 }
 
 
@@ -92,6 +95,8 @@ def _chunked_predict(predict_fn, batch, chunk: int) -> torch.Tensor:
     """Runs ``predict_fn`` on slices of ``chunk`` tasks and concatenates the [T, Q] results."""
     if len(batch) == 0:
         return torch.zeros(batch.query_items.shape)
+    if getattr(predict_fn, "whole_batch", False):  # peers retrain per call: one call per scenario
+        chunk = len(batch)
     parts = [predict_fn(batch.select(slice(start, start + chunk))) for start in range(0, len(batch), chunk)]
     return torch.cat([part.detach().float() for part in parts], dim=0)
 
@@ -283,12 +288,14 @@ def run_evaluation(
     Raises:
         ValueError: Unknown config keys, scenarios or baselines, or a method name used twice.
     """
+    from metarec import stats
+    from metarec.peers import PEER_NAMES, fit_peers
     from metarec.report import write_report
     from metarec.selection import best_methods
     from metarec.tasks import Preprocessed, scenario_tasks
 
     config = _merge_config(config)
-    clash = set(model_dirs) & set(BASELINE_NAMES)
+    clash = set(model_dirs) & (set(BASELINE_NAMES) | set(PEER_NAMES))
     if clash:
         raise ValueError(f"model names {sorted(clash)} clash with baseline names")
     started = time.monotonic()
@@ -313,19 +320,27 @@ def run_evaluation(
             logger.warning("no validation users: baselines use their untuned defaults")
             val_batch = None
     fitted = fit_baselines(pre, config, val_batch, model_config, seed)
+    peers = fit_peers(pre, config["peers"], val_batch, seed)
     logger.info("baselines fitted in %.1fs", time.monotonic() - started)
 
     predictors = {name: predictor.predict for name, predictor in meta_models.items()}
     predictors.update(
         {name: baseline.predict for name, (baseline, _) in fitted.items() if name in config["baselines"]}
     )
+    predictors.update({name: peer.predict for name, peer in peers.items()})
 
     scenarios: dict[str, dict] = {}
+    per_user: dict[str, dict] = {}
     for scenario in config["scenarios"]:
-        _, batch = scenario_tasks(pre, scenario)
+        users, batch = scenario_tasks(pre, scenario)
         scenarios[scenario] = {}
+        if config["per_user"]:
+            per_user[scenario] = {"users": users, "n_rows": stats.query_rows(batch), "methods": {}}
         for name, predict_fn in predictors.items():
-            scores = _score(_chunked_predict(predict_fn, batch, chunk), batch, ndcg_ks)
+            predictions = _chunked_predict(predict_fn, batch, chunk)
+            scores = _score(predictions, batch, ndcg_ks)
+            if config["per_user"]:
+                per_user[scenario]["methods"][name] = stats.per_user_parts(predictions, batch, ndcg_ks)
             for metric in [m for m in scores if m not in ("n_users", "n_rows")]:
                 scores[f"{metric}_std"] = 0.0
             scenarios[scenario][name] = scores
@@ -345,6 +360,7 @@ def run_evaluation(
     methods.update(
         {name: {"kind": "baseline", "settings": settings} for name, (_, settings) in fitted.items()}
     )
+    methods.update({name: peer.describe() for name, peer in peers.items()})
     document = {
         "dataset": pre.schema.get("dataset", "unknown"),
         "seeds": [seed],
@@ -355,6 +371,8 @@ def run_evaluation(
         "kshots": [int(k) for k in kshots],
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+    if per_user:
+        document["per_user"] = per_user
     _set_best(document, best_methods)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

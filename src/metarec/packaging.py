@@ -7,16 +7,16 @@
                                                users.parquet, model_card.json, model-config.yaml and
                                                the handler entry file (serving/mar_entry.py)
 
-The handler code itself is not copied into the archive: ``mar_entry.py`` subclasses the installed
-``metarec.serving.handler.MetaRecHandler`` (the serving image / local venv has ``metarec``
-installed, the same interpreter TorchServe's workers run).
+The handler code itself is not copied into the archive: the entry file (:data:`HANDLER_ENTRY`)
+subclasses the installed ``metarec.serving.handler.MetaRecHandler`` (the serving image / local venv
+has ``metarec`` installed, the same interpreter TorchServe's workers run). ``config/<name>.mar.sha256``
+records the archive's checksum; ``metarec serve`` checks it before starting.
 
-Security choices in the generated ``config.properties`` (see docs/serving.md): the inference and
-management APIs listen on 127.0.0.1 only (inside the pod only KServe's model-server wrapper reaches
-them), registering models through the management API is off (``enable_model_api=false``), and
-token authorisation is off by default there (``token_auth: false``) because the only client is that
-wrapper, which cannot present TorchServe's generated keys, and Kubernetes probes cannot either;
-authentication belongs to the InferenceService ingress. ``token_auth: true`` turns it on.
+``config.properties`` comes from :mod:`metarec.torchserve_config` (security settings there and in
+docs/serving.md): inference on 127.0.0.1, REST management on a Unix socket, no model or workflow
+registration, token authorisation off by default (``token_auth: false``) because KServe's
+model-server wrapper and Kubernetes probes cannot present TorchServe's keys; authentication belongs
+to the mesh / ingress in front of the InferenceService.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,139 +37,108 @@ import yaml
 
 import metarec
 from metarec import storage
-from metarec.recommender import DEFAULT_SETTINGS, ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
-from metarec.serve_local import format_properties
+from metarec.recommender import ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
+from metarec.serving_settings import ServingSettings
+from metarec.torchserve_config import (
+    DEPLOYED_MANAGEMENT_SOCKET,
+    DEPLOYED_WORKFLOW_STORE,
+    format_properties,
+    server_properties,
+)
 
-DEFAULTS: dict[str, Any] = {
-    "version": "1.0",  # model version in TorchServe (URL /predictions/<name>/<version>/adapt)
-    # TorchServe worker and batching settings (model-config.yaml and model_snapshot).
-    "min_workers": 2,  # one worker per core on a 2-core pod; workers are separate processes
-    "max_workers": 2,
-    "batch_size": 8,  # requests handed to one handler call (adapted together in one vmapped pass)
-    "max_batch_delay_ms": 5,  # how long a worker waits to fill a batch (added latency when idle)
-    "response_timeout_s": 30,
-    "job_queue_size": 100,
-    # Handler limits (model-config.yaml ``handler:`` section).
-    "max_support": DEFAULT_SETTINGS["max_support"],
-    "max_steps": DEFAULT_SETTINGS["max_steps"],
-    "default_k": DEFAULT_SETTINGS["default_k"],
-    "max_k": DEFAULT_SETTINGS["max_k"],
-    "max_instances": DEFAULT_SETTINGS["max_instances"],
-    "torch_threads": 1,
-    # config.properties for KServe's TorchServe runtime (storageUri mounted at /mnt/models).
-    "model_store": "/mnt/models/model-store",
-    "inference_port": 8085,
-    "management_port": 8081,
-    "metrics_port": 8082,
-    "token_auth": False,
-}
-INTEGER_KEYS = (
-    "min_workers", "max_workers", "batch_size", "max_batch_delay_ms", "response_timeout_s", "job_queue_size",
-    "max_support", "max_steps", "default_k", "max_k", "max_instances", "torch_threads", "inference_port",
-    "management_port", "metrics_port",
-)  # fmt: skip
 MODEL_FILES = ("model.pt", "model.json", "schema.json")
 MODEL_CONFIG_FILE = "model-config.yaml"
 SCORE_KEYS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
 
 
-def resolve_serving_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    """Merges ``package.serving`` settings over :data:`DEFAULTS`.
+HANDLER_ENTRY_FILE = "mar_entry.py"
+# TorchServe takes the one class *defined in* the handler file as the handler, so the installed
+# handler is subclassed rather than re-exported; the code stays in the installed package.
+HANDLER_ENTRY = '''"""MetaRec handler entry packed into the .mar; the code is the installed metarec.serving.handler."""
+
+from metarec.serving.handler import MetaRecHandler
+
+
+class MetaRecArchiveHandler(MetaRecHandler):
+    """The installed MetaRecHandler, unchanged."""
+'''
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def resolve_serving_config(config: dict[str, Any] | ServingSettings | None) -> ServingSettings:
+    """Parses ``package.serving`` settings (strict: unknown keys are named).
 
     Args:
-        config: Overrides (None = defaults).
+        config: Overrides of the :class:`~metarec.serving_settings.ServingSettings` defaults.
 
     Returns:
-        The full settings.
+        The settings.
 
     Raises:
-        ValueError: Unknown keys or invalid values (non-positive integers, max_workers < min_workers).
+        ValueError: Unknown keys or invalid values.
     """
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"package serving config: unknown key(s) {unknown}; known keys: {sorted(DEFAULTS)}")
-    full = {**DEFAULTS, **config}
-    for key in INTEGER_KEYS:
-        value = full[key]
-        minimum = 0 if key == "max_batch_delay_ms" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"package serving config: {key} must be an integer >= {minimum}, got {value!r}")
-    if full["max_workers"] < full["min_workers"]:
-        raise ValueError("package serving config: max_workers must be >= min_workers")
-    if not isinstance(full["token_auth"], bool):
-        raise ValueError("package serving config: token_auth must be true or false")
-    full["version"] = str(full["version"])
-    return full
+    if isinstance(config, ServingSettings):
+        return config
+    return ServingSettings.from_dict(config)
 
 
-def _handler_entry() -> Path:
-    """The handler file packed into the archive (installed next to ``metarec.serving``)."""
-    import metarec.serving
-
-    return Path(metarec.serving.__file__).resolve().parent / "mar_entry.py"
+def checksum_path(archive_dir: str | os.PathLike, model_name: str) -> Path:
+    """Where packaging records the archive's SHA-256 (``config/<name>.mar.sha256``)."""
+    return Path(archive_dir) / "config" / f"{model_name}.mar{CHECKSUM_SUFFIX}"
 
 
-def model_config_yaml(settings: dict[str, Any]) -> dict[str, Any]:
+def model_config_yaml(settings: ServingSettings) -> dict[str, Any]:
     """Returns the archive's ``model-config.yaml`` document.
 
     Args:
-        settings: Resolved serving settings.
+        settings: Serving settings.
 
     Returns:
-        TorchServe's model-level keys plus the ``handler:`` section the handler reads.
+        TorchServe's model-level keys plus the ``handler:`` section (the request limits) the
+        handler reads.
     """
     return {
-        "minWorkers": settings["min_workers"],
-        "maxWorkers": settings["max_workers"],
-        "batchSize": settings["batch_size"],
-        "maxBatchDelay": settings["max_batch_delay_ms"],
-        "responseTimeout": settings["response_timeout_s"],
-        "handler": {key: settings[key] for key in (*DEFAULT_SETTINGS, "torch_threads")},
+        "minWorkers": settings.min_workers,
+        "maxWorkers": settings.max_workers,
+        "batchSize": settings.batch_size,
+        "maxBatchDelay": settings.max_batch_delay_ms,
+        "responseTimeout": settings.response_timeout_s,
+        "handler": settings.limits().to_dict(),
     }
 
 
-def config_properties(settings: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """Returns the ``config/config.properties`` entries for KServe's TorchServe runtime.
+def config_properties(settings: ServingSettings, model_name: str) -> dict[str, Any]:
+    """Returns the ``config/config.properties`` entries for KServe's TorchServe runtime layout.
 
     Args:
-        settings: Resolved serving settings.
+        settings: Serving settings.
         model_name: Model name (and ``.mar`` file stem).
 
     Returns:
         Ordered property mapping (``model_snapshot`` registers the model at start-up).
     """
+    worker_keys = model_config_yaml(settings)
+    worker_keys.pop("handler")
     snapshot = {
         "name": "startup.cfg",
         "modelCount": 1,
         "models": {
             model_name: {
-                settings["version"]: {
-                    "defaultVersion": True,
-                    "marName": f"{model_name}.mar",
-                    "minWorkers": settings["min_workers"],
-                    "maxWorkers": settings["max_workers"],
-                    "batchSize": settings["batch_size"],
-                    "maxBatchDelay": settings["max_batch_delay_ms"],
-                    "responseTimeout": settings["response_timeout_s"],
-                }
+                settings.version: {"defaultVersion": True, "marName": f"{model_name}.mar", **worker_keys}
             }
         },
     }
-    return {
-        "inference_address": f"http://127.0.0.1:{settings['inference_port']}",
-        "management_address": f"http://127.0.0.1:{settings['management_port']}",
+    return server_properties(
+        inference_address=f"http://127.0.0.1:{settings.inference_port}",
         # Prometheus scrapes from outside the pod; the metrics API is read-only.
-        "metrics_address": f"http://0.0.0.0:{settings['metrics_port']}",
-        "metrics_mode": "prometheus",
-        "enable_metrics_api": True,
-        "enable_model_api": False,
-        "disable_token_authorization": not settings["token_auth"],
-        "install_py_dep_per_model": False,
-        "job_queue_size": settings["job_queue_size"],
-        "model_store": settings["model_store"],
-        "model_snapshot": snapshot,
-    }
+        metrics_address=f"http://0.0.0.0:{settings.metrics_port}",
+        management_socket=DEPLOYED_MANAGEMENT_SOCKET,
+        model_store=settings.model_store,
+        workflow_store=DEPLOYED_WORKFLOW_STORE,
+        token_auth=settings.token_auth,
+        limits=settings.limits(),
+        extra={"job_queue_size": settings.job_queue_size, "model_snapshot": snapshot},
+    )
 
 
 def _served_method(evaluation: dict[str, Any], model_json: dict[str, Any], model_dir: str) -> str | None:
@@ -196,7 +164,7 @@ def build_model_card(
     schema: dict[str, Any],
     evaluation: dict[str, Any],
     model_name: str,
-    settings: dict[str, Any],
+    settings: ServingSettings,
     model_dir: str,
 ) -> dict[str, Any]:
     """Builds the model card served by ``GET /models/<name>?customized=true``.
@@ -237,7 +205,7 @@ def build_model_card(
     }
     return {
         "model_name": model_name,
-        "version": settings["version"],
+        "version": settings.version,
         "metarec_version": metarec.__version__,
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "method": model_json.get("method"),
@@ -275,10 +243,10 @@ def build_model_card(
         "serving": {
             "endpoints": {
                 "recommend": f"POST /predictions/{model_name}",
-                "adapt": f"POST /predictions/{model_name}/{settings['version']}/adapt",
+                "adapt": f"POST /predictions/{model_name}/{settings.version}/adapt",
                 "model_card": f"GET /models/{model_name}?customized=true (management API)",
             },
-            "limits": {key: settings[key] for key in DEFAULT_SETTINGS},
+            "limits": settings.limits().to_dict(),
         },
     }
 
@@ -309,7 +277,7 @@ def _archiver_executable() -> str:
     beside = Path(sys.executable).parent / "torch-model-archiver"
     found = str(beside) if beside.is_file() else shutil.which("torch-model-archiver")
     if not found:
-        raise RuntimeError("torch-model-archiver is not installed (pip install metarec[serving])")
+        raise RuntimeError("torch-model-archiver is not installed (pip install metarec[archive])")
     return found
 
 
@@ -368,7 +336,7 @@ def build_archive(
     evaluation_json: str | dict[str, Any] | None,
     output_dir: str,
     model_name: str = "metarec",
-    serving_config: dict[str, Any] | None = None,
+    serving_config: dict[str, Any] | ServingSettings | None = None,
     preprocessed_dir: str | None = None,
 ) -> dict[str, Any]:
     """Builds the TorchServe archive and its ``config.properties`` in KServe's layout.
@@ -382,7 +350,7 @@ def build_archive(
             into. A ``gs://`` output is written locally, uploaded to a staging prefix and promoted
             (manifest last), so readers never see half an archive; the staging prefix stays.
         model_name: Model name in TorchServe.
-        serving_config: Overrides of :data:`DEFAULTS`.
+        serving_config: ``package.serving`` settings (:class:`~metarec.serving_settings.ServingSettings`).
         preprocessed_dir: Preprocessing output holding ``items.parquet``/``users.parquet`` (raw ids
             and features of the catalogue), needed when ``model_dir`` does not hold them.
 
@@ -400,17 +368,13 @@ def build_archive(
     if not model_name or not model_name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"model_name must be letters, digits, '-' or '_', got {model_name!r}")
     if storage.is_gcs(output_dir):
-        with tempfile.TemporaryDirectory(prefix="metarec-archive-") as local_out:
+        with storage.local_output(output_dir, promote_last=True) as local_out:
             summary = build_archive(
-                model_dir, evaluation_json, local_out, model_name, serving_config, preprocessed_dir
+                model_dir, evaluation_json, str(local_out), model_name, serving_config, preprocessed_dir
             )
-            final = str(output_dir).rstrip("/")
-            staging = f"{final}.staging-{uuid.uuid4().hex[:8]}"
-            storage.upload_dir(local_out, staging)
-            storage.promote(staging, final)
+        final = str(output_dir).rstrip("/")
         return summary | {
             "output_dir": final,
-            "staging_uri": staging,
             "archive": f"{final}/model-store/{model_name}.mar",
             "config_properties": f"{final}/config/config.properties",
         }
@@ -451,58 +415,34 @@ def build_archive(
         extra = [
             stage / name for name in ("model.json", "schema.json", ITEMS_FILE, USERS_FILE, MODEL_CARD_FILE)
         ]
+        handler_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="metarec-entry-")))
+        (handler_dir / HANDLER_ENTRY_FILE).write_text(HANDLER_ENTRY)
         archive = run_archiver(
             model_name,
-            settings["version"],
-            _handler_entry(),
+            settings.version,
+            handler_dir / HANDLER_ENTRY_FILE,
             output / "model-store",
             serialized_file=stage / "model.pt",
             extra_files=[path for path in extra if path.is_file()],
             config_file=stage / MODEL_CONFIG_FILE,
         )
-        files = sorted(path.name for path in stage.iterdir()) + [_handler_entry().name]
+        files = sorted(path.name for path in stage.iterdir()) + [HANDLER_ENTRY_FILE]
 
     config_dir = output / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     properties_path = config_dir / "config.properties"
     properties_path.write_text(format_properties(config_properties(settings, model_name)))
+    digest = _sha256(archive)
+    # sha256sum's format: `sha256sum -c` verifies it too.
+    checksum_path(output, model_name).write_text(f"{digest}  {archive.name}\n")
     return {
         "output_dir": str(output),
         "archive": str(archive),
         "config_properties": str(properties_path),
         "model_name": model_name,
-        "version": settings["version"],
+        "version": settings.version,
         "method": card["evaluation"]["method"] or model_json.get("method"),
         "files": files,
         "archive_bytes": archive.stat().st_size,
-        "archive_sha256": _sha256(archive),
+        "archive_sha256": digest,
     }
-
-
-def build_noop_archive(output_dir: str | os.PathLike, model_name: str = "noop", serving_config=None) -> Path:
-    """Builds an archive of the no-op handler with the same worker/batch settings (latency baseline).
-
-    Args:
-        output_dir: Directory; the archive goes to ``<output_dir>/model-store/<model_name>.mar``.
-        model_name: Archive name.
-        serving_config: Overrides of :data:`DEFAULTS` (only worker and batching keys matter).
-
-    Returns:
-        Path of the archive.
-    """
-    settings = resolve_serving_config(serving_config)
-    import metarec.serving
-
-    handler = Path(metarec.serving.__file__).resolve().parent / "noop_handler.py"
-    with tempfile.TemporaryDirectory(prefix="metarec-noop-") as stage:
-        config_file = Path(stage) / MODEL_CONFIG_FILE
-        document = model_config_yaml(settings)
-        document.pop("handler")
-        config_file.write_text(yaml.safe_dump(document, sort_keys=False))
-        return run_archiver(
-            model_name,
-            settings["version"],
-            handler,
-            Path(output_dir) / "model-store",
-            config_file=config_file,
-        )

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metarec import storage
 from metarec.data.config import load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
 from metarec.features import FeatureEncoder
@@ -457,6 +458,27 @@ def _synthetic_preset(data_uri: str) -> str | None:
     return None
 
 
+def data_fingerprint(data_uri: str) -> str:
+    """Fingerprints the raw data a preprocessing run would read: the cache key of the preprocess step.
+
+    KFP caches a step on its inputs; a recurring run over a refreshed ``gs://`` prefix has the same
+    ``data_uri`` string, so this value (object generations and crc32c) is passed in as well.
+
+    Args:
+        data_uri: As for :func:`run_preprocessing`.
+
+    Returns:
+        The synthetic preset's name for generated data, else ``storage.fingerprint`` of the data.
+
+    Raises:
+        StorageError: Nothing at ``data_uri``.
+    """
+    preset = _synthetic_preset(str(data_uri))
+    if preset is not None:
+        return f"synthetic:{preset}"
+    return storage.fingerprint(data_uri)
+
+
 def run_preprocessing(
     data_uri: str, dataset_config: str | None, config: dict[str, Any] | None, output_dir: str
 ) -> dict[str, Any]:
@@ -491,12 +513,7 @@ def run_preprocessing(
             raw = load_raw(source, dataset)
         else:
             raw = load_raw(data_uri, dataset)
-        if output.startswith("gs://"):
-            from metarec import storage  # lazy: only gs:// output needs the storage client
-
-            local_out = Path(tmp) / "out"
+        with storage.local_output(output) as local_out:
             summary = preprocess_raw(raw, config, local_out)
-            storage.upload_dir(str(local_out), output)
-            summary["output_dir"] = output
-            return summary
-        return preprocess_raw(raw, config, output)
+        summary["output_dir"] = output
+        return summary

@@ -66,6 +66,13 @@ def render_markdown(document: dict, plot_file: str | None = "kshot.png") -> str:
         "validation users.",
         "",
     ]
+    if any(info.get("kind") == "reference" for info in document.get("methods", {}).values()):
+        lines += [
+            "Methods of kind `reference` are established library models (scikit-surprise, LightFM) shown for "
+            "comparison, never served: each is retrained from scratch with every observed support rating of "
+            "the users it scores (a full retrain per scenario and K), a cost the meta-learners do not pay.",
+            "",
+        ]
     scenarios = document.get("scenarios", {})
     ordered = [s for s in SCENARIO_ORDER if s in scenarios] + [
         s for s in scenarios if s not in SCENARIO_ORDER

@@ -7,27 +7,36 @@ stop or talk to each other's processes, so every server started here gets a priv
 directory ``<workdir>/tmp`` (``TMPDIR`` for the launcher, ``TEMP`` for the Java frontend) and runs
 with ``<workdir>`` as its working directory (``logs/`` and ``key_file.json`` land there).
 
-Security: the inference, management and metrics APIs listen on 127.0.0.1 only; registering models
-through the management API stays off (``enable_model_api=false``). Token authorisation stays on by
+Security (config from :mod:`metarec.torchserve_config`): inference and metrics listen on
+127.0.0.1, the REST management API on a Unix socket in the private temporary directory (mode 0700:
+only this user reaches it), model and workflow registration are off. Token authorisation stays on by
 default; the keys TorchServe generates are read back from ``key_file.json`` and returned in
-:class:`ServerInfo` (send them as ``Authorization: Bearer <key>``). ``token_auth=False`` turns it
-off for local demos only (``metarec serve --no-token-auth``).
+:class:`ServerInfo` (send them as ``Authorization: Bearer <key>``). ``token_auth=False`` turns it off
+for every API (one switch in TorchServe 0.12) for local demos only (``metarec serve --no-token-auth``).
+
+Before starting, the archive is checked (zip integrity, manifest, the SHA-256 packaging recorded);
+while starting, TorchServe's logs are watched so that a failure (corrupt archive, handler import
+error, port in use) is reported with TorchServe's own error line within seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from metarec.torchserve_config import format_properties, server_properties
 
 DEFAULT_TIMEOUT_S = 120
 # TorchServe's own files inside the work directory.
@@ -36,6 +45,20 @@ KEY_FILE = "key_file.json"
 # Written once the model is ready, so that other processes (metarec demo-request) can find the server.
 SERVER_FILE = "server.json"
 PID_FILE = ".model_server.pid"
+MANAGEMENT_SOCKET = "management.sock"
+# A Unix socket path longer than this does not fit sockaddr_un.
+MAX_SOCKET_PATH = 107
+# Lines of TorchServe's logs that mean the start has failed: the cause (reported first when logged)
+# and the generic consequence.
+FATAL_CAUSES = re.compile(
+    r"(Address already in use|BindException|ZipException|ModuleNotFoundError|ImportError|SyntaxError|"
+    r"ModelNotFoundException|InvalidModelException|Invalid model archive)"
+)
+FATAL_EFFECTS = re.compile(r"(Backend worker process died|Failed to load model|Load model failed)")
+
+
+class ArchiveError(ValueError):
+    """The archive is missing, not a readable zip, lacks its manifest or fails its recorded checksum."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +67,7 @@ class ServerInfo:
 
     Attributes:
         inference_url: Base URL of the inference API, e.g. ``http://127.0.0.1:8080``.
-        management_url: Base URL of the management API.
+        management_socket: Unix socket of the REST management API (:func:`management_request`).
         metrics_url: Base URL of the metrics API (Prometheus format).
         model_name: Name the model is registered under.
         workdir: Working directory of the server (logs, key file, private temporary directory).
@@ -54,7 +77,7 @@ class ServerInfo:
     """
 
     inference_url: str
-    management_url: str
+    management_socket: str
     metrics_url: str
     model_name: str
     workdir: str
@@ -66,35 +89,12 @@ class ServerInfo:
         """Returns the HTTP headers an inference call needs (the bearer key when auth is on)."""
         return {"Authorization": f"Bearer {self.inference_token}"} if self.inference_token else {}
 
-    def management_headers(self) -> dict[str, str]:
-        """Returns the HTTP headers a management call needs (the bearer key when auth is on)."""
-        return {"Authorization": f"Bearer {self.management_token}"} if self.management_token else {}
-
 
 def free_port() -> int:
     """Returns a TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def format_properties(properties: dict[str, object]) -> str:
-    """Renders a Java ``.properties`` document, one ``key=value`` line per entry.
-
-    Args:
-        properties: Keys and values; booleans become ``true``/``false``, dicts become compact JSON.
-
-    Returns:
-        The document text, ending with a newline.
-    """
-    lines = []
-    for key, value in properties.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, dict):
-            value = json.dumps(value, separators=(",", ":"))
-        lines.append(f"{key}={value}")
-    return "\n".join(lines) + "\n"
 
 
 def _torchserve_env(workdir: Path) -> dict[str, str]:
@@ -120,22 +120,59 @@ def _torchserve_executable() -> str:
     return found
 
 
-def _read_keys(workdir: Path, deadline: float) -> tuple[str, str]:
+def _read_keys(workdir: Path, deadline: float, pid: int | None = None) -> tuple[str, str]:
     """Reads the inference and management keys TorchServe writes into ``key_file.json``."""
     key_path = workdir / KEY_FILE
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (pid is None or _process_alive(pid)):
         try:
             keys = json.loads(key_path.read_text())
             return keys["inference"]["key"], keys["management"]["key"]
         except (FileNotFoundError, ValueError, KeyError):
             time.sleep(0.2)
-    raise TimeoutError(f"TorchServe wrote no usable {key_path}")
+    raise RuntimeError(f"TorchServe wrote no usable {key_path}")
 
 
-def _get_json(url: str, headers: dict[str, str], timeout_s: float = 5.0):
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        return json.loads(response.read())
+class _UnixConnection(http.client.HTTPConnection):
+    """An HTTP connection over a Unix socket (TorchServe's REST management API)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def management_request(
+    info: ServerInfo, method: str, path: str, token: str | None = "default", timeout_s: float = 10.0
+) -> tuple[int, bytes]:
+    """Calls the REST management API over its Unix socket.
+
+    Args:
+        info: The running server.
+        method: HTTP method.
+        path: Path and query, e.g. ``/models/metarec``.
+        token: Bearer key to send: ``"default"`` = the server's management key (none when auth is
+            off), None = no key, else that key.
+        timeout_s: Socket time-out.
+
+    Returns:
+        ``(status, body)``.
+
+    Raises:
+        OSError: The socket is absent or refuses the connection.
+    """
+    key = info.management_token if token == "default" else token
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    connection = _UnixConnection(info.management_socket, timeout_s)
+    try:
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def model_workers(info: ServerInfo) -> list[dict]:
@@ -146,9 +183,74 @@ def model_workers(info: ServerInfo) -> list[dict]:
 
     Returns:
         One dict per worker (``id``, ``startTime``, ``status``, ``pid``, ...).
+
+    Raises:
+        RuntimeError: The management API answered an error.
     """
-    described = _get_json(f"{info.management_url}/models/{info.model_name}", info.management_headers())
-    return described[0].get("workers", [])
+    status, body = management_request(info, "GET", f"/models/{info.model_name}")
+    if status != 200:
+        raise RuntimeError(f"GET /models/{info.model_name} answered {status}: {body[:200]!r}")
+    return json.loads(body)[0].get("workers", [])
+
+
+def check_archive(archive_dir: str | os.PathLike, model_name: str) -> Path:
+    """Checks an archive before TorchServe sees it: readable zip, manifest, recorded checksum.
+
+    Args:
+        archive_dir: Directory written by ``build_archive``.
+        model_name: Archive name (``model-store/<model_name>.mar``).
+
+    Returns:
+        Path of the archive.
+
+    Raises:
+        ArchiveError: What is wrong, naming the file.
+    """
+    archive = Path(archive_dir) / "model-store" / f"{model_name}.mar"
+    if not archive.is_file():
+        raise ArchiveError(f"no archive {archive}")
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            broken = mar.testzip()
+            names = set(mar.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ArchiveError(f"{archive} is not a readable zip archive: {error}") from error
+    if broken is not None:
+        raise ArchiveError(f"{archive}: member {broken!r} fails its CRC check")
+    if "MAR-INF/MANIFEST.json" not in names:
+        raise ArchiveError(f"{archive} has no MAR-INF/MANIFEST.json: not a TorchServe archive")
+    recorded = Path(archive_dir) / "config" / f"{model_name}.mar.sha256"
+    if recorded.is_file():
+        expected = recorded.read_text().split()[0]
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ArchiveError(
+                f"{archive}: SHA-256 {digest[:12]}... differs from {expected[:12]}... recorded in {recorded}"
+            )
+    return archive
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _fatal_log_line(workdir: Path) -> str | None:
+    """TorchServe's line saying why the start failed (the cause if logged), from its logs in ``workdir``."""
+    lines = []
+    for name in ("logs/model_log.log", "logs/ts_log.log", "launcher.log"):
+        path = workdir / name
+        if path.is_file():
+            lines += path.read_text(errors="replace").splitlines()
+    for pattern in (FATAL_CAUSES, FATAL_EFFECTS):
+        for line in lines:
+            if pattern.search(line):
+                return line.strip()[:500]
+    return None
 
 
 def _log_tail(workdir: Path, n_chars: int = 3000) -> str:
@@ -168,8 +270,8 @@ def start_server(
     archive_dir: str | os.PathLike,
     workdir: str | os.PathLike,
     inference_port: int = 8080,
-    management_port: int = 8081,
     metrics_port: int = 8082,
+    *,
     model_name: str = "metarec",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     token_auth: bool = True,
@@ -180,58 +282,66 @@ def start_server(
     Args:
         archive_dir: Directory written by ``build_archive`` (``model-store/<model_name>.mar``).
         workdir: Working directory for the server (created); logs, keys and its private temporary
-            directory go there. Use one directory per server.
+            directory (with the management socket) go there. Use one directory per server.
         inference_port: Port of the inference API on 127.0.0.1 (0 = pick a free one).
-        management_port: Port of the management API on 127.0.0.1 (0 = pick a free one).
         metrics_port: Port of the metrics API on 127.0.0.1 (0 = pick a free one).
         model_name: Name of the archive and of the registered model.
         timeout_s: How long to wait for a READY worker before giving up.
-        token_auth: Keep TorchServe's token authorisation on (default); False disables it, for
-            local demos only.
+        token_auth: Keep TorchServe's token authorisation on (default); False disables it for
+            every API, for local demos only.
         extra_properties: More ``config.properties`` entries (e.g. ``default_workers_per_model``).
 
     Returns:
         ServerInfo with the URLs, the frontend pid and the bearer keys (None when auth is off).
 
     Raises:
-        FileNotFoundError: The archive is missing.
-        RuntimeError: TorchServe exited or did not become ready in time (the server is stopped and
-            the error holds the end of its log).
+        ArchiveError: The archive is missing, corrupt or fails its recorded checksum.
+        RuntimeError: A port is in use, TorchServe logged a fatal error, exited, or was not ready in
+            time (the server is stopped; the message holds TorchServe's error line and its log tail).
     """
     archive_dir = Path(archive_dir).resolve()
     workdir = Path(workdir).resolve()
     model_store = archive_dir / "model-store"
     mar_name = f"{model_name}.mar"
-    if not (model_store / mar_name).is_file():
-        raise FileNotFoundError(f"no archive {model_store / mar_name}")
+    check_archive(archive_dir, model_name)
     workdir.mkdir(parents=True, exist_ok=True)
     # A server left running in this workdir would hold its pid file and ports: stop it first.
     stop_server(workdir)
+    busy = [port for port in (inference_port, metrics_port) if port and _port_in_use(port)]
+    if busy:
+        raise RuntimeError(f"port(s) {busy} on 127.0.0.1 already in use: pick others (0 = any free port)")
+    private_tmp = workdir / PRIVATE_TMP
+    private_tmp.mkdir(mode=0o700, exist_ok=True)
+    private_tmp.chmod(0o700)
+    management_socket = private_tmp / MANAGEMENT_SOCKET
+    if len(str(management_socket)) > MAX_SOCKET_PATH:
+        raise ValueError(f"workdir path too long for a Unix socket ({management_socket}): use a shorter one")
 
     ports = {
         "inference": inference_port or free_port(),
-        "management": management_port or free_port(),
         "metrics": metrics_port or free_port(),
         # gRPC cannot be switched off in 0.12: give it free loopback ports so servers never collide.
         "grpc_inference": free_port(),
         "grpc_management": free_port(),
     }
-    properties: dict[str, object] = {
-        "inference_address": f"http://127.0.0.1:{ports['inference']}",
-        "management_address": f"http://127.0.0.1:{ports['management']}",
-        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
-        "grpc_inference_address": "127.0.0.1",
-        "grpc_management_address": "127.0.0.1",
-        "grpc_inference_port": ports["grpc_inference"],
-        "grpc_management_port": ports["grpc_management"],
-        "metrics_mode": "prometheus",
-        "enable_model_api": False,
-        "disable_token_authorization": not token_auth,
-        "model_store": str(model_store),
-    }
-    properties.update(extra_properties or {})
+    properties = server_properties(
+        inference_address=f"http://127.0.0.1:{ports['inference']}",
+        metrics_address=f"http://127.0.0.1:{ports['metrics']}",
+        management_socket=str(management_socket),
+        model_store=str(model_store),
+        workflow_store=str(private_tmp / "no-workflows"),
+        token_auth=token_auth,
+        extra={
+            "grpc_inference_port": ports["grpc_inference"],
+            "grpc_management_port": ports["grpc_management"],
+            **(extra_properties or {}),
+        },
+    )
     config_path = workdir / "config.properties"
     config_path.write_text(format_properties(properties))
+    for log in (workdir / "logs").glob("*.log"):
+        log.unlink()  # the fatal-line scan must only see this start
+    (workdir / KEY_FILE).unlink(missing_ok=True)  # keys of an earlier start would be stale
 
     command = [
         _torchserve_executable(),
@@ -262,10 +372,10 @@ def start_server(
             raise RuntimeError("torchserve wrote no pid file")
         inference_token = management_token = None
         if token_auth:
-            inference_token, management_token = _read_keys(workdir, deadline)
+            inference_token, management_token = _read_keys(workdir, deadline, pid)
         info = ServerInfo(
             inference_url=f"http://127.0.0.1:{ports['inference']}",
-            management_url=f"http://127.0.0.1:{ports['management']}",
+            management_socket=str(management_socket),
             metrics_url=f"http://127.0.0.1:{ports['metrics']}",
             model_name=model_name,
             workdir=str(workdir),
@@ -274,21 +384,25 @@ def start_server(
             management_token=management_token,
         )
         while time.monotonic() < deadline:
+            fatal = _fatal_log_line(workdir)
+            if fatal and not FATAL_CAUSES.search(fatal):
+                time.sleep(1.0)  # the cause is usually logged just before or after the effect
+                fatal = _fatal_log_line(workdir)
+            if fatal:
+                raise RuntimeError(f"TorchServe failed: {fatal}")
             if not _process_alive(pid):
                 raise RuntimeError("TorchServe exited during start-up")
             try:
                 if any(worker.get("status") == "READY" for worker in model_workers(info)):
                     _write_server_file(info, archive_dir)
                     return info
-            except (urllib.error.URLError, OSError, ValueError, IndexError):
+            except (OSError, ValueError, IndexError, RuntimeError):
                 pass  # not listening yet, or the model is still registering
-            time.sleep(0.5)
+            time.sleep(0.3)
         raise RuntimeError(f"model {model_name!r} had no READY worker after {timeout_s} s")
     except Exception as error:
         stop_server(workdir)
-        raise RuntimeError(
-            f"TorchServe did not start: {error}\n--- ts_log.log ---\n{_log_tail(workdir)}"
-        ) from error
+        raise RuntimeError(f"{error}\n--- ts_log.log ---\n{_log_tail(workdir)}") from error
 
 
 def _write_server_file(info: ServerInfo, archive_dir: Path) -> None:

@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,18 @@ def split_gcs_uri(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-def _join(prefix: str, relative: str) -> str:
-    """Joins a URI or path prefix and a ``/``-separated relative name."""
-    return f"{str(prefix).rstrip('/')}/{relative}"
+def join(prefix: str | os.PathLike, *names: str) -> str:
+    """Joins a URI or path prefix and ``/``-separated relative names (the one join for both kinds).
+
+    Args:
+        prefix: ``gs://bucket/prefix`` or a local folder.
+        *names: Relative names, appended in order.
+
+    Returns:
+        ``prefix/name1/name2...`` with single slashes between the parts.
+    """
+    parts = [str(prefix).rstrip("/")] + [str(name).strip("/") for name in names]
+    return "/".join(parts)
 
 
 def crc32c_base64(data: bytes) -> str:
@@ -540,7 +550,7 @@ def list_uris(uri_prefix: str | os.PathLike) -> list[str]:
         StorageError: Missing bucket or permission denied.
     """
     uri_prefix = str(uri_prefix)
-    return [_join(uri_prefix, rel) for rel in _relative_names(uri_prefix)]
+    return [join(uri_prefix, rel) for rel in _relative_names(uri_prefix)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +567,7 @@ def read_manifest(uri_prefix: str | os.PathLike) -> dict | None:
         The manifest (``{"format_version", "source", "promoted_at", "files": {name: {"crc32c", "size"}}}``)
         or None when the prefix has none (not promoted, or a promotion in progress).
     """
-    manifest_uri = _join(str(uri_prefix), MANIFEST_NAME)
+    manifest_uri = join(str(uri_prefix), MANIFEST_NAME)
     if not exists(manifest_uri):
         return None
     return json.loads(read_bytes(manifest_uri))
@@ -617,10 +627,10 @@ def download_dir(
     written = []
     for rel in sorted(names):
         target = destination / rel
-        download(_join(uri_prefix, rel), target)
+        download(join(uri_prefix, rel), target)
         if expected is not None and rel in expected:
             verify_crc32c(
-                file_crc32c_base64(target), expected[rel]["crc32c"], _join(uri_prefix, rel), "download"
+                file_crc32c_base64(target), expected[rel]["crc32c"], join(uri_prefix, rel), "download"
             )
         written.append(target)
     return written
@@ -643,7 +653,7 @@ def upload_dir(local_dir: str | os.PathLike, uri_prefix: str | os.PathLike) -> l
     files = _relative_names(str(source))
     if not files:
         raise StorageError(f"nothing to upload: local folder {source} is missing or empty")
-    return [upload(path, _join(uri_prefix, rel)) for rel, path in files.items()]
+    return [upload(path, join(uri_prefix, rel)) for rel, path in files.items()]
 
 
 @contextlib.contextmanager
@@ -680,6 +690,71 @@ def local_copy(uri: str | os.PathLike) -> Iterator[Path]:
             target = Path(tmp) / (Path(name.rstrip("/")).name or bucket_name)
             download_dir(uri, target)
             yield target
+
+
+@contextlib.contextmanager
+def local_output(uri_prefix: str | os.PathLike, promote_last: bool = False) -> Iterator[Path]:
+    """Gives a local folder to write an output into: the one "write locally, then upload" helper.
+
+    Args:
+        uri_prefix: Destination: a local folder (yielded as is, created) or a ``gs://`` prefix.
+        promote_last: For ``gs://``: upload to a staging prefix next to the destination and
+            :func:`promote` it (manifest last), so readers never see a half-written output.
+
+    Yields:
+        The folder to write into. For ``gs://`` it is temporary and uploaded when the block exits
+        without an exception (nothing is uploaded after a failure).
+
+    Raises:
+        StorageError: Nothing was written, missing bucket, permission denied, checksum mismatch.
+    """
+    if not is_gcs(uri_prefix):
+        folder = Path(uri_prefix)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    final = str(uri_prefix).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="metarec-out-") as tmp:
+        yield Path(tmp)
+        if promote_last:
+            staging = f"{final}.staging-{uuid.uuid4().hex[:8]}"
+            upload_dir(tmp, staging)
+            promote(staging, final)
+        else:
+            upload_dir(tmp, final)
+
+
+def fingerprint(uri: str | os.PathLike) -> str:
+    """Fingerprints the content under a prefix/folder (or one file): changes whenever a byte does.
+
+    For ``gs://`` it is computed from object metadata only (name, generation, size, crc32c: nothing is
+    downloaded); for local files from their crc32c and size.
+
+    Args:
+        uri: ``gs://`` prefix or object, local folder or file.
+
+    Returns:
+        ``sha256:<hex>`` over the sorted listing.
+
+    Raises:
+        StorageError: Nothing at ``uri``, missing bucket, permission denied.
+    """
+    import hashlib
+
+    uri = str(uri)
+    names = _relative_names(uri)
+    if not names and not is_gcs(uri) and Path(uri).is_file():
+        names = {Path(uri).name: Path(uri)}
+    if not names and is_gcs(uri):
+        names = {Path(uri).name: _blob_metadata(uri)} if exists(uri) else {}
+    if not names:
+        raise StorageError(f"nothing to fingerprint: {uri} holds no files")
+    listing = _describe(uri, names)
+    if is_gcs(uri):
+        for rel, blob in names.items():
+            if rel in listing:
+                listing[rel]["generation"] = int(blob.generation)
+    return "sha256:" + hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
 def _describe(uri_prefix: str, names: dict[str, Any]) -> dict[str, dict]:
@@ -742,19 +817,19 @@ def promote(staging_uri_prefix: str | os.PathLike, final_uri_prefix: str | os.Pa
     if not staged:
         raise StorageError(f"nothing to promote: {staging} holds no files")
     files = _describe(staging, staged)
-    _delete(_join(final, MANIFEST_NAME))
+    _delete(join(final, MANIFEST_NAME))
     for rel in _relative_names(final):
         if rel not in staged:
-            _delete(_join(final, rel))
+            _delete(join(final, rel))
     for rel in staged:
-        _copy_one(_join(staging, rel), _join(final, rel))
+        _copy_one(join(staging, rel), join(final, rel))
     manifest = {
         "format_version": 1,
         "source": staging,
         "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "files": files,
     }
-    write_bytes(_join(final, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    write_bytes(join(final, MANIFEST_NAME), json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 

@@ -18,7 +18,6 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -377,7 +376,7 @@ def run_meta_training(
     Raises:
         ValueError: unknown method or config key.
     """
-    from metarec import checkpoint, distributed
+    from metarec import checkpoint, distributed, storage
     from metarec.meta import METHODS, make_learner
     from metarec.tasks import Preprocessed, TrainTaskSampler, scenario_tasks
 
@@ -412,7 +411,7 @@ def run_meta_training(
         _, val_batch = scenario_tasks(pre, "user_cold", users_split="val")
         val_batch = _kshot(val_batch, cfg["val_kshot"]).to(device)
 
-        checkpoint_dir = cfg["checkpoint_dir"] or _join(str(output_dir), "checkpoints")
+        checkpoint_dir = cfg["checkpoint_dir"] or storage.join(output_dir, "checkpoints")
         # Polyak averaging: a smoothed copy of the weights is what gets validated and saved.
         ema_decay = float(cfg["ema"])
         averaged = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
@@ -506,10 +505,6 @@ def run_meta_training(
         distributed.shutdown(context)
 
 
-def _join(prefix: str, name: str) -> str:
-    return prefix.rstrip("/") + "/" + name
-
-
 def _write_model_dir(model, method, cfg, preprocessed_dir, output_dir, result, curve, val_history) -> None:
     from metarec import storage
 
@@ -523,13 +518,8 @@ def _write_model_dir(model, method, cfg, preprocessed_dir, output_dir, result, c
     }  # fmt: skip
     metrics = {"method": method, **result, "curve": curve, "val_history": val_history}
     model = copy.deepcopy(model).cpu()
-    if storage.is_gcs(output_dir):
-        with tempfile.TemporaryDirectory() as tmp:
-            _write_local(model, extra, metrics, preprocessed_dir, Path(tmp))
-            for name in MODEL_FILES:
-                storage.upload(Path(tmp) / name, _join(output_dir, name))
-    else:
-        _write_local(model, extra, metrics, preprocessed_dir, Path(output_dir))
+    with storage.local_output(output_dir) as directory:
+        _write_local(model, extra, metrics, preprocessed_dir, directory)
 
 
 def _write_local(model, extra, metrics, preprocessed_dir, directory: Path) -> None:
@@ -561,7 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value)
-    result = run_meta_training(args.preprocessed, args.method, config, args.output, resume=not args.no_resume)
+    from metarec import storage
+
+    # A PyTorchJob pod gets the data set as a gs:// prefix: train on a local copy of it.
+    with storage.local_copy(args.preprocessed) as preprocessed:
+        result = run_meta_training(
+            str(preprocessed), args.method, config, args.output, resume=not args.no_resume
+        )
     print(json.dumps(result))
     return 0
 

@@ -1,0 +1,48 @@
+"""The preprocess cache key follows the data: fingerprint_data over a real GCS emulator, and the pipeline
+feeding it into preprocess with caching off for the fingerprint itself."""
+
+import pytest
+
+from metarec import storage
+from metarec.preprocessing import data_fingerprint
+
+
+def test_fingerprint_changes_when_an_object_changes_and_only_then(gcs_bucket):
+    prefix = f"gs://{gcs_bucket}/ratings"
+    storage.write_bytes(f"{prefix}/u.data", b"1\t1\t5\t0\n")
+    storage.write_bytes(f"{prefix}/u.item", b"1|Toy Story\n")
+    first = data_fingerprint(prefix)
+    assert first.startswith("sha256:")
+    assert data_fingerprint(prefix) == first  # nothing changed: the cached Dataset may be reused
+
+    storage.write_bytes(f"{prefix}/u.data", b"1\t1\t4\t0\n")  # last week's file, refreshed in place
+    refreshed = data_fingerprint(prefix)
+    assert refreshed != first
+
+    storage.write_bytes(f"{prefix}/u.user", b"1|24|M|technician|85711\n")  # a new file
+    assert data_fingerprint(prefix) not in (first, refreshed)
+
+
+def test_fingerprint_of_local_folders_and_synthetic_data(tmp_path):
+    (tmp_path / "u.data").write_bytes(b"a")
+    before = data_fingerprint(str(tmp_path))
+    (tmp_path / "u.data").write_bytes(b"b")
+    assert data_fingerprint(str(tmp_path)) != before
+    assert data_fingerprint("synthetic:tiny") == "synthetic:tiny"
+
+
+def test_fingerprint_of_missing_data_names_it(gcs_bucket):
+    with pytest.raises(storage.StorageError, match="nothing to fingerprint"):
+        data_fingerprint(f"gs://{gcs_bucket}/nothing-here")
+
+
+def test_pipeline_feeds_the_fingerprint_into_the_preprocess_cache_key(tmp_path):
+    import yaml
+    from metarec.pipelines.compile import compile_pipeline
+    from metarec.pipelines.metarec_pipeline import PipelineOptions
+
+    path = compile_pipeline(PipelineOptions(variant="cpu"), tmp_path / "p.yaml")
+    dag = next(yaml.safe_load_all(path.read_text()))["root"]["dag"]["tasks"]
+    assert dag["fingerprint-data"]["cachingOptions"] == {}  # enableCache absent: off
+    wired = dag["preprocess"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+    assert wired == {"outputParameterKey": "Output", "producerTask": "fingerprint-data"}

@@ -1,0 +1,194 @@
+"""The PyTorchJob launcher: the job object, and submission against a fake Kubernetes API server (retry
+adoption, cancellation, timeout)."""
+
+import os
+import signal
+
+import pytest
+import yaml
+from fake_kube import PYTORCHJOBS, condition_status
+from metarec.components.meta_train_pytorchjob import pytorchjob
+
+
+def _job(**overrides):
+    arguments = dict(
+        name="metarec-maml-abc",
+        namespace="team",
+        image="registry/metarec-components:1",
+        method="maml",
+        preprocessed_uri="gs://bucket/pre",
+        output_uri="gs://bucket/model",
+        train_config={"meta_steps": 200, "hidden": [64, 32]},
+        num_nodes=3,
+        gpus_per_node=2,
+        gpu_type="nvidia-l4",
+    )
+    arguments.update(overrides)
+    return pytorchjob.build_pytorchjob(**arguments)
+
+
+def test_pytorchjob_has_master_workers_torchrun_and_gpu_scheduling():
+    job = _job()
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert job["metadata"]["namespace"] == "team"
+    assert job["spec"]["nprocPerNode"] == "2"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    for replica in replicas.values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch"
+        assert container["image"] == "registry/metarec-components:1"
+        command = container["command"]
+        assert command[0] == "torchrun" and command[command.index("-m") + 1] == "metarec.training"
+        assert command[command.index("--preprocessed") + 1] == "gs://bucket/pre"
+        assert command[command.index("--output") + 1] == "gs://bucket/model"
+        assert "meta_steps=200" in command and "hidden=[64, 32]" in command
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["serviceAccountName"] == pytorchjob.DEFAULT_SERVICE_ACCOUNT
+
+
+def test_pytorchjob_matches_the_shape_of_the_training_manifest(repo_root):
+    manifest = repo_root / "manifests" / "training-example" / "pytorchjob.yaml"
+    reference = yaml.safe_load(manifest.read_text())
+    job = _job(num_nodes=2)
+    assert job["apiVersion"] == reference["apiVersion"] and job["kind"] == reference["kind"]
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == set(reference["spec"]["pytorchReplicaSpecs"])
+    ours = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    theirs = reference["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert set(theirs) <= set(ours), f"missing pod settings: {set(theirs) - set(ours)}"
+    assert ours["containers"][0]["name"] == theirs["containers"][0]["name"]
+
+
+def test_pytorchjob_on_cpu_has_no_gpu_settings_and_one_pod():
+    job = _job(num_nodes=1, gpus_per_node=0, gpu_type="nvidia-l4")
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert job["spec"]["nprocPerNode"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"preprocessed_uri": "/tmp/pre"}, "gs:// pipeline_root"),
+        ({"num_nodes": 0}, "num_nodes"),
+        ({"gpus_per_node": -1}, "gpus_per_node"),
+    ],
+)
+def test_pytorchjob_refuses_bad_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _job(**overrides)
+
+
+def test_job_name_is_stable_per_task_and_valid():
+    name = pytorchjob.job_name("MAML_v2", "run-" + "x" * 80, "task-1")
+    assert len(name) <= 63 and name == name.lower() and not name.endswith("-")
+    assert name.startswith("metarec-maml-v2-")
+    # A retry keeps the run and task ids, so it finds the job its first attempt started.
+    assert name == pytorchjob.job_name("MAML_v2", "run-" + "x" * 80, "task-1")
+    assert name != pytorchjob.job_name("MAML_v2", "run-" + "x" * 80, "task-2")
+    with pytest.raises(ValueError, match="run_id and task_id"):
+        pytorchjob.job_name("maml", "", "task-1")
+
+
+def test_pytorchjob_is_owned_cleaned_up_and_kept_out_of_istio():
+    owner = pytorchjob.owner_reference("launcher-pod", "uid-1")
+    job = _job(owner=owner)
+    assert job["metadata"]["ownerReferences"] == [owner]
+    assert owner["kind"] == "Pod" and owner["uid"] == "uid-1"
+    policy = job["spec"]["runPolicy"]
+    assert policy["cleanPodPolicy"] == "Running"
+    assert policy["ttlSecondsAfterFinished"] > 0
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pytorchjob.owner_reference("", "") is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Submission against a fake API server, through the real kubernetes client
+
+JOBS = PYTORCHJOBS.format(namespace="team")
+
+
+def _api():
+    from metarec.components.kube import custom_objects_api
+
+    return custom_objects_api()
+
+
+def _finish_after(reads: int, state: str):
+    """A controller stand-in: the job reaches ``state`` after ``reads`` status reads (counted by sleeps)."""
+    calls = []
+
+    def sleep(_seconds, kube):
+        calls.append(1)
+        if len(calls) >= reads:
+            kube.set_status(JOBS, "metarec-maml-abc", condition_status(state, f"job {state.lower()}"))
+
+    return sleep
+
+
+def test_submit_and_wait_returns_when_succeeded(kube):
+    finish = _finish_after(2, "Succeeded")
+    final = pytorchjob.submit_and_wait(_job(), api=_api(), poll_interval_s=0, sleep=lambda s: finish(s, kube))
+    assert pytorchjob.job_state(final) == "Succeeded"
+    assert [entry for entry in kube.log if entry[0] == "POST"] == [("POST", JOBS, "")]
+
+
+def test_submit_and_wait_raises_with_the_failure_message(kube):
+    finish = _finish_after(1, "Failed")
+    with pytest.raises(pytorchjob.PyTorchJobError, match="failed: job failed"):
+        pytorchjob.submit_and_wait(_job(), api=_api(), poll_interval_s=0, sleep=lambda s: finish(s, kube))
+
+
+def test_timeout_deletes_the_job(kube):
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    with pytest.raises(pytorchjob.PyTorchJobError, match="did not finish"):
+        pytorchjob.submit_and_wait(_job(), api=_api(), timeout_s=60, poll_interval_s=30, sleep=sleep,
+                                   clock=lambda: now[0])  # fmt: skip
+    assert kube.get(JOBS, "metarec-maml-abc") is None
+    assert ("DELETE", JOBS, "metarec-maml-abc") in kube.log
+
+
+def test_sigterm_deletes_the_job(kube):
+    """KFP cancelling the run (or an eviction) sends SIGTERM to the launcher: the job must go too."""
+
+    def sleep(_seconds):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(pytorchjob.PyTorchJobError, match="terminated"):
+        pytorchjob.submit_and_wait(_job(), api=_api(), poll_interval_s=0, sleep=sleep)
+    assert kube.get(JOBS, "metarec-maml-abc") is None
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_retry_adopts_the_running_job_and_adds_itself_as_owner(kube):
+    first = _job(owner=pytorchjob.owner_reference("attempt-1", "uid-1"))
+    kube.put(JOBS, first)
+    kube.set_status(JOBS, "metarec-maml-abc", condition_status("Running"))
+    retry = _job(owner=pytorchjob.owner_reference("attempt-2", "uid-2"))
+    finish = _finish_after(1, "Succeeded")
+    pytorchjob.submit_and_wait(retry, api=_api(), poll_interval_s=0, sleep=lambda s: finish(s, kube))
+    creates = [entry for entry in kube.log if entry[0] == "POST"]
+    assert len(creates) == 1  # the retry's create hit 409, and no second job was made
+    assert ("DELETE", JOBS, "metarec-maml-abc") not in kube.log
+    owners = [o["uid"] for o in kube.get(JOBS, "metarec-maml-abc")["metadata"]["ownerReferences"]]
+    assert owners == ["uid-1", "uid-2"]  # the first attempt's pod going away no longer deletes it
+
+
+def test_retry_after_a_failed_job_starts_it_again(kube):
+    kube.put(JOBS, _job())
+    kube.set_status(JOBS, "metarec-maml-abc", condition_status("Failed"))
+    finish = _finish_after(1, "Succeeded")
+    pytorchjob.submit_and_wait(_job(), api=_api(), poll_interval_s=0, sleep=lambda s: finish(s, kube))
+    assert ("DELETE", JOBS, "metarec-maml-abc") in kube.log
+    assert pytorchjob.job_state(kube.get(JOBS, "metarec-maml-abc")) == "Succeeded"

@@ -1,0 +1,76 @@
+"""The cluster-side manifests the pipeline relies on: RBAC for its steps, the training identity in the
+run's namespace, drains that a single replica cannot block, and the Managed Prometheus scrape."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+
+
+def render(kustomization: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed: cannot render the manifests")
+    done = subprocess.run([kubectl, "kustomize", str(MANIFESTS / kustomization)], capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+
+
+def _one(objects: list[dict], kind: str) -> dict:
+    (found,) = [obj for obj in objects if obj["kind"] == kind]
+    return found
+
+
+def test_pipeline_role_grants_every_call_the_steps_make():
+    objects = render("pipeline-rbac")
+    role, binding = _one(objects, "Role"), _one(objects, "RoleBinding")
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]}  # fmt: skip
+    # meta_train_pytorchjob: create, read, adopt (replace) and delete; deploy_model: patch / replace.
+    assert {"create", "get", "update", "delete"} <= granted[("kubeflow.org", "pytorchjobs")]
+    assert {"get", "patch"} <= granted[("serving.kserve.io", "inferenceservices")]
+    assert {"get", "update"} <= granted[("apps", "deployments")]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    namespaces = {subject["namespace"] for subject in binding["subjects"]}
+    assert namespaces == {role["metadata"]["namespace"]}  # the runner acts in its own namespace
+    assert "default-editor" in {subject["name"] for subject in binding["subjects"]}
+
+
+def test_training_identity_is_created_where_the_runs_are():
+    account = _one(render("training"), "ServiceAccount")
+    assert account["metadata"]["name"] == "metarec-training"
+    assert "namespace" not in account["metadata"], "pinned to one namespace: jobs in a profile would lack it"
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+    assert not [obj for obj in render("training") if obj["kind"] == "PyTorchJob"], (
+        "no job with placeholder URIs"
+    )
+
+
+@pytest.mark.parametrize("overlay", ["serving/overlays/gke-cpu", "serving/overlays/gke-gpu"])
+def test_a_single_replica_cannot_block_a_node_drain(overlay):
+    objects = render(overlay)
+    budget, autoscaler = _one(objects, "PodDisruptionBudget"), _one(objects, "HorizontalPodAutoscaler")
+    spec = budget["spec"]
+    if "minAvailable" in spec:
+        assert int(spec["minAvailable"]) < autoscaler["spec"]["minReplicas"]
+    else:
+        assert int(spec["maxUnavailable"]) >= 1
+
+
+def test_podmonitoring_scrapes_the_serving_metrics_port():
+    monitor = _one(render("monitoring"), "PodMonitoring")
+    deployment = _one(render("serving/overlays/gke-cpu"), "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = {
+        port["name"]
+        for c in deployment["spec"]["template"]["spec"]["containers"]
+        for port in c.get("ports", [])
+    }
+    assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= ports

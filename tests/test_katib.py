@@ -1,0 +1,107 @@
+"""The Katib Experiment over meta-training (a custom resource: no schema offline, so checked structurally).
+
+It must search :data:`metarec.tuning.SEARCH_SPACE`, hand every parameter to the trial command, run the
+code the meta_train component runs, meet the project's pod hardening baseline, and its metrics collector
+must read the validation metrics out of what ``python -m metarec.training`` really prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from test_manifests import hardening_problems  # the one hardening baseline of the project's pods
+
+from metarec import images
+from metarec.tuning import OBJECTIVES, SEARCH_SPACE
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "manifests" / "katib" / "experiment.yaml"
+KATIB_TYPES = {"log": "double", "float": "double", "int": "int", "choice": "categorical"}
+
+
+@pytest.fixture(scope="module")
+def experiment() -> dict:
+    return yaml.safe_load(EXPERIMENT.read_text())
+
+
+def _container(experiment: dict) -> dict:
+    pod = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    (container,) = [
+        c
+        for c in pod["containers"]
+        if c["name"] == experiment["spec"]["trialTemplate"]["primaryContainerName"]
+    ]
+    return container
+
+
+def _sets(command: list[str]) -> dict[str, str]:
+    return dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--set")
+
+
+def test_experiment_searches_the_tuning_space(experiment):
+    assert experiment["apiVersion"] == "kubeflow.org/v1beta1" and experiment["kind"] == "Experiment"
+    parameters = {p["name"]: p for p in experiment["spec"]["parameters"]}
+    assert set(parameters) == set(SEARCH_SPACE)
+    for name, (kind, spec) in SEARCH_SPACE.items():
+        parameter = parameters[name]
+        assert parameter["parameterType"] == KATIB_TYPES[kind], name
+        space = parameter["feasibleSpace"]
+        if kind == "choice":
+            assert space["list"] == [str(value) for value in spec], name
+        else:
+            assert (float(space["min"]), float(space["max"])) == spec, name
+            assert space.get("distribution", "uniform") == ("logUniform" if kind == "log" else "uniform"), (
+                name
+            )
+
+
+def test_every_parameter_reaches_the_training_command(experiment):
+    template = experiment["spec"]["trialTemplate"]
+    references = {t["name"]: t["reference"] for t in template["trialParameters"]}
+    assert set(references.values()) == set(SEARCH_SPACE)
+    container = _container(experiment)
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "metarec.training"]  # the meta_train component's code
+    assert "--no-resume" in command
+    sets = _sets(command)
+    for placeholder, name in references.items():
+        assert sets[name] == f"${{trialParameters.{placeholder}}}", name
+    assert container["image"] == images.components_image()
+
+
+def test_trial_pod_meets_the_hardening_baseline(experiment):
+    pod = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    assert hardening_problems(pod, "Katib trial") == []
+
+
+@pytest.mark.slow
+def test_metrics_collector_reads_what_training_prints(experiment, tmp_path, capsys):
+    """Run the trial command's entry point on tiny data and parse its output with the collector's regex."""
+    from metarec.preprocessing import run_preprocessing
+    from metarec.training import main
+
+    objective = experiment["spec"]["objective"]
+    assert (objective["objectiveMetricName"], objective["type"]) == OBJECTIVES["ndcg@3"]
+    assert objective["additionalMetricNames"] == [OBJECTIVES["mae"][0]]
+    run_preprocessing("synthetic:tiny", None, None, str(tmp_path / "pre"))
+    sets = {k: v for k, v in _sets(_container(experiment)["command"]).items() if "${" not in v}
+    argv = ["--preprocessed", str(tmp_path / "pre"), "--method", "reptile", "--output", str(tmp_path / "model"),
+            "--no-resume", "--set", "meta_steps=3", "--set", "val_every=0"]  # fmt: skip
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    (pattern,) = experiment["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"]
+    # Katib's collector (StdOut: stdout and stderr together) reads every name/value pair the regex matches.
+    found = {}
+    for line in (captured.err + captured.out).splitlines():
+        for match in re.finditer(pattern, line):
+            found[match.group(1)] = float(match.group(2))
+    assert found == {
+        "val_mae": pytest.approx(printed["val_mae"]),
+        "val_ndcg@3": pytest.approx(printed["val_ndcg@3"]),
+    }

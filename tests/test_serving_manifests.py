@@ -1,0 +1,178 @@
+"""Serving security in every config the project writes and in the KServe overlays (issue 13).
+
+* One renderer (metarec.torchserve_config) writes every config.properties: the checked-in files are
+  up to date, the rendered ConfigMaps hold them, and each one closes the code-loading surface.
+* The KServe overlay has its NetworkPolicy, PodDisruptionBudget and probes like the base; the
+  kserve-istio overlay adds mesh authentication (checked structurally: Istio kinds have no schema).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metarec import torchserve_config
+from metarec.packaging import config_properties
+from metarec.serving_settings import ServingSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO_ROOT / "manifests"
+
+
+def render(kustomization: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS / kustomization)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def surface_problems(properties: dict[str, str]) -> list[str]:
+    """What a TorchServe config leaves open of the code-loading / management surface."""
+    expected = {
+        "allowed_urls": torchserve_config.NOTHING_MATCHES,
+        "enable_model_api": "false",
+        "use_native_io": "true",
+        "decode_input_request": "false",
+        "install_py_dep_per_model": "false",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_address": "127.0.0.1",
+    }
+    problems = [
+        f"{key}={properties.get(key)!r}" for key, value in expected.items() if properties.get(key) != value
+    ]
+    if not properties.get("management_address", "").startswith("unix:"):
+        problems.append(f"management_address={properties.get('management_address')!r} is not a Unix socket")
+    store = properties.get("workflow_store", "")
+    if not store or store == properties.get("model_store"):
+        problems.append("workflow_store must be its own (empty) folder, not the model store")
+    return problems
+
+
+def test_checked_in_configs_are_rendered_by_the_one_renderer():
+    assert torchserve_config.main(["--root", str(REPO_ROOT)]) == 0
+    for path, text in torchserve_config.render_targets().items():
+        assert (REPO_ROOT / path).read_text() == text
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "name"),
+    [
+        ("serving/overlays/gke-cpu", "manifests/serving/base/config.properties"),
+        ("serving/overlays/kserve", "manifests/serving/overlays/kserve/config.properties"),
+    ],
+)
+def test_rendered_config_maps_hold_the_generated_properties(kustomization, name):
+    maps = [
+        obj
+        for obj in render(kustomization)
+        if obj["kind"] == "ConfigMap" and "config.properties" in obj["data"]
+    ]
+    assert len(maps) == 1
+    assert maps[0]["data"]["config.properties"] == (REPO_ROOT / name).read_text()
+
+
+def test_every_written_config_closes_the_surface():
+    configs = {path: parse_properties(text) for path, text in torchserve_config.render_targets().items()}
+    for token_auth in (True, False):
+        archive = config_properties(ServingSettings(token_auth=token_auth), "metarec")
+        configs[f"archive token_auth={token_auth}"] = parse_properties(
+            torchserve_config.format_properties(archive)
+        )
+    for where, properties in configs.items():
+        assert surface_problems(properties) == [], where
+    weakened = dict(configs["docker/serving/config.properties"], allowed_urls="file://.*|http(s)?://.*")
+    weakened.pop("workflow_store")
+    assert len(surface_problems(weakened)) == 2
+
+
+def test_the_handler_limit_sits_below_torchserve_s_request_limit():
+    properties = parse_properties(
+        torchserve_config.format_properties(config_properties(ServingSettings(), "m"))
+    )
+    assert int(properties["max_request_size"]) > ServingSettings().max_body_bytes
+
+
+def _predictor(objects):
+    isvc = next(obj for obj in objects if obj["kind"] == "InferenceService")
+    return isvc, isvc["spec"]["predictor"]
+
+
+def test_kserve_overlay_has_network_policy_pdb_and_probes():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = render("serving/overlays/kserve")
+    isvc, predictor = _predictor(objects)
+    pod_labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], **predictor["labels"]}
+    policy = next(obj for obj in objects if obj["kind"] == "NetworkPolicy")
+    pdb = next(obj for obj in objects if obj["kind"] == "PodDisruptionBudget")
+    for obj in (policy, pdb):
+        kubernetes_validate.validate(obj, "1.33", strict=True)
+        assert obj["metadata"]["namespace"] == isvc["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == {8080, 8082}
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] < predictor["minReplicas"]
+    container = predictor["pytorch"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ping", "port": 8080}, probe
+    # The probes need /ping without a token: token authorisation must be off in that config.
+    config_map = next(obj for obj in objects if obj["kind"] == "ConfigMap")
+    assert parse_properties(config_map["data"]["config.properties"])["disable_token_authorization"] == "true"
+
+
+def authorization_problems(policy: dict, pod_labels: dict) -> list[str]:
+    """What an Istio AuthorizationPolicy lacks to authenticate inference on our pods."""
+    problems = []
+    spec = policy.get("spec") or {}
+    if not (spec.get("selector", {}).get("matchLabels", {}).items() <= pod_labels.items()):
+        problems.append("selector does not match the serving pods")
+    if spec.get("action", "ALLOW") != "ALLOW":
+        problems.append("not an ALLOW policy (anything unmatched must be denied)")
+    for rule in spec.get("rules") or []:
+        operations = [to.get("operation", {}) for to in rule.get("to") or [{}]]
+        reaches_inference = any(
+            "POST" in op.get("methods", ["POST"]) and "8080" in op.get("ports", ["8080"]) for op in operations
+        )
+        identified = any(
+            source.get("source", {}).get("principals") or source.get("source", {}).get("requestPrincipals")
+            for source in rule.get("from") or []
+        )
+        if reaches_inference and not identified:
+            problems.append("a rule lets unidentified callers POST to the inference port")
+    return problems
+
+
+def test_istio_option_authenticates_inference():
+    objects = render("serving/overlays/kserve-istio")
+    _, predictor = _predictor(objects)
+    kinds = sorted(obj["kind"] for obj in objects)
+    assert {"AuthorizationPolicy", "PeerAuthentication", "NetworkPolicy", "InferenceService"} <= set(kinds)
+    policy = next(obj for obj in objects if obj["kind"] == "AuthorizationPolicy")
+    peer = next(obj for obj in objects if obj["kind"] == "PeerAuthentication")
+    assert policy["apiVersion"] == peer["apiVersion"] == "security.istio.io/v1"
+    assert policy["metadata"]["namespace"] == peer["metadata"]["namespace"] == "metarec"
+    assert authorization_problems(policy, predictor["labels"]) == []
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert peer["spec"]["selector"]["matchLabels"].items() <= predictor["labels"].items()
+    open_policy = copy.deepcopy(policy)
+    open_policy["spec"]["rules"][0].pop("from")
+    assert authorization_problems(open_policy, predictor["labels"]) == [
+        "a rule lets unidentified callers POST to the inference port"
+    ]
+    # The same component fits the Deployment variant: its pods carry the same name label.
+    base_pod = next(obj for obj in render("serving/base") if obj["kind"] == "Deployment")["spec"]["template"]
+    assert authorization_problems(policy, base_pod["metadata"]["labels"]) == []
