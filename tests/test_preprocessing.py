@@ -257,7 +257,7 @@ def test_scale_benchmark_smoke(repo_root, capsys):
 def test_text_features_see_only_what_training_sees(tmp_path):
     from csv_release import write_csv_release
 
-    from metarec.text_features import vector_column
+    from metarec.features import vector_column
 
     source = write_csv_release(tmp_path / "raw")
     summary = run_preprocessing(str(source), "movielens-csv", None, str(tmp_path / "out"))

@@ -88,6 +88,11 @@ def _labels(value: Any) -> list[str]:
     return [str(v).strip() for v in value if not _is_missing(v)]
 
 
+def vector_column(name: str) -> str:
+    """Name of the ``items.parquet`` column holding the stored vectors of text feature ``name``."""
+    return f"{name}_vector"
+
+
 def _vectors(values: Sequence[Any], dim: int) -> np.ndarray:
     """Stacks per-entity text vectors (arrays, lists or None) into Float[N, dim] with NaN for missing."""
     out = np.full((len(values), dim), np.nan, dtype=np.float64)
@@ -116,8 +121,6 @@ def fit_feature_schema(
     schema: list[dict[str, Any]] = []
     for spec in specs:
         if spec.kind == "text":
-            from metarec.text_features import vector_column  # the column naming lives with the encoders
-
             column = vector_column(spec.name)
             values = frame[column].tolist() if column in frame.columns else []
             vectors = _vectors(values, int(spec.dim))

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from metarec import storage
 from metarec.data.config import load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
-from metarec.features import FeatureEncoder
-from metarec.text_features import tag_texts, text_vectors, vector_column
+from metarec.features import FeatureEncoder, vector_column
+from metarec.text_features import tag_texts, text_vectors
 
 log = logging.getLogger(__name__)
 

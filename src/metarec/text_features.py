@@ -34,11 +34,6 @@ MAX_TAGS_PER_ITEM = 50
 _WORD = re.compile(r"[^\W_]+")
 
 
-def vector_column(name: str) -> str:
-    """Name of the ``items.parquet`` column holding the vectors of text feature ``name``."""
-    return f"{name}_vector"
-
-
 def tag_texts(tags: pd.DataFrame, max_tags: int = MAX_TAGS_PER_ITEM) -> dict[int, str]:
     """Joins each item's tags into one text, most often applied first.
 
