@@ -28,10 +28,22 @@ RATINGS_CSV = """userId,movieId,rating,timestamp
 """
 
 
-def write_csv_dataset(root: Path, ratings: str = RATINGS_CSV, movies: str = MOVIES_CSV) -> Path:
+TAGS_CSV = """userId,movieId,tag,timestamp
+1,1,pixar,1139045764
+2,1,Pixar,1139045765
+2,3, politics ,1139045766
+3,9,no such movie,1139045767
+3,2,,1139045768
+"""
+
+
+def write_csv_dataset(
+    root: Path, ratings: str = RATINGS_CSV, movies: str = MOVIES_CSV, tags: str = TAGS_CSV
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "ratings.csv").write_text(ratings)
     (root / "movies.csv").write_text(movies)
+    (root / "tags.csv").write_text(tags)
     return root
 
 
@@ -254,3 +266,71 @@ def test_duplicate_resolution_matches_a_pandas_reference(spread_ids):
     assert drop_duplicates_keep_latest(np.arange(5), np.zeros(5, int), np.zeros(5, int)) == (None, 0)
     values, codes = dense_codes(np.array([7, 3, 7, 10**12]))
     assert values.tolist() == [3, 7, 10**12] and codes.tolist() == [1, 0, 1, 2]
+
+
+def test_csv_layout_reads_tags_text_and_display_fields(tmp_path):
+    raw = load_raw(write_csv_dataset(tmp_path), "movielens-csv")
+    # Stripped, empty tags dropped, tags of items missing from movies.csv dropped and counted.
+    assert raw.tags.values.tolist() == [[1, 1, "pixar"], [2, 1, "Pixar"], [2, 3, "politics"]]
+    assert raw.counts["tags_read"] == 4 and raw.counts["unknown_item_tags_dropped"] == 1
+    items = raw.items.set_index("item_id")
+    assert items.loc[3, "text"] == "American President, The (1995)"  # the text columns, joined
+    assert items.loc[3, "display_title"] == "American President, The (1995)"
+    assert items.loc[1, "display_genres"] == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+    assert items.loc[1, "display_year"] == 1995 and items.loc[4, "display_year"] is None
+
+
+def test_movielens_100k_display_fields(ml100k_dir):
+    items = load_raw(ml100k_dir, "movielens-100k").items.set_index("item_id")
+    assert items.loc[1, "display_title"] == "Toy Story (1995)"
+    assert items.loc[1, "display_genres"] == ["Animation", "Children's", "Comedy"]
+    assert items.loc[1, "display_year"] == 1995
+
+
+BAD_TAGS = {
+    "non-numeric user": (
+        "userId,movieId,tag\n1,1,fun\nx,2,dull\n",
+        r"column 'userId', data row 2 .*non-numeric id 'x'",
+    ),
+    "missing column": ("userId,movieId,label\n1,1,fun\n", r"column 'tag', header: missing column"),
+    "missing file": (None, r"file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TAGS))
+def test_bad_tags_table_names_file_column_and_row(tmp_path, case):
+    tags, message = BAD_TAGS[case]
+    write_csv_dataset(tmp_path, tags=tags or "")
+    if tags is None:
+        (tmp_path / "tags.csv").unlink()
+    with pytest.raises(ValueError, match=f"tags.csv: {message}"):
+        load_raw(tmp_path, "movielens-csv")
+
+
+def test_text_tags_and_display_config_errors_name_the_key():
+    base = {"file": "r.csv", "header": True, "user": "u", "item": "i", "rating": "r"}
+    items = {"file": "i.csv", "header": True, "id": "id"}
+
+    def parse(features=(), **extra):
+        return parse_dataset_config(
+            {"ratings": base, "items": {**items, "features": list(features)}, **extra}
+        )
+
+    text = {"name": "text", "kind": "text", "columns": ["title"]}
+    assert parse([text]).items.features[0].dim == 32 and parse([text]).items.features[0].encoder == "ngrams"
+    with pytest.raises(ValueError, match=r"items.features\[0\]: a text feature needs text 'columns'"):
+        parse([{"name": "text", "kind": "text"}])
+    with pytest.raises(ValueError, match=r"items.features\[0\]: tags: true needs a top-level 'tags' table"):
+        parse([{**text, "tags": True}])
+    with pytest.raises(ValueError, match=r"items.features\[0\].dim: expected an integer >= 1"):
+        parse([{**text, "dim": 0}])
+    with pytest.raises(ValueError, match=r"items.features\[0\].model: a local path or gs:// URI is required"):
+        parse([{**text, "encoder": "sentence"}])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['buckets'\]"):
+        parse([{**text, "buckets": 8}])
+    with pytest.raises(ValueError, match=r"tags.tag: the column name is required"):
+        parse([text], tags={"file": "t.csv", "header": True, "user": "u", "item": "i"})
+    with pytest.raises(ValueError, match=r"display\[0\]: feature 'genres' is not an item feature"):
+        parse([text], display=[{"name": "genres", "feature": "genres"}])
+    with pytest.raises(ValueError, match=r"display\[1\]: give either 'column'"):
+        parse([text], display=[{"name": "title", "column": "title"}, {"name": "x"}])

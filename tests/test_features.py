@@ -13,7 +13,9 @@ from metarec.data.config import load_dataset_config
 from metarec.features import FeatureEncoder, stable_hash_bucket
 
 USER_SPECS = load_dataset_config("movielens-100k").users.features
-ITEM_SPECS = load_dataset_config("movielens-csv").items.features
+CSV_ITEM_SPECS = load_dataset_config("movielens-csv").items.features
+ITEM_SPECS = tuple(spec for spec in CSV_ITEM_SPECS if spec.kind != "text")
+TEXT_SPEC = next(spec for spec in CSV_ITEM_SPECS if spec.kind == "text")
 
 TRAIN_USERS = pd.DataFrame(
     {
@@ -111,3 +113,39 @@ def test_no_user_features():
     assert encoded.cat.shape == (4, 0) and encoded.num.shape == (4, 0) and encoded.multi.shape == (4, 0)
     with pytest.raises(ValueError, match="unknown user feature 'age'"):
         encoder.encode_user_dict({"age": 3})
+
+
+def _text_encoder(vectors: list) -> FeatureEncoder:
+    warm = WARM_ITEMS.assign(text=["a", "b", "c"], text_vector=vectors)
+    return FeatureEncoder.fit(None, warm, (), (*ITEM_SPECS, TEXT_SPEC), {"text": {"encoder": "ngrams"}})
+
+
+def test_text_vectors_join_the_numeric_block_standardised_on_training_items():
+    dim = TEXT_SPEC.dim
+    rng = np.random.default_rng(0)
+    vectors = [rng.normal(3.0, 2.0, dim), rng.normal(3.0, 2.0, dim), None]  # the third item has no text
+    encoder = _text_encoder(vectors)
+    entry = encoder.schema["item_features"][-1]
+    assert entry["kind"] == "text" and entry["dim"] == dim and entry["vector_column"] == "text_vector"
+    assert entry["encoder"] == "ngrams" and entry["sources"] == {"columns": ["title"], "tags": True}
+    stacked = np.stack(vectors[:2])
+    assert entry["mean"] == pytest.approx(stacked.mean(axis=0).tolist())
+    assert encoder.item_dims.n_num == 1 + dim and encoder.item_dims.n_multi == 3
+
+    frame = pd.DataFrame({"genres": ["Action"] * 3, "year": [1995.0] * 3, "text_vector": vectors})
+    num = encoder.encode_items(frame).num
+    expected = (stacked - stacked.mean(axis=0)) / stacked.std(axis=0)
+    assert torch.allclose(num[:2, 1:], torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+    assert torch.equal(num[2, 1:], torch.zeros(dim))  # missing text = the training mean
+    # The raw text column is not an input: only the stored vectors are.
+    assert torch.equal(encoder.encode_items(frame.assign(text=["x", "y", "z"])).num, num)
+
+
+def test_text_feature_in_a_request_must_be_its_vector():
+    encoder = _text_encoder([np.ones(TEXT_SPEC.dim), np.zeros(TEXT_SPEC.dim), None])
+    one = encoder.encode_item_dict({"text": [1.0] * TEXT_SPEC.dim})
+    assert one.num.shape == (1, 1 + TEXT_SPEC.dim)
+    with pytest.raises(ValueError, match=r"item feature 'text' \(text\) must be its encoded vector"):
+        encoder.encode_item_dict({"text": "Toy Story"})
+    with pytest.raises(ValueError, match="32 numbers"):
+        encoder.encode_item_dict({"text": [1.0, 2.0]})

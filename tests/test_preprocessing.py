@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def test_outputs_follow_the_contract(tiny):
     assert schema["n_users"] == len(users) == rows["user_idx"].nunique()
     assert schema["n_items"] == len(items) and schema["n_warm_items"] == int((~items["is_cold"]).sum())
     assert "|" in "".join(items["genres"])  # multi-hot stored as a joined string
+    assert [d["name"] for d in schema["display"]] == ["title", "genres", "year"]
+    assert items["display_title"].str.fullmatch(r"The \w+ \w+ \d+ \(\d{4}\)").all()  # readable titles
 
 
 def test_roles_and_kshot_ranks_per_user(tiny):
@@ -187,6 +190,7 @@ def test_csv_dataset_without_user_features(tmp_path):
     movies = pd.DataFrame({"movieId": range(1, 31), "title": [f"M{i} ({1980 + i})" for i in range(1, 31)],
                            "genres": ["Comedy|Drama", "Action"] * 15})  # fmt: skip
     movies.to_csv(tmp_path / "movies.csv", index=False)
+    (tmp_path / "tags.csv").write_text("userId,movieId,tag,timestamp\n")  # a release may have no tags yet
     summary = run_preprocessing(str(tmp_path), "movielens-csv", {"max_ratings": 30}, str(tmp_path / "out"))
     schema, users, items, interactions = read(tmp_path / "out")
     assert schema["user_features"] == [] and list(users.columns) == ["user_idx", "user_id", "user_split"]
@@ -195,14 +199,31 @@ def test_csv_dataset_without_user_features(tmp_path):
     assert summary["n_interactions"] == len(interactions) > 0
 
 
+def ml100k_with_title_text(tmp_path):
+    """The shipped MovieLens-100K config with its (commented-out) title text feature switched on."""
+    from metarec.data.config import CONFIGS_DIR
+
+    text = (CONFIGS_DIR / "movielens-100k.yaml").read_text()
+    line = "    # - {name: text, kind: text, columns: [title], dim: 32}"
+    assert line in text
+    path = tmp_path / "movielens-100k-text.yaml"
+    path.write_text(text.replace(line, line.replace("# ", "", 1)))
+    return str(path)
+
+
 def test_preprocess_real_movielens(ml100k_dir, tmp_path):
-    summary = run_preprocessing(str(ml100k_dir), "movielens-100k", None, str(tmp_path / "out"))
+    config = ml100k_with_title_text(tmp_path)
+    summary = run_preprocessing(str(ml100k_dir), config, None, str(tmp_path / "out"))
     schema, users, items, rows = read(tmp_path / "out")
     assert schema["n_items"] == 1682 and schema["counts"]["users_read"] == 943
     assert summary["n_users"] == len(users) > 300
     per_user = rows.groupby("user_idx").size()
     evaluated = users.loc[users["user_split"] != "train", "user_idx"]
     assert (per_user.loc[evaluated] <= 100).all() and per_user.max() > 100  # heavy users train only
+    text = next(f for f in schema["item_features"] if f["kind"] == "text")
+    assert text["fitted_on_items"] == schema["n_warm_items"] and text["sources"]["columns"] == ["title"]
+    assert np.isfinite(np.stack(items["text_vector"].to_numpy())).all()
+    assert items.loc[0, "display_title"] == "Toy Story (1995)" and items.loc[0, "display_year"] == 1995
 
 
 def test_config_is_validated():
@@ -244,3 +265,48 @@ def test_scale_benchmark_smoke(repo_root, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= {"ratings", "seconds", "peak_rss_mb", "ratings_per_s"}
     assert 15_000 < result["ratings"] < 25_000 and result["interactions_written"] > 10_000
+
+
+def test_text_features_see_only_what_training_sees(tmp_path):
+    from csv_release import write_csv_release
+
+    from metarec.features import vector_column
+
+    source = write_csv_release(tmp_path / "raw")
+    summary = run_preprocessing(str(source), "movielens-csv", None, str(tmp_path / "out"))
+    schema, users, items, rows = read(tmp_path / "out")
+    text = next(f for f in schema["item_features"] if f["kind"] == "text")
+    assert text["sources"] == {"columns": ["title"], "tags": True} and text["dim"] == 32
+    assert text["encoder"] == "ngrams" and text["fitted_on_items"] == schema["n_warm_items"]
+    vectors = np.stack(items[vector_column("text")].to_numpy())
+    assert vectors.shape == (len(items), 32) and np.isfinite(vectors).all()
+
+    # Which pair tags u<user>m<item> reached each item's text.
+    seen = {(u, m) for t in items["text"] for u, m in re.findall(r"u(\d+)m(\d+)", t)}
+    pair_tags = pd.read_csv(source / "tags.csv").query("tag.str.startswith('u')")
+    user_split = users.set_index("user_id")["user_split"].astype(str)
+    item_of = items.set_index("item_idx")["item_id"]
+    user_of = users.set_index("user_idx")["user_id"]
+    query = {
+        (user_of[u], item_of[i])
+        for u, i in rows.loc[rows["role"] == "query", ["user_idx", "item_idx"]].to_numpy()
+    }
+    cold = set(items.loc[items["is_cold"], "item_id"])
+    expected = {
+        (str(u), str(m))
+        for u, m in pair_tags[["userId", "movieId"]].to_numpy()
+        if user_split.get(str(u), "dropped") not in ("val", "test")
+        and str(m) not in cold
+        and (str(u), str(m)) not in query
+    }
+    assert seen == expected and len(expected) > 100
+    assert summary["counts"]["tags_used"] > len(expected)  # the genre tags count too
+    assert (items.loc[items["is_cold"], "text"] == items.loc[items["is_cold"], "display_title"]).all()
+
+    assert schema["display"] == [
+        {"name": "title", "column": "display_title", "source": "title"},
+        {"name": "genres", "column": "display_genres", "source": "genres"},
+        {"name": "year", "column": "display_year", "source": "year"},
+    ]
+    assert list(items.loc[0, "display_genres"]) == [items.loc[0, "genres"]]
+    assert items["display_year"].tolist() == items["year"].astype(int).tolist()

@@ -22,7 +22,7 @@ class EncodedFeatures(NamedTuple):
 
     Attributes:
         cat: Long[N, C] one slot per categorical or hashed feature (0 = missing / out of vocabulary).
-        num: Float[N, D] standardised numeric features (missing = 0).
+        num: Float[N, D] standardised numeric features and text vectors (missing = 0).
         multi: Float[N, M] concatenated multi-hot features.
     """
 
@@ -36,7 +36,7 @@ class FeatureDims(NamedTuple):
 
     Attributes:
         cat_sizes: embedding-table size of each categorical slot (vocabulary + 1 for index 0).
-        n_num: number of numeric features.
+        n_num: number of numeric columns (one per numeric feature, ``dim`` per text feature).
         n_multi: total width of the multi-hot features.
     """
 
@@ -45,7 +45,7 @@ class FeatureDims(NamedTuple):
     n_multi: int
 
 
-FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric")
+FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric", "text")
 MULTI_SEP = "|"
 _MISSING_TEXT = {""}  # "none" is a real MovieLens occupation
 
@@ -88,19 +88,52 @@ def _labels(value: Any) -> list[str]:
     return [str(v).strip() for v in value if not _is_missing(v)]
 
 
-def fit_feature_schema(frame: pd.DataFrame, specs: Sequence[Any]) -> list[dict[str, Any]]:
+def vector_column(name: str) -> str:
+    """Name of the ``items.parquet`` column holding the stored vectors of text feature ``name``."""
+    return f"{name}_vector"
+
+
+def _vectors(values: Sequence[Any], dim: int) -> np.ndarray:
+    """Stacks per-entity text vectors (arrays, lists or None) into Float[N, dim] with NaN for missing."""
+    out = np.full((len(values), dim), np.nan, dtype=np.float64)
+    for row, value in enumerate(values):
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            out[row] = np.asarray(value, dtype=np.float64)
+    return out
+
+
+def fit_feature_schema(
+    frame: pd.DataFrame, specs: Sequence[Any], text: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Fits vocabularies and numeric statistics on training rows only.
 
     Args:
         frame: raw feature columns of the TRAINING entities (train users or warm items), one column per
-            feature name (as written by ``metarec.data.loaders``).
+            feature name (as written by ``metarec.data.loaders``); a text feature's vectors are in
+            its ``vector_column``.
         specs: the FeatureSpec list from the data-set config.
+        text: text feature name -> encoder description (``metarec.text_features.text_vectors``),
+            recorded in its schema entry.
 
     Returns:
         The schema feature list (``user_features`` / ``item_features`` entries of schema.json).
     """
     schema: list[dict[str, Any]] = []
     for spec in specs:
+        if spec.kind == "text":
+            column = vector_column(spec.name)
+            values = frame[column].tolist() if column in frame.columns else []
+            vectors = _vectors(values, int(spec.dim))
+            present = vectors[~np.isnan(vectors).any(axis=1)]
+            mean = present.mean(axis=0) if len(present) else np.zeros(spec.dim)
+            std = present.std(axis=0) if len(present) else np.ones(spec.dim)
+            schema.append(
+                {"name": spec.name, "kind": "text", "dim": int(spec.dim), "vector_column": column,
+                 "sources": {"columns": list(spec.columns), "tags": bool(spec.tags)}}
+                | dict((text or {}).get(spec.name, {}))
+                | {"mean": [float(m) for m in mean], "std": [float(s) if s > 1e-12 else 1.0 for s in std]}
+            )  # fmt: skip
+            continue
         values = frame[spec.name] if spec.name in frame.columns else pd.Series([], dtype=object)
         if spec.kind == "categorical":
             vocab = sorted({t for t in (_as_text(v) for v in values.tolist()) if t is not None})
@@ -150,6 +183,8 @@ class _EntityEncoder:
             elif kind == "multi_hot":
                 self._index[name] = {v: i for i, v in enumerate(feature["vocab"])}
                 self.n_multi += len(feature["vocab"])
+            elif kind == "text":
+                self.n_num += int(feature["dim"])
             else:
                 self.n_num += 1
 
@@ -187,6 +222,13 @@ class _EntityEncoder:
                             if position is not None:
                                 multi[row, multi_offset + position] = 1.0
                 multi_offset += len(index)
+            elif kind == "text":
+                dim = int(feature["dim"])
+                if values is not None:
+                    vectors = _vectors(list(values), dim)
+                    standard = (vectors - np.asarray(feature["mean"])) / np.asarray(feature["std"])
+                    num[:, num_slot : num_slot + dim] = np.where(np.isnan(standard), 0.0, standard)
+                num_slot += dim
             else:
                 if values is not None:
                     numbers = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce")
@@ -197,7 +239,9 @@ class _EntityEncoder:
         return EncodedFeatures(torch.from_numpy(cat), torch.from_numpy(num), torch.from_numpy(multi))
 
     def encode_frame(self, frame: pd.DataFrame) -> EncodedFeatures:
-        columns = {f["name"]: frame[f["name"]].tolist() for f in self.features if f["name"] in frame.columns}
+        # A text feature is read from its stored vectors, not re-encoded from its text.
+        source = {f["name"]: f.get("vector_column", f["name"]) for f in self.features}
+        columns = {name: frame[col].tolist() for name, col in source.items() if col in frame.columns}
         return self.encode_columns(columns, len(frame))
 
     def encode_dict(self, values: dict[str, Any]) -> EncodedFeatures:
@@ -224,6 +268,13 @@ class _EntityEncoder:
                 isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
             )
             expected = "a list of strings or a '|'-joined string"
+        elif kind == "text":
+            ok = (
+                isinstance(value, list | tuple)
+                and len(value) == int(feature["dim"])
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            )
+            expected = f"its encoded vector ({feature['dim']} numbers, as stored in the catalogue)"
         else:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if isinstance(value, str):
@@ -256,14 +307,17 @@ class FeatureEncoder:
         warm_items: pd.DataFrame,
         user_specs: Sequence[Any],
         item_specs: Sequence[Any],
+        item_text: dict[str, dict[str, Any]] | None = None,
     ) -> FeatureEncoder:
         """Fits vocabularies and numeric statistics on training entities only.
 
         Args:
             train_users: raw feature columns of train users (None when there are no user features).
-            warm_items: raw feature columns of warm items.
+            warm_items: raw feature columns of warm items (with text vectors, see
+                ``fit_feature_schema``).
             user_specs: user FeatureSpecs from the data-set config.
             item_specs: item FeatureSpecs.
+            item_text: text feature name -> encoder description, recorded in schema.json.
 
         Returns:
             An encoder whose ``schema`` holds ``user_features`` and ``item_features``.
@@ -272,7 +326,7 @@ class FeatureEncoder:
         return cls(
             {
                 "user_features": fit_feature_schema(users, user_specs),
-                "item_features": fit_feature_schema(warm_items, item_specs),
+                "item_features": fit_feature_schema(warm_items, item_specs, item_text),
             }
         )
 

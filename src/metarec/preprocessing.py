@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from metarec import storage
 from metarec.data.config import load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
-from metarec.features import FeatureEncoder
+from metarec.features import FeatureEncoder, vector_column
+from metarec.text_features import tag_texts, text_vectors
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,51 @@ def _split_users(
     split[order[:n_train]] = 0
     split[order[n_train : n_train + n_val]] = 1
     return split
+
+
+def _training_tags(
+    tags: pd.DataFrame,
+    heldout_user_ids: np.ndarray,
+    query_pairs: pd.DataFrame,
+    warm_item_ids: np.ndarray,
+) -> pd.DataFrame:
+    """The tags the model may see: only what training sees, so no evaluated rating leaks through a tag.
+
+    A tag counts when its user is not a validation or test user, its item is warm (a cold item is new:
+    nobody has tagged it yet, and a train user's tag on it would hint at that user's item-cold query
+    rating) and the (user, item) pair is not one of a train user's held-out query ratings.
+    """
+    keep = ~tags["user_id"].isin(heldout_user_ids) & tags["item_id"].isin(warm_item_ids)
+    pair = pd.MultiIndex.from_arrays([tags["user_id"], tags["item_id"]])
+    held_out = pd.MultiIndex.from_arrays([query_pairs["user_id"], query_pairs["item_id"]])
+    keep &= ~pair.isin(held_out)
+    return tags[keep.to_numpy()]
+
+
+def _add_text_features(
+    raw: RawData,
+    item_table: pd.DataFrame,
+    cold: np.ndarray,
+    tags: pd.DataFrame | None,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Writes each text feature's full text and vectors into ``item_table``; returns encoder descriptions."""
+    described: dict[str, dict[str, Any]] = {}
+    by_item = tag_texts(tags) if tags is not None else {}
+    item_ids = raw.items["item_id"].to_numpy()
+    for spec in raw.config.items.features:
+        if spec.kind != "text":
+            continue
+        texts = [str(t) if isinstance(t, str) else "" for t in raw.items[spec.name].tolist()]
+        if spec.tags:
+            texts = [
+                ". ".join(p for p in (t, by_item.get(int(i), "")) if p)
+                for t, i in zip(texts, item_ids, strict=True)
+            ]
+        vectors, described[spec.name] = text_vectors(spec, texts, ~cold, seed)
+        item_table[spec.name] = texts
+        item_table[vector_column(spec.name)] = list(vectors)
+    return described
 
 
 def _dictionary(codes: np.ndarray, labels: tuple[str, ...]) -> pa.DictionaryArray:
@@ -301,11 +347,29 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     )
     for spec in raw.config.items.features:
         item_table[spec.name] = items[spec.name].to_numpy()
+    tags = None
+    if raw.tags is not None:
+        query = role == 1
+        tags = _training_tags(
+            raw.tags,
+            kept_ids[user_split != 0],
+            pd.DataFrame({"user_id": kept_ids[user_idx[query]], "item_id": item_ids[item_idx[query]]}),
+            item_ids[~cold],
+        )
+        counts["tags_used"] = int(len(tags))
+    text_encoders = _add_text_features(raw, item_table, cold, tags, cfg["seed"])
+    display = []
+    for spec in raw.config.display:
+        item_table[f"display_{spec.name}"] = items[f"display_{spec.name}"].to_numpy()
+        display.append(
+            {"name": spec.name, "column": f"display_{spec.name}", "source": spec.column or spec.feature}
+        )
     encoder = FeatureEncoder.fit(
         users[user_split == 0] if raw.users is not None else None,
         item_table[~cold],
         user_specs,
         raw.config.items.features,
+        text_encoders,
     )
 
     lo, hi = raw.config.ratings.rating_scale
@@ -317,6 +381,7 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
         "rating_step": float(raw.config.ratings.rating_step),
         "user_features": encoder.schema["user_features"],
         "item_features": encoder.schema["item_features"],
+        "display": display,
         "n_users": int(n_users),
         "n_items": int(len(items)),
         "n_warm_items": int((~cold).sum()),

@@ -14,8 +14,10 @@ import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
 
-FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric")
+FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric", "text")
 PARSERS = ("date_year", "title_year")
+TEXT_ENCODERS = ("ngrams", "sentence")
+DEFAULT_TEXT_DIM = 32
 FILE_FORMATS = ("csv", "parquet")
 
 
@@ -25,13 +27,19 @@ class FeatureSpec:
 
     Attributes:
         name: feature name (also the raw column name in users.parquet / items.parquet).
-        kind: ``categorical`` | ``hashed`` | ``multi_hot`` | ``numeric``.
+        kind: ``categorical`` | ``hashed`` | ``multi_hot`` | ``numeric`` | ``text``.
         column: source column (all kinds except multi_hot given as flag columns).
-        columns: 0/1 flag columns of a multi_hot feature.
+        columns: 0/1 flag columns of a multi_hot feature, or the text columns of a text feature.
         labels: label of each flag column (defaults to the column names).
         sep: separator of a multi_hot feature stored as one joined column.
         parse: ``date_year`` ("01-Jan-1995" -> 1995) or ``title_year`` ("Toy Story (1995)" -> 1995).
         buckets: number of hash buckets of a hashed feature.
+        tags: a text feature also reads the data set's ``tags`` table (user-applied tags per item).
+        dim: width of a text feature's dense vector (numeric columns the model sees).
+        encoder: a text feature's encoder: ``ngrams`` (hashed word + char n-grams, TF-IDF and a
+            truncated SVD fitted on training items; no download) or ``sentence`` (a pretrained
+            sentence-transformers model read from ``model``).
+        model: local folder or ``gs://`` prefix of the sentence-embedding model.
     """
 
     name: str
@@ -42,6 +50,10 @@ class FeatureSpec:
     sep: str | None = None
     parse: str | None = None
     buckets: int | None = None
+    tags: bool = False
+    dim: int | None = None
+    encoder: str | None = None
+    model: str | None = None
 
     def source_columns(self) -> tuple[str, ...]:
         """Returns the raw table columns this feature reads."""
@@ -91,6 +103,36 @@ class RatingsConfig(TableConfig):
 
 
 @dataclass(frozen=True)
+class TagsConfig(TableConfig):
+    """The optional tags table: free-text tags that users applied to items (MovieLens ``tags.csv``).
+
+    Attributes:
+        user: user id column.
+        item: item id column.
+        tag: tag text column.
+    """
+
+    user: str = "user_id"
+    item: str = "item_id"
+    tag: str = "tag"
+
+
+@dataclass(frozen=True)
+class DisplaySpec:
+    """One catalogue field shown to people (written to ``items.parquet`` as ``display_<name>``).
+
+    Attributes:
+        name: display field name.
+        column: raw items-table column to show as text, or
+        feature: item feature whose raw value to show (a multi_hot feature shows its labels).
+    """
+
+    name: str
+    column: str | None = None
+    feature: str | None = None
+
+
+@dataclass(frozen=True)
 class EntityConfig(TableConfig):
     """A users or items table.
 
@@ -112,6 +154,8 @@ class DatasetConfig:
         ratings: the ratings table.
         items: the items table.
         users: the users table, or None when the data set has no user features.
+        tags: the tags table, or None when the data set ships none.
+        display: catalogue fields shown to people, in order.
         source: where the config was read from (for error messages).
     """
 
@@ -119,6 +163,8 @@ class DatasetConfig:
     ratings: RatingsConfig
     items: EntityConfig
     users: EntityConfig | None = None
+    tags: TagsConfig | None = None
+    display: tuple[DisplaySpec, ...] = ()
     source: str = "<dict>"
 
 
@@ -168,6 +214,8 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
     if not isinstance(raw, dict):
         raise _err(source, where, f"expected a mapping, got {raw!r}")
     allowed = {"name", "kind", "column", "columns", "labels", "sep", "parse", "buckets"}
+    if raw.get("kind") == "text":
+        allowed = {"name", "kind", "column", "columns", "tags", "dim", "encoder", "model"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _err(source, where, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -188,6 +236,8 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
             raise _err(source, where, f"{len(labels)} labels for {len(columns)} flag columns")
         if columns and not labels:
             labels = columns
+    elif kind == "text":
+        return _text_feature(raw, where, names, source)
     elif not column:
         raise _err(source, where, f"a {kind} feature needs 'column'")
     if parse is not None and (kind != "numeric" or parse not in PARSERS):
@@ -209,6 +259,68 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
         parse=parse,
         buckets=buckets,
     )
+
+
+def _text_feature(raw: dict, where: str, names: tuple[str, ...], source: str) -> FeatureSpec:
+    column = raw.get("column")
+    columns = tuple(str(c) for c in (raw.get("columns") or ()))
+    if column and columns:
+        raise _err(source, where, "a text feature takes 'column' or 'columns', not both")
+    columns = columns or ((str(column),) if column else ())
+    tags = _as_bool(raw.get("tags", False), source, f"{where}.tags")
+    if not columns and not tags:
+        raise _err(source, where, "a text feature needs text 'columns' and/or 'tags: true'")
+    dim = raw.get("dim", DEFAULT_TEXT_DIM)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise _err(source, f"{where}.dim", f"expected an integer >= 1, got {dim!r}")
+    encoder = raw.get("encoder", "ngrams")
+    if encoder not in TEXT_ENCODERS:
+        raise _err(source, f"{where}.encoder", f"expected one of {TEXT_ENCODERS}, got {encoder!r}")
+    model = raw.get("model")
+    if (encoder == "sentence") != bool(model):
+        raise _err(
+            source,
+            f"{where}.model",
+            "a local path or gs:// URI is required with (only with) encoder: sentence",
+        )
+    for col in columns:
+        _check_column(col, names, source, where)
+    return FeatureSpec(
+        name=str(raw["name"]), kind="text", columns=columns, tags=tags, dim=dim, encoder=encoder,
+        model=str(model) if model else None,
+    )  # fmt: skip
+
+
+def _tags(raw: Any, source: str) -> TagsConfig:
+    kwargs = _table_kwargs(raw, "tags", source, {"user", "item", "tag"})
+    for key in ("user", "item", "tag"):
+        if not raw.get(key):
+            raise _err(source, f"tags.{key}", "the column name is required")
+        _check_column(raw[key], kwargs["names"], source, f"tags.{key}")
+    return TagsConfig(user=str(raw["user"]), item=str(raw["item"]), tag=str(raw["tag"]), **kwargs)
+
+
+def _display(raw: Any, items: EntityConfig, source: str) -> tuple[DisplaySpec, ...]:
+    if not isinstance(raw, list):
+        raise _err(source, "display", f"expected a list of {{name, column | feature}}, got {raw!r}")
+    features = {spec.name for spec in items.features}
+    out: list[DisplaySpec] = []
+    for index, entry in enumerate(raw):
+        where = f"display[{index}]"
+        if not isinstance(entry, dict) or set(entry) - {"name", "column", "feature"}:
+            raise _err(source, where, f"expected a mapping with name and column or feature, got {entry!r}")
+        name, column, feature = entry.get("name"), entry.get("column"), entry.get("feature")
+        if not name or not isinstance(name, str):
+            raise _err(source, where, "a display name is required")
+        if bool(column) == bool(feature):
+            raise _err(source, where, "give either 'column' (an items-table column) or 'feature'")
+        if feature and feature not in features:
+            raise _err(source, where, f"feature {feature!r} is not an item feature ({sorted(features)})")
+        _check_column(column, items.names, source, where)
+        if name in {d.name for d in out}:
+            raise _err(source, where, f"duplicate display name {name!r}")
+        out.append(DisplaySpec(name=name, column=column, feature=feature))
+    return tuple(out)
 
 
 def _entity(raw: dict, section: str, source: str) -> EntityConfig:
@@ -242,7 +354,7 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
     """
     if not isinstance(raw, dict):
         raise _err(source, "top level", f"expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"name", "ratings", "users", "items"})
+    unknown = sorted(set(raw) - {"name", "ratings", "users", "items", "tags", "display"})
     if unknown:
         raise _err(source, "top level", f"unknown key(s) {unknown}")
     for key in ("ratings", "items"):
@@ -274,11 +386,19 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
     )
     users = _entity(raw["users"], "users", source) if raw.get("users") else None
     items = _entity(raw["items"], "items", source)
+    tags = _tags(raw["tags"], source) if raw.get("tags") else None
+    for index, spec in enumerate(items.features):
+        if spec.tags and tags is None:
+            raise _err(source, f"items.features[{index}]", "tags: true needs a top-level 'tags' table")
+    if users is not None and any(spec.kind == "text" for spec in users.features):
+        raise _err(source, "users.features", "text features are item content; users cannot have them")
     return DatasetConfig(
         name=str(raw.get("name") or Path(source).stem),
         ratings=ratings,
         items=items,
         users=users,
+        tags=tags,
+        display=_display(raw.get("display") or [], items, source),
         source=source,
     )
 

@@ -24,7 +24,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from metarec.data.config import DatasetConfig, EntityConfig, FeatureSpec, RatingsConfig, load_dataset_config
+from metarec.data.config import (
+    DatasetConfig,
+    DisplaySpec,
+    EntityConfig,
+    FeatureSpec,
+    RatingsConfig,
+    TableConfig,
+    TagsConfig,
+    load_dataset_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +53,17 @@ class RawData:
             items missing from the items table are dropped.
         users: ``user_id`` plus one raw column per user feature (named as the feature), or None when
             the data set has no users table.
-        items: ``item_id`` plus one raw column per item feature, and ``release`` (float year, with
-            the day as a fraction when a full date is known; NaN when unknown) when an item feature is
-            parsed from a date or title.
+        items: ``item_id`` plus one raw column per item feature (a text feature: its columns joined),
+            ``display_<name>`` per display field, and ``release`` (float year, with the day as a
+            fraction when a full date is known; NaN when unknown) when an item feature is parsed from
+            a date or title.
         config: the data-set config used.
         counts: ``ratings_read``, ``duplicates_dropped``, ``unknown_item_ratings_dropped``,
-            ``ratings_kept``, ``users_without_features``.
+            ``ratings_kept``, ``users_without_features``; with a tags table ``tags_read`` and
+            ``unknown_item_tags_dropped``.
+        tags: ``user_id``, ``item_id`` (int64) and ``tag`` (stripped, non-empty) per tag of a known
+            item, or None when the config has no tags table. Which tags may reach the model is
+            decided by preprocessing (it knows the user split).
     """
 
     ratings: pd.DataFrame
@@ -57,6 +71,7 @@ class RawData:
     items: pd.DataFrame
     config: DatasetConfig
     counts: dict[str, int] = field(default_factory=dict)
+    tags: pd.DataFrame | None = None
 
 
 def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
@@ -377,7 +392,7 @@ def drop_duplicates_keep_latest(
 # Users and items: small tables
 
 
-def _read_table(path: Path, table: EntityConfig) -> pd.DataFrame:
+def _read_table(path: Path, table: TableConfig) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"{path.name}: file not found at {path}")
     if table.format == "parquet":
@@ -397,14 +412,19 @@ def _read_table(path: Path, table: EntityConfig) -> pd.DataFrame:
     ).fillna("")
 
 
-def _parse_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+def _int_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+    """An integer id column (repeats allowed), raising on the first non-integer row."""
     text = frame[column].astype(str).str.strip()
     parsed = pd.to_numeric(text, errors="coerce")
     bad = np.flatnonzero(parsed.isna().to_numpy() | (parsed != np.round(parsed)).to_numpy())
     if bad.size:
         i = int(bad[0])
         raise _bad(file, column, i + 1, f"non-numeric id {text.iloc[i]!r}")
-    ids = parsed.to_numpy().astype(np.int64)
+    return parsed.to_numpy().astype(np.int64)
+
+
+def _parse_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+    ids = _int_ids(frame, file, column)
     _, first_index, counts = np.unique(ids, return_index=True, return_counts=True)
     if np.any(counts > 1):
         duplicate_rows = np.setdiff1d(np.arange(len(ids)), first_index)
@@ -427,6 +447,10 @@ def _feature_values(frame: pd.DataFrame, spec: FeatureSpec, file: str) -> tuple[
     if spec.kind in ("categorical", "hashed"):
         text = frame[spec.column].astype(str).str.strip()
         return text.where(text != "", None).astype(object), None
+    if spec.kind == "text":
+        parts = [frame[column].astype(str).str.strip().tolist() for column in spec.columns]
+        joined = [". ".join(p for p in row if p) for row in zip(*parts, strict=True)] if parts else []
+        return pd.Series(joined or [""] * len(frame), index=frame.index, dtype=object), None
     if spec.kind == "multi_hot":
         if spec.columns:
             flags = []
@@ -467,23 +491,41 @@ def _feature_values(frame: pd.DataFrame, spec: FeatureSpec, file: str) -> tuple[
     return value.astype(float), None
 
 
-def read_entities(path: Path, table: EntityConfig, id_name: str) -> pd.DataFrame:
+def _display_values(frame: pd.DataFrame, out: pd.DataFrame, spec: DisplaySpec, table: EntityConfig) -> list:
+    """Values of one display field: readable text, a list of labels, or a number (None when missing)."""
+    if spec.column:
+        return [t or None for t in frame[spec.column].astype(str).str.strip().tolist()]
+    feature = next(f for f in table.features if f.name == spec.feature)
+    values = out[feature.name].tolist()
+    if feature.kind == "multi_hot":
+        return [[label for label in str(v).split("|") if label] for v in values]
+    if feature.kind == "numeric":
+        return [None if pd.isna(v) else (int(v) if float(v).is_integer() else float(v)) for v in values]
+    return [v if v not in ("", None) else None for v in values]
+
+
+def read_entities(
+    path: Path, table: EntityConfig, id_name: str, display: tuple[DisplaySpec, ...] = ()
+) -> pd.DataFrame:
     """Reads a users or items table and extracts its raw feature columns.
 
     Args:
         path: the file.
         table: its EntityConfig.
         id_name: name of the id column in the result (``user_id`` or ``item_id``).
+        display: display fields to extract (items only).
 
     Returns:
-        A DataFrame with ``id_name`` (int64), one column per feature (named as the feature) and, for
-        items with a date- or title-parsed feature, ``release``.
+        A DataFrame with ``id_name`` (int64), one column per feature (named as the feature), one
+        ``display_<name>`` column per display field and, for items with a date- or title-parsed
+        feature, ``release``.
 
     Raises:
         ValueError: missing file or column, non-numeric or duplicate id, a bad feature value.
     """
     frame = _read_table(path, table)
     needed = [table.id] + [c for spec in table.features for c in spec.source_columns()]
+    needed += [spec.column for spec in display if spec.column]
     for column in needed:
         if column not in frame.columns:
             raise _bad(path.name, column, None, f"missing column (file has {list(frame.columns)})")
@@ -494,9 +536,38 @@ def read_entities(path: Path, table: EntityConfig, id_name: str) -> pd.DataFrame
         out[spec.name] = values.to_numpy()
         if key is not None and release is None:
             release = key
+    for spec in display:
+        out[f"display_{spec.name}"] = pd.Series(_display_values(frame, out, spec, table), dtype=object)
     if release is not None:
         out["release"] = release.to_numpy(dtype=float)
     return out
+
+
+def read_tags(path: Path, table: TagsConfig) -> pd.DataFrame:
+    """Reads a tags table (one user-applied tag per row).
+
+    Args:
+        path: the file.
+        table: its TagsConfig.
+
+    Returns:
+        ``user_id``, ``item_id`` (int64) and ``tag`` (stripped); rows with an empty tag are dropped.
+
+    Raises:
+        ValueError: missing file or column, or a non-integer id (naming the file, column and row).
+    """
+    frame = _read_table(path, table)
+    for column in (table.user, table.item, table.tag):
+        if column not in frame.columns:
+            raise _bad(path.name, column, None, f"missing column (file has {list(frame.columns)})")
+    tags = pd.DataFrame(
+        {
+            "user_id": _int_ids(frame, path.name, table.user),
+            "item_id": _int_ids(frame, path.name, table.item),
+            "tag": frame[table.tag].astype(str).str.strip().to_numpy(),
+        }
+    )
+    return tags[tags["tag"] != ""].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +576,7 @@ def read_entities(path: Path, table: EntityConfig, id_name: str) -> pd.DataFrame
 def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
     """Reads and validates a data set from a local directory (see ``load_raw``)."""
     ratings_path = data_dir / config.ratings.file
-    items = read_entities(data_dir / config.items.file, config.items, "item_id")
+    items = read_entities(data_dir / config.items.file, config.items, "item_id", config.display)
     users = read_entities(data_dir / config.users.file, config.users, "user_id") if config.users else None
 
     arrays = read_ratings(ratings_path, config.ratings)
@@ -541,7 +612,14 @@ def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
         },
         copy=False,
     )
-    return RawData(ratings=ratings, users=users, items=items, config=config, counts=counts)
+    tags = None
+    if config.tags is not None:
+        tags = read_tags(data_dir / config.tags.file, config.tags)
+        known = tags["item_id"].isin(items["item_id"])
+        counts["tags_read"] = int(len(tags))
+        counts["unknown_item_tags_dropped"] = int((~known).sum())
+        tags = tags[known].reset_index(drop=True)
+    return RawData(ratings=ratings, users=users, items=items, config=config, counts=counts, tags=tags)
 
 
 def load_raw(data_uri: str | Path, dataset_config: str | Path | dict | DatasetConfig) -> RawData:

@@ -43,6 +43,11 @@ FIRST_YEAR, LAST_YEAR = 1970, 1998
 RATING_START = int(dt.datetime(1997, 9, 20, tzinfo=dt.UTC).timestamp())
 RATING_END = int(dt.datetime(1998, 4, 22, tzinfo=dt.UTC).timestamp())
 LATENT_RANK = 4
+# Readable titles: a word per latent taste direction and sign, and a noun per genre, so a title says
+# something about the item (as real titles do) without drawing from the random stream.
+TITLE_WORDS = (("Silent", "Loud"), ("Last", "First"), ("Dark", "Bright"), ("Lost", "Found"))
+GENRE_NOUNS = ("Story", "Mission", "Journey", "Dream", "Family", "Party", "Heist", "Truth", "Heart",
+               "Kingdom", "Shadow", "Night", "Song", "Secret", "Affair", "Planet", "Trap", "Front", "Trail")  # fmt: skip
 
 
 def _rating_counts(rng: np.random.Generator, n_users: int, n_items: int) -> np.ndarray:
@@ -147,13 +152,25 @@ def generate_ratings_arrays(n_users: int, n_items: int, seed: int = 0) -> dict[s
         "zip": [f"{z:05d}" for z in zips],
         "genre_flags": genre_flags,
         "release": release,
-        "title": [f"Synthetic Movie {i + 1} ({y})" for i, y in enumerate(year)],
+        "title": _titles(item_latent, genre_flags, year),
         "user": (user_index[perm] + 1).astype(np.int32),
         "item": (item_index[perm] + 1).astype(np.int32),
         "rating": rating[perm],
         "timestamp": timestamp[perm].astype(np.int64),
         "user_taste": user_taste,
     }
+
+
+def _titles(item_latent: np.ndarray, genre_flags: np.ndarray, year: np.ndarray) -> list[str]:
+    """Titles like "The Dark Heist 12 (1995)": the strongest latent direction and the first genre."""
+    strongest = np.abs(item_latent).argmax(axis=1)
+    titles = []
+    for i, (axis, y) in enumerate(zip(strongest, year, strict=True)):
+        word = TITLE_WORDS[axis % len(TITLE_WORDS)][int(item_latent[i, axis] > 0)]
+        genres = np.flatnonzero(genre_flags[i])
+        noun = GENRE_NOUNS[int(genres[0]) if genres.size else 0]
+        titles.append(f"The {word} {noun} {i + 1} ({y})")
+    return titles
 
 
 def generate_synthetic(
