@@ -12,12 +12,13 @@ numpy arrays throughout, so tens of millions of ratings preprocess on one node.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from metarec import storage
 from metarec.data.config import load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
 from metarec.features import FeatureEncoder, vector_column
+from metarec.settings import Settings
 from metarec.text_features import tag_texts, text_vectors
 
 log = logging.getLogger(__name__)
@@ -36,87 +38,84 @@ FORMAT_VERSION = 1
 ROLES = ("support", "query", "cold_query", "unused")
 SPLITS = ("train", "val", "test")
 
-DEFAULTS: dict[str, Any] = {
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSettings(Settings):
+    """The ``preprocess`` section of a run config: splits, task sizes and K-shot sizes."""
+
+    section = "preprocess"
     # "random": seeded random user split; "time": users ordered by their first rating's time.
-    "user_split": "random",
+    user_split: Literal["random", "time"] = "random"
     # train / val / test fractions of the kept users.
-    "split_fractions": [0.7, 0.1, 0.2],
+    split_fractions: tuple[float, ...] = (0.7, 0.1, 0.2)
     # "date": the newest items (by release date) are cold; "count": items with few ratings are cold.
-    "item_split": "date",
+    item_split: Literal["date", "count"] = "date"
     # date split: fraction of the catalogue that is cold.
-    "cold_item_fraction": 0.2,
+    cold_item_fraction: float = 0.2
     # count split: items with at most this many ratings are cold.
-    "cold_max_ratings": 5,
+    cold_max_ratings: int = 5
     # users with fewer / more ratings than this are not tasks (neither evaluated nor validated on).
-    "min_ratings": 13,
-    "max_ratings": 100,
+    min_ratings: int = 13
+    max_ratings: int = 100
     # users with more than max_ratings ratings: "train" keeps them as meta-training users only (their
     # ratings teach the item side and they add training tasks, capped at max_ratings rows); "drop"
     # discards them. Validation and test users always have min_ratings..max_ratings ratings.
-    "users_over_max": "train",
+    users_over_max: Literal["train", "drop"] = "train"
     # warm ratings per user held out as the query set; cold-item ratings per user held out as cold_query.
-    "query_size": 10,
-    "cold_query_size": 10,
+    query_size: int = 10
+    cold_query_size: int = 10
     # support-set sizes evaluated (support rows with kshot_rank < K).
-    "kshots": [1, 3, 5, 10, 20],
-    "seed": 0,
-}
+    kshots: tuple[int, ...] = (1, 3, 5, 10, 20)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Checks ranges the field types cannot express, naming the key."""
+
+        def fail(key: str, why: str) -> ValueError:
+            return ValueError(f"preprocess settings: {key}={getattr(self, key)!r}: {why}")
+
+        fractions = self.split_fractions
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise fail(
+                "split_fractions", "expected [train, val, test] fractions >= 0 summing to 1, train > 0"
+            )
+        if fractions[0] <= 0:
+            raise fail(
+                "split_fractions", "expected [train, val, test] fractions >= 0 summing to 1, train > 0"
+            )
+        if not 0 <= self.cold_item_fraction < 1:
+            raise fail("cold_item_fraction", "expected a number in [0, 1)")
+        for key, low in (
+            ("cold_max_ratings", 0),
+            ("min_ratings", 1),
+            ("query_size", 1),
+            ("cold_query_size", 0),
+        ):
+            if getattr(self, key) < low:
+                raise fail(key, f"expected an integer >= {low}")
+        if self.max_ratings < self.min_ratings:
+            raise fail("max_ratings", "expected an integer >= min_ratings")
+        if not self.kshots or any(k < 1 for k in self.kshots):
+            raise fail("kshots", "expected a non-empty list of positive integers")
+
+
+DEFAULTS: dict[str, Any] = PreprocessSettings().to_dict()
 
 
 def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    """Fills defaults and validates a preprocessing config.
+    """Fills defaults and validates a preprocessing config (:class:`PreprocessSettings`).
 
     Args:
         config: overrides of ``DEFAULTS`` (None = all defaults).
 
     Returns:
-        The full config.
+        The full config as a dict, ``kshots`` sorted and unique.
 
     Raises:
         ValueError: an unknown key or an invalid value, naming the key.
     """
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"preprocess config: unknown key(s) {unknown}; known keys: {sorted(DEFAULTS)}")
-    full = {**DEFAULTS, **config}
-
-    def fail(key: str, why: str) -> ValueError:
-        return ValueError(f"preprocess config: {key}={full[key]!r}: {why}")
-
-    if full["user_split"] not in ("random", "time"):
-        raise fail("user_split", "expected 'random' or 'time'")
-    if full["users_over_max"] not in ("train", "drop"):
-        raise fail("users_over_max", "expected 'train' or 'drop'")
-    if full["item_split"] not in ("date", "count"):
-        raise fail("item_split", "expected 'date' or 'count'")
-    fractions = full["split_fractions"]
-    if (
-        not isinstance(fractions, list | tuple)
-        or len(fractions) != 3
-        or any(not isinstance(f, int | float) or f < 0 for f in fractions)
-        or abs(sum(fractions) - 1.0) > 1e-6
-        or fractions[0] <= 0
-    ):
-        raise fail("split_fractions", "expected [train, val, test] fractions >= 0 summing to 1, train > 0")
-    full["split_fractions"] = [float(f) for f in fractions]
-    if not isinstance(full["cold_item_fraction"], int | float) or not 0 <= full["cold_item_fraction"] < 1:
-        raise fail("cold_item_fraction", "expected a number in [0, 1)")
-    for key, low in (("cold_max_ratings", 0), ("min_ratings", 1), ("query_size", 1), ("cold_query_size", 0)):
-        if not isinstance(full[key], int) or isinstance(full[key], bool) or full[key] < low:
-            raise fail(key, f"expected an integer >= {low}")
-    if not isinstance(full["max_ratings"], int) or full["max_ratings"] < full["min_ratings"]:
-        raise fail("max_ratings", "expected an integer >= min_ratings")
-    kshots = full["kshots"]
-    if (
-        not isinstance(kshots, list | tuple)
-        or not kshots
-        or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in kshots)
-    ):
-        raise fail("kshots", "expected a non-empty list of positive integers")
-    full["kshots"] = sorted(set(kshots))
-    if not isinstance(full["seed"], int) or isinstance(full["seed"], bool):
-        raise fail("seed", "expected an integer")
+    full = PreprocessSettings.from_dict(config).to_dict()
+    full["kshots"] = sorted(set(full["kshots"]))
     return full
 
 
