@@ -108,11 +108,9 @@ class Explainer:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.params = dict(self.model.named_parameters())
-        self.functions = Adapter(
-            self.model, AdaptSettings.from_dict(mode=mode, inner_lr=inner_lr), self.params
-        )
-        self.rates = inner_learning_rates(self.model, self.functions.adapted_names, inner_lr, self.params)
-        self.user_names = [name for name in USER_PARAMETERS if name in self.functions.adapted_names]
+        self.adapter = Adapter(self.model, AdaptSettings.from_dict(mode=mode, inner_lr=inner_lr), self.params)
+        self.rates = inner_learning_rates(self.model, self.adapter.adapted_names, inner_lr, self.params)
+        self.user_names = [name for name in USER_PARAMETERS if name in self.adapter.adapted_names]
         self.newton = self.model.user_bias_prior is not None and bool(self.user_names)
         self.user_blocks = embedding_blocks((schema or {}).get("user_features"), self.model.user_dims, "user")
         self.item_blocks = embedding_blocks((schema or {}).get("item_features"), self.model.item_dims, "item")
@@ -121,13 +119,11 @@ class Explainer:
 
     def _inputs(self, user: tuple[torch.Tensor, ...], items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cat, num, multi = (tensor.reshape(1, -1) for tensor in user)
-        inputs = self.functions.inputs(
-            EncodedFeatures(cat, num.double(), multi.double()), items.reshape(1, -1)
-        )
+        inputs = self.adapter.inputs(EncodedFeatures(cat, num.double(), multi.double()), items.reshape(1, -1))
         return tuple(tensor[0] for tensor in inputs)
 
     def _logits(self, adapted: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        ratings = self.functions.predict(adapted, inputs)
+        ratings = self.adapter.predict(adapted, inputs)
         low, high = self.model.rating_min, self.model.rating_max
         return torch.log(ratings - low) - torch.log(high - ratings)
 
@@ -155,13 +151,13 @@ class Explainer:
         targets = self._inputs(user, items)
         ratings = support_ratings.double()
         n_rows = int(support_items.shape[0])
-        start = self.functions.initial()
+        start = self.adapter.initial()
         shares = {
             name: torch.zeros(n_rows, *tensor.shape, dtype=tensor.dtype) for name, tensor in start.items()
         }
         one_hot = torch.eye(n_rows, dtype=torch.float64)
         # The loss of row i alone (mask = e_i) is n times its term in the mean over the n rows.
-        row_grad = vmap(grad(self.functions.loss), in_dims=(None, None, None, 0))
+        row_grad = vmap(grad(self.adapter.loss), in_dims=(None, None, None, 0))
         with torch.no_grad():
             for _ in range(steps):
                 current = {name: start[name] + shares[name].sum(0) for name in start}
@@ -187,8 +183,8 @@ class Explainer:
 
     def _newton_moves(self, current, support, start, shares, gradients, n_rows) -> dict[str, torch.Tensor]:
         """Each row's share of one Gauss-Newton step of the user terms (the step is linear in them)."""
-        predictions = self.functions.predict(current, support)
-        design = user_design(self.model, predictions, self.functions.item_factor_rows(current, support))
+        predictions = self.adapter.predict(current, support)
+        design = user_design(self.model, predictions, self.adapter.item_factor_rows(current, support))
         rows = (n_rows, n_rows)
         mine = {name: start[name] + shares[name] for name in self.user_names}
         stepped = user_newton_step(
