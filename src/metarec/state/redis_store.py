@@ -2,12 +2,14 @@
 
 Each write is one Lua script, which Redis runs atomically, so an append (push, trim, bump the
 version, read back) and a conditional state write can never interleave with another client's. A
-user's keys share the hash tag ``{user_id}`` so the scripts also work on a Redis Cluster.
+user's keys share the hash tag ``{user_id}`` so the scripts also work on a Redis Cluster. A serving
+batch's appends (``append_many``) and state writes (``put_states``) go in one pipeline each.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
 
@@ -53,12 +55,21 @@ class RedisStateStore(UserStateStore):
         return f"{tag}:ratings", f"{tag}:meta"
 
     def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
-        check_ratings(ratings)
-        encoded = [json.dumps(r.to_list()) for r in ratings]
-        version, blob, blob_version, window = self._append(
-            keys=list(self._keys(user_id)), args=[self.window, *encoded]
-        )
-        return _state(window, version, blob, blob_version)
+        return self.append_many([(user_id, ratings)])[0]
+
+    def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
+        # A batch is one pipeline of append scripts, each still atomic on the server (another
+        # client's append may run between two of them, as between two separate calls).
+        for _, ratings in entries:
+            check_ratings(ratings)
+        calls = [
+            (list(self._keys(user_id)), [self.window, *(json.dumps(r.to_list()) for r in ratings)])
+            for user_id, ratings in entries
+        ]
+        return [
+            _state(window, version, blob, blob_version)
+            for version, blob, blob_version, window in self._run(self._append, calls)
+        ]
 
     def get(self, user_id: str) -> StoredUser | None:
         ratings_key, meta_key = self._keys(user_id)
@@ -72,7 +83,22 @@ class RedisStateStore(UserStateStore):
         return _state(window, version, blob, blob_version)
 
     def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
-        return bool(self._put_state(keys=[self._keys(user_id)[1]], args=[blob, int(version)]))
+        return self.put_states([(user_id, blob, version)])[0]
+
+    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        calls = [([self._keys(user_id)[1]], [blob, int(version)]) for user_id, blob, version in entries]
+        return [bool(stored) for stored in self._run(self._put_state, calls)]
+
+    def _run(self, script, calls: list[tuple[list, list]]) -> list:
+        """Runs a script once per ``(keys, args)``: one call alone, several in one pipeline (one round
+        trip plus the pipeline's check that the script is loaded)."""
+        if len(calls) == 1:
+            ((keys, args),) = calls
+            return [script(keys=keys, args=args)]
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return pipe.execute()
 
     def delete(self, user_id: str) -> None:
         self.client.delete(*self._keys(user_id))
