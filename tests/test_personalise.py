@@ -3,6 +3,7 @@ round-trip through the store's blob and are refused across model versions."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_fast_adapt import USER_TERMS, random_model
 from test_model import N_ITEMS
@@ -31,6 +32,29 @@ def test_fast_and_generic_paths_agree_and_adaptation_moves_scores():
     assert torch.allclose(scores[0], scores[1], atol=1e-5)
     prior = fast.score(_user(), None, everything)
     assert (scores[0] - prior).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_adapt_many_is_one_batched_pass_that_matches_each_user_alone(fast):
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    personaliser = Personaliser(Adapter(model, AdaptSettings.from_dict(mode="head", inner_lr=0.3), fast=fast))
+    users = [_user(), EncodedFeatures(torch.tensor([[0, 1]]), torch.tensor([[-0.2]]), torch.zeros(1, 4))]
+    supports = [([3, 7, 11, 2, 9], [5.0, 1.0, 4.0, 2.0, 3.0]), ([4], [1.0])]
+    calls = []
+    adapt = personaliser.adapter.adapt
+    personaliser.adapter.adapt = lambda *a, **k: calls.append(1) or adapt(*a, **k)
+    together = personaliser.adapt_many(users, supports, 5)
+    personaliser.adapter.adapt = adapt
+    assert len(calls) == 1 and len(together) == 2
+    for user, (items, ratings), state in zip(users, supports, together, strict=True):
+        alone = personaliser.adapt(user, torch.tensor(items), torch.tensor(ratings), 5)
+        assert set(state) == set(alone)
+        for name, tensor in alone.items():
+            assert state[name].shape == tensor.shape
+            assert torch.allclose(state[name], tensor, atol=1e-6), name
+        # Each user's state is its own tensors, so its stored blob holds one user.
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
+    assert personaliser.adapt_many([], [], 5) == []
 
 
 def test_window_keeps_the_latest_rating_per_known_item():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from metarec.features import EncodedFeatures
-from metarec.meta import Adapter
+from metarec.meta import Adapter, select_users
 from metarec.state import Rating
 
 Params = dict[str, torch.Tensor]
@@ -46,6 +46,45 @@ class Personaliser:
         """
         ratings = ratings.reshape(1, -1).float()
         return self.adapter.adapt(user, items.reshape(1, -1), ratings, torch.ones_like(ratings), steps)
+
+    def adapt_many(
+        self,
+        users: Sequence[EncodedFeatures],
+        supports: Sequence[tuple[Sequence[int], Sequence[float]]],
+        steps: int,
+    ) -> list[Params]:
+        """Runs the inner loop for several users in one batched :meth:`Adapter.adapt` call.
+
+        The supports are padded to the longest one and masked (padding rows change nothing), so each
+        user gets what :meth:`adapt` gives them alone (up to float rounding).
+
+        Args:
+            users: each user's encoded features (leading dimension 1).
+            supports: each user's ``(item indices, ratings)``, at least one rating each.
+            steps: inner steps.
+
+        Returns:
+            Each user's adapted state (tensors by name, leading dimension 1), in order.
+        """
+        if not users:
+            return []
+        device = next(self.model.parameters()).device
+        width = max(len(items) for items, _ in supports)
+        items = torch.zeros(len(supports), width, dtype=torch.long, device=device)
+        ratings = torch.zeros(len(supports), width, device=device)
+        mask = torch.zeros(len(supports), width, device=device)
+        for row, (user_items, user_ratings) in enumerate(supports):
+            size = len(user_items)
+            items[row, :size] = torch.as_tensor(user_items, dtype=torch.long)
+            ratings[row, :size] = torch.as_tensor(user_ratings, dtype=torch.float32)
+            mask[row, :size] = 1.0
+        stacked = EncodedFeatures(*(torch.cat(parts, dim=0) for parts in zip(*users, strict=True)))
+        state = self.adapter.adapt(stacked, items, ratings, mask, steps)
+        # Copies, so that each user's stored blob holds its own rows, not the whole batch's storage.
+        return [
+            {name: tensor.clone() for name, tensor in select_users(state, row).items()}
+            for row in range(len(supports))
+        ]
 
     def score(self, user: EncodedFeatures, adapted: Params | None, items: torch.Tensor) -> torch.Tensor:
         """Predicted ratings of items for one user.
