@@ -10,7 +10,7 @@ from test_model import N_ITEMS
 
 from metarec.features import EncodedFeatures
 from metarec.meta import Adapter, AdaptSettings
-from metarec.personalise import Personaliser, decode_state, encode_state, support_from_window
+from metarec.personalise import STATE_MAGIC, Personaliser, decode_state, encode_state, support_from_window
 from metarec.state import Rating
 
 
@@ -73,3 +73,33 @@ def test_state_round_trips_and_is_refused_by_another_model_version():
     assert decode_state(encode_state(state, "v1"), "v1", torch.device("cpu"))["features"] is None
     assert decode_state(blob, "v2", torch.device("cpu")) is None
     assert decode_state(b"not a torch file", "v1", torch.device("cpu")) is None
+
+
+def test_state_blobs_are_compact_raw_tensors_and_older_torch_save_blobs_still_read():
+    import io
+
+    state = {
+        "user_bias": torch.tensor([0.5]),
+        "decoder.4.weight": torch.randn(1, 1, 8),
+        "half": torch.randn(1, 3).bfloat16(),
+        "flags": torch.tensor([[True, False]]),
+        "none": torch.zeros(1, 0),
+        "scalar": torch.tensor(2.5),
+        "sliced": torch.randn(1, 9).T[3:4],  # "contiguous" with odd strides
+    }
+    blob = encode_state(state, "v1", _user())
+    assert blob.startswith(STATE_MAGIC)
+    document = decode_state(blob, "v1", torch.device("cpu"))
+    for name, tensor in state.items():
+        assert document["params"][name].dtype == tensor.dtype and torch.equal(
+            document["params"][name], tensor
+        )
+    assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    assert decode_state(blob[:-1], "v1", torch.device("cpu")) is None  # truncated
+    assert decode_state(blob + b"x", "v1", torch.device("cpu")) is None
+    # A blob of the previous format (torch.save of the same document) is still served.
+    buffer = io.BytesIO()
+    torch.save({"model_version": "v1", "params": state, "features": list(_user())}, buffer)
+    older = decode_state(buffer.getvalue(), "v1", torch.device("cpu"))
+    assert all(torch.equal(older["params"][k], state[k]) for k in state)
+    assert decode_state(buffer.getvalue(), "v2", torch.device("cpu")) is None

@@ -172,7 +172,8 @@ class RealtimeUsers:
             version = stored.version if stored is not None else 0
             items, ratings = self.support(user_id, stored)
             document = None
-            if stored is not None and stored.blob is not None:
+            # Read only when it is served (fresh) or its features are (a request that only names the user).
+            if stored is not None and stored.blob is not None and (stored.fresh or not authoritative):
                 document = decode_state(stored.blob, self.model_version, self.device)
             if document is not None and not authoritative:
                 features = _features(document, features)
