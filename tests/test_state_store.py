@@ -183,6 +183,22 @@ def test_put_states_keeps_the_version_rule_per_entry(store):
     assert store.put_states([]) == []
 
 
+def test_redis_batches_survive_a_server_that_lost_its_scripts(redis_url):
+    """After a restart or SCRIPT FLUSH the pipelined calls get NOSCRIPT: each is run again, once."""
+    store = open_store(redis_url, window=WINDOW)
+    try:
+        store.client.flushdb()
+        store.append("u1", ratings((1, 4)))
+        store.client.script_flush()
+        states = store.append_many([("u1", ratings((2, 3))), ("u2", ratings((3, 5)))])
+        assert [s.version for s in states] == [2, 1] and len(store.get("u1").ratings) == 2
+        store.client.script_flush()
+        assert store.put_states([("u1", b"a", 2), ("u2", b"b", 1)]) == [True, True]
+        assert store.get("u1").fresh and store.get("u2").blob == b"b"
+    finally:
+        store.close()
+
+
 def test_concurrent_batched_appends_from_threads_lose_nothing(store_url, store):
     """8 threads x 50 ratings for one user, sent as batches of 5 appends (a worker's batch): all 400."""
     import concurrent.futures

@@ -91,14 +91,24 @@ class RedisStateStore(UserStateStore):
 
     def _run(self, script, calls: list[tuple[list, list]]) -> list:
         """Runs a script once per ``(keys, args)``: one call alone, several in one pipeline (one round
-        trip plus the pipeline's check that the script is loaded)."""
+        trip; a call the server refuses with NOSCRIPT never ran, so it is run again on its own, which
+        reloads the script)."""
         if len(calls) == 1:
             ((keys, args),) = calls
             return [script(keys=keys, args=args)]
+        from redis.exceptions import NoScriptError
+
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            script(keys=keys, args=args, client=pipe)
-        return pipe.execute()
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results = pipe.execute(raise_on_error=False)
+        for position, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                keys, args = calls[position]
+                results[position] = script(keys=keys, args=args)
+            elif isinstance(result, Exception):
+                raise result
+        return results
 
     def delete(self, user_id: str) -> None:
         self.client.delete(*self._keys(user_id))
