@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
 
 # KEYS: ratings list, meta hash. ARGV: window, then the JSON ratings. Returns [version, blob,
-# blob_version, window...].
+# blob_version, window as one JSON array] (one reply string, not one per rating: the client parses
+# replies in Python, and a batch's windows are read on every feedback).
 _APPEND = """
 for i = 2, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
 local meta = redis.call('HMGET', KEYS[2], 'blob', 'blob_version')
-return {version, meta[1] or false, meta[2] or false, redis.call('LRANGE', KEYS[1], 0, -1)}
+local window = '[' .. table.concat(redis.call('LRANGE', KEYS[1], 0, -1), ',') .. ']'
+return {version, meta[1] or false, meta[2] or false, window}
 """
 # KEYS: meta hash. ARGV: blob, version. Stores only over an older state.
 _PUT_STATE = """
@@ -67,7 +69,7 @@ class RedisStateStore(UserStateStore):
             for user_id, ratings in entries
         ]
         return [
-            _state(window, version, blob, blob_version)
+            _state(json.loads(window), version, blob, blob_version)
             for version, blob, blob_version, window in self._run(self._append, calls)
         ]
 
@@ -80,7 +82,7 @@ class RedisStateStore(UserStateStore):
         (version, blob, blob_version), window = pipe.execute()
         if version is None:
             return None
-        return _state(window, version, blob, blob_version)
+        return _state([json.loads(entry) for entry in window], version, blob, blob_version)
 
     def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
         return self.put_states([(user_id, blob, version)])[0]
@@ -117,9 +119,9 @@ class RedisStateStore(UserStateStore):
         self.client.close()
 
 
-def _state(window: list, version, blob, blob_version) -> StoredUser:
+def _state(window: list[list], version, blob, blob_version) -> StoredUser:
     return StoredUser(
-        ratings=[Rating.from_list(json.loads(entry)) for entry in window],
+        ratings=[Rating.from_list(entry) for entry in window],
         version=int(version),
         blob=None if blob in (None, False) else bytes(blob),
         blob_version=-1 if blob_version in (None, False) else int(blob_version),
