@@ -3,13 +3,14 @@ round-trip through the store's blob and are refused across model versions."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_fast_adapt import USER_TERMS, random_model
 from test_model import N_ITEMS
 
 from metarec.features import EncodedFeatures
 from metarec.meta import Adapter, AdaptSettings
-from metarec.personalise import Personaliser, decode_state, encode_state, support_from_window
+from metarec.personalise import STATE_MAGIC, Personaliser, decode_state, encode_state, support_from_window
 from metarec.state import Rating
 
 
@@ -33,6 +34,29 @@ def test_fast_and_generic_paths_agree_and_adaptation_moves_scores():
     assert (scores[0] - prior).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_adapt_many_is_one_batched_pass_that_matches_each_user_alone(fast):
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    personaliser = Personaliser(Adapter(model, AdaptSettings.from_dict(mode="head", inner_lr=0.3), fast=fast))
+    users = [_user(), EncodedFeatures(torch.tensor([[0, 1]]), torch.tensor([[-0.2]]), torch.zeros(1, 4))]
+    supports = [([3, 7, 11, 2, 9], [5.0, 1.0, 4.0, 2.0, 3.0]), ([4], [1.0])]
+    calls = []
+    adapt = personaliser.adapter.adapt
+    personaliser.adapter.adapt = lambda *a, **k: calls.append(1) or adapt(*a, **k)
+    together = personaliser.adapt_many(users, supports, 5)
+    personaliser.adapter.adapt = adapt
+    assert len(calls) == 1 and len(together) == 2
+    for user, (items, ratings), state in zip(users, supports, together, strict=True):
+        alone = personaliser.adapt(user, torch.tensor(items), torch.tensor(ratings), 5)
+        assert set(state) == set(alone)
+        for name, tensor in alone.items():
+            assert state[name].shape == tensor.shape
+            assert torch.allclose(state[name], tensor, atol=1e-6), name
+        # Each user's state is its own tensors, so its stored blob holds one user.
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
+    assert personaliser.adapt_many([], [], 5) == []
+
+
 def test_window_keeps_the_latest_rating_per_known_item():
     window = [Rating("a", 1.0), Rating("b", 2.0), Rating("gone", 5.0), Rating("a", 4.0)]
     items, ratings = support_from_window(window, {"a": 0, "b": 1})
@@ -49,3 +73,33 @@ def test_state_round_trips_and_is_refused_by_another_model_version():
     assert decode_state(encode_state(state, "v1"), "v1", torch.device("cpu"))["features"] is None
     assert decode_state(blob, "v2", torch.device("cpu")) is None
     assert decode_state(b"not a torch file", "v1", torch.device("cpu")) is None
+
+
+def test_state_blobs_are_compact_raw_tensors_and_older_torch_save_blobs_still_read():
+    import io
+
+    state = {
+        "user_bias": torch.tensor([0.5]),
+        "decoder.4.weight": torch.randn(1, 1, 8),
+        "half": torch.randn(1, 3).bfloat16(),
+        "flags": torch.tensor([[True, False]]),
+        "none": torch.zeros(1, 0),
+        "scalar": torch.tensor(2.5),
+        "sliced": torch.randn(1, 9).T[3:4],  # "contiguous" with odd strides
+    }
+    blob = encode_state(state, "v1", _user())
+    assert blob.startswith(STATE_MAGIC)
+    document = decode_state(blob, "v1", torch.device("cpu"))
+    for name, tensor in state.items():
+        assert document["params"][name].dtype == tensor.dtype and torch.equal(
+            document["params"][name], tensor
+        )
+    assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    assert decode_state(blob[:-1], "v1", torch.device("cpu")) is None  # truncated
+    assert decode_state(blob + b"x", "v1", torch.device("cpu")) is None
+    # A blob of the previous format (torch.save of the same document) is still served.
+    buffer = io.BytesIO()
+    torch.save({"model_version": "v1", "params": state, "features": list(_user())}, buffer)
+    older = decode_state(buffer.getvalue(), "v1", torch.device("cpu"))
+    assert all(torch.equal(older["params"][k], state[k]) for k in state)
+    assert decode_state(buffer.getvalue(), "v2", torch.device("cpu")) is None

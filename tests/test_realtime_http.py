@@ -2,26 +2,80 @@
 
 Known users are served from their history with rated items excluded; feedback handled by one worker is
 read by the next request on another (the workers' own log lines name who answered); concurrent
-feedback loses nothing; bad feedback is refused with a 4xx and stores nothing; a new user who adapts
-once is personalised on the next plain recommend.
+feedback loses nothing (8 clients x 50 ratings for one user, on the embedded store and on a second
+server whose workers share a real Redis) and ends at the state of a sequential replay; bad feedback is
+refused with a 4xx and stores nothing; a new user who adapts once is personalised on the next plain
+recommend.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import os
 import re
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import redis_server
 import test_serving_http as serving_http
+import torch
+from demo_model import build_demo_archive
+from serving_cases import answer_all
 
-from metarec.serve_local import model_workers
+from metarec.personalise import decode_state
+from metarec.recommender import Recommender
+from metarec.serve_local import model_workers, start_server, stop_server
+from metarec.serving.handler import STATE_FILE, STATE_URL_ENV
+from metarec.state.open import open_store
 
 pytestmark = pytest.mark.slow
-# This module's own TorchServe (the same fixture as test_serving_http.py, started again for this module).
-served = serving_http.served
 call = serving_http.call
+redis_url = redis_server.redis_url  # a real redis-server for the module (fixture)
+
+# Ratings kept per user: above the 400 that the lost-update test sends to one user.
+WINDOW = 500
+CLIENTS, PER_CLIENT = 8, 50
+
+
+def _start(archive_dir: Path, workdir: Path, state_url: str):
+    """Starts TorchServe on the archive with its workers' user state at ``state_url``."""
+    previous = os.environ.get(STATE_URL_ENV)
+    os.environ[STATE_URL_ENV] = state_url  # the workers inherit the launcher's environment
+    try:
+        return start_server(archive_dir, workdir, 0, 0, timeout_s=180)
+    finally:
+        if previous is None:
+            os.environ.pop(STATE_URL_ENV)
+        else:
+            os.environ[STATE_URL_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """This module's TorchServe (as in test_serving_http.py), its archive keeping WINDOW ratings per user,
+    its two workers sharing one SQLite store."""
+    built = build_demo_archive(tmp_path_factory.mktemp("demo"), serving_config={"state_window": WINDOW})
+    workdir = tmp_path_factory.mktemp("torchserve")
+    state_url = f"sqlite:///{workdir / STATE_FILE}"
+    info = _start(built["archive_dir"], workdir, state_url)
+    try:
+        yield {**built, "info": info, "state_url": state_url}
+    finally:
+        stop_server(workdir)
+
+
+@pytest.fixture(scope="module")
+def served_redis(served, redis_url, tmp_path_factory):
+    """A second TorchServe on the same archive whose two workers keep user state in a real Redis."""
+    workdir = tmp_path_factory.mktemp("torchserve-redis")
+    info = _start(served["archive_dir"], workdir, redis_url)
+    try:
+        yield {**served, "info": info, "state_url": redis_url}
+    finally:
+        stop_server(workdir)
 
 
 def test_two_worker_processes(served):
@@ -98,23 +152,98 @@ def test_feedback_is_read_by_the_next_request_on_any_worker(served):
     assert len(_workers_for(served, user_id)) == 2, "both worker processes should have answered"
 
 
-def test_concurrent_feedback_for_one_user_loses_nothing(served):
+def _crowd(served, user_id: str) -> collections.Counter:
+    """CLIENTS concurrent clients each send PER_CLIENT single-rating feedback requests for one user.
+
+    Returns:
+        The (item_id, rating) pairs sent, as a multiset.
+    """
     items = _item_ids(served)
-    user_id = "rt-crowd"
 
     def client(c):
-        for n in range(5):
+        versions = []
+        for n in range(PER_CLIENT):
+            item = items[(c * PER_CLIENT + n) % len(items)]
             body = {
                 "user_id": user_id,
-                "ratings": [{"item_id": items[(c * 5 + n) % len(items)], "rating": 1 + n % 5}],
+                "ratings": [{"item_id": item, "rating": 1 + (c + n) % 5, "timestamp": c * 1000 + n}],
             }
             status, answer = post(served, body, "feedback")
             assert status == 200, answer
+            versions.append(answer["state_version"])
+        # A client waits for each answer, so each of its answers has seen all its earlier ratings.
+        assert versions == sorted(versions) and len(set(versions)) == PER_CLIENT, versions
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(client, range(8)))
-    status, answer = post(served, {"user_id": user_id, "k": 1})
-    assert status == 200 and answer["state_version"] == 40
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(client, range(CLIENTS)))
+    return collections.Counter(
+        (items[(c * PER_CLIENT + n) % len(items)], float(1 + (c + n) % 5))
+        for c in range(CLIENTS)
+        for n in range(PER_CLIENT)
+    )
+
+
+def _replay(served, ratings, user_id: str, tmp_path: Path) -> Recommender:
+    """The served archive in process on a fresh store, fed the ratings one feedback request at a time."""
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(served["archive_dir"] / "model-store" / "metarec.mar") as mar:
+        mar.extractall(unpacked)
+    replay = Recommender.from_dir(unpacked, store=open_store(f"sqlite:///{tmp_path / 'replay.db'}", WINDOW))
+    for rating in ratings:
+        body = {
+            "user_id": user_id,
+            "ratings": [{"item_id": rating.item_id, "rating": rating.rating, "timestamp": rating.timestamp}],
+        }
+        ((status, answer),) = answer_all(replay, [body], ["feedback"])
+        assert status == 200, answer
+    return replay
+
+
+def _check_crowd_loses_nothing_and_matches_a_sequential_replay(served, tmp_path):
+    user_id = "rt-crowd"
+    sent = _crowd(served, user_id)
+    store = open_store(served["state_url"], WINDOW)
+    try:
+        stored = store.get(user_id)
+    finally:
+        store.close()
+    total = CLIENTS * PER_CLIENT
+    assert stored.version == total and len(stored.ratings) == total
+    assert collections.Counter((r.item_id, r.rating) for r in stored.ratings) == sent
+    for c in range(CLIENTS):  # each client's ratings in the order it sent them
+        assert [r.timestamp for r in stored.ratings if r.timestamp // 1000 == c] == [
+            c * 1000 + n for n in range(PER_CLIENT)
+        ]
+    # The newest state was computed from all 400 ratings...
+    assert stored.fresh and stored.blob_version == total
+    n_items = len(_item_ids(served))
+    status, served_answer = post(served, {"user_id": user_id, "k": n_items, "include_rated": True})
+    assert status == 200 and served_answer["state_version"] == total, served_answer
+    # ... and is the one a sequential replay of the stored ratings, in the stored order, ends at.
+    replay = _replay(served, stored.ratings, user_id, tmp_path)
+    ((_, replayed),) = answer_all(replay, [{"user_id": user_id, "k": n_items, "include_rated": True}], [""])
+    assert replayed["state_version"] == total and replayed["support_size"] == served_answer["support_size"]
+    scores = {entry["item_id"]: entry["score"] for entry in replayed["items"]}
+    assert len(served_answer["items"]) == len(scores) == n_items
+    assert max(abs(entry["score"] - scores[entry["item_id"]]) for entry in served_answer["items"]) <= 2e-4
+    mine = decode_state(stored.blob, replay.model_version, torch.device("cpu"))
+    theirs = decode_state(replay.store.get(user_id).blob, replay.model_version, torch.device("cpu"))
+    assert mine is not None and set(mine["params"]) == set(theirs["params"])
+    for name, tensor in theirs["params"].items():
+        assert torch.allclose(mine["params"][name], tensor, atol=1e-5), name
+    replay.store.close()
+
+
+def test_concurrent_feedback_for_one_user_loses_nothing(served, tmp_path):
+    """8 clients x 50 ratings for one user over HTTP, two workers on the embedded store: all 400
+    stored, and the final state is a sequential replay's."""
+    _check_crowd_loses_nothing_and_matches_a_sequential_replay(served, tmp_path)
+
+
+def test_concurrent_feedback_for_one_user_loses_nothing_on_redis(served_redis, tmp_path):
+    """The same with the two workers' state in a real Redis (what several replicas share)."""
+    assert len({worker["pid"] for worker in model_workers(served_redis["info"])}) == 2
+    _check_crowd_loses_nothing_and_matches_a_sequential_replay(served_redis, tmp_path)
 
 
 BAD_FEEDBACK = {

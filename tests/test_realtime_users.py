@@ -116,3 +116,52 @@ def test_concurrent_feedback_loses_nothing_and_ends_at_the_sequential_state(user
     items, ratings = users.support("busy", stored)
     expected = adapt_from_scratch(users, items, ratings)
     assert torch.allclose(scores(users, final), expected, atol=1e-6)
+
+
+def test_record_many_appends_all_and_adapts_each_user_once_in_one_pass(users):
+    calls = []
+    adapt_many = users.personaliser.adapt_many
+
+    def counted(features_list, supports, steps):
+        calls.append(len(supports))
+        return adapt_many(features_list, supports, steps)
+
+    users.personaliser.adapt_many = counted
+    entries = [
+        ("known", [Rating("i7", 2.0)], features(), True),
+        ("fresh", [Rating("i3", 5.0), Rating("i4", 1.0)], features(seed=2), True),
+        ("known", [Rating("i2", 5.0)], features(), True),
+    ]
+    views = users.record_many(entries)
+    assert calls == [2]
+    # "known" twice: both entries see the state after both appends.
+    assert [(v.version, v.support_items) for v in views] == [(2, [1, 7, 2]), (1, [3, 4]), (2, [1, 7, 2])]
+    assert views[0] is views[2]
+    assert torch.allclose(
+        scores(users, views[0]), adapt_from_scratch(users, [1, 7, 2], [4.0, 2.0, 5.0]), atol=1e-6
+    )
+    expected = adapt_from_scratch(users, [3, 4], [5.0, 1.0], user=features(seed=2))
+    assert torch.allclose(scores(users, views[1]), expected, atol=1e-6)
+    assert users.store.get("known").fresh and users.store.get("fresh").fresh
+    assert users.record_many([]) == []
+
+
+def test_concurrent_feedback_batches_lose_nothing_and_end_at_the_sequential_state(users):
+    """8 clients x 50 ratings for one user, sent as record_many batches of 5 (a worker's batch)."""
+    clients, count, batch = 8, 50, 5
+
+    def client(c):
+        for start in range(0, count, batch):
+            entries = [
+                ("batched", [Rating(f"i{(c * count + n) % N_ITEMS}", 1.0 + (c + n) % 5)], features(), True)
+                for n in range(start, start + batch)
+            ]
+            users.record_many(entries)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    stored = users.store.get("batched")
+    assert stored.version == clients * count and len(stored.ratings) == clients * count and stored.fresh
+    items, ratings = users.support("batched", stored)
+    final = users.view("batched", features())
+    assert torch.allclose(scores(users, final), adapt_from_scratch(users, items, ratings), atol=1e-6)

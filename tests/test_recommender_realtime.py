@@ -10,10 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import redis_server
+import torch
 from demo_model import build_demo_model
 from serving_cases import answer_all
 from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
+from metarec.personalise import decode_state
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
 from metarec.state.open import open_store
@@ -178,6 +180,154 @@ def test_concurrent_feedback_in_process_matches_a_sequential_replay(rec, demo, t
         )
     _, sequential = ask(replay, {"user_id": "many", "k": 10})
     assert final["items"] == sequential["items"]
+
+
+def _counting_adapts(rec, monkeypatch) -> list[int]:
+    """Counts the Recommender's Adapter.adapt calls (the batch size of each)."""
+    calls = []
+    adapt = rec.adapter.adapt
+
+    def counted(users, *args, **kwargs):
+        calls.append(users.cat.shape[0])
+        return adapt(users, *args, **kwargs)
+
+    monkeypatch.setattr(rec.adapter, "adapt", counted)
+    return calls
+
+
+def _stored_params(rec, user_id):
+    stored = rec.store.get(user_id)
+    document = decode_state(stored.blob, rec.model_version, torch.device("cpu"))
+    return stored, document["params"]
+
+
+def _same_answers(batched, sequential):
+    for (status_b, got), (status_s, want) in zip(batched, sequential, strict=True):
+        assert status_b == status_s == 200, (got, want)
+        assert {k: v for k, v in got.items() if k != "items"} == {
+            k: v for k, v in want.items() if k != "items"
+        }
+        assert [e["item_id"] for e in got.get("items", [])] == [e["item_id"] for e in want.get("items", [])]
+        for mine, theirs in zip(got.get("items", []), want.get("items", []), strict=True):
+            assert abs(mine["score"] - theirs["score"]) <= 2e-4
+
+
+def _feedback_recommenders(demo, tmp_path):
+    return [
+        Recommender.from_dir(
+            demo["model"],
+            catalogue_dir=demo["preprocessed"],
+            store=open_store(f"sqlite:///{tmp_path / name}"),
+        )
+        for name in ("batched.db", "sequential.db")
+    ]
+
+
+def test_a_feedback_batch_adapts_once_and_matches_sequential_single_requests(demo, tmp_path, monkeypatch):
+    """N feedback requests in one batch: one Adapter.adapt call for all of them, and the same answers
+    and stored states as the same requests sent one at a time."""
+    batched, sequential = _feedback_recommenders(demo, tmp_path)
+    items = batched.item_ids
+    known = str(pd.read_parquet(demo["model"] / HISTORY_FILE)["user_id"].iloc[0])
+    bodies = [
+        {"user_id": known, "ratings": [{"item_id": items[5], "rating": 1}], "k": 5},
+        {
+            "user_id": "b-new",
+            "ratings": [{"item_id": items[n], "rating": 1 + n % 5} for n in range(7)],
+            "k": 3,
+        },
+        {"user_id": "b-plain", "ratings": [{"item_id": items[9], "rating": 4}]},
+        {
+            "user_id": "b-described",
+            "user": {"age": 30},
+            "ratings": [{"item_id": items[2], "rating": 5}],
+            "k": 4,
+        },
+        {
+            "user_id": "b-many",
+            "ratings": [{"item_id": items[n], "rating": 3} for n in range(20, 45)],
+            "k": 10,
+        },
+        {
+            "user_id": "b-ranked",
+            "ratings": [{"item_id": items[3], "rating": 2}],
+            "k": 100,
+            "include_rated": True,
+        },
+    ]
+    for rec in (batched, sequential):  # an earlier state, so that the batch re-adapts over stored ones
+        assert (
+            ask(rec, {"user_id": "b-new", "ratings": [{"item_id": items[50], "rating": 2}]}, "feedback")[0]
+            == 200
+        )
+    calls = _counting_adapts(batched, monkeypatch)
+    got = answer_all(batched, bodies, ["feedback"] * len(bodies))
+    assert calls == [len(bodies)]
+    want = [ask(sequential, body, "feedback") for body in bodies]
+    _same_answers(got, want)
+    assert [answer["state_version"] for _, answer in got] == [1, 2, 1, 1, 1, 1]
+    for body in bodies:
+        (mine, mine_params), (theirs, their_params) = (
+            _stored_params(r, body["user_id"]) for r in (batched, sequential)
+        )
+        assert (
+            mine.fresh and theirs.fresh and mine.version == theirs.version and mine.ratings == theirs.ratings
+        )
+        for name, tensor in their_params.items():
+            assert mine_params[name].shape == tensor.shape
+            assert torch.allclose(mine_params[name], tensor, atol=1e-5), name
+    # The stored states answer later recommends as the sequential ones do.
+    later = answer_all(batched, [{"user_id": b["user_id"], "k": 5} for b in bodies], [""] * len(bodies))
+    _same_answers(later, [ask(sequential, {"user_id": b["user_id"], "k": 5}) for b in bodies])
+
+
+def test_a_user_twice_in_a_feedback_batch_is_adapted_once_on_the_final_window(demo, tmp_path, monkeypatch):
+    batched, sequential = _feedback_recommenders(demo, tmp_path)
+    items = batched.item_ids
+    bodies = [
+        {"user_id": "twice", "user": {"age": 40}, "ratings": [{"item_id": items[1], "rating": 5}], "k": 3},
+        {"user_id": "other", "ratings": [{"item_id": items[2], "rating": 1}]},
+        {"user_id": "twice", "ratings": [{"item_id": items[3], "rating": 1}, {"item_id": items[1], "rating": 2}],
+         "k": 3},
+    ]  # fmt: skip
+    calls = _counting_adapts(batched, monkeypatch)
+    got = answer_all(batched, bodies, ["feedback"] * len(bodies))
+    assert calls == [2]  # "twice" and "other", one pass
+    # Both of the user's requests are answered from the state after both (item 1's latest rating wins).
+    assert [(a["state_version"], a["support_size"]) for _, a in got] == [(2, 2), (1, 1), (2, 2)]
+    assert got[0][1]["items"] == got[2][1]["items"]
+    want = [ask(sequential, body, "feedback") for body in bodies]
+    _same_answers(got[1:], want[1:])  # the last request's answer is the sequential one's
+    (mine, mine_params), (theirs, their_params) = (_stored_params(r, "twice") for r in (batched, sequential))
+    assert mine.ratings == theirs.ratings and mine.version == theirs.version == 2 and mine.fresh
+    assert all(torch.allclose(mine_params[name], their_params[name], atol=1e-5) for name in their_params)
+    # The first request described the user: the stored state keeps those features, as in turn.
+    mine_doc = decode_state(mine.blob, batched.model_version, torch.device("cpu"))
+    their_doc = decode_state(theirs.blob, sequential.model_version, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(mine_doc["features"], their_doc["features"], strict=True))
+
+
+def test_an_adapt_batch_stores_its_new_users_in_one_pass(demo, tmp_path, monkeypatch):
+    batched, sequential = _feedback_recommenders(demo, tmp_path)
+    items = batched.item_ids
+    bodies = [
+        {"user_id": f"a-{n}", "support": [{"item_id": items[n + m], "rating": 1 + (n + m) % 5} for m in range(3 + n)],
+         "k": 4}
+        for n in range(4)
+    ] + [{"user_id": "a-0", "support": [{"item_id": items[70], "rating": 5}], "k": 4}]  # fmt: skip
+    calls = _counting_adapts(batched, monkeypatch)
+    got = answer_all(batched, bodies, ["adapt"] * len(bodies))
+    assert calls == [5, 4]  # the answers (one steps group), then the four new users' stored states
+    # The second a-0 request came after the first had created the user: a what-if, nothing stored.
+    assert [a.get("stored") for _, a in got] == [True] * 4 + [None]
+    want = [ask(sequential, body, "adapt") for body in bodies]
+    _same_answers(got, want)
+    for n in range(4):
+        (mine, mine_params), (theirs, their_params) = (
+            _stored_params(r, f"a-{n}") for r in (batched, sequential)
+        )
+        assert mine.ratings == theirs.ratings and mine.version == theirs.version == 1
+        assert all(torch.allclose(mine_params[k], their_params[k], atol=1e-5) for k in their_params)
 
 
 def test_handler_keeps_the_embedded_store_in_its_working_directory(monkeypatch, tmp_path):

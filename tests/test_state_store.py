@@ -153,6 +153,81 @@ def test_concurrent_appends_lose_nothing(store_url, store):
         assert mine == [f"{c}-{n}" for n in range(count)]
 
 
+def test_append_many_is_each_append_in_order(store):
+    """A serving batch's appends: one state per entry, as if appended one after the other."""
+    store.append("u1", ratings((1, 4)))
+    states = store.append_many(
+        [("u1", ratings((2, 3))), ("u2", ratings((3, 5))), ("u1", ratings((4, 1), (5, 2)))]
+    )
+    assert [(s.version, [r.item_id for r in s.ratings]) for s in states] == [
+        (2, ["1", "2"]), (1, ["3"]), (3, ["1", "2", "4", "5"])
+    ]  # fmt: skip
+    assert store.get("u1").ratings == states[2].ratings
+    assert store.append_many([]) == []
+
+
+def test_append_many_checks_every_entry_before_writing(store):
+    with pytest.raises(ValueError, match="must be finite"):
+        store.append_many([("u1", ratings((1, 4))), ("u2", [Rating("2", float("inf"))])])
+    assert store.get("u1") is None and store.get("u2") is None
+
+
+def test_put_states_keeps_the_version_rule_per_entry(store):
+    store.append_many([("u1", ratings((1, 4))), ("u2", ratings((2, 4)))])
+    assert store.put_states([("u1", b"one", 1), ("u2", b"two", 1), ("u1", b"older", 0)]) == [
+        True,
+        True,
+        False,
+    ]
+    assert store.get("u1").blob == b"one" and store.get("u2").fresh
+    assert store.put_states([]) == []
+
+
+def test_redis_batches_survive_a_server_that_lost_its_scripts(redis_url):
+    """After a restart or SCRIPT FLUSH the pipelined calls get NOSCRIPT: each is run again, once."""
+    store = open_store(redis_url, window=WINDOW)
+    try:
+        store.client.flushdb()
+        store.append("u1", ratings((1, 4)))
+        store.client.script_flush()
+        states = store.append_many([("u1", ratings((2, 3))), ("u2", ratings((3, 5)))])
+        assert [s.version for s in states] == [2, 1] and len(store.get("u1").ratings) == 2
+        store.client.script_flush()
+        assert store.put_states([("u1", b"a", 2), ("u2", b"b", 1)]) == [True, True]
+        assert store.get("u1").fresh and store.get("u2").blob == b"b"
+    finally:
+        store.close()
+
+
+def test_concurrent_batched_appends_from_threads_lose_nothing(store_url, store):
+    """8 threads x 50 ratings for one user, sent as batches of 5 appends (a worker's batch): all 400."""
+    import concurrent.futures
+
+    clients, count, batch = 8, 50, 5
+
+    def client(c):
+        mine = open_store(store_url, window=WINDOW)
+        try:
+            for start in range(0, count, batch):
+                mine.append_many(
+                    [("shared", [Rating(f"{c}-{n}", 1.0 + n % 5)]) for n in range(start, start + batch)]
+                )
+        finally:
+            mine.close()
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    state = store.get("shared")
+    assert state.version == clients * count
+    assert sorted(r.item_id for r in state.ratings) == sorted(
+        f"{c}-{n}" for c in range(clients) for n in range(count)
+    )
+    for c in range(clients):
+        assert [r.item_id for r in state.ratings if r.item_id.startswith(f"{c}-")] == [
+            f"{c}-{n}" for n in range(count)
+        ]
+
+
 def test_open_store_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown state store URL"):
         open_store("postgres://x")

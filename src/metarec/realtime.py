@@ -11,6 +11,11 @@ described themselves once is scored with the same features later.
 Consistency: appends are atomic in the store and a state is only stored over an older one, so after
 any interleaving of concurrent feedback the stored ratings are all of them and the newest stored state
 is the one computed from all of them (what a sequential replay gives).
+
+Batches: :meth:`RealtimeUsers.record_many` (a serving batch's feedback) appends every entry's ratings,
+then re-adapts all its users in one batched pass (:meth:`Personaliser.adapt_many`, supports padded and
+masked) and stores each state against the version it was computed from; :meth:`RealtimeUsers.view_many`
+does the same for the stale states of a recommend batch.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from metarec.features import EncodedFeatures
 from metarec.personalise import Params, Personaliser, decode_state, encode_state, support_from_window
@@ -97,10 +101,22 @@ class RealtimeUsers:
         Returns:
             The view, or None for a user with neither history nor stored state.
         """
-        stored = self.store.get(user_id)
-        if stored is None and user_id not in self.history:
-            return None
-        return self._resolve(user_id, features, stored, authoritative)
+        return self.view_many([(user_id, features, authoritative)])[0]
+
+    def view_many(self, users: Sequence[tuple[str, EncodedFeatures, bool]]) -> list[UserView | None]:
+        """:meth:`view` for several ``(user_id, features, authoritative)``; the users whose cached state
+        is missing or stale are adapted together in one batched pass."""
+        found = [(entry, self.store.get(entry[0])) for entry in users]
+        known = [
+            (user_id, features, stored, authoritative)
+            for (user_id, features, authoritative), stored in found
+            if stored is not None or user_id in self.history
+        ]
+        views = iter(self._resolve_many(known))
+        return [
+            next(views) if stored is not None or user_id in self.history else None
+            for (user_id, _, _), stored in found
+        ]
 
     def record(
         self, user_id: str, ratings: Sequence[Rating], features: EncodedFeatures, authoritative: bool = True
@@ -116,33 +132,71 @@ class RealtimeUsers:
         Returns:
             The view after this append.
         """
-        stored = self.store.append(user_id, list(ratings))
-        return self._resolve(user_id, features, stored, authoritative)
+        return self.record_many([(user_id, ratings, features, authoritative)])[0]
 
-    def _resolve(
-        self, user_id: str, features: EncodedFeatures, stored: StoredUser | None, authoritative: bool
-    ) -> UserView:
-        version = stored.version if stored is not None else 0
-        items, ratings = self.support(user_id, stored)
-        document = None
-        if stored is not None and stored.blob is not None:
-            document = decode_state(stored.blob, self.model_version, self.device)
-        if document is not None and not authoritative:
-            features = _features(document, features)
-        if document is not None and stored.fresh:
-            return UserView(features, document["params"], items, ratings, version)
-        adapted = None
-        if items:
-            adapted = self.personaliser.adapt(
-                features,
-                torch.tensor(items, device=self.device),
-                torch.tensor(ratings, device=self.device),
-                self.steps,
-            )
-        if adapted is not None:
-            blob = encode_state(adapted, self.model_version, features)
-            self.store.put_state(user_id, blob, version)
-        return UserView(features, adapted, items, ratings, version)
+    def record_many(
+        self, entries: Sequence[tuple[str, Sequence[Rating], EncodedFeatures, bool]]
+    ) -> list[UserView]:
+        """:meth:`record` for a serving batch: ``(user_id, ratings, features, authoritative)`` each.
+
+        Every entry's ratings are appended in order (one atomic store append each, so concurrent
+        writers still lose nothing), then each user is re-adapted once, on the window after their last
+        append of the batch, all users in one batched pass, and each state is stored against the
+        version it was computed from. A user with several entries gets the same (final) view for each;
+        their features are those of their last authoritative entry, as if the entries ran in turn.
+
+        Args:
+            entries: what :meth:`record` takes, per entry.
+
+        Returns:
+            One view per entry.
+        """
+        stored = self.store.append_many([(user_id, list(ratings)) for user_id, ratings, _, _ in entries])
+        last: dict[str, tuple[str, EncodedFeatures, StoredUser, bool]] = {}
+        for (user_id, _, features, authoritative), after in zip(entries, stored, strict=True):
+            previous = last.get(user_id)
+            if not authoritative and previous is not None and previous[3]:
+                features, authoritative = previous[1], True  # an earlier entry described the user
+            last[user_id] = (user_id, features, after, authoritative)
+        views = dict(zip(last, self._resolve_many(list(last.values())), strict=True))
+        return [views[user_id] for user_id, _, _, _ in entries]
+
+    def _resolve_many(
+        self, users: Sequence[tuple[str, EncodedFeatures, StoredUser | None, bool]]
+    ) -> list[UserView]:
+        """The views of ``(user_id, features, stored, authoritative)``: fresh cached states are used,
+        the others adapted in one :meth:`Personaliser.adapt_many` call and stored."""
+        views: list[UserView] = []
+        pending: list[int] = []
+        for user_id, features, stored, authoritative in users:
+            version = stored.version if stored is not None else 0
+            items, ratings = self.support(user_id, stored)
+            document = None
+            # Read only when it is served (fresh) or its features are (a request that only names the user).
+            if stored is not None and stored.blob is not None and (stored.fresh or not authoritative):
+                document = decode_state(stored.blob, self.model_version, self.device)
+            if document is not None and not authoritative:
+                features = _features(document, features)
+            if document is not None and stored.fresh:
+                views.append(UserView(features, document["params"], items, ratings, version))
+                continue
+            if items:
+                pending.append(len(views))
+            views.append(UserView(features, None, items, ratings, version))
+        if not pending:
+            return views
+        adapted = self.personaliser.adapt_many(
+            [views[p].features for p in pending],
+            [(views[p].support_items, views[p].support_ratings) for p in pending],
+            self.steps,
+        )
+        states = []
+        for position, state in zip(pending, adapted, strict=True):
+            views[position].adapted = state
+            blob = encode_state(state, self.model_version, views[position].features)
+            states.append((users[position][0], blob, views[position].version))
+        self.store.put_states(states)
+        return views
 
 
 def _features(document: dict, fallback: EncodedFeatures) -> EncodedFeatures:

@@ -254,9 +254,7 @@ class Recommender:
         ]
 
     def _stack_users(self, requests: Sequence[RecommendRequest]) -> EncodedFeatures:
-        return EncodedFeatures(
-            *(torch.cat(parts, dim=0) for parts in zip(*(r.user_features for r in requests), strict=True))
-        )
+        return _stack_features([r.user_features for r in requests])
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
         """Ranks the catalogue for a batch of users.
@@ -275,12 +273,15 @@ class Recommender:
         """
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         prior_rows = []
-        for position, request in enumerate(requests):
-            view = self._view(request)
+        personal = []
+        for position, view in enumerate(self._views(requests)):
             if view is None:
                 prior_rows.append(position)
             else:
-                answers[position] = self._personal_answer(request, view)
+                personal.append((position, view))
+        answered = self._personal_answers([requests[p] for p, _ in personal], [v for _, v in personal])
+        for (position, _), answer in zip(personal, answered, strict=True):
+            answers[position] = answer
         if prior_rows:
             users = self._stack_users([requests[p] for p in prior_rows])
             items = self.all_items.expand(len(prior_rows), -1)
@@ -295,35 +296,60 @@ class Recommender:
                 answers[position] = {**answer, "model_version": self.model_version}
         return answers
 
-    def _view(self, request: RecommendRequest) -> UserView | None:
-        if self.users is None or request.user_id is None:
-            return None
-        view = self.users.view(request.user_id, request.user_features, self._authoritative(request))
-        if view is not None:
-            logger.info("realtime user=%s route=recommend version=%d", request.user_id, view.version)
-        return view
+    def _views(self, requests: Sequence[RecommendRequest]) -> list[UserView | None]:
+        """Each named user's state (None: no state); stale states are re-adapted in one batched pass."""
+        named = [p for p, r in enumerate(requests) if self.users is not None and r.user_id is not None]
+        views: list[UserView | None] = [None] * len(requests)
+        if not named:
+            return views
+        found = self.users.view_many(
+            [
+                (requests[p].user_id, requests[p].user_features, self._authoritative(requests[p]))
+                for p in named
+            ]
+        )
+        for position, view in zip(named, found, strict=True):
+            views[position] = view
+            if view is not None:
+                logger.info(
+                    "realtime user=%s route=recommend version=%d", requests[position].user_id, view.version
+                )
+        return views
 
     def _authoritative(self, request: RecommendRequest) -> bool:
         """Whether the request's features are the user's (catalogue or given), not a stand-in."""
         return request.described or request.user_id in self.user_index
 
-    def _personal_answer(self, request: RecommendRequest, view: UserView) -> dict[str, Any]:
-        """Top-k of a user with a state: scored with it, rated items excluded unless asked for."""
-        scores = self.personaliser.score(view.features, view.adapted, self.all_items)
-        mask = request.candidate_mask.clone()
-        if not request.include_rated:
-            mask[view.support_items] = False
-        items = self._top_k(scores, request, mask) if mask.any() else []
-        if request.explain and items:
-            self._explain(items, view.features, view.support_items, view.support_ratings)
-        return {
-            "user": _user_field(request),
-            "items": items,
-            "personalised": view.adapted is not None,
-            "state_version": view.version,
-            "support_size": len(view.support_items),
-            "model_version": self.model_version,
-        }
+    def _personal_answers(
+        self, requests: Sequence[RecommendRequest], views: Sequence[UserView]
+    ) -> list[dict[str, Any]]:
+        """Top-k of users with a state, all scored in one pass, each with their own state (the prior for
+        a user without ratings); rated items excluded unless asked for."""
+        if not requests:
+            return []
+        users = _stack_features([view.features for view in views])
+        states = [self.adapter.prior_state(1) if view.adapted is None else view.adapted for view in views]
+        state = {name: torch.cat([s[name] for s in states], dim=0) for name in states[0]}
+        scores = self.adapter.score(users, state, self.all_items.expand(len(views), -1))
+        answers = []
+        for row, (request, view) in enumerate(zip(requests, views, strict=True)):
+            mask = request.candidate_mask.clone()
+            if not request.include_rated:
+                mask[view.support_items] = False
+            items = self._top_k(scores[row], request, mask) if mask.any() else []
+            if request.explain and items:
+                self._explain(items, view.features, view.support_items, view.support_ratings)
+            answers.append(
+                {
+                    "user": _user_field(request),
+                    "items": items,
+                    "personalised": view.adapted is not None,
+                    "state_version": view.version,
+                    "support_size": len(view.support_items),
+                    "model_version": self.model_version,
+                }
+            )
+        return answers
 
     def _explain(
         self, items: list[dict[str, Any]], user: EncodedFeatures, support_items, support_ratings, steps=None
@@ -343,7 +369,12 @@ class Recommender:
         """Appends each request's ratings to its user's state, re-adapts and stores it.
 
         The user is re-adapted from the meta-learned initialisation on their history plus all their
-        feedback (the same inner loop and steps as evaluation), never from the previous state.
+        feedback (the same inner loop and steps as evaluation), never from the previous state. A batch
+        is handled together (:meth:`metarec.realtime.RealtimeUsers.record_many`): every request's
+        ratings are appended (one atomic append each), then all its users are re-adapted in one batched
+        pass and stored, and the answers with ``k`` are scored in one pass. A user with several requests
+        in one batch is adapted once, on the window after the last of them, and each of those requests
+        is answered from that state (its ``state_version`` and ``support_size``).
 
         Args:
             requests: Validated feedback requests.
@@ -352,17 +383,22 @@ class Recommender:
             One answer per request: ``{"user", "stored": true, "state_version", "support_size",
             "model_version"}`` and, when the request gave ``k``, the new top-k ``items``.
         """
-        answers = []
-        for request in requests:
-            view = self.users.record(
-                request.user_id, request.ratings, request.user_features, self._authoritative(request)
-            )
+        views = self.users.record_many(
+            [(r.user_id, r.ratings, r.user_features, self._authoritative(r)) for r in requests]
+        )
+        for request, view in zip(requests, views, strict=True):
             logger.info("realtime user=%s route=feedback version=%d", request.user_id, view.version)
-            answer = self._personal_answer(request, view) if request.answer_items else {
+        ranked = [p for p, request in enumerate(requests) if request.answer_items]
+        personal = self._personal_answers([requests[p] for p in ranked], [views[p] for p in ranked])
+        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        for position, answer in zip(ranked, personal, strict=True):
+            answers[position] = answer
+        for position, (request, view) in enumerate(zip(requests, views, strict=True)):
+            answer = answers[position] or {
                 "user": _user_field(request), "state_version": view.version,
                 "support_size": len(view.support_items), "model_version": self.model_version,
             }  # fmt: skip
-            answers.append({**answer, "stored": True})
+            answers[position] = {**answer, "stored": True}
         return answers
 
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
@@ -388,21 +424,24 @@ class Recommender:
             group = [requests[p] for p in positions]
             for position, answer in zip(positions, self._adapt_group(group, steps), strict=True):
                 answers[position] = answer
-        for request, answer in zip(requests, answers, strict=True):
+        new_users: list[int] = []
+        created: set[str] = set()
+        for position, (request, answer) in enumerate(zip(requests, answers, strict=True)):
             if request.explain:
                 self._explain(answer["items"], request.user_features, request.support_items.tolist(),
                               request.support_ratings.tolist(), request.steps)  # fmt: skip
-            if self._is_new_user(request.user_id):
-                # A new user's next plain recommend is personalised: keep their ratings and state.
-                ratings = [
-                    Rating(i, r)
-                    for i, r in zip(request.support_ids, request.support_ratings.tolist(), strict=True)
-                ]
-                view = self.users.record(
-                    request.user_id, ratings, request.user_features, self._authoritative(request)
-                )
-                logger.info("realtime user=%s route=adapt version=%d", request.user_id, view.version)
-                answer.update(stored=True, state_version=view.version)
+            if request.user_id not in created and self._is_new_user(request.user_id):
+                created.add(request.user_id)  # a later request of the batch finds the user stored
+                new_users.append(position)
+        # A new user's next plain recommend is personalised: keep their ratings and state (the same
+        # batched append, re-adapt and store as feedback).
+        views = self.users.record_many(
+            [(requests[p].user_id, _support_ratings(requests[p]), requests[p].user_features,
+              self._authoritative(requests[p])) for p in new_users]
+        ) if new_users else []  # fmt: skip
+        for position, view in zip(new_users, views, strict=True):
+            logger.info("realtime user=%s route=adapt version=%d", requests[position].user_id, view.version)
+            answers[position].update(stored=True, state_version=view.version)
         return answers
 
     def _is_new_user(self, user_id: str | None) -> bool:
@@ -482,6 +521,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _stack_features(features: Sequence[EncodedFeatures]) -> EncodedFeatures:
+    """Users' encoded features (leading dimension 1 each) as one batch."""
+    return EncodedFeatures(*(torch.cat(parts, dim=0) for parts in zip(*features, strict=True)))
+
+
+def _support_ratings(request: AdaptRequest) -> list[Rating]:
+    """An adapt request's support as ratings to store."""
+    return [Rating(i, r) for i, r in zip(request.support_ids, request.support_ratings.tolist(), strict=True)]
 
 
 def _user_field(request: RecommendRequest) -> dict[str, Any]:

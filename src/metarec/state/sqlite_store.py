@@ -3,7 +3,8 @@
 TorchServe runs each worker as its own process, so the file is the only shared memory: WAL mode lets
 readers run beside the one writer, every write is a ``BEGIN IMMEDIATE`` transaction (it takes the
 write lock before reading, so read-modify-write cannot interleave) and a busy timeout makes a
-contending process wait instead of failing.
+contending process wait instead of failing. A serving batch's appends (``append_many``) and state
+writes (``put_states``) each take one transaction, so a batch pays for one lock and one commit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
@@ -62,21 +64,32 @@ class SqliteStateStore(UserStateStore):
         return self._local.connection
 
     def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
-        check_ratings(ratings)
+        return self.append_many([(user_id, ratings)])[0]
+
+    def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
+        # One write transaction for the whole batch: each append is as atomic as on its own, and
+        # the batch pays for one lock and one commit.
+        for _, ratings in entries:
+            check_ratings(ratings)
+        if not entries:
+            return []
         connection = self._connection()
         with _immediate(connection):
-            connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
-            connection.executemany(
-                "INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
-                [(user_id, r.item_id, float(r.rating), r.timestamp) for r in ratings],
-            )
-            connection.execute("UPDATE users SET version = version + 1 WHERE user_id = ?", (user_id,))
-            connection.execute(
-                "DELETE FROM ratings WHERE user_id = ? AND seq NOT IN "
-                "(SELECT seq FROM ratings WHERE user_id = ? ORDER BY seq DESC LIMIT ?)",
-                (user_id, user_id, self.window),
-            )
-            return self._read(connection, user_id)
+            return [self._append(connection, user_id, ratings) for user_id, ratings in entries]
+
+    def _append(self, connection: sqlite3.Connection, user_id: str, ratings: list[Rating]) -> StoredUser:
+        connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+        connection.executemany(
+            "INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
+            [(user_id, r.item_id, float(r.rating), r.timestamp) for r in ratings],
+        )
+        connection.execute("UPDATE users SET version = version + 1 WHERE user_id = ?", (user_id,))
+        connection.execute(
+            "DELETE FROM ratings WHERE user_id = ? AND seq NOT IN "
+            "(SELECT seq FROM ratings WHERE user_id = ? ORDER BY seq DESC LIMIT ?)",
+            (user_id, user_id, self.window),
+        )
+        return self._read(connection, user_id)
 
     def get(self, user_id: str) -> StoredUser | None:
         connection = self._connection()
@@ -85,14 +98,22 @@ class SqliteStateStore(UserStateStore):
             return self._read(connection, user_id)
 
     def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
+        return self.put_states([(user_id, blob, version)])[0]
+
+    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        if not entries:
+            return []
         connection = self._connection()
+        stored = []
         with _immediate(connection):
-            connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
-            cursor = connection.execute(
-                "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version < ?",
-                (sqlite3.Binary(blob), int(version), user_id, int(version)),
-            )
-            return cursor.rowcount == 1
+            for user_id, blob, version in entries:
+                connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+                cursor = connection.execute(
+                    "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version < ?",
+                    (sqlite3.Binary(blob), int(version), user_id, int(version)),
+                )
+                stored.append(cursor.rowcount == 1)
+        return stored
 
     def delete(self, user_id: str) -> None:
         connection = self._connection()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_WINDOW = 200  # ratings kept per user: the adapt support set is at most this large
@@ -106,6 +107,30 @@ class UserStateStore(ABC):
         Returns:
             True when stored, False when a state at least as new was already there.
         """
+
+    def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
+        """Appends several ``(user_id, ratings)`` in order, each one atomic as in :meth:`append`.
+
+        A serving batch's feedback in one go; stores override it to save round trips (one SQLite
+        transaction, one Redis pipeline). Every entry is checked before anything is written.
+
+        Args:
+            entries: ``(user_id, ratings)`` pairs; a user may appear several times.
+
+        Returns:
+            The user's state right after each entry's append, in order.
+        """
+        for _, ratings in entries:
+            check_ratings(ratings)
+        return [self.append(user_id, ratings) for user_id, ratings in entries]
+
+    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        """Stores several ``(user_id, blob, version)`` states, each as in :meth:`put_state`.
+
+        Returns:
+            For each entry, whether it was stored.
+        """
+        return [self.put_state(user_id, blob, version) for user_id, blob, version in entries]
 
     @abstractmethod
     def delete(self, user_id: str) -> None:
