@@ -37,7 +37,9 @@ def served_scores(model, user, items, ratings, targets, steps):
     return adapter.score(users, state, targets[None])[0]
 
 
-@pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_prior", "bias_factors_sgd", "none"])
+@pytest.mark.parametrize(
+    "terms", ["bias_factors_prior", "bias_factors_prior_content", "bias_prior", "bias_factors_sgd", "none"]
+)
 @pytest.mark.parametrize("steps", [0, 1, 5])
 def test_support_shares_sum_to_the_served_change(terms, steps):
     model = random_model(**USER_TERMS[terms])
@@ -77,8 +79,9 @@ def test_a_high_rating_pulls_its_own_score_up():
     assert explanation.contributions[0, 1:].max() < explanation.contributions[0, 0]
 
 
-def test_prior_shares_sum_to_the_prior_score():
-    model = random_model(**USER_TERMS["bias_factors_prior"])
+@pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_factors_prior_content"])
+def test_prior_shares_sum_to_the_prior_score(terms):
+    model = random_model(**USER_TERMS[terms])
     user, _, _ = one_user(model)
     targets = torch.arange(N_ITEMS)
     schema = {

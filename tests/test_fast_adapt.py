@@ -30,6 +30,13 @@ USER_TERMS = {
         "user_bias_prior": 2.0,
         "user_factor_prior": 6.0,
     },
+    # Cold and warm items with their own content-derived item bias and factors (the training default).
+    "bias_factors_prior_content": {
+        "user_bias": True,
+        "user_factors": 3,
+        "user_bias_prior": 2.0,
+        "item_content": True,
+    },
 }
 
 

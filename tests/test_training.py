@@ -155,10 +155,36 @@ def test_default_model_has_an_adapted_user_bias_and_data_initialised_item_bias(t
     model = build_model(pre, settings)
     assert model.user_bias is not None and model.user_bias_prior == settings.user_bias_prior
     assert "user_bias" in adapted_parameter_names(model, settings.adapt_mode)
-    table = model.item_bias.weight.detach().squeeze(-1)
+    table = build_model(pre, settings.replace(item_content=False)).item_bias.weight.detach().squeeze(-1)
     assert float(table[0]) == 0.0 and float(table[1:].abs().max()) > 0  # cold row 0, warm rows fitted
     plain = build_model(pre, TrainSettings(item_bias_init=False))
     assert float(plain.item_bias.weight.detach().abs().max()) == 0.0
+
+
+def test_content_terms_start_at_a_fit_that_keeps_warm_items_and_tells_cold_items_apart(tiny_preprocessed):
+    from metarec.model_init import build_model
+    from metarec.tasks import Preprocessed
+
+    pre = Preprocessed.load(str(tiny_preprocessed))
+    without = build_model(pre, TrainSettings(item_content=False))
+    model = build_model(pre, TrainSettings())
+    assert model.item_bias_content is not None and model.item_factors_content is not None
+    items = torch.arange(model.n_items)
+    warm = pre.item_warm_idx > 0
+    with torch.no_grad():
+        offsets, plain_offsets = model.item_offset(items), without.item_offset(items)
+        factors, plain_factors = model.item_factor_rows(items), without.item_factor_rows(items)
+    # Every warm item keeps what the MF start gave it: the id rows hold the fit's residuals.
+    torch.testing.assert_close(offsets[warm], plain_offsets[warm], atol=1e-5, rtol=0)
+    torch.testing.assert_close(factors[warm], plain_factors[warm], atol=1e-5, rtol=0)
+    # Without content every cold item shares row 0; with it, items whose features differ differ.
+    cold = items[~warm]
+    assert len(cold) > 1 and float(plain_offsets[cold].std()) == 0.0
+    design = model.content_design(cold)
+    differs = (design[:, None] != design[None]).any(-1)
+    assert bool(differs.any())
+    spread = (offsets[cold][:, None] - offsets[cold][None]).abs()
+    assert float(spread[differs].max()) > 1e-4
 
 
 def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
@@ -172,7 +198,7 @@ def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     run_preprocessing("synthetic", None, None, str(tmp_path / "pre"))
     pre = Preprocessed.load(str(tmp_path / "pre"))
     _, batch = scenario_tasks(pre, "user_cold", users_split="train")
-    config = {"user_factors": 4, "user_factor_prior": 1.0}
+    config = {"user_factors": 4, "user_factor_prior": 1.0, "item_content": False}  # the MF start alone
     torch.manual_seed(0)
     fitted = build_model(pre, TrainSettings.from_dict(config))
     torch.manual_seed(0)

@@ -224,12 +224,16 @@ class Explainer:
                 torch.zeros_like(encoder.item_cat[items]), torch.zeros_like(encoder.item_num[items]),
                 torch.zeros_like(encoder.item_multi[items]),
             )  # fmt: skip
-            warm = encoder.item_warm_idx[items]
-            groups, columns = self._groups(user_vec.shape[0], item_vec.shape[1])
+            # The content terms (item bias and factors read from the features) switch with the features.
+            content = (model.content_design(items), model.content_rows(
+                torch.zeros_like(encoder.item_cat[items]), torch.zeros_like(encoder.item_num[items]),
+                torch.zeros_like(encoder.item_multi[items]),
+            ))  # fmt: skip
+            groups, columns, content_columns = self._groups(user_vec.shape[0], item_vec.shape[1])
             n_groups = len(groups)
             coalitions = torch.tensor(list(itertools.product([0, 1], repeat=n_groups)), dtype=torch.bool)
-            logits = torch.stack([self._coalition_logits(c, columns, user_vec, user_base, item_vec, item_base,
-                                                         warm) for c in coalitions])  # fmt: skip
+            logits = torch.stack([self._coalition_logits(c, columns, content_columns, user_vec, user_base, item_vec,
+                                                         item_base, content, items) for c in coalitions])  # fmt: skip
             shares = _shapley(coalitions, logits)  # [K, G]
             baseline_logit = logits[0]  # the empty coalition; the same for every item
             prior_logit = logits[-1]
@@ -238,38 +242,47 @@ class Explainer:
             scale = _secant(model, baseline_logit, shares.sum(1), prior - baseline)
         return PriorExplanation(float(baseline[0]), groups, shares * scale.unsqueeze(1), prior)
 
-    def _groups(self, user_width: int, item_width: int) -> tuple[list[str], list[torch.Tensor | str]]:
-        """Group names and, per group, the decoder-input columns it switches (``"item_id"`` for the id)."""
-        names, columns = [], []
+    def _groups(self, user_width: int, item_width: int) -> tuple[list[str], list, list]:
+        """Group names; per group, the decoder-input columns it switches (``"item_id"`` for the id) and the
+        content-design columns it switches (empty for user groups and the id)."""
+        names, columns, content_columns = [], [], []
         user_blocks, item_blocks = self.user_blocks, self.item_blocks
+        content_blocks = self.model.content_blocks()
         if len(user_blocks) + len(item_blocks) + 1 > MAX_SHAPLEY_GROUPS:
             user_blocks = ["user features"] if user_blocks else []
             item_blocks = ["item features"] if item_blocks else []
+            content_blocks = [slice(0, self.model.content_width())] if content_blocks else []
         for blocks, offset, total in ((user_blocks, 0, user_width), (item_blocks, user_width, item_width)):
             step = total // len(blocks) if blocks else 0
             for position, name in enumerate(blocks):
                 names.append(name)
                 columns.append(torch.arange(offset + position * step, offset + (position + 1) * step))
+                content_columns.append(content_blocks[position] if offset else slice(0, 0))
         names.append("item_id")
         columns.append("item_id")
-        return names, columns
+        content_columns.append(slice(0, 0))
+        return names, columns, content_columns
 
-    def _coalition_logits(self, coalition, columns, user_vec, user_base, item_vec, item_base, warm):
+    def _coalition_logits(self, coalition, columns, content_columns, user_vec, user_base, item_vec, item_base,
+                          content, items):  # fmt: skip
         model = self.model
+        warm = model.encoder.item_warm_idx[items]
         rows = torch.cat([user_base.expand(len(warm), -1), item_base], dim=1)
         actual = torch.cat([user_vec.expand(len(warm), -1), item_vec], dim=1)
+        content_actual, content_now = content[0], content[1].clone()
         warm_now = torch.zeros_like(warm)
-        for present, cols in zip(coalition.tolist(), columns, strict=True):
+        for present, cols, content_cols in zip(coalition.tolist(), columns, content_columns, strict=True):
             if not present:
                 continue
             if isinstance(cols, str):
                 warm_now = warm
             else:
                 rows[:, cols] = actual[:, cols]
+                content_now[:, content_cols] = content_actual[:, content_cols]
         rows = torch.cat([rows, model.encoder.item_id(warm_now)], dim=1)
         logits = model.decoder(rows).squeeze(-1)
-        logits = logits + model.item_offset(warm_now, warm_idx=warm_now)
-        factor_rows = model.item_factor_rows(warm_now, warm_idx=warm_now)
+        logits = logits + model.item_offset(items, warm_idx=warm_now, content=content_now)
+        factor_rows = model.item_factor_rows(items, warm_idx=warm_now, content=content_now)
         return model.user_offset(logits, factor_rows=factor_rows)
 
 

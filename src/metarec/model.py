@@ -9,6 +9,7 @@ to score items by index.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -151,6 +152,10 @@ class ModelConfig(Settings):
             factors meta-learned per warm item; row 0 for cold items).
         user_factor_prior: the Gauss-Newton prior of the user factors in pseudo-ratings (None: the
             same as ``user_bias_prior``).
+        item_content: also derive the item bias and item factors from the item's features (a linear map
+            of :meth:`PreferenceModel.content_design`, added to the id rows), so a cold item (id row 0)
+            gets its own bias and factors from what it is, as in LightFM: the user factors then rank
+            cold items too. Training starts it at a ridge fit of the warm items' id rows on their features.
     """
 
     section = "model"
@@ -165,6 +170,7 @@ class ModelConfig(Settings):
     user_bias_prior: float | None = None
     user_factors: int = 0
     user_factor_prior: float | None = None
+    item_content: bool = False
 
     def validate(self) -> None:
         """Refuses sizes that cannot build a model."""
@@ -235,6 +241,16 @@ class PreferenceModel(nn.Module):
         if self.item_factors is not None:
             nn.init.normal_(self.item_factors.weight, std=0.1)
         self.user_factor_prior = config.user_factor_prior
+        width = self.content_width()
+        content = config.item_content and width > 0
+        # Zero until model_init fits them (a ridge of the warm items' id rows on their features).
+        self.item_bias_content = nn.Linear(width, 1, bias=False) if content and self.item_bias else None
+        self.item_factors_content = (
+            nn.Linear(width, self.n_user_factors, bias=False) if content and self.n_user_factors else None
+        )
+        for layer in (self.item_bias_content, self.item_factors_content):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
         self.inner_lr_log = None
         if config.learn_inner_lr:
             lr_names = [name for name, _ in self.decoder.named_parameters(prefix="decoder")]
@@ -303,8 +319,60 @@ class PreferenceModel(nn.Module):
             logits = logits + (factor_rows * factors.unsqueeze(-2)).sum(-1)
         return logits
 
+    def content_width(self) -> int:
+        """Width of :meth:`content_design`: one-hot categorical slots, then multi-hot, then numeric."""
+        return (
+            sum(int(size) for size in self.item_dims.cat_sizes)
+            + self.item_dims.n_multi
+            + self.item_dims.n_num
+        )
+
+    def content_design(self, items: torch.Tensor) -> torch.Tensor:
+        """The catalogue items' encoded features as one flat row each (what the content terms read).
+
+        Args:
+            items: Long[...] item indices.
+
+        Returns:
+            Float[..., content_width], see :meth:`content_rows`.
+        """
+        encoder = self.encoder
+        return self.content_rows(encoder.item_cat[items], encoder.item_num[items], encoder.item_multi[items])
+
+    def content_rows(self, cat: torch.Tensor, num: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
+        """Encoded item features as flat rows: what the content terms are linear in.
+
+        Args:
+            cat: Long[..., C] categorical slots.
+            num: Float[..., D] numeric features.
+            multi: Float[..., M] multi-hot features.
+
+        Returns:
+            Float[..., content_width] one-hot categorical slots, the multi-hot block (averaged over the
+            active labels, as the embedder does) and the numeric block, in the embedder's block order.
+        """
+        parts = [
+            torch.nn.functional.one_hot(cat[..., slot], int(size)).to(num.dtype)
+            for slot, size in enumerate(self.item_dims.cat_sizes)
+        ]
+        parts.append(multi.to(num.dtype) / multi.sum(-1, keepdim=True).clamp(min=1.0))
+        parts.append(num)
+        return torch.cat(parts, dim=-1)
+
+    def content_blocks(self) -> list[slice]:
+        """The column ranges of :meth:`content_rows` per embedder block (cat slots, multi-hot, numeric)."""
+        sizes = [int(size) for size in self.item_dims.cat_sizes]
+        sizes += [self.item_dims.n_multi] * (self.item_dims.n_multi > 0)
+        sizes += [self.item_dims.n_num] * (self.item_dims.n_num > 0)
+        bounds = [0, *itertools.accumulate(sizes)]
+        return [slice(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
+
     def item_factor_rows(
-        self, items: torch.Tensor, weight: torch.Tensor | None = None, warm_idx: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        warm_idx: torch.Tensor | None = None,
+        content: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The latent factors of items (None when the model has no user factors).
 
@@ -312,19 +380,31 @@ class PreferenceModel(nn.Module):
             items: Long[...] item indices.
             weight: the item-factor table to use instead of the model's own (functional calls).
             warm_idx: the items' warm indices to use instead of the catalogue's (id dropout).
+            content: Float[..., content_width] the items' feature rows to use instead of theirs
+                (:meth:`content_design`; explanations switch features off).
 
         Returns:
-            Float[..., F] factors (row 0 of the table, a learned fallback, for cold items) or None.
+            Float[..., F] factors (the id row, row 0 for cold items, plus the content map when the model
+            has one) or None.
         """
         if self.item_factors is None:
             return None
         table = self.item_factors.weight if weight is None else weight
-        return torch.nn.functional.embedding(
+        rows = torch.nn.functional.embedding(
             self.encoder.item_warm_idx[items] if warm_idx is None else warm_idx, table
         )
+        if self.item_factors_content is not None:
+            rows = rows + self.item_factors_content(
+                self.content_design(items) if content is None else content
+            )
+        return rows
 
     def item_offset(
-        self, items: torch.Tensor, weight: torch.Tensor | None = None, warm_idx: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        warm_idx: torch.Tensor | None = None,
+        content: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The per-item logit offset (zeros when the model has no item bias).
 
@@ -332,6 +412,7 @@ class PreferenceModel(nn.Module):
             items: Long[...] item indices.
             weight: the item-bias table to use instead of the model's own (functional calls).
             warm_idx: the items' warm indices to use instead of the catalogue's (id dropout).
+            content: the items' feature rows to use instead of theirs (see :meth:`item_factor_rows`).
 
         Returns:
             Float[...] offsets added to the decoder output.
@@ -339,9 +420,13 @@ class PreferenceModel(nn.Module):
         if self.item_bias is None:
             return torch.zeros(items.shape, dtype=self.encoder.item_num.dtype, device=items.device)
         table = self.item_bias.weight if weight is None else weight
-        return torch.nn.functional.embedding(
+        offset = torch.nn.functional.embedding(
             self.encoder.item_warm_idx[items] if warm_idx is None else warm_idx, table
         ).squeeze(-1)
+        if self.item_bias_content is not None:
+            content = self.content_design(items) if content is None else content
+            offset = offset + self.item_bias_content(content).squeeze(-1)
+        return offset
 
     def init_output(self, rating: float) -> None:
         """Sets the last layer's bias so that an untrained model predicts about ``rating``.

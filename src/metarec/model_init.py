@@ -44,7 +44,50 @@ def build_model(pre: Preprocessed, settings: TrainSettings) -> PreferenceModel:
     if model.item_factors is not None and settings.item_factor_init:
         init_item_factors(model, pre, settings.item_factor_init_reg, settings.seed,
                           with_item_bias=settings.item_bias_init)  # fmt: skip
+    if settings.item_content:
+        init_item_content(model, pre, settings.item_content_reg)
     return model
+
+
+def init_item_content(model: PreferenceModel, pre: Preprocessed, reg: float) -> None:
+    """Starts the content terms at a ridge fit of the warm items' id rows on their features.
+
+    Each item-side table (item bias, item factors) is regressed on :meth:`PreferenceModel.content_design`
+    over the warm items, weighting each by its training rows (``n / (n + 10)``: a rarely rated item's
+    row is mostly noise). The fit's intercept becomes row 0 (what a cold item adds to its content
+    terms) and each warm item's id row keeps only its residual, so every warm item predicts exactly
+    what it did before, while a cold item gets the bias and factors its features predict.
+
+    Args:
+        model: the model (its content layers, id tables and row 0 are overwritten).
+        pre: the loaded ``Preprocessed``.
+        reg: the ridge penalty, in weighted items.
+    """
+    _, items, _ = pre.training_rows()
+    warm_of_item = pre.item_warm_idx.long()
+    counts = torch.bincount(items.long(), minlength=model.n_items).double()
+    is_warm = (warm_of_item > 0) & (counts > 0)
+    warm_items = torch.nonzero(is_warm).squeeze(-1)
+    rows = warm_of_item[warm_items]
+    weights = counts[warm_items] / (counts[warm_items] + 10.0)
+    with torch.no_grad():
+        design = model.content_design(warm_items).double()
+        design = torch.cat([design, torch.ones(len(warm_items), 1, dtype=torch.float64)], dim=1)
+        penalty = torch.full((design.shape[1],), float(reg), dtype=torch.float64)
+        penalty[-1] = 1e-6  # the intercept is not shrunk
+        gram = design.T @ (design * weights[:, None]) + torch.diag(penalty)
+        for layer, table in (
+            (model.item_bias_content, model.item_bias),
+            (model.item_factors_content, model.item_factors),
+        ):
+            if layer is None:
+                continue
+            targets = table.weight[rows].double()
+            solution = torch.linalg.solve(gram, design.T @ (targets * weights[:, None]))
+            layer.weight.copy_(solution[:-1].T.to(layer.weight.dtype))
+            fitted = design[:, :-1] @ solution[:-1]
+            table.weight[rows] = (targets - fitted).to(table.weight.dtype)
+            table.weight[0] = solution[-1].to(table.weight.dtype)
 
 
 def init_item_factors(

@@ -37,7 +37,10 @@ Params = dict[str, torch.Tensor]
 FAST_MODES = ("decision", "head")
 # Parameter prefixes whose role in the forward pass this module reproduces; a model with any other
 # parameter falls back to the generic path until this module learns it.
-_KNOWN_PREFIXES = ("encoder.", "decoder.", "item_bias.", "item_factors.", "inner_lr_log.", *USER_PARAMETERS)
+_KNOWN_PREFIXES = (
+    "encoder.", "decoder.", "item_bias.", "item_factors.", "item_bias_content.", "item_factors_content.",
+    "inner_lr_log.", *USER_PARAMETERS,
+)  # fmt: skip
 
 
 class _TaskRows(NamedTuple):
