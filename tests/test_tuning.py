@@ -48,7 +48,7 @@ def test_best_trial_becomes_a_valid_run_config(pre_dir, tmp_path):
     summary = run_tuning([str(pre_dir)], SETTINGS, str(tmp_path))
     trials = summary["trials"]
     assert len(trials) == 3
-    assert trials[0]["params"] == {"inner_lr": 0.05, "inner_steps": 5, "adapt_mode": "head"}  # the defaults
+    assert trials[0]["params"] == {"inner_lr": 0.01, "inner_steps": 5, "adapt_mode": "head"}  # the defaults
     assert summary["defaults"] == trials[0]
     assert summary["best"]["value"] == max(t["val_ndcg@3"] for t in trials)  # ndcg@3 is maximised
     for trial in trials:

@@ -36,7 +36,7 @@ class TrainSettings(Settings):
     meta_steps: int = 500  # outer (meta) optimisation steps
     meta_batch: int = 32  # tasks (users) per meta-step, global over all ranks
     inner_steps: int = 5  # inner SGD steps per task (also the adaptation used at evaluation/serving)
-    inner_lr: float = 0.05  # inner SGD learning rate (the user terms take Gauss-Newton steps, see below)
+    inner_lr: float = 0.01  # inner SGD rate of the adapted layers (user terms: Gauss-Newton steps)
     outer_lr: float = 0.002  # Adam learning rate of the meta-update
     outer_loss: Literal["mse", "l1"] = "l1"  # query loss of the meta-update ("l1" targets MAE); inner: MSE
     weight_decay: float = 0.0  # Adam weight decay (L2) on the meta-parameters
