@@ -30,7 +30,12 @@ whether the targets are met). The last line is one JSON object::
      "by_history": {"1": {"<method>": {...}}, "5": {...}, "20": {...}}, "feedback_p50_ms": ..,
      "explain_deletion": {"top": .., "random": ..}, ...}
 
-Usage: ``python bench/realtime_replay.py --data ../shared/data/ml-100k [--max-users N] [--meta-steps N]``
+``--seeds 0 1 2`` replays three seeded splits (each its own training, tuning and test users) and pools
+their events; the details line then also holds a paired bootstrap 95% interval, over users, of the
+served loop minus MF fold-in (``ci95_served_minus_mf_foldin``: event-weighted MAE and nDCG@3).
+
+Usage: ``python bench/realtime_replay.py --data ../shared/data/ml-100k [--seeds 0 1 2] [--max-users N]
+[--meta-steps N] [--replay-split val]``
 """
 
 from __future__ import annotations
@@ -82,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # model: nDCG@3 0.7274 vs 0.7186 fomaml and 0.7184 maml, MAE within 0.001 of each other;
     # `--replay-split val`, docs/realtime.md)
     parser.add_argument("--method", default="reptile", help="meta-learning method to train")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0],
+        help="split/training seeds; each replays its own split, the figures pool every seed's events",
+    )  # fmt: skip
     parser.add_argument(
         "--replay-split", default="test", choices=("test", "val"),
         help="whose ratings are replayed: the test users, or the validation users (to choose settings "
@@ -115,12 +123,15 @@ def replay_baseline(baseline, pre: Preprocessed, events: dict[int, pd.DataFrame]
         users = type(features)(features.cat[index], features.num[index], features.multi[index])
         batch = build_task_batch(users, supports, queries)
         predictions = baseline.predict(batch)
-        records += _event_records(predictions, batch.query_ratings, batch.query_mask)
+        records += _event_records(predictions, batch.query_ratings, batch.query_mask, user)
     return records
 
 
-def _event_records(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> list[dict]:
-    """Per event t (row t = the user's state before rating t): error on rating t, nDCG over the rest."""
+def _event_records(
+    predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, unit: object = None
+) -> list[dict]:
+    """Per event t (row t = the user's state before rating t): error on rating t, nDCG over the rest;
+    ``unit`` names the user (the bootstrap resamples users)."""
     ndcg = ndcg_per_user(predictions, targets, NDCG_K, mask)
     remaining = mask.sum(1)
     return [
@@ -128,6 +139,7 @@ def _event_records(predictions: torch.Tensor, targets: torch.Tensor, mask: torch
             "history": t,
             "error": abs(float(predictions[t, 0]) - float(targets[t, 0])),
             "ndcg": float(ndcg[t]) if remaining[t] >= NDCG_K else math.nan,
+            "unit": unit,
         }
         for t in range(predictions.shape[0])
     ]
@@ -176,8 +188,8 @@ def replay_served(
             start = time.perf_counter()
             status, answer = ask(parser, feedback, "feedback")
             feedback_ms.append((time.perf_counter() - start) * 1000)
-        served += _event_records(served_rows, target_rows, mask)
-        prior += _event_records(prior_rows, target_rows, mask)
+        served += _event_records(served_rows, target_rows, mask, user)
+        prior += _event_records(prior_rows, target_rows, mask, user)
     return served, prior, feedback_ms
 
 
@@ -255,43 +267,97 @@ def _score_without(rec, features, items, ratings, position: int, target: int) ->
     return float(rec.personaliser.score(features, adapted, torch.tensor([target]))[0])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Runs the benchmark and prints the JSON line."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+def replay_seed(args: argparse.Namespace, seed: int) -> dict:
+    """Preprocesses one seeded split, meta-trains, tunes the baselines on its validation users and
+    replays the chosen users through every method; returns records, feedback times and the rest."""
     from metarec.preprocessing import run_preprocessing
     from metarec.recommender import Recommender
     from metarec.training import run_meta_training
 
+    torch.manual_seed(seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metarec-replay-") as workdir:
         work = Path(workdir)
-        run_preprocessing(args.data, None, {"seed": args.seed}, str(work / "pre"))
-        config = {"seed": args.seed, "device": "cpu", "checkpoint_every": 0}
+        run_preprocessing(args.data, None, {"seed": seed}, str(work / "pre"))
+        config = {"seed": seed, "device": "cpu", "checkpoint_every": 0}
         if args.meta_steps:
             config["meta_steps"] = args.meta_steps
         run_meta_training(str(work / "pre"), args.method, config, str(work / "model"))
         trained_s = time.perf_counter() - started
         pre = Preprocessed.load(str(work / "pre"))
-        pre = Preprocessed.load(str(work / "pre"))
         window = RequestLimits().state_window
         rec = Recommender.from_dir(
             work / "model", catalogue_dir=work / "pre", store=open_store(f"sqlite:///{work / 'state.sqlite'}", window),
         )  # fmt: skip
-        test = user_events(pre, args.replay_split, args.max_users)
+        replayed = user_events(pre, args.replay_split, args.max_users)
         validation = user_events(pre, "val", args.max_users)
         bias, bias_settings = tune(ItemUserBias, BIAS_GRID, pre, validation, window)
         mf, mf_settings = tune(MFFoldIn, MF_GRID, pre, validation, window)
-        served, prior, feedback_ms = replay_served(rec, pre, test)
+        served, prior, feedback_ms = replay_served(rec, pre, replayed)
         records = {
             "served_loop": served,
             "prior_only": prior,
-            "mf_foldin": replay_baseline(mf, pre, test, window),
-            "item_user_bias": replay_baseline(bias, pre, test, window),
+            "mf_foldin": replay_baseline(mf, pre, replayed, window),
+            "item_user_bias": replay_baseline(bias, pre, replayed, window),
         }
-        overall, by_history = summarise(records)
-        deletion = deletion_test(rec, pre, test, args.seed)
+        deletion = deletion_test(rec, pre, replayed, seed)
+    return {
+        "records": records,
+        "feedback_ms": feedback_ms,
+        "deletion": deletion,
+        "baseline_settings": {"item_user_bias": bias_settings, "mf_foldin": mf_settings},
+        "train_s": trained_s,
+    }
+
+
+def paired_bootstrap(
+    rows_a: list[dict], rows_b: list[dict], metric: str, seed: int, samples: int = 2000
+) -> dict:
+    """95% interval of the event-weighted ``metric(a) - metric(b)``, resampling users (paired).
+
+    Both methods replay the same events in the same order, so each user's events line up. MAE: negative
+    favours ``a``; nDCG@3: positive does.
+    """
+    key = "error" if metric == "mae" else "ndcg"
+    units = sorted({row["unit"] for row in rows_a})
+    position = {unit: i for i, unit in enumerate(units)}
+    sums = np.zeros((2, len(units)))
+    counts = np.zeros(len(units))
+    for row_a, row_b in zip(rows_a, rows_b, strict=True):
+        if math.isnan(row_a[key]):
+            continue
+        i = position[row_a["unit"]]
+        sums[0, i] += row_a[key]
+        sums[1, i] += row_b[key]
+        counts[i] += 1
+    index = np.random.default_rng(seed).integers(0, len(units), size=(samples, len(units)))
+    total = np.maximum(counts[index].sum(axis=1), 1)
+    diffs = (sums[0][index].sum(axis=1) - sums[1][index].sum(axis=1)) / total
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    point = (sums[0].sum() - sums[1].sum()) / max(counts.sum(), 1)
+    return {"diff": round(float(point), 5), "ci95": [round(float(low), 5), round(float(high), 5)],
+            "includes_zero": bool(low <= 0.0 <= high)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark and prints the JSON line."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    records: dict[str, list[dict]] = {method: [] for method in METHODS}
+    feedback_ms, deletions, settings, trained_s = [], [], {}, 0.0
+    for seed in args.seeds:
+        part = replay_seed(args, seed)
+        for method, rows in part["records"].items():
+            records[method] += [{**row, "unit": (seed, row["unit"])} for row in rows]
+        feedback_ms += part["feedback_ms"]
+        deletions.append(part["deletion"])
+        settings[str(seed)] = part["baseline_settings"]
+        trained_s += part["train_s"]
+    overall, by_history = summarise(records)
+    deletion = {key: round(statistics.fmean(d[key] for d in deletions), 5) for key in ("top", "random")} | {
+        "users": sum(d["users"] for d in deletions)
+    }
     feedback_ms.sort()
     details = {
         "prequential": overall,
@@ -300,11 +366,17 @@ def main(argv: list[str] | None = None) -> dict:
         "served_best_mae": min(overall, key=lambda m: overall[m]["mae"]) == "served_loop",
         "served_best_ndcg@3": max(overall, key=lambda m: overall[m]["ndcg@3"]) == "served_loop",
         "deletion_ratio": round(deletion["top"] / deletion["random"], 3) if deletion["random"] else None,
-        "baseline_settings": {"item_user_bias": bias_settings, "mf_foldin": mf_settings},
+        "explain_deletion_per_seed": deletions,
+        "ci95_served_minus_mf_foldin": {
+            metric: paired_bootstrap(records["served_loop"], records["mf_foldin"], metric, args.seeds[0])
+            for metric in ("mae", "ndcg@3")
+        },
+        "baseline_settings": settings,
+        "seeds": args.seeds,
         "data": args.data,
         "method": args.method,
         "replay_split": args.replay_split,
-        "state_window": window,
+        "state_window": RequestLimits().state_window,
         "train_s": round(trained_s, 1),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
@@ -315,8 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The judged line: exactly the issue's keys (the line above has event counts, the "0" bucket, ...).
     result = {
-        "users": len(test),
-        "events": len(served),
+        "users": len({row["unit"] for row in records["served_loop"]}),
+        "events": len(records["served_loop"]),
         "prequential": brief(overall),
         "by_history": {name: brief(by_history[name]) for name in ("1", "5", "20")},
         "feedback_p50_ms": round(feedback_ms[len(feedback_ms) // 2], 3),

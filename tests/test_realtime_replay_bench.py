@@ -1,0 +1,50 @@
+"""bench/realtime_replay.py: the paired bootstrap of the served loop against MF fold-in."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def replay(repo_root):
+    spec = importlib.util.spec_from_file_location(
+        "realtime_replay", repo_root / "bench" / "realtime_replay.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def events(errors_by_user: dict, ndcg: float = 0.5) -> list[dict]:
+    return [
+        {"unit": (0, user), "error": error, "ndcg": ndcg if n else math.nan}
+        for user, errors in errors_by_user.items()
+        for n, error in enumerate(errors)
+    ]
+
+
+def test_same_predictions_give_a_zero_difference_inside_the_interval(replay):
+    rows = events({1: [0.5, 1.0], 2: [0.2], 3: [0.9, 0.1, 0.4]})
+    result = replay.paired_bootstrap(rows, rows, "mae", seed=0)
+    assert result == {"diff": 0.0, "ci95": [0.0, 0.0], "includes_zero": True}
+
+
+def test_a_method_better_for_every_user_is_better_with_an_interval_off_zero(replay):
+    worse = events({user: [0.8, 0.9, 1.0] for user in range(20)})
+    better = events({user: [0.6, 0.7, 0.8] for user in range(20)})
+    result = replay.paired_bootstrap(better, worse, "mae", seed=0)
+    assert result["diff"] == pytest.approx(-0.2) and result["ci95"][1] < 0 and not result["includes_zero"]
+    # nDCG skips the events without one (NaN) and is positive when the first method ranks better.
+    ranked = replay.paired_bootstrap(events({u: [0, 0] for u in range(20)}, ndcg=0.9),
+                                     events({u: [0, 0] for u in range(20)}, ndcg=0.6), "ndcg@3", seed=0)  # fmt: skip
+    assert ranked["diff"] == pytest.approx(0.3) and ranked["ci95"][0] > 0
+
+
+def test_mixed_users_give_an_interval_that_includes_zero(replay):
+    a = events({user: [0.5 if user % 2 else 1.0] * 3 for user in range(30)})
+    b = events({user: [1.0 if user % 2 else 0.5] * 3 for user in range(30)})
+    result = replay.paired_bootstrap(a, b, "mae", seed=0)
+    assert result["includes_zero"] and result["ci95"][0] < 0 < result["ci95"][1]
