@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -85,15 +84,7 @@ def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> 
 
 def start_with_state(archive_dir: Path, workdir: Path, state_url: str) -> ServerInfo:
     """Starts TorchServe on the archive with its workers' user state at ``state_url``."""
-    previous = os.environ.get(STATE_URL_ENV)
-    os.environ[STATE_URL_ENV] = state_url  # the workers inherit the launcher's environment
-    try:
-        return start_server(archive_dir, workdir, 0, 0, timeout_s=300)
-    finally:
-        if previous is None:
-            os.environ.pop(STATE_URL_ENV)
-        else:
-            os.environ[STATE_URL_ENV] = previous
+    return start_server(archive_dir, workdir, 0, 0, timeout_s=300, environment={STATE_URL_ENV: state_url})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -42,15 +41,7 @@ CLIENTS, PER_CLIENT = 8, 50
 
 def _start(archive_dir: Path, workdir: Path, state_url: str):
     """Starts TorchServe on the archive with its workers' user state at ``state_url``."""
-    previous = os.environ.get(STATE_URL_ENV)
-    os.environ[STATE_URL_ENV] = state_url  # the workers inherit the launcher's environment
-    try:
-        return start_server(archive_dir, workdir, 0, 0, timeout_s=180)
-    finally:
-        if previous is None:
-            os.environ.pop(STATE_URL_ENV)
-        else:
-            os.environ[STATE_URL_ENV] = previous
+    return start_server(archive_dir, workdir, 0, 0, timeout_s=180, environment={STATE_URL_ENV: state_url})
 
 
 @pytest.fixture(scope="module")

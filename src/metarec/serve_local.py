@@ -276,6 +276,7 @@ def start_server(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     token_auth: bool = True,
     extra_properties: dict[str, object] | None = None,
+    environment: dict[str, str] | None = None,
 ) -> ServerInfo:
     """Starts TorchServe on ``archive_dir/model-store/<model_name>.mar`` and waits until it is ready.
 
@@ -290,6 +291,8 @@ def start_server(
         token_auth: Keep TorchServe's token authorisation on (default); False disables it for
             every API, for local demos only.
         extra_properties: More ``config.properties`` entries (e.g. ``default_workers_per_model``).
+        environment: More environment variables for the server and its workers (e.g.
+            ``METAREC_STATE_URL``, where the workers keep the per-user state), over this process's own.
 
     Returns:
         ServerInfo with the URLs, the frontend pid and the bearer keys (None when auth is off).
@@ -356,7 +359,7 @@ def start_server(
     ]
     if not token_auth:
         command.append("--disable-token-auth")
-    env = _torchserve_env(workdir)
+    env = {**_torchserve_env(workdir), **(environment or {})}
     with open(workdir / "launcher.log", "wb") as launcher_log:
         subprocess.run(
             command, cwd=workdir, env=env, stdout=launcher_log, stderr=subprocess.STDOUT, check=True
