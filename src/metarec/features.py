@@ -31,6 +31,11 @@ class EncodedFeatures(NamedTuple):
     multi: torch.Tensor
 
 
+def stack_features(features: Sequence[EncodedFeatures]) -> EncodedFeatures:
+    """Several entities' encoded features (each with its own leading dimension) as one batch."""
+    return EncodedFeatures(*(torch.cat(parts, dim=0) for parts in zip(*features, strict=True)))
+
+
 class FeatureDims(NamedTuple):
     """Sizes a model needs to embed one entity type.
 

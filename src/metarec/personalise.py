@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from metarec.features import EncodedFeatures
+from metarec.features import EncodedFeatures, stack_features
 from metarec.meta import Adapter, select_users
 from metarec.state import Rating
+from metarec.tasks import build_task_batch
 
 Params = dict[str, torch.Tensor]
 
@@ -71,17 +72,12 @@ class Personaliser:
         if not users:
             return []
         device = next(self.model.parameters()).device
-        width = max(len(items) for items, _ in supports)
-        items = torch.zeros(len(supports), width, dtype=torch.long, device=device)
-        ratings = torch.zeros(len(supports), width, device=device)
-        mask = torch.zeros(len(supports), width, device=device)
-        for row, (user_items, user_ratings) in enumerate(supports):
-            size = len(user_items)
-            items[row, :size] = torch.as_tensor(user_items, dtype=torch.long)
-            ratings[row, :size] = torch.as_tensor(user_ratings, dtype=torch.float32)
-            mask[row, :size] = 1.0
-        stacked = EncodedFeatures(*(torch.cat(parts, dim=0) for parts in zip(*users, strict=True)))
-        state = self.adapter.adapt(stacked, items, ratings, mask, steps)
+        empty = [(torch.zeros(0, dtype=torch.long), torch.zeros(0))] * len(supports)
+        batch = build_task_batch(stack_features(users), supports, empty).to(device)
+        stacked = EncodedFeatures(batch.user_cat, batch.user_num, batch.user_multi)
+        state = self.adapter.adapt(
+            stacked, batch.support_items, batch.support_ratings, batch.support_mask, steps
+        )
         # Copies, so that each user's stored blob holds its own rows, not the whole batch's storage.
         return [
             {name: tensor.clone() for name, tensor in select_users(state, row).items()}

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from metarec.explain import Explainer, explanation_documents
-from metarec.features import EncodedFeatures, FeatureEncoder
+from metarec.features import EncodedFeatures, FeatureEncoder, stack_features
 from metarec.meta import Adapter, AdaptSettings, masked_mse
 from metarec.model import PreferenceModel, read_model_json
 from metarec.personalise import Personaliser
@@ -254,7 +254,7 @@ class Recommender:
         ]
 
     def _stack_users(self, requests: Sequence[RecommendRequest]) -> EncodedFeatures:
-        return _stack_features([r.user_features for r in requests])
+        return stack_features([r.user_features for r in requests])
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
         """Ranks the catalogue for a batch of users.
@@ -327,7 +327,7 @@ class Recommender:
         a user without ratings); rated items excluded unless asked for."""
         if not requests:
             return []
-        users = _stack_features([view.features for view in views])
+        users = stack_features([view.features for view in views])
         states = [self.adapter.prior_state(1) if view.adapted is None else view.adapted for view in views]
         state = {name: torch.cat([s[name] for s in states], dim=0) for name in states[0]}
         scores = self.adapter.score(users, state, self.all_items.expand(len(views), -1))
@@ -521,11 +521,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _stack_features(features: Sequence[EncodedFeatures]) -> EncodedFeatures:
-    """Users' encoded features (leading dimension 1 each) as one batch."""
-    return EncodedFeatures(*(torch.cat(parts, dim=0) for parts in zip(*features, strict=True)))
 
 
 def _support_ratings(request: AdaptRequest) -> list[Rating]:
