@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="whose ratings are replayed: the test users, or the validation users (to choose settings "
         "without reading the test users; the baselines are then tuned on the replayed users themselves)",
     )  # fmt: skip
+    parser.add_argument(
+        "--train", action="append", default=[], metavar="KEY=JSON",
+        help="a training setting for the meta-learner (repeatable), e.g. --train 'freeze=[\"hidden\"]'",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -282,6 +286,9 @@ def replay_seed(args: argparse.Namespace, seed: int) -> dict:
         config = {"seed": seed, "device": "cpu", "checkpoint_every": 0}
         if args.meta_steps:
             config["meta_steps"] = args.meta_steps
+        for setting in args.train:
+            key, _, value = setting.partition("=")
+            config[key] = json.loads(value)
         run_meta_training(str(work / "pre"), args.method, config, str(work / "model"))
         trained_s = time.perf_counter() - started
         pre = Preprocessed.load(str(work / "pre"))

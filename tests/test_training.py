@@ -75,6 +75,30 @@ def test_meta_training_lowers_the_training_loss(tiny_preprocessed, tmp_path):
     assert sum(losses[-15:]) / 15 < sum(losses[:15]) / 15
 
 
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_frozen_groups_keep_their_starting_weights_and_the_rest_trains(tiny_preprocessed, tmp_path, method):
+    from metarec.model import parameter_group
+    from metarec.model_init import build_model
+    from metarec.tasks import Preprocessed
+
+    config = {**TINY, "adapt_mode": "head", "freeze": ["encoder", "hidden"], "val_every": 0}
+    run_meta_training(str(tiny_preprocessed), method, config, str(tmp_path))
+    trained = PreferenceModel.from_dir(tmp_path)
+    torch.manual_seed(TrainSettings.from_dict(config).seed)  # as the trainer does before it builds
+    start = build_model(Preprocessed.load(str(tiny_preprocessed)), TrainSettings.from_dict(config))
+    moved = {}
+    for (name, before), after in zip(start.named_parameters(), trained.parameters(), strict=True):
+        group = parameter_group(trained, name)
+        moved[group] = moved.get(group, False) or not torch.equal(before.detach(), after.detach())
+    assert moved["encoder"] is False and moved["hidden"] is False
+    assert moved["items"] and moved["head"] and moved["user"]
+
+
+def test_freeze_refuses_an_unknown_group():
+    with pytest.raises(ValueError, match="freeze: unknown parameter groups.*decoder"):
+        TrainSettings.from_dict({"freeze": ["decoder"]})
+
+
 def test_checkpoint_roundtrip_keeps_latest(tmp_path):
     for step in (5, 10, 15):
         checkpoint.save_checkpoint(str(tmp_path), step, {"step": step, "w": torch.full((2,), float(step))})

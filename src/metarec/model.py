@@ -596,6 +596,44 @@ def adapted_parameter_names(model: PreferenceModel, mode: str) -> list[str]:
     raise ValueError(f"unknown adapt mode {mode!r}; expected one of {ADAPT_MODES}")
 
 
+# Parameter groups by role (what meta-training may keep at its starting weights, ``TrainSettings.freeze``).
+PARAMETER_GROUPS = ("encoder", "hidden", "head", "items", "content", "user", "inner_lr")
+
+
+def parameter_group(model: PreferenceModel, name: str) -> str:
+    """The role of a parameter: one of :data:`PARAMETER_GROUPS`.
+
+    ``encoder``: the feature embeddings and the item-id embedding; ``hidden``: the decoder layers
+    before the last; ``head``: the last decoder layer; ``items``: the item bias and item factors and
+    their content maps; ``user``: the per-user bias and factors (their meta-learned prior);
+    ``inner_lr``: learned inner learning rates.
+
+    Args:
+        model: the model.
+        name: a name from ``model.named_parameters()``.
+
+    Returns:
+        The group's name.
+
+    Raises:
+        KeyError: a name the model does not have.
+    """
+    if name.startswith("encoder."):
+        return "encoder"
+    if name.startswith("decoder."):
+        last = model.decoder_linear_indices()[-1]
+        return "head" if name.startswith(f"decoder.{last}.") else "hidden"
+    if name.startswith(("item_bias_content", "item_factors_content")):
+        return "content"
+    if name.startswith(("item_bias", "item_factors")):
+        return "items"
+    if name in USER_PARAMETERS:
+        return "user"
+    if name.startswith("inner_lr_log."):
+        return "inner_lr"
+    raise KeyError(f"parameter {name!r} belongs to no group of {PARAMETER_GROUPS}")
+
+
 def _lr_key(name: str) -> str:
     return name.replace(".", "_")
 

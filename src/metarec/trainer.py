@@ -23,7 +23,7 @@ import torch
 from metarec import checkpoint, distributed, storage
 from metarec.meta import Adapter, AdaptSettings, MetaLearner
 from metarec.metrics import mae, ndcg_at_k, rmse
-from metarec.model import PreferenceModel
+from metarec.model import PreferenceModel, parameter_group
 from metarec.model_init import build_model
 from metarec.tasks import Preprocessed, TaskBatch, TrainTaskSampler, scenario_tasks
 from metarec.training import TrainSettings
@@ -181,9 +181,13 @@ class Trainer:
         self.pre = Preprocessed.load(self.preprocessed_dir)
         self.model = build_model(self.pre, settings).to(device)
         distributed.broadcast_parameters(self.context, self.model)
+        for name, parameter in self.model.named_parameters():
+            if parameter_group(self.model, name) in settings.freeze:
+                parameter.requires_grad_(False)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=settings.outer_lr, weight_decay=settings.weight_decay
-        )
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=settings.outer_lr, weight_decay=settings.weight_decay,
+        )  # fmt: skip
         self.learner = MetaLearner(
             self.model, self.method, settings.inner_steps, settings.inner_lr, settings.adapt_mode,
             outer_loss=settings.outer_loss, id_dropout=settings.id_dropout,
@@ -246,7 +250,8 @@ class Trainer:
         loss, grads = distributed.all_reduce_sum(context, grads, loss)
         self.optimizer.zero_grad(set_to_none=False)
         for name, parameter in self.model.named_parameters():
-            parameter.grad = grads[name].detach()
+            if parameter.requires_grad:
+                parameter.grad = grads[name].detach()
         self.optimizer.step()
         self._update_ema()
         self.step += 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from metarec.meta.adapter import AdaptSettings
-from metarec.model import ModelConfig, model_config
+from metarec.model import PARAMETER_GROUPS, ModelConfig, model_config
 from metarec.settings import Settings
 
 
@@ -71,6 +71,8 @@ class TrainSettings(Settings):
     # on validation users' user+item-cold rows: nDCG@3 +0.019, user-cold unchanged; docs/tuning.md)
     item_content: bool = True
     item_content_reg: float = 10.0  # ridge penalty of that map's starting fit on the warm items' id rows
+    # parameter groups meta-training keeps at their starting weights (metarec.model.PARAMETER_GROUPS)
+    freeze: tuple[str, ...] = ()
     learn_inner_lr: bool = False  # meta-learn a per-layer inner learning-rate scale (MAML only: 2nd order)
     query_size: int = 10  # inner-query rows per training task (re-split of the user's support rows)
     seed: int = 0  # seeds model init, task sampling and every RNG
@@ -90,6 +92,11 @@ class TrainSettings(Settings):
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout!r}")
+        unknown = sorted(set(self.freeze) - set(PARAMETER_GROUPS))
+        if unknown:
+            raise ValueError(
+                f"freeze: unknown parameter groups {unknown}; expected some of {PARAMETER_GROUPS}"
+            )
         for key in ("meta_steps", "inner_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {getattr(self, key)!r}")

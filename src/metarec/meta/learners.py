@@ -100,7 +100,9 @@ class MetaLearner:
             divided by ``total_tasks``) and a dict name -> gradient for every trainable parameter.
         """
         total = len(batch) if total_tasks is None else int(total_tasks)
-        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        # Frozen parameters (requires_grad False) still take part in the inner loop; only the trainable
+        # ones get gradients.
+        params = dict(self.model.named_parameters())
         if self.method == "reptile":
             return self._reptile(batch, params, total)
         adapter = self._adapter(params)
@@ -132,7 +134,7 @@ class MetaLearner:
         grads = _gradients(loss, params)
         if self.inner_steps > 0:
             scale = 1.0 / (self.inner_steps * self.inner_lr * total)
-            for name in adapter.adapted_names:
+            for name in (name for name in adapter.adapted_names if name in grads):
                 grads[name] = (params[name].detach() - adapted[name].detach()).sum(0) * scale
         n_support = batch.support_items.shape[1]
         query_losses = vmap(OUTER_LOSSES[self.outer_loss])(
@@ -144,7 +146,8 @@ class MetaLearner:
 
 
 def _gradients(loss: torch.Tensor, params: Params) -> Params:
-    names = list(params)
+    """Gradients of the trainable parameters (zeros where the loss does not depend on one)."""
+    names = [name for name, parameter in params.items() if parameter.requires_grad]
     values = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
     return {
         name: torch.zeros_like(params[name]) if value is None else value
