@@ -271,6 +271,26 @@ def _score_without(rec, features, items, ratings, position: int, target: int) ->
     return float(rec.personaliser.score(features, adapted, torch.tensor([target]))[0])
 
 
+def training_config(args: argparse.Namespace, seed: int) -> dict:
+    """The meta-training settings of one seed: the defaults, ``--meta-steps`` and every ``--train``.
+
+    Raises:
+        ValueError: a ``--train`` value that is not ``KEY=JSON``.
+    """
+    config = {"seed": seed, "device": "cpu", "checkpoint_every": 0}
+    if args.meta_steps:
+        config["meta_steps"] = args.meta_steps
+    for setting in args.train:
+        key, equals, value = setting.partition("=")
+        if not (key and equals):
+            raise ValueError(f"--train {setting!r}: expected KEY=JSON, e.g. 'inner_lr=0.02'")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--train {setting!r}: the value is not JSON ({error.msg})") from None
+    return config
+
+
 def replay_seed(args: argparse.Namespace, seed: int) -> dict:
     """Preprocesses one seeded split, meta-trains, tunes the baselines on its validation users and
     replays the chosen users through every method; returns records, feedback times and the rest."""
@@ -283,12 +303,7 @@ def replay_seed(args: argparse.Namespace, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="metarec-replay-") as workdir:
         work = Path(workdir)
         run_preprocessing(args.data, None, {"seed": seed}, str(work / "pre"))
-        config = {"seed": seed, "device": "cpu", "checkpoint_every": 0}
-        if args.meta_steps:
-            config["meta_steps"] = args.meta_steps
-        for setting in args.train:
-            key, _, value = setting.partition("=")
-            config[key] = json.loads(value)
+        config = training_config(args, seed)
         run_meta_training(str(work / "pre"), args.method, config, str(work / "model"))
         trained_s = time.perf_counter() - started
         pre = Preprocessed.load(str(work / "pre"))

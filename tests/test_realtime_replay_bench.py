@@ -48,3 +48,16 @@ def test_mixed_users_give_an_interval_that_includes_zero(replay):
     b = events({user: [1.0 if user % 2 else 0.5] * 3 for user in range(30)})
     result = replay.paired_bootstrap(a, b, "mae", seed=0)
     assert result["includes_zero"] and result["ci95"][0] < 0 < result["ci95"][1]
+
+
+def test_train_settings_reach_the_training_config_as_json(replay):
+    args = replay.parse_args(
+        ["--meta-steps", "7", "--train", 'freeze=["hidden"]', "--train", "inner_lr=0.02"]
+    )
+    config = replay.training_config(args, seed=2)
+    assert config["seed"] == 2 and config["meta_steps"] == 7
+    assert config["freeze"] == ["hidden"] and config["inner_lr"] == 0.02
+    with pytest.raises(ValueError, match="not JSON"):
+        replay.training_config(replay.parse_args(["--train", "freeze=[hidden]"]), seed=0)
+    with pytest.raises(ValueError, match="KEY=JSON"):
+        replay.training_config(replay.parse_args(["--train", "inner_lr"]), seed=0)
