@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from metarec.features import EncodedFeatures
-from metarec.meta.user_terms import user_terms_step
+from metarec.meta.user_terms import UserTermsStepper
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 Params = dict[str, torch.Tensor]
@@ -277,30 +277,20 @@ class FastAdapter:
         rates = self.learning_rates(lr)
         model = self.model
         span = model.rating_max - model.rating_min
-        count = support_mask.sum(1).clamp(min=1.0)
+        count = support_mask.sum(1).clamp(min=1.0).unsqueeze(1)
+        # The user terms' per-task constants (design rows, prior), computed once for all steps.
+        user_terms = UserTermsStepper(model, initial, task_rows.factor_rows, support_mask, rates, self.newton)
         current = initial
         for _ in range(steps):
             logits, inputs = self._predict_logits(current, task_rows)
             sigmoid = torch.sigmoid(logits)
             predictions = model.rating_min + span * sigmoid
             # d masked MSE / d logit of each row.
-            logit_grad = 2.0 * (predictions - support_ratings) * support_mask / count.unsqueeze(1)
+            logit_grad = 2.0 * (predictions - support_ratings) * support_mask / count
             logit_grad = logit_grad * span * sigmoid * (1.0 - sigmoid)
             grads = self._tail_backward(current, task_rows.user_part, inputs, logit_grad)
             updated = {name: current[name] - rates[name] * grads[name] for name in grads}
-            updated.update(
-                user_terms_step(
-                    model,
-                    current,
-                    initial,
-                    logit_grad,
-                    factor_rows=task_rows.factor_rows,
-                    predictions=predictions,
-                    mask=support_mask,
-                    rates=rates,
-                    newton=self.newton,
-                )
-            )
+            updated.update(user_terms.step(current, logit_grad, predictions))
             current = updated
         return current
 
