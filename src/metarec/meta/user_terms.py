@@ -133,7 +133,9 @@ class UserTermsStepper:
     counts, the prior's ridge and its mean packed as one vector. Serving adapts a few users on tiny
     tensors, where each tensor operation's dispatch costs more than its arithmetic, so this is most
     of a feedback batch's adaptation time. Every value is computed by the same operations in the same
-    order as :func:`user_terms_step`, so the steps are bitwise the same.
+    order as :func:`user_terms_step`, so the steps are bitwise the same. The Gauss-Newton steps also
+    keep the user terms packed between steps (the packed vector of a step's result is the next step's
+    start), so call :meth:`step` once per inner step, each from the previous call's result.
 
     Args:
         model: the model (rating range, priors).
@@ -162,24 +164,27 @@ class UserTermsStepper:
         if not newton:
             return
         lead = mask.shape[:-1]
+        self.shapes = [initial[name].shape for name in self.names]
         self.count = mask.sum(-1).clamp(min=1.0).unsqueeze(-1)  # Float[T, 1]
         self.count_matrix = self.count.unsqueeze(-1)
         bias_prior = model.user_bias_prior
         factor_prior = bias_prior if model.user_factor_prior is None else model.user_factor_prior
-        sizes = [initial[name].reshape(*lead, -1).shape[-1] for name in self.names]
+        self.sizes = sizes = [initial[name].reshape(*lead, -1).shape[-1] for name in self.names]
         prior = torch.cat(
             [self.design.new_full((size,), bias_prior if name == "user_bias" else factor_prior)
              for name, size in zip(self.names, sizes, strict=True)]
         ) / self.count  # fmt: skip
         self.two_prior = 2.0 * prior
         self.initial_theta = torch.cat([initial[name].reshape(*lead, -1) for name in self.names], -1)
+        self.theta = self.initial_theta  # the packed user terms the next step starts from
         self.ridge = torch.diag_embed(2.0 * prior + 1e-6) if sum(sizes) > 1 else None
 
     def step(self, current: Params, logit_grad: torch.Tensor, predictions: torch.Tensor) -> Params:
         """One inner step of the user terms from ``current`` (see :func:`user_terms_step`).
 
         Args:
-            current: the pre-step parameters (leading dim T).
+            current: the pre-step parameters (leading dim T): the initial ones, then the previous
+                call's result.
             logit_grad: Float[T, S] d support loss / d logit per row.
             predictions: Float[T, S] support predictions at ``current``.
 
@@ -194,7 +199,7 @@ class UserTermsStepper:
             gradients = unpack_user_terms(gradient, current, self.names)
             return {name: current[name] - self.rates[name] * gradients[name] for name in self.names}
         # user_newton_step, its per-task constants taken from __init__.
-        theta = _pack(current, self.names, mask.shape[:-1])
+        theta = self.theta  # _pack(current): the previous step's packed result
         span = model.rating_max - model.rating_min
         slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
         gradient = gradient + self.two_prior * (theta - self.initial_theta)
@@ -206,7 +211,13 @@ class UserTermsStepper:
             curvature = 2.0 * weighted.transpose(-1, -2) @ design / self.count_matrix
             curvature = curvature + self.ridge
             stepped = theta - torch.linalg.solve(curvature, gradient.unsqueeze(-1)).squeeze(-1)
-        return unpack_user_terms(stepped, current, self.names)
+        self.theta = stepped
+        # unpack_user_terms with the sizes known: views of the packed vector.
+        parts = torch.split(stepped, self.sizes, dim=-1)
+        return {
+            name: part.reshape(shape)
+            for name, part, shape in zip(self.names, parts, self.shapes, strict=True)
+        }
 
 
 def user_terms_step(
