@@ -16,6 +16,8 @@ adapted terms can therefore attribute the step to support rows by their gradient
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from metarec.model import USER_PARAMETERS, PreferenceModel
@@ -144,6 +146,8 @@ class UserTermsStepper:
         mask: Float[T, S] 1 for real support rows.
         rates: inner learning rates by name.
         newton: take the Gauss-Newton step instead of SGD.
+        const: turns the Python numbers of the step into tensors (the fast path's cached 0-dim
+            tensors, which cost less per operation); None keeps them Python numbers.
     """
 
     def __init__(
@@ -154,11 +158,19 @@ class UserTermsStepper:
         mask: torch.Tensor,
         rates: dict[str, torch.Tensor | float],
         newton: bool,
+        const: Callable[[float], torch.Tensor | float] | None = None,
     ):
         self.model, self.mask, self.rates, self.newton = model, mask, rates, newton
         self.names = [name for name in USER_PARAMETERS if name in initial]
         if not self.names:
             return
+        const = const or (lambda value: value)
+        self.rating_min, self.rating_max = const(model.rating_min), const(model.rating_max)
+        self.span, self.two, self.damping = (
+            const(model.rating_max - model.rating_min),
+            const(2.0),
+            const(1e-6),
+        )
         # user_design only takes the shape, dtype and device of the predictions: the mask's.
         self.design = user_design(model, mask, factor_rows)  # Float[T, S, P]
         if not newton:
@@ -193,22 +205,21 @@ class UserTermsStepper:
         """
         if not self.names:
             return {}
-        model, design, mask = self.model, self.design, self.mask
+        design, mask = self.design, self.mask
         gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
         if not self.newton:
             gradients = unpack_user_terms(gradient, current, self.names)
             return {name: current[name] - self.rates[name] * gradients[name] for name in self.names}
         # user_newton_step, its per-task constants taken from __init__.
         theta = self.theta  # _pack(current): the previous step's packed result
-        span = model.rating_max - model.rating_min
-        slope = (predictions - model.rating_min) * (model.rating_max - predictions) / span
+        slope = (predictions - self.rating_min) * (self.rating_max - predictions) / self.span
         gradient = gradient + self.two_prior * (theta - self.initial_theta)
         weighted = design * (mask * slope**2).unsqueeze(-1)
         if self.ridge is None:
-            curvature = 2.0 * weighted.sum(-2) / self.count + self.two_prior + 1e-6
+            curvature = self.two * weighted.sum(-2) / self.count + self.two_prior + self.damping
             stepped = theta - gradient / curvature
         else:
-            curvature = 2.0 * weighted.transpose(-1, -2) @ design / self.count_matrix
+            curvature = self.two * weighted.transpose(-1, -2) @ design / self.count_matrix
             curvature = curvature + self.ridge
             stepped = theta - torch.linalg.solve(curvature, gradient.unsqueeze(-1)).squeeze(-1)
         self.theta = stepped
