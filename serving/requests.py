@@ -46,8 +46,7 @@ FEEDBACK_RATING_FIELDS = SUPPORT_FIELDS | {"timestamp"}
 MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
-_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+_OPEN_ARRAY, _OPEN_OBJECT, _CLOSE_ARRAY, _CLOSE_OBJECT = b"[{]}"
 
 
 class RequestError(ValueError):
@@ -114,7 +113,10 @@ def json_depth(text: str) -> int:
         The maximum number of open ``[``/``{`` at any point (0 for a scalar).
     """
     skeleton = np.frombuffer(_STRING_LITERAL.sub("", text).encode("utf-8", "replace"), dtype=np.uint8)
-    steps = np.isin(skeleton, _OPEN).astype(np.int32) - np.isin(skeleton, _CLOSE).astype(np.int32)
+    # Comparisons with the four bracket bytes (np.isin costs tens of microseconds on a small body).
+    opens = (skeleton == _OPEN_ARRAY) | (skeleton == _OPEN_OBJECT)
+    closes = (skeleton == _CLOSE_ARRAY) | (skeleton == _CLOSE_OBJECT)
+    steps = opens.astype(np.int32) - closes.astype(np.int32)
     return int(np.cumsum(steps).max()) if steps.size else 0
 
 
@@ -152,9 +154,14 @@ def decode_body(body: Any, limits: RequestLimits) -> Any:
         )
     if not body.strip():
         raise RequestError(400, "invalid JSON: empty request body")
-    depth = json_depth(body)
-    if depth > limits.max_json_depth:
-        raise RequestError(400, f"invalid JSON: nested {depth} levels deep; at most {limits.max_json_depth}")
+    # Nesting is never deeper than the number of '[' and '{' (strings included), counted in C: most
+    # requests have too few for the exact count to be needed.
+    if body.count("[") + body.count("{") > limits.max_json_depth:
+        depth = json_depth(body)
+        if depth > limits.max_json_depth:
+            raise RequestError(
+                400, f"invalid JSON: nested {depth} levels deep; at most {limits.max_json_depth}"
+            )
 
     def number(text: str, parse: Callable[[str], Any]) -> Any:
         if len(text) > limits.max_number_chars:

@@ -52,8 +52,10 @@ def test_adapt_many_is_one_batched_pass_that_matches_each_user_alone(fast):
         for name, tensor in alone.items():
             assert state[name].shape == tensor.shape
             assert torch.allclose(state[name], tensor, atol=1e-6), name
-        # Each user's state is its own tensors, so its stored blob holds one user.
-        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
+        # Each user's state may view the batch's tensors, but its stored blob holds that user alone.
+        assert len(encode_state(state, "v1", user)) == len(encode_state(alone, "v1", user))
+        back = decode_state(encode_state(state, "v1", user), "v1", torch.device("cpu"))["params"]
+        assert all(torch.equal(back[name], state[name]) for name in state)
     assert personaliser.adapt_many([], [], 5) == []
 
 
@@ -95,7 +97,12 @@ def test_state_blobs_are_compact_raw_tensors_and_older_torch_save_blobs_still_re
             document["params"][name], tensor
         )
     assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    # A stale state is read for its features only.
+    features_only = decode_state(blob, "v1", torch.device("cpu"), params=False)
+    assert features_only["params"] == {}
+    assert all(torch.equal(a, b) for a, b in zip(features_only["features"], _user(), strict=True))
     assert decode_state(blob[:-1], "v1", torch.device("cpu")) is None  # truncated
+    assert decode_state(blob[:-1], "v1", torch.device("cpu"), params=False) is None
     assert decode_state(blob + b"x", "v1", torch.device("cpu")) is None
     # A blob of the previous format (torch.save of the same document) is still served.
     buffer = io.BytesIO()

@@ -78,11 +78,9 @@ class Personaliser:
         state = self.adapter.adapt(
             stacked, batch.support_items, batch.support_ratings, batch.support_mask, steps
         )
-        # Copies, so that each user's stored blob holds its own rows, not the whole batch's storage.
-        return [
-            {name: tensor.clone() for name, tensor in select_users(state, row).items()}
-            for row in range(len(supports))
-        ]
+        # Views of each user's rows (blobs copy the bytes; a clone per tensor and user cost more than
+        # the batch's state takes in memory).
+        return [select_users(state, row) for row in range(len(supports))]
 
     def score(self, user: EncodedFeatures, adapted: Params | None, items: torch.Tensor) -> torch.Tensor:
         """Predicted ratings of items for one user.
@@ -138,6 +136,8 @@ _STATE_DTYPES = {
         torch.bool,
     )
 }
+# The dtypes numpy also has: their bytes come from one numpy copy (see _raw_bytes).
+_NUMPY_DTYPES = frozenset(dtype for dtype in _STATE_DTYPES.values() if dtype is not torch.bfloat16)
 
 
 def encode_state(adapted: Params, model_version: str, features: EncodedFeatures | None = None) -> bytes:
@@ -158,9 +158,7 @@ def encode_state(adapted: Params, model_version: str, features: EncodedFeatures 
     entries, payload = [], []
     for group, name, tensor in tensors:
         data = tensor.detach().cpu()
-        # A fresh tensor has plain strides (a slice may keep odd ones even when "contiguous").
-        flat = torch.empty(data.numel(), dtype=data.dtype).copy_(data.reshape(-1))
-        raw = flat.view(torch.uint8).numpy().tobytes()
+        raw = _raw_bytes(data)
         entries.append([group, name, str(data.dtype), list(data.shape), len(raw)])
         payload.append(raw)
     header = json.dumps(
@@ -169,13 +167,24 @@ def encode_state(adapted: Params, model_version: str, features: EncodedFeatures 
     return b"".join([STATE_MAGIC, struct.pack(">I", len(header)), header, *payload])
 
 
-def decode_state(blob: bytes, model_version: str, device: torch.device) -> dict | None:
+def _raw_bytes(data: torch.Tensor) -> bytes:
+    """A CPU tensor's elements in row-major order as bytes, whatever its strides."""
+    if data.dtype in _NUMPY_DTYPES:
+        return data.numpy().tobytes()  # one copy, in C order (a slice with odd strides included)
+    # numpy has no such dtype (bfloat16): copy into a fresh tensor, whose plain strides allow the view.
+    flat = torch.empty(data.numel(), dtype=data.dtype).copy_(data.reshape(-1))
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def decode_state(blob: bytes, model_version: str, device: torch.device, params: bool = True) -> dict | None:
     """Inverse of :func:`encode_state`; None when the blob is unreadable or from another model version.
 
     Args:
         blob: the stored bytes.
         model_version: the serving model's version.
         device: where to put the tensors.
+        params: False reads only the features (a stale state whose user's features are needed):
+            ``"params"`` is then empty for a blob of the current format.
 
     Returns:
         ``{"params": adapted state, "features": [cat, num, multi] or None}``, or None (the caller then
@@ -185,7 +194,7 @@ def decode_state(blob: bytes, model_version: str, device: torch.device) -> dict 
         if not blob.startswith(STATE_MAGIC):
             document = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)  # older blobs
         else:
-            document = _decode_raw(blob, model_version, device)
+            document = _decode_raw(blob, model_version, device, params)
     except Exception:  # noqa: BLE001 - any unreadable blob is recomputed, never served
         return None
     if not isinstance(document, dict) or document.get("model_version") != model_version:
@@ -193,7 +202,9 @@ def decode_state(blob: bytes, model_version: str, device: torch.device) -> dict 
     return document
 
 
-def _decode_raw(blob: bytes, model_version: str, device: torch.device) -> dict | None:
+def _decode_raw(
+    blob: bytes, model_version: str, device: torch.device, read_params: bool = True
+) -> dict | None:
     start = len(STATE_MAGIC) + 4
     (length,) = struct.unpack(">I", blob[len(STATE_MAGIC) : start])
     header = json.loads(blob[start : start + length])
@@ -208,6 +219,8 @@ def _decode_raw(blob: bytes, model_version: str, device: torch.device) -> dict |
         if len(raw) != size:
             raise ValueError("truncated state blob")
         offset += size
+        if group == "params" and not read_params:
+            continue
         kind = _STATE_DTYPES[dtype]
         tensor = torch.frombuffer(raw, dtype=kind) if size else torch.empty(0, dtype=kind)
         tensor = tensor.reshape(shape).to(device)

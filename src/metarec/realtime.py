@@ -174,7 +174,8 @@ class RealtimeUsers:
             document = None
             # Read only when it is served (fresh) or its features are (a request that only names the user).
             if stored is not None and stored.blob is not None and (stored.fresh or not authoritative):
-                document = decode_state(stored.blob, self.model_version, self.device)
+                # A stale state is read for its features only (its parameters are recomputed).
+                document = decode_state(stored.blob, self.model_version, self.device, params=stored.fresh)
             if document is not None and not authoritative:
                 features = _features(document, features)
             if document is not None and stored.fresh:

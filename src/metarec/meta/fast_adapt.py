@@ -23,13 +23,14 @@ Everything before the adapted tail is fixed, and its item side is fixed for the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from metarec.features import EncodedFeatures
-from metarec.meta.user_terms import user_terms_step
+from metarec.meta.user_terms import UserTermsStepper
 from metarec.model import USER_PARAMETERS, PreferenceModel, adapted_parameter_names, inner_learning_rates
 
 Params = dict[str, torch.Tensor]
@@ -126,6 +127,7 @@ class FastAdapter:
         self.linear_indices = list(range(self.first, len(model.decoder), 2))
         self.newton = model.user_bias_prior is not None and bool(self.user_terms)
         self._rates: dict[float, dict[str, torch.Tensor | float]] = {}
+        self._constant_cache: dict[tuple[torch.dtype, torch.device], dict[float, torch.Tensor]] = {}
         with torch.no_grad():
             self.start = {name: tensor.detach() for name, tensor in model.named_parameters()}
             self._precompute_catalogue()
@@ -249,7 +251,7 @@ class FastAdapter:
             }
         return self._rates[lr]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def adapt(
         self,
         users: EncodedFeatures,
@@ -266,7 +268,10 @@ class FastAdapter:
             lr: base inner learning rate.
 
         Returns:
-            The adapted parameters by name, each with leading dim T (a ``UserState``).
+            The adapted parameters by name, each with leading dim T (a ``UserState``). Like
+            :meth:`predict`, this runs in inference mode (no autograd bookkeeping at all: about a fifth
+            less time on serving's tiny tensors than ``no_grad``, same values), so the results are
+            inference tensors: read them, score with them, store them, never update them in place.
         """
         support_items, support_ratings, support_mask = support
         n_tasks = support_items.shape[0]
@@ -274,37 +279,49 @@ class FastAdapter:
         initial = {
             name: self.start[name].expand(n_tasks, *self.start[name].shape) for name in self.adapted_names
         }
-        rates = self.learning_rates(lr)
         model = self.model
-        span = model.rating_max - model.rating_min
-        count = support_mask.sum(1).clamp(min=1.0)
+        const = self._constants(support_ratings)
+        rates = {name: const(rate) for name, rate in self.learning_rates(lr).items()}
+        rating_min, span = const(model.rating_min), const(model.rating_max - model.rating_min)
+        two, one = const(2.0), const(1.0)
+        count = support_mask.sum(1).clamp(min=1.0).unsqueeze(1)
+        # The user terms' per-task constants (design rows, prior), computed once for all steps.
+        user_terms = UserTermsStepper(
+            model, initial, task_rows.factor_rows, support_mask, rates, self.newton, const
+        )
         current = initial
         for _ in range(steps):
             logits, inputs = self._predict_logits(current, task_rows)
             sigmoid = torch.sigmoid(logits)
-            predictions = model.rating_min + span * sigmoid
+            predictions = rating_min + span * sigmoid
             # d masked MSE / d logit of each row.
-            logit_grad = 2.0 * (predictions - support_ratings) * support_mask / count.unsqueeze(1)
-            logit_grad = logit_grad * span * sigmoid * (1.0 - sigmoid)
+            logit_grad = two * (predictions - support_ratings) * support_mask / count
+            logit_grad = logit_grad * span * sigmoid * (one - sigmoid)
             grads = self._tail_backward(current, task_rows.user_part, inputs, logit_grad)
             updated = {name: current[name] - rates[name] * grads[name] for name in grads}
-            updated.update(
-                user_terms_step(
-                    model,
-                    current,
-                    initial,
-                    logit_grad,
-                    factor_rows=task_rows.factor_rows,
-                    predictions=predictions,
-                    mask=support_mask,
-                    rates=rates,
-                    newton=self.newton,
-                )
-            )
+            updated.update(user_terms.step(current, logit_grad, predictions))
             current = updated
         return current
 
-    @torch.no_grad()
+    def _constants(self, like: torch.Tensor) -> Callable[[float | torch.Tensor], torch.Tensor]:
+        """Python numbers as cached 0-dim tensors of ``like``'s dtype and device (tensors unchanged).
+
+        An operation with a 0-dim tensor costs about half of one with a Python float, which is wrapped
+        into a tensor on every call; the values are the same (the CPU kernels take either as a scalar
+        of the other operand's dtype). The inner loop has a dozen such operations per step.
+        """
+        cache = self._constant_cache.setdefault((like.dtype, like.device), {})
+
+        def const(value: float | torch.Tensor) -> torch.Tensor:
+            if isinstance(value, torch.Tensor):
+                return value
+            if value not in cache:
+                cache[value] = torch.tensor(value, dtype=like.dtype, device=like.device)
+            return cache[value]
+
+        return const
+
+    @torch.inference_mode()
     def predict(self, adapted: Params, users: EncodedFeatures, items: torch.Tensor) -> torch.Tensor:
         """Predicted ratings of T users' items with their adapted parameters.
 
