@@ -199,6 +199,55 @@ def test_redis_batches_survive_a_server_that_lost_its_scripts(redis_url):
         store.close()
 
 
+def test_redis_batch_is_one_script_call_and_a_cluster_gets_one_call_per_user(redis_url):
+    """A batch's appends and state writes are one script call each; a server that refuses keys of
+    several hash slots in one call (a Redis Cluster: CROSSSLOT, before running anything) gets one call
+    per user from then on, with the same results."""
+    from redis.exceptions import ResponseError
+
+    store = open_store(redis_url, window=WINDOW)
+    calls = []
+
+    class ClusterLike:
+        """The registered script, refusing keys of several users as a Redis Cluster does."""
+
+        def __init__(self, script):
+            self.script, self.sha = script, script.sha
+
+        def __call__(self, keys, args):
+            calls.append(len(keys))
+            if len({key.split(":")[1] for key in keys}) > 1:
+                raise ResponseError("CROSSSLOT Keys in request don't hash to the same slot")
+            return self.script(keys=keys, args=args)
+
+    try:
+        store.client.flushdb()
+        store._append, store._put_state = ClusterLike(store._append), ClusterLike(store._put_state)
+        states = store.append_many([("u1", ratings((1, 4))), ("u2", ratings((2, 5), (3, 1)))])
+        assert [(s.version, len(s.ratings)) for s in states] == [(1, 1), (1, 2)]
+        # Refused once, then one call per user (run again alone here: the server had no script yet).
+        multi = [n for n in calls if n > 2]
+        assert multi == [4] and store._per_entry
+        assert store.put_states([("u1", b"a", 1), ("u2", b"b", 1), ("u1", b"old", 0)]) == [True, True, False]
+        assert store.get("u1").blob == b"a" and store.get("u2").fresh
+        assert [n for n in calls if n > 2] == multi  # no more calls over several users
+        assert store.append_many([("u2", ratings((4, 2)))])[0].version == 2  # one user: one call
+    finally:
+        store.close()
+
+    single = open_store(redis_url, window=WINDOW)
+    try:
+        single.client.flushdb()
+        counted = []
+        script = single._append
+        single._append = lambda keys, args: counted.append(len(keys)) or script(keys=keys, args=args)
+        single._append.sha = script.sha
+        single.append_many([("u1", ratings((1, 4))), ("u2", ratings((2, 5))), ("u1", ratings((3, 2)))])
+        assert counted == [6] and not single._per_entry
+    finally:
+        single.close()
+
+
 def test_concurrent_batched_appends_from_threads_lose_nothing(store_url, store):
     """8 threads x 50 ratings for one user, sent as batches of 5 appends (a worker's batch): all 400."""
     import concurrent.futures

@@ -310,10 +310,10 @@ class Recommender:
         )
         for position, view in zip(named, found, strict=True):
             views[position] = view
-            if view is not None:
-                logger.info(
-                    "realtime user=%s route=recommend version=%d", requests[position].user_id, view.version
-                )
+        _log_users(
+            "recommend",
+            [(requests[p].user_id, v) for p, v in zip(named, found, strict=True) if v is not None],
+        )
         return views
 
     def _authoritative(self, request: RecommendRequest) -> bool:
@@ -386,8 +386,9 @@ class Recommender:
         views = self.users.record_many(
             [(r.user_id, r.ratings, r.user_features, self._authoritative(r)) for r in requests]
         )
-        for request, view in zip(requests, views, strict=True):
-            logger.info("realtime user=%s route=feedback version=%d", request.user_id, view.version)
+        _log_users(
+            "feedback", [(request.user_id, view) for request, view in zip(requests, views, strict=True)]
+        )
         ranked = [p for p, request in enumerate(requests) if request.answer_items]
         personal = self._personal_answers([requests[p] for p in ranked], [views[p] for p in ranked])
         answers: list[dict[str, Any] | None] = [None] * len(requests)
@@ -439,8 +440,8 @@ class Recommender:
             [(requests[p].user_id, _support_ratings(requests[p]), requests[p].user_features,
               self._authoritative(requests[p])) for p in new_users]
         ) if new_users else []  # fmt: skip
+        _log_users("adapt", [(requests[p].user_id, view) for p, view in zip(new_users, views, strict=True)])
         for position, view in zip(new_users, views, strict=True):
-            logger.info("realtime user=%s route=adapt version=%d", requests[position].user_id, view.version)
             answers[position].update(stored=True, state_version=view.version)
         return answers
 
@@ -521,6 +522,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _log_users(route: str, users: Sequence[tuple[str, UserView]]) -> None:
+    """Logs each user a batch read or wrote, one line each (``realtime user=<id> route=<route>
+    version=<n>``), as one record: a TorchServe worker's stdout is unbuffered, so each record is a write
+    the frontend wakes up for and reads, which a batch of feedback paid once per request."""
+    if users and logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "\n".join(f"realtime user={user} route={route} version={view.version}" for user, view in users)
+        )
 
 
 def _support_ratings(request: AdaptRequest) -> list[Rating]:

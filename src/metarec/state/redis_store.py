@@ -2,8 +2,11 @@
 
 Each write is one Lua script, which Redis runs atomically, so an append (push, trim, bump the
 version, read back) and a conditional state write can never interleave with another client's. A
-user's keys share the hash tag ``{user_id}`` so the scripts also work on a Redis Cluster. A serving
-batch's appends (``append_many``) and state writes (``put_states``) go in one pipeline each.
+serving batch's appends (``append_many``) and its state writes (``put_states``) are one script call
+each: one round trip, and one script invocation on the server instead of one per user (each cost
+~20 us of server time here, most of it the call itself). A user's keys share the hash tag
+``{user_id}``; on a Redis Cluster, which refuses one call over keys of several slots, each user's
+entry becomes its own call (all in one pipeline).
 """
 
 from __future__ import annotations
@@ -13,24 +16,41 @@ from collections.abc import Sequence
 
 from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
 
-# KEYS: ratings list, meta hash. ARGV: window, then the JSON ratings. Returns [version, blob,
-# blob_version, window as one JSON array] (one reply string, not one per rating: the client parses
-# replies in Python, and a batch's windows are read on every feedback).
+# A serving batch's appends in one script call: KEYS: each entry's ratings list and meta hash, in pairs.
+# ARGV: window, then per entry its number of ratings followed by the JSON ratings. Returns per entry
+# [version, blob, blob_version, window as one JSON array] (one reply string, not one per rating: the
+# client parses replies in Python, and a batch's windows are read on every feedback).
 _APPEND = """
-for i = 2, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
-local meta = redis.call('HMGET', KEYS[2], 'blob', 'blob_version')
-local window = '[' .. table.concat(redis.call('LRANGE', KEYS[1], 0, -1), ',') .. ']'
-return {version, meta[1] or false, meta[2] or false, window}
+local bound = -tonumber(ARGV[1])
+local results = {}
+local arg = 2
+for k = 1, #KEYS, 2 do
+  local last = arg + tonumber(ARGV[arg])
+  for i = arg + 1, last do redis.call('RPUSH', KEYS[k], ARGV[i]) end
+  arg = last + 1
+  redis.call('LTRIM', KEYS[k], bound, -1)
+  local version = redis.call('HINCRBY', KEYS[k + 1], 'version', 1)
+  local meta = redis.call('HMGET', KEYS[k + 1], 'blob', 'blob_version')
+  local window = '[' .. table.concat(redis.call('LRANGE', KEYS[k], 0, -1), ',') .. ']'
+  results[#results + 1] = {version, meta[1] or false, meta[2] or false, window}
+end
+return results
 """
-# KEYS: meta hash. ARGV: blob, version. Stores only over an older state.
+# A batch's state writes in one script call: KEYS: each entry's meta hash. ARGV: each entry's blob and
+# version, in pairs. Each state is stored only over an older one; returns 1 (stored) or 0 per entry.
 _PUT_STATE = """
-local stored = tonumber(redis.call('HGET', KEYS[1], 'blob_version') or '-1')
-if stored >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'blob_version', ARGV[2])
-if not redis.call('HGET', KEYS[1], 'version') then redis.call('HSET', KEYS[1], 'version', 0) end
-return 1
+local results = {}
+for k = 1, #KEYS do
+  local stored = tonumber(redis.call('HGET', KEYS[k], 'blob_version') or '-1')
+  if stored >= tonumber(ARGV[2 * k]) then
+    results[k] = 0
+  else
+    redis.call('HSET', KEYS[k], 'blob', ARGV[2 * k - 1], 'blob_version', ARGV[2 * k])
+    if not redis.call('HGET', KEYS[k], 'version') then redis.call('HSET', KEYS[k], 'version', 0) end
+    results[k] = 1
+  end
+end
+return results
 """
 
 
@@ -51,6 +71,7 @@ class RedisStateStore(UserStateStore):
         self.prefix = prefix
         self._append = self.client.register_script(_APPEND)
         self._put_state = self.client.register_script(_PUT_STATE)
+        self._per_entry = False  # set when the server is a Redis Cluster (see _run)
 
     def _keys(self, user_id: str) -> tuple[str, str]:
         tag = f"{self.prefix}:{{{user_id}}}"
@@ -60,17 +81,15 @@ class RedisStateStore(UserStateStore):
         return self.append_many([(user_id, ratings)])[0]
 
     def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
-        # A batch is one pipeline of append scripts, each still atomic on the server (another
-        # client's append may run between two of them, as between two separate calls).
         for _, ratings in entries:
             check_ratings(ratings)
         calls = [
-            (list(self._keys(user_id)), [self.window, *(json.dumps(r.to_list()) for r in ratings)])
+            (list(self._keys(user_id)), [len(ratings), *(json.dumps(r.to_list()) for r in ratings)])
             for user_id, ratings in entries
         ]
         return [
             _state(json.loads(window), version, blob, blob_version)
-            for version, blob, blob_version, window in self._run(self._append, calls)
+            for version, blob, blob_version, window in self._run(self._append, calls, [self.window])
         ]
 
     def get(self, user_id: str) -> StoredUser | None:
@@ -91,26 +110,40 @@ class RedisStateStore(UserStateStore):
         calls = [([self._keys(user_id)[1]], [blob, int(version)]) for user_id, blob, version in entries]
         return [bool(stored) for stored in self._run(self._put_state, calls)]
 
-    def _run(self, script, calls: list[tuple[list, list]]) -> list:
-        """Runs a script once per ``(keys, args)``: one call alone, several in one pipeline (one round
-        trip; a call the server refuses with NOSCRIPT never ran, so it is run again on its own, which
-        reloads the script)."""
-        if len(calls) == 1:
-            ((keys, args),) = calls
-            return [script(keys=keys, args=args)]
-        from redis.exceptions import NoScriptError
+    def _run(self, script, calls: list[tuple[list, list]], shared: Sequence = ()) -> list:
+        """Runs a batch script on ``(keys, args)`` per entry; returns one result per entry.
 
+        All entries go in one script call (one round trip, and Redis runs the whole batch atomically,
+        which keeps each entry atomic). A Redis Cluster refuses keys of several hash slots in one call
+        (CROSSSLOT, before running anything): from then on each entry is its own call, all of them in
+        one pipeline (one round trip; an entry's keys share its user's hash tag). ``shared`` arguments
+        come first in every call.
+        """
+        from redis.exceptions import NoScriptError, ResponseError
+
+        if not calls:
+            return []
+        if not self._per_entry or len(calls) == 1:
+            keys = [key for entry_keys, _ in calls for key in entry_keys]
+            args = [*shared, *(arg for _, entry_args in calls for arg in entry_args)]
+            try:
+                return script(keys=keys, args=args)
+            except ResponseError as error:
+                if len(calls) == 1 or not str(error).startswith("CROSSSLOT"):
+                    raise
+                self._per_entry = True
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.evalsha(script.sha, len(keys), *keys, *shared, *args)
         results = pipe.execute(raise_on_error=False)
         for position, result in enumerate(results):
             if isinstance(result, NoScriptError):
+                # A call the server refused with NOSCRIPT never ran: run it again alone (reloads it).
                 keys, args = calls[position]
-                results[position] = script(keys=keys, args=args)
+                results[position] = script(keys=keys, args=[*shared, *args])
             elif isinstance(result, Exception):
                 raise result
-        return results
+        return [result[0] for result in results]
 
     def delete(self, user_id: str) -> None:
         self.client.delete(*self._keys(user_id))
