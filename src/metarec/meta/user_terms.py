@@ -173,14 +173,16 @@ def _pack(params: Params, names: list[str], lead: torch.Size) -> torch.Tensor:
 
 
 class UserTermsStepper:
-    """:func:`user_terms_step` for the inner steps of one batched adaptation (T tasks, no ``vmap``).
+    """The inner steps of the user terms in one batched adaptation (T tasks, no ``vmap``; the fast path).
 
-    What does not change between inner steps is computed once here instead of once per step: the
-    design rows (the item factors of the support rows), and for the Gauss-Newton step the support
+    Each step is SGD with each term's rate, or (``newton``) the damped Gauss-Newton step of
+    :func:`user_newton_step` (the one the autograd loop takes: both call ``_newton_update``). The
+    gradient is assembled per support row from ``logit_grad`` and the design rows, so no autograd is
+    needed. What does not change between inner steps is computed once here instead of once per step:
+    the design rows (the item factors of the support rows), and for the Gauss-Newton step the support
     counts, the prior's ridge and its mean packed as one vector. Serving adapts a few users on tiny
     tensors, where each tensor operation's dispatch costs more than its arithmetic, so this is most
-    of a feedback batch's adaptation time. Every value is computed by the same operations in the same
-    order as :func:`user_terms_step`, so the steps are bitwise the same. The Gauss-Newton steps also
+    of a feedback batch's adaptation time. The Gauss-Newton steps also
     keep the user terms packed between steps (the packed vector of a step's result is the next step's
     start), so call :meth:`step` once per inner step, each from the previous call's result.
 
@@ -225,7 +227,7 @@ class UserTermsStepper:
         self.theta = self.constants.initial_theta  # the packed user terms the next step starts from
 
     def step(self, current: Params, logit_grad: torch.Tensor, predictions: torch.Tensor) -> Params:
-        """One inner step of the user terms from ``current`` (see :func:`user_terms_step`).
+        """One inner step of the user terms from ``current``.
 
         Args:
             current: the pre-step parameters (leading dim T): the initial ones, then the previous
@@ -254,45 +256,3 @@ class UserTermsStepper:
             name: part.reshape(shape)
             for name, part, shape in zip(self.names, parts, self.shapes, strict=True)
         }
-
-
-def user_terms_step(
-    model: PreferenceModel,
-    current: Params,
-    initial: Params,
-    logit_grad: torch.Tensor,
-    factor_rows: torch.Tensor | None,
-    predictions: torch.Tensor,
-    mask: torch.Tensor,
-    rates: dict[str, torch.Tensor | float],
-    newton: bool,
-) -> Params:
-    """One inner step of the user terms, from the pre-step parameters.
-
-    SGD with each term's rate, or (``newton``) the damped Gauss-Newton step :func:`user_newton_step`
-    (the one the autograd loop takes), on T tasks at once. The gradient is assembled per support row
-    from ``logit_grad`` and the design rows, so no autograd is needed.
-
-    Args:
-        model: the model (rating range, priors).
-        current: the pre-step parameters (leading dim T).
-        initial: the starting (meta-learned) parameters, expanded to T (the prior's mean).
-        logit_grad: Float[T, S] d support loss / d logit per row.
-        factor_rows: Float[T, S, F] the support rows' item factors, or None.
-        predictions: Float[T, S] support predictions at ``current``.
-        mask: Float[T, S] 1 for real support rows.
-        rates: inner learning rates by name.
-        newton: take the Gauss-Newton step instead of SGD.
-
-    Returns:
-        The updated user terms by name (empty when the model has none).
-    """
-    names = [name for name in USER_PARAMETERS if name in current]
-    if not names:
-        return {}
-    design = user_design(model, predictions, factor_rows)  # Float[T, S, P]
-    gradient = (logit_grad.unsqueeze(-1) * design).sum(1)  # Float[T, P]
-    gradients = unpack_user_terms(gradient, current, names)
-    if newton:
-        return user_newton_step(model, predictions, design, mask, current, initial, gradients)
-    return {name: current[name] - rates[name] * gradients[name] for name in names}
