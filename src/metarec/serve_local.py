@@ -287,7 +287,7 @@ def start_server(
         inference_port: Port of the inference API on 127.0.0.1 (0 = pick a free one).
         metrics_port: Port of the metrics API on 127.0.0.1 (0 = pick a free one).
         model_name: Name of the archive and of the registered model.
-        timeout_s: How long to wait for a READY worker before giving up.
+        timeout_s: How long to wait for every worker to be READY before giving up.
         token_auth: Keep TorchServe's token authorisation on (default); False disables it for
             every API, for local demos only.
         extra_properties: More ``config.properties`` entries (e.g. ``default_workers_per_model``).
@@ -396,13 +396,16 @@ def start_server(
             if not _process_alive(pid):
                 raise RuntimeError("TorchServe exited during start-up")
             try:
-                if any(worker.get("status") == "READY" for worker in model_workers(info)):
+                # Every worker, not the first: callers snapshot the workers (pids) right after start,
+                # and a request routed to a worker still loading waits for it.
+                workers = model_workers(info)
+                if workers and all(worker.get("status") == "READY" for worker in workers):
                     _write_server_file(info, archive_dir)
                     return info
             except (OSError, ValueError, IndexError, RuntimeError):
                 pass  # not listening yet, or the model is still registering
             time.sleep(0.3)
-        raise RuntimeError(f"model {model_name!r} had no READY worker after {timeout_s} s")
+        raise RuntimeError(f"model {model_name!r} had workers not READY after {timeout_s} s")
     except Exception as error:
         stop_server(workdir)
         raise RuntimeError(f"{error}\n--- ts_log.log ---\n{_log_tail(workdir)}") from error
