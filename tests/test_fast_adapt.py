@@ -165,3 +165,16 @@ def test_mode_all_and_unknown_parameters_fall_back():
     # A parameter whose role the fast path does not know (e.g. a future per-user term) disables it.
     model.register_parameter("user_embedding", torch.nn.Parameter(torch.zeros(4)))
     assert not supports_fast_path(model, "decision")
+
+
+def test_fast_path_results_are_ordinary_tensors_a_caller_may_update():
+    """The fast path computes in inference mode; what it hands out must still take in-place updates
+    (callers mask scores, e.g. ``scores[rated] = -inf``), as the generic path's results do."""
+    model = random_model(**USER_TERMS["bias_factors_prior_content"])
+    batch = padded_batch(model)
+    state, scores = fast_adapt_and_score(model, "head", batch, 3, batch.query_items)
+    for tensor in [scores, *state.values()]:
+        assert not tensor.is_inference()
+    scores[:, 0] = -float("inf")
+    state["user_bias"].add_(1.0)
+    assert torch.isinf(scores[:, 0]).all()
