@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -61,3 +62,16 @@ def test_train_settings_reach_the_training_config_as_json(replay):
         replay.training_config(replay.parse_args(["--train", "freeze=[hidden]"]), seed=0)
     with pytest.raises(ValueError, match="KEY=JSON"):
         replay.training_config(replay.parse_args(["--train", "inner_lr"]), seed=0)
+
+
+@pytest.mark.slow
+def test_the_bench_runs_end_to_end_on_tiny_data(replay, capsys):
+    """The whole replay (training, served loop, baselines, deletion test) on the tiny synthetic set: a
+    change to the serving path that breaks the bench fails here, not at the next measurement."""
+    replay.main(["--data", "synthetic:tiny", "--meta-steps", "3", "--max-users", "4"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["prequential"]) == {"served_loop", "prior_only", "mf_foldin", "item_user_bias"}
+    assert result["events"] > 0 and result["users"] >= 1
+    for method in result["prequential"].values():
+        assert 0 <= method["mae"] < 4
+    assert result["explain_deletion"]["top"] is not None
