@@ -1,0 +1,39 @@
+"""The benchmarks without a test of their own run end to end at toy sizes, so a change that breaks one
+fails the suite instead of the next measurement (their figures are not checked here: tests check
+behaviour, not time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+
+def load_bench(repo_root, name: str):
+    spec = importlib.util.spec_from_file_location(name, repo_root / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_meta_train_speed_runs_and_its_two_implementations_agree(repo_root, capsys):
+    bench = load_bench(repo_root, "meta_train_speed")
+    status = bench.main(["--meta-batch", "4", "--inner-steps", "2", "--steps", "1", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Exit status 0 only when the vectorised and the per-task meta-gradients agree.
+    assert status == 0
+    assert result["meta_batch"] == 4 and result["tasks_per_s"] > 0 and result["reference_tasks_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_serving_latency_runs_against_real_servers(repo_root, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))  # its helpers module, as when run as a script
+    bench = load_bench(repo_root, "serving_latency")
+    assert bench.main(["--requests", "8", "--meta-steps", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["worker_restarts"] == 0
+    for level in result["concurrency"].values():
+        assert level["feedback_p50_ms"] > 0 and level["noop_p50_ms"] > 0
+    assert result["feedback_over_noop_p50"] > 0
