@@ -37,3 +37,16 @@ def test_serving_latency_runs_against_real_servers(repo_root, capsys, monkeypatc
     for level in result["concurrency"].values():
         assert level["feedback_p50_ms"] > 0 and level["noop_p50_ms"] > 0
     assert result["feedback_over_noop_p50"] > 0
+
+
+@pytest.mark.slow
+def test_serving_soak_runs_and_survives_a_worker_kill(repo_root, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    bench = load_bench(repo_root, "serving_soak")
+    bench.main(["--seconds", "2", "--kills", "1", "--meta-steps", "3"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["concurrency"]) == {"8", "32"} and result["errors"] == 0
+    kill = result["kill"]
+    assert kill["kills"] == 1 and kill["requests"] > 0
+    # A SIGKILLed worker loses at most the batch it held; the others keep answering.
+    assert kill["requests_lost"] <= kill["batch_size"]
