@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving_support import add_archive_arguments, archive_for, run_fuzz, worker_identity
+from serving_support import add_archive_arguments, archive_for, run_fuzz, start_metarec, worker_identity
 
-from metarec.serve_local import start_server, stop_server
+from metarec.serve_local import stop_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metarec-fuzz-") as tmp:
         workdir = Path(tmp)
         archive_dir = archive_for(args, workdir)
-        info = start_server(archive_dir, workdir / "ts", 0, 0, timeout_s=300)
+        info = start_metarec(archive_dir, workdir / "ts")
         try:
             before = worker_identity(info)
             started = time.perf_counter()

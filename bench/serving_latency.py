@@ -36,11 +36,11 @@ from serving_support import (
     build_noop_archive,
     catalogue_ids,
     load,
+    start_metarec,
     worker_identity,
 )
 
 from metarec.serve_local import ServerInfo, start_server, stop_server
-from metarec.serving.handler import STATE_URL_ENV
 from metarec.serving_settings import ServingSettings
 from metarec.state.local_redis import start_redis, stop_redis
 
@@ -82,11 +82,6 @@ def make_bodies(item_ids: list[str], user_ids: list[str], n: int, seed: int) -> 
     return {"adapt": adapt, "recommend": recommend, "feedback": feedback}
 
 
-def start_with_state(archive_dir: Path, workdir: Path, state_url: str) -> ServerInfo:
-    """Starts TorchServe on the archive with its workers' user state at ``state_url``."""
-    return start_server(archive_dir, workdir, 0, 0, timeout_s=300, environment={STATE_URL_ENV: state_url})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per kind and concurrency level")
@@ -111,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         servers: dict[str, ServerInfo] = {}
         redis = None
         try:
-            servers["metarec"] = start_server(archive_dir, workdir / "ts-metarec", 0, 0, timeout_s=300)
+            servers["metarec"] = start_metarec(archive_dir, workdir / "ts-metarec")
             servers["noop"] = start_server(
                 noop_dir, workdir / "ts-noop", 0, 0, model_name="noop", timeout_s=300
             )
             # The same archive again, its user state in a real Redis (the embedded SQLite file above).
             try:
                 redis_url, redis = start_redis(workdir)
-                servers["metarec-redis"] = start_with_state(archive_dir, workdir / "ts-redis", redis_url)
+                servers["metarec-redis"] = start_metarec(archive_dir, workdir / "ts-redis", redis_url)
             except FileNotFoundError as error:
                 print(f"no Redis row: {error}", file=sys.stderr)
             identities = {name: worker_identity(info) for name, info in servers.items()}

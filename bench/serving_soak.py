@@ -33,9 +33,16 @@ import time
 from pathlib import Path
 
 from serving_latency import make_bodies, percentile
-from serving_support import add_archive_arguments, archive_for, catalogue_ids, load, worker_identity
+from serving_support import (
+    add_archive_arguments,
+    archive_for,
+    catalogue_ids,
+    load,
+    start_metarec,
+    worker_identity,
+)
 
-from metarec.serve_local import ServerInfo, model_workers, start_server, stop_server
+from metarec.serve_local import ServerInfo, model_workers, stop_server
 from metarec.serving_settings import ServingSettings
 
 LEVELS = (8, 32)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = [("/predictions/metarec/1.0/adapt", body) for body in bodies["adapt"]]
         requests += [("/predictions/metarec", body) for body in bodies["recommend"]]
         random.Random(1).shuffle(requests)
-        info = start_server(archive_dir, workdir / "ts", 0, 0, timeout_s=300)
+        info = start_metarec(archive_dir, workdir / "ts")
         try:
             levels = {}
             before = worker_identity(info)

@@ -21,7 +21,8 @@ import pandas as pd
 import yaml
 
 from metarec.packaging import MODEL_CONFIG_FILE, model_config_yaml, run_archiver
-from metarec.serve_local import ServerInfo, model_workers
+from metarec.serve_local import ServerInfo, model_workers, start_server
+from metarec.serving.handler import STATE_URL_ENV
 from metarec.serving_settings import ServingSettings
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -38,6 +39,17 @@ def build_metarec_archive(workdir: Path, data: str, meta_steps: int) -> Path:
 
     print(f"building the archive from {data} ...", file=sys.stderr)
     return build_demo_archive(workdir, data, meta_steps)["archive_dir"]
+
+
+def start_metarec(archive_dir: Path, workdir: Path, state_url: str | None = None) -> ServerInfo:
+    """Starts TorchServe on the archive with its user state where the benchmark says.
+
+    Never the caller's ``METAREC_STATE_URL`` (a shell pointed at a real store would get the bench's
+    made-up users): a SQLite file in ``workdir`` unless ``state_url`` is given.
+    """
+    url = state_url or f"sqlite:///{Path(workdir).resolve() / 'bench-state.sqlite'}"
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return start_server(archive_dir, workdir, 0, 0, timeout_s=300, environment={STATE_URL_ENV: url})
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

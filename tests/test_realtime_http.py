@@ -217,8 +217,8 @@ def _check_crowd_loses_nothing_and_matches_a_sequential_replay(served, tmp_path)
     scores = {entry["item_id"]: entry["score"] for entry in replayed["items"]}
     assert len(served_answer["items"]) == len(scores) == n_items
     assert max(abs(entry["score"] - scores[entry["item_id"]]) for entry in served_answer["items"]) <= 2e-4
-    mine = decode_state(stored.blob, replay.model_version, torch.device("cpu"))
-    theirs = decode_state(replay.store.get(user_id).blob, replay.model_version, torch.device("cpu"))
+    mine = decode_state(stored.blob, replay.state_tag, torch.device("cpu"))
+    theirs = decode_state(replay.store.get(user_id).blob, replay.state_tag, torch.device("cpu"))
     assert mine is not None and set(mine["params"]) == set(theirs["params"])
     for name, tensor in theirs["params"].items():
         assert torch.allclose(mine["params"][name], tensor, atol=1e-5), name

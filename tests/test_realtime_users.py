@@ -92,10 +92,14 @@ def test_stale_or_foreign_states_are_recomputed(users, model):
     users.record("u", [Rating("i4", 5.0)], features())
     other = RealtimeUsers(users.personaliser, users.store, ITEM_INDEX, {}, "v2", STEPS)
     view = other.view("u", features())
-    # Same feedback version: the v1 state stays stored (no ping-pong between versions during a rolling
-    # update); the v2 replica recomputes its own until the next feedback.
-    assert decode_state(users.store.get("u").blob, "v1", torch.device("cpu")) is not None
     assert torch.allclose(scores(other, view), adapt_from_scratch(users, [4], [5.0]), atol=1e-6)
+    # The recomputed state replaces the foreign one at the same feedback version, so the new model reads
+    # its cache from then on instead of re-adapting on every request until the user's next feedback
+    # (during a rolling update the two models may replace each other's state: extra adaptations while
+    # both serve, never a wrong answer).
+    stored = users.store.get("u")
+    assert stored.fresh and decode_state(stored.blob, "v2", torch.device("cpu")) is not None
+    assert decode_state(stored.blob, "v1", torch.device("cpu")) is None
 
 
 def test_concurrent_feedback_loses_nothing_and_ends_at_the_sequential_state(users):

@@ -197,7 +197,7 @@ def _counting_adapts(rec, monkeypatch) -> list[int]:
 
 def _stored_params(rec, user_id):
     stored = rec.store.get(user_id)
-    document = decode_state(stored.blob, rec.model_version, torch.device("cpu"))
+    document = decode_state(stored.blob, rec.state_tag, torch.device("cpu"))
     return stored, document["params"]
 
 
@@ -302,8 +302,8 @@ def test_a_user_twice_in_a_feedback_batch_is_adapted_once_on_the_final_window(de
     assert mine.ratings == theirs.ratings and mine.version == theirs.version == 2 and mine.fresh
     assert all(torch.allclose(mine_params[name], their_params[name], atol=1e-5) for name in their_params)
     # The first request described the user: the stored state keeps those features, as in turn.
-    mine_doc = decode_state(mine.blob, batched.model_version, torch.device("cpu"))
-    their_doc = decode_state(theirs.blob, sequential.model_version, torch.device("cpu"))
+    mine_doc = decode_state(mine.blob, batched.state_tag, torch.device("cpu"))
+    their_doc = decode_state(theirs.blob, sequential.state_tag, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(mine_doc["features"], their_doc["features"], strict=True))
 
 
@@ -408,3 +408,49 @@ def test_demo_request_shows_titles_when_the_answer_has_them():
     lines = format_demo(result).splitlines()
     assert "  4.50  Toy Story (1995)" in lines and "  4.20  Heat (1995)" in lines
     assert not any(line.startswith("  4.10") for line in lines)
+
+
+def test_a_retrained_model_under_the_same_version_recomputes_the_stored_states(demo, tmp_path):
+    """Pipeline reruns package every model as version "1.0": a new model meeting the old one's states in
+    the same store must recompute them from the ratings, never serve (or crash on) them."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    old = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    items = old.item_ids
+    ratings = [{"item_id": items[i], "rating": r} for i, r in ((0, 5), (3, 1), (7, 4))]
+    assert ask(old, {"user_id": "carol", "ratings": ratings}, "feedback")[0] == 200
+
+    retrained = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    with torch.no_grad():  # "retraining": other weights, same model card (same version string)
+        for parameter in retrained.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    retrained = Recommender(retrained.model, retrained.schema, _items(demo), _users(demo),
+                            {"mode": retrained.adapt_mode, "inner_steps": retrained.default_steps,
+                             "inner_lr": retrained.inner_lr}, retrained.model_card,
+                            store=open_store(url), history=retrained.history)  # fmt: skip
+    assert retrained.model_version == old.model_version and retrained.state_tag != old.state_tag
+    # The same model loaded again (another worker, a restart) keeps its tag, and so its cached states.
+    assert Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"]).state_tag == old.state_tag
+    fresh = Recommender(retrained.model, retrained.schema, _items(demo), _users(demo),
+                        {"mode": retrained.adapt_mode, "inner_steps": retrained.default_steps,
+                         "inner_lr": retrained.inner_lr}, retrained.model_card,
+                        store=open_store(f"sqlite:///{tmp_path / 'fresh.db'}"))  # fmt: skip
+    assert ask(fresh, {"user_id": "carol", "ratings": ratings}, "feedback")[0] == 200
+
+    old_answer = ask(old, {"user_id": "carol", "k": 5})[1]["items"]  # from its own cached state
+    status, answer = ask(retrained, {"user_id": "carol", "k": 5})
+    assert status == 200 and answer["personalised"]
+    # Exactly what the retrained model computes from carol's ratings, not the old model's state.
+    assert answer["items"] == ask(fresh, {"user_id": "carol", "k": 5})[1]["items"]
+    assert answer["items"] != old_answer
+    # The recomputed state replaced the old one in the store (the next read is served from it).
+    stored = retrained.store.get("carol")
+    assert stored.fresh and decode_state(stored.blob, retrained.state_tag, torch.device("cpu")) is not None
+    assert decode_state(stored.blob, old.state_tag, torch.device("cpu")) is None
+
+
+def _items(demo):
+    return pd.read_parquet(demo["preprocessed"] / "items.parquet")
+
+
+def _users(demo):
+    return pd.read_parquet(demo["preprocessed"] / "users.parquet")

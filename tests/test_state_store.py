@@ -74,17 +74,20 @@ def test_users_are_independent(store):
     assert store.get("b").version == 1
 
 
-def test_state_is_stored_only_over_an_older_one(store):
+def test_state_is_stored_only_over_one_of_the_same_or_an_older_version(store):
     state = store.append("u1", ratings((1, 4)))
     assert not state.fresh
     assert store.put_state("u1", b"state-v1", state.version)
     assert store.get("u1").fresh and store.get("u1").blob == b"state-v1"
-    # A slow writer that computed from older ratings, or the same version again, does not overwrite.
+    # A slow writer that computed from older ratings does not overwrite.
     assert not store.put_state("u1", b"stale", state.version - 1)
-    assert not store.put_state("u1", b"again", state.version)
     assert store.get("u1").blob == b"state-v1"
+    # The same version replaces it: a reader that could not use the stored state (another model's)
+    # recomputed it from the same ratings.
+    assert store.put_state("u1", b"recomputed-v1", state.version)
+    assert store.get("u1").blob == b"recomputed-v1" and store.get("u1").fresh
     newer = store.append("u1", ratings((2, 5)))
-    assert not newer.fresh and newer.blob == b"state-v1"
+    assert not newer.fresh and newer.blob == b"recomputed-v1"
     assert store.put_state("u1", b"\x00binary\xff", newer.version)
     got = store.get("u1")
     assert got.fresh and got.blob == b"\x00binary\xff" and got.blob_version == 2

@@ -9,6 +9,7 @@ to score items by index.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -553,6 +554,26 @@ def model_config(values: dict[str, Any]) -> ModelConfig:
     """
     names = {field.name for field in dataclasses.fields(ModelConfig)}
     return ModelConfig.from_dict({key: value for key, value in values.items() if key in names})
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short digest of every parameter and buffer (names, dtypes, shapes, values).
+
+    Two models with the same fingerprint score identically; a retrained model gets a new one even when
+    it is packaged under the same version string (cached per-user states are keyed by it).
+
+    Args:
+        model: the model.
+
+    Returns:
+        16 hex digits of a SHA-256.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:

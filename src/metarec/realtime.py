@@ -61,7 +61,9 @@ class RealtimeUsers:
         store: the shared store.
         item_index: raw item id -> item index.
         history: raw user id -> the user's known ratings, oldest first (from :func:`read_history`).
-        model_version: stored states from another version are recomputed.
+        model_version: what identifies the model that computes the states (the Recommender's
+            ``state_tag``: version, weights fingerprint, adapt settings); stored states with another
+            are recomputed.
         steps: inner steps of every adaptation (the model's evaluated setting).
     """
 

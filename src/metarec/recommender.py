@@ -25,7 +25,7 @@ import torch
 from metarec.explain import Explainer, explanation_documents
 from metarec.features import EncodedFeatures, FeatureEncoder, stack_features
 from metarec.meta import Adapter, AdaptSettings, masked_mse
-from metarec.model import PreferenceModel, read_model_json
+from metarec.model import PreferenceModel, read_model_json, weights_fingerprint
 from metarec.personalise import Personaliser
 from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
 from metarec.state import Rating, UserStateStore
@@ -166,8 +166,13 @@ class Recommender:
         self.personaliser = Personaliser(self.adapter)
         self.store = store
         self.history = history or {}
+        # Stored states are caches of this exact model: keyed by the version string *and* what makes the
+        # state (weights, adapt settings), so a retrained model packaged again as "1.0" against the same
+        # Redis never serves (or crashes on) the previous model's states: they are recomputed.
+        adapt_key = f"{self.adapt_mode}/{self.default_steps}/{self.inner_lr!r}"
+        self.state_tag = f"{self.model_version}/{weights_fingerprint(self.model)}/{adapt_key}"
         self.users = (
-            RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.model_version,
+            RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.state_tag,
                           self.default_steps)
             if store is not None
             else None

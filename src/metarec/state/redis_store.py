@@ -37,12 +37,13 @@ end
 return results
 """
 # A batch's state writes in one script call: KEYS: each entry's meta hash. ARGV: each entry's blob and
-# version, in pairs. Each state is stored only over an older one; returns 1 (stored) or 0 per entry.
+# version, in pairs. Each state is stored only over one of the same or an older version; returns 1
+# (stored) or 0 per entry.
 _PUT_STATE = """
 local results = {}
 for k = 1, #KEYS do
   local stored = tonumber(redis.call('HGET', KEYS[k], 'blob_version') or '-1')
-  if stored >= tonumber(ARGV[2 * k]) then
+  if stored > tonumber(ARGV[2 * k]) then
     results[k] = 0
   else
     redis.call('HSET', KEYS[k], 'blob', ARGV[2 * k - 1], 'blob_version', ARGV[2 * k])

@@ -109,7 +109,7 @@ class SqliteStateStore(UserStateStore):
             for user_id, blob, version in entries:
                 connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
                 cursor = connection.execute(
-                    "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version < ?",
+                    "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version <= ?",
                     (sqlite3.Binary(blob), int(version), user_id, int(version)),
                 )
                 stored.append(cursor.rowcount == 1)

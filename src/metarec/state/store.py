@@ -97,7 +97,9 @@ class UserStateStore(ABC):
         """Stores an adapted state computed from the ratings at ``version``.
 
         A state older than the stored one is dropped, so a slow writer never overwrites the state of
-        newer ratings.
+        newer ratings. One of the same version replaces the stored one: the reader recomputed it because
+        the stored state was unusable (computed by another model, e.g. a retrained one packaged under
+        the same version, or unreadable), and two writers of one model at one version write the same.
 
         Args:
             user_id: Raw user id.
@@ -105,7 +107,7 @@ class UserStateStore(ABC):
             version: The ratings version it was computed from.
 
         Returns:
-            True when stored, False when a state at least as new was already there.
+            True when stored, False when a state of newer ratings was already there.
         """
 
     def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
