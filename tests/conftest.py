@@ -24,10 +24,11 @@ def ml100k_dir() -> Path:
     return ML100K_DIR
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def state_store_outside_the_repository(tmp_path_factory):
     """Handlers built in-process (and TorchServe started by tests) keep their per-user state store in a
-    temporary directory, not in the working directory the tests run from (the repository)."""
+    temporary directory, not in the working directory the tests run from (the repository); one per
+    test module, so that one module's users (feedback, new users) never show up in another's answers."""
     previous = os.environ.get("METAREC_STATE_URL")
     os.environ["METAREC_STATE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('state') / 'metarec-state.sqlite'}"
     yield
