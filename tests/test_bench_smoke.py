@@ -4,22 +4,15 @@ behaviour, not time)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-
-
-def load_bench(repo_root, name: str):
-    spec = importlib.util.spec_from_file_location(name, repo_root / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_modules import load_bench
 
 
 @pytest.mark.slow
-def test_meta_train_speed_runs_and_its_two_implementations_agree(repo_root, capsys):
-    bench = load_bench(repo_root, "meta_train_speed")
+def test_meta_train_speed_runs_and_its_two_implementations_agree(capsys):
+    bench = load_bench("meta_train_speed")
     status = bench.main(["--meta-batch", "4", "--inner-steps", "2", "--steps", "1", "--device", "cpu"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Exit status 0 only when the vectorised and the per-task meta-gradients agree.
@@ -28,9 +21,8 @@ def test_meta_train_speed_runs_and_its_two_implementations_agree(repo_root, caps
 
 
 @pytest.mark.slow
-def test_serving_latency_runs_against_real_servers(repo_root, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo_root / "bench"))  # its helpers module, as when run as a script
-    bench = load_bench(repo_root, "serving_latency")
+def test_serving_latency_runs_against_real_servers(capsys):
+    bench = load_bench("serving_latency")
     assert bench.main(["--requests", "8", "--meta-steps", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["worker_restarts"] == 0
@@ -40,9 +32,8 @@ def test_serving_latency_runs_against_real_servers(repo_root, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_serving_soak_runs_and_survives_a_worker_kill(repo_root, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo_root / "bench"))
-    bench = load_bench(repo_root, "serving_soak")
+def test_serving_soak_runs_and_survives_a_worker_kill(capsys):
+    bench = load_bench("serving_soak")
     bench.main(["--seconds", "2", "--kills", "1", "--meta-steps", "3"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["concurrency"]) == {"8", "32"} and result["errors"] == 0

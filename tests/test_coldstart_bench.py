@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
+from bench_modules import load_bench
 
 pytest.importorskip(
     "surprise", reason="the bench's peer references need scikit-surprise: pip install '.[bench]'"
@@ -13,12 +13,8 @@ pytest.importorskip(
 
 
 @pytest.mark.slow
-def test_quick_bench_reports_per_seed_results_peers_and_intervals(repo_root, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "coldstart_quality", repo_root / "bench" / "coldstart_quality.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_quick_bench_reports_per_seed_results_peers_and_intervals(tmp_path, capsys):
+    bench = load_bench("coldstart_quality")
     bench.main(["--data", "synthetic:tiny", "--seeds", "0", "1", "--quick", "--methods", "mf_foldin", "reptile",
                 "--peers", "surprise_knn", "--workdir", str(tmp_path)])  # fmt: skip
     captured = capsys.readouterr()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_modules import load_bench
 from demo_model import build_untrained_model
 from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 from ts.context import Context, RequestProcessor
@@ -125,11 +124,7 @@ def test_describe_returns_the_model_card(handler, archive_dir):
 
 def test_noop_handler_answers_without_a_model():
     # The latency benchmark's baseline handler lives in bench/ (not in the wheel).
-    path = Path(__file__).resolve().parents[1] / "bench" / "noop_handler.py"
-    spec = importlib.util.spec_from_file_location("noop_handler", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    noop = module.NoopHandler()
+    noop = load_bench("noop_handler").NoopHandler()
     context = make_context("/nonexistent", [{}, {}])
     noop.initialize(context)
     assert noop.handle([{"body": b'{"instances": [1, 2]}'}, {"body": {"a": 1}}], context) == [

@@ -252,15 +252,11 @@ def test_gcs_output(tmp_path, gcs_bucket):  # noqa: F811
     assert Preprocessed.load(uri).n_users == summary["n_users"]
 
 
-def test_scale_benchmark_smoke(repo_root, capsys):
+def test_scale_benchmark_smoke(capsys):
     """bench/preprocess_scale.py end to end on a small size: its last line is the JSON result."""
-    import importlib.util
+    from bench_modules import load_bench
 
-    spec = importlib.util.spec_from_file_location(
-        "preprocess_scale", repo_root / "bench" / "preprocess_scale.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("preprocess_scale")
     assert bench.main(["--ratings", "20000"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= {"ratings", "seconds", "peak_rss_mb", "ratings_per_s"}

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
+from bench_modules import load_bench
 
 
 @pytest.fixture(scope="module")
-def replay(repo_root):
-    spec = importlib.util.spec_from_file_location(
-        "realtime_replay", repo_root / "bench" / "realtime_replay.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def replay():
+    return load_bench("realtime_replay")
 
 
 def events(errors_by_user: dict, ndcg: float = 0.5) -> list[dict]:
