@@ -625,9 +625,9 @@ def parameter_group(model: PreferenceModel, name: str) -> str:
     """The role of a parameter: one of :data:`PARAMETER_GROUPS`.
 
     ``encoder``: the feature embeddings and the item-id embedding; ``hidden``: the decoder layers
-    before the last; ``head``: the last decoder layer; ``items``: the item bias and item factor tables (id
-    rows); ``content``: the maps from item features to item bias and factors; ``user``: the per-user bias and factors (their meta-learned prior);
-    ``inner_lr``: learned inner learning rates.
+    before the last; ``head``: the last decoder layer; ``items``: the item bias and item factor tables
+    (id rows); ``content``: the maps from item features to item bias and factors; ``user``: the
+    per-user bias and factors (their meta-learned prior); ``inner_lr``: learned inner learning rates.
 
     Args:
         model: the model.

@@ -61,7 +61,7 @@ class RealtimeUsers:
         store: the shared store.
         item_index: raw item id -> item index.
         history: raw user id -> the user's known ratings, oldest first (from :func:`read_history`).
-        model_version: what identifies the model that computes the states (the Recommender's
+        model_tag: what identifies the model that computes the states (the Recommender's
             ``state_tag``: version, weights fingerprint, adapt settings); stored states with another
             are recomputed.
         steps: inner steps of every adaptation (the model's evaluated setting).
@@ -73,14 +73,14 @@ class RealtimeUsers:
         store: UserStateStore,
         item_index: dict[str, int],
         history: dict[str, list[Rating]],
-        model_version: str,
+        model_tag: str,
         steps: int,
     ):
         self.personaliser = personaliser
         self.store = store
         self.item_index = item_index
         self.history = history
-        self.model_version = model_version
+        self.model_tag = model_tag
         self.steps = steps
         self.device = next(personaliser.model.parameters()).device
 
@@ -177,7 +177,7 @@ class RealtimeUsers:
             # Read only when it is served (fresh) or its features are (a request that only names the user).
             if stored is not None and stored.blob is not None and (stored.fresh or not authoritative):
                 # A stale state is read for its features only (its parameters are recomputed).
-                document = decode_state(stored.blob, self.model_version, self.device, params=stored.fresh)
+                document = decode_state(stored.blob, self.model_tag, self.device, params=stored.fresh)
             if document is not None and not authoritative:
                 features = _features(document, features)
             if document is not None and stored.fresh:
@@ -196,7 +196,7 @@ class RealtimeUsers:
         states = []
         for position, state in zip(pending, adapted, strict=True):
             views[position].adapted = state
-            blob = encode_state(state, self.model_version, views[position].features)
+            blob = encode_state(state, self.model_tag, views[position].features)
             states.append((users[position][0], blob, views[position].version))
         self.store.put_states(states)
         return views
