@@ -96,6 +96,7 @@ class _NewtonConstants(NamedTuple):
     two_prior: torch.Tensor  # Float[..., P] 2 * prior pseudo-ratings / count
     initial_theta: torch.Tensor  # Float[..., P] the prior's mean, packed
     ridge: torch.Tensor | None  # Float[..., P, P] diag(2 * prior / count + damping); None when P = 1
+    sizes: list[int]  # each packed name's length, in packing order
 
 
 class _NewtonNumbers(NamedTuple):
@@ -124,7 +125,7 @@ def _newton_constants(
         [initial[name].expand_as(current[name]).reshape(*lead, -1) for name in names], -1
     )
     ridge = torch.diag_embed(2.0 * prior + 1e-6) if sum(sizes) > 1 else None
-    return _NewtonConstants(count, 2.0 * prior, initial_theta, ridge)
+    return _NewtonConstants(count, 2.0 * prior, initial_theta, ridge, sizes)
 
 
 def _newton_update(
@@ -220,9 +221,7 @@ class UserTermsStepper:
             const(model.rating_min), const(model.rating_max), const(model.rating_max - model.rating_min),
             const(2.0), const(1e-6),
         )  # fmt: skip
-        lead = mask.shape[:-1]
         self.shapes = [initial[name].shape for name in self.names]
-        self.sizes = [initial[name].reshape(*lead, -1).shape[-1] for name in self.names]
         self.constants = _newton_constants(model, mask, initial, initial, self.names)
         self.theta = self.constants.initial_theta  # the packed user terms the next step starts from
 
@@ -251,7 +250,7 @@ class UserTermsStepper:
         )
         self.theta = stepped
         # unpack_user_terms with the sizes known: views of the packed vector.
-        parts = torch.split(stepped, self.sizes, dim=-1)
+        parts = torch.split(stepped, self.constants.sizes, dim=-1)
         return {
             name: part.reshape(shape)
             for name, part, shape in zip(self.names, parts, self.shapes, strict=True)
