@@ -15,6 +15,10 @@ size, JSON nesting depth and number-literal length are checked before or while p
 category values are accepted (encoded as "unknown", as in training) and the answer says so under
 ``"notes"``. Limits: :class:`metarec.serving_settings.RequestLimits`.
 
+While the user-state store is unavailable, a request that needs it (feedback; recommend for a named
+user) is answered 503 with the store's error, and the rest of the batch as usual; an adapt request
+naming a new user is answered with ``"stored": false`` and a note (docs/realtime.md).
+
 A new route is one entry in :data:`ROUTES`: its parser (JSON object -> validated request) and the
 :class:`~metarec.recommender.Recommender` method that answers a list of them.
 """
@@ -35,7 +39,7 @@ from metarec.explain import EXPLAIN_MODE
 from metarec.features import EncodedFeatures
 from metarec.recommender import AdaptRequest, FeedbackRequest, Recommender, RecommendRequest
 from metarec.serving_settings import RequestLimits
-from metarec.state import Rating
+from metarec.state import Rating, StoreUnavailableError
 
 RECOMMEND_FIELDS = frozenset({"user_id", "user", "k", "candidates", "exclude", "include_rated", "explain"})
 ADAPT_FIELDS = RECOMMEND_FIELDS | {"support", "steps"}
@@ -635,13 +639,18 @@ def _internal_error(message: str) -> tuple[int, str]:
     return 500, dumps_strict({"code": 500, "type": "InternalError", "message": message})
 
 
+def _unavailable(error: StoreUnavailableError) -> tuple[int, str]:
+    message = f"{error}; retry later"
+    return 503, dumps_strict({"code": 503, "type": "StoreUnavailable", "message": message})
+
+
 def answer_batch(
     parser: RequestParser, bodies: Sequence[Any], routes: Sequence[str | None]
 ) -> list[tuple[int, str]]:
     """Answers a batch of HTTP requests: validates each, then runs all valid ones of a route together.
 
-    A request that fails validation gets its own error answer; an answer that cannot be serialised
-    strictly becomes a 500 for that request alone.
+    A request that fails validation gets its own error answer, one that needed the unavailable user-state
+    store a 503, and an answer that cannot be serialised strictly becomes a 500 for that request alone.
 
     Args:
         parser: The request parser of the served Recommender.
@@ -674,6 +683,9 @@ def answer_batch(
         except RequestError as error:
             results[position] = (error.status, dumps_strict(error.to_body()))
             continue
+        except StoreUnavailableError as error:  # asked whether the store knows a user_id
+            results[position] = _unavailable(error)
+            continue
         layouts[position] = (is_kserve, len(requests))
         parsed[route].extend((position, i, request, notes) for i, (request, notes) in enumerate(requests))
 
@@ -683,11 +695,16 @@ def answer_batch(
             continue
         run = ROUTES[route].answer(parser.recommender, [entry[2] for entry in entries])
         for (position, instance, _, notes), answer in zip(entries, run, strict=True):
-            answers[(position, instance)] = {**answer, "notes": notes} if notes else answer
+            if notes and isinstance(answer, dict):
+                answer = {**answer, "notes": [*notes, *answer.get("notes", [])]}
+            answers[(position, instance)] = answer
     for position, (is_kserve, count) in layouts.items():
-        document: Any = answers[(position, 0)]
-        if is_kserve:
-            document = {"predictions": [answers[(position, i)] for i in range(count)]}
+        parts = [answers[(position, i)] for i in range(count)]
+        failed = next((part for part in parts if isinstance(part, StoreUnavailableError)), None)
+        if failed is not None:  # a KServe body fails as a whole, as with an invalid instance
+            results[position] = _unavailable(failed)
+            continue
+        document: Any = {"predictions": parts} if is_kserve else parts[0]
         try:
             results[position] = (200, dumps_strict(document))
         except ValueError:

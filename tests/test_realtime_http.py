@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import re
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from metarec.personalise import decode_state
 from metarec.recommender import Recommender
 from metarec.serve_local import model_workers, start_server, stop_server
 from metarec.serving.handler import STATE_FILE, STATE_URL_ENV
+from metarec.state.local_redis import start_redis, stop_redis
 from metarec.state.open import open_store
 
 pytestmark = pytest.mark.slow
@@ -302,3 +304,45 @@ def test_explanations_over_http_add_up(served):
             )
             < 1e-6
         )
+
+
+def test_a_redis_outage_is_a_503_and_the_server_recovers_with_it(served, tmp_path):
+    """Over real HTTP, two workers on a real Redis that stops and comes back: feedback and named users
+    are answered 503 with a JSON message naming the store while it is down, anonymous requests 200, no
+    worker restarts, and feedback works again on the same server once Redis is back."""
+    try:
+        url, redis = start_redis(tmp_path / "redis")
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    workdir = tmp_path / "torchserve"
+    try:
+        info = _start(served["archive_dir"], workdir, url)
+        here = {**served, "info": info}
+        workers = {(w["id"], w["pid"]) for w in model_workers(info)}
+        item = _item_ids(served)[0]
+        rate = {"user_id": "outage", "ratings": [{"item_id": item, "rating": 4}]}
+        assert post(here, rate, "feedback")[0] == 200
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        errors_before = _requests_5xx(info)
+        stop_redis(redis)
+        for route, body in (("feedback", rate), ("", {"user_id": "outage"})):
+            status, answer = post(here, body, route)
+            assert status == 503 and answer["type"] == "StoreUnavailable", answer
+            assert f"127.0.0.1:{port}" in answer["message"]
+        status, answer = post(here, {"support": [{"item_id": item, "rating": 5}], "k": 2}, "adapt")
+        assert status == 200 and len(answer["items"]) == 2
+        assert _requests_5xx(info) == errors_before + 2  # what an alert on the outage would count
+        url, redis = start_redis(tmp_path / "redis-again", port=port)
+        status, answer = post(here, rate, "feedback")
+        assert status == 200 and answer["state_version"] == 1  # this test's Redis keeps nothing on disk
+        assert {(w["id"], w["pid"]) for w in model_workers(info)} == workers
+    finally:
+        stop_server(workdir)
+        stop_redis(redis)
+
+
+def _requests_5xx(info) -> float:
+    """TorchServe's frontend counter of 5xx answers (Prometheus format; absent before the first one)."""
+    with urllib.request.urlopen(f"{info.metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("Requests5XX{"))

@@ -18,6 +18,7 @@ from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 from metarec.personalise import decode_state
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
+from metarec.state.local_redis import start_redis, stop_redis
 from metarec.state.open import open_store
 
 redis_url = redis_server.redis_url  # a real redis-server for the module (fixture)
@@ -454,3 +455,63 @@ def _items(demo):
 
 def _users(demo):
     return pd.read_parquet(demo["preprocessed"] / "users.parquet")
+
+
+def test_an_unavailable_store_refuses_what_needs_it_and_answers_the_rest(demo, tmp_path):
+    """Redis out of memory, then stopped: feedback and named users get a 503 naming the store, nothing
+    half-stored; anonymous requests are answered, an adapt naming a new user is answered unkept; the
+    same Recommender works again once Redis is back."""
+    try:
+        url, process = start_redis(tmp_path / "redis")
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    rec = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    items = rec.item_ids
+    known = str(pd.read_parquet(demo["model"] / HISTORY_FILE)["user_id"].iloc[0])
+    rate = {"user_id": "outage", "ratings": [{"item_id": items[0], "rating": 5}]}
+    support = [{"item_id": items[1], "rating": 4}, {"item_id": items[2], "rating": 1}]
+    try:
+        assert ask(rec, rate, "feedback")[0] == 200
+        # Out of memory: Redis refuses writes and transactions (the reads of a state are one).
+        rec.store.client.config_set("maxmemory-policy", "noeviction")
+        rec.store.client.config_set("maxmemory", 1)
+        bodies = [rate, {"user_id": known, "k": 3}, {"support": support, "k": 3},
+                  {"user_id": "new-in-outage", "support": support, "k": 3}]  # fmt: skip
+        refused, named, anonymous, new = answer_all(rec, bodies, ["feedback", "", "adapt", "adapt"])
+        assert refused[0] == 503 and refused[1]["type"] == "StoreUnavailable"
+        assert "127.0.0.1" in refused[1]["message"] and refused[1]["message"].endswith("retry later")
+        assert anonymous[0] == 200 and len(anonymous[1]["items"]) == 3
+        assert new[0] == 200 and new[1]["stored"] is False and "not kept" in new[1]["notes"][-1]
+        assert named[0] == 503
+        rec.store.client.config_set("maxmemory", 0)
+        assert rec.store.get("outage").version == 1 and rec.store.get("new-in-outage") is None
+
+        # Stopped: everything that reads the store is refused, the rest answered.
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        stop_redis(process)
+        bodies = [rate, {"user_id": known}, {"user_id": "outage"}, {"user": {}, "k": 2}, {"support": support}]
+        statuses = [status for status, _ in answer_all(rec, bodies, ["feedback", "", "", "", "adapt"])]
+        assert statuses == [503, 503, 503, 200, 200]
+
+        # Back (empty: this test's Redis keeps nothing on disk): the same client reconnects.
+        url, process = start_redis(tmp_path / "redis-again", port=port)
+        status, answer = ask(rec, rate, "feedback")
+        assert status == 200 and answer["state_version"] == 1
+    finally:
+        rec.store.close()
+        stop_redis(process)
+
+
+def test_a_state_that_cannot_be_cached_is_still_served(rec, demo):
+    """Reads work, writes fail (an unwritable SQLite file): a known user's state is computed and served
+    but not cached; it is cached by the first read after the store recovers."""
+    known = str(pd.read_parquet(demo["model"] / HISTORY_FILE)["user_id"].iloc[0])
+    rec.store._connection().execute("PRAGMA query_only = ON")
+    try:
+        status, answer = ask(rec, {"user_id": known, "k": 3})
+        assert status == 200 and answer["personalised"] and len(answer["items"]) == 3
+        assert rec.store.get(known) is None
+    finally:
+        rec.store._connection().execute("PRAGMA query_only = OFF")
+    assert ask(rec, {"user_id": known, "k": 3}) == (status, answer)
+    assert rec.store.get(known).blob is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import redis_server
 
-from metarec.state import Rating
+from metarec.state import Rating, StoreUnavailableError
 from metarec.state.open import open_store
 
 redis_url = redis_server.redis_url
@@ -285,3 +286,56 @@ def test_open_store_refuses_bad_arguments(tmp_path):
         open_store("postgres://x")
     with pytest.raises(ValueError, match="positive integer"):
         open_store(f"sqlite:///{tmp_path / 's.db'}", window=0)
+
+
+def _refuse_writes(store) -> None:
+    """Makes the store refuse every write as an outage does: Redis out of memory, SQLite read-only."""
+    if hasattr(store, "client"):
+        store.client.config_set("maxmemory-policy", "noeviction")
+        store.client.config_set("maxmemory", 1)
+    else:
+        store._connection().execute("PRAGMA query_only = ON")
+
+
+def _allow_writes(store) -> None:
+    if hasattr(store, "client"):
+        store.client.config_set("maxmemory", 0)
+    else:
+        store._connection().execute("PRAGMA query_only = OFF")
+
+
+def test_a_store_that_cannot_write_says_unavailable_and_keeps_what_it_had(store):
+    """Out of memory (Redis) or unwritable (SQLite): every write raises StoreUnavailableError naming the
+    store, nothing of it is kept, and writes work again once the store recovers."""
+    before = store.append("u1", ratings((1, 4)))
+    assert store.put_state("u1", b"state", before.version)
+    _refuse_writes(store)
+    try:
+        for write in (
+            lambda: store.append("u1", ratings((2, 5))),
+            lambda: store.append_many([("u1", ratings((3, 5))), ("u2", ratings((3, 1)))]),
+            lambda: store.put_states([("u1", b"newer", before.version)]),
+        ):
+            with pytest.raises(StoreUnavailableError, match="user-state store .* is unavailable") as caught:
+                write()
+            assert caught.value.where in str(caught.value)
+    finally:
+        _allow_writes(store)
+    kept = store.get("u1")
+    assert (kept.version, kept.blob, [r.item_id for r in kept.ratings]) == (1, b"state", ["1"])
+    assert store.get("u2") is None
+    assert store.append("u1", ratings((2, 5))).version == 2
+
+
+def test_an_unreachable_redis_says_unavailable_without_its_password(tmp_path):
+    """A refused connection is a StoreUnavailableError whose message names the server, not its password."""
+    pytest.importorskip("redis")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = open_store(f"redis://:s3cret@127.0.0.1:{port}/0")
+    for call in (lambda: store.get("u1"), lambda: store.append("u1", ratings((1, 4)))):
+        with pytest.raises(StoreUnavailableError) as caught:
+            call()
+        message = str(caught.value)
+        assert f"127.0.0.1:{port}" in message and "s3cret" not in message and "***" in message

@@ -20,6 +20,7 @@ does the same for the stale states of a recommend batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ import pandas as pd
 
 from metarec.features import EncodedFeatures
 from metarec.personalise import Params, Personaliser, decode_state, encode_state, support_from_window
-from metarec.state import Rating, StoredUser, UserStateStore
+from metarec.state import Rating, StoredUser, StoreUnavailableError, UserStateStore
+
+logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.parquet"
 HISTORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
@@ -198,7 +201,12 @@ class RealtimeUsers:
             views[position].adapted = state
             blob = encode_state(state, self.model_tag, views[position].features)
             states.append((users[position][0], blob, views[position].version))
-        self.store.put_states(states)
+        try:
+            self.store.put_states(states)
+        except StoreUnavailableError as error:
+            # A state is a cache of its ratings (stored already, or read): the answer stands, and the
+            # next read of these users recomputes what was not written.
+            logger.warning("adapted states not cached: %s", error)
         return views
 
 

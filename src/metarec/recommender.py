@@ -28,7 +28,7 @@ from metarec.meta import Adapter, AdaptSettings, masked_mse
 from metarec.model import PreferenceModel, read_model_json, weights_fingerprint
 from metarec.personalise import Personaliser
 from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
-from metarec.state import Rating, UserStateStore
+from metarec.state import Rating, StoreUnavailableError, UserStateStore
 from metarec.tasks import build_task_batch
 
 logger = logging.getLogger(__name__)
@@ -274,13 +274,22 @@ class Recommender:
         Returns:
             One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...],
             "model_version": ...}``, items by descending predicted rating; for a named user also
-            ``personalised``, and with a state ``state_version`` and ``support_size``.
+            ``personalised``, and with a state ``state_version`` and ``support_size``. While the store
+            is unavailable, each request naming a user gets the :class:`StoreUnavailableError` instead
+            (the others are answered).
         """
-        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        answers: list[dict[str, Any] | StoreUnavailableError | None] = [None] * len(requests)
         prior_rows = []
         personal = []
-        for position, view in enumerate(self._views(requests)):
-            if view is None:
+        try:
+            views = self._views(requests)
+        except StoreUnavailableError as error:
+            logger.warning("recommend for named users refused: %s", error)
+            views = [error if self.users is not None and r.user_id is not None else None for r in requests]
+        for position, view in enumerate(views):
+            if isinstance(view, StoreUnavailableError):
+                answers[position] = view
+            elif view is None:
                 prior_rows.append(position)
             else:
                 personal.append((position, view))
@@ -386,11 +395,17 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"user", "stored": true, "state_version", "support_size",
-            "model_version"}`` and, when the request gave ``k``, the new top-k ``items``.
+            "model_version"}`` and, when the request gave ``k``, the new top-k ``items``; while the
+            store is unavailable, the :class:`StoreUnavailableError` for every request (nothing of the
+            batch was stored).
         """
-        views = self.users.record_many(
-            [(r.user_id, r.ratings, r.user_features, self._authoritative(r)) for r in requests]
-        )
+        try:
+            views = self.users.record_many(
+                [(r.user_id, r.ratings, r.user_features, self._authoritative(r)) for r in requests]
+            )
+        except StoreUnavailableError as error:
+            logger.warning("feedback refused: %s", error)
+            return [error] * len(requests)
         _log_users(
             "feedback", [(request.user_id, view) for request, view in zip(requests, views, strict=True)]
         )
@@ -420,7 +435,8 @@ class Recommender:
         Returns:
             One answer per request: ``{"items": [...], "steps": n, "support_size": s,
             "support_loss_before": mse, "support_loss_after": mse, "model_version": ...}`` (mean squared error on the
-            support ratings before and after adaptation).
+            support ratings before and after adaptation). A new named user's answer adds ``"stored": true``
+            and ``state_version``; while the store is unavailable, ``"stored": false`` and a note.
         """
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         by_steps: dict[int, list[int]] = {}
@@ -430,31 +446,46 @@ class Recommender:
             group = [requests[p] for p in positions]
             for position, answer in zip(positions, self._adapt_group(group, steps), strict=True):
                 answers[position] = answer
-        new_users: list[int] = []
-        created: set[str] = set()
-        for position, (request, answer) in enumerate(zip(requests, answers, strict=True)):
+        for request, answer in zip(requests, answers, strict=True):
             if request.explain:
                 self._explain(answer["items"], request.user_features, request.support_items.tolist(),
                               request.support_ratings.tolist(), request.steps)  # fmt: skip
+        try:
+            self._keep_new_users(requests, answers)
+        except StoreUnavailableError as error:
+            # The answers stand (adaptation needs no store); only keeping the new users' state failed.
+            logger.warning("adapted new users not kept: %s", error)
+            for request, answer in zip(requests, answers, strict=True):
+                if self._may_be_new_user(request.user_id):
+                    answer.update(stored=False, notes=[f"{error}; this user's ratings were not kept"])
+        return answers
+
+    def _keep_new_users(self, requests: Sequence[AdaptRequest], answers: list[dict[str, Any]]) -> None:
+        """Stores the ratings and state of each new named user of an adapt batch, so their next plain
+        recommend is personalised (the same batched append, re-adapt and store as feedback)."""
+        new_users: list[int] = []
+        created: set[str] = set()
+        for position, request in enumerate(requests):
             if request.user_id not in created and self._is_new_user(request.user_id):
                 created.add(request.user_id)  # a later request of the batch finds the user stored
                 new_users.append(position)
-        # A new user's next plain recommend is personalised: keep their ratings and state (the same
-        # batched append, re-adapt and store as feedback).
+        if not new_users:
+            return
         views = self.users.record_many(
             [(requests[p].user_id, _support_ratings(requests[p]), requests[p].user_features,
               self._authoritative(requests[p])) for p in new_users]
-        ) if new_users else []  # fmt: skip
+        )  # fmt: skip
         _log_users("adapt", [(requests[p].user_id, view) for p, view in zip(new_users, views, strict=True)])
         for position, view in zip(new_users, views, strict=True):
             answers[position].update(stored=True, state_version=view.version)
-        return answers
+
+    def _may_be_new_user(self, user_id: str | None) -> bool:
+        """A named user without shipped history: new unless the store has them (not asked here)."""
+        return self.users is not None and user_id is not None and user_id not in self.history
 
     def _is_new_user(self, user_id: str | None) -> bool:
         """A named user the server knows nothing about yet (no history, no stored state)."""
-        if self.users is None or user_id is None or user_id in self.history:
-            return False
-        return self.store.get(user_id) is None
+        return self._may_be_new_user(user_id) and self.store.get(user_id) is None
 
     def _adapt_group(self, requests: Sequence[AdaptRequest], steps: int) -> list[dict[str, Any]]:
         users = self._stack_users(requests)

@@ -5,6 +5,6 @@ One small interface (:class:`~metarec.state.store.UserStateStore`) with two impl
 :func:`metarec.state.open.open_store` picks one from a URL.
 """
 
-from metarec.state.store import Rating, StoredUser, UserStateStore
+from metarec.state.store import Rating, StoredUser, StoreUnavailableError, UserStateStore
 
-__all__ = ["Rating", "StoredUser", "UserStateStore"]
+__all__ = ["Rating", "StoreUnavailableError", "StoredUser", "UserStateStore"]

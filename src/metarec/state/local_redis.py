@@ -20,11 +20,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(workdir: str | Path) -> tuple[str, subprocess.Popen]:
+def start_redis(workdir: str | Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
     """Starts ``redis-server`` on 127.0.0.1 and waits until it answers PING.
 
     Args:
-        workdir: Folder for its log.
+        workdir: Folder for its log (created).
+        port: The port (default: a free one); e.g. the port of a stopped server, to restart it.
 
     Returns:
         ``(url, process)``; stop the process with :func:`stop_redis`.
@@ -37,7 +38,8 @@ def start_redis(workdir: str | Path) -> tuple[str, subprocess.Popen]:
     if executable is None:
         raise FileNotFoundError("redis-server is not installed (apt-get install -y redis-server)")
     workdir = Path(workdir)
-    port = _free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port() if port is None else int(port)
     command = [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                "--dir", str(workdir), "--logfile", str(workdir / "redis.log")]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

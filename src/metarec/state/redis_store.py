@@ -11,10 +11,19 @@ entry becomes its own call (all in one pipeline).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
-from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
+from metarec.state.store import (
+    DEFAULT_WINDOW,
+    Rating,
+    StoredUser,
+    StoreUnavailableError,
+    UserStateStore,
+    check_ratings,
+)
 
 # A serving batch's appends in one script call: KEYS: each entry's ratings list and meta hash, in pairs.
 # ARGV: window, then per entry its number of ratings followed by the JSON ratings. Returns per entry
@@ -69,6 +78,12 @@ class RedisStateStore(UserStateStore):
         import redis  # the serving extra; only needed when this store is chosen
 
         self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self.where = _redacted(url)
+        errors = redis.exceptions
+        # ConnectionError covers a refused or lost connection, failed authentication and a server still
+        # loading its data; ReadOnlyError a replica left behind by a failover.
+        self._passing = (errors.ConnectionError, errors.TimeoutError, errors.ReadOnlyError,
+                         errors.OutOfMemoryError)  # fmt: skip
         self.prefix = prefix
         self._append = self.client.register_script(_APPEND)
         self._put_state = self.client.register_script(_PUT_STATE)
@@ -88,9 +103,11 @@ class RedisStateStore(UserStateStore):
             (list(self._keys(user_id)), [len(ratings), *(json.dumps(r.to_list()) for r in ratings)])
             for user_id, ratings in entries
         ]
+        with self._reachable():
+            results = self._run(self._append, calls, [self.window])
         return [
             _state(json.loads(window), version, blob, blob_version)
-            for version, blob, blob_version, window in self._run(self._append, calls, [self.window])
+            for version, blob, blob_version, window in results
         ]
 
     def get(self, user_id: str) -> StoredUser | None:
@@ -99,7 +116,8 @@ class RedisStateStore(UserStateStore):
         pipe = self.client.pipeline(transaction=True)
         pipe.hmget(meta_key, "version", "blob", "blob_version")
         pipe.lrange(ratings_key, 0, -1)
-        (version, blob, blob_version), window = pipe.execute()
+        with self._reachable():
+            (version, blob, blob_version), window = pipe.execute()
         if version is None:
             return None
         return _state([json.loads(entry) for entry in window], version, blob, blob_version)
@@ -109,7 +127,16 @@ class RedisStateStore(UserStateStore):
 
     def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
         calls = [([self._keys(user_id)[1]], [blob, int(version)]) for user_id, blob, version in entries]
-        return [bool(stored) for stored in self._run(self._put_state, calls)]
+        with self._reachable():
+            return [bool(stored) for stored in self._run(self._put_state, calls)]
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turns the client's errors of a passing condition into :class:`StoreUnavailableError`."""
+        try:
+            yield
+        except self._passing as error:
+            raise StoreUnavailableError(self.where, error) from error
 
     def _run(self, script, calls: list[tuple[list, list]], shared: Sequence = ()) -> list:
         """Runs a batch script on ``(keys, args)`` per entry; returns one result per entry.
@@ -147,10 +174,21 @@ class RedisStateStore(UserStateStore):
         return [result[0] for result in results]
 
     def delete(self, user_id: str) -> None:
-        self.client.delete(*self._keys(user_id))
+        with self._reachable():
+            self.client.delete(*self._keys(user_id))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password (it goes into error messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
 
 
 def _state(window: list[list], version, blob, blob_version) -> StoredUser:

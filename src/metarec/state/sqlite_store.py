@@ -9,15 +9,28 @@ writes (``put_states``) each take one transaction, so a batch pays for one lock 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from metarec.state.store import DEFAULT_WINDOW, Rating, StoredUser, UserStateStore, check_ratings
+from metarec.state.store import (
+    DEFAULT_WINDOW,
+    Rating,
+    StoredUser,
+    StoreUnavailableError,
+    UserStateStore,
+    check_ratings,
+)
 
 _BUSY_TIMEOUT_MS = 30_000
+# Result codes of a passing condition (the extended codes share these prefixes, e.g. SQLITE_IOERR_WRITE):
+# locked beyond the busy timeout, out of disk or memory, an unreadable or unwritable file.
+_PASSING = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_IOERR", "SQLITE_CANTOPEN",
+            "SQLITE_READONLY", "SQLITE_PROTOCOL")  # fmt: skip
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,
@@ -34,6 +47,22 @@ CREATE TABLE IF NOT EXISTS ratings (
 );
 CREATE INDEX IF NOT EXISTS ratings_by_user ON ratings (user_id, seq);
 """
+
+
+def _reachable(method):
+    """Runs a store method, turning SQLite's errors of a passing condition into
+    :class:`StoreUnavailableError` (the transaction was rolled back: nothing was written)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as error:
+            if (getattr(error, "sqlite_errorname", None) or "").startswith(_PASSING):
+                raise StoreUnavailableError(str(self.path), error) from error
+            raise
+
+    return wrapper
 
 
 class SqliteStateStore(UserStateStore):
@@ -66,6 +95,7 @@ class SqliteStateStore(UserStateStore):
     def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
         return self.append_many([(user_id, ratings)])[0]
 
+    @_reachable
     def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
         # One write transaction for the whole batch: each append is as atomic as on its own, and
         # the batch pays for one lock and one commit.
@@ -91,6 +121,7 @@ class SqliteStateStore(UserStateStore):
         )
         return self._read(connection, user_id)
 
+    @_reachable
     def get(self, user_id: str) -> StoredUser | None:
         connection = self._connection()
         # One read transaction, so the window and the version belong together.
@@ -100,6 +131,7 @@ class SqliteStateStore(UserStateStore):
     def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
         return self.put_states([(user_id, blob, version)])[0]
 
+    @_reachable
     def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
         if not entries:
             return []
@@ -115,6 +147,7 @@ class SqliteStateStore(UserStateStore):
                 stored.append(cursor.rowcount == 1)
         return stored
 
+    @_reachable
     def delete(self, user_id: str) -> None:
         connection = self._connection()
         with _immediate(connection):
@@ -155,7 +188,19 @@ class _Transaction:
         return self.connection
 
     def __exit__(self, kind, value, traceback) -> None:
-        self.connection.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            try:
+                self.connection.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()  # a failed COMMIT (e.g. disk full) can leave the transaction open
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self.connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # the error being raised says more than this one
+                self.connection.execute("ROLLBACK")
 
 
 def _immediate(connection: sqlite3.Connection) -> _Transaction:

@@ -64,6 +64,25 @@ class StoredUser:
         return self.blob is not None and self.blob_version == self.version
 
 
+class StoreUnavailableError(RuntimeError):
+    """The store could not be reached or could not write: a passing condition, not a bad request.
+
+    Raised for a refused, lost or timed-out connection, a server that is loading or read-only, out of
+    memory or disk, or a file that is locked beyond the busy timeout. A failed call wrote nothing,
+    except one whose reply was lost after the server ran it (a Redis timeout): a client that retries
+    such a feedback appends its ratings twice, which changes no adapted state (the support set keeps
+    the latest rating per item).
+
+    Args:
+        where: The store, as it may be shown (no password).
+        error: What the driver said.
+    """
+
+    def __init__(self, where: str, error: BaseException):
+        super().__init__(f"the user-state store {where} is unavailable: {error}")
+        self.where = where
+
+
 class UserStateStore(ABC):
     """Per-user ratings windows and adapted states, safe for concurrent writers.
 
