@@ -339,3 +339,13 @@ def test_an_unreachable_redis_says_unavailable_without_its_password(tmp_path):
             call()
         message = str(caught.value)
         assert f"127.0.0.1:{port}" in message and "s3cret" not in message and "***" in message
+
+
+def test_redis_timeouts_can_be_set_in_the_url():
+    """The 5 s default socket timeouts give way to the URL's (docs/realtime.md: a tighter bound on a hang)."""
+    pytest.importorskip("redis")
+    options = open_store("redis://127.0.0.1:1/0?socket_timeout=0.5&socket_connect_timeout=0.25").client
+    options = options.connection_pool.connection_kwargs
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
+    default = open_store("redis://127.0.0.1:1/0").client.connection_pool.connection_kwargs
+    assert (default["socket_timeout"], default["socket_connect_timeout"]) == (5.0, 5.0)
