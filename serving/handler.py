@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 STATE_URL_ENV = "METAREC_STATE_URL"
 STATE_FILE = "metarec-state.sqlite"
 JSON_CONTENT_TYPE = "application/json"
+# Seconds a client should wait before retrying a 503 (the user-state store was unavailable).
+RETRY_AFTER_S = 1
 
 
 def handler_limits(model_yaml_config: dict[str, Any] | None) -> RequestLimits:
@@ -114,6 +116,8 @@ class MetaRecHandler(BaseHandler):
         for index, (status, text) in enumerate(answer_batch(self.parser, bodies, routes)):
             if status != HTTPStatus.OK:
                 context.set_response_status(status, HTTPStatus(status).phrase, index)
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                context.set_response_header(index, "Retry-After", str(RETRY_AFTER_S))
             context.set_response_content_type(index, JSON_CONTENT_TYPE)
             answers.append(text)
         return answers

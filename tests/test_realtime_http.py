@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import re
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -329,9 +331,16 @@ def test_a_redis_outage_is_a_503_and_the_server_recovers_with_it(served, tmp_pat
             status, answer = post(here, body, route)
             assert status == 503 and answer["type"] == "StoreUnavailable", answer
             assert f"127.0.0.1:{port}" in answer["message"]
+        request = urllib.request.Request(
+            f"{info.inference_url}/predictions/{info.model_name}/1.0/feedback", data=json.dumps(rate).encode(),
+            headers={"Content-Type": "application/json", **info.inference_headers()},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
         status, answer = post(here, {"support": [{"item_id": item, "rating": 5}], "k": 2}, "adapt")
         assert status == 200 and len(answer["items"]) == 2
-        assert _requests_5xx(info) == errors_before + 2  # what an alert on the outage would count
+        assert _requests_5xx(info) == errors_before + 3  # what an alert on the outage would count
         url, redis = start_redis(tmp_path / "redis-again", port=port)
         status, answer = post(here, rate, "feedback")
         assert status == 200 and answer["state_version"] == 1  # this test's Redis keeps nothing on disk
