@@ -54,7 +54,9 @@ def test_support_shares_sum_to_the_served_change(terms, steps):
     assert torch.allclose(explanation.contributions.sum(1), change, atol=EXACT, rtol=0)
     assert explanation.contributions.shape == (N_ITEMS, len(items))
     if steps == 0:
-        assert explanation.contributions.abs().max() == 0
+        # Zero up to float64 rounding: the rows' logits come from a vmapped pass and the prior's from a
+        # plain one, whose kernels may round differently (exactly 0 on some CPUs, ~1e-16 on others).
+        assert explanation.contributions.abs().max() <= EXACT
     else:
         assert change.abs().max() > 1e-3  # the adaptation moved something, so the check above bites
         # Shares keep the sign of the logit shares (the secant slope is positive).
