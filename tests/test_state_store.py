@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import subprocess
 import sys
@@ -349,3 +350,35 @@ def test_redis_timeouts_can_be_set_in_the_url():
     assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.5, 0.25)
     default = open_store("redis://127.0.0.1:1/0").client.connection_pool.connection_kwargs
     assert (default["socket_timeout"], default["socket_connect_timeout"]) == (5.0, 5.0)
+
+
+def _open_at_the_barrier(path, barrier, errors) -> None:
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    barrier.wait()
+    try:
+        SqliteStateStore(path).close()
+    except Exception as error:  # reported to the test, which names it
+        errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """TorchServe starts its workers together, each opening the same new file: none may fail (switching
+    a new file to WAL takes a lock SQLite does not wait for, which killed a worker at start up)."""
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for trial in range(12):
+        barrier = context.Barrier(4)
+        processes = [
+            context.Process(target=_open_at_the_barrier, args=(tmp_path / f"s{trial}.db", barrier, errors))
+            for _ in range(4)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == []

@@ -14,6 +14,7 @@ import functools
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,7 +88,7 @@ class SqliteStateStore(UserStateStore):
         if owner != os.getpid():
             connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            _use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes in WAL mode
             self._local.connection, self._local.pid = connection, os.getpid()
         return self._local.connection
@@ -175,6 +176,21 @@ class SqliteStateStore(UserStateStore):
             blob=None if row[1] is None else bytes(row[1]),
             blob_version=int(row[2]),
         )
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switches the file to WAL (a no-op once it is). The switch takes a lock that SQLite does not wait
+    for, even with a busy timeout: when TorchServe's workers open a new file together, all but one got
+    "database is locked" and died at start up. So wait here, up to the busy timeout."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorname", None) != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class _Transaction:
