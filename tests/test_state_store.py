@@ -368,7 +368,7 @@ def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     context = multiprocessing.get_context("fork")
     errors = context.Queue()
     for trial in range(12):
-        barrier = context.Barrier(4)
+        barrier = context.Barrier(4, timeout=30)  # a process that never starts breaks it, not the test run
         processes = [
             context.Process(target=_open_at_the_barrier, args=(tmp_path / f"s{trial}.db", barrier, errors))
             for _ in range(4)
