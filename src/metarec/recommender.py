@@ -281,12 +281,7 @@ class Recommender:
         answers: list[dict[str, Any] | StoreUnavailableError | None] = [None] * len(requests)
         prior_rows = []
         personal = []
-        try:
-            views = self._views(requests)
-        except StoreUnavailableError as error:
-            logger.warning("recommend for named users refused: %s", error)
-            views = [error if self.users is not None and r.user_id is not None else None for r in requests]
-        for position, view in enumerate(views):
+        for position, view in enumerate(self._views(requests)):
             if isinstance(view, StoreUnavailableError):
                 answers[position] = view
             elif view is None:
@@ -310,18 +305,25 @@ class Recommender:
                 answers[position] = {**answer, "model_version": self.model_version}
         return answers
 
-    def _views(self, requests: Sequence[RecommendRequest]) -> list[UserView | None]:
-        """Each named user's state (None: no state); stale states are re-adapted in one batched pass."""
+    def _views(self, requests: Sequence[RecommendRequest]) -> list[UserView | StoreUnavailableError | None]:
+        """Each named user's state (None: no state; the error for every named user while the store is
+        unavailable); stale states are re-adapted in one batched pass."""
         named = [p for p, r in enumerate(requests) if self.users is not None and r.user_id is not None]
-        views: list[UserView | None] = [None] * len(requests)
+        views: list[UserView | StoreUnavailableError | None] = [None] * len(requests)
         if not named:
             return views
-        found = self.users.view_many(
-            [
-                (requests[p].user_id, requests[p].user_features, self._authoritative(requests[p]))
-                for p in named
-            ]
-        )
+        try:
+            found = self.users.view_many(
+                [
+                    (requests[p].user_id, requests[p].user_features, self._authoritative(requests[p]))
+                    for p in named
+                ]
+            )
+        except StoreUnavailableError as error:
+            logger.warning("recommend for named users refused: %s", error)
+            for position in named:
+                views[position] = error
+            return views
         for position, view in zip(named, found, strict=True):
             views[position] = view
         _log_users(
