@@ -209,7 +209,7 @@ class _Transaction:
                 self.connection.execute("COMMIT")
                 return
             except sqlite3.Error:
-                self._rollback()  # a failed COMMIT (e.g. disk full) can leave the transaction open
+                self._rollback()  # after a failed COMMIT (e.g. SQLITE_BUSY) SQLite keeps the transaction open
                 raise
         self._rollback()
 
