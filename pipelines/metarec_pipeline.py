@@ -11,7 +11,8 @@ select -> package (versioned, gated publishing) -> deploy.
 
 Every task gets CPU and memory requests; training tasks get retries, a time-out and no caching. Only the
 GPU training steps run the CUDA image (``-cuda`` tag); everything else runs the CPU image. The minimum
-KFP backend is 2.2 (``dsl.Collected`` fan-in; see each component's metadata.yaml).
+KFP backend is 2.14: the ``dsl.Collected`` fan-in of models runs on the open-source backend from 2.14.0
+on (kubeflow/pipelines#11725; see each component's metadata.yaml).
 """
 
 from dataclasses import dataclass, field
