@@ -37,9 +37,22 @@ def test_pipeline_role_grants_every_call_the_steps_make():
     assert {"get", "patch"} <= granted[("serving.kserve.io", "inferenceservices")]
     assert {"get", "update"} <= granted[("apps", "deployments")]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    namespaces = {subject["namespace"] for subject in binding["subjects"]}
-    assert namespaces == {role["metadata"]["namespace"]}  # the runner acts in its own namespace
     assert "default-editor" in {subject["name"] for subject in binding["subjects"]}
+
+
+def test_pipeline_rbac_binds_the_runners_of_the_namespace_it_is_moved_to(tmp_path):
+    # What `kustomize edit set namespace $NS` does, as an overlay: every object and every subject must
+    # end up in $NS. A subject without a namespace means the binding's own (the RBAC authorizer's rule);
+    # kustomize never rewrites an explicit one, which bound another profile's accounts.
+    shutil.copytree(MANIFESTS / "pipeline-rbac", tmp_path / "pipeline-rbac")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text("namespace: team-a\nresources:\n  - ../pipeline-rbac\n")
+    objects = render(str(overlay))
+    role, binding = _one(objects, "Role"), _one(objects, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
+    bound = {subject.get("namespace", binding["metadata"]["namespace"]) for subject in binding["subjects"]}
+    assert bound == {"team-a"}
 
 
 def test_training_identity_is_created_where_the_runs_are():
