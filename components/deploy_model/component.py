@@ -18,15 +18,17 @@ def deploy_model(
 ):
     """Points serving at the version package_model published; promotes it when ready, else rolls back.
 
-    Needs the pipeline service account allowed to get and patch ``inferenceservices`` (KServe) or to get
-    and update ``deployments`` (plain) in ``namespace`` (manifests/pipeline-rbac).
+    Needs the pipeline service account allowed to get and patch ``inferenceservices`` (KServe) and to get
+    ``deployments`` (a RawDeployment predictor's rollout), or to get and update ``deployments`` (plain), in
+    ``namespace`` (manifests/pipeline-rbac).
 
     Args:
         archive: package_model's output; metadata ``published_uri`` is the version to roll out.
         target: ``inferenceservice``, ``deployment`` or empty (nothing is deployed).
         name: Name of the InferenceService or Deployment.
         namespace: Its namespace; empty: the namespace this step runs in.
-        canary_percent: InferenceService only: traffic share of the new revision until it is ready.
+        canary_percent: InferenceService in Serverless mode only: traffic share of the new revision
+            until it is ready (RawDeployment mode splits no traffic: its Deployment rolls instead).
         timeout_s: Seconds to wait for the new version before rolling back.
         poll_interval_s: Seconds between status reads.
     """
@@ -44,7 +46,7 @@ def deploy_model(
     namespace = namespace or current_namespace()
     if target == "inferenceservice":
         result = deploy_inferenceservice(custom_objects_api(), name, namespace, model_uri, canary_percent,
-                                         timeout_s, poll_interval_s)  # fmt: skip
+                                         timeout_s, poll_interval_s, apps=apps_api())  # fmt: skip
     elif target == "deployment":
         result = deploy_deployment(apps_api(), name, namespace, model_uri, timeout_s, poll_interval_s)
     else:

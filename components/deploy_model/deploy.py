@@ -2,25 +2,33 @@
 
 Two targets, both driven through the Kubernetes API (a fake API server in the tests):
 
-* a KServe ``InferenceService``: its predictor's ``storageUri`` is set to the new version together with
-  ``canaryTrafficPercent`` (Serverless mode sends that share of traffic to the new revision; RawDeployment
-  mode rolls the Deployment). Once KServe reports the new revision ready, the canary setting is removed
-  (all traffic to it); if the revision fails or the wait times out, ``storageUri`` goes back to the
-  previous version.
+* a KServe ``InferenceService``: its predictor's ``storageUri`` is set to the new version. In Serverless
+  mode together with ``canaryTrafficPercent`` (that share of traffic goes to the new revision); once
+  KServe reports the new revision ready, the canary setting is removed (all traffic to it). In
+  RawDeployment mode (what ``manifests/serving/overlays/kserve`` uses) KServe splits no traffic and
+  reports no revisions, so no canary is set and readiness is the rollout of the predictor's own
+  Deployment, judged as for the plain Deployment. If the new version fails or the wait times out,
+  ``storageUri`` goes back to the previous version.
 * the plain Deployment of ``manifests/serving``: the ``fetch-model`` init container's ``MODEL_URI`` is set
-  to the new version, which rolls the pods; the rollout must complete (updated and available replicas)
-  or the previous pod template is put back.
+  to the new version, which rolls the pods; the rollout must complete (as ``kubectl rollout status``
+  judges it: every replica updated and available, no old replica left) or the previous pod template is
+  put back.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 PREDICTOR_KINDS = ("model", "pytorch")  # where the storageUri lives in a v1beta1 predictor
 FETCH_CONTAINER, MODEL_ENV = "fetch-model", "MODEL_URI"
+RAW_MODE, MODE_ANNOTATION = "RawDeployment", "serving.kserve.io/deploymentMode"
+# The predictor Deployment KServe creates in RawDeployment mode: `<name>-predictor` since KServe 0.11,
+# `<name>-predictor-default` before.
+RAW_PREDICTOR_NAMES = ("{name}-predictor", "{name}-predictor-default")
 
 
 class DeployError(RuntimeError):
@@ -37,20 +45,60 @@ def _predictor_model(isvc: dict) -> dict:
     )
 
 
+def _raw_mode(isvc: dict) -> bool:
+    """Whether KServe runs this InferenceService as a plain Deployment (no Knative revisions)."""
+    annotations = isvc["metadata"].get("annotations") or {}
+    status = isvc.get("status") or {}
+    return RAW_MODE in (annotations.get(MODE_ANNOTATION), status.get("deploymentMode"))
+
+
+def _isvc_failed(isvc: dict) -> bool:
+    for condition in (isvc.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready" and str(condition.get("status")) == "False":
+            if condition.get("reason") in ("RevisionFailed", "RevisionMissing", "Failed"):
+                return True
+    return False
+
+
 def _isvc_state(isvc: dict) -> str | None:
-    """``ready`` when the latest revision is ready for the current spec, ``failed``, or None (pending)."""
+    """Serverless mode: ``ready`` when the latest revision is ready for the current spec, ``failed``, or
+    None (pending)."""
     status = isvc.get("status") or {}
     if status.get("observedGeneration", 0) < isvc["metadata"].get("generation", 0):
         return None
+    if _isvc_failed(isvc):
+        return "failed"
     predictor = (status.get("components") or {}).get("predictor") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Ready" and str(condition.get("status")) == "False":
-            if condition.get("reason") in ("RevisionFailed", "RevisionMissing", "Failed"):
-                return "failed"
     created, ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
     if created and created == ready:
         return "ready"
     return None
+
+
+def _raw_predictor(apps, name: str, namespace: str):
+    """The predictor Deployment of a RawDeployment InferenceService, or None while it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    for pattern in RAW_PREDICTOR_NAMES:
+        try:
+            return apps.read_namespaced_deployment(pattern.format(name=name), namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+    return None
+
+
+def _raw_state(isvc: dict, deployment, model_uri: str, serialize: Callable) -> str | None:
+    """RawDeployment mode: the predictor Deployment's rollout, once its pod template is for ``model_uri``.
+
+    KServe's status there only mirrors the Deployment's Available condition, which old pods keep true
+    during a rolling update, so it cannot tell the new version's pods are up.
+    """
+    if _isvc_failed(isvc):
+        return "failed"
+    if deployment is None or model_uri not in json.dumps(serialize(deployment.spec.template)):
+        return None  # KServe has not rewritten the Deployment for the new storageUri yet
+    return _rollout_state(deployment)
 
 
 def _wait(read: Callable[[], dict], state: Callable[[dict], str | None], timeout_s: float,
@@ -67,25 +115,29 @@ def _wait(read: Callable[[], dict], state: Callable[[dict], str | None], timeout
 
 def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, canary_percent: int = 10,
                             timeout_s: float = 900, poll_s: float = 10, sleep=time.sleep,
-                            clock=time.monotonic) -> dict:  # fmt: skip
-    """Points an InferenceService at a new model version with a canary, then promotes or rolls back.
+                            clock=time.monotonic, apps=None) -> dict:  # fmt: skip
+    """Points an InferenceService at a new model version (with a canary in Serverless mode), then
+    promotes or rolls back.
 
     Args:
         api: ``kubernetes.client.CustomObjectsApi``.
         name: InferenceService name.
         namespace: Its namespace.
         model_uri: The published version (``gs://.../<version>``).
-        canary_percent: Traffic share of the new revision while it is checked (0: no canary step).
+        canary_percent: Serverless mode: traffic share of the new revision while it is checked (0: no
+            canary step). RawDeployment mode splits no traffic and ignores it.
         timeout_s: Seconds to wait for the new revision to be ready.
         poll_s: Seconds between status reads.
         sleep: Sleep function (tests pass a fake one).
         clock: Monotonic clock (tests pass a fake one).
+        apps: ``kubernetes.client.AppsV1Api``, to watch the predictor Deployment in RawDeployment mode.
 
     Returns:
-        ``{"target", "previous_uri", "model_uri", "outcome": "promoted" | "unchanged"}``.
+        ``{"target", "previous_uri", "model_uri", "outcome": "promoted" | "unchanged", "mode"}``.
 
     Raises:
         DeployError: The new revision failed or timed out; storageUri was restored.
+        ValueError: RawDeployment mode without ``apps``.
     """
     group, version, plural = KSERVE
     current = api.get_namespaced_custom_object(group, version, namespace, plural, name)
@@ -95,22 +147,35 @@ def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, cana
         "previous_uri": previous,
         "model_uri": model_uri,
     }
+    raw = _raw_mode(current)
+    result["mode"] = RAW_MODE if raw else "Serverless"
     if previous == model_uri:
         return result | {"outcome": "unchanged"}
+    if raw and apps is None:
+        raise ValueError(f"{result['target']} is in {RAW_MODE} mode: pass apps= to watch its Deployment")
     kind = next(k for k in PREDICTOR_KINDS if isinstance(current["spec"]["predictor"].get(k), dict))
-    rollout = {"spec": {"predictor": {kind: {"storageUri": model_uri},
-                                      "canaryTrafficPercent": canary_percent or None}}}  # fmt: skip
+    canary = None if raw else (canary_percent or None)
+    rollout = {"spec": {"predictor": {kind: {"storageUri": model_uri}, "canaryTrafficPercent": canary}}}
     api.patch_namespaced_custom_object(group, version, namespace, plural, name, rollout)
-    print(f"{result['target']}: storageUri {previous} -> {model_uri}, canary {canary_percent}%", flush=True)
+    how = "rolling update of the predictor Deployment (no canary)" if raw else f"canary {canary_percent}%"
+    print(f"{result['target']}: storageUri {previous} -> {model_uri}, {how}", flush=True)
 
     def read():
         return api.get_namespaced_custom_object(group, version, namespace, plural, name)
 
-    outcome = _wait(read, _isvc_state, timeout_s, poll_s, sleep, clock)
+    if raw:
+        serialize = apps.api_client.sanitize_for_serialization
+
+        def state(isvc: dict) -> str | None:
+            return _raw_state(isvc, _raw_predictor(apps, name, namespace), model_uri, serialize)
+    else:
+        state = _isvc_state
+    outcome = _wait(read, state, timeout_s, poll_s, sleep, clock)
     if outcome == "ready":
-        promote = {"spec": {"predictor": {"canaryTrafficPercent": None}}}
-        api.patch_namespaced_custom_object(group, version, namespace, plural, name, promote)
-        print(f"{result['target']}: new revision ready, promoted to all traffic", flush=True)
+        if not raw:
+            promote = {"spec": {"predictor": {"canaryTrafficPercent": None}}}
+            api.patch_namespaced_custom_object(group, version, namespace, plural, name, promote)
+        print(f"{result['target']}: new version ready, serving all traffic", flush=True)
         return result | {"outcome": "promoted"}
     back = {"spec": {"predictor": {kind: {"storageUri": previous}, "canaryTrafficPercent": None}}}
     api.patch_namespaced_custom_object(group, version, namespace, plural, name, back)
@@ -125,15 +190,22 @@ def _fetch_container(deployment) -> object:
 
 
 def _rollout_state(deployment) -> str | None:
-    status, wanted = deployment.status, deployment.spec.replicas or 0
+    """``kubectl rollout status``'s rule: ``ready`` once every wanted replica runs the new template and is
+    available and no old replica is left, ``failed`` past the progress deadline, else None (pending)."""
+    status, wanted = deployment.status, deployment.spec.replicas
     if status is None or (status.observed_generation or 0) < (deployment.metadata.generation or 0):
         return None
     for condition in status.conditions or []:
         if condition.type == "Progressing" and condition.reason == "ProgressDeadlineExceeded":
             return "failed"
-    if (status.updated_replicas or 0) >= wanted and (status.available_replicas or 0) >= wanted:
-        return "ready"
-    return None
+    updated = status.updated_replicas or 0
+    if wanted is not None and updated < wanted:
+        return None
+    if (status.replicas or 0) > updated:  # old pods still running (and counted as available)
+        return None
+    if (status.available_replicas or 0) < updated:
+        return None
+    return "ready"
 
 
 def deploy_deployment(api, name: str, namespace: str, model_uri: str, timeout_s: float = 900,

@@ -1,6 +1,8 @@
 """deploy_model against a fake Kubernetes API server: canary rollout, promotion and rollback for a KServe
 InferenceService and for the plain Deployment, on the repository's own serving manifests."""
 
+import json
+
 import pytest
 import yaml
 from fake_kube import DEPLOYMENTS, INFERENCESERVICES
@@ -38,9 +40,10 @@ def _controller(fake, collection, obj):
 
 @pytest.fixture()
 def serving(kube, repo_root):
-    """The shipped InferenceService and Deployment, on version OLD, in namespace ``serving``."""
+    """The shipped InferenceService (made Serverless) and Deployment, on version OLD, in ``serving``."""
     kube.controller = _controller
     isvc = yaml.safe_load((repo_root / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
+    isvc["metadata"]["annotations"].pop(deploy.MODE_ANNOTATION)
     isvc["metadata"]["namespace"] = "serving"
     isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
     kube.put(ISVCS, isvc)
@@ -126,3 +129,126 @@ def test_deployment_rolls_back_when_the_rollout_fails(serving):
     with pytest.raises(deploy.DeployError, match="rolled back"):
         deploy.deploy_deployment(_apps(), "metarec-serving", "serving", BROKEN, poll_s=0, sleep=_no_wait)
     assert _deployed_uri(serving) == OLD
+
+
+# ---------------------------------------------------------------------------------------------------
+# RawDeployment mode (the shipped overlay) and kubectl's rollout rule
+
+SOURCE_URI = "serving.kserve.io/storage-initializer-sourceuri"
+
+
+class RolloutSteps:
+    """A Deployment controller that rolls in steps, one per sleep of the deploy loop: the new pod template
+    is first not observed, then half rolled (maxSurge 1, maxUnavailable 0 on 2 replicas: 3 pods, 2 new and
+    2 available, the old pod still counted as available), then done; a "broken" version never gets past
+    the first new pod and ends past its progress deadline."""
+
+    def __init__(self, kube, collection: str, name: str):
+        self.kube, self.collection, self.name, self.step, self.sleeps = kube, collection, name, 0, 0
+
+    def status(self, obj: dict, broken: bool) -> dict:
+        generation, wanted = obj["metadata"]["generation"], obj["spec"]["replicas"]
+        if self.step == 0:
+            return {"observedGeneration": generation - 1, "replicas": wanted, "updatedReplicas": 0,
+                    "availableReplicas": wanted}  # fmt: skip
+        if self.step == 1 or broken:
+            status = {"observedGeneration": generation, "replicas": wanted + 1, "updatedReplicas": 1 if broken
+                      else wanted, "availableReplicas": wanted}  # fmt: skip
+            if broken and self.step >= 2:
+                status["conditions"] = [{"type": "Progressing", "status": "False",
+                                         "reason": "ProgressDeadlineExceeded"}]  # fmt: skip
+            return status
+        return {"observedGeneration": generation, "replicas": wanted, "updatedReplicas": wanted,
+                "availableReplicas": wanted}  # fmt: skip
+
+    def sleep(self, _seconds):
+        self.sleeps += 1
+        self.step += 1
+        obj = self.kube.get(self.collection, self.name)
+        self.kube.set_status(
+            self.collection, self.name, self.status(obj, "broken" in json.dumps(obj["spec"]))
+        )
+
+
+def _predictor_deployment(uri: str) -> dict:
+    labels = {"app": "isvc.metarec-predictor"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "metarec-predictor", "namespace": "serving"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels, "annotations": {SOURCE_URI: uri}},
+                              "spec": {"containers": [{"name": "kserve-container", "image": "metarec-serving"}]}}},
+        "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2},
+    }  # fmt: skip
+
+
+@pytest.fixture()
+def raw_serving(kube, repo_root):
+    """The shipped RawDeployment InferenceService on OLD, and the predictor Deployment KServe made of it.
+
+    KServe's part, as kserve/kserve's PropagateRawStatus: on a new storageUri it rewrites the Deployment's
+    pod template, and the InferenceService's status only mirrors the Deployment's Available condition
+    (true throughout a rolling update) and reports no revisions."""
+    isvc = yaml.safe_load((repo_root / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
+    assert isvc["metadata"]["annotations"][deploy.MODE_ANNOTATION] == "RawDeployment"
+    isvc["metadata"]["namespace"] = "serving"
+    isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
+    kube.put(DEPS, _predictor_deployment(OLD))
+    steps = RolloutSteps(kube, DEPS, "metarec-predictor")
+
+    def kserve(fake, collection, obj):
+        if collection != ISVCS:
+            return
+        obj["status"] = {"observedGeneration": 1, "components": {"predictor": {}},
+                         "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
+        deployment = fake.objects[(DEPS, "metarec-predictor")]
+        uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
+        if deployment["spec"]["template"]["metadata"]["annotations"][SOURCE_URI] != uri:
+            deployment["spec"]["template"]["metadata"]["annotations"][SOURCE_URI] = uri
+            deployment["metadata"]["generation"] += 1
+            steps.step = 0
+            deployment["status"] = steps.status(deployment, "broken" in uri)
+
+    kube.controller = kserve
+    kube.put(ISVCS, isvc)
+    return kube, steps
+
+
+def test_raw_deployment_inferenceservice_is_promoted_once_its_predictor_has_rolled(raw_serving):
+    kube, steps = raw_serving
+    result = deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, canary_percent=20, poll_s=0,
+                                            sleep=steps.sleep, apps=_apps())  # fmt: skip
+    assert result["outcome"] == "promoted" and result["mode"] == "RawDeployment"
+    # Not while the new template was unobserved, nor half rolled with the old pod still available.
+    assert steps.sleeps == 2
+    patches = [entry for entry in kube.log if entry[0] == "PATCH"]
+    assert len(patches) == 1  # the storageUri only: raw mode splits no traffic, so there is no canary
+    predictor = kube.get(ISVCS, "metarec")["spec"]["predictor"]
+    assert predictor["pytorch"]["storageUri"] == NEW and "canaryTrafficPercent" not in predictor
+
+
+def test_raw_deployment_inferenceservice_rolls_back_when_its_predictor_stalls(raw_serving):
+    kube, steps = raw_serving
+    with pytest.raises(deploy.DeployError, match="failed; rolled back to gs://models/metarec/run-1"):
+        deploy.deploy_inferenceservice(_custom(), "metarec", "serving", BROKEN, poll_s=0, sleep=steps.sleep,
+                                       apps=_apps())  # fmt: skip
+    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == OLD
+
+
+def test_raw_deployment_needs_the_apps_api(raw_serving):
+    with pytest.raises(ValueError, match="RawDeployment"):
+        deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, poll_s=0, sleep=_no_wait)
+
+
+def test_deployment_is_not_promoted_while_old_pods_remain(serving):
+    steps = RolloutSteps(serving, DEPS, "metarec-serving")
+
+    def rolling(fake, collection, obj):
+        if collection == DEPS:
+            steps.step = 0
+            obj["status"] = steps.status(obj, "broken" in json.dumps(obj["spec"]))
+
+    serving.controller = rolling
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=steps.sleep)
+    assert result["outcome"] == "promoted"
+    assert steps.sleeps == 2  # 3 pods, 2 updated, 2 available is not done: one old pod is still serving
