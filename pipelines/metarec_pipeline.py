@@ -203,9 +203,9 @@ def build_pipeline(options: PipelineOptions | None = None):
             deploy_namespace: Its namespace; empty: the run's namespace.
             canary_percent: InferenceService canary traffic share while the new revision is checked.
         """
-        # Never cached: it reads the data every time, so preprocess (cached on its inputs) reruns
-        # whenever the bytes under data_uri changed, not only when the string did.
-        fingerprint = fingerprint_data(data_uri=data_uri)
+        # Never cached: it reads the data and the config every time, so preprocess (cached on its
+        # inputs) reruns whenever their bytes changed, not only when the strings did.
+        fingerprint = fingerprint_data(data_uri=data_uri, dataset_config=dataset_config)
         fingerprint.set_caching_options(False)
         _set_resources(fingerprint, Resources("250m", "512Mi"))
         prep = preprocess(

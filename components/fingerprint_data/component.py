@@ -6,18 +6,21 @@ from metarec.images import components_image
 
 
 @dsl.component(base_image=components_image(), install_kfp_package=False)
-def fingerprint_data(data_uri: str = "synthetic") -> str:
-    """Returns a fingerprint of the data under ``data_uri`` (never cached: it must look every time).
+def fingerprint_data(data_uri: str = "synthetic", dataset_config: str = "") -> str:
+    """Returns a fingerprint of what preprocess reads (never cached: it must look every time).
 
     Args:
         data_uri: Raw data location, as for the preprocess component.
+        dataset_config: Data-set config, as for the preprocess component: a file or ``gs://`` config
+            edited in place, or a sentence-embedding model folder it names, changes the fingerprint too.
 
     Returns:
         ``sha256:<hex>`` of the object names, generations, sizes and crc32c (``gs://``) or file
-        checksums (local); ``synthetic:<preset>`` for generated data.
+        checksums (local), with the config's and its models' when ``dataset_config`` is set;
+        ``synthetic:<preset>`` for generated data without a config.
     """
     from metarec.preprocessing import data_fingerprint
 
-    fingerprint = data_fingerprint(data_uri)
-    print(f"{data_uri}: {fingerprint}")
+    fingerprint = data_fingerprint(data_uri, dataset_config)
+    print(f"{data_uri} {dataset_config}: {fingerprint}")
     return fingerprint

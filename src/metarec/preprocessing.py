@@ -457,25 +457,44 @@ def _synthetic_preset(data_uri: str) -> str | None:
     return None
 
 
-def data_fingerprint(data_uri: str) -> str:
-    """Fingerprints the raw data a preprocessing run would read: the cache key of the preprocess step.
+def data_fingerprint(data_uri: str, dataset_config: str = "") -> str:
+    """Fingerprints what a preprocessing run would read: the cache key of the preprocess step.
 
-    KFP caches a step on its inputs; a recurring run over a refreshed ``gs://`` prefix has the same
-    ``data_uri`` string, so this value (object generations and crc32c) is passed in as well.
+    KFP caches a step on its inputs; a recurring run over a refreshed ``gs://`` prefix, or over a data-set
+    config (or a sentence-embedding model it names) edited in place, has the same strings, so this value
+    (object generations and crc32c, file checksums) is passed in as well.
 
     Args:
         data_uri: As for :func:`run_preprocessing`.
+        dataset_config: As for :func:`run_preprocessing`; empty: the shipped default, part of the image.
 
     Returns:
-        The synthetic preset's name for generated data, else ``storage.fingerprint`` of the data.
+        For the data alone: the synthetic preset's name for generated data, else ``storage.fingerprint``
+        of the data. With a config: ``sha256:<hex>`` over that, the config's content and the content of
+        every model folder it names.
 
     Raises:
-        StorageError: Nothing at ``data_uri``.
+        StorageError: Nothing at ``data_uri`` or at a model folder the config names.
+        ValueError: An unknown or invalid data-set config.
     """
     preset = _synthetic_preset(str(data_uri))
-    if preset is not None:
-        return f"synthetic:{preset}"
-    return storage.fingerprint(data_uri)
+    data = f"synthetic:{preset}" if preset is not None else storage.fingerprint(data_uri)
+    if not dataset_config:
+        return data
+    import hashlib
+
+    from metarec.data.config import CONFIGS_DIR
+
+    name = str(dataset_config)
+    shipped = CONFIGS_DIR / f"{name}.yaml"
+    source = shipped if "/" not in name and shipped.is_file() else name
+    parts = {"data": data, "config": storage.fingerprint(source)}
+    dataset = load_dataset_config(name)
+    for table in (dataset.items, dataset.users):
+        for spec in table.features if table is not None else ():
+            if spec.model:
+                parts[f"model:{spec.model}"] = storage.fingerprint(spec.model)
+    return "sha256:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def run_preprocessing(

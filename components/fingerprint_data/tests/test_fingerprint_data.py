@@ -31,6 +31,43 @@ def test_fingerprint_of_local_folders_and_synthetic_data(tmp_path):
     assert data_fingerprint("synthetic:tiny") == "synthetic:tiny"
 
 
+def test_fingerprint_follows_a_config_and_its_model_edited_in_place(gcs_bucket, tmp_path):
+    import yaml
+
+    from metarec.data.config import CONFIGS_DIR
+
+    prefix = f"gs://{gcs_bucket}/cfg-data"
+    storage.write_bytes(f"{prefix}/u.data", b"1\t1\t5\t0\n")
+    config = yaml.safe_load((CONFIGS_DIR / "movielens-100k.yaml").read_text())
+    config_uri = f"gs://{gcs_bucket}/configs/ml.yaml"
+    storage.write_bytes(config_uri, yaml.safe_dump(config).encode())
+    first = data_fingerprint(prefix, config_uri)
+    assert first == data_fingerprint(prefix, config_uri) != data_fingerprint(prefix)
+
+    config["ratings"]["rating_scale"] = [0, 5]  # edited in place: same URI, new meaning
+    storage.write_bytes(config_uri, yaml.safe_dump(config).encode())
+    edited = data_fingerprint(prefix, config_uri)
+    assert edited != first
+
+    model = tmp_path / "encoder"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"v1")
+    config["items"]["features"].append(
+        {
+            "name": "title_vec",
+            "kind": "text",
+            "columns": ["title"],
+            "encoder": "sentence",
+            "model": str(model),
+        }
+    )
+    storage.write_bytes(config_uri, yaml.safe_dump(config).encode())
+    with_model = data_fingerprint(prefix, config_uri)
+    (model / "weights.bin").write_bytes(b"v2")  # the model retrained under the same path
+    assert data_fingerprint(prefix, config_uri) not in (with_model, edited)
+    assert data_fingerprint("synthetic:tiny", "synthetic").startswith("sha256:")
+
+
 def test_fingerprint_of_missing_data_names_it(gcs_bucket):
     with pytest.raises(storage.StorageError, match="nothing to fingerprint"):
         data_fingerprint(f"gs://{gcs_bucket}/nothing-here")
@@ -47,3 +84,5 @@ def test_pipeline_feeds_the_fingerprint_into_the_preprocess_cache_key(tmp_path):
     assert dag["fingerprint-data"]["cachingOptions"] == {}  # enableCache absent: off
     wired = dag["preprocess"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
     assert wired == {"outputParameterKey": "Output", "producerTask": "fingerprint-data"}
+    config = dag["fingerprint-data"]["inputs"]["parameters"]["dataset_config"]
+    assert config == {"componentInputParameter": "dataset_config"}
