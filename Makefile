@@ -60,7 +60,17 @@ images:
 	    -t $(REGISTRY)/metarec-$$image:$(VERSION)-cuda . || exit 1; \
 	done
 
+# Tags are never overwritten: a compiled pipeline names its image by tag, KFP's cache keys on that name and
+# nodes pull IfNotPresent, so new code under an old tag would run old code and reuse stale cached steps.
+# Bump __version__ (src/metarec/__init__.py) for every release; ALLOW_OVERWRITE=1 for a scratch registry.
 push: images
+	for tag in $(VERSION) $(VERSION)-cuda; do for image in components serving; do \
+	  ref=$(REGISTRY)/metarec-$$image:$$tag; \
+	  if [ -z "$(ALLOW_OVERWRITE)" ] && docker manifest inspect $$ref >/dev/null 2>&1; then \
+	    echo "$$ref already exists: bump __version__ in src/metarec/__init__.py (tags are never overwritten)" >&2; \
+	    exit 1; \
+	  fi; \
+	done; done
 	for tag in $(VERSION) $(VERSION)-cuda; do \
 	  docker push $(REGISTRY)/metarec-components:$$tag && docker push $(REGISTRY)/metarec-serving:$$tag || exit 1; \
 	done

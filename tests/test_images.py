@@ -206,6 +206,46 @@ def test_image_names_follow_the_package_version(default_registry, monkeypatch):
     assert images.serving_image() == f"europe-docker.pkg.dev/p/r/metarec-serving:{__version__}"
 
 
+def _make_push(tmp_path: Path, existing: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`make push` with a stand-in `docker` on PATH (there is no Docker engine here) that logs its calls
+    and knows the tags named in ``existing`` as already in the registry."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    log = tmp_path / "docker.log"
+    docker = tmp_path / "bin" / "docker"
+    docker.parent.mkdir(parents=True)
+    docker.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'if [ "$1" = manifest ]; then case " $EXISTING " in *" $3 "*) exit 0;; esac; exit 1; fi\n'
+        "exit 0\n"
+    )
+    docker.chmod(0o755)
+    env = {"PATH": f"{docker.parent}:/usr/bin:/bin", "EXISTING": existing, "HOME": str(tmp_path)}
+    done = subprocess.run(["make", "-s", "push", "REGISTRY=reg.example/metarec", *extra], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_push_never_overwrites_a_released_tag(tmp_path):
+    released = f"reg.example/metarec/metarec-serving:{__version__}-cuda"
+    done, calls = _make_push(tmp_path, released)
+    assert done.returncode != 0
+    assert f"{released} already exists: bump __version__" in done.stderr
+    assert not [call for call in calls if call.startswith("push")]
+
+
+def test_push_pushes_every_new_tag(tmp_path):
+    done, calls = _make_push(tmp_path, "")
+    assert done.returncode == 0, done.stderr
+    pushed = {call.split()[1] for call in calls if call.startswith("push")}
+    assert pushed == {f"reg.example/metarec/metarec-{image}:{__version__}{suffix}"
+                      for image in ("components", "serving") for suffix in ("", "-cuda")}  # fmt: skip
+    done, calls = _make_push(tmp_path / "again", f"reg.example/metarec/metarec-serving:{__version__}",
+                             "ALLOW_OVERWRITE=1")  # fmt: skip
+    assert done.returncode == 0 and len([call for call in calls if call.startswith("push")]) == 4
+
+
 def test_component_yamls_name_the_components_image(default_registry):
     paths = sorted((REPO_ROOT / "components").glob("*/component.yaml"))
     if not paths:
