@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -562,6 +563,13 @@ def test_pytorchjob():
         r["template"]["spec"]["serviceAccountName"] for r in job["spec"]["pytorchReplicaSpecs"].values()
     } == {account["metadata"]["name"]}
     assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
+    # Every pod fits a node of the GPU pool docs/cluster.md creates, with one process per GPU.
+    per_node = int(
+        re.search(r"--accelerator type=[^,]+,count=(\d+)", (REPO_ROOT / "docs/cluster.md").read_text())[1]
+    )
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        limits = replica["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == int(job["spec"]["nprocPerNode"]) <= per_node
     broken = copy.deepcopy(job)
     worker = broken["spec"]["pytorchReplicaSpecs"]["Worker"]
     worker["restartPolicy"] = "Never"
