@@ -197,8 +197,10 @@ def publish_version(local_dir: str, output_uri: str, version: str, gate: dict, p
         The URI of the published version.
 
     Raises:
-        ValueError: The model failed the gate, the version is empty, or it was already published
-            (versions are immutable: a live model is never overwritten in place).
+        ValueError: The model failed the gate, the version is empty, or it was already published: the
+            target holds a completion manifest (versions are immutable: a live model is never
+            overwritten in place). A target without one, left by an attempt killed mid-promote, is
+            promoted again, so a retried run can still publish.
     """
     from metarec import storage
 
@@ -210,7 +212,16 @@ def publish_version(local_dir: str, output_uri: str, version: str, gate: dict, p
     if not version or "{{" in version or "/" in version:
         raise ValueError(f"version must be a plain non-empty name, got {version!r}")
     target = storage.join(output_uri, version)
+    # promote writes the completion manifest last: a version holding one was published (and may be
+    # served), even if its files were changed since. Files without a manifest are what an attempt killed
+    # mid-copy left behind; nobody reads them (serving requires the manifest), so a retry of the same
+    # run (same version) promotes again, and promote deletes the files the archive does not have.
+    if storage.read_manifest(target) is not None:
+        state = "complete" if storage.is_complete(target) else "published, but its files changed since"
+        raise ValueError(
+            f"{target} already exists ({state}): versions are never overwritten, choose a new version"
+        )
     if storage.exists(target):
-        raise ValueError(f"{target} already exists: versions are never overwritten, choose a new version")
+        print(f"{target} holds an incomplete earlier attempt (no completion manifest): publishing it again")
     storage.promote(local_dir, target)
     return target

@@ -33,8 +33,9 @@ def package_model(
         serving_config: JSON object with the ``package.serving`` settings (see
             ``metarec.serving_settings.ServingSettings``); ``"{}"`` keeps the defaults.
         output_uri: Optional ``gs://`` prefix (or local directory) of the published versions: the archive
-            goes to ``<output_uri>/<version>``, promoted with a completion manifest written last. An
-            existing version is never overwritten; a live one is replaced only by deploy_model.
+            goes to ``<output_uri>/<version>``, promoted with a completion manifest written last. A
+            published version (manifest present) is never overwritten; files without a manifest, left
+            by an attempt killed mid-copy, are replaced. A live one is replaced only by deploy_model.
         publish_if_worse: Publish even when the model does not beat the best baseline (off: the gate
             fails the step, so nothing reaches the bucket).
         version: Version folder name; the default is the KFP run id, new for every run.

@@ -36,6 +36,42 @@ def test_an_existing_version_is_never_overwritten(archive, tmp_path):
         publish_version(str(archive), str(root), "run-1", PASSED, publish_if_worse=False)
 
 
+def _half_published(target):
+    """What an attempt killed mid-promote leaves: some files copied, no completion manifest."""
+    storage.write_bytes(f"{target}/model-store/metarec.mar", b"m")  # truncated copy of the archive
+    storage.write_bytes(f"{target}/config/stale.properties", b"first attempt")  # not in the archive
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_retry_republishes_a_version_its_killed_attempt_left_incomplete(archive, tmp_path, where, request):
+    bucket = request.getfixturevalue("gcs_bucket") if where == "gcs" else None
+    root = f"gs://{bucket}/models" if bucket else str(tmp_path / "models")
+    target = f"{root}/run-1"
+    _half_published(target)
+    assert storage.exists(target) and not storage.is_complete(target)
+
+    # KFP "Retry run": same run id, so the same version.
+    published = publish_version(str(archive), root, "run-1", PASSED, publish_if_worse=False)
+
+    assert published == target and storage.is_complete(target)
+    assert storage.read_bytes(f"{target}/model-store/metarec.mar") == b"mar"
+    names = {uri[len(target) + 1 :] for uri in storage.list_uris(target)}
+    assert names == {"model-store/metarec.mar", storage.MANIFEST_NAME}  # the stale file is gone
+    # Once complete, the version is immutable again.
+    with pytest.raises(ValueError, match="never overwritten"):
+        publish_version(str(archive), root, "run-1", PASSED, publish_if_worse=False)
+
+
+def test_a_published_version_whose_files_were_changed_is_still_never_overwritten(archive, tmp_path):
+    root = tmp_path / "published"
+    target = publish_version(str(archive), str(root), "run-1", PASSED, publish_if_worse=False)
+    (root / "run-1" / "model-store" / "metarec.mar").write_bytes(b"edited by hand")
+    assert not storage.is_complete(target)
+    with pytest.raises(ValueError, match="never overwritten"):
+        publish_version(str(archive), str(root), "run-1", PASSED, publish_if_worse=False)
+    assert (root / "run-1" / "model-store" / "metarec.mar").read_bytes() == b"edited by hand"
+
+
 def test_quality_gate_blocks_a_model_that_loses_to_the_baseline(archive, tmp_path):
     root = tmp_path / "published"
     with pytest.raises(ValueError, match="quality gate.*loses to item_user_bias"):
