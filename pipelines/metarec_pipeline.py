@@ -196,8 +196,9 @@ def build_pipeline(options: PipelineOptions | None = None):
             output_uri: Optional gs:// prefix the archive is published to, one folder per run
                 (``<output_uri>/<run id>``); the quality gate applies whenever it is set.
             publish_if_worse: Publish even when the model does not beat the best baseline.
-            checkpoint_root: Durable prefix for training checkpoints (gs:// on a cluster); empty: next
-                to the model artifact. A retried task resumes from its own checkpoints only.
+            checkpoint_root: Durable prefix for training checkpoints (gs:// on a cluster), in every
+                variant; empty: next to the model artifact (never inside it). A retried task resumes
+                from its own checkpoints only.
             deploy_target: ``inferenceservice``, ``deployment`` or empty (no deploy step effect).
             deploy_name: Name of the InferenceService / Deployment to roll the new version out to.
             deploy_namespace: Its namespace; empty: the run's namespace.
@@ -230,6 +231,7 @@ def build_pipeline(options: PipelineOptions | None = None):
                     cpu_request=res["meta_train"].cpu,
                     memory_request=res["meta_train"].memory,
                     timeout_s=options.train_timeout_s - LAUNCHER_GRACE_S,
+                    checkpoint_root=checkpoint_root,
                 )
                 # This pod only submits and watches the job: it needs little of its own.
                 _set_resources(train, Resources("250m", "512Mi"))

@@ -134,6 +134,24 @@ def test_training_retries_and_is_never_cached(compiled, variant):
         assert "retryPolicy" not in tasks[name], name
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_checkpoints_under_the_checkpoint_root_parameter(compiled, variant):
+    """docs/cluster.md tells users to set checkpoint_root: every variant's training step must get it."""
+    spec, _ = compiled[variant]
+    tasks = _all_tasks(spec)
+    train = tasks["meta-train-pytorchjob" if variant == "pytorchjob" else "meta-train"]
+    channel = train["inputs"]["parameters"]["checkpoint_root"]
+    assert channel == {"componentInputParameter": "pipelinechannel--checkpoint_root"}
+    (loop,) = [
+        task
+        for task in spec["root"]["dag"]["tasks"].values()
+        if task["taskInfo"]["name"].startswith("for-loop")
+    ]
+    assert loop["inputs"]["parameters"]["pipelinechannel--checkpoint_root"] == {
+        "componentInputParameter": "checkpoint_root"
+    }
+
+
 def test_pytorchjob_variant_passes_gpu_settings_to_the_job_not_the_pod(compiled):
     spec, platform = compiled["pytorchjob"]
     tasks = _all_tasks(spec)

@@ -22,6 +22,7 @@ def meta_train_pytorchjob(
     service_account: str = "",
     timeout_s: int = 86100,
     poll_interval_s: int = 30,
+    checkpoint_root: str = "",
     run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     task_id: str = dsl.PIPELINE_TASK_ID_PLACEHOLDER,
 ):
@@ -50,13 +51,17 @@ def meta_train_pytorchjob(
         timeout_s: Seconds to wait for the job before deleting it and failing; the pipeline keeps it
             below the pod's deadline so that the deletion happens.
         poll_interval_s: Seconds between two job status reads.
-        run_id: KFP run id (the backend fills it); with task_id it names the job.
+        checkpoint_root: Durable ``gs://`` prefix for checkpoints; empty: the folder above the model
+            artifact (never inside it). As in meta_train, the job checkpoints to
+            ``<root>/checkpoints/<run_id>/<task_id>/<method>``: a retry resumes, another run or method
+            never does.
+        run_id: KFP run id (the backend fills it); with task_id it names the job and its checkpoints.
         task_id: KFP task id, kept by a retry: the retry adopts the job instead of starting a second one.
     """
     import json
 
     from metarec import storage
-    from metarec.components.common import parse_config
+    from metarec.components.common import checkpoint_dir, parse_config
     from metarec.components.kube import current_namespace, launcher_pod
     from metarec.components.meta_train_pytorchjob.pytorchjob import (
         build_pytorchjob,
@@ -67,6 +72,12 @@ def meta_train_pytorchjob(
 
     if not image:
         raise ValueError("image is empty: compile the pipeline with metarec compile (it names the image)")
+    train = dict(parse_config(config, "train") or {})
+    # Scoped like meta_train's: without it the job would checkpoint into the Model artifact (copied by
+    # every downstream step) and a fixed train.checkpoint_dir would be shared by runs and methods.
+    train["checkpoint_dir"] = checkpoint_dir(
+        train.get("checkpoint_dir") or checkpoint_root, model.uri, run_id, task_id, method
+    )
     job = build_pytorchjob(
         name=job_name(method, run_id, task_id),
         namespace=namespace or current_namespace(),
@@ -74,7 +85,7 @@ def meta_train_pytorchjob(
         method=method,
         preprocessed_uri=dataset.uri,
         output_uri=model.uri,
-        train_config=parse_config(config, "train"),
+        train_config=train,
         num_nodes=num_nodes,
         gpus_per_node=gpus_per_node,
         gpu_type=gpu_type,

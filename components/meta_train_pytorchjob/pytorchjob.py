@@ -76,7 +76,7 @@ def training_command(
     Args:
         method: Meta-learning method.
         preprocessed_uri: ``gs://`` prefix of the preprocessed data set.
-        output_uri: ``gs://`` prefix the model directory is written to (checkpoints too, for resuming).
+        output_uri: ``gs://`` prefix the model directory is written to.
         train_config: ``train`` section of the run config; each key becomes ``--set key=<JSON value>``
             (JSON is valid YAML, which the entry point parses), so the job needs no config file.
     """
@@ -115,7 +115,8 @@ def build_pytorchjob(
         method: Meta-learning method: ``maml``, ``fomaml`` or ``reptile``.
         preprocessed_uri: ``gs://`` prefix of the preprocessed data set (pods read it themselves).
         output_uri: ``gs://`` prefix the model directory is written to by rank 0.
-        train_config: ``train`` section of the run config (None: the training DEFAULTS).
+        train_config: ``train`` section of the run config (None: the training DEFAULTS); its
+            ``checkpoint_dir``, when set, must be ``gs://`` too (the component always sets one).
         num_nodes: Pods in the job: one Master plus ``num_nodes - 1`` Workers.
         gpus_per_node: GPUs per pod, also torchrun's processes per node; 0 trains on CPU with one process.
         gpu_type: Value of the ``cloud.google.com/gke-accelerator`` node selector (empty: no selector).
@@ -132,18 +133,20 @@ def build_pytorchjob(
         The PyTorchJob as a dict, ready for ``CustomObjectsApi.create_namespaced_custom_object``.
 
     Raises:
-        ValueError: A count is out of range or a URI is not ``gs://``.
+        ValueError: A count is out of range or a URI (data, model, checkpoints) is not ``gs://``.
     """
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
     if gpus_per_node < 0:
         raise ValueError(f"gpus_per_node must be 0 or more, got {gpus_per_node}")
-    for label, uri in (("preprocessed data", preprocessed_uri), ("model output", output_uri)):
+    root_hint = "run the pipeline with a gs:// pipeline_root so that artifacts live in Cloud Storage"
+    uris = [("preprocessed data", preprocessed_uri, root_hint), ("model output", output_uri, root_hint)]
+    if (train_config or {}).get("checkpoint_dir"):
+        hint = "set checkpoint_root (or train.checkpoint_dir) to a gs:// prefix"
+        uris.append(("checkpoint directory", str(train_config["checkpoint_dir"]), hint))
+    for label, uri, hint in uris:
         if not uri.startswith("gs://"):
-            raise ValueError(
-                f"the PyTorchJob pods cannot reach the {label} at {uri!r}: run the pipeline with a gs:// "
-                f"pipeline_root so that artifacts live in Cloud Storage"
-            )
+            raise ValueError(f"the PyTorchJob pods cannot reach the {label} at {uri!r}: {hint}")
     requests: dict[str, str | int] = {"cpu": cpu_request, "memory": memory_request}
     if gpus_per_node:
         requests["nvidia.com/gpu"] = gpus_per_node

@@ -1,6 +1,7 @@
 """The PyTorchJob launcher: the job object, and submission against a fake Kubernetes API server (retry
 adoption, cancellation, timeout)."""
 
+import json
 import os
 import signal
 
@@ -193,3 +194,71 @@ def test_retry_after_a_failed_job_starts_it_again(kube):
     pytorchjob.submit_and_wait(_job(), api=_api(), poll_interval_s=0, sleep=lambda s: finish(s, kube))
     assert ("DELETE", JOBS, "metarec-maml-abc") in kube.log
     assert pytorchjob.job_state(kube.get(JOBS, "metarec-maml-abc")) == "Succeeded"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The component body: the job it submits checkpoints where meta_train would, never into the Model
+
+
+class _Artifact:
+    def __init__(self, uri: str, path: str = ""):
+        self.uri, self.path, self.metadata = uri, path, {}
+
+
+def _run_component(kube, bucket: str, tmp_path, run_id: str, method: str = "maml", **parameters) -> list[str]:
+    """Runs meta_train_pytorchjob's body against the fake API server; the stand-in Training Operator
+    writes the model and marks the job Succeeded. Returns the job's torchrun command."""
+    from metarec import storage
+    from metarec.components.meta_train_pytorchjob.component import meta_train_pytorchjob
+
+    model_uri = f"gs://{bucket}/root/pipe/{run_id}/meta-train-pytorchjob/model"
+
+    def operator(fake, collection, job):
+        if collection == JOBS and "status" not in job:
+            storage.write_bytes(f"{model_uri}/model.json", b"{}")
+            job["status"] = condition_status("Succeeded")
+
+    kube.controller = operator
+    model = _Artifact(model_uri, str(tmp_path / run_id / method / "model"))
+    meta_train_pytorchjob.python_func(
+        dataset=_Artifact(f"gs://{bucket}/root/pipe/{run_id}/preprocess/dataset"), model=model,
+        image="registry/metarec-components:1", method=method, namespace="team", poll_interval_s=0,
+        run_id=run_id, task_id="task-7", **parameters,
+    )  # fmt: skip
+    (job,) = [kube.get(JOBS, name) for collection, name in list(kube.objects) if collection == JOBS]
+    kube.objects.clear()
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+
+
+def _checkpoint_dir(command: list[str]) -> str:
+    (value,) = [flag.partition("=")[2] for flag in command if flag.startswith("checkpoint_dir=")]
+    return json.loads(value)
+
+
+def test_job_checkpoints_under_the_root_per_run_task_and_method(kube, gcs_bucket, tmp_path):
+    root = f"gs://{gcs_bucket}/durable"
+    seen = set()
+    for run_id in ("run-a", "run-b"):
+        for method in ("maml", "fomaml"):
+            command = _run_component(kube, gcs_bucket, tmp_path, run_id, method, checkpoint_root=root)
+            directory = _checkpoint_dir(command)
+            assert directory == f"{root}/checkpoints/{run_id}/task-7/{method}"
+            seen.add(directory)
+    assert len(seen) == 4  # no run or method resumes another's checkpoints
+    # A fixed train.checkpoint_dir is a root too, not a directory shared by every run.
+    fixed = json.dumps({"checkpoint_dir": f"{root}/fixed"})
+    command = _run_component(kube, gcs_bucket, tmp_path, "run-c", config=fixed)
+    assert _checkpoint_dir(command) == f"{root}/fixed/checkpoints/run-c/task-7/maml"
+
+
+def test_job_without_a_root_checkpoints_beside_the_model_not_inside_it(kube, gcs_bucket, tmp_path):
+    command = _run_component(kube, gcs_bucket, tmp_path, "run-a")
+    model_uri = command[command.index("--output") + 1]
+    directory = _checkpoint_dir(command)
+    assert not directory.startswith(model_uri + "/")  # evaluate / select_model would copy them along
+    assert directory == model_uri.rsplit("/", 1)[0] + "/checkpoints/run-a/task-7/maml"
+
+
+def test_pytorchjob_refuses_a_checkpoint_directory_its_pods_cannot_reach():
+    with pytest.raises(ValueError, match="checkpoint directory.*checkpoint_root"):
+        _job(train_config={"checkpoint_dir": "/tmp/ckpt"})
