@@ -123,6 +123,32 @@ def test_checkpoints_and_resume_on_gcs(tiny_preprocessed, tmp_path, gcs_bucket):
     assert {"model.pt", "model.json", "schema.json", "metrics.json"} <= names
 
 
+def test_resume_refuses_a_checkpoint_saved_with_another_training_config(tiny_preprocessed, tmp_path):
+    """Two runs sharing a checkpoint folder: the second must not return the first one's model under its
+    own config (it would resume the finished checkpoint and only rewrite model.json)."""
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 5, "checkpoint_dir": str(tmp_path / "ckpt")}
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
+    other = {**config, "outer_lr": 0.05, "seed": 1}
+    with pytest.raises(
+        ValueError, match=r"another training config \(outer_lr: 0.002 != 0.05; seed: 0 != 1\)"
+    ):
+        run_meta_training(str(tiny_preprocessed), "maml", other, str(tmp_path / "b"))
+    assert not (tmp_path / "b" / "model.json").exists()
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path / "ckpt"))] == [5, 10]  # untouched
+
+
+def test_a_retry_resumes_although_it_checkpoints_logs_or_runs_differently(
+    tiny_preprocessed, tmp_path, capsys
+):
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 5, "checkpoint_dir": str(tmp_path / "ckpt")}
+    first = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
+    capsys.readouterr()
+    retry = {**config, "checkpoint_every": 3, "log_every": 1, "device": "cpu", "cpu_threads": 2}
+    again = run_meta_training(str(tiny_preprocessed), "maml", retry, str(tmp_path / "b"))
+    assert '"event": "resumed"' in capsys.readouterr().err
+    assert again == {**first, "train_seconds": again["train_seconds"]}
+
+
 def _train_command(preprocessed, output, config_file, resume=True):
     command = [sys.executable, "-m", "metarec.training", "--preprocessed", str(preprocessed), "--method", "maml",
                "--output", str(output), "--config", str(config_file)]  # fmt: skip

@@ -30,6 +30,10 @@ from metarec.training import TrainSettings
 
 # Settings of this machine's run, not of the model: left out of model.json's "training".
 _RUN_ONLY_KEYS = ("checkpoint_dir", "device", "cpu_threads")
+# Keys a retry may change and still resume: where and how often it checkpoints and logs, and where it
+# runs (a checkpoint's tensors are loaded onto the CPU first). Every other key changes the training, so
+# a checkpoint saved under another value of one of them belongs to another run.
+RESUMABLE_DIFFERENCES = (*_RUN_ONLY_KEYS, "checkpoint_every", "log_every")
 VALIDATION_CHUNK = 256  # validation tasks adapted per vectorised pass (bounds memory)
 
 
@@ -218,13 +222,29 @@ class Trainer:
         }  # fmt: skip
 
     def _resume(self) -> None:
-        """Restores the last checkpoint in the checkpoint directory, when there is one."""
+        """Restores the last checkpoint in the checkpoint directory, when there is one.
+
+        Raises:
+            ValueError: The checkpoint was saved by another method or another training config (a key
+                outside :data:`RESUMABLE_DIFFERENCES` differs): it belongs to another run, and
+                resuming it would return that run's model under this run's config. A retry has the
+                same config, so this is a misconfiguration (a checkpoint folder shared by runs) and
+                fails rather than silently training from scratch beside the foreign checkpoints.
+        """
         state = checkpoint.load_latest(self.checkpoint_dir)
         if state is None:
             return
         if state["method"] != self.method:
             raise ValueError(
                 f"checkpoint in {self.checkpoint_dir} is for {state['method']!r}, not {self.method!r}"
+            )
+        differences = self._config_differences(state.get("config"))
+        if differences:
+            raise ValueError(
+                f"checkpoint at step {state['step']} in {self.checkpoint_dir} was saved with another "
+                f"training config ({'; '.join(differences)}): it belongs to another run, not to a retry "
+                f"of this one. Give each run its own checkpoint folder (the pipeline's components do: "
+                f"<root>/checkpoints/<run id>/<task id>/<method>) or train without resuming (--no-resume)"
             )
         self.model.load_state_dict(state["model"])
         if self.averaged is not None:
@@ -237,6 +257,20 @@ class Trainer:
         self.step, self.curve, self.val_history = state["step"], state["curve"], state["val_history"]
         self.best = Best(**state["best"])
         self.log.event("resumed", step=self.step, checkpoint_dir=self.checkpoint_dir)
+
+    def _config_differences(self, saved: dict | None) -> list[str]:
+        """``key: checkpoint value != this run's`` for each training key that differs from a checkpoint's
+        config, leaving out :data:`RESUMABLE_DIFFERENCES`. A key the checkpoint lacks (saved before the
+        key existed) counts as its default."""
+        if saved is None:
+            return ["the checkpoint records no training config"]
+        current = self.settings.to_dict()
+        defaults = type(self.settings)().to_dict()
+        return [
+            f"{key}: {saved.get(key, defaults.get(key))!r} != {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUMABLE_DIFFERENCES and saved.get(key, defaults.get(key)) != current.get(key)
+        ]
 
     # ----------------------------------------------------------------------------------- loop
 
