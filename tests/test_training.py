@@ -149,6 +149,20 @@ def test_a_retry_resumes_although_it_checkpoints_logs_or_runs_differently(
     assert again == {**first, "train_seconds": again["train_seconds"]}
 
 
+def test_a_checkpoint_older_than_a_training_key_resumes_when_the_key_is_at_its_default(
+    tiny_preprocessed, tmp_path
+):
+    directory = tmp_path / "ckpt"
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 5, "checkpoint_dir": str(directory)}
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
+    state = checkpoint.load_latest(str(directory))
+    del state["config"]["id_dropout"]  # saved before the key existed
+    checkpoint.save_checkpoint(str(directory), state["step"], state)
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "b"))  # resumes
+    with pytest.raises(ValueError, match=r"id_dropout: 0.0 != 0.5"):
+        run_meta_training(str(tiny_preprocessed), "maml", {**config, "id_dropout": 0.5}, str(tmp_path / "c"))
+
+
 def _train_command(preprocessed, output, config_file, resume=True):
     command = [sys.executable, "-m", "metarec.training", "--preprocessed", str(preprocessed), "--method", "maml",
                "--output", str(output), "--config", str(config_file)]  # fmt: skip
