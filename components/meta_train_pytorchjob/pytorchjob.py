@@ -78,7 +78,7 @@ def training_command(
         preprocessed_uri: ``gs://`` prefix of the preprocessed data set.
         output_uri: ``gs://`` prefix the model directory is written to.
         train_config: ``train`` section of the run config; each key becomes ``--set key=<JSON value>``
-            (JSON is valid YAML, which the entry point parses), so the job needs no config file.
+            (the entry point reads JSON first), so the job needs no config file.
     """
     command = ["torchrun", f"--max-restarts={MAX_RESTARTS}", "-m", "metarec.training",
                "--preprocessed", preprocessed_uri, "--method", method, "--output", output_uri]  # fmt: skip

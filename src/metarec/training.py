@@ -151,6 +151,20 @@ def run_meta_training(
     return Trainer(preprocessed_dir, method, settings, str(output_dir)).run(resume)
 
 
+def parse_override(value: str) -> object:
+    """The value of one ``--set KEY=VALUE``: JSON first, else YAML.
+
+    JSON first because that is what the PyTorchJob component writes (``json.dumps``), and YAML 1.1 reads
+    JSON's ``1e-05`` as a string (its floats need a dot), which the settings would then refuse.
+    """
+    import yaml
+
+    try:
+        return json.loads(value)
+    except ValueError:
+        return yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (also what torchrun launches)."""
     parser = argparse.ArgumentParser(prog="python -m metarec.training", description=__doc__.splitlines()[0])
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="YAML/JSON file: training config, or a run config with a train: section"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (value parsed as YAML), repeatable")  # fmt: skip
+                        help="override one config key (value parsed as JSON, else YAML), repeatable")  # fmt: skip
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     args = parser.parse_args(argv)
     import yaml
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dict(loaded.get("train", loaded) if isinstance(loaded, dict) else {})
     for item in args.set:
         key, _, value = item.partition("=")
-        config[key] = yaml.safe_load(value)
+        config[key] = parse_override(value)
     from metarec import storage
 
     # A PyTorchJob pod gets the data set as a gs:// prefix: train on a local copy of it.

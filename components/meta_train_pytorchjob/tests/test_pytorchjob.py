@@ -86,6 +86,18 @@ def test_pytorchjob_refuses_bad_settings(overrides, message):
         _job(**overrides)
 
 
+def test_the_entry_point_reads_back_every_setting_the_command_writes():
+    from metarec.training import parse_override
+
+    config = {"weight_decay": 1e-5, "outer_lr": 0.001, "meta_steps": 200, "hidden": [64, 32],
+              "freeze": ["encoder"], "checkpoint_dir": "gs://b/c", "id_dropout": 0.0, "averaging": None,
+              "tag": "1e-05", "flag": True}  # fmt: skip
+    command = pytorchjob.training_command("maml", "gs://b/pre", "gs://b/model", config)
+    flags = [command[i + 1] for i, part in enumerate(command) if part == "--set"]
+    parsed = {key: parse_override(value) for key, _, value in (flag.partition("=") for flag in flags)}
+    assert parsed == config  # YAML alone read 1e-05 (json.dumps(1e-5)) back as the string "1e-05"
+
+
 def test_job_name_is_stable_per_task_and_valid():
     name = pytorchjob.job_name("MAML_v2", "run-" + "x" * 80, "task-1")
     assert len(name) <= 63 and name == name.lower() and not name.endswith("-")
