@@ -101,10 +101,12 @@ def shard_tasks(batch: TaskBatch, rank: int, world_size: int) -> TaskBatch:
     Returns:
         The tasks this rank computes.
     """
-    total = len(batch)
-    start = rank * total // world_size
-    stop = (rank + 1) * total // world_size
-    return batch.select(slice(start, stop))
+    return batch.select(shard_range(len(batch), rank, world_size))
+
+
+def shard_range(total: int, rank: int, world_size: int) -> slice:
+    """The tasks ``[start, stop)`` of a ``total``-task global meta-batch that ``rank`` computes."""
+    return slice(rank * total // world_size, (rank + 1) * total // world_size)
 
 
 def all_reduce_sum(

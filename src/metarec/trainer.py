@@ -150,6 +150,13 @@ class Trainer:
         """Trains (from the last checkpoint when ``resume``), writes the model directory, returns metrics."""
         settings = self.settings
         self.context = distributed.init_from_env(settings.device)
+        if settings.meta_batch < self.context.world_size:
+            distributed.shutdown(self.context)
+            raise ValueError(
+                f"meta_batch {settings.meta_batch} is smaller than the {self.context.world_size} ranks: each "
+                f"rank computes a share of the meta-batch, so some would get no task; raise meta_batch to "
+                f"at least {self.context.world_size} or run fewer processes"
+            )
         previous_threads = torch.get_num_threads()
         if self.context.device.type == "cpu" and settings.cpu_threads > 0:
             torch.set_num_threads(settings.cpu_threads)
@@ -278,9 +285,10 @@ class Trainer:
         """One meta-step (sample, meta-gradient, all-reduce, Adam, EMA), then validation and checkpoint."""
         settings, context = self.settings, self.context
         global_batch = self.sampler.sample(settings.meta_batch)
-        shard = distributed.shard_tasks(global_batch, context.rank, context.world_size).to(context.device)
+        tasks = distributed.shard_range(len(global_batch), context.rank, context.world_size)
+        shard = global_batch.select(tasks).to(context.device)
         self.model.train()
-        loss, grads = self.learner.meta_gradient(shard, total_tasks=len(global_batch))
+        loss, grads = self.learner.meta_gradient(shard, total_tasks=len(global_batch), first_task=tasks.start)
         loss, grads = distributed.all_reduce_sum(context, grads, loss)
         self.optimizer.zero_grad(set_to_none=False)
         for name, parameter in self.model.named_parameters():

@@ -80,13 +80,20 @@ class MetaLearner:
         settings = AdaptSettings(self.adapt_mode, self.inner_steps, self.inner_lr)
         return Adapter(self.model, settings, params=params)
 
-    def _hidden_ids(self, n_tasks: int, n_rows: int, device: torch.device) -> torch.Tensor | None:
-        """Bool[T, N] rows whose item id is hidden this step (None without id dropout)."""
+    def _hidden_ids(self, tasks: slice, total: int, n_rows: int, device: torch.device) -> torch.Tensor | None:
+        """Bool[T, N] rows whose item id is hidden this step (None without id dropout).
+
+        The mask is drawn for the whole global meta-batch (``total`` tasks) and this batch's ``tasks``
+        are sliced out: every data-parallel rank draws the same numbers, so each shard gets its own
+        rows of one mask, as a single process would, instead of all shards sharing one.
+        """
         if self.id_dropout == 0.0:
             return None
-        return torch.rand(n_tasks, n_rows, device=device) < self.id_dropout
+        return (torch.rand(total, n_rows, device=device) < self.id_dropout)[tasks]
 
-    def meta_gradient(self, batch: TaskBatch, total_tasks: int | None = None) -> tuple[torch.Tensor, Params]:
+    def meta_gradient(
+        self, batch: TaskBatch, total_tasks: int | None = None, first_task: int = 0
+    ) -> tuple[torch.Tensor, Params]:
         """Meta-loss and meta-gradient of the model's trainable parameters over a batch of tasks.
 
         Args:
@@ -94,20 +101,23 @@ class MetaLearner:
             total_tasks: the number of tasks the loss is averaged over; defaults to T. Data-parallel
                 ranks pass the global meta-batch size, so that summing the ranks' results gives the
                 mean over the global batch.
+            first_task: position of ``batch``'s first task in the global meta-batch (data-parallel
+                ranks), so that the id-dropout mask is the global batch's.
 
         Returns:
             ``(loss, grads)``: the detached mean post-adaptation query loss (``outer_loss``) (summed over this batch and
             divided by ``total_tasks``) and a dict name -> gradient for every trainable parameter.
         """
         total = len(batch) if total_tasks is None else int(total_tasks)
+        tasks = slice(first_task, first_task + len(batch))
         # Frozen parameters (requires_grad False) still take part in the inner loop; only the trainable
         # ones get gradients.
         params = dict(self.model.named_parameters())
         if self.method == "reptile":
-            return self._reptile(batch, params, total)
+            return self._reptile(batch, params, total, tasks)
         adapter = self._adapter(params)
         n_rows = batch.support_items.shape[1] + batch.query_items.shape[1]
-        hidden = self._hidden_ids(len(batch), n_rows, batch.support_items.device)
+        hidden = self._hidden_ids(tasks, total, n_rows, batch.support_items.device)
         support, query = adapter.support_query_inputs(batch, hidden)
         adapted = adapter.adapt_inputs(support, batch.support_ratings, batch.support_mask, self.first_order)
         task_losses = vmap(adapter.outer_loss(self.outer_loss))(
@@ -116,7 +126,9 @@ class MetaLearner:
         loss = task_losses.sum() / total
         return loss.detach(), _gradients(loss, params)
 
-    def _reptile(self, batch: TaskBatch, params: Params, total: int) -> tuple[torch.Tensor, Params]:
+    def _reptile(
+        self, batch: TaskBatch, params: Params, total: int, tasks: slice
+    ) -> tuple[torch.Tensor, Params]:
         # Reptile trains on the whole task (support and query rows). The adapted parameters move
         # towards the adapted solutions: direction (params - adapted) / (steps * lr), which equals the
         # plain gradient at one step. Parameters the inner loop does not adapt (embeddings in modes
@@ -125,7 +137,7 @@ class MetaLearner:
         items = torch.cat([batch.support_items, batch.query_items], dim=1)
         ratings = torch.cat([batch.support_ratings, batch.query_ratings], dim=1)
         mask = torch.cat([batch.support_mask, batch.query_mask], dim=1)
-        hidden = self._hidden_ids(*items.shape, items.device)
+        hidden = self._hidden_ids(tasks, total, items.shape[1], items.device)
         users = EncodedFeatures(batch.user_cat, batch.user_num, batch.user_multi)
         inputs = adapter.inputs(users, items, hidden)
         adapted = adapter.adapt_inputs(inputs, ratings, mask, first_order=True)
