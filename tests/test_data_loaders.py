@@ -156,6 +156,52 @@ def test_wrong_field_count_names_row(tmp_path):
         load_raw(tmp_path, "movielens-100k")
 
 
+ML100K_ITEM = "1|A (1995)|01-Jan-1995||x" + "|0" * 19 + "\n"
+
+
+@pytest.mark.parametrize(
+    "where, text, row, expected, got",
+    [
+        ("movies.csv", "movieId,title,genres\n1,Amélie, The Fabulous 世界 (1981),Action|Comedy\n", 1, 3, 4),
+        ("movies.csv", MOVIES_CSV + "5,Extra (1999),Drama,oops\n", 5, 3, 4),
+        ("movies.csv", MOVIES_CSV + "5,Short (1999)\n", 5, 3, 2),
+        ("u.user", "1|20|M|other|12345\n3|M\n", 2, 5, 2),
+        ("u.item", ML100K_ITEM + ML100K_ITEM.replace("1|", "2|", 1).replace("\n", "|0\n"), 2, 24, 25),
+    ],
+    ids=["extra field in the first row", "extra field later", "missing field", "short users row",
+         "extra flag"],
+)  # fmt: skip
+def test_table_row_with_wrong_field_count_names_row(tmp_path, where, text, row, expected, got):
+    write_csv_dataset(tmp_path)
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n")
+    (tmp_path / "u.item").write_text(ML100K_ITEM)
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n")
+    (tmp_path / where).write_text(text, encoding="utf-8")
+    config = "movielens-csv" if where == "movies.csv" else "movielens-100k"
+    with pytest.raises(ValueError) as err:
+        load_raw(tmp_path, config)
+    assert str(err.value).startswith(f"{where}: column '(all)', data row {row} "), err.value
+    assert f"expected {expected} fields, got {got}" in str(err.value)
+
+
+def test_empty_feature_tables_name_the_file(tmp_path):
+    write_csv_dataset(tmp_path, movies="movieId,title,genres\n")
+    with pytest.raises(ValueError, match="movies.csv: no data rows"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, movies="")
+    with pytest.raises(ValueError, match=r"movies.csv: empty file \(no header row\)"):
+        load_raw(tmp_path, "movielens-csv")
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n")
+    (tmp_path / "u.item").write_text("")
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n")
+    with pytest.raises(ValueError, match="u.item: no data rows"):
+        load_raw(tmp_path, "movielens-100k")
+    (tmp_path / "u.item").write_text(ML100K_ITEM)
+    (tmp_path / "u.user").write_text("\n")
+    with pytest.raises(ValueError, match="u.user: no data rows"):
+        load_raw(tmp_path, "movielens-100k")
+
+
 def test_missing_file_and_missing_column(tmp_path):
     write_csv_dataset(tmp_path)
     (tmp_path / "movies.csv").unlink()

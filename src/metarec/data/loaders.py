@@ -10,6 +10,7 @@ Every validation error is a ``ValueError`` naming the file, the column and the f
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import logging
@@ -392,24 +393,79 @@ def drop_duplicates_keep_latest(
 # Users and items: small tables
 
 
+def _text_encoding(encoding: str) -> str:
+    """The codec to open a text file with: UTF-8 also drops a leading byte-order mark (Excel writes one)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}") from None
+    return "utf-8-sig" if name == "utf-8" else encoding
+
+
+def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
+    """Fields of each record, in file order; an empty line yields an empty list."""
+    if len(table.sep) > 1:  # a literal multi-character separator (``::``): no quoting
+        for line in handle:
+            line = line.rstrip("\r\n")
+            yield line.split(table.sep) if line else []
+        return
+    quoting = csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE
+    yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
+
+
+def _read_csv_table(path: Path, table: TableConfig) -> pd.DataFrame:
+    """All fields as strings; every data row must have exactly one field per column.
+
+    A row with a field too many or too few would otherwise shift or fill values silently.
+    """
+    names = None if table.header else list(table.names)
+    rows: list[list[str]] = []
+    row = 0
+    try:
+        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
+            for fields in _split_rows(handle, table):
+                if not fields:
+                    continue  # blank lines are not data rows (nor counted as rows in messages)
+                if names is None:
+                    names = [name.strip() for name in fields]
+                    duplicated = sorted({n for n in names if names.count(n) > 1})
+                    if duplicated:
+                        raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
+                    continue
+                row += 1
+                if len(fields) != len(names):
+                    text = table.sep.join(fields)
+                    raise _bad(
+                        path.name,
+                        "(all)",
+                        row,
+                        f"expected {len(names)} fields, got {len(fields)}: {text[:80]!r}",
+                    )
+                rows.append(fields)
+    except csv.Error as exc:
+        raise _bad(path.name, "(all)", row + 1, f"unreadable row: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name}: not readable as {table.encoding}: {exc}") from None
+    if names is None:
+        raise ValueError(f"{path.name}: empty file (no header row)")
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
+    return pd.DataFrame(
+        {name: pd.Series(values, dtype=object) for name, values in zip(names, columns, strict=True)}
+    )
+
+
 def _read_table(path: Path, table: TableConfig) -> pd.DataFrame:
+    """A users, items or tags table with every value as a string ("" when missing).
+
+    Raises:
+        ValueError: missing file, no header row, or a row with the wrong number of fields.
+    """
     if not path.is_file():
         raise ValueError(f"{path.name}: file not found at {path}")
     if table.format == "parquet":
         frame = pd.read_parquet(path)
         return frame.astype(object).where(frame.notna(), "").astype(str)
-    return pd.read_csv(
-        path,
-        sep=table.sep if len(table.sep) == 1 else re.escape(table.sep),
-        engine="c" if len(table.sep) == 1 else "python",
-        header=0 if table.header else None,
-        names=None if table.header else list(table.names),
-        dtype=str,
-        keep_default_na=False,
-        encoding=table.encoding,
-        quoting=csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE,
-        index_col=False,
-    ).fillna("")
+    return _read_csv_table(path, table)
 
 
 def _int_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
@@ -521,9 +577,12 @@ def read_entities(
         feature, ``release``.
 
     Raises:
-        ValueError: missing file or column, non-numeric or duplicate id, a bad feature value.
+        ValueError: missing or empty file, missing column, non-numeric or duplicate id, a bad feature
+            value, a row with the wrong number of fields.
     """
     frame = _read_table(path, table)
+    if frame.empty:  # a feature table without rows would leave every user or item featureless
+        raise ValueError(f"{path.name}: no data rows")
     needed = [table.id] + [c for spec in table.features for c in spec.source_columns()]
     needed += [spec.column for spec in display if spec.column]
     for column in needed:
