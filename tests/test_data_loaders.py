@@ -380,3 +380,28 @@ def test_text_tags_and_display_config_errors_name_the_key():
         parse([text], display=[{"name": "genres", "feature": "genres"}])
     with pytest.raises(ValueError, match=r"display\[1\]: give either 'column'"):
         parse([text], display=[{"name": "title", "column": "title"}, {"name": "x"}])
+
+
+def test_string_ids_keep_leading_zeros_and_name_bad_rows(tmp_path):
+    config = {
+        "ratings": {"file": "r.csv", "header": True, "user": "u", "item": "i", "rating": "r", "id_type": "string"},
+        "items": {"file": "i.csv", "header": True, "id": "i"},
+    }  # fmt: skip
+    (tmp_path / "i.csv").write_text("i\nB00X\n01\n1\n")
+    (tmp_path / "r.csv").write_text("u,i,r\n01,01,4\n1,1,3\n001,B00X,5\nu1,gone,2\n")
+    raw = load_raw(tmp_path, config)
+    assert raw.counts["unknown_item_ratings_dropped"] == 1
+    users = raw.user_vocab[raw.ratings["user_id"]].tolist()
+    assert list(zip(users, raw.item_vocab[raw.ratings["item_id"]].tolist(), strict=True)) == [
+        ("01", "01"),
+        ("1", "1"),
+        ("001", "B00X"),
+    ]
+    (tmp_path / "r.csv").write_text("u,i,r\n01,01,4\n ,1,3\n")
+    with pytest.raises(ValueError, match=r"r.csv: column 'u', data row 2 .*missing id"):
+        load_raw(tmp_path, config)
+    (tmp_path / "i.csv").write_text("i\nB00X\n01\nB00X \n")
+    with pytest.raises(ValueError, match=r"i.csv: column 'i', data row 3 .*duplicate id 'B00X'"):
+        load_raw(tmp_path, config)
+    with pytest.raises(ValueError, match=r"ratings.id_type: expected one of"):
+        load_raw(tmp_path, config | {"ratings": config["ratings"] | {"id_type": "str"}})

@@ -306,3 +306,53 @@ def test_text_features_see_only_what_training_sees(tmp_path):
     ]
     assert list(items.loc[0, "display_genres"]) == [items.loc[0, "genres"]]
     assert items["display_year"].tolist() == items["year"].astype(int).tolist()
+
+
+def test_string_ids_are_kept_verbatim_through_preprocessing(tmp_path):
+    """id_type: string keeps '01', '1' and '001' apart and writes the source ids back, as clients send them."""
+    from metarec.realtime import write_history
+
+    rng = np.random.default_rng(0)
+    user_ids = ["01", "1", "001", " x7 "] + [f"u{n}" for n in range(26)]
+    item_ids = ["07", "7"] + [f"B00{n:05d}X" for n in range(18)]
+    rows = [(u, i, int(rng.integers(1, 6)), 1000 + n) for n, u in enumerate(user_ids)
+            for i in rng.choice(item_ids, 18, replace=False)]  # fmt: skip
+    ratings = pd.DataFrame(rows, columns=["uid", "iid", "stars", "ts"])
+    ratings.to_csv(tmp_path / "ratings.csv", index=False)
+    occupation = {u: f"job{n % 3}" for n, u in enumerate(user_ids)}
+    pd.DataFrame({"uid": user_ids, "occ": [occupation[u] for u in user_ids]}).to_csv(
+        tmp_path / "users.csv", index=False
+    )
+    titles = {i: f"Title {i} ({1990 + n})" for n, i in enumerate(item_ids)}
+    pd.DataFrame({"iid": item_ids, "title": list(titles.values())}).to_csv(
+        tmp_path / "items.csv", index=False
+    )
+    (tmp_path / "tags.csv").write_text("uid,iid,tag\n01,07,zebra\n")
+    config = {
+        "name": "strings",
+        "ratings": {"file": "ratings.csv", "header": True, "user": "uid", "item": "iid", "rating": "stars",
+                    "timestamp": "ts", "id_type": "string"},
+        "users": {"file": "users.csv", "header": True, "id": "uid",
+                  "features": [{"name": "occ", "kind": "categorical", "column": "occ"}]},
+        "items": {"file": "items.csv", "header": True, "id": "iid",
+                  "features": [{"name": "year", "kind": "numeric", "column": "title", "parse": "title_year"},
+                               {"name": "text", "kind": "text", "columns": ["title"], "tags": True, "dim": 4}]},
+        "tags": {"file": "tags.csv", "header": True, "user": "uid", "item": "iid", "tag": "tag"},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
+    run_preprocessing(str(tmp_path), str(tmp_path / "cfg.yaml"), {"max_ratings": 30, "split_fractions": [1, 0, 0]},
+                      str(tmp_path / "out"))  # fmt: skip
+    schema, users, items, interactions = read(tmp_path / "out")
+    stripped = [u.strip() for u in user_ids]
+    assert sorted(users["user_id"]) == sorted(stripped) and sorted(items["item_id"]) == sorted(item_ids)
+    assert users.set_index("user_id")["occ"].to_dict() == {u.strip(): o for u, o in occupation.items()}
+    assert items.set_index("item_id")["year"].to_dict() == {i: 1990 + n for n, i in enumerate(item_ids)}
+    assert "zebra" in items.set_index("item_id").loc["07", "text"] and "zebra" not in "".join(
+        items["text"][1:]
+    )
+    # Downstream: the serving history names users and items by their source ids, with their ratings.
+    write_history(tmp_path / "out", tmp_path / "history.parquet", window=100)
+    history = pd.read_parquet(tmp_path / "history.parquet")
+    source = {(u.strip(), i): r for u, i, r, _ in rows}
+    assert len(history) == len(source) == len(interactions)
+    assert all(source[(u, i)] == r for u, i, r in history[["user_id", "item_id", "rating"]].to_numpy())

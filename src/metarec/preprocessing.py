@@ -327,7 +327,9 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     train_support = (row_split == 0) & (role == 0)
     global_mean = float(rating[train_support].mean()) if train_support.any() else float(rating.mean())
     del train_support
-    users = pd.DataFrame({"user_idx": np.arange(n_users, dtype=np.int64), "user_id": kept_ids.astype(str)})
+    users = pd.DataFrame(
+        {"user_idx": np.arange(n_users, dtype=np.int64), "user_id": _raw_ids(kept_ids, raw.user_vocab)}
+    )
     user_specs = raw.config.users.features if raw.config.users else ()
     if raw.users is not None:
         features = raw.users.set_index("user_id").reindex(kept_ids)
@@ -339,7 +341,7 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     item_table = pd.DataFrame(
         {
             "item_idx": np.arange(len(items), dtype=np.int64),
-            "item_id": items["item_id"].astype(str).to_numpy(),
+            "item_id": _raw_ids(items["item_id"].to_numpy(), raw.item_vocab),
             "warm_idx": warm_idx,
             "is_cold": cold,
         }
@@ -437,6 +439,11 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
         "global_mean": global_mean,
         "counts": counts,
     }
+
+
+def _raw_ids(ids: np.ndarray, vocab: np.ndarray | None) -> np.ndarray:
+    """The source data's id strings: what clients send at serving time (codes mapped back, if any)."""
+    return (vocab[ids] if vocab is not None else ids).astype(str)
 
 
 def _index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ PARSERS = ("date_year", "title_year")
 TEXT_ENCODERS = ("ngrams", "sentence")
 DEFAULT_TEXT_DIM = 32
 FILE_FORMATS = ("csv", "parquet")
+ID_TYPES = ("integer", "string")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class RatingsConfig(TableConfig):
         timestamp: optional timestamp column (unix seconds).
         rating_scale: inclusive (min, max) of allowed ratings.
         rating_step: allowed rating granularity (1.0 whole stars, 0.5 half stars).
+        id_type: ``integer`` (ids are numbers: ``01`` and ``1`` are the same id) or ``string`` (ids
+            such as ``u1`` or an Amazon ASIN are kept verbatim, stripped of surrounding spaces). Applies
+            to the user and item ids of every table (ratings, users, items, tags), which join on them.
     """
 
     user: str = "user_id"
@@ -100,6 +104,7 @@ class RatingsConfig(TableConfig):
     timestamp: str | None = None
     rating_scale: tuple[float, float] = (1.0, 5.0)
     rating_step: float = 1.0
+    id_type: str = "integer"
 
 
 @dataclass(frozen=True)
@@ -362,7 +367,10 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
             raise _err(source, key, "section is required")
     rr = raw["ratings"]
     kwargs = _table_kwargs(
-        rr, "ratings", source, {"user", "item", "rating", "timestamp", "rating_scale", "rating_step"}
+        rr,
+        "ratings",
+        source,
+        {"user", "item", "rating", "timestamp", "rating_scale", "rating_step", "id_type"},
     )
     for key in ("user", "item", "rating"):
         if not rr.get(key):
@@ -375,6 +383,9 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
     step = float(rr.get("rating_step", 1.0))
     if step <= 0:
         raise _err(source, "ratings.rating_step", f"must be > 0, got {step}")
+    id_type = rr.get("id_type", "integer")
+    if id_type not in ID_TYPES:
+        raise _err(source, "ratings.id_type", f"expected one of {ID_TYPES}, got {id_type!r}")
     ratings = RatingsConfig(
         user=str(rr["user"]),
         item=str(rr["item"]),
@@ -382,6 +393,7 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
         timestamp=str(rr["timestamp"]) if rr.get("timestamp") else None,
         rating_scale=(float(scale[0]), float(scale[1])),
         rating_step=step,
+        id_type=id_type,
         **kwargs,
     )
     users = _entity(raw["users"], "users", source) if raw.get("users") else None

@@ -49,12 +49,13 @@ class RawData:
 
     Attributes:
         ratings: one row per kept rating with columns ``user_id`` and ``item_id`` (integer raw ids,
-            int32 when they fit), ``rating`` (float32) and ``timestamp`` (int64, 0 when the data set
+            or with ``id_type: string`` integer codes into ``user_vocab`` / ``item_vocab``; int32
+            when they fit), ``rating`` (float32) and ``timestamp`` (int64, 0 when the data set
             has none). Duplicates (same user and item) are resolved to the latest rating; ratings of
             items missing from the items table are dropped.
-        users: ``user_id`` plus one raw column per user feature (named as the feature), or None when
+        users: ``user_id`` (as in ``ratings``) plus one raw column per user feature (named as the feature), or None when
             the data set has no users table.
-        items: ``item_id`` plus one raw column per item feature (a text feature: its columns joined),
+        items: ``item_id`` (as in ``ratings``) plus one raw column per item feature (a text feature: its columns joined),
             ``display_<name>`` per display field, and ``release`` (float year, with the day as a
             fraction when a full date is known; NaN when unknown) when an item feature is parsed from
             a date or title.
@@ -62,9 +63,12 @@ class RawData:
         counts: ``ratings_read``, ``duplicates_dropped``, ``unknown_item_ratings_dropped``,
             ``ratings_kept``, ``users_without_features``; with a tags table ``tags_read`` and
             ``unknown_item_tags_dropped``.
-        tags: ``user_id``, ``item_id`` (int64) and ``tag`` (stripped, non-empty) per tag of a known
-            item, or None when the config has no tags table. Which tags may reach the model is
-            decided by preprocessing (it knows the user split).
+        tags: ``user_id``, ``item_id`` (int64, as in ``ratings``) and ``tag`` (stripped, non-empty)
+            per tag of a known item, or None when the config has no tags table. Which tags may reach
+            the model is decided by preprocessing (it knows the user split).
+        user_vocab: with ``id_type: string``, the raw id (str) of each user code, in ascending
+            string order; None when ids are integers (the id is its own code).
+        item_vocab: the same for items.
     """
 
     ratings: pd.DataFrame
@@ -73,6 +77,8 @@ class RawData:
     config: DatasetConfig
     counts: dict[str, int] = field(default_factory=dict)
     tags: pd.DataFrame | None = None
+    user_vocab: np.ndarray | None = None
+    item_vocab: np.ndarray | None = None
 
 
 def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
@@ -133,6 +139,44 @@ def _rating_columns(cfg: RatingsConfig) -> list[tuple[str, str, bool]]:
     return cols
 
 
+def _is_string_id(cfg: RatingsConfig, key: str) -> bool:
+    return cfg.id_type == "string" and key in ("user", "item")
+
+
+def _string_ids(values: pa.Array | pa.ChunkedArray, file: str, column: str, first_row: int) -> np.ndarray:
+    """One chunk of a string id column as stripped str objects, raising on the first missing id."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_integer(values.type):
+        values = values.cast(pa.string())
+    elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        if not pa.types.is_null(values.type):
+            raise _bad(file, column, first_row, f"unsupported column type {values.type} for string ids")
+    text = pd.Series(values.to_numpy(zero_copy_only=False), dtype=object).fillna("").astype(str).str.strip()
+    missing = np.flatnonzero((text == "").to_numpy())
+    if missing.size:
+        raise _bad(file, column, first_row + int(missing[0]), "missing id (empty)")
+    return text.to_numpy(dtype=object)
+
+
+class _FirstSeenCodes:
+    """Integer codes for string ids in first-seen order, built chunk by chunk (one dict of the ids)."""
+
+    def __init__(self) -> None:
+        self._code: dict[str, int] = {}
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        """Codes (int64) of ``ids``, adding the ids not seen before."""
+        codes, uniques = pd.factorize(ids)
+        code = self._code
+        mapped = np.fromiter((code.setdefault(u, len(code)) for u in uniques), np.int64, len(uniques))
+        return mapped[codes]
+
+    def strings(self) -> np.ndarray:
+        """The id of each code."""
+        return np.array(list(self._code), dtype=object)
+
+
 def _check_header(file: str, available: list[str], cfg: RatingsConfig) -> None:
     for _key, column, _ in _rating_columns(cfg):
         if column not in available:
@@ -181,8 +225,8 @@ def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[
     )
     parse = pacsv.ParseOptions(delimiter=cfg.sep, quote_char='"' if cfg.sep == "," else False)
     types = {
-        c: (pa.string() if strings else (pa.int64() if integer else pa.float64()))
-        for _, c, integer in columns
+        c: (pa.string() if strings or _is_string_id(cfg, key) else (pa.int64() if integer else pa.float64()))
+        for key, c, integer in columns
     }
     convert = pacsv.ConvertOptions(column_types=types, include_columns=[c for _, c, _ in columns])
     if cfg.header:
@@ -236,7 +280,10 @@ def _validated_chunks(path: Path, cfg: RatingsConfig) -> Iterator[dict[str, np.n
         for batch in batches:
             chunk: dict[str, np.ndarray] = {}
             for key, column, integer in _rating_columns(cfg):
-                chunk[key] = _numeric_column(batch.column(column), integer, path.name, column, first_row)
+                if _is_string_id(cfg, key):
+                    chunk[key] = _string_ids(batch.column(column), path.name, column, first_row)
+                else:
+                    chunk[key] = _numeric_column(batch.column(column), integer, path.name, column, first_row)
             rating = chunk["rating"]
             out_of_range = np.flatnonzero((rating < lo - 1e-9) | (rating > hi + 1e-9))
             if out_of_range.size:
@@ -263,8 +310,11 @@ def _validated_chunks(path: Path, cfg: RatingsConfig) -> Iterator[dict[str, np.n
         _find_shape_error(path, cfg)
         first_row = 1
         for batch in _iter_csv_chunks(path, cfg, strings=True):
-            for _key, column, integer in _rating_columns(cfg):
-                _numeric_column(batch.column(column), integer, path.name, column, first_row)
+            for key, column, integer in _rating_columns(cfg):
+                if _is_string_id(cfg, key):
+                    _string_ids(batch.column(column), path.name, column, first_row)
+                else:
+                    _numeric_column(batch.column(column), integer, path.name, column, first_row)
             first_row += batch.num_rows
         raise ValueError(f"{path.name}: {exc}") from exc
 
@@ -286,7 +336,9 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
 
     Returns:
         ``user`` and ``item`` (int32 when they fit, else int64), ``rating`` (float32), ``timestamp``
-        (int64, zeros when the config has no timestamp column), in file order.
+        (int64, zeros when the config has no timestamp column), in file order. With ``id_type:
+        string``, ``user`` and ``item`` are codes in first-seen order and ``user_strings`` /
+        ``item_strings`` hold the raw id of each code.
 
     Raises:
         ValueError: missing file or column, non-numeric id, missing value, rating out of range or off
@@ -295,7 +347,11 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"{path.name}: ratings file not found at {path}")
     parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": [], "timestamp": []}
+    strings = {"user": _FirstSeenCodes(), "item": _FirstSeenCodes()} if cfg.id_type == "string" else None
     for chunk in _validated_chunks(path, cfg):
+        if strings is not None:
+            chunk["user"] = strings["user"].encode(chunk["user"])
+            chunk["item"] = strings["item"].encode(chunk["item"])
         parts["user"].append(_compact_ids(chunk["user"]))
         parts["item"].append(_compact_ids(chunk["item"]))
         parts["rating"].append(chunk["rating"].astype(np.float32))
@@ -314,6 +370,9 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
     out["item"] = _compact_ids(out["item"].astype(np.int64, copy=False))
     if len(out["rating"]) == 0:
         raise ValueError(f"{path.name}: no ratings")
+    if strings is not None:
+        out["user_strings"] = strings["user"].strings()
+        out["item_strings"] = strings["item"].strings()
     return out
 
 
@@ -479,13 +538,23 @@ def _int_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
     return parsed.to_numpy().astype(np.int64)
 
 
-def _parse_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
-    ids = _int_ids(frame, file, column)
-    _, first_index, counts = np.unique(ids, return_index=True, return_counts=True)
-    if np.any(counts > 1):
-        duplicate_rows = np.setdiff1d(np.arange(len(ids)), first_index)
-        i = int(duplicate_rows.min())
-        raise _bad(file, column, i + 1, f"duplicate id {ids[i]}")
+def _text_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+    """A string id column (``id_type: string``; repeats allowed), stripped, raising on an empty id."""
+    text = frame[column].astype(str).str.strip()
+    missing = np.flatnonzero((text == "").to_numpy())
+    if missing.size:
+        raise _bad(file, column, int(missing[0]) + 1, "missing id (empty)")
+    return text.to_numpy(dtype=object)
+
+
+def _parse_ids(frame: pd.DataFrame, file: str, column: str, string_ids: bool = False) -> np.ndarray:
+    ids = _text_ids(frame, file, column) if string_ids else _int_ids(frame, file, column)
+    duplicated = np.flatnonzero(pd.Series(ids).duplicated().to_numpy())
+    if duplicated.size:
+        i = int(duplicated[0])
+        raise _bad(
+            file, column, i + 1, f"duplicate id {ids[i]!r}" if string_ids else f"duplicate id {ids[i]}"
+        )
     return ids
 
 
@@ -561,7 +630,11 @@ def _display_values(frame: pd.DataFrame, out: pd.DataFrame, spec: DisplaySpec, t
 
 
 def read_entities(
-    path: Path, table: EntityConfig, id_name: str, display: tuple[DisplaySpec, ...] = ()
+    path: Path,
+    table: EntityConfig,
+    id_name: str,
+    display: tuple[DisplaySpec, ...] = (),
+    string_ids: bool = False,
 ) -> pd.DataFrame:
     """Reads a users or items table and extracts its raw feature columns.
 
@@ -570,9 +643,10 @@ def read_entities(
         table: its EntityConfig.
         id_name: name of the id column in the result (``user_id`` or ``item_id``).
         display: display fields to extract (items only).
+        string_ids: ids are strings (``id_type: string``), not integers.
 
     Returns:
-        A DataFrame with ``id_name`` (int64), one column per feature (named as the feature), one
+        A DataFrame with ``id_name`` (int64, or stripped str with ``string_ids``), one column per feature (named as the feature), one
         ``display_<name>`` column per display field and, for items with a date- or title-parsed
         feature, ``release``.
 
@@ -588,7 +662,7 @@ def read_entities(
     for column in needed:
         if column not in frame.columns:
             raise _bad(path.name, column, None, f"missing column (file has {list(frame.columns)})")
-    out = pd.DataFrame({id_name: _parse_ids(frame, path.name, table.id)})
+    out = pd.DataFrame({id_name: _parse_ids(frame, path.name, table.id, string_ids)})
     release = None
     for spec in table.features:
         values, key = _feature_values(frame, spec, path.name)
@@ -602,15 +676,17 @@ def read_entities(
     return out
 
 
-def read_tags(path: Path, table: TagsConfig) -> pd.DataFrame:
+def read_tags(path: Path, table: TagsConfig, string_ids: bool = False) -> pd.DataFrame:
     """Reads a tags table (one user-applied tag per row).
 
     Args:
         path: the file.
         table: its TagsConfig.
+        string_ids: ids are strings (``id_type: string``), not integers.
 
     Returns:
-        ``user_id``, ``item_id`` (int64) and ``tag`` (stripped); rows with an empty tag are dropped.
+        ``user_id``, ``item_id`` (int64, or stripped str with ``string_ids``) and ``tag``
+        (stripped); rows with an empty tag are dropped.
 
     Raises:
         ValueError: missing file or column, or a non-integer id (naming the file, column and row).
@@ -619,10 +695,11 @@ def read_tags(path: Path, table: TagsConfig) -> pd.DataFrame:
     for column in (table.user, table.item, table.tag):
         if column not in frame.columns:
             raise _bad(path.name, column, None, f"missing column (file has {list(frame.columns)})")
+    ids = _text_ids if string_ids else _int_ids
     tags = pd.DataFrame(
         {
-            "user_id": _int_ids(frame, path.name, table.user),
-            "item_id": _int_ids(frame, path.name, table.item),
+            "user_id": ids(frame, path.name, table.user),
+            "item_id": ids(frame, path.name, table.item),
             "tag": frame[table.tag].astype(str).str.strip().to_numpy(),
         }
     )
@@ -632,14 +709,55 @@ def read_tags(path: Path, table: TagsConfig) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 
 
+def _codes_for_string_ids(
+    arrays: dict[str, np.ndarray],
+    users: pd.DataFrame | None,
+    items: pd.DataFrame,
+    tags: pd.DataFrame | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replaces string ids by integer codes in place, in every table, so they join as integer ids do.
+
+    Item codes index the items table's ids in ascending string order (a rated or tagged item missing
+    from it gets -1 and is dropped as an unknown item); user codes index every user id seen in the
+    ratings, users and tags tables.
+
+    Returns:
+        (raw id of each user code, raw id of each item code).
+    """
+    item_vocab = np.sort(items["item_id"].to_numpy(dtype=object))
+    item_index = pd.Index(item_vocab)
+    items["item_id"] = item_index.get_indexer(items["item_id"])
+    arrays["item"] = _compact_ids(item_index.get_indexer(arrays.pop("item_strings"))[arrays["item"]])
+    rating_users = arrays.pop("user_strings")
+    seen = [rating_users] + [
+        frame["user_id"].to_numpy(dtype=object) for frame in (users, tags) if frame is not None
+    ]
+    user_vocab = np.unique(np.concatenate(seen)).astype(object)
+    user_index = pd.Index(user_vocab)
+    arrays["user"] = _compact_ids(user_index.get_indexer(rating_users)[arrays["user"]])
+    if users is not None:
+        users["user_id"] = user_index.get_indexer(users["user_id"])
+    if tags is not None:
+        tags["user_id"] = user_index.get_indexer(tags["user_id"])
+        tags["item_id"] = item_index.get_indexer(tags["item_id"])
+    return user_vocab, item_vocab
+
+
 def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
     """Reads and validates a data set from a local directory (see ``load_raw``)."""
     ratings_path = data_dir / config.ratings.file
-    items = read_entities(data_dir / config.items.file, config.items, "item_id", config.display)
-    users = read_entities(data_dir / config.users.file, config.users, "user_id") if config.users else None
+    string_ids = config.ratings.id_type == "string"
+    items = read_entities(data_dir / config.items.file, config.items, "item_id", config.display, string_ids)
+    users = None
+    if config.users:
+        users = read_entities(data_dir / config.users.file, config.users, "user_id", string_ids=string_ids)
+    tags = read_tags(data_dir / config.tags.file, config.tags, string_ids) if config.tags else None
 
     arrays = read_ratings(ratings_path, config.ratings)
     counts = {"ratings_read": int(len(arrays["rating"]))}
+    user_vocab = item_vocab = None
+    if string_ids:
+        user_vocab, item_vocab = _codes_for_string_ids(arrays, users, items, tags)
 
     known_item = np.isin(arrays["item"], items["item_id"].to_numpy())
     unknown_items = int((~known_item).sum())
@@ -671,14 +789,21 @@ def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
         },
         copy=False,
     )
-    tags = None
-    if config.tags is not None:
-        tags = read_tags(data_dir / config.tags.file, config.tags)
+    if tags is not None:
         known = tags["item_id"].isin(items["item_id"])
         counts["tags_read"] = int(len(tags))
         counts["unknown_item_tags_dropped"] = int((~known).sum())
         tags = tags[known].reset_index(drop=True)
-    return RawData(ratings=ratings, users=users, items=items, config=config, counts=counts, tags=tags)
+    return RawData(
+        ratings=ratings,
+        users=users,
+        items=items,
+        config=config,
+        counts=counts,
+        tags=tags,
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+    )
 
 
 def load_raw(data_uri: str | Path, dataset_config: str | Path | dict | DatasetConfig) -> RawData:
