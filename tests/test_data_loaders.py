@@ -405,3 +405,24 @@ def test_string_ids_keep_leading_zeros_and_name_bad_rows(tmp_path):
         load_raw(tmp_path, config)
     with pytest.raises(ValueError, match=r"ratings.id_type: expected one of"):
         load_raw(tmp_path, config | {"ratings": config["ratings"] | {"id_type": "str"}})
+
+
+def test_parquet_integer_categories_with_gaps_match_request_values(tmp_path):
+    from metarec.features import FeatureEncoder, fit_feature_schema
+
+    write_csv_dataset(tmp_path)
+    # pandas writes an integer column with a gap as float64: 3 is stored as 3.0.
+    pd.DataFrame({"userId": [1, 2, 3], "occ": [1, None, 3]}).to_parquet(tmp_path / "users.parquet")
+    raw_config = {
+        "ratings": {"file": "ratings.csv", "header": True, "user": "userId", "item": "movieId", "rating": "rating",
+                    "rating_scale": [0.5, 5], "rating_step": 0.5},
+        "users": {"file": "users.parquet", "id": "userId",
+                  "features": [{"name": "occ", "kind": "categorical", "column": "occ"}]},
+        "items": {"file": "movies.csv", "header": True, "id": "movieId"},
+    }  # fmt: skip
+    raw = load_raw(tmp_path, raw_config)
+    assert raw.users["occ"].tolist()[::2] == ["1", "3"] and pd.isna(raw.users["occ"][1])
+    users = parse_dataset_config(raw_config).users.features
+    schema = {"user_features": fit_feature_schema(raw.users, users), "item_features": []}
+    assert schema["user_features"][0]["vocab"] == ["1", "3"]
+    assert FeatureEncoder(schema).encode_user_dict({"occ": 3}).cat.tolist() == [[2]]

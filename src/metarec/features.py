@@ -76,8 +76,17 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in _MISSING_TEXT
 
 
-def _as_text(value: Any) -> str | None:
-    """Canonical text of a categorical value: ints and integral floats print without a decimal part."""
+def canonical_text(value: Any) -> str | None:
+    """Canonical text of a categorical value: ints and integral floats print without a decimal part.
+
+    Used by the loaders as well, so a value read from a file gets the text a request's value gets.
+
+    Args:
+        value: a raw value (str, number, None or NaN).
+
+    Returns:
+        The stripped text, or None when the value is missing.
+    """
     if _is_missing(value):
         return None
     if isinstance(value, float | np.floating) and float(value).is_integer():
@@ -141,7 +150,7 @@ def fit_feature_schema(
             continue
         values = frame[spec.name] if spec.name in frame.columns else pd.Series([], dtype=object)
         if spec.kind == "categorical":
-            vocab = sorted({t for t in (_as_text(v) for v in values.tolist()) if t is not None})
+            vocab = sorted({t for t in (canonical_text(v) for v in values.tolist()) if t is not None})
             schema.append({"name": spec.name, "kind": "categorical", "vocab": vocab})
         elif spec.kind == "hashed":
             schema.append({"name": spec.name, "kind": "hashed", "buckets": int(spec.buckets)})
@@ -209,11 +218,13 @@ class _EntityEncoder:
                 if values is not None:
                     if kind == "categorical":
                         index = self._index[name]
-                        codes = [index.get(t, 0) if (t := _as_text(v)) is not None else 0 for v in values]
+                        codes = [
+                            index.get(t, 0) if (t := canonical_text(v)) is not None else 0 for v in values
+                        ]
                     else:
                         buckets = int(feature["buckets"])
                         codes = [
-                            stable_hash_bucket(t, buckets) if (t := _as_text(v)) is not None else 0
+                            stable_hash_bucket(t, buckets) if (t := canonical_text(v)) is not None else 0
                             for v in values
                         ]
                     cat[:, cat_slot] = codes

@@ -35,6 +35,7 @@ from metarec.data.config import (
     TagsConfig,
     load_dataset_config,
 )
+from metarec.features import canonical_text
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +524,8 @@ def _read_table(path: Path, table: TableConfig) -> pd.DataFrame:
         raise ValueError(f"{path.name}: file not found at {path}")
     if table.format == "parquet":
         frame = pd.read_parquet(path)
-        return frame.astype(object).where(frame.notna(), "").astype(str)
+        # pandas stores integers with gaps as floats: 3.0 must read "3", as a request's 3 is encoded.
+        return frame.astype(object).where(frame.notna(), None).map(lambda v: canonical_text(v) or "")
     return _read_csv_table(path, table)
 
 
