@@ -121,7 +121,13 @@ BAD_RATINGS = {
     "empty rating": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,,1\n", "rating", 2, "missing"),
     "NaN rating": ("userId,movieId,rating,timestamp\n1,1,NaN,1\n", "rating", 1, "missing"),
     "non-numeric timestamp": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3,soon\n", "timestamp", 2,
-                              "non-numeric"),
+                              "non-numeric timestamp 'soon'"),
+    "fractional timestamp": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3,9.5\n", "timestamp", 2,
+                             "timestamp '9.5' is not a whole number of seconds"),
+    "fractional id after an integral float": ("userId,movieId,rating,timestamp\n1.0,1,4,1\n2.5,2,3,1\n",
+                                              "userId", 2, "id '2.5' is not an integer"),
+    "id out of range": ("userId,movieId,rating,timestamp\n1,1,4,1\n1e30,2,3,1\n", "userId", 2,
+                        "outside the 64-bit integer range"),
 }  # fmt: skip
 
 
@@ -134,6 +140,50 @@ def test_bad_ratings_name_file_column_and_row(tmp_path, case):
     message = str(err.value)
     assert "ratings.csv" in message and f"'{column}'" in message and f"data row {row} " in message, message
     assert reason in message, message
+
+
+def test_ratings_header_bom_and_integral_numbers_are_read(tmp_path):
+    """Spaces around header names, a UTF-8 BOM and integers written as 7.0 or 1e3 all read as meant."""
+    text = " userId , movieId,rating, timestamp\n1.0,1,4.0,900000000.0\n1e0,3,4.5,964981247\n2,2,0.5,9e8\n"
+    write_csv_dataset(tmp_path, ratings=text)
+    (tmp_path / "ratings.csv").write_text(text, encoding="utf-8-sig")
+    raw = load_raw(tmp_path, "movielens-csv")
+    assert raw.ratings[["user_id", "item_id", "timestamp"]].to_numpy().tolist() == [
+        [1, 1, 900000000],
+        [1, 3, 964981247],
+        [2, 2, 900000000],
+    ]
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n", encoding="utf-8-sig")  # no header: the BOM is not data
+    (tmp_path / "u.item").write_text(ML100K_ITEM)
+    (tmp_path / "u.user").write_text("1|20|M|other|12345\n", encoding="utf-8-sig")
+    raw = load_raw(tmp_path, "movielens-100k")
+    assert raw.ratings["user_id"].tolist() == [1] and raw.users["user_id"].tolist() == [1]
+
+
+def test_empty_or_unmatched_ratings_name_the_files(tmp_path, caplog):
+    write_csv_dataset(tmp_path, ratings="")
+    with pytest.raises(ValueError, match="ratings.csv: empty file"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, ratings="userId,movieId,rating,timestamp\n")
+    with pytest.raises(ValueError, match="ratings.csv: no ratings"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, ratings="userId,movieId,rating,timestamp\n1,7,4,1\n")
+    with pytest.raises(
+        ValueError, match=r"ratings.csv: no rated item is in movies.csv \(ratings column 'movieId'"
+    ):
+        load_raw(tmp_path, "movielens-csv")
+    (tmp_path / "u.data").write_text("1\t1\t4\t1\n2\t1\t4\t1\n")
+    (tmp_path / "u.item").write_text(ML100K_ITEM)
+    (tmp_path / "u.user").write_text("3|20|M|other|12345\n")
+    with pytest.raises(ValueError, match=r"u.data: no rated user is in u.user \(ratings column 'user_id'"):
+        load_raw(tmp_path, "movielens-100k")
+    (tmp_path / "u.user").write_text("2|20|M|other|12345\n")
+    with caplog.at_level(logging.WARNING):
+        raw = load_raw(tmp_path, "movielens-100k")
+    assert (
+        raw.counts["users_without_features"] == 1
+        and "1 of 2 rated users are missing from u.user" in caplog.text
+    )
 
 
 def test_bad_parquet_rating_names_row(tmp_path):

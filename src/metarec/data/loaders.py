@@ -88,16 +88,45 @@ def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
 
 
 # --------------------------------------------------------------------------------------------------
+# Text files
+
+
+def _text_encoding(encoding: str) -> str:
+    """The codec to open a text file with: UTF-8 also drops a leading byte-order mark (Excel writes one)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}") from None
+    return "utf-8-sig" if name == "utf-8" else encoding
+
+
+def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
+    """Fields of each record, in file order; an empty line yields an empty list."""
+    if len(table.sep) > 1:  # a literal multi-character separator (``::``): no quoting
+        for line in handle:
+            line = line.rstrip("\r\n")
+            yield line.split(table.sep) if line else []
+        return
+    quoting = csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE
+    yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
+
+
+# --------------------------------------------------------------------------------------------------
 # Ratings: streamed, vectorised validation
 
 
 def _numeric_column(
-    values: pa.Array | pa.ChunkedArray, integer: bool, file: str, column: str, first_row: int
+    values: pa.Array | pa.ChunkedArray, key: str, file: str, column: str, first_row: int
 ) -> np.ndarray:
-    """Converts one chunk of a column to int64 / float64, raising on the first bad row."""
+    """Converts one chunk of a column to int64 (ids, timestamps) / float64 (ratings), raising on the first bad row.
+
+    An integer column accepts integral numbers however they are written (``7``, ``7.0``, ``7e0``).
+    """
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
+    noun = "id" if key in ("user", "item") else key
     kind = values.type
+    text = None
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
         text = values.to_numpy(zero_copy_only=False)
         stripped = pd.Series(text, dtype=object).fillna("").astype(str).str.strip()
@@ -107,7 +136,7 @@ def _numeric_column(
         bad = np.flatnonzero(missing | nonnumeric)
         if bad.size:
             i = int(bad[0])
-            what = f"non-numeric value {text[i]!r}" if nonnumeric[i] else "missing value (empty or NaN)"
+            what = f"non-numeric {noun} {text[i]!r}" if nonnumeric[i] else "missing value (empty or NaN)"
             raise _bad(file, column, first_row + i, what)
         out = parsed
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
@@ -123,11 +152,18 @@ def _numeric_column(
             raise _bad(file, column, first_row + int(nan[0]), "missing value (empty or NaN)")
     else:
         raise _bad(file, column, first_row, f"unsupported column type {kind}")
-    if integer:
-        fractional = np.flatnonzero(out != np.round(out))
+    if key != "rating":
+        fractional = np.flatnonzero((out != np.round(out)) | (np.abs(out) >= 2.0**63))
         if fractional.size:
             i = int(fractional[0])
-            raise _bad(file, column, first_row + i, f"non-numeric id {out[i]!r} (not an integer)")
+            shown = repr(text[i]) if text is not None else f"{out[i]:g}"
+            if abs(out[i]) >= 2.0**63:
+                why = f"{noun} {shown} is outside the 64-bit integer range"
+            elif noun == "id":
+                why = f"id {shown} is not an integer (string ids need ratings.id_type: string)"
+            else:
+                why = f"timestamp {shown} is not a whole number of seconds"
+            raise _bad(file, column, first_row + i, why)
         return out.astype(np.int64)
     return out
 
@@ -184,7 +220,37 @@ def _check_header(file: str, available: list[str], cfg: RatingsConfig) -> None:
             raise _bad(file, column, None, f"missing column (file has {available})")
 
 
-def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
+def _column_names(path: Path, cfg: RatingsConfig) -> list[str]:
+    """The ratings file's column names: its header row (names stripped, a UTF-8 BOM dropped) or ``names``."""
+    if not cfg.header:
+        names = list(cfg.names)
+    else:
+        with open(path, encoding=_text_encoding(cfg.encoding), newline="") as handle:
+            header = next(_split_rows(handle, cfg), None)
+        if not header:
+            raise ValueError(
+                f"{path.name}: empty file or blank first line (the header row is expected there)"
+            )
+        names = [name.strip() for name in header]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
+    _check_header(path.name, names, cfg)
+    return names
+
+
+def _csv_read_options(path: Path, cfg: RatingsConfig, **kwargs) -> pacsv.ReadOptions:
+    # The header row is skipped and its stripped names given, so " movieId" still names movieId.
+    return pacsv.ReadOptions(
+        column_names=_column_names(path, cfg),
+        skip_rows=1 if cfg.header else 0,
+        encoding=cfg.encoding,
+        block_size=DEFAULT_CHUNK_BYTES,
+        **kwargs,
+    )
+
+
+def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> None:
     """Single-threaded string read that reports the first row with a wrong number of fields."""
     found: list = []
 
@@ -192,21 +258,17 @@ def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
         found.append(row)
         return "error"
 
-    read = pacsv.ReadOptions(
-        column_names=None if cfg.header else list(cfg.names),
-        encoding=cfg.encoding,
-        use_threads=False,
-        block_size=DEFAULT_CHUNK_BYTES,
-    )
+    read = _csv_read_options(path, cfg, use_threads=False)
     parse = pacsv.ParseOptions(delimiter=cfg.sep, invalid_row_handler=handler)
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for _, c, _ in _rating_columns(cfg)})
     try:
         reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         for _ in reader:
             pass
-    except pa.ArrowInvalid:
+    except pa.ArrowInvalid as shape_exc:
         if found:
             row = found[0]
+            # pyarrow numbers rows from 1 with the header (skipped or not) and without blank lines.
             data_row = row.number - (1 if cfg.header else 0) if row.number is not None else None
             raise _bad(
                 path.name,
@@ -214,28 +276,18 @@ def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
                 data_row,
                 f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
             ) from None
-        raise
+        raise ValueError(f"{path.name}: {shape_exc}") from exc
 
 
 def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[pa.RecordBatch]:
     columns = _rating_columns(cfg)
-    read = pacsv.ReadOptions(
-        column_names=None if cfg.header else list(cfg.names),
-        encoding=cfg.encoding,
-        block_size=DEFAULT_CHUNK_BYTES,
-    )
+    read = _csv_read_options(path, cfg)
     parse = pacsv.ParseOptions(delimiter=cfg.sep, quote_char='"' if cfg.sep == "," else False)
     types = {
         c: (pa.string() if strings or _is_string_id(cfg, key) else (pa.int64() if integer else pa.float64()))
         for key, c, integer in columns
     }
     convert = pacsv.ConvertOptions(column_types=types, include_columns=[c for _, c, _ in columns])
-    if cfg.header:
-        with open(path, encoding=cfg.encoding, newline="") as handle:
-            header = next(csv.reader(handle, delimiter=cfg.sep), [])
-        _check_header(path.name, [h.strip() for h in header], cfg)
-    else:
-        _check_header(path.name, list(cfg.names), cfg)
     yield from pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
 
 
@@ -249,11 +301,12 @@ def _iter_pandas_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBat
         names=None if cfg.header else list(cfg.names),
         dtype=str,
         keep_default_na=False,
-        encoding=cfg.encoding,
+        encoding=_text_encoding(cfg.encoding),
         chunksize=DEFAULT_PARQUET_BATCH_ROWS,
     )
     columns = [c for _, c, _ in _rating_columns(cfg)]
     for chunk in reader:
+        chunk.columns = [str(name).strip() for name in chunk.columns]
         _check_header(path.name, list(chunk.columns), cfg)
         yield pa.RecordBatch.from_pandas(chunk[columns], preserve_index=False)
 
@@ -266,58 +319,44 @@ def _iter_parquet_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBa
     )
 
 
-def _validated_chunks(path: Path, cfg: RatingsConfig) -> Iterator[dict[str, np.ndarray]]:
-    """Yields validated chunks as numpy arrays keyed by user / item / rating / timestamp."""
+def _validated_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Yields validated chunks as numpy arrays keyed by user / item / rating / timestamp.
+
+    ``strings``: read a CSV's columns as text (slower; parses what pyarrow's typed read rejects).
+    """
     if cfg.format == "parquet":
         batches = _iter_parquet_chunks(path, cfg)
     elif len(cfg.sep) > 1:
         batches = _iter_pandas_chunks(path, cfg)
     else:
-        batches = _iter_csv_chunks(path, cfg, strings=False)
+        batches = _iter_csv_chunks(path, cfg, strings)
     lo, hi = cfg.rating_scale
     step = cfg.rating_step
     first_row = 1
-    try:
-        for batch in batches:
-            chunk: dict[str, np.ndarray] = {}
-            for key, column, integer in _rating_columns(cfg):
-                if _is_string_id(cfg, key):
-                    chunk[key] = _string_ids(batch.column(column), path.name, column, first_row)
-                else:
-                    chunk[key] = _numeric_column(batch.column(column), integer, path.name, column, first_row)
-            rating = chunk["rating"]
-            out_of_range = np.flatnonzero((rating < lo - 1e-9) | (rating > hi + 1e-9))
-            if out_of_range.size:
-                i = int(out_of_range[0])
-                raise _bad(
-                    path.name, cfg.rating, first_row + i, f"rating {rating[i]:g} outside [{lo:g}, {hi:g}]"
-                )
-            steps = (rating - lo) / step
-            off_step = np.flatnonzero(np.abs(steps - np.round(steps)) > 1e-6)
-            if off_step.size:
-                i = int(off_step[0])
-                raise _bad(
-                    path.name,
-                    cfg.rating,
-                    first_row + i,
-                    f"rating {rating[i]:g} is not a multiple of step {step:g}",
-                )
-            first_row += len(rating)
-            yield chunk
-    except pa.ArrowInvalid as exc:
-        # The fast typed read failed: re-read as strings to name the offending row and column.
-        if cfg.format != "csv" or len(cfg.sep) > 1:
-            raise ValueError(f"{path.name}: {exc}") from exc
-        _find_shape_error(path, cfg)
-        first_row = 1
-        for batch in _iter_csv_chunks(path, cfg, strings=True):
-            for key, column, integer in _rating_columns(cfg):
-                if _is_string_id(cfg, key):
-                    _string_ids(batch.column(column), path.name, column, first_row)
-                else:
-                    _numeric_column(batch.column(column), integer, path.name, column, first_row)
-            first_row += batch.num_rows
-        raise ValueError(f"{path.name}: {exc}") from exc
+    for batch in batches:
+        chunk: dict[str, np.ndarray] = {}
+        for key, column, _ in _rating_columns(cfg):
+            if _is_string_id(cfg, key):
+                chunk[key] = _string_ids(batch.column(column), path.name, column, first_row)
+            else:
+                chunk[key] = _numeric_column(batch.column(column), key, path.name, column, first_row)
+        rating = chunk["rating"]
+        out_of_range = np.flatnonzero((rating < lo - 1e-9) | (rating > hi + 1e-9))
+        if out_of_range.size:
+            i = int(out_of_range[0])
+            raise _bad(path.name, cfg.rating, first_row + i, f"rating {rating[i]:g} outside [{lo:g}, {hi:g}]")
+        steps = (rating - lo) / step
+        off_step = np.flatnonzero(np.abs(steps - np.round(steps)) > 1e-6)
+        if off_step.size:
+            i = int(off_step[0])
+            raise _bad(
+                path.name,
+                cfg.rating,
+                first_row + i,
+                f"rating {rating[i]:g} is not a multiple of step {step:g}",
+            )
+        first_row += len(rating)
+        yield chunk
 
 
 def _compact_ids(values: np.ndarray) -> np.ndarray:
@@ -328,31 +367,13 @@ def _compact_ids(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
-    """Streams and validates a ratings file.
-
-    Args:
-        path: the ratings file.
-        cfg: its RatingsConfig.
-
-    Returns:
-        ``user`` and ``item`` (int32 when they fit, else int64), ``rating`` (float32), ``timestamp``
-        (int64, zeros when the config has no timestamp column), in file order. With ``id_type:
-        string``, ``user`` and ``item`` are codes in first-seen order and ``user_strings`` /
-        ``item_strings`` hold the raw id of each code.
-
-    Raises:
-        ValueError: missing file or column, non-numeric id, missing value, rating out of range or off
-            the rating step; the message names the file, column and first offending data row.
-    """
-    if not path.is_file():
-        raise ValueError(f"{path.name}: ratings file not found at {path}")
+def _collect_ratings(path: Path, cfg: RatingsConfig, strings: bool) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": [], "timestamp": []}
-    strings = {"user": _FirstSeenCodes(), "item": _FirstSeenCodes()} if cfg.id_type == "string" else None
-    for chunk in _validated_chunks(path, cfg):
-        if strings is not None:
-            chunk["user"] = strings["user"].encode(chunk["user"])
-            chunk["item"] = strings["item"].encode(chunk["item"])
+    codes = {"user": _FirstSeenCodes(), "item": _FirstSeenCodes()} if cfg.id_type == "string" else None
+    for chunk in _validated_chunks(path, cfg, strings):
+        if codes is not None:
+            chunk["user"] = codes["user"].encode(chunk["user"])
+            chunk["item"] = codes["item"].encode(chunk["item"])
         parts["user"].append(_compact_ids(chunk["user"]))
         parts["item"].append(_compact_ids(chunk["item"]))
         parts["rating"].append(chunk["rating"].astype(np.float32))
@@ -371,10 +392,44 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
     out["item"] = _compact_ids(out["item"].astype(np.int64, copy=False))
     if len(out["rating"]) == 0:
         raise ValueError(f"{path.name}: no ratings")
-    if strings is not None:
-        out["user_strings"] = strings["user"].strings()
-        out["item_strings"] = strings["item"].strings()
+    if codes is not None:
+        out["user_strings"] = codes["user"].strings()
+        out["item_strings"] = codes["item"].strings()
     return out
+
+
+def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
+    """Streams and validates a ratings file.
+
+    Args:
+        path: the ratings file.
+        cfg: its RatingsConfig.
+
+    Returns:
+        ``user`` and ``item`` (int32 when they fit, else int64), ``rating`` (float32), ``timestamp``
+        (int64, zeros when the config has no timestamp column), in file order. With ``id_type:
+        string``, ``user`` and ``item`` are codes in first-seen order and ``user_strings`` /
+        ``item_strings`` hold the raw id of each code.
+
+    Raises:
+        ValueError: missing or empty file, missing column, non-numeric or non-integer id or
+            timestamp, missing value, rating out of range or off the rating step, a row with the
+            wrong number of fields; the message names the file, column and first offending data row.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path.name}: ratings file not found at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path.name}: empty file")
+    try:
+        return _collect_ratings(path, cfg, strings=False)
+    except pa.ArrowInvalid as exc:
+        if cfg.format != "csv" or len(cfg.sep) > 1:
+            raise ValueError(f"{path.name}: {exc}") from exc
+        # The fast typed read failed: a row with a wrong number of fields, or a number pyarrow's typed
+        # parser rejects (7.0 in an integer column). Find the former, then re-read as strings, which
+        # names a bad value's column and row or accepts the value.
+        _find_shape_error(path, cfg, exc)
+    return _collect_ratings(path, cfg, strings=True)
 
 
 def dense_codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -451,26 +506,6 @@ def drop_duplicates_keep_latest(
 
 # --------------------------------------------------------------------------------------------------
 # Users and items: small tables
-
-
-def _text_encoding(encoding: str) -> str:
-    """The codec to open a text file with: UTF-8 also drops a leading byte-order mark (Excel writes one)."""
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise ValueError(f"unknown text encoding {encoding!r}") from None
-    return "utf-8-sig" if name == "utf-8" else encoding
-
-
-def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
-    """Fields of each record, in file order; an empty line yields an empty list."""
-    if len(table.sep) > 1:  # a literal multi-character separator (``::``): no quoting
-        for line in handle:
-            line = line.rstrip("\r\n")
-            yield line.split(table.sep) if line else []
-        return
-    quoting = csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE
-    yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
 
 
 def _read_csv_table(path: Path, table: TableConfig) -> pd.DataFrame:
@@ -763,6 +798,11 @@ def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
 
     known_item = np.isin(arrays["item"], items["item_id"].to_numpy())
     unknown_items = int((~known_item).sum())
+    if unknown_items == len(known_item):  # e.g. the wrong id column, or ids written differently
+        raise ValueError(
+            f"{ratings_path.name}: no rated item is in {config.items.file} (ratings column "
+            f"{config.ratings.item!r}, items column {config.items.id!r})"
+        )
     if unknown_items:
         log.warning("%s: dropped %d ratings of items missing from %s", ratings_path.name, unknown_items,
                     config.items.file)  # fmt: skip
@@ -779,9 +819,17 @@ def load_raw_from_dir(data_dir: Path, config: DatasetConfig) -> RawData:
     counts["ratings_kept"] = int(len(arrays["rating"]))
 
     if users is not None:
-        counts["users_without_features"] = int(
-            np.setdiff1d(np.unique(arrays["user"]), users["user_id"].to_numpy()).size
-        )
+        rated = np.unique(arrays["user"])
+        featureless = int(np.setdiff1d(rated, users["user_id"].to_numpy()).size)
+        if featureless == rated.size:
+            raise ValueError(
+                f"{ratings_path.name}: no rated user is in {config.users.file} (ratings column "
+                f"{config.ratings.user!r}, users column {config.users.id!r})"
+            )
+        if featureless:
+            log.warning("%s: %d of %d rated users are missing from %s (their features are missing)",
+                        ratings_path.name, featureless, rated.size, config.users.file)  # fmt: skip
+        counts["users_without_features"] = featureless
     ratings = pd.DataFrame(
         {
             "user_id": arrays["user"],
