@@ -356,3 +356,46 @@ def test_string_ids_are_kept_verbatim_through_preprocessing(tmp_path):
     source = {(u.strip(), i): r for u, i, r, _ in rows}
     assert len(history) == len(source) == len(interactions)
     assert all(source[(u, i)] == r for u, i, r in history[["user_id", "item_id", "rating"]].to_numpy())
+
+
+def write_small_csv_dataset(root: Path, titles: list[str], timestamp: bool = True) -> Path:
+    """30 users x 30 items in the MovieLens CSV layout; returns a dataset config path for it."""
+    rng = np.random.default_rng(0)
+    rows = [(u, i, rng.integers(1, 11) / 2, 1000 + u * 10 + i) for u in range(1, 31) for i in range(1, 31)
+            if rng.random() < 0.7]  # fmt: skip
+    pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(
+        root / "ratings.csv", index=False
+    )
+    pd.DataFrame({"movieId": range(1, 31), "title": titles}).to_csv(root / "movies.csv", index=False)
+    ratings = {
+        "file": "ratings.csv",
+        "header": True,
+        "user": "userId",
+        "item": "movieId",
+        "rating": "rating",
+        "rating_scale": [0.5, 5],
+        "rating_step": 0.5,
+    } | ({"timestamp": "timestamp"} if timestamp else {})
+    config = {"name": "small", "ratings": ratings,
+              "items": {"file": "movies.csv", "header": True, "id": "movieId",
+                        "features": [{"name": "year", "kind": "numeric", "column": "title", "parse": "title_year"}]}}  # fmt: skip
+    (root / "small.yaml").write_text(json.dumps(config))
+    return root / "small.yaml"
+
+
+def test_settings_the_data_cannot_honour_are_not_ignored(tmp_path, caplog):
+    dated = [f"M{i} ({1980 + i})" for i in range(1, 31)]
+    config = write_small_csv_dataset(tmp_path, dated, timestamp=False)
+    with pytest.raises(ValueError, match=r"user_split='time' needs a timestamp column \(ratings.timestamp\)"):
+        run_preprocessing(str(tmp_path), str(config), {"user_split": "time"}, str(tmp_path / "out"))
+    config = write_small_csv_dataset(tmp_path, [f"M{i}" for i in range(1, 31)])
+    with pytest.raises(
+        ValueError, match=r"item_split='date' found no release date or year in any of the 30 items"
+    ):
+        run_preprocessing(str(tmp_path), str(config), {"max_ratings": 30}, str(tmp_path / "out"))
+    config = write_small_csv_dataset(tmp_path, dated[:3] + [f"M{i}" for i in range(4, 31)])
+    with caplog.at_level("WARNING"):
+        run_preprocessing(str(tmp_path), str(config), {"max_ratings": 30}, str(tmp_path / "out"))
+    schema = json.loads((tmp_path / "out" / "schema.json").read_text())
+    assert schema["splits"]["n_cold_items"] == 3 and schema["counts"]["items_without_release"] == 27
+    assert "3 cold items instead of the 6 asked for" in caplog.text

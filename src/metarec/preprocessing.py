@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metarec import storage
-from metarec.data.config import load_dataset_config
+from metarec.data.config import DatasetConfig, load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
 from metarec.features import FeatureEncoder, vector_column
 from metarec.settings import Settings
@@ -119,8 +119,19 @@ def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return full
 
 
-def _cold_items(raw: RawData, item_idx_of_rating: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
-    """Boolean cold flag per item (item_idx order = items sorted by raw id)."""
+def _check_fits_dataset(cfg: dict[str, Any], dataset: DatasetConfig) -> None:
+    """Raises when a setting asks for data the data set does not declare (it would be ignored)."""
+    if cfg["user_split"] == "time" and not dataset.ratings.timestamp:
+        raise ValueError(
+            f"preprocess config: user_split='time' needs a timestamp column (ratings.timestamp) in "
+            f"dataset config {dataset.source}; use user_split: random"
+        )
+
+
+def _cold_items(
+    raw: RawData, item_idx_of_rating: np.ndarray, cfg: dict[str, Any], counts: dict[str, int]
+) -> np.ndarray:
+    """Boolean cold flag per item (item_idx order = items sorted by raw id); counts undated items."""
     items = raw.items
     n_items = len(items)
     if cfg["item_split"] == "count":
@@ -133,7 +144,18 @@ def _cold_items(raw: RawData, item_idx_of_rating: np.ndarray, cfg: dict[str, Any
         )
     release = items["release"].to_numpy(dtype=np.float64)
     known = np.flatnonzero(~np.isnan(release))
-    n_cold = min(int(round(cfg["cold_item_fraction"] * n_items)), known.size)
+    counts["items_without_release"] = int(n_items - known.size)
+    wanted = int(round(cfg["cold_item_fraction"] * n_items))
+    n_cold = min(wanted, known.size)
+    if n_cold < wanted:  # only dated items can be the newest: say so rather than split fewer silently
+        if n_cold == 0:
+            raise ValueError(
+                f"preprocess config: item_split='date' found no release date or year in any of the "
+                f"{n_items} items of {raw.config.items.file}, so no item can be cold; use item_split: count"
+            )
+        log.warning("item_split=date: %d of %d items have no release date or year; %d cold items instead "
+                    "of the %d asked for (cold_item_fraction=%g)", counts["items_without_release"], n_items,
+                    n_cold, wanted, cfg["cold_item_fraction"])  # fmt: skip
     # Newest first; ties broken by the larger raw id (added later to the catalogue).
     newest = known[np.lexsort((-items["item_id"].to_numpy()[known], -release[known]))]
     cold = np.zeros(n_items, dtype=bool)
@@ -220,6 +242,7 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
         The summary dict returned by ``run_preprocessing``.
     """
     cfg = resolve_config(config)
+    _check_fits_dataset(cfg, raw.config)
     started = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +256,7 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     raw.ratings = None  # released: the arrays below replace it (keeps the peak memory down at scale)
     item_ids = items["item_id"].to_numpy()
     item_of_rating = _index_of(item_ids, ratings["item_id"].to_numpy())
-    cold = _cold_items(raw, item_of_rating, cfg)
+    cold = _cold_items(raw, item_of_rating, cfg, counts)
     rating_cold = cold[item_of_rating]
 
     # Filter users by their rating counts.
@@ -525,10 +548,11 @@ def run_preprocessing(
     Raises:
         ValueError: invalid config or invalid input data (naming file, column and row).
     """
-    resolve_config(config)  # fail on a bad config before reading anything
+    cfg = resolve_config(config)  # fail on a bad config before reading anything
     data_uri = str(data_uri)
     preset = _synthetic_preset(data_uri)
     dataset = load_dataset_config(dataset_config or ("synthetic" if preset else "movielens-100k"))
+    _check_fits_dataset(cfg, dataset)
     output = str(output_dir)
     with tempfile.TemporaryDirectory(prefix="metarec-pre-") as tmp:
         if preset is not None:
