@@ -476,3 +476,36 @@ def test_parquet_integer_categories_with_gaps_match_request_values(tmp_path):
     schema = {"user_features": fit_feature_schema(raw.users, users), "item_features": []}
     assert schema["user_features"][0]["vocab"] == ["1", "3"]
     assert FeatureEncoder(schema).encode_user_dict({"occ": 3}).cat.tolist() == [[2]]
+
+
+def test_quote_key_reads_quoted_fields_with_any_one_character_sep(tmp_path):
+    import csv
+
+    with open(tmp_path / "movies.csv", "w", newline="") as handle:
+        csv.writer(handle, delimiter=";").writerows(
+            [["id", "title", "genres"], [1, "Alpha; Beta (1981)", "Drama"]]
+        )
+    with open(tmp_path / "ratings.csv", "w", newline="") as handle:
+        csv.writer(handle, delimiter=";", quoting=csv.QUOTE_ALL).writerows(
+            [["u", "i", "r"], [1, 1, 4], [2, 1, 5]]
+        )
+    config = {
+        "ratings": {"file": "ratings.csv", "sep": ";", "header": True, "user": "u", "item": "i", "rating": "r"},
+        "items": {"file": "movies.csv", "sep": ";", "header": True, "id": "id",
+                  "features": [{"name": "year", "kind": "numeric", "column": "title", "parse": "title_year"}]},
+    }  # fmt: skip
+    # Without the key a ';' file keeps today's reading (quotes are text): the split title is caught, not kept.
+    with pytest.raises(
+        ValueError, match=r"movies.csv: column '\(all\)', data row 1 .*expected 3 fields, got 4"
+    ):
+        load_raw(tmp_path, config)
+    quoted = {key: value | {"quote": True} for key, value in config.items()}
+    raw = load_raw(tmp_path, quoted)
+    assert raw.items[["item_id", "year"]].to_numpy().tolist() == [[1, 1981]]
+    assert raw.ratings["rating"].tolist() == [4, 5]
+    with pytest.raises(ValueError, match=r"items.quote: quoted fields need a one-character sep"):
+        parse_dataset_config(config | {"items": config["items"] | {"sep": "::", "quote": True}})
+    assert (
+        load_dataset_config("movielens-100k").items.quote is False
+        and load_dataset_config("movielens-csv").items.quote
+    )

@@ -72,6 +72,9 @@ class TableConfig:
         encoding: text encoding.
         names: column names when ``header`` is false.
         format: ``csv`` (any delimited text) or ``parquet``; inferred from the file suffix by default.
+        quote: a field may be quoted (``"a, b"``, ``""`` for a quote inside), as Python's csv module
+            and spreadsheets write it; None (the default) means on when ``sep`` is ``,`` only, so a
+            bare ``"`` in a tab- or ``|``-separated field stays text. One-character separators only.
     """
 
     file: str
@@ -80,6 +83,11 @@ class TableConfig:
     encoding: str = "utf-8"
     names: tuple[str, ...] = ()
     format: str = "csv"
+    quote: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.quote is None:  # frozen: resolve the default once, so readers just read .quote
+            object.__setattr__(self, "quote", self.sep == ",")
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ def _as_bool(value: Any, source: str, where: str) -> bool:
 def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str]) -> dict:
     if not isinstance(raw, dict):
         raise _err(source, section, f"expected a mapping, got {type(raw).__name__}")
-    allowed = {"file", "sep", "header", "encoding", "names", "format"} | allowed_extra
+    allowed = {"file", "sep", "header", "encoding", "names", "format", "quote"} | allowed_extra
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _err(source, section, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -199,9 +207,16 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
         raise _err(source, f"{section}.format", f"expected one of {FILE_FORMATS}, got {fmt!r}")
     if fmt == "csv" and not header and not names:
         raise _err(source, f"{section}.names", "column names are required when header is false")
+    sep = str(raw.get("sep", ","))
+    if not sep:
+        raise _err(source, f"{section}.sep", "the separator must not be empty")
+    quote = _as_bool(raw["quote"], source, f"{section}.quote") if raw.get("quote") is not None else None
+    if quote and len(sep) > 1:
+        raise _err(source, f"{section}.quote", f"quoted fields need a one-character sep, got {sep!r}")
     return {
         "file": raw["file"],
-        "sep": str(raw.get("sep", ",")),
+        "sep": sep,
+        "quote": quote,
         "header": header,
         "encoding": str(raw.get("encoding", "utf-8")),
         "names": names,

@@ -107,7 +107,7 @@ def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
             line = line.rstrip("\r\n")
             yield line.split(table.sep) if line else []
         return
-    quoting = csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE
+    quoting = csv.QUOTE_MINIMAL if table.quote else csv.QUOTE_NONE
     yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
 
 
@@ -259,7 +259,9 @@ def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> N
         return "error"
 
     read = _csv_read_options(path, cfg, use_threads=False)
-    parse = pacsv.ParseOptions(delimiter=cfg.sep, invalid_row_handler=handler)
+    parse = pacsv.ParseOptions(
+        delimiter=cfg.sep, quote_char='"' if cfg.quote else False, invalid_row_handler=handler
+    )
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for _, c, _ in _rating_columns(cfg)})
     try:
         reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
@@ -282,7 +284,7 @@ def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> N
 def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[pa.RecordBatch]:
     columns = _rating_columns(cfg)
     read = _csv_read_options(path, cfg)
-    parse = pacsv.ParseOptions(delimiter=cfg.sep, quote_char='"' if cfg.sep == "," else False)
+    parse = pacsv.ParseOptions(delimiter=cfg.sep, quote_char='"' if cfg.quote else False)
     types = {
         c: (pa.string() if strings or _is_string_id(cfg, key) else (pa.int64() if integer else pa.float64()))
         for key, c, integer in columns
