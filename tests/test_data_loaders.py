@@ -333,6 +333,10 @@ def test_config_errors_name_the_key(tmp_path):
         )
     with pytest.raises(ValueError, match=r"ratings.names: column names are required"):
         parse_dataset_config({"ratings": {**base, "header": False}, "items": items})
+    with pytest.raises(ValueError, match=r"ratings.sep: '\\\\s\+' looks like a regular expression"):
+        parse_dataset_config({"ratings": {**base, "sep": r"\s+"}, "items": items})
+    with pytest.raises(ValueError, match=r"items.sep: the separator must not be empty"):
+        parse_dataset_config({"ratings": base, "items": {**items, "sep": ""}})
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("ratings: [unclosed\n")
     with pytest.raises(ValueError, match="invalid YAML"):

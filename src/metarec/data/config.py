@@ -67,7 +67,7 @@ class TableConfig:
 
     Attributes:
         file: file name relative to the data directory.
-        sep: field separator (multi-character separators such as ``::`` are supported).
+        sep: field separator: one character, or a literal string such as ``::`` (not a regex).
         header: True when the first row names the columns.
         encoding: text encoding.
         names: column names when ``header`` is false.
@@ -210,6 +210,10 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
     sep = str(raw.get("sep", ","))
     if not sep:
         raise _err(source, f"{section}.sep", "the separator must not be empty")
+    if len(sep) > 1 and any(c in sep for c in "\\+*[]?"):  # pandas would take these as a regex; we don't
+        raise _err(
+            source, f"{section}.sep", f"{sep!r} looks like a regular expression; a sep is literal text"
+        )
     quote = _as_bool(raw["quote"], source, f"{section}.quote") if raw.get("quote") is not None else None
     if quote and len(sep) > 1:
         raise _err(source, f"{section}.quote", f"quoted fields need a one-character sep, got {sep!r}")
