@@ -513,3 +513,19 @@ def test_quote_key_reads_quoted_fields_with_any_one_character_sep(tmp_path):
         load_dataset_config("movielens-100k").items.quote is False
         and load_dataset_config("movielens-csv").items.quote
     )
+
+
+def test_row_numbers_say_blank_lines_are_not_counted(tmp_path):
+    # The bad rating is on physical line 7: after the header and two blank lines it is data row 4.
+    write_csv_dataset(
+        tmp_path, ratings="userId,movieId,rating,timestamp\n1,1,4,1\n\n1,2,4,1\n\n2,1,4,1\n2,2,9,1\n"
+    )
+    with pytest.raises(
+        ValueError, match=r"data row 4 \(1-based; the header and blank lines are not counted\)"
+    ):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path, movies=MOVIES_CSV.replace("\n2,", "\n\n2,") + "x5,Bad Id (1999),Drama\n")
+    with pytest.raises(
+        ValueError, match=r"movies.csv: column 'movieId', data row 5 \(1-based; the header and blank"
+    ):
+        load_raw(tmp_path, "movielens-csv")

@@ -5,7 +5,8 @@ float32 ratings, int64 timestamps), so tens of millions of ratings fit in a few 
 tables are small and read with pandas.
 
 Every validation error is a ``ValueError`` naming the file, the column and the first offending row
-(1-based data row: the header line, when there is one, is not counted).
+(1-based data row: the header line, when there is one, and blank lines are not counted, as the
+message says; pyarrow's CSV reader does not report physical line numbers).
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ class RawData:
 
 
 def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
-    where = f"data row {row} (1-based, header excluded)" if row is not None else "header"
+    where = (
+        f"data row {row} (1-based; the header and blank lines are not counted)"
+        if row is not None
+        else "header"
+    )
     return ValueError(f"{file}: column {column!r}, {where}: {message}")
 
 
