@@ -239,7 +239,7 @@ def test_empty_feature_tables_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="movies.csv: no data rows"):
         load_raw(tmp_path, "movielens-csv")
     write_csv_dataset(tmp_path, movies="")
-    with pytest.raises(ValueError, match=r"movies.csv: empty file \(no header row\)"):
+    with pytest.raises(ValueError, match=r"movies.csv: empty file or blank first line"):
         load_raw(tmp_path, "movielens-csv")
     (tmp_path / "u.data").write_text("1\t1\t4\t1\n")
     (tmp_path / "u.item").write_text("")
@@ -529,3 +529,18 @@ def test_row_numbers_say_blank_lines_are_not_counted(tmp_path):
         ValueError, match=r"movies.csv: column 'movieId', data row 5 \(1-based; the header and blank"
     ):
         load_raw(tmp_path, "movielens-csv")
+
+
+def test_multi_character_separator_rows_are_checked_like_others(tmp_path):
+    (tmp_path / "movies.dat").write_text("10::GoldenEye (1995)::Action\n")
+    config = {
+        "ratings": {"file": "ratings.dat", "sep": "::", "names": ["u", "i", "r", "t"], "user": "u", "item": "i",
+                    "rating": "r", "timestamp": "t"},
+        "items": {"file": "movies.dat", "sep": "::", "names": ["id", "title", "genres"], "id": "id"},
+    }  # fmt: skip
+    for text, got in (("1::10::5::1::9\n", 5), ("1::10::5\n", 3)):
+        (tmp_path / "ratings.dat").write_text("1::10::5::1\n\n" + text)
+        with pytest.raises(
+            ValueError, match=rf"ratings.dat: column '\(all\)', data row 2 .*expected 4 fields, got {got}"
+        ):
+            load_raw(tmp_path, config)

@@ -116,6 +116,54 @@ def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
     yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
 
 
+def _header_names(path: Path, table: TableConfig) -> list[str]:
+    """Column names: the header row's (stripped, a UTF-8 BOM dropped) or the configured ``names``."""
+    if not table.header:
+        return list(table.names)
+    try:
+        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
+            header = next(_split_rows(handle, table), None)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path.name}: unreadable header row ({table.encoding}): {exc}") from None
+    if not header:
+        raise ValueError(f"{path.name}: empty file or blank first line (the header row is expected there)")
+    names = [name.strip() for name in header]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
+    return names
+
+
+def _data_rows(path: Path, table: TableConfig, n_fields: int) -> Iterator[list[str]]:
+    """Each data row's fields, blank lines skipped, raising on a row without exactly ``n_fields``.
+
+    A row with a field too many or too few would otherwise shift or fill values silently.
+    """
+    row = 0
+    try:
+        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
+            records = _split_rows(handle, table)
+            if table.header:
+                next(records, None)
+            for fields in records:
+                if not fields:
+                    continue  # blank lines are not data rows (nor counted as rows in messages)
+                row += 1
+                if len(fields) != n_fields:
+                    text = table.sep.join(fields)
+                    raise _bad(
+                        path.name,
+                        "(all)",
+                        row,
+                        f"expected {n_fields} fields, got {len(fields)}: {text[:80]!r}",
+                    )
+                yield fields
+    except csv.Error as exc:
+        raise _bad(path.name, "(all)", row + 1, f"unreadable row: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name}: not readable as {table.encoding}: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Ratings: streamed, vectorised validation
 
@@ -226,20 +274,8 @@ def _check_header(file: str, available: list[str], cfg: RatingsConfig) -> None:
 
 
 def _column_names(path: Path, cfg: RatingsConfig) -> list[str]:
-    """The ratings file's column names: its header row (names stripped, a UTF-8 BOM dropped) or ``names``."""
-    if not cfg.header:
-        names = list(cfg.names)
-    else:
-        with open(path, encoding=_text_encoding(cfg.encoding), newline="") as handle:
-            header = next(_split_rows(handle, cfg), None)
-        if not header:
-            raise ValueError(
-                f"{path.name}: empty file or blank first line (the header row is expected there)"
-            )
-        names = [name.strip() for name in header]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
+    """The ratings file's column names, checked to hold the configured columns."""
+    names = _header_names(path, cfg)
     _check_header(path.name, names, cfg)
     return names
 
@@ -298,24 +334,25 @@ def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[
     yield from pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
 
 
-def _iter_pandas_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBatch]:
-    """Multi-character separators (``::``): pandas' python engine, as strings."""
-    reader = pd.read_csv(
-        path,
-        sep=re.escape(cfg.sep),
-        engine="python",
-        header=0 if cfg.header else None,
-        names=None if cfg.header else list(cfg.names),
-        dtype=str,
-        keep_default_na=False,
-        encoding=_text_encoding(cfg.encoding),
-        chunksize=DEFAULT_PARQUET_BATCH_ROWS,
+def _string_batch(rows: list[list[str]], columns: list[str]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array(c, pa.string()) for c in zip(*rows, strict=True)], names=columns
     )
+
+
+def _iter_split_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBatch]:
+    """Multi-character separators (``::``): split line by line, as strings, checking each row's fields."""
+    names = _column_names(path, cfg)
     columns = [c for _, c, _ in _rating_columns(cfg)]
-    for chunk in reader:
-        chunk.columns = [str(name).strip() for name in chunk.columns]
-        _check_header(path.name, list(chunk.columns), cfg)
-        yield pa.RecordBatch.from_pandas(chunk[columns], preserve_index=False)
+    positions = [names.index(c) for c in columns]
+    rows: list[list[str]] = []
+    for fields in _data_rows(path, cfg, len(names)):
+        rows.append([fields[i] for i in positions])
+        if len(rows) == DEFAULT_PARQUET_BATCH_ROWS:
+            yield _string_batch(rows, columns)
+            rows = []
+    if rows:
+        yield _string_batch(rows, columns)
 
 
 def _iter_parquet_chunks(path: Path, cfg: RatingsConfig) -> Iterator[pa.RecordBatch]:
@@ -334,7 +371,7 @@ def _validated_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator
     if cfg.format == "parquet":
         batches = _iter_parquet_chunks(path, cfg)
     elif len(cfg.sep) > 1:
-        batches = _iter_pandas_chunks(path, cfg)
+        batches = _iter_split_chunks(path, cfg)
     else:
         batches = _iter_csv_chunks(path, cfg, strings)
     lo, hi = cfg.rating_scale
@@ -516,40 +553,9 @@ def drop_duplicates_keep_latest(
 
 
 def _read_csv_table(path: Path, table: TableConfig) -> pd.DataFrame:
-    """All fields as strings; every data row must have exactly one field per column.
-
-    A row with a field too many or too few would otherwise shift or fill values silently.
-    """
-    names = None if table.header else list(table.names)
-    rows: list[list[str]] = []
-    row = 0
-    try:
-        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
-            for fields in _split_rows(handle, table):
-                if not fields:
-                    continue  # blank lines are not data rows (nor counted as rows in messages)
-                if names is None:
-                    names = [name.strip() for name in fields]
-                    duplicated = sorted({n for n in names if names.count(n) > 1})
-                    if duplicated:
-                        raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
-                    continue
-                row += 1
-                if len(fields) != len(names):
-                    text = table.sep.join(fields)
-                    raise _bad(
-                        path.name,
-                        "(all)",
-                        row,
-                        f"expected {len(names)} fields, got {len(fields)}: {text[:80]!r}",
-                    )
-                rows.append(fields)
-    except csv.Error as exc:
-        raise _bad(path.name, "(all)", row + 1, f"unreadable row: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path.name}: not readable as {table.encoding}: {exc}") from None
-    if names is None:
-        raise ValueError(f"{path.name}: empty file (no header row)")
+    """All fields as strings; every data row must have exactly one field per column."""
+    names = _header_names(path, table)
+    rows = list(_data_rows(path, table, len(names)))
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
     return pd.DataFrame(
         {name: pd.Series(values, dtype=object) for name, values in zip(names, columns, strict=True)}
