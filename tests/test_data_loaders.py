@@ -113,7 +113,7 @@ def test_parquet_ratings_are_read(tmp_path):
 
 
 BAD_RATINGS = {
-    "non-numeric user id": ("userId,movieId,rating,timestamp\n1,1,4,1\nabc,2,3,1\n", "userId", 2, "non-numeric"),
+    "non-numeric user id": ("userId,movieId,rating,timestamp\n1,1,4,1\nabc,2,3,1\n", "userId", 2, "non-numeric id 'abc' (ids that are not numbers need ratings.id_type: string"),
     "fractional item id": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2.5,3,1\n", "movieId", 2, "integer"),
     "rating above scale": ("userId,movieId,rating,timestamp\n1,1,4,1\n1,2,3,1\n2,1,7,1\n", "rating", 3, "outside"),
     "rating below scale": ("userId,movieId,rating,timestamp\n1,1,0,1\n", "rating", 1, "outside"),

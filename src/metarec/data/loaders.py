@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_PARQUET_BATCH_ROWS = 1 << 20
 _TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+_STRING_IDS_HINT = "ids that are not numbers need ratings.id_type: string in the dataset config"
 
 
 @dataclass
@@ -190,6 +191,8 @@ def _numeric_column(
         if bad.size:
             i = int(bad[0])
             what = f"non-numeric {noun} {text[i]!r}" if nonnumeric[i] else "missing value (empty or NaN)"
+            if nonnumeric[i] and noun == "id":
+                what += f" ({_STRING_IDS_HINT})"
             raise _bad(file, column, first_row + i, what)
         out = parsed
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
@@ -213,7 +216,7 @@ def _numeric_column(
             if abs(out[i]) >= 2.0**63:
                 why = f"{noun} {shown} is outside the 64-bit integer range"
             elif noun == "id":
-                why = f"id {shown} is not an integer (string ids need ratings.id_type: string)"
+                why = f"id {shown} is not an integer ({_STRING_IDS_HINT})"
             else:
                 why = f"timestamp {shown} is not a whole number of seconds"
             raise _bad(file, column, first_row + i, why)
@@ -584,7 +587,7 @@ def _int_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
     bad = np.flatnonzero(parsed.isna().to_numpy() | (parsed != np.round(parsed)).to_numpy())
     if bad.size:
         i = int(bad[0])
-        raise _bad(file, column, i + 1, f"non-numeric id {text.iloc[i]!r}")
+        raise _bad(file, column, i + 1, f"non-numeric id {text.iloc[i]!r} ({_STRING_IDS_HINT})")
     return parsed.to_numpy().astype(np.int64)
 
 
