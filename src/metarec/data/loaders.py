@@ -1,8 +1,9 @@
 """Reading and validating raw rating data sets described by a DatasetConfig.
 
 Ratings are streamed in chunks with pyarrow and kept as compact numpy arrays (int32 ids when they fit,
-float32 ratings, int64 timestamps), so tens of millions of ratings fit in a few GB. Users and items
-tables are small and read with pandas.
+float32 ratings, int64 timestamps), so tens of millions of ratings fit in a few GB. Users, items and
+tags tables are small and read whole with the csv module (or pandas for Parquet). Every CSV row must
+have one field per column.
 
 Every validation error is a ``ValueError`` naming the file, the column and the first offending row
 (1-based data row: the header line, when there is one, and blank lines are not counted, as the
@@ -56,12 +57,12 @@ class RawData:
             when they fit), ``rating`` (float32) and ``timestamp`` (int64, 0 when the data set
             has none). Duplicates (same user and item) are resolved to the latest rating; ratings of
             items missing from the items table are dropped.
-        users: ``user_id`` (as in ``ratings``) plus one raw column per user feature (named as the feature), or None when
-            the data set has no users table.
-        items: ``item_id`` (as in ``ratings``) plus one raw column per item feature (a text feature: its columns joined),
-            ``display_<name>`` per display field, and ``release`` (float year, with the day as a
-            fraction when a full date is known; NaN when unknown) when an item feature is parsed from
-            a date or title.
+        users: ``user_id`` (as in ``ratings``) plus one raw column per user feature (named as the
+            feature), or None when the data set has no users table.
+        items: ``item_id`` (as in ``ratings``) plus one raw column per item feature (a text
+            feature: its columns joined), ``display_<name>`` per display field, and ``release``
+            (float year, with the day as a fraction when a full date is known; NaN when unknown)
+            when an item feature is parsed from a date or title.
         config: the data-set config used.
         counts: ``ratings_read``, ``duplicates_dropped``, ``unknown_item_ratings_dropped``,
             ``ratings_kept``, ``users_without_features``; with a tags table ``tags_read`` and
@@ -172,7 +173,7 @@ def _data_rows(path: Path, table: TableConfig, n_fields: int) -> Iterator[list[s
 def _numeric_column(
     values: pa.Array | pa.ChunkedArray, key: str, file: str, column: str, first_row: int
 ) -> np.ndarray:
-    """Converts one chunk of a column to int64 (ids, timestamps) / float64 (ratings), raising on the first bad row.
+    """One chunk of a column as int64 (ids, timestamps) or float64 (ratings); raises on the first bad row.
 
     An integer column accepts integral numbers however they are written (``7``, ``7.0``, ``7e0``).
     """
