@@ -544,3 +544,18 @@ def test_multi_character_separator_rows_are_checked_like_others(tmp_path):
             ValueError, match=rf"ratings.dat: column '\(all\)', data row 2 .*expected 4 fields, got {got}"
         ):
             load_raw(tmp_path, config)
+
+
+def test_text_invalid_in_the_encoding_names_the_line(tmp_path):
+    write_csv_dataset(tmp_path, movies=MOVIES_CSV)
+    (tmp_path / "movies.csv").write_bytes(MOVIES_CSV.encode() + b"5,Caf\xe9 (1999),Drama\n")
+    with pytest.raises(ValueError, match=r"movies.csv: line 6 of the file .*not valid utf-8.*encoding"):
+        load_raw(tmp_path, "movielens-csv")
+    write_csv_dataset(tmp_path)
+    # Past the first read buffers: the typed read, the shape check and the string read all meet it.
+    rows = "".join(f"1,{i % 3 + 1},4,{i}\n" for i in range(20_000))
+    (tmp_path / "ratings.csv").write_bytes(
+        f"userId,movieId,rating,timestamp\n{rows}".encode() + b"2,1,4,1\xe9\n"
+    )
+    with pytest.raises(ValueError, match=r"ratings.csv: line 20002 of the file .*not valid utf-8"):
+        load_raw(tmp_path, "movielens-csv")

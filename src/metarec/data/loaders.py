@@ -107,6 +107,25 @@ def _text_encoding(encoding: str) -> str:
     return "utf-8-sig" if name == "utf-8" else encoding
 
 
+def _undecodable(path: Path, encoding: str) -> ValueError | None:
+    """Names the first line that is not valid ``encoding`` (a decoder's offset is into a buffer, not a row).
+
+    Returns:
+        The error naming the line, or None when every line decodes (line by line).
+    """
+    codec = _text_encoding(encoding)
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode(codec)
+            except UnicodeDecodeError as exc:
+                return ValueError(
+                    f"{path.name}: line {number} of the file (1-based, every line counted) is not valid "
+                    f"{encoding}: {exc.reason} at byte {exc.start} of {line[:80]!r}; set the config's encoding"
+                )
+    return None
+
+
 def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
     """Fields of each record, in file order; an empty line yields an empty list."""
     if len(table.sep) > 1:  # a literal multi-character separator (``::``): no quoting
@@ -125,8 +144,10 @@ def _header_names(path: Path, table: TableConfig) -> list[str]:
     try:
         with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
             header = next(_split_rows(handle, table), None)
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path.name}: unreadable header row ({table.encoding}): {exc}") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path.name}: unreadable header row: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _undecodable(path, table.encoding) or ValueError(f"{path.name}: {exc}") from None
     if not header:
         raise ValueError(f"{path.name}: empty file or blank first line (the header row is expected there)")
     names = [name.strip() for name in header]
@@ -163,7 +184,7 @@ def _data_rows(path: Path, table: TableConfig, n_fields: int) -> Iterator[list[s
     except csv.Error as exc:
         raise _bad(path.name, "(all)", row + 1, f"unreadable row: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path.name}: not readable as {table.encoding}: {exc}") from None
+        raise _undecodable(path, table.encoding) or ValueError(f"{path.name}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +316,7 @@ def _csv_read_options(path: Path, cfg: RatingsConfig, **kwargs) -> pacsv.ReadOpt
     )
 
 
-def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> None:
+def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
     """Single-threaded string read that reports the first row with a wrong number of fields."""
     found: list = []
 
@@ -312,7 +333,7 @@ def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> N
         reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         for _ in reader:
             pass
-    except pa.ArrowInvalid as shape_exc:
+    except pa.ArrowInvalid:
         if found:
             row = found[0]
             # pyarrow numbers rows from 1 with the header (skipped or not) and without blank lines.
@@ -323,7 +344,7 @@ def _find_shape_error(path: Path, cfg: RatingsConfig, exc: pa.ArrowInvalid) -> N
                 data_row,
                 f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
             ) from None
-        raise ValueError(f"{path.name}: {shape_exc}") from exc
+        # Anything else (text invalid in the encoding) is named by the string read that follows.
 
 
 def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[pa.RecordBatch]:
@@ -476,8 +497,11 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
         # The fast typed read failed: a row with a wrong number of fields, or a number pyarrow's typed
         # parser rejects (7.0 in an integer column). Find the former, then re-read as strings, which
         # names a bad value's column and row or accepts the value.
-        _find_shape_error(path, cfg, exc)
-    return _collect_ratings(path, cfg, strings=True)
+        _find_shape_error(path, cfg)
+    try:
+        return _collect_ratings(path, cfg, strings=True)
+    except pa.ArrowInvalid as exc:  # left for the string read: text that is not valid in the encoding
+        raise _undecodable(path, cfg.encoding) or ValueError(f"{path.name}: {exc}") from exc
 
 
 def dense_codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
