@@ -51,6 +51,8 @@ MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _OPEN_ARRAY, _OPEN_OBJECT, _CLOSE_ARRAY, _CLOSE_OBJECT = b"[{]}"
+# C0 and C1 control characters (a user id is a key in the store and a word in the log lines).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class RequestError(ValueError):
@@ -380,7 +382,7 @@ class RequestParser:
                 raise RequestError(
                     400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}"
                 )
-            user_id = str(user_id)
+            user_id = self._check_user_id(str(user_id))
             features = self.recommender.known_user(user_id)
             if features is not None:
                 if has_features:
@@ -401,6 +403,26 @@ class RequestParser:
         raise RequestError(
             400, "missing field: give 'user_id' (a known user) or 'user' (features of a new user)"
         )
+
+    def _check_user_id(self, user_id: str) -> str:
+        """A user id the stores can hold: non-empty text of at most ``max_user_id_chars`` characters,
+        encodable as UTF-8 (JSON admits lone surrogates such as ``"\\ud800"``, which SQLite and Redis
+        cannot encode) and without control characters."""
+        limit = self.limits.max_user_id_chars
+        if not user_id:
+            raise RequestError(400, "'user_id' must not be empty")
+        if len(user_id) > limit:
+            raise RequestError(400, f"'user_id' has {len(user_id)} characters; at most {limit} allowed")
+        try:
+            user_id.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise RequestError(
+                400,
+                f"'user_id' {self._quote(user_id)} is not valid Unicode text (a lone surrogate at {error.start})",
+            ) from error
+        if _CONTROL_CHARACTER.search(user_id):
+            raise RequestError(400, f"'user_id' {self._quote(user_id)} holds control characters")
+        return user_id
 
     def _parse_common(
         self, request: Any, fields: frozenset[str], user_required: bool, allow_new: bool = False

@@ -170,7 +170,16 @@ HOSTILE_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         413,
         "at most",
     ),
-    ("unknown_user_id_900kb", "", json.dumps({"user_id": "x" * 900_000}).encode(), 404, "900000 characters"),
+    ("user_id_900kb", "", json.dumps({"user_id": "x" * 900_000}).encode(), 400, "900000 characters"),
+    # A lone surrogate is valid JSON but no UTF-8: the state stores raised on it and failed the batch.
+    ("user_id_lone_surrogate", "", b'{"user_id": "\\ud800", "k": 3}', 400, "not valid Unicode"),
+    (
+        "adapt_user_id_lone_surrogate",
+        "adapt",
+        b'{"user_id": "a\\udfff", "support": [{"item_id": "1", "rating": 5}]}',
+        400,
+        "not valid Unicode",
+    ),
     (
         "steps_long_string",
         "adapt",

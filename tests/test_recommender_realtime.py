@@ -109,6 +109,37 @@ def test_bad_feedback_stores_nothing(rec):
     assert rec.store.get("careful") is None
 
 
+def test_a_user_id_the_store_cannot_hold_is_refused_alone_in_its_batch(rec):
+    """A lone surrogate (valid JSON ``"\\ud800"``, not encodable as UTF-8) used to raise in the store's
+    read and fail the whole batch with 503, losing its good feedback; an empty, over-long or control
+    character id fails the same way only its own request."""
+    items = rec.item_ids
+    good_feedback = {"user_id": "neighbour", "ratings": [{"item_id": items[0], "rating": 4}]}
+    good = [(good_feedback, "feedback"), ({"user_id": "1", "k": 3}, ""),
+            ({"support": [{"item_id": items[1], "rating": 5}], "k": 3}, "adapt")]  # fmt: skip
+    bad = [
+        (b'{"user_id": "\\ud800", "k": 3}', "", "not valid Unicode"),
+        (b'{"user_id": "x\\udfff", "ratings": [{"item_id": "1", "rating": 4}]}', "feedback", "not valid Unicode"),
+        (b'{"user_id": "\\ud800", "support": [{"item_id": "1", "rating": 4}]}', "adapt", "not valid Unicode"),
+        (b'{"user_id": "", "support": [{"item_id": "1", "rating": 4}]}', "adapt", "must not be empty"),
+        (b'{"user_id": "a\\nrealtime user=1", "k": 3}', "", "control characters"),
+        (json.dumps({"user_id": "L" * 257, "ratings": [{"item_id": "1", "rating": 4}]}).encode(), "feedback",
+         "257 characters; at most 256"),
+        # Item ids are checked against the catalogue, whose ids are all valid text: a 400 as well.
+        (b'{"user_id": "n2", "ratings": [{"item_id": "\\ud800", "rating": 4}]}', "feedback", "unknown item id"),
+        (b'{"support": [{"item_id": "\\ud800", "rating": 4}], "candidates": ["\\udfff"]}', "adapt", "unknown item"),
+    ]  # fmt: skip
+    mixed = answer_all(
+        rec, [b for b, _, _ in bad] + [g for g, _ in good], [r for _, r, _ in bad] + [r for _, r in good]
+    )
+    for (status, answer), (_, _, fragment) in zip(mixed, bad, strict=False):
+        assert status == 400 and fragment in answer["message"], answer
+    assert [status for status, _ in mixed[len(bad) :]] == [200, 200, 200]
+    assert rec.store.get("neighbour").version == 1  # the good feedback of the batch was stored
+    alone = answer_all(rec, [g for g, _ in good[1:]], [r for _, r in good[1:]])
+    assert mixed[len(bad) + 1 :] == alone
+
+
 def test_adapt_with_a_new_user_id_stores_the_user(rec):
     support = [{"item_id": rec.item_ids[n], "rating": 5 if n % 2 else 1} for n in range(6)]
     status, adapted = ask(

@@ -35,6 +35,7 @@ class RequestLimits(Settings):
         max_feedback: Ratings in one feedback request (more: 413).
         state_window: Ratings kept per user in the state store and shipped per known user in the
             archive's history (the newest); a user's support set is at most this large.
+        max_user_id_chars: Longest ``user_id`` (more: 400); it keys the state store and its log lines.
     """
 
     section = "serving limits"
@@ -52,6 +53,7 @@ class RequestLimits(Settings):
     torch_threads: int = 1
     max_feedback: int = 100
     state_window: int = 200
+    max_user_id_chars: int = 256
 
     def validate(self) -> None:
         """Every limit must be positive."""
