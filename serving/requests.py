@@ -26,6 +26,7 @@ A new route is one entry in :data:`ROUTES`: its parser (JSON object -> validated
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ MAX_MESSAGE_CHARS = 600
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _OPEN_ARRAY, _OPEN_OBJECT, _CLOSE_ARRAY, _CLOSE_OBJECT = b"[{]}"
 # C0 and C1 control characters (a user id is a key in the store and a word in the log lines).
+logger = logging.getLogger(__name__)
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -672,7 +674,9 @@ def answer_batch(
     """Answers a batch of HTTP requests: validates each, then runs all valid ones of a route together.
 
     A request that fails validation gets its own error answer, one that needed the unavailable user-state
-    store a 503, and an answer that cannot be serialised strictly becomes a 500 for that request alone.
+    store a 503, and an answer that cannot be serialised strictly becomes a 500 for that request alone;
+    so does any unexpected exception while reading one request (logged with its traceback): a bug the
+    validation missed costs that request, not its batch neighbours.
 
     Args:
         parser: The request parser of the served Recommender.
@@ -707,6 +711,10 @@ def answer_batch(
             continue
         except StoreUnavailableError as error:  # asked whether the store knows a user_id
             results[position] = _unavailable(error)
+            continue
+        except Exception:  # noqa: BLE001 - an unforeseen failure on one request must not fail its batch
+            logger.exception("request %d of the batch (route %r) could not be read", position, route)
+            results[position] = _internal_error("unexpected error while reading this request")
             continue
         layouts[position] = (is_kserve, len(requests))
         parsed[route].extend((position, i, request, notes) for i, (request, notes) in enumerate(requests))

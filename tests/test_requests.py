@@ -135,6 +135,25 @@ def test_a_non_finite_score_becomes_a_500_for_that_request_alone(rec, monkeypatc
     assert results[1][0] == 200
 
 
+def test_an_unexpected_error_while_reading_one_request_is_a_500_for_it_alone(rec, monkeypatch):
+    """Defence in depth: an exception the validation did not foresee (here a UnicodeEncodeError, as a
+    store raised on a lone surrogate) answers that request 500 and its neighbours as if alone."""
+    real = protocol.RequestParser.parse_recommend
+
+    def fragile(self, request):
+        if request.get("k") == 7:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real(self, request)
+
+    alone = answer_all(rec, [{"user_id": "1", "k": 3}, {"support": GOOD_SUPPORT}], ["", "adapt"])
+    monkeypatch.setitem(protocol.ROUTES, "", protocol.Route(fragile, Recommender.recommend))
+    body = {"instances": [{"user_id": "2"}, {"user_id": "3", "k": 7}]}
+    results = answer_all(rec, [{"user_id": "1", "k": 3}, body, {"support": GOOD_SUPPORT}], ["", "", "adapt"])
+    assert results[1][0] == 500 and results[1][1]["type"] == "InternalError"
+    assert "surrogate" not in results[1][1]["message"]  # the details go to the log, not the client
+    assert [results[0], results[2]] == alone
+
+
 # ------------------------------------------------------------------------------------ properties
 
 _numbers = st.one_of(
