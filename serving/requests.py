@@ -230,6 +230,27 @@ def split_instances(body: Any, max_instances: int) -> tuple[list[Any], bool]:
     return instances, True
 
 
+def check_explained(instances: Sequence[Any], max_explained: int) -> None:
+    """Bounds the explanations one body asks for (each costs tens of milliseconds of a worker's time).
+
+    Args:
+        instances: The body's request objects (one for a plain body).
+        max_explained: Most of them that may set ``"explain": true``.
+
+    Raises:
+        RequestError: 413 when more instances ask for ``explain``.
+    """
+    explained = sum(
+        1 for instance in instances if isinstance(instance, dict) and instance.get("explain") is True
+    )
+    if explained > max_explained:
+        raise RequestError(
+            413,
+            f"{explained} instances ask for 'explain'; at most {max_explained} per body "
+            "(send the others without it, or in further requests)",
+        )
+
+
 def _quote_keys(keys: Sequence[Any], limit: int = 40, count: int = 5) -> str:
     shown = [quote(key, limit) for key in list(keys)[:count]]
     more = f" and {len(keys) - count} more" if len(keys) > count else ""
@@ -698,6 +719,7 @@ def answer_batch(
             instances, is_kserve = split_instances(
                 decode_body(body, parser.limits), parser.limits.max_instances
             )
+            check_explained(instances, parser.limits.max_explained)
             requests = []
             for instance_position, instance in enumerate(instances):
                 try:

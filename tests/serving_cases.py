@@ -69,6 +69,13 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         413,
         "at most 64",
     ),
+    (
+        "kserve_too_many_explained",
+        "",
+        json.dumps({"instances": [{"user_id": "1", "explain": True}] * 5}).encode(),
+        413,
+        "at most 4 per body",
+    ),
     ("support_missing", "adapt", b'{"user": {}}', 400, "missing field 'support'"),
     ("support_empty", "adapt", b'{"support": []}', 400, "'support' must not be empty"),
     (

@@ -18,6 +18,7 @@ from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 from metarec.personalise import decode_state
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
+from metarec.serving_settings import RequestLimits
 from metarec.state.local_redis import start_redis, stop_redis
 from metarec.state.open import open_store
 
@@ -180,6 +181,25 @@ def test_explain_on_every_route(rec):
     assert prior["items"][0]["explanation"]["ratings"] == []
     status, answer = ask(rec, {"user": {}, "explain": "yes"})
     assert status == 400 and "'explain' must be true or false" in answer["message"]
+
+
+def test_explanations_are_capped_per_body(rec):
+    """64 explained instances in one body took seconds and a batch of 8 such bodies outlived TorchServe's
+    responseTimeout (the worker was killed): at most ``max_explained`` (4) instances of a body may ask."""
+    support = [{"item_id": item, "rating": 1 + n % 5} for n, item in enumerate(rec.item_ids[:40])]
+    instance = {"support": support, "k": 20, "explain": True}
+    capped = {"instances": [instance] * 4 + [{**instance, "explain": False}] * 60}
+    over = {"instances": [instance] * 5}
+    (status, answer), (refused, error), (neighbour, _) = answer_all(
+        rec, [capped, over, {"user_id": "1", "k": 3}], ["adapt", "adapt", ""]
+    )
+    assert status == 200 and refused == 413 and neighbour == 200
+    assert "5 instances ask for 'explain'; at most 4 per body" in error["message"]
+    predictions = answer["predictions"]
+    assert all("explanation" in e for p in predictions[:4] for e in p["items"])
+    assert not any("explanation" in e for p in predictions[4:] for e in p["items"])
+    (wider,) = answer_all(rec, [over], ["adapt"], RequestLimits(max_explained=5))
+    assert wider[0] == 200
 
 
 def test_concurrent_feedback_in_process_matches_a_sequential_replay(rec, demo, tmp_path):

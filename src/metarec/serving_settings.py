@@ -36,6 +36,11 @@ class RequestLimits(Settings):
         state_window: Ratings kept per user in the state store and shipped per known user in the
             archive's history (the newest); a user's support set is at most this large.
         max_user_id_chars: Longest ``user_id`` (more: 400); it keys the state store and its log lines.
+        max_explained: Instances of one body that may ask for ``explain`` (more: 413). An explanation
+            costs a worker 30-100 ms of CPU (the Shapley split of the prior over 2^groups coalitions
+            and the per-rating shares of every inner step), the rest of a request under 1 ms, so a
+            batch of ``batch_size`` bodies must stay well inside ``response_timeout_s``: 8 bodies x
+            4 x 0.1 s = 3.2 s against 30 s (docs/serving.md).
     """
 
     section = "serving limits"
@@ -54,6 +59,7 @@ class RequestLimits(Settings):
     max_feedback: int = 100
     state_window: int = 200
     max_user_id_chars: int = 256
+    max_explained: int = 4
 
     def validate(self) -> None:
         """Every limit must be positive."""
