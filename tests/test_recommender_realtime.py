@@ -153,6 +153,31 @@ def test_adapt_with_a_new_user_id_stores_the_user(rec):
     ]
 
 
+def test_adapt_naming_a_described_new_user_scores_with_their_stored_features(rec):
+    """A new user who described themselves in feedback is scored with those features later: by plain
+    recommend, and (it used to be with no features at all) by an adapt that only names them."""
+    features = {"age": 60, "gender": "F", "occupation": "retired"}
+    items = rec.item_ids
+    rated = {"user_id": "feat-user-7", "user": features, "ratings": [{"item_id": items[4], "rating": 5}]}
+    assert ask(rec, rated, "feedback")[0] == 200
+    support = [{"item_id": items[6], "rating": 2}, {"item_id": items[9], "rating": 5}]
+    asks = {"support": support, "k": 5, "explain": True}
+    (status, named), (_, described), (_, anonymous) = answer_all(
+        rec, [{"user_id": "feat-user-7", **asks}, {"user": features, **asks}, asks], ["adapt"] * 3
+    )
+    assert status == 200 and "stored" not in named  # a what-if for a user the server already has
+    assert named["items"] == described["items"]  # scores and explanations
+    assert named["support_loss_before"] == described["support_loss_before"]
+    assert [e["score"] for e in named["items"]] != [e["score"] for e in anonymous["items"]]
+    # Features given in the request still win over the stored ones.
+    (_, own), (_, direct) = answer_all(
+        rec,
+        [{"user_id": "feat-user-7", "user": {"age": 20}, **asks}, {"user": {"age": 20}, **asks}],
+        ["adapt"] * 2,
+    )
+    assert own["items"] == direct["items"]
+
+
 def _check_explanations(items):
     assert items
     for entry in items:
@@ -540,9 +565,13 @@ def test_an_unavailable_store_refuses_what_needs_it_and_answers_the_rest(demo, t
         # Stopped: everything that reads the store is refused, the rest answered.
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         stop_redis(process)
-        bodies = [rate, {"user_id": known}, {"user_id": "outage"}, {"user": {}, "k": 2}, {"support": support}]
-        statuses = [status for status, _ in answer_all(rec, bodies, ["feedback", "", "", "", "adapt"])]
-        assert statuses == [503, 503, 503, 200, 200]
+        bodies = [rate, {"user_id": known}, {"user_id": "outage"}, {"user": {}, "k": 2}, {"support": support},
+                  {"user_id": "outage", "support": support}]  # fmt: skip
+        answers = answer_all(rec, bodies, ["feedback", "", "", "", "adapt", "adapt"])
+        assert [status for status, _ in answers] == [503, 503, 503, 200, 200, 200]
+        # An adapt naming a stored user is answered without their stored features, and says so.
+        notes = answers[-1][1]["notes"]
+        assert "stored features could not be read" in notes[0] and "not kept" in notes[-1]
 
         # Back (empty: this test's Redis keeps nothing on disk): the same client reconnects.
         url, process = start_redis(tmp_path / "redis-again", port=port)

@@ -123,6 +123,26 @@ class RealtimeUsers:
             for (user_id, _, _), stored in found
         ]
 
+    def stored_features(self, users: Sequence[tuple[str, EncodedFeatures]]) -> list[EncodedFeatures]:
+        """The features kept with each user's stored state (a new user who described themselves once),
+        else the given ones; no state is adapted (an ``adapt`` request needs the features only).
+
+        Args:
+            users: ``(user_id, fallback features)`` each.
+
+        Returns:
+            One feature set per user, on the device of its fallback.
+        """
+        found = []
+        for user_id, fallback in users:
+            stored = self.store.get(user_id)
+            document = None
+            if stored is not None and stored.blob is not None:
+                document = decode_state(stored.blob, self.model_tag, self.device, params=False)
+            features = fallback if document is None else _features(document, fallback)
+            found.append(EncodedFeatures(*(tensor.to(fallback[0].device) for tensor in features)))
+        return found
+
     def record(
         self, user_id: str, ratings: Sequence[Rating], features: EncodedFeatures, authoritative: bool = True
     ) -> UserView:

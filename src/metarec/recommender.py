@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +440,7 @@ class Recommender:
             support ratings before and after adaptation). A new named user's answer adds ``"stored": true``
             and ``state_version``; while the store is unavailable, ``"stored": false`` and a note.
         """
+        requests, notes = self._with_stored_features(requests)
         answers: list[dict[str, Any] | None] = [None] * len(requests)
         by_steps: dict[int, list[int]] = {}
         for position, request in enumerate(requests):
@@ -452,6 +453,8 @@ class Recommender:
             if request.explain:
                 self._explain(answer["items"], request.user_features, request.support_items.tolist(),
                               request.support_ratings.tolist(), request.steps)  # fmt: skip
+        for position, note in notes.items():
+            answers[position]["notes"] = [note]
         try:
             self._keep_new_users(requests, answers)
         except StoreUnavailableError as error:
@@ -459,8 +462,35 @@ class Recommender:
             logger.warning("adapted new users not kept: %s", error)
             for request, answer in zip(requests, answers, strict=True):
                 if self._may_be_new_user(request.user_id):
-                    answer.update(stored=False, notes=[f"{error}; this user's ratings were not kept"])
+                    answer.update(
+                        stored=False,
+                        notes=[*answer.get("notes", []), f"{error}; this user's ratings were not kept"],
+                    )
         return answers
+
+    def _with_stored_features(
+        self, requests: Sequence[AdaptRequest]
+    ) -> tuple[list[AdaptRequest], dict[int, str]]:
+        """Each request naming a user that neither the request describes nor the user table knows, with
+        the features stored for that user (a new user who described themselves in feedback or an earlier
+        adapt: recommend scores them so too); while the store is unavailable those requests keep their
+        own (no) features and get a note, by position."""
+        named = [p for p, r in enumerate(requests) if self.users is not None and r.user_id is not None
+                 and not self._authoritative(r)]  # fmt: skip
+        requests = list(requests)
+        if not named:
+            return requests, {}
+        try:
+            found = self.users.stored_features(
+                [(requests[p].user_id, requests[p].user_features) for p in named]
+            )
+        except StoreUnavailableError as error:
+            logger.warning("stored features of adapting users not read: %s", error)
+            note = f"{error}; this user's stored features could not be read, so the answer is scored without them"
+            return requests, {p: note for p in named}
+        for position, features in zip(named, found, strict=True):
+            requests[position] = replace(requests[position], user_features=features)
+        return requests, {}
 
     def _keep_new_users(self, requests: Sequence[AdaptRequest], answers: list[dict[str, Any]]) -> None:
         """Stores the ratings and state of each new named user of an adapt batch, so their next plain
