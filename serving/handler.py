@@ -26,7 +26,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from metarec.recommender import Recommender
-from metarec.serving.requests import RequestParser, answer_batch, dumps_strict
+from metarec.serving.requests import RequestParser, answer_batch, dumps_strict, row_body
 from metarec.serving_settings import RequestLimits
 from metarec.state.open import open_store
 
@@ -101,7 +101,8 @@ class MetaRecHandler(BaseHandler):
         """Answers one TorchServe batch.
 
         Args:
-            data: One dict per HTTP request, its body under ``body`` (or ``data``).
+            data: One dict per HTTP request, its body under ``body`` (or ``data``); a request whose
+                body TorchServe split into form fields is answered 415 (:func:`~metarec.serving.requests.row_body`).
             context: TorchServe's ``ts.context.Context`` (request headers, response statuses).
 
         Returns:
@@ -110,7 +111,7 @@ class MetaRecHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [dumps_strict(self.describe_handle())]
-        bodies = [row.get("body") if row.get("body") is not None else row.get("data") for row in data]
+        bodies = [row_body(row) for row in data]
         routes = [context.get_request_header(index, "url_path") for index in range(len(data))]
         answers = []
         for index, (status, text) in enumerate(answer_batch(self.parser, bodies, routes)):

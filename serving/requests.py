@@ -128,6 +128,36 @@ def json_depth(text: str) -> int:
     return int(np.cumsum(steps).max()) if steps.size else 0
 
 
+@dataclass(frozen=True)
+class FormFields:
+    """A TorchServe request that arrived without a body: its content was split into form fields
+    (``application/x-www-form-urlencoded``, curl's default for ``-d``, or ``multipart/form-data``
+    without a ``data``/``body`` part) or query parameters. Its JSON cannot be rebuilt faithfully (form
+    decoding turns ``+`` into a space and splits at ``&`` and ``=``), so it is refused with 415.
+
+    Attributes:
+        names: How many fields TorchServe passed.
+    """
+
+    names: int
+
+
+def row_body(row: dict[str, Any]) -> Any:
+    """The body of one request of a TorchServe batch (``data`` in ``handle(data, context)``).
+
+    Args:
+        row: TorchServe's ``{parameter name: value}`` for one request: ``body`` for a raw body,
+            ``data``/``body`` for a form part of that name, other names for other form fields.
+
+    Returns:
+        The raw body, None for an empty request, or :class:`FormFields` when only other fields came.
+    """
+    for key in ("body", "data"):
+        if row.get(key) is not None:
+            return row[key]
+    return FormFields(len(row)) if row else None
+
+
 def decode_body(body: Any, limits: RequestLimits) -> Any:
     """Decodes one request body into JSON values, within the limits.
 
@@ -139,12 +169,19 @@ def decode_body(body: Any, limits: RequestLimits) -> Any:
         The decoded value (numbers finite, at most ``max_number_chars`` characters each).
 
     Raises:
-        RequestError: 413 for a body over ``max_body_bytes``; 400 for an empty body, bad UTF-8,
+        RequestError: 415 for :class:`FormFields`; 413 for a body over ``max_body_bytes``; 400 for an empty body, bad UTF-8,
             invalid JSON, nesting deeper than ``max_json_depth``, NaN/Infinity or a number literal
             too long or out of float range.
     """
     if body is None:
         raise RequestError(400, "invalid JSON: empty request body")
+    if isinstance(body, FormFields):
+        raise RequestError(
+            415,
+            f"no JSON body: the request came as {body.names} form field(s) or query parameter(s) "
+            "(curl -d sends Content-Type: application/x-www-form-urlencoded); "
+            "send the JSON as the body with Content-Type: application/json",
+        )
     if isinstance(body, (bytes, bytearray)):
         if len(body) > limits.max_body_bytes:
             raise RequestError(

@@ -90,6 +90,26 @@ def test_bytes_string_and_decoded_bodies_are_accepted(handler, archive_dir):
     assert results[0][1] == results[1][1] == results[2][1]
 
 
+def test_a_form_encoded_body_is_refused_with_415_naming_the_content_type(handler, archive_dir):
+    """curl -d sends application/x-www-form-urlencoded: TorchServe hands the handler the form's fields
+    (the JSON text as a field name) instead of a body, which used to be answered 400 "empty request
+    body". A multipart part named ``data`` is still read as the body."""
+    context = make_context(archive_dir, [{}, {}, {}, {}, {}])
+    rows = [
+        {'{"user_id":"1","k":3}': b""},  # -d '{"user_id":"1","k":3}' without a JSON Content-Type
+        {"file": b'{"user_id": "1", "k": 3}'},  # -F file=@request.json
+        {"data": b'{"user_id": "1", "k": 3}'},  # -F data=@request.json
+        {"body": b'{"user_id": "1", "k": 3}', "debug": "1"},  # a JSON body with a query parameter
+        {},  # nothing at all
+    ]
+    output = handler.handle(rows, context)
+    statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
+    assert statuses == [415, 415, 200, 200, 400]
+    message = json.loads(output[0])["message"]
+    assert "Content-Type: application/json" in message and "form field" in message
+    assert json.loads(output[2]) == json.loads(output[3])
+
+
 def test_a_bad_request_does_not_fail_its_batch(handler, archive_dir):
     results = run_batch(
         handler,

@@ -114,6 +114,17 @@ def test_build_archive_to_gcs_is_promoted_complete(served, gcs_emulator, gcs_buc
     assert card["evaluation"]["method"] == "maml" and card["evaluation"]["scenarios"]["user_cold"]["model"]
 
 
+def test_a_form_encoded_body_is_answered_415(served):
+    """curl -d without -H 'Content-Type: application/json' sends a form: TorchServe passes its fields,
+    not the body, to the handler (this used to be answered 400 "empty request body")."""
+    info = served["info"]
+    url = f"{info.inference_url}/predictions/{info.model_name}"
+    form = {**info.inference_headers(), "Content-Type": "application/x-www-form-urlencoded"}
+    status, answer = call(url, {"user_id": "1", "k": 3}, form)
+    assert status == 415 and "Content-Type: application/json" in answer["message"], answer
+    assert predict(served, {"user_id": "1", "k": 3})[0] == 200
+
+
 def test_token_is_required(served):
     # TorchServe 0.12 answers a missing or wrong key with 400 InvalidKeyException.
     info = served["info"]
