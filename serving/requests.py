@@ -52,8 +52,8 @@ MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _OPEN_ARRAY, _OPEN_OBJECT, _CLOSE_ARRAY, _CLOSE_OBJECT = b"[{]}"
-# C0 and C1 control characters (a user id is a key in the store and a word in the log lines).
 logger = logging.getLogger(__name__)
+# C0 and C1 control characters (a user id is a key in the store and a word in the log lines).
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

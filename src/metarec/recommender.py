@@ -429,7 +429,8 @@ class Recommender:
 
         Requests taking the same number of steps share one batched :meth:`metarec.meta.Adapter.adapt`
         (supports padded and masked; autograd-free in modes "decision"/"head" unless ``fast_adapt``
-        is off).
+        is off). A named user that neither the request describes nor the user table knows is scored with
+        the features stored for them (a new user who described themselves once), as recommend does.
 
         Args:
             requests: Validated adapt requests.
