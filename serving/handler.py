@@ -65,6 +65,17 @@ def default_state_url() -> str:
     return f"sqlite:///{folder / STATE_FILE}"
 
 
+def request_header(context, index: int, name: str) -> str | None:
+    """A request header of one request of the batch, its name matched case-insensitively (TorchServe
+    passes the names as the client spelled them; its own per-part entries are dicts and skipped)."""
+    properties = context.request_processor[index].get_request_properties() or {}
+    wanted = name.lower()
+    for key, value in properties.items():
+        if isinstance(key, str) and key.lower() == wanted and isinstance(value, str):
+            return value
+    return None
+
+
 class MetaRecHandler(BaseHandler):
     """Serves a MetaRec archive: recommend for known or new users, adapt to a support set."""
 
@@ -111,7 +122,9 @@ class MetaRecHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [dumps_strict(self.describe_handle())]
-        bodies = [row_body(row) for row in data]
+        bodies = [
+            row_body(row, request_header(context, index, "Content-Type")) for index, row in enumerate(data)
+        ]
         routes = [context.get_request_header(index, "url_path") for index in range(len(data))]
         answers = []
         for index, (status, text) in enumerate(answer_batch(self.parser, bodies, routes)):

@@ -128,34 +128,47 @@ def json_depth(text: str) -> int:
     return int(np.cumsum(steps).max()) if steps.size else 0
 
 
+# Media types TorchServe decodes as a form (Netty's HttpPostRequestDecoder) instead of passing the body.
+FORM_MEDIA_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
 @dataclass(frozen=True)
 class FormFields:
-    """A TorchServe request that arrived without a body: its content was split into form fields
-    (``application/x-www-form-urlencoded``, curl's default for ``-d``, or ``multipart/form-data``
-    without a ``data``/``body`` part) or query parameters. Its JSON cannot be rebuilt faithfully (form
-    decoding turns ``+`` into a space and splits at ``&`` and ``=``), so it is refused with 415.
+    """A TorchServe request that arrived as a form (``application/x-www-form-urlencoded``, curl's
+    default for ``-d``, or ``multipart/form-data`` without a part named ``data``/``body``) or with
+    query parameters only. TorchServe passes the form's fields, not the body, and a JSON text that
+    holds no ``=`` is dropped altogether (seen on TorchServe 0.12: an empty row), so the JSON cannot be
+    rebuilt (form decoding also turns ``+`` into a space and splits at ``&``); it is refused with 415.
 
     Attributes:
-        names: How many fields TorchServe passed.
+        fields: How many fields TorchServe passed (often 0).
+        media_type: The request's Content-Type without parameters ("" when none).
     """
 
-    names: int
+    fields: int
+    media_type: str
 
 
-def row_body(row: dict[str, Any]) -> Any:
+def row_body(row: dict[str, Any], content_type: str | None = None) -> Any:
     """The body of one request of a TorchServe batch (``data`` in ``handle(data, context)``).
 
     Args:
         row: TorchServe's ``{parameter name: value}`` for one request: ``body`` for a raw body,
-            ``data``/``body`` for a form part of that name, other names for other form fields.
+            ``data``/``body`` for a form part of that name, other names for other form fields and
+            query parameters.
+        content_type: The request's Content-Type header, if any.
 
     Returns:
-        The raw body, None for an empty request, or :class:`FormFields` when only other fields came.
+        The raw body; :class:`FormFields` for a form or parameters without a body; None for an
+        empty request.
     """
     for key in ("body", "data"):
         if row.get(key) is not None:
             return row[key]
-    return FormFields(len(row)) if row else None
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if row or media_type in FORM_MEDIA_TYPES:
+        return FormFields(len(row), media_type)
+    return None
 
 
 def decode_body(body: Any, limits: RequestLimits) -> Any:
@@ -178,9 +191,9 @@ def decode_body(body: Any, limits: RequestLimits) -> Any:
     if isinstance(body, FormFields):
         raise RequestError(
             415,
-            f"no JSON body: the request came as {body.names} form field(s) or query parameter(s) "
-            "(curl -d sends Content-Type: application/x-www-form-urlencoded); "
-            "send the JSON as the body with Content-Type: application/json",
+            f"no JSON body: the request was sent as {body.media_type or 'form fields or query parameters'}, "
+            "which TorchServe splits into form fields; send the JSON as the body with "
+            "Content-Type: application/json (curl -d needs -H 'Content-Type: application/json')",
         )
     if isinstance(body, (bytes, bytearray)):
         if len(body) > limits.max_body_bytes:

@@ -91,23 +91,28 @@ def test_bytes_string_and_decoded_bodies_are_accepted(handler, archive_dir):
 
 
 def test_a_form_encoded_body_is_refused_with_415_naming_the_content_type(handler, archive_dir):
-    """curl -d sends application/x-www-form-urlencoded: TorchServe hands the handler the form's fields
-    (the JSON text as a field name) instead of a body, which used to be answered 400 "empty request
-    body". A multipart part named ``data`` is still read as the body."""
-    context = make_context(archive_dir, [{}, {}, {}, {}, {}])
-    rows = [
-        {'{"user_id":"1","k":3}': b""},  # -d '{"user_id":"1","k":3}' without a JSON Content-Type
-        {"file": b'{"user_id": "1", "k": 3}'},  # -F file=@request.json
-        {"data": b'{"user_id": "1", "k": 3}'},  # -F data=@request.json
-        {"body": b'{"user_id": "1", "k": 3}', "debug": "1"},  # a JSON body with a query parameter
-        {},  # nothing at all
+    """curl -d sends application/x-www-form-urlencoded: TorchServe 0.12 decodes the body as a form and
+    passes its fields instead (a JSON text without '=' is dropped: an empty row; one with '=' becomes a
+    field named up to it), which used to be answered 400 "empty request body". A multipart part named
+    ``data`` is still read as the body."""
+    form, multipart = "application/x-www-form-urlencoded", "multipart/form-data; boundary=x1"
+    rows = [  # (Content-Type, what TorchServe hands the handler)
+        (form, {}),  # -d '{"user_id":"1","k":3}'
+        (form, {'{"user_id":"a': b'b","k":3}'}),  # -d '{"user_id":"a=b","k":3}'
+        (multipart, {"file": b'{"user_id": "1", "k": 3}'}),  # -F file=@request.json
+        (multipart, {"data": b'{"user_id": "1", "k": 3}'}),  # -F data=@request.json
+        ("application/json", {"body": b'{"user_id": "1", "k": 3}', "debug": "1"}),  # ...?debug=1
+        (None, {"body": b'{"user_id": "1", "k": 3}'}),  # no Content-Type at all
+        ("application/json", {"body": b""}),
+        (None, {}),
     ]
-    output = handler.handle(rows, context)
+    context = make_context(archive_dir, [{"content-type": t} if t else {} for t, _ in rows])
+    output = handler.handle([row for _, row in rows], context)
     statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
-    assert statuses == [415, 415, 200, 200, 400]
+    assert statuses == [415, 415, 415, 200, 200, 200, 400, 400]
     message = json.loads(output[0])["message"]
-    assert "Content-Type: application/json" in message and "form field" in message
-    assert json.loads(output[2]) == json.loads(output[3])
+    assert "Content-Type: application/json" in message and form in message
+    assert json.loads(output[3]) == json.loads(output[4]) == json.loads(output[5])
 
 
 def test_a_bad_request_does_not_fail_its_batch(handler, archive_dir):
