@@ -87,3 +87,16 @@ def test_podmonitoring_scrapes_the_serving_metrics_port():
         for port in c.get("ports", [])
     }
     assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= ports
+
+
+def test_cluster_guide_applies_with_n_only_what_renders_without_a_namespace():
+    # `kubectl apply -n NS -k DIR` refuses objects that name another namespace ("the namespace from the
+    # provided object ... does not match"): every such command in docs/cluster.md must render none.
+    import re
+
+    guide = (MANIFESTS.parent / "docs" / "cluster.md").read_text()
+    targets = re.findall(r"kubectl apply -n \S+ -k manifests/(\S+)", guide)
+    assert targets, "the guide applies nothing with -n: update this test"
+    for target in targets:
+        pinned = [obj["metadata"]["name"] for obj in render(target) if obj["metadata"].get("namespace")]
+        assert not pinned, f"manifests/{target} pins a namespace on {pinned}: `-n` would be refused"

@@ -105,3 +105,13 @@ def test_metrics_collector_reads_what_training_prints(experiment, tmp_path, caps
         "val_mae": pytest.approx(printed["val_mae"]),
         "val_ndcg@3": pytest.approx(printed["val_ndcg@3"]),
     }
+
+
+def test_experiment_runs_where_the_training_identity_is(experiment):
+    # Created with `-n $NS` in the runs' profile namespace, where manifests/training puts the service
+    # account that Workload Identity binds (docs/cluster.md): a pinned namespace would run the trials
+    # under an account without identity or bucket access.
+    assert "namespace" not in experiment["metadata"]
+    training = yaml.safe_load((EXPERIMENT.parents[1] / "training" / "serviceaccount.yaml").read_text())
+    pod = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == training["metadata"]["name"]
