@@ -7,7 +7,9 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
+from typing import Any
 
 import gcs_emulator as emulator_support
 import pytest
@@ -387,3 +389,84 @@ def test_local_output_can_promote_with_a_manifest(gcs_bucket):
     with storage.local_output(target, promote_last=True) as folder:
         (folder / "model.mar").write_bytes(b"m")
     assert storage.is_complete(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lost responses: the server acted, the client never heard, and its retry meets the new state
+
+
+class _LostResponses:
+    """Fault injection at the HTTP layer of the client library (``requests.Session.request``, restored by
+    ``monkeypatch``). Each rule is ``(method, url_part, action)``; the first request matching a rule's method
+    and URL substring consumes it. Actions: ``"drop"`` forwards the request to the emulator (the server acts)
+    and then raises a connection reset, as if the response were lost; an ``int`` answers that HTTP status
+    without forwarding (what real GCS would answer where the emulator does not). Unmatched requests pass.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *rules: tuple[str, str, str | int]):
+        import requests
+
+        self.rules, self.fired = list(rules), []
+        original = requests.Session.request
+
+        def request(session, method, url, *args, **kwargs):
+            for index, (rule_method, url_part, action) in enumerate(self.rules):
+                if method.upper() == rule_method and url_part in url:
+                    del self.rules[index]
+                    self.fired.append((method.upper(), url_part, action))
+                    if action == "drop":
+                        original(session, method, url, *args, **kwargs)
+                        raise requests.exceptions.ConnectionError("connection reset by peer (injected)")
+                    return self._answer(method, url, action)
+            return original(session, method, url, *args, **kwargs)
+
+        monkeypatch.setattr(requests.Session, "request", request)
+
+    @staticmethod
+    def _answer(method: str, url: str, status: int) -> Any:
+        import requests
+
+        response = requests.Response()
+        response.status_code, response.url = status, url
+        response.request = requests.Request(method, url).prepare()
+        response.headers["Content-Type"] = "application/json"
+        reason = {404: "notFound", 412: "conditionNotMet"}.get(status, "injected")
+        response._content = json.dumps(
+            {"error": {"code": status, "message": f"injected {status}", "errors": [{"reason": reason}]}}
+        ).encode()
+        return response
+
+
+def _promoted(bucket: str, tmp_path: Path, prefix: str, files: dict[str, bytes]) -> str:
+    """Uploads ``files`` to a staging prefix and promotes it to ``gs://bucket/prefix``."""
+    staging = f"gs://{bucket}/staging/{uuid.uuid4().hex[:8]}"
+    storage.upload_dir(_tree(tmp_path / uuid.uuid4().hex[:8], files), staging)
+    storage.promote(staging, f"gs://{bucket}/{prefix}")
+    return f"gs://{bucket}/{prefix}"
+
+
+def test_delete_whose_response_was_lost_counts_as_done(gcs_bucket, monkeypatch):
+    """GCS deleted the object, the response was lost, the retry of the pinned-generation delete gets 404
+    (the emulator answers that 404 itself, as GCS does): the object is gone, which is what was asked."""
+    uri = f"gs://{gcs_bucket}/d/a.txt"
+    storage.write_bytes(uri, b"x")
+    faults = _LostResponses(monkeypatch, ("DELETE", "/o/d%2Fa.txt", "drop"))
+    storage._delete(uri)
+    assert faults.fired and not storage.exists(uri)
+
+
+def test_promote_over_a_live_prefix_survives_lost_delete_responses(gcs_bucket, tmp_path, monkeypatch):
+    """The deletes of the old manifest and of a file the new version lacks both land with their responses
+    lost: promote still finishes, so serving does not refuse the prefix until someone promotes again."""
+    final = _promoted(gcs_bucket, tmp_path, "models/metarec", {"model-store/old.mar": b"v1"})
+    staging = f"gs://{gcs_bucket}/staging/v2"
+    storage.upload_dir(_tree(tmp_path / "v2", ARCHIVE), staging)
+    faults = _LostResponses(
+        monkeypatch,
+        ("DELETE", f"/o/models%2Fmetarec%2F{storage.MANIFEST_NAME}", "drop"),
+        ("DELETE", "/o/models%2Fmetarec%2Fmodel-store%2Fold.mar", "drop"),
+    )
+    storage.promote(staging, final)
+    assert len(faults.fired) == 2
+    assert storage.is_complete(final) and set(storage.read_manifest(final)["files"]) == set(ARCHIVE)
+    assert not storage.exists(f"{final}/model-store/old.mar")

@@ -772,12 +772,17 @@ def _describe(uri_prefix: str, names: dict[str, Any]) -> dict[str, dict]:
 
 def _delete(uri: str) -> None:
     if is_gcs(uri):
+        from google.api_core import exceptions as api
+
         bucket_name, name = split_gcs_uri(uri)
         with _gcs_errors(uri):
             blob = get_client().bucket(bucket_name).get_blob(name, retry=_read_retry())
             if blob is not None:
-                # Deleting a pinned generation is idempotent, hence safe to retry.
-                blob.delete(if_generation_match=blob.generation, retry=_write_retry())
+                # Pinned to the generation just read, so a retry can never delete a newer object. A retry
+                # of a delete that landed but whose response was lost gets 404, as does a delete of a
+                # generation someone else removed meanwhile: either way that generation is gone, as asked.
+                with contextlib.suppress(api.NotFound):
+                    blob.delete(if_generation_match=blob.generation, retry=_write_retry())
     else:
         Path(uri).unlink(missing_ok=True)
 
