@@ -470,3 +470,33 @@ def test_promote_over_a_live_prefix_survives_lost_delete_responses(gcs_bucket, t
     assert len(faults.fired) == 2
     assert storage.is_complete(final) and set(storage.read_manifest(final)["files"]) == set(ARCHIVE)
     assert not storage.exists(f"{final}/model-store/old.mar")
+
+
+def test_promote_survives_a_lost_rewrite_response(gcs_bucket, tmp_path, monkeypatch):
+    """A bucket-to-bucket copy (rewrite) lands and its response is lost; GCS answers the retry, which
+    carries ifGenerationMatch=0, with 412 because the object now exists. That 412 is synthesised here: the
+    emulator ignores generation preconditions and would accept the retry. The copy checks that the object
+    which landed has the source's crc32c and accepts it."""
+    staging = f"gs://{gcs_bucket}/staging/run-3"
+    final = f"gs://{gcs_bucket}/models/metarec"
+    storage.upload_dir(_tree(tmp_path / "v", ARCHIVE), staging)
+    faults = _LostResponses(monkeypatch, ("POST", "rewriteTo", "drop"), ("POST", "rewriteTo", 412))
+    storage.promote(staging, final)
+    assert [action for _, _, action in faults.fired] == ["drop", 412]
+    assert storage.is_complete(final)
+    files = storage.download_dir(final, tmp_path / "serve", require_complete=True)
+    assert {p.relative_to(tmp_path / "serve").as_posix(): p.read_bytes() for p in files} == ARCHIVE | {
+        storage.MANIFEST_NAME: (tmp_path / "serve" / storage.MANIFEST_NAME).read_bytes()
+    }
+
+
+def test_copy_refuses_a_destination_another_writer_changed(gcs_bucket, monkeypatch):
+    """A 412 on a copy (synthesised: the emulator ignores preconditions) where the destination holds other
+    bytes than the source means another writer got in between: not overwritten, not accepted."""
+    source, destination = f"gs://{gcs_bucket}/s/a.bin", f"gs://{gcs_bucket}/t/a.bin"
+    storage.write_bytes(source, b"ours")
+    storage.write_bytes(destination, b"theirs")
+    _LostResponses(monkeypatch, ("POST", "rewriteTo", 412))
+    with pytest.raises(StorageError, match="modified by another writer"):
+        storage._gcs_copy(source, destination)
+    assert storage.read_bytes(destination) == b"theirs"

@@ -13,7 +13,9 @@ Guarantees for ``gs://``:
 * **Retries**: transient errors (429, 5xx, connection resets) are retried with exponential backoff
   (``google.cloud.storage.retry.DEFAULT_RETRY``: 1 s doubling to 60 s, 120 s in all). Writes are
   retried only when made conditional on the object's generation, so a retry can never overwrite a
-  newer object.
+  newer object. A retry that finds its own write already done (the response to the first attempt was
+  lost) counts as done: a 412 on an upload or copy when the object now there has the expected crc32c, a
+  404 on a delete of the generation it targeted.
 * **Errors**: a missing bucket, a missing object and a permission failure raise
   :class:`StorageError` (a ``ValueError``) naming the URI and what to check.
 * **Promotion**: :func:`promote` copies a fully written staging prefix to its final name and writes a
@@ -373,7 +375,10 @@ def _gcs_upload(uri: str, *, data: bytes | None = None, filename: str | None = N
 
 
 def _gcs_copy(src_uri: str, dst_uri: str) -> Any:
-    """Copies one object server-side (rewrite loop: works across buckets and locations)."""
+    """Copies one object server-side (rewrite loop: works across buckets and locations), retried
+    conditionally like :func:`_gcs_upload`."""
+    from google.api_core import exceptions as api
+
     src = _blob_metadata(src_uri)
     dst_bucket_name, dst_name = split_gcs_uri(dst_uri)
     with _gcs_errors(dst_uri):
@@ -382,11 +387,22 @@ def _gcs_copy(src_uri: str, dst_uri: str) -> Any:
         generation = current.generation if current is not None else 0
         dst = dst_bucket.blob(dst_name)
         token = None
-        while True:
-            token, _, _ = dst.rewrite(src, token=token, if_generation_match=generation, retry=_write_retry())
-            if token is None:
-                break
-        dst.reload(retry=_read_retry())
+        try:
+            while True:
+                token, _, _ = dst.rewrite(
+                    src, token=token, if_generation_match=generation, retry=_write_retry()
+                )
+                if token is None:
+                    break
+            dst.reload(retry=_read_retry())
+        except api.PreconditionFailed:
+            # Either a retry of our own rewrite that had landed, or another writer got in between.
+            landed = dst_bucket.get_blob(dst_name, retry=_read_retry())
+            if landed is None or landed.crc32c != src.crc32c:
+                raise StorageError(
+                    f"{dst_uri} was modified by another writer during the copy; not overwritten"
+                ) from None
+            dst = landed
     verify_crc32c(dst.crc32c, src.crc32c, dst_uri, "copy")
     return dst
 
