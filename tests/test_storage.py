@@ -500,3 +500,49 @@ def test_copy_refuses_a_destination_another_writer_changed(gcs_bucket, monkeypat
     with pytest.raises(StorageError, match="modified by another writer"):
         storage._gcs_copy(source, destination)
     assert storage.read_bytes(destination) == b"theirs"
+
+
+def test_promote_refuses_nested_prefixes_on_gcs(gcs_bucket, tmp_path):
+    final = _promoted(gcs_bucket, tmp_path, "models/metarec", ARCHIVE)
+    inside = f"{final}/staging-2"
+    storage.upload_dir(_tree(tmp_path / "v2", {"model-store/new.mar": b"v2"}), inside)
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(inside, final)  # would delete the live version and the staging prefix itself
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(f"gs://{gcs_bucket}/models", f"gs://{gcs_bucket}/models/metarec/v2")
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(f"gs://{gcs_bucket}/", f"gs://{gcs_bucket}/models/other")
+    for root in (f"gs://{gcs_bucket}", f"gs://{gcs_bucket}/"):
+        with pytest.raises(StorageError, match="bucket root"):
+            storage.promote(f"gs://{gcs_bucket}/staging/x", root)
+    assert storage.is_complete(final) and storage.list_uris(inside)
+    # run-1, run-10 and run-1.staging-ab are siblings, not nested: promoting between them works.
+    base = f"gs://{gcs_bucket}/runs"
+    for version in ("run-1", "run-10", "run-1.staging-ab"):
+        storage.write_bytes(f"{base}/{version}/model-store/m.mar", version.encode())
+    storage.promote(f"{base}/run-10", f"{base}/run-1")
+    storage.promote(f"{base}/run-1.staging-ab", f"{base}/run-1")
+    assert storage.read_bytes(f"{base}/run-1/model-store/m.mar") == b"run-1.staging-ab"
+    assert storage.list_uris(f"{base}/run-10") and storage.list_uris(f"{base}/run-1.staging-ab")
+
+
+def test_promote_refuses_nested_local_folders(tmp_path, monkeypatch):
+    final = tmp_path / "final"
+    storage.promote(_tree(tmp_path / "v1", {"a.bin": b"v1"}), final)
+    inside = _tree(final / "staging-2", {"a.bin": b"v2"})
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(inside, final)
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(tmp_path / "v1", tmp_path / "v1" / "sub")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote("final/staging-2", str(final))  # relative and absolute spellings of one tree
+    with pytest.raises(StorageError, match="inside"):
+        storage.promote(inside, "final/../final")
+    assert storage.is_complete(final) and (inside / "a.bin").read_bytes() == b"v2"
+    for root in ("/", ""):  # checked directly: a regression must not get to delete files under /
+        with pytest.raises(StorageError, match="filesystem root"):
+            storage._refuse_overlapping_prefixes(str(inside), root)
+    sibling = _tree(tmp_path / "final0", {"a.bin": b"sibling"})
+    storage.promote(sibling, final)  # final0 is a sibling of final, not inside it
+    assert (final / "a.bin").read_bytes() == b"sibling"

@@ -21,7 +21,8 @@ Guarantees for ``gs://``:
 * **Promotion**: :func:`promote` copies a fully written staging prefix to its final name and writes a
   completion manifest (``_METAREC_MANIFEST.json``) last, so a reader (the serving init container,
   :func:`download_dir` with ``require_complete=True``) can tell a complete prefix from one being
-  written.
+  written. It deletes the final prefix's files that staging lacks, so it refuses a bucket root as the
+  final prefix and staging/final prefixes that lie one inside the other (stage beside the final prefix).
 
 Credentials follow Google's conventions: ``storage.Client()`` with Application Default Credentials
 (Workload Identity on GKE). When ``STORAGE_EMULATOR_HOST`` is set, anonymous credentials and the
@@ -812,6 +813,39 @@ def _copy_one(src_uri: str, dst_uri: str) -> None:
         upload(src_uri, dst_uri)
 
 
+def _prefix_parts(uri_prefix: str) -> tuple[str, ...]:
+    """The path components of a prefix: the bucket then the object name's segments for ``gs://``, the
+    resolved absolute path's parts for a local folder (so ``a/../b``, ``./b`` and ``/abs/b`` compare equal)."""
+    if is_gcs(uri_prefix):
+        bucket, name = split_gcs_uri(uri_prefix)
+        return (GCS_SCHEME, bucket, *[part for part in name.split("/") if part])
+    return Path(uri_prefix).resolve().parts
+
+
+def _refuse_overlapping_prefixes(staging: str, final: str) -> None:
+    """Raises before :func:`promote` deletes anything it must not: its step 2 deletes every file under the
+    final prefix that staging lacks, so a final prefix at a bucket root would empty the bucket, and staging
+    inside final would delete itself along with the live version. Components are compared whole:
+    ``run-1`` and ``run-10`` (or ``run-1.staging-ab``) are siblings, not nested."""
+    final_parts = _prefix_parts(final) if final else ()
+    if len(final_parts) <= (2 if is_gcs(final) else 1):
+        raise StorageError(
+            f"refusing to promote to {final or '/'!r}: a bucket root or the filesystem root is not a prefix "
+            "promote may replace (it deletes every file there the staging prefix lacks); name a folder"
+        )
+    staging_parts = _prefix_parts(staging)
+    if staging_parts == final_parts:
+        raise StorageError(f"staging and final prefixes are the same: {staging}")
+    shorter = min(len(staging_parts), len(final_parts))
+    if staging_parts[:shorter] == final_parts[:shorter]:
+        inner, outer = (staging, final) if len(staging_parts) > len(final_parts) else (final, staging)
+        raise StorageError(
+            f"refusing to promote {staging} to {final}: {inner} lies inside {outer}, so promoting would "
+            "delete the staging files or files beside the final prefix; stage next to the final prefix "
+            "(e.g. FINAL.staging-RUN), not inside it"
+        )
+
+
 def promote(staging_uri_prefix: str | os.PathLike, final_uri_prefix: str | os.PathLike) -> dict:
     """Copies a fully written staging prefix to its final name, manifest last.
 
@@ -829,11 +863,13 @@ def promote(staging_uri_prefix: str | os.PathLike, final_uri_prefix: str | os.Pa
         The manifest written.
 
     Raises:
-        StorageError: Empty staging prefix, missing bucket, permission denied, checksum mismatch.
+        StorageError: Empty staging prefix, missing bucket, permission denied, checksum mismatch; or,
+            before anything is touched, a final prefix that is a bucket root (or the filesystem root), or
+            staging and final prefixes that are the same or lie one inside the other (step 2 would delete
+            the staging files, or the final prefix's siblings).
     """
     staging, final = str(staging_uri_prefix).rstrip("/"), str(final_uri_prefix).rstrip("/")
-    if staging == final:
-        raise StorageError(f"staging and final prefixes are the same: {staging}")
+    _refuse_overlapping_prefixes(staging, final)
     staged = {rel: item for rel, item in _relative_names(staging).items() if rel != MANIFEST_NAME}
     if not staged:
         raise StorageError(f"nothing to promote: {staging} holds no files")
