@@ -262,18 +262,6 @@ def job_runner(bin_dir: Path, env: dict[str, str], workdir: Path):
     return controller
 
 
-def kserve_controller(fake, collection: str, obj: dict) -> None:
-    """A fake KServe: every spec change gets a new revision that becomes ready at once."""
-    if not collection.endswith("/inferenceservices"):
-        return
-    generation = obj["metadata"]["generation"]
-    revision = f"{obj['metadata']['name']}-predictor-{generation:05d}"
-    obj["status"] = {"observedGeneration": generation,
-                     "conditions": [{"type": "Ready", "status": "True"}],
-                     "components": {"predictor": {"latestCreatedRevision": revision,
-                                                  "latestReadyRevision": revision}}}  # fmt: skip
-
-
 def run_chain(launcher: Launcher, fake, raw_uri: str) -> None:
     """fingerprint_data -> preprocess -> meta_train + meta_train_pytorchjob -> evaluate -> select ->
     package -> deploy, each step's outputs feeding the next."""
@@ -342,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="build/fidelity", help="scratch folder (venv, artifacts)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the dependency layers too")
     args = parser.parse_args(argv)
-    from fake_kube import FakeKube
+    from fake_kube import FakeKube, kserve_raw_controller
     from gcs_emulator import start_emulator, stop_emulator, use_emulator
 
     from metarec import storage
@@ -370,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def controller(fake, collection, obj):
             jobs(fake, collection, obj)
-            kserve_controller(fake, collection, obj)
+            kserve_raw_controller(fake, collection, obj)  # the shipped overlay's RawDeployment mode
 
         jobs = job_runner(bin_dir, env, workdir)
         with FakeKube(controller) as fake:

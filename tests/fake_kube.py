@@ -191,3 +191,43 @@ DEPLOYMENTS = "/apis/apps/v1/namespaces/{namespace}/deployments"
 def condition_status(kind: str, message: str = "") -> dict:
     """A status with one True condition of ``kind`` (``Running``, ``Succeeded``, ``Failed``)."""
     return {"conditions": [{"type": kind, "status": "True", "message": message or kind.lower()}]}
+
+
+# KServe in RawDeployment mode (kserve/kserve's PropagateRawStatus): the InferenceService is served by a
+# plain Deployment named `<name>-predictor`, whose pod template carries the storageUri; its status only
+# mirrors the Deployment's Available condition and reports no revisions.
+KSERVE_SOURCE_URI = "serving.kserve.io/storage-initializer-sourceuri"
+
+
+def raw_predictor_deployment(name: str, namespace: str, uri: str, replicas: int = 2) -> dict:
+    """The predictor Deployment KServe creates for a RawDeployment InferenceService, fully rolled."""
+    labels = {"app": f"isvc.{name}-predictor"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": f"{name}-predictor", "namespace": namespace},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels, "annotations": {KSERVE_SOURCE_URI: uri}},
+                              "spec": {"containers": [{"name": "kserve-container", "image": "metarec-serving"}]}}},
+        "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                   "availableReplicas": replicas},
+    }  # fmt: skip
+
+
+def kserve_raw_controller(fake: FakeKube, collection: str, obj: dict) -> None:
+    """A fake KServe in RawDeployment mode whose predictor rolls to a new storageUri at once."""
+    if not collection.endswith("/inferenceservices"):
+        return
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    obj["status"] = {"observedGeneration": 1, "components": {"predictor": {}},
+                     "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
+    key = (DEPLOYMENTS.format(namespace=namespace), f"{name}-predictor")
+    uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
+    deployment = fake.objects.get(key)
+    if deployment is None:
+        fake.objects[key] = raw_predictor_deployment(name, namespace, uri)
+    elif deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] != uri:
+        deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] = uri
+        deployment["metadata"]["generation"] = deployment["metadata"].get("generation", 1) + 1
+        replicas = deployment["spec"]["replicas"]
+        deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
+                                "updatedReplicas": replicas, "availableReplicas": replicas}  # fmt: skip

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from fake_kube import DEPLOYMENTS, INFERENCESERVICES
+from fake_kube import DEPLOYMENTS, INFERENCESERVICES, KSERVE_SOURCE_URI, raw_predictor_deployment
 
 from metarec.components.deploy_model import deploy
 
@@ -134,8 +134,6 @@ def test_deployment_rolls_back_when_the_rollout_fails(serving):
 # ---------------------------------------------------------------------------------------------------
 # RawDeployment mode (the shipped overlay) and kubectl's rollout rule
 
-SOURCE_URI = "serving.kserve.io/storage-initializer-sourceuri"
-
 
 class RolloutSteps:
     """A Deployment controller that rolls in steps, one per sleep of the deploy loop: the new pod template
@@ -170,18 +168,6 @@ class RolloutSteps:
         )
 
 
-def _predictor_deployment(uri: str) -> dict:
-    labels = {"app": "isvc.metarec-predictor"}
-    return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "metarec-predictor", "namespace": "serving"},
-        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels, "annotations": {SOURCE_URI: uri}},
-                              "spec": {"containers": [{"name": "kserve-container", "image": "metarec-serving"}]}}},
-        "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2},
-    }  # fmt: skip
-
-
 @pytest.fixture()
 def raw_serving(kube, repo_root):
     """The shipped RawDeployment InferenceService on OLD, and the predictor Deployment KServe made of it.
@@ -193,7 +179,7 @@ def raw_serving(kube, repo_root):
     assert isvc["metadata"]["annotations"][deploy.MODE_ANNOTATION] == "RawDeployment"
     isvc["metadata"]["namespace"] = "serving"
     isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
-    kube.put(DEPS, _predictor_deployment(OLD))
+    kube.put(DEPS, raw_predictor_deployment("metarec", "serving", OLD))
     steps = RolloutSteps(kube, DEPS, "metarec-predictor")
 
     def kserve(fake, collection, obj):
@@ -203,8 +189,8 @@ def raw_serving(kube, repo_root):
                          "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
         deployment = fake.objects[(DEPS, "metarec-predictor")]
         uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
-        if deployment["spec"]["template"]["metadata"]["annotations"][SOURCE_URI] != uri:
-            deployment["spec"]["template"]["metadata"]["annotations"][SOURCE_URI] = uri
+        if deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] != uri:
+            deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] = uri
             deployment["metadata"]["generation"] += 1
             steps.step = 0
             deployment["status"] = steps.status(deployment, "broken" in uri)
