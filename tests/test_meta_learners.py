@@ -312,7 +312,9 @@ def test_id_dropout_shows_hidden_rows_as_cold_items(method, mode):
     model = make_model(user_bias=True, user_bias_prior=2.0, user_factors=3)
     batch = random_batch(model)
     learner = MetaLearner(model, method, inner_steps=3, inner_lr=0.5, adapt_mode=mode, id_dropout=0.5)
-    learner._hidden_ids = lambda n_tasks, n_rows, device: torch.ones(n_tasks, n_rows, dtype=torch.bool)
+    learner._hidden_ids = lambda tasks, total, n_rows, device: torch.ones(total, n_rows, dtype=torch.bool)[
+        tasks
+    ]
     loss, grads = learner.meta_gradient(batch)
     # Every id hidden = the same model with a catalogue of cold items only.
     cold = copy.deepcopy(model)
@@ -326,7 +328,7 @@ def test_id_dropout_shows_hidden_rows_as_cold_items(method, mode):
     assert float(grads["item_bias.weight"][0].abs().max()) > 0.0
     # A real draw hides about the requested share of rows.
     drawn = MetaLearner(model, method, adapt_mode=mode, id_dropout=0.3)._hidden_ids(
-        200, 50, torch.device("cpu")
+        slice(0, 200), 200, 50, torch.device("cpu")
     )
     assert 0.27 < float(drawn.float().mean()) < 0.33
     with pytest.raises(ValueError, match="id_dropout"):
