@@ -16,8 +16,10 @@ JSON object::
 
 Peer references (``surprise_svdpp``, ``surprise_knn``, ``lightfm``; ``metarec.peers``, the ``bench``
 extra) are evaluated beside the baselines unless ``--peers`` is given without names. ``ci95`` is a
-paired bootstrap over test users (``metarec.stats``) of best meta-learner minus best other method
-(baselines and peers), chosen per scenario and metric on the mean over seeds.
+paired bootstrap over test users (``metarec.stats``) of a meta-learner minus the best other method
+(baselines and peers), per scenario and metric: the meta-learner is the one best on the validation users
+(``metarec.selection.best_methods``; on the mean over seeds), so its test figure is not the best of
+several test scores; the other method is the strongest on the test users, the hardest opponent.
 
 Usage:
     python bench/coldstart_quality.py --data ../shared/data/ml-100k --seeds 0 1 2
@@ -154,7 +156,8 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
 
 
 def confidence_intervals(aggregated: dict, documents: list[dict]) -> dict:
-    """Paired bootstrap of best meta-learner minus best other method, per scenario and metric.
+    """Paired bootstrap of the meta-learner chosen on validation users minus the strongest other method
+    on the test users, per scenario and metric.
 
     Args:
         aggregated: Output of :func:`metarec.evaluation.aggregate_seeds` (ranks the methods).
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
             ours, theirs = user_cold[meta][metric], user_cold[baseline][metric]
             better = ours < theirs if metric == "mae" else ours > theirs
             print(
-                f"user_cold {metric}: best meta {meta} {ours:.4f} vs best baseline {baseline} {theirs:.4f}: "
+                f"user_cold {metric}: meta {meta} (chosen on validation) {ours:.4f} vs best baseline "
+                f"{baseline} {theirs:.4f}: "
                 f"{'meta wins' if better else 'META LOSES'}",
                 file=sys.stderr,
             )

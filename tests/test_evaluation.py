@@ -62,6 +62,14 @@ def test_document_has_every_scenario_method_and_metric(evaluated):
                 assert scores[f"{metric}_std"] == 0.0
             assert 0.0 <= scores["ndcg@3"] <= 1.0
             assert scores["mae"] <= scores["rmse"] + 1e-9
+    # Every method is also scored on the validation users, where every choice among them is made.
+    assert set(document["validation"]) == {"user_cold", "user_item_cold"}
+    for scores in document["validation"].values():
+        assert set(scores) == expected_methods
+    from metarec.tasks import Preprocessed, scenario_tasks
+
+    val_users, _ = scenario_tasks(Preprocessed.load(str(root / "pre")), "user_cold", users_split="val")
+    assert document["validation"]["user_cold"]["maml"]["n_users"] == len(val_users) > 0
     assert document["methods"]["maml"]["kind"] == "meta"
     assert document["methods"]["maml"]["model_dir"] == str(root / "maml")
     assert document["methods"]["mf_foldin"]["kind"] == "baseline"
@@ -106,15 +114,15 @@ def test_unknown_config_keys_are_rejected(tmp_path):
 
 
 def _seed_document(seed: int, maml_mae: float, mf_mae: float, maml_ndcg: float, mf_ndcg: float) -> dict:
+    scores = {
+        "maml": {"mae": maml_mae, "ndcg@3": maml_ndcg, "mae_std": 0.0, "n_users": 10},
+        "mf_foldin": {"mae": mf_mae, "ndcg@3": mf_ndcg, "mae_std": 0.0, "n_users": 10},
+    }
     return {
         "dataset": "d",
         "seeds": [seed],
-        "scenarios": {
-            "user_cold": {
-                "maml": {"mae": maml_mae, "ndcg@3": maml_ndcg, "mae_std": 0.0, "n_users": 10},
-                "mf_foldin": {"mae": mf_mae, "ndcg@3": mf_ndcg, "mae_std": 0.0, "n_users": 10},
-            }
-        },
+        "scenarios": {"user_cold": scores},
+        "validation": {"user_cold": scores},
         "kshot": {
             "user_cold": {"maml": {"1": {"mae": maml_mae + 0.1}}, "mf_foldin": {"1": {"mae": mf_mae + 0.1}}}
         },
@@ -139,3 +147,22 @@ def test_aggregate_seeds_mean_std_and_best():
     assert "± " in render_markdown(aggregated)
     with pytest.raises(ValueError):
         aggregate_seeds([])
+
+
+def test_report_summary_reads_the_direction_of_the_metric():
+    # MAE: lower is better, so a meta-learner with the higher MAE does not win on it.
+    document = _seed_document(0, 0.90, 0.80, 0.75, 0.74)
+    document["selection_metric"] = "mae"
+    summary = render_markdown(document).split("## Summary")[1].split("\n## ")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| user_cold"))
+    assert row.endswith("| mae: NO, MAE: NO |"), row
+
+
+def test_report_names_the_meta_learner_chosen_on_validation_users():
+    document = _seed_document(0, 0.70, 0.80, 0.75, 0.74)
+    document["scenarios"]["user_cold"]["fomaml"] = {"mae": 0.60, "ndcg@3": 0.99, "n_users": 10}
+    document["validation"]["user_cold"]["fomaml"] = {"mae": 0.90, "ndcg@3": 0.10, "n_users": 10}
+    document["methods"]["fomaml"] = {"kind": "meta"}
+    summary = render_markdown(document).split("## Summary")[1].split("\n## ")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| user_cold"))
+    assert "| maml: " in row and "fomaml" not in row  # fomaml wins on test only

@@ -9,11 +9,14 @@ import pytest
 from metarec.selection import ModelSelectionError, select_model
 
 
-def _document(scores: dict[str, dict], meta: set[str]) -> dict:
+def _document(scores: dict[str, dict], meta: set[str], test: dict[str, dict] | None = None) -> dict:
+    """``scores`` on the validation users; the test users' are ``test`` (default: the same)."""
+    test = scores if test is None else test
     return {
         "dataset": "test",
         "seeds": [0],
-        "scenarios": {"user_cold": scores, "warm": scores},
+        "validation": {"user_cold": scores},
+        "scenarios": {"user_cold": test, "warm": test},
         "methods": {
             name: ({"kind": "meta", "model_dir": f"/models/{name}"} if name in meta else {"kind": "baseline"})
             for name in scores
@@ -39,6 +42,33 @@ def test_selects_by_ndcg_higher_is_better():
     assert result["model_dir"] == "/models/maml"
     assert {"selected", "metric", "scenario", "value", "best_baseline", "baseline_value"} <= set(result)
     assert "maml" in result["message"]
+
+
+def test_the_choice_and_the_gate_read_the_validation_users_only():
+    # On the test users fomaml would win and the baseline would beat both: neither may decide.
+    test = {
+        "maml": {"mae": 0.80, "ndcg@3": 0.70},
+        "fomaml": {"mae": 0.70, "ndcg@3": 0.90},
+        "mf_foldin": {"mae": 0.60, "ndcg@3": 0.95},
+    }
+    validation = {
+        "maml": {"mae": 0.75, "ndcg@3": 0.80},
+        "fomaml": {"mae": 0.76, "ndcg@3": 0.79},
+        "mf_foldin": {"mae": 0.77, "ndcg@3": 0.78},
+    }
+    result = select_model(_document(validation, {"maml", "fomaml"}, test=test))
+    assert result["selected"] == "maml" and result["beats_baseline"] is True
+    assert result["value"] == pytest.approx(0.80) and result["baseline_value"] == pytest.approx(0.78)
+    assert result["test_value"] == pytest.approx(0.70)  # reported as measured, not chosen on
+    assert result["baseline_test_value"] == pytest.approx(0.95)
+    assert result["decided_on"] == "validation users (user_cold)"
+
+
+def test_a_document_without_validation_scores_is_refused():
+    document = _document(SCORES, {"maml", "reptile"})
+    del document["validation"]
+    with pytest.raises(ValueError, match="would read the test split"):
+        select_model(document)
 
 
 def test_selects_by_mae_lower_is_better():

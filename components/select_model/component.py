@@ -19,16 +19,22 @@ def select_model(
 ):
     """Selects the best meta-learned model of an evaluation and copies it to the output.
 
+    The choice and the gate read the validation users' scores (the evaluation's ``validation`` section);
+    the test users' scores are only reported beside them.
+
     Args:
         evaluation: Evaluation document (output ``evaluation`` of the evaluate component).
         models: The candidate models that were evaluated (the same list given to evaluate).
         selected_model: Copy of the selected candidate's model directory; metadata names the method.
-        selection: JSON summary: selected, metric, scenario, value, best_baseline, baseline_value,
-            beats_baseline, message.
-        metrics: The selected and best-baseline scores, and beats_baseline as 0/1.
+        selection: JSON summary: selected, metric, scenario, decided_on, value and baseline_value (on
+            the validation users), best_baseline, beats_baseline, test_value and baseline_test_value
+            (the two methods' test scores, reported only), message.
+        metrics: The selected and best-baseline validation scores, the selected model's test score
+            (``selected.test.<metric>``), and beats_baseline as 0/1.
         metric: Selection metric: ``ndcg@<k>`` (higher is better), ``mae`` or ``rmse``.
-        scenario: Scenario whose scores decide: ``user_cold`` (default), ``warm``, ``item_cold`` or
-            ``user_item_cold``.
+        scenario: Scenario the choice is for: ``user_cold`` (default), ``warm``, ``item_cold`` or
+            ``user_item_cold``; decided on the validation users' ``user_cold`` (for ``warm`` and
+            ``user_cold``) or ``user_item_cold`` rows (for the cold-item scenarios).
         fail_if_worse: Fail the task when the selected model does not beat the best baseline (the
             default only warns).
     """
@@ -53,6 +59,8 @@ def select_model(
 
     print(result["message"])
     metrics.log_metric(f"selected.{metric}", float(result["value"]))
+    if result.get("test_value") is not None:
+        metrics.log_metric(f"selected.test.{metric}", float(result["test_value"]))
     if result.get("baseline_value") is not None:
         metrics.log_metric(f"best_baseline.{metric}", float(result["baseline_value"]))
     metrics.log_metric("beats_baseline", 1.0 if result["beats_baseline"] else 0.0)

@@ -25,6 +25,7 @@ import torch
 from metarec.baselines import BASELINE_NAMES, RatingBaseline
 from metarec.metrics import DEFAULT_NDCG_KS, KSHOT_METRICS
 from metarec.model import ModelConfig, PreferenceModel
+from metarec.selection import VALIDATION_OF
 from metarec.settings import Settings
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class EvaluateSettings(Settings):
     kshots: tuple[int, ...] | None = None  # K values of the K-shot curves; None: the schema's tasks.kshots
     kshot_scenarios: tuple[str, ...] = ("user_cold",)  # scenarios that get a K-shot curve
     ndcg_ks: tuple[int, ...] = DEFAULT_NDCG_KS  # nDCG cut-offs
-    selection_metric: str = "ndcg@3"  # decides best_meta / best_baseline (on user_cold)
+    selection_metric: str = "ndcg@3"  # decides best_meta (on validation users) / best_baseline (user_cold)
     task_chunk: int = 128  # tasks adapted per vmapped call (bounds memory)
     tune_on_val: bool = True  # tune baseline grids on validation users (never on test users)
     item_user_bias: dict = _grid("item_user_bias")
@@ -309,8 +310,10 @@ def run_evaluation(
     Returns:
         The evaluation document (also written to ``evaluation.json``): ``dataset``, ``seeds``,
         ``scenarios`` (scenario -> method -> metrics incl. ``<metric>_std`` = 0 for one seed),
-        ``kshot`` (scenario -> method -> K -> metrics), ``methods`` (kind, model dir or tuned settings),
-        ``best_meta``, ``best_baseline`` (by ``selection_metric`` on user_cold), ``selection_metric``.
+        ``validation`` (``user_cold`` / ``user_item_cold`` on the validation users -> method -> metrics:
+        what every choice among the methods reads), ``kshot`` (scenario -> method -> K -> metrics),
+        ``methods`` (kind, model dir or tuned settings), ``best_meta`` (by ``selection_metric`` on the
+        validation users), ``best_baseline`` (the strongest on the test users), ``selection_metric``.
 
     Raises:
         ValueError: Unknown config keys, scenarios or baselines, or a method name used twice.
@@ -366,6 +369,20 @@ def run_evaluation(
     )
     predictors.update({name: peer.predict for name, peer in peers.items()})
 
+    # The validation users' scores, which every choice among the methods reads (the model to ship, the
+    # publishing gate, the report's and the bench's best meta-learner); the test users' scores below are
+    # only reported. Their baselines and checkpoints were tuned on these users, so they run optimistic.
+    validation: dict[str, dict] = {}
+    for scenario in dict.fromkeys(VALIDATION_OF[s] for s in config.scenarios):
+        users, batch = scenario_tasks(pre, scenario, users_split="val")
+        if not users:
+            logger.warning("no validation users with %s query rows: nothing can be chosen on them", scenario)
+            continue
+        validation[scenario] = {
+            name: _score(_chunked_predict(predict_fn, batch, chunk), batch, ndcg_ks)
+            for name, predict_fn in predictors.items()
+        }
+
     scenarios: dict[str, dict] = {}
     per_user: dict[str, dict] = {}
     for scenario in config.scenarios:
@@ -404,6 +421,7 @@ def run_evaluation(
         "dataset": pre.schema.get("dataset", "unknown"),
         "seeds": [seed],
         "scenarios": scenarios,
+        "validation": validation,
         "kshot": kshot,
         "methods": methods,
         "selection_metric": config.selection_metric,
@@ -450,35 +468,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
-def aggregate_seeds(documents: list[dict]) -> dict:
-    """Mean and standard deviation over per-seed evaluation documents.
-
-    Args:
-        documents: Evaluation documents of the same methods and scenarios, one per seed.
-
-    Returns:
-        One document of the same shape: every metric is the mean over seeds, ``<metric>_std`` the
-        sample standard deviation (0 for a single seed); K-shot points are averaged the same way;
-        ``seeds`` lists every seed; ``best_meta`` / ``best_baseline`` are recomputed on the means.
-        Methods missing from some seeds are averaged over the seeds that have them.
-
-    Raises:
-        ValueError: For an empty list.
-    """
-    from metarec.selection import best_methods
-
-    if not documents:
-        raise ValueError("aggregate_seeds needs at least one evaluation document")
-    first = documents[0]
-    scenarios: dict[str, dict] = {}
-    for scenario in first.get("scenarios", {}):
-        scenarios[scenario] = {}
-        methods = dict.fromkeys(m for doc in documents for m in doc["scenarios"].get(scenario, {}))
+def _aggregate_section(documents: list[dict], section: str) -> dict[str, dict]:
+    """scenario -> method -> mean and ``<metric>_std`` over the documents' ``section`` (``scenarios`` or
+    ``validation``); a method is averaged over the seeds that have it."""
+    out: dict[str, dict] = {}
+    for scenario in documents[0].get(section, {}):
+        out[scenario] = {}
+        methods = dict.fromkeys(m for doc in documents for m in doc.get(section, {}).get(scenario, {}))
         for method in methods:
             per_seed = [
-                doc["scenarios"][scenario][method]
+                doc[section][scenario][method]
                 for doc in documents
-                if method in doc["scenarios"].get(scenario, {})
+                if method in doc.get(section, {}).get(scenario, {})
             ]
             metrics = [m for m in per_seed[0] if not m.endswith("_std") and m not in ("n_users", "n_rows")]
             aggregated = {}
@@ -489,7 +490,33 @@ def aggregate_seeds(documents: list[dict]) -> dict:
             for count in ("n_users", "n_rows"):
                 if count in per_seed[0]:
                     aggregated[count] = statistics.fmean(scores[count] for scores in per_seed)
-            scenarios[scenario][method] = aggregated
+            out[scenario][method] = aggregated
+    return out
+
+
+def aggregate_seeds(documents: list[dict]) -> dict:
+    """Mean and standard deviation over per-seed evaluation documents.
+
+    Args:
+        documents: Evaluation documents of the same methods and scenarios, one per seed.
+
+    Returns:
+        One document of the same shape: every metric is the mean over seeds, ``<metric>_std`` the
+        sample standard deviation (0 for a single seed); K-shot points are averaged the same way;
+        ``seeds`` lists every seed; ``validation`` is averaged like ``scenarios``; ``best_meta`` /
+        ``best_baseline`` are recomputed on the means.
+        Methods missing from some seeds are averaged over the seeds that have them.
+
+    Raises:
+        ValueError: For an empty list.
+    """
+    from metarec.selection import best_methods
+
+    if not documents:
+        raise ValueError("aggregate_seeds needs at least one evaluation document")
+    first = documents[0]
+    scenarios = _aggregate_section(documents, "scenarios")
+    validation = _aggregate_section(documents, "validation")
     kshot: dict[str, dict] = {}
     for scenario, curves in first.get("kshot", {}).items():
         kshot[scenario] = {}
@@ -514,6 +541,7 @@ def aggregate_seeds(documents: list[dict]) -> dict:
         "dataset": first.get("dataset", "unknown"),
         "seeds": [seed for doc in documents for seed in doc.get("seeds", [])],
         "scenarios": scenarios,
+        "validation": validation,
         "kshot": kshot,
         "methods": methods,
         "selection_metric": first.get("selection_metric", "ndcg@3"),

@@ -1,4 +1,10 @@
-"""Model selection: the best meta-learned candidate, gated against the best honest baseline."""
+"""Model selection: the best meta-learned candidate, gated against the best honest baseline.
+
+Every choice reads the validation users' scores (the evaluation document's ``validation`` section): the
+model to ship, the publishing gate, and the best meta-learner the report and the bench name. The test
+users' scores are only reported, so the figure reported for the chosen model is not the best of several
+test scores.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,16 @@ class SelectSettings(Settings):
 
 DEFAULTS = SelectSettings().to_dict()
 
+# The validation-user scenario a scenario's choices are made on: the validation users are cold users, so
+# their query rows are user-cold and their cold-item rows user+item-cold (there are no warm validation
+# users, and the item-cold rows of training users are the item-cold test itself).
+VALIDATION_OF = {
+    "warm": "user_cold",
+    "user_cold": "user_cold",
+    "item_cold": "user_item_cold",
+    "user_item_cold": "user_item_cold",
+}
+
 
 class ModelSelectionError(RuntimeError):
     """The best meta-learned model does not beat the best baseline and the caller asked to fail."""
@@ -60,24 +76,36 @@ def _best(candidates: dict[str, dict], metric: str) -> str | None:
     return min(sorted(candidates), key=lambda name: _rank_key(candidates[name], metric))
 
 
+def _split(evaluation: dict, scores: dict) -> tuple[dict, dict]:
+    """(meta-learned methods' scores, every other method's scores)."""
+    meta = {name: s for name, s in scores.items() if _method_kind(evaluation, name) == "meta"}
+    return meta, {name: s for name, s in scores.items() if name not in meta}
+
+
+def validation_scores(evaluation: dict, scenario: str) -> dict:
+    """method -> metrics on the validation users a choice in ``scenario`` reads ({} when there are none)."""
+    return evaluation.get("validation", {}).get(VALIDATION_OF.get(scenario, scenario), {})
+
+
 def best_methods(
     evaluation: dict, metric: str = "ndcg@3", scenario: str = "user_cold"
 ) -> tuple[str | None, str | None]:
-    """The best meta-learned method and the best baseline of one scenario.
+    """The product's meta-learned method and its strongest opponent in one scenario.
 
     Args:
         evaluation: Evaluation document.
         metric: Ranking metric (direction from :func:`metarec.metrics.higher_is_better`); ties by MAE.
-        scenario: Scenario to rank in.
+        scenario: Scenario of the comparison.
 
     Returns:
-        (best meta method or None, best baseline or None).
+        (the meta-learned method best on the validation users (:data:`VALIDATION_OF`), or None without
+        validation scores; the baseline or reference best on the scenario's own (test) scores, or None).
+        Choosing the opponent on the test users only makes a comparison against it harder to win.
     """
     higher_is_better(metric)
-    scores = evaluation.get("scenarios", {}).get(scenario, {})
-    meta = {name: s for name, s in scores.items() if _method_kind(evaluation, name) == "meta"}
-    baselines = {name: s for name, s in scores.items() if _method_kind(evaluation, name) != "meta"}
-    return _best(meta, metric), _best(baselines, metric)
+    meta, _ = _split(evaluation, validation_scores(evaluation, scenario))
+    _, others = _split(evaluation, evaluation.get("scenarios", {}).get(scenario, {}))
+    return _best(meta, metric), _best(others, metric)
 
 
 def select_model(
@@ -86,25 +114,30 @@ def select_model(
     scenario: str = SelectSettings.scenario,
     fail_if_worse: bool = SelectSettings.fail_if_worse,
 ) -> dict:
-    """Picks the best meta-learned model of an evaluation and checks it beats every baseline.
+    """Picks the best meta-learned model of an evaluation and checks it beats every baseline, both on
+    the validation users (the test users' scores are only reported).
 
     Args:
-        evaluation: Evaluation document (``evaluation.json`` content): ``scenarios`` maps a scenario
-            to ``{method: {metric: value}}`` and ``methods`` maps a method to ``{"kind": "meta" |
-            "baseline", ...}``.
+        evaluation: Evaluation document (``evaluation.json`` content): ``validation`` and ``scenarios``
+            map a scenario to ``{method: {metric: value}}`` (validation and test users), and ``methods``
+            maps a method to ``{"kind": "meta" | "baseline" | "reference", ...}``.
         metric: Selection metric: ``"ndcg@<k>"`` (higher is better), ``"mae"`` or ``"rmse"`` (lower
             is better). Ties are broken by the lower MAE.
-        scenario: Scenario whose scores decide, normally ``"user_cold"``.
+        scenario: Scenario the choice is for, normally ``"user_cold"``; it is made on the validation
+            users of :data:`VALIDATION_OF` ``[scenario]``.
         fail_if_worse: Raise instead of only warning when the selected model does not beat the best
             baseline.
 
     Returns:
-        ``{"selected": best meta method, "metric", "scenario", "value": its score, "best_baseline":
-        best baseline method or None, "baseline_value": its score or None, "beats_baseline": bool,
-        "model_dir": the selected model's directory if recorded, "message": a one-line summary}``.
+        ``{"selected": best meta method, "metric", "scenario", "decided_on": "validation users
+        (<scenario>)", "value": its validation score, "best_baseline": best other method on the
+        validation users or None, "baseline_value": its validation score or None, "beats_baseline":
+        bool, "test_value" / "baseline_test_value": the two methods' test scores (reported, never
+        compared), "model_dir": the selected model's directory if recorded, "message"}``.
 
     Raises:
-        ValueError: Unknown metric or scenario, or no meta-learned candidate in the document.
+        ValueError: Unknown metric or scenario, no validation scores for it (the choice would read the
+            test users), or no meta-learned candidate in the document.
         ModelSelectionError: ``fail_if_worse`` is set and the selected model does not strictly beat the
             best baseline on ``metric``.
     """
@@ -112,34 +145,44 @@ def select_model(
     scenarios = evaluation.get("scenarios", {})
     if scenario not in scenarios:
         raise ValueError(f"scenario {scenario!r} not in the evaluation (has {sorted(scenarios)})")
-    scores = scenarios[scenario]
-    meta = {name: s for name, s in scores.items() if _method_kind(evaluation, name) == "meta"}
-    baselines = {name: s for name, s in scores.items() if _method_kind(evaluation, name) != "meta"}
+    scores = validation_scores(evaluation, scenario)
+    if not scores:
+        raise ValueError(
+            f"the evaluation has no validation users' scores for {scenario!r} "
+            f"({VALIDATION_OF.get(scenario, scenario)!r} on the val split): choosing on its test users "
+            f"would read the test split; re-run evaluate (it scores the validation users too)"
+        )
+    meta, baselines = _split(evaluation, scores)
     if not meta:
         raise ValueError(f"no meta-learned candidate in scenario {scenario!r} (methods: {sorted(scores)})")
 
+    decided_on = f"validation users ({VALIDATION_OF.get(scenario, scenario)})"
     selected = _best(meta, metric)
     value = meta[selected].get(metric)
     best_baseline = _best(baselines, metric)
     baseline_value = baselines[best_baseline].get(metric) if best_baseline else None
     if best_baseline is None or baseline_value is None or math.isnan(baseline_value):
         beats = True
-        message = f"selected {selected} ({metric}={value:.4f} on {scenario}); no baseline to compare with"
+        message = f"selected {selected} ({metric}={value:.4f} on {decided_on}); no baseline to compare with"
     else:
         beats = value > baseline_value if higher else value < baseline_value
         relation = "beats" if beats else "does NOT beat"
         message = (
-            f"selected {selected} ({metric}={value:.4f} on {scenario}) {relation} the best baseline "
+            f"selected {selected} ({metric}={value:.4f} on {decided_on}) {relation} the best baseline "
             f"{best_baseline} ({metric}={baseline_value:.4f})"
         )
+    test = scenarios[scenario]
     result = {
         "selected": selected,
         "metric": metric,
         "scenario": scenario,
+        "decided_on": decided_on,
         "value": value,
         "best_baseline": best_baseline,
         "baseline_value": baseline_value,
         "beats_baseline": bool(beats),
+        "test_value": test.get(selected, {}).get(metric),
+        "baseline_test_value": test.get(best_baseline, {}).get(metric) if best_baseline else None,
         "model_dir": evaluation.get("methods", {}).get(selected, {}).get("model_dir"),
         "message": message,
     }
