@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from metarec.evaluation import DEFAULTS, SCENARIOS, aggregate_seeds, run_evaluation
 from metarec.report import render_markdown
@@ -52,7 +53,15 @@ def evaluated(tmp_path_factory):
 @pytest.mark.slow
 def test_document_has_every_scenario_method_and_metric(evaluated):
     root, document = evaluated
-    expected_methods = {"maml", "global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune"}
+    expected_methods = {
+        "maml",
+        "global_mean",
+        "item_user_bias",
+        "mf_foldin",
+        "global_model",
+        "finetune",
+        "fitted_start",
+    }
     assert set(document["scenarios"]) == set(SCENARIOS)
     for scenario in SCENARIOS:
         assert set(document["scenarios"][scenario]) == expected_methods
@@ -166,3 +175,22 @@ def test_report_names_the_meta_learner_chosen_on_validation_users():
     summary = render_markdown(document).split("## Summary")[1].split("\n## ")[0]
     row = next(line for line in summary.splitlines() if line.startswith("| user_cold"))
     assert "| maml: " in row and "fomaml" not in row  # fomaml wins on test only
+
+
+def test_fitted_start_is_the_meta_learners_start_with_their_inner_loop(tmp_path):
+    # A model "trained" for 0 meta-steps is exactly the start: fitted_start must predict as it does, so
+    # the comparison with fitted_start measures what meta-training adds and nothing else.
+    from metarec.evaluation import FittedStart, MetaModelPredictor
+    from metarec.model import read_model_json
+    from metarec.preprocessing import run_preprocessing
+    from metarec.tasks import Preprocessed, scenario_tasks
+    from metarec.training import run_meta_training
+
+    run_preprocessing("synthetic:tiny", None, None, str(tmp_path / "pre"))
+    run_meta_training(str(tmp_path / "pre"), "reptile", {**TINY_TRAINING, "meta_steps": 0, "seed": 3},
+                      str(tmp_path / "start"))  # fmt: skip
+    pre = Preprocessed.load(str(tmp_path / "pre"))
+    _, batch = scenario_tasks(pre, "user_cold")
+    start = FittedStart(pre, read_model_json(tmp_path / "start")["training"], seed=0)
+    assert start.settings.seed == 3  # the meta-learner's own seed, not the evaluation's
+    torch.testing.assert_close(start.predict(batch), MetaModelPredictor(tmp_path / "start").predict(batch))

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 _RIDGE_CHUNK_ROWS = 8192
 
-BASELINE_NAMES = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune")
+# fitted_start is built by metarec.evaluation (the meta-learners' own start, no meta-training).
+BASELINE_NAMES = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune", "fitted_start")
 
 
 def _as_tensor(values, dtype: torch.dtype) -> torch.Tensor:

@@ -164,6 +164,7 @@ def fit_baselines(
     val_batch: TaskBatch | None,
     model_config: ModelConfig | None,
     seed: int,
+    start_training: dict | None = None,
 ) -> dict[str, tuple[RatingBaseline, dict]]:
     """Fits (and tunes on validation users) every configured baseline on the train users' support rows.
 
@@ -174,6 +175,8 @@ def fit_baselines(
         model_config: The global model's architecture, so that it matches the meta-learned one (the
             comparison isolates the training method); None: the model defaults on the data's rating range.
         seed: Seed for MF initialisation and the global model.
+        start_training: The first meta-learned model's training settings (its model.json
+            ``training``), which ``fitted_start`` rebuilds its starting point from; None: the defaults.
 
     Returns:
         Baseline name -> (fitted baseline with ``predict(batch)``, chosen settings).
@@ -263,7 +266,45 @@ def fit_baselines(
             ]
             settings, baseline = _tune("finetune", candidates, val_batch, chunk, tune)
             fitted["finetune"] = (baseline, settings)
+
+    if "fitted_start" in wanted:
+        start = FittedStart(pre, start_training, seed)
+        fitted["fitted_start"] = (start, start.describe())
     return fitted
+
+
+class FittedStart:
+    """The meta-learners' own starting point, adapted per task by their own inner loop, never meta-trained.
+
+    The same model as a meta-learned one at meta-step 0 (``model_init.build_model``: ALS item tables,
+    shrunk item means, the content ridge) with the same adapt settings, so the comparison with it shows
+    what meta-training itself adds, which none of the other baselines can (they start elsewhere).
+
+    Args:
+        pre: A loaded :class:`metarec.tasks.Preprocessed`.
+        training: The meta-learned model's training settings; None: the training defaults.
+        seed: The seed used when ``training`` names none.
+    """
+
+    def __init__(self, pre, training: dict | None, seed: int):
+        from metarec.meta import Adapter
+        from metarec.model_init import build_model
+        from metarec.training import TrainSettings
+
+        values = dict(training or {})
+        values.setdefault("seed", seed)
+        self.settings = TrainSettings.from_dict(values)
+        torch.manual_seed(self.settings.seed)  # as the trainer seeds before building the same model
+        self.model = build_model(pre, self.settings)
+        self.adapter = Adapter(self.model, self.settings.adapt())
+
+    def predict(self, batch) -> torch.Tensor:
+        """Adapts to each task's support rows and predicts its query rows (Float[T, Q])."""
+        return self.adapter.score_tasks(batch)
+
+    def describe(self) -> dict:
+        """Its settings as the evaluation document records them."""
+        return {"meta_steps": 0, "seed": self.settings.seed, "adapt": self.settings.adapt().to_dict()}
 
 
 class MetaModelPredictor:
@@ -355,7 +396,12 @@ def run_evaluation(
         if len(val_users) == 0:
             logger.warning("no validation users: baselines use their untuned defaults")
             val_batch = None
-    fitted = fit_baselines(pre, config, val_batch, architecture, seed)
+    start_training = None
+    if meta_models:
+        from metarec.model import read_model_json
+
+        start_training = read_model_json(next(iter(meta_models.values())).model_dir).get("training")
+    fitted = fit_baselines(pre, config, val_batch, architecture, seed, start_training)
     peers = fit_peers(pre, config.peers, val_batch, seed)
     logger.info("baselines fitted in %.1fs", time.monotonic() - started)
 
