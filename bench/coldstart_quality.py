@@ -41,7 +41,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 META_METHODS = ("maml", "fomaml", "reptile")
-BASELINE_METHODS = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune")
+# metarec.baselines.BASELINE_NAMES (tests/test_coldstart_bench.py keeps them equal; imported lazily here).
+BASELINE_METHODS = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune", "fitted_start")
 REPORTED_METRICS = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5")
 PEER_METHODS = ("surprise_svdpp", "surprise_knn", "lightfm")
 PER_SEED_METRICS = ("mae", "ndcg@3")

@@ -36,3 +36,9 @@ def test_quick_bench_reports_per_seed_results_peers_and_intervals(tmp_path, caps
     assert "| surprise_knn | reference |" in report
     assert "## Paired bootstrap: best meta-learner minus best other method" in report
     assert "95% CI [" in captured.err
+
+
+def test_the_bench_evaluates_every_baseline_the_evaluation_knows():
+    from metarec.baselines import BASELINE_NAMES
+
+    assert load_bench("coldstart_quality").BASELINE_METHODS == BASELINE_NAMES
