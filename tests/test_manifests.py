@@ -342,11 +342,11 @@ def test_serving_overlay_objects(kustomization):
     pod = deployment["spec"]["template"]["spec"]
     server = next(c for c in pod["containers"] if c["name"] == "torchserve")
     assert sorted(p["containerPort"] for p in server["ports"]) == [8080, 8082]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert server[probe]["httpGet"]["path"] == "/ping" and server[probe]["httpGet"]["port"] in (
-            8080,
-            "http",
-        )
+    assert server["livenessProbe"]["httpGet"]["path"] == "/ping"
+    assert server["livenessProbe"]["httpGet"]["port"] in (8080, "http")
+    # Ready only with a READY worker (/ping is 200 before and while workers fail to load).
+    for probe in ("startupProbe", "readinessProbe"):
+        assert server[probe]["exec"]["command"][:3] == ["python", "-m", "metarec.ready_probe"], probe
     fetch = pod["initContainers"][0]
     assert fetch["command"][:4] == ["python", "-m", "metarec.storage", "download-dir"]
     assert "--require-complete" in fetch["command"]

@@ -127,9 +127,10 @@ def test_kserve_overlay_has_network_policy_pdb_and_probes():
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"]["minAvailable"] < predictor["minReplicas"]
     container = predictor["pytorch"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/ping", "port": 8080}, probe
-    # The probes need /ping without a token: token authorisation must be off in that config.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"][:3] == ["python", "-m", "metarec.ready_probe"], probe
+    # Liveness needs /ping, and the probe the management API, without a token: tokens are off there.
     config_map = next(obj for obj in objects if obj["kind"] == "ConfigMap")
     assert parse_properties(config_map["data"]["config.properties"])["disable_token_authorization"] == "true"
 
