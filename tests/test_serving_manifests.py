@@ -135,6 +135,42 @@ def test_kserve_overlay_has_network_policy_pdb_and_probes():
     assert parse_properties(config_map["data"]["config.properties"])["disable_token_authorization"] == "true"
 
 
+# Endpoint controllers and kube-proxy / the mesh take a few seconds to drop a terminating pod.
+ENDPOINT_DROP_S = 5
+
+
+def _drain(pod_spec: dict, container: dict) -> tuple[int, int]:
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep", sleep
+    return int(sleep[1]), int(pod_spec.get("terminationGracePeriodSeconds", 30))
+
+
+@pytest.mark.parametrize("kustomization", ["serving/overlays/gke-cpu", "serving/overlays/kserve"])
+def test_draining_outlasts_the_longest_request(kustomization):
+    """SIGTERM (tini -g: frontend and workers) resets every request still running, so the preStop sleep
+    must cover the endpoints dropping the pod plus the longest request TorchServe lets run (its
+    responseTimeout; the Redis time-outs, 5 s, fall inside it), and the grace period the sleep plus the
+    frontend's shutdown. A 5 s sleep reset any request still running after 5 s on every rollout."""
+    objects = render(kustomization)
+    config_map = next(
+        obj for obj in objects if obj["kind"] == "ConfigMap" and "config" in obj["metadata"]["name"]
+    )
+    properties = parse_properties(config_map["data"]["config.properties"])
+    # The archive's model-config.yaml sets responseTimeout (metarec.packaging.model_config_yaml), which
+    # wins over the server-wide default_response_timeout.
+    response_timeout = ServingSettings().response_timeout_s
+    assert int(properties.get("default_response_timeout", 0)) <= response_timeout
+    if kustomization.endswith("kserve"):
+        pod = _predictor(objects)[1]
+        container = pod["pytorch"]
+    else:
+        pod = next(obj for obj in objects if obj["kind"] == "Deployment")["spec"]["template"]["spec"]
+        container = next(c for c in pod["containers"] if c["name"] == "torchserve")
+    sleep, grace = _drain(pod, container)
+    assert sleep >= ENDPOINT_DROP_S + response_timeout, (sleep, response_timeout)
+    assert grace >= sleep + 20, (grace, sleep)
+
+
 def authorization_problems(policy: dict, pod_labels: dict) -> list[str]:
     """What an Istio AuthorizationPolicy lacks to authenticate inference on our pods."""
     problems = []
