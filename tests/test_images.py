@@ -449,3 +449,58 @@ def test_spec_check_catches_a_missing_executable(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "image_extras", lambda name: ["pipelines"])
     missing = missing_from_image("components", REPO_ROOT / "components" / "package_model" / "component.py")
     assert "torch-model-archiver (executable)" in missing
+
+
+# ----------------------------------------------------------------------------------------------
+# Retargeting to another registry: the documented `kustomize edit set image` lines, run on a copy
+
+SET_IMAGE = re.compile(
+    r"^cd (manifests/\S+) && kustomize edit set image (\S+)=REGISTRY/(\S+):VERSION(\S*)", re.MULTILINE
+)
+
+
+def _set_image(folder: Path, name: str, image: str) -> None:
+    """What ``kustomize edit set image NAME=NEWNAME:TAG`` does to ``folder/kustomization.yaml``: update the
+    ``images:`` entry for NAME, or add one."""
+    path = folder / "kustomization.yaml"
+    document = yaml.safe_load(path.read_text())
+    new_name, new_tag = image.rsplit(":", 1)
+    entries = document.setdefault("images", [])
+    entry = next((e for e in entries if e["name"] == name), None)
+    if entry is None:
+        entries.append(entry := {"name": name})
+    entry.update(newName=new_name, newTag=new_tag)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def test_documented_registry_retargeting_reaches_every_pod(tmp_path):
+    """After the README's one step per kustomization, every overlay names the new registry's images, the
+    CUDA tag where a GPU is asked for (before: gke-gpu fell back to the CPU image, the KServe image was a
+    literal `images:` did not rewrite, and training-example was never retargeted)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed: cannot render the manifests")
+    shutil.copytree(REPO_ROOT / "manifests", tmp_path / "manifests")
+    steps = SET_IMAGE.findall((REPO_ROOT / "manifests/README.md").read_text())
+    registry, version = "reg.example/team", "9.9.9"
+    for folder, name, repository, suffix in steps:
+        _set_image(tmp_path / folder, name, f"{registry}/{repository}:{version}{suffix}")
+    assert {folder for folder, *_ in steps} >= {"manifests/serving/base", "manifests/training-example"}
+    serving, cuda = f"{registry}/metarec-serving:{version}", f"{registry}/metarec-serving:{version}-cuda"
+    expected = {
+        "serving/overlays/gke-cpu": {serving},
+        "serving/overlays/gke-cpu-redis": {serving},
+        "serving/overlays/gke-gpu": {cuda},
+        "serving/overlays/kserve": {serving},
+        "serving/overlays/kserve-istio": {serving},
+        "training-example": {f"{registry}/metarec-components:{version}-cuda"},
+    }
+    for kustomization, images_there in expected.items():
+        result = subprocess.run(
+            ["kubectl", "kustomize", str(tmp_path / "manifests" / kustomization)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        found = set(re.findall(r"^\s*(?:- )?image: (\S+)$", result.stdout, flags=re.MULTILINE))
+        assert {image for image in found if "metarec-" in image} == images_there, kustomization
