@@ -193,6 +193,30 @@ def authorization_problems(policy: dict, pod_labels: dict) -> list[str]:
     return problems
 
 
+# Source attributes Istio reads from the peer's mTLS certificate: a plaintext caller has none of them.
+MTLS_ONLY_SOURCES = frozenset({"principals", "namespaces", "notPrincipals", "notNamespaces"})
+
+
+def plaintext_port_problems(policy: dict, peer: dict) -> list[str]:
+    """Rules on a port the PeerAuthentication leaves PERMISSIVE (plaintext callers, e.g. Managed
+    Prometheus without a sidecar) that only an mTLS caller can match."""
+    permissive = {
+        port
+        for port, setting in (peer["spec"].get("portLevelMtls") or {}).items()
+        if setting["mode"] != "STRICT"
+    }
+    problems = []
+    for rule in policy["spec"].get("rules") or []:
+        ports = {port for to in rule.get("to") or [] for port in to.get("operation", {}).get("ports", [])}
+        sources = {key for source in rule.get("from") or [] for key in source.get("source", {})}
+        for port in sorted(ports & permissive):
+            if sources & MTLS_ONLY_SOURCES:
+                problems.append(
+                    f"port {port} is plaintext but its rule needs {sorted(sources & MTLS_ONLY_SOURCES)}"
+                )
+    return problems
+
+
 def test_istio_option_authenticates_inference():
     objects = render("serving/overlays/kserve-istio")
     _, predictor = _predictor(objects)
@@ -204,6 +228,15 @@ def test_istio_option_authenticates_inference():
     assert policy["metadata"]["namespace"] == peer["metadata"]["namespace"] == "metarec"
     assert authorization_problems(policy, predictor["labels"]) == []
     assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    # Metrics scrapes come in plaintext: a namespace rule there answered every scrape 403.
+    assert peer["spec"]["portLevelMtls"]["8082"]["mode"] == "PERMISSIVE"
+    assert plaintext_port_problems(policy, peer) == []
+    assert any("8082" in to["operation"]["ports"] for rule in policy["spec"]["rules"] for to in rule["to"])
+    namespaced = copy.deepcopy(policy)
+    namespaced["spec"]["rules"][-1]["from"] = [{"source": {"namespaces": ["gmp-system"]}}]
+    assert plaintext_port_problems(namespaced, peer) == [
+        "port 8082 is plaintext but its rule needs ['namespaces']"
+    ]
     assert peer["spec"]["selector"]["matchLabels"].items() <= predictor["labels"].items()
     open_policy = copy.deepcopy(policy)
     open_policy["spec"]["rules"][0].pop("from")
