@@ -76,17 +76,33 @@ def test_a_single_replica_cannot_block_a_node_drain(overlay):
         assert int(spec["maxUnavailable"]) >= 1
 
 
-def test_podmonitoring_scrapes_the_serving_metrics_port():
+def _metrics_port(objects: list[dict]) -> int:
+    """The port TorchServe's metrics API listens on, from the rendered ConfigMap's config.properties."""
+    (config,) = [o for o in objects if o["kind"] == "ConfigMap" and "config.properties" in o.get("data", {})]
+    (line,) = [
+        x for x in config["data"]["config.properties"].splitlines() if x.startswith("metrics_address=")
+    ]
+    return int(line.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("kustomization", ["serving/overlays/gke-cpu", "serving/overlays/kserve"])
+def test_podmonitoring_scrapes_the_serving_metrics_port(kustomization):
+    """Both serving variants are scraped: the endpoint is the metrics port by number, or a port name the
+    pods declare (the KServe predictor declares only http1, so `port: metrics` scraped none of its pods)."""
     monitor = _one(render("monitoring"), "PodMonitoring")
-    deployment = _one(render("serving/overlays/gke-cpu"), "Deployment")
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    objects = render(kustomization)
+    if kustomization.endswith("kserve"):
+        predictor = _one(objects, "InferenceService")["spec"]["predictor"]
+        labels, containers = predictor["labels"], [predictor["pytorch"]]
+    else:
+        template = _one(objects, "Deployment")["spec"]["template"]
+        labels, containers = template["metadata"]["labels"], template["spec"]["containers"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    ports = {
-        port["name"]
-        for c in deployment["spec"]["template"]["spec"]["containers"]
-        for port in c.get("ports", [])
-    }
-    assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= ports
+    declared = {port.get("name"): port["containerPort"] for c in containers for port in c.get("ports", [])}
+    metrics_port = _metrics_port(objects)
+    for endpoint in monitor["spec"]["endpoints"]:
+        port = endpoint["port"]
+        assert (declared.get(port) if isinstance(port, str) else port) == metrics_port, (port, declared)
 
 
 def test_cluster_guide_applies_with_n_only_what_renders_without_a_namespace():
