@@ -782,6 +782,9 @@ def answer_batch(
             results[position] = (error.status, dumps_strict(error.to_body()))
             continue
         except StoreUnavailableError as error:  # asked whether the store knows a user_id
+            # Logged like the Recommender's refusals (the runbook's grep and the warning-based alert):
+            # a user only the store knows is refused here, before the Recommender sees the request.
+            logger.warning("request for a stored user refused (route %r): %s", route, error)
             results[position] = _unavailable(error)
             continue
         except Exception:  # noqa: BLE001 - an unforeseen failure on one request must not fail its batch

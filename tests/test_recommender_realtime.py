@@ -582,6 +582,22 @@ def test_an_unavailable_store_refuses_what_needs_it_and_answers_the_rest(demo, t
         stop_redis(process)
 
 
+def test_a_stored_user_refused_while_parsing_is_logged(rec, monkeypatch, caplog):
+    """A user only the store knows is looked up while the request is read; a store outage there answers
+    503 and logs a `refused` warning like the Recommender's own refusals (the runbook greps for it)."""
+    from metarec.state import StoreUnavailableError
+
+    def unavailable(user_id):
+        raise StoreUnavailableError("redis://:***@metarec-redis:6379/0", ConnectionError("refused by test"))
+
+    monkeypatch.setattr(rec, "has_state", unavailable)
+    with caplog.at_level("WARNING"):
+        status, document = ask(rec, {"user_id": "only-in-the-store", "k": 3})
+    assert status == 503 and document["type"] == "StoreUnavailable"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "refused" in r.getMessage()]
+    assert len(warnings) == 1 and "metarec-redis" in warnings[0].getMessage(), caplog.text
+
+
 def test_a_state_that_cannot_be_cached_is_still_served(rec, demo):
     """Reads work, writes fail (an unwritable SQLite file): a known user's state is computed and served
     but not cached; it is cached by the first read after the store recovers."""
