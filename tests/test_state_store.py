@@ -382,3 +382,68 @@ def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     while not errors.empty():
         failures.append(errors.get())
     assert failures == []
+
+
+def _tls_redis(folder, password: str):
+    """A redis-server speaking only TLS on a loopback port, its certificate signed by a private CA (as
+    Memorystore's in-transit encryption is). Returns ``(port, ca_path, process)``."""
+    import shutil
+    import time
+
+    if not (shutil.which("redis-server") and shutil.which("openssl")):
+        pytest.skip("redis-server or openssl is not installed")
+    folder.mkdir(parents=True)
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=test-private-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (folder / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "ext")  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
+         "--tls-cert-file", str(folder / "server.pem"), "--tls-key-file", str(folder / "server.key"),
+         "--tls-ca-cert-file", str(folder / "ca.pem"), "--tls-auth-clients", "no",
+         "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(folder),
+         "--logfile", str(folder / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return port, folder / "ca.pem", process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    log = (folder / "redis.log").read_text() if (folder / "redis.log").exists() else ""
+    if "tls" in log.lower() and "not" in log.lower():
+        pytest.skip(f"this redis-server has no TLS support: {log[-300:]}")
+    raise RuntimeError(f"TLS redis-server did not start: {log[-500:]}")
+
+
+def test_rediss_needs_the_private_ca_in_the_url(tmp_path):
+    """Memorystore's in-transit encryption (manifests/README.md): its CA is private, so a bare rediss://
+    URL fails certificate verification (503s for every named user); with `?ssl_ca_certs=<the mounted
+    server CA>` the store works. A real TLS redis-server with a private CA stands in for the instance."""
+    pytest.importorskip("redis")
+    port, ca, process = _tls_redis(tmp_path / "tls", "s3cret")
+    try:
+        bare = open_store(f"rediss://:s3cret@127.0.0.1:{port}/0")
+        with pytest.raises(StoreUnavailableError) as caught:
+            bare.get("u1")
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value) and "s3cret" not in str(caught.value)
+        store = open_store(f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+        assert store.append("u1", ratings((1, 4))).version == 1
+        assert store.get("u1").version == 1
+        store.close()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
