@@ -436,7 +436,8 @@ class RequestParser:
                     notes.append(
                         f"user.{name}: {_quote_keys(unseen, self.limits.max_quote_chars)} not seen in training; ignored"
                     )
-        return encoded, notes
+        # Encoded on the CPU; the model may serve on a GPU (known users' rows already live there).
+        return EncodedFeatures(*(tensor.to(self.recommender.device) for tensor in encoded)), notes
 
     def _parse_user(
         self, request: dict[str, Any], required: bool, allow_new: bool = False

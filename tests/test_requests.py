@@ -215,3 +215,26 @@ def test_property_any_request_gets_one_strict_answer_and_spares_its_neighbour(re
     results = _check_answers(rec, [body, canary], [route, ""])
     (alone,) = answer_batch(RequestParser(rec, RequestLimits()), [canary], [""])
     assert results[1] == alone
+
+
+def test_request_features_follow_the_model_device(tmp_path, monkeypatch):
+    # The GPU image serves on cuda: a described user's features, encoded on the CPU, must reach the
+    # model's device, as the known users' rows do (before, every request describing a user failed there,
+    # and failed its whole batch). No GPU here: the meta device stands in for "not the CPU".
+    import torch
+
+    from metarec.recommender import RecommendRequest
+
+    recommender = Recommender.from_dir(
+        build_untrained_model(tmp_path, {"mode": "decision", "inner_steps": 1})
+    )
+    parser = RequestParser(recommender, RequestLimits())
+    user = {name: None for name in parser.user_features}
+    monkeypatch.setattr(recommender, "device", torch.device("meta"))
+    for parsed in (
+        parser.parse_recommend({"user": user, "k": 3})[0],
+        parser.parse_adapt({"user": user, "support": GOOD_SUPPORT, "k": 3})[0],
+    ):
+        assert {tensor.device.type for tensor in parsed.user_features} == {"meta"}
+    cpu_request = RecommendRequest(recommender.encoder.encode_user_dict({}), None, 3, None)
+    assert {tensor.device.type for tensor in recommender._stack_users([cpu_request])} == {"meta"}

@@ -131,7 +131,7 @@ class RealtimeUsers:
             users: ``(user_id, fallback features)`` each.
 
         Returns:
-            One feature set per user, on the device of its fallback.
+            One feature set per user, on the model's device.
         """
         found = []
         for user_id, fallback in users:
@@ -140,7 +140,7 @@ class RealtimeUsers:
             if stored is not None and stored.blob is not None:
                 document = decode_state(stored.blob, self.model_tag, self.device, params=False)
             features = fallback if document is None else _features(document, fallback)
-            found.append(EncodedFeatures(*(tensor.to(fallback[0].device) for tensor in features)))
+            found.append(EncodedFeatures(*(tensor.to(self.device) for tensor in features)))
         return found
 
     def record(

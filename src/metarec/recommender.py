@@ -259,7 +259,10 @@ class Recommender:
         ]
 
     def _stack_users(self, requests: Sequence[RecommendRequest]) -> EncodedFeatures:
-        return stack_features([r.user_features for r in requests])
+        # On the model's device whoever built the requests (a library caller may encode on the CPU).
+        return EncodedFeatures(
+            *(part.to(self.device) for part in stack_features([r.user_features for r in requests]))
+        )
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
         """Ranks the catalogue for a batch of users.
@@ -343,7 +346,9 @@ class Recommender:
         a user without ratings); rated items excluded unless asked for."""
         if not requests:
             return []
-        users = stack_features([view.features for view in views])
+        users = EncodedFeatures(
+            *(part.to(self.device) for part in stack_features([v.features for v in views]))
+        )
         states = [self.adapter.prior_state(1) if view.adapted is None else view.adapted for view in views]
         state = {name: torch.cat([s[name] for s in states], dim=0) for name in states[0]}
         scores = self.adapter.score(users, state, self.all_items.expand(len(views), -1))
