@@ -333,3 +333,15 @@ def test_id_dropout_shows_hidden_rows_as_cold_items(method, mode):
     assert 0.27 < float(drawn.float().mean()) < 0.33
     with pytest.raises(ValueError, match="id_dropout"):
         MetaLearner(model, method, adapt_mode="all", id_dropout=0.3)
+
+
+def test_id_dropout_masks_come_from_the_checkpointed_cpu_generator():
+    # Checkpoints save the CPU generator only: a mask drawn by a CUDA generator would restart from the
+    # seed after a GPU run resumes. The meta device stands in for the GPU (no CUDA here).
+    model = make_model()
+    learner = MetaLearner(model, "maml", id_dropout=0.3)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    hidden = learner._hidden_ids(slice(0, 4), 4, 10, torch.device("meta"))
+    assert hidden.device.type == "meta"
+    assert not torch.equal(torch.get_rng_state(), before)

@@ -89,7 +89,9 @@ class MetaLearner:
         """
         if self.id_dropout == 0.0:
             return None
-        return (torch.rand(total, n_rows, device=device) < self.id_dropout)[tasks]
+        # Drawn from the CPU generator, which checkpoints save and restore (a CUDA draw would restart
+        # from the seed after a resume), and the same on CPU and GPU runs.
+        return (torch.rand(total, n_rows) < self.id_dropout)[tasks].to(device)
 
     def meta_gradient(
         self, batch: TaskBatch, total_tasks: int | None = None, first_task: int = 0
