@@ -314,3 +314,23 @@ def test_run_local_and_compile_come_from_the_pipelines_entry_point():
     parser = cli.build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     assert {"run-local", "compile", "serve"} <= set(commands.choices)
+
+
+def test_ctrl_c_during_server_start_stops_what_was_started(tmp_path, monkeypatch):
+    # KeyboardInterrupt is no Exception: start_server's clean-up used to miss it, and Ctrl-C during
+    # `metarec serve` left the frontend and its workers holding the ports.
+    from metarec import serve_local
+
+    stopped = []
+    monkeypatch.setattr(serve_local, "check_archive", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve_local, "_torchserve_executable", lambda: "torchserve")
+    monkeypatch.setattr(serve_local.subprocess, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve_local, "stop_server", lambda workdir: stopped.append(Path(workdir)))
+
+    def interrupted(workdir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve_local, "_frontend_pid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve_local.start_server(tmp_path / "archive", tmp_path / "ts", 0, 0)
+    assert stopped == [tmp_path / "ts", tmp_path / "ts"]  # leftovers before the start, then the start

@@ -406,6 +406,9 @@ def start_server(
                 pass  # not listening yet, or the model is still registering
             time.sleep(0.3)
         raise RuntimeError(f"model {model_name!r} had workers not READY after {timeout_s} s")
+    except KeyboardInterrupt:
+        stop_server(workdir)  # Ctrl-C during start-up: leave no frontend or worker holding the ports
+        raise
     except Exception as error:
         stop_server(workdir)
         raise RuntimeError(f"{error}\n--- ts_log.log ---\n{_log_tail(workdir)}") from error
