@@ -39,6 +39,21 @@ def test_resolve_settings_refuses_what_it_does_not_know():
         resolve_settings({"fixed": {"speed": 1}})
     with pytest.raises(ValueError, match="both searched and fixed"):
         resolve_settings({"fixed": {"inner_lr": 0.1}, "space": ["inner_lr"]})
+    with pytest.raises(ValueError, match="meta_steps must be an integer"):
+        resolve_settings({"fixed": {"meta_steps": "abc"}})
+
+
+def test_cli_tune_refuses_bad_input_with_one_line_before_any_work(tmp_path, capsys):
+    # Before: the first Optuna trial failed and Optuna logged its whole traceback, and a bad --set was
+    # only refused after the data had been preprocessed.
+    assert cli.main(["tune", "--preprocessed", str(tmp_path / "nope"), "--trials", "1",
+                     "--output", str(tmp_path / "a")]) == 1  # fmt: skip
+    assert cli.main(["tune", "--data", "synthetic:tiny", "--set", "meta_steps=abc", "--trials", "1",
+                     "--output", str(tmp_path / "b")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "schema.json not found" in err and "meta_steps must be an integer" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "b").exists()  # nothing preprocessed for a run that cannot start
 
 
 @pytest.mark.slow

@@ -253,7 +253,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
     import yaml
 
-    from metarec.tuning import run_tuning
+    from metarec.tuning import resolve_settings, run_tuning
 
     fixed = {}
     for item in args.set:
@@ -262,6 +262,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
         fixed[key] = yaml.safe_load(value)
     output = Path(args.output)
+    settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
+                "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
+    resolve_settings(settings)  # refuse bad settings before preprocessing anything
     preprocessed = args.preprocessed
     if preprocessed is None:
         from metarec.preprocessing import run_preprocessing
@@ -270,8 +273,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         preprocessed = [str(output / f"preprocessed-seed{seed}") for seed in args.split_seeds]
         for seed, directory in zip(args.split_seeds, preprocessed, strict=True):
             run_preprocessing(args.data, args.dataset_config, {"seed": seed}, directory)
-    settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
-                "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
     summary = run_tuning(preprocessed, settings, str(output))
     best, defaults = summary["best"], summary["defaults"]
     print(f"best of {len(summary['trials'])} trials ({summary['objective']}, validation users): "

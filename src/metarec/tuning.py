@@ -80,6 +80,9 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     bad = sorted(set(merged["fixed"]) - set(TRAINING_DEFAULTS))
     if bad:
         raise ValueError(f"fixed training keys {bad} are not training settings")
+    from metarec.training import TrainSettings
+
+    TrainSettings.from_dict(merged["fixed"])  # a bad value fails here, not inside the first trial
     clash = sorted(set(merged["fixed"]) & set(space))
     if clash:
         raise ValueError(f"{clash} are both searched and fixed")
@@ -107,9 +110,12 @@ def run_tuning(
     import optuna
     import yaml
 
+    from metarec.tasks import Preprocessed
     from metarec.training import run_meta_training
 
     cfg = resolve_settings(settings)
+    for preprocessed_dir in preprocessed_dirs:
+        Preprocessed.load(preprocessed_dir)  # a wrong folder fails here, with one line, not in a trial
     metric, direction = OBJECTIVES[cfg["objective"]]
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -135,7 +141,8 @@ def run_tuning(
             raise optuna.TrialPruned(f"{metric} is NaN")
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: Optuna logs a failed trial's whole traceback as a warning; the error itself is raised.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         direction=direction, sampler=optuna.samplers.TPESampler(seed=int(cfg["seed"]))
     )
