@@ -54,6 +54,10 @@ def test_cli_tune_refuses_bad_input_with_one_line_before_any_work(tmp_path, caps
     assert "schema.json not found" in err and "meta_steps must be an integer" in err
     assert "Traceback" not in err
     assert not (tmp_path / "b").exists()  # nothing preprocessed for a run that cannot start
+    # A small float in exponent form is a number (YAML 1.1 alone reads 1e-05 as a string).
+    assert cli.main(["tune", "--preprocessed", str(tmp_path / "nope"), "--set", "weight_decay=1e-05",
+                     "--output", str(tmp_path / "c")]) == 1  # fmt: skip
+    assert "weight_decay" not in capsys.readouterr().err  # refused for the folder, not the value
 
 
 @pytest.mark.slow

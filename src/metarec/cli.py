@@ -251,8 +251,8 @@ def cmd_demo_request(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
-    import yaml
 
+    from metarec.training import parse_override
     from metarec.tuning import resolve_settings, run_tuning
 
     fixed = {}
@@ -260,7 +260,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        fixed[key] = yaml.safe_load(value)
+        fixed[key] = parse_override(value)  # JSON first: YAML 1.1 reads 1e-05 as a string
     output = Path(args.output)
     settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
                 "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
