@@ -31,9 +31,11 @@ def model():
 def users(model, store_url):  # noqa: F811
     store = open_store(store_url, window=500)
     personaliser = Personaliser(Adapter(model, AdaptSettings.from_dict(mode="head", inner_lr=0.3), fast=True))
-    history = {"known": [Rating("i1", 5.0, 1.0), Rating("i2", 1.0, 2.0), Rating("i1", 4.0, 3.0)]}
-    yield RealtimeUsers(personaliser, store, ITEM_INDEX, history, "v1", STEPS)
+    yield RealtimeUsers(personaliser, store, ITEM_INDEX, HISTORY, "v1", STEPS)
     store.close()
+
+
+HISTORY = {"known": [Rating("i1", 5.0, 1.0), Rating("i2", 1.0, 2.0), Rating("i1", 4.0, 3.0)]}
 
 
 def features(seed=0):
@@ -102,24 +104,53 @@ def test_stale_or_foreign_states_are_recomputed(users, model):
     assert decode_state(stored.blob, "v1", torch.device("cpu")) is None
 
 
+def replayed_window(sent: dict[int, Rating]) -> list[Rating]:
+    """The window a sequential replay of ratings, by the version their append got, ends at: the latest
+    rating of each item, in order of those ratings."""
+    latest: dict[str, Rating] = {}
+    for version in sorted(sent):
+        latest.pop(sent[version].item_id, None)
+        latest[sent[version].item_id] = sent[version]
+    return list(latest.values())
+
+
 def test_concurrent_feedback_loses_nothing_and_ends_at_the_sequential_state(users):
-    """8 clients x 50 ratings for one user: all 400 kept; the stored state is the sequential replay's."""
+    """8 clients x 50 ratings (over 30 items) for one user: 400 appends, none lost (the window is what
+    replaying them in the order they were appended gives); the stored state is the sequential replay's."""
     clients, count = 8, 50
+    sent: dict[int, Rating] = {}
 
     def client(c):
         for n in range(count):
             item = (c * count + n) % N_ITEMS
-            users.record("busy", [Rating(f"i{item}", 1.0 + (c + n) % 5, float(c * count + n))], features())
+            rating = Rating(f"i{item}", 1.0 + (c + n) % 5, float(c * count + n))
+            sent[users.record("busy", [rating], features()).version] = rating
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     stored = users.store.get("busy")
-    assert stored.version == clients * count and len(stored.ratings) == clients * count
+    assert stored.version == clients * count and sorted(sent) == list(range(1, clients * count + 1))
+    assert stored.ratings == replayed_window(sent) and len(stored.ratings) == N_ITEMS
     assert stored.fresh
     final = users.view("busy", features())
     items, ratings = users.support("busy", stored)
     expected = adapt_from_scratch(users, items, ratings)
     assert torch.allclose(scores(users, final), expected, atol=1e-6)
+
+
+def test_a_rerating_of_a_history_item_outlives_many_ratings_of_other_items(model, store_url):  # noqa: F811
+    """window 3: "known" re-rates history item i2 (1.0 -> 5.0), then sends 20 ratings of two items: the
+    support keeps i2 at 5.0 (a window of raw ratings lost the re-rating, and the history's 1.0 came back)."""
+    store = open_store(store_url, window=3)
+    personaliser = Personaliser(Adapter(model, AdaptSettings.from_dict(mode="head", inner_lr=0.3), fast=True))
+    small = RealtimeUsers(personaliser, store, ITEM_INDEX, HISTORY, "v1", STEPS)
+    try:
+        small.record("known", [Rating("i2", 5.0)], features())
+        for n in range(10):
+            view = small.record("known", [Rating("i3", 1.0 + n % 5), Rating("i4", 2.0)], features())
+        assert (view.support_items, view.support_ratings) == ([2, 3, 4], [5.0, 5.0, 2.0])
+    finally:
+        store.close()
 
 
 def test_record_many_appends_all_and_adapts_each_user_once_in_one_pass(users):
@@ -153,19 +184,29 @@ def test_record_many_appends_all_and_adapts_each_user_once_in_one_pass(users):
 def test_concurrent_feedback_batches_lose_nothing_and_end_at_the_sequential_state(users):
     """8 clients x 50 ratings for one user, sent as record_many batches of 5 (a worker's batch)."""
     clients, count, batch = 8, 50, 5
+    sent: dict[int, Rating] = {}
 
     def client(c):
         for start in range(0, count, batch):
             entries = [
-                ("batched", [Rating(f"i{(c * count + n) % N_ITEMS}", 1.0 + (c + n) % 5)], features(), True)
+                (
+                    "batched",
+                    [Rating(f"i{(c * count + n) % N_ITEMS}", 1.0 + (c + n) % 5, float(n))],
+                    features(),
+                    True,
+                )
                 for n in range(start, start + batch)
             ]
-            users.record_many(entries)
+            final = users.record_many(entries)[-1].version
+            # A batch's appends are one transaction (one script call): consecutive versions.
+            for position, (_, ratings, _, _) in enumerate(entries):
+                sent[final - batch + 1 + position] = ratings[0]
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     stored = users.store.get("batched")
-    assert stored.version == clients * count and len(stored.ratings) == clients * count and stored.fresh
+    assert stored.version == clients * count and sorted(sent) == list(range(1, clients * count + 1))
+    assert stored.ratings == replayed_window(sent) and len(stored.ratings) == N_ITEMS and stored.fresh
     items, ratings = users.support("batched", stored)
     final = users.view("batched", features())
     assert torch.allclose(scores(users, final), adapt_from_scratch(users, items, ratings), atol=1e-6)

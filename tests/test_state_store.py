@@ -69,6 +69,48 @@ def test_window_keeps_the_newest_ratings(store_url):
         small.close()
 
 
+def test_a_rerating_replaces_the_earlier_rating_of_the_item_and_moves_it_last(store):
+    store.append("u1", ratings((1, 4), (2, 3), (3, 5)))
+    state = store.append("u1", ratings((1, 2)))
+    assert [(r.item_id, r.rating) for r in state.ratings] == [("2", 3.0), ("3", 5.0), ("1", 2.0)]
+    assert state.version == 2 and store.get("u1").ratings == state.ratings
+    # Within one append, the last rating of an item wins, at the place of that last rating.
+    state = store.append("u1", ratings((4, 1), (2, 5), (4, 2)))
+    assert [(r.item_id, r.rating) for r in state.ratings] == [("3", 5.0), ("1", 2.0), ("2", 5.0), ("4", 2.0)]
+    assert state.version == 3
+
+
+def test_the_window_holds_distinct_items_so_a_retried_append_pushes_nothing_out(store_url):
+    """window 5: [a, b, c], [d, e], then [d, e] again (a client retrying a feedback whose reply was
+    lost): all five items stay (a window of raw ratings dropped a and b)."""
+    small = open_store(store_url, window=5)
+    try:
+        small.append("u1", ratings(("a", 4), ("b", 4), ("c", 4)))
+        small.append("u1", ratings(("d", 2), ("e", 2)))
+        state = small.append("u1", ratings(("d", 2), ("e", 2)))
+        assert [r.item_id for r in state.ratings] == ["a", "b", "c", "d", "e"] and state.version == 3
+        # Many re-ratings of two items keep the other items' ratings.
+        for n in range(20):
+            state = small.append("u1", ratings(("d", 1 + n % 5), ("e", 5 - n % 5)))
+        assert [r.item_id for r in state.ratings] == ["a", "b", "c", "d", "e"] and state.version == 23
+        # A full window drops the item rated longest ago.
+        state = small.append("u1", ratings(("f", 3)))
+        assert [r.item_id for r in state.ratings] == ["b", "c", "d", "e", "f"]
+    finally:
+        small.close()
+
+
+def test_items_are_told_apart_by_their_whole_id(store):
+    """Ids that are prefixes of one another, or hold quotes, commas and backslashes, are different items."""
+    odd = ["1", "12", "1,", 'a"b', 'a"', "a\\", '"', "é", " 1"]
+    state = store.append("u1", [Rating(item, 3.0) for item in odd])
+    assert [r.item_id for r in state.ratings] == odd
+    for item in odd:
+        state = store.append("u1", [Rating(item, 5.0)])
+        assert [r.item_id for r in state.ratings][-1] == item and len(state.ratings) == len(odd)
+    assert [r.item_id for r in state.ratings] == odd and {r.rating for r in state.ratings} == {5.0}
+
+
 def test_users_are_independent(store):
     store.append("a", ratings((1, 1)))
     store.append("b", ratings((2, 2), (3, 3)))
@@ -168,6 +210,12 @@ def test_append_many_is_each_append_in_order(store):
         (2, ["1", "2"]), (1, ["3"]), (3, ["1", "2", "4", "5"])
     ]  # fmt: skip
     assert store.get("u1").ratings == states[2].ratings
+    # A later entry of the batch re-rates what an earlier one rated: one rating per item still.
+    states = store.append_many([("u1", ratings((6, 4))), ("u1", ratings((2, 1), (6, 5)))])
+    assert [(s.version, [r.item_id for r in s.ratings]) for s in states] == [
+        (4, ["1", "2", "4", "5", "6"]), (5, ["1", "4", "5", "2", "6"])
+    ]  # fmt: skip
+    assert [r.rating for r in store.get("u1").ratings] == [4.0, 1.0, 2.0, 1.0, 5.0]
     assert store.append_many([]) == []
 
 

@@ -17,7 +17,7 @@ def open_store(url: str, window: int = DEFAULT_WINDOW) -> UserStateStore:
     Args:
         url: ``sqlite:///absolute/path.db`` (or ``sqlite:relative/path.db``) for the embedded store,
             ``redis://host:port/db`` (``rediss://`` for TLS) for Redis.
-        window: Most ratings kept per user.
+        window: Most items whose (latest) ratings are kept per user.
 
     Returns:
         The store.

@@ -1,7 +1,7 @@
 """The shared user-state store on Redis: every worker and every replica sees the same users.
 
-Each write is one Lua script, which Redis runs atomically, so an append (push, trim, bump the
-version, read back) and a conditional state write can never interleave with another client's. A
+Each write is one Lua script, which Redis runs atomically, so an append (drop the user's earlier
+ratings of the items it rates, push, trim, bump the version, read back) and a conditional state write can never interleave with another client's. A
 serving batch's appends (``append_many``) and its state writes (``put_states``) are one script call
 each: one round trip, and one script invocation on the server instead of one per user (each cost
 ~20 us of server time here, most of it the call itself). A user's keys share the hash tag
@@ -23,19 +23,39 @@ from metarec.state.store import (
     StoreUnavailableError,
     UserStateStore,
     check_ratings,
+    latest_per_item,
 )
 
 # A serving batch's appends in one script call: KEYS: each entry's ratings list and meta hash, in pairs.
-# ARGV: window, then per entry its number of ratings followed by the JSON ratings. Returns per entry
-# [version, blob, blob_version, window as one JSON array] (one reply string, not one per rating: the
-# client parses replies in Python, and a batch's windows are read on every feedback).
+# ARGV: window, then per entry its number of ratings followed by, per rating, the prefix its JSON
+# starts with (``["<item id>",``, which names the item: a JSON string token ends at its first unescaped
+# quote) and the JSON rating; an entry's items are distinct (the client keeps each item's last rating).
+# The user's earlier ratings of these items are dropped before the push, so the window keeps one rating
+# per item. Returns per entry [version, blob, blob_version, window as one JSON array] (one reply string,
+# not one per rating: the client parses replies in Python, and a batch's windows are read on every
+# feedback).
 _APPEND = """
 local bound = -tonumber(ARGV[1])
 local results = {}
 local arg = 2
 for k = 1, #KEYS, 2 do
-  local last = arg + tonumber(ARGV[arg])
-  for i = arg + 1, last do redis.call('RPUSH', KEYS[k], ARGV[i]) end
+  local count = tonumber(ARGV[arg])
+  local last = arg + 2 * count
+  if count > 0 then
+    local old = redis.call('LRANGE', KEYS[k], 0, -1)
+    -- Push first: RPUSH is the script's first write, which Redis refuses when out of memory (after a
+    -- first write it would let the script run on), so an append refused then writes nothing.
+    for i = arg + 2, last, 2 do redis.call('RPUSH', KEYS[k], ARGV[i]) end
+    for _, entry in ipairs(old) do
+      for i = arg + 1, last, 2 do
+        local prefix = ARGV[i]
+        if string.sub(entry, 1, #prefix) == prefix then
+          redis.call('LREM', KEYS[k], 1, entry)  -- from the head: this old entry, before the pushed ones
+          break
+        end
+      end
+    end
+  end
   arg = last + 1
   redis.call('LTRIM', KEYS[k], bound, -1)
   local version = redis.call('HINCRBY', KEYS[k + 1], 'version', 1)
@@ -69,7 +89,7 @@ class RedisStateStore(UserStateStore):
 
     Args:
         url: ``redis://host:port/db`` (``rediss://`` for TLS, ``unix:///path.sock``).
-        window: Most ratings kept per user.
+        window: Most items whose (latest) ratings are kept per user.
         prefix: Key prefix, so several models or environments can share one server.
     """
 
@@ -99,10 +119,14 @@ class RedisStateStore(UserStateStore):
     def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
         for _, ratings in entries:
             check_ratings(ratings)
-        calls = [
-            (list(self._keys(user_id)), [len(ratings), *(json.dumps(r.to_list()) for r in ratings)])
-            for user_id, ratings in entries
-        ]
+        calls = []
+        for user_id, ratings in entries:
+            latest = latest_per_item(ratings)
+            args: list = [len(latest)]
+            for r in latest:
+                item = json.dumps(str(r.item_id))
+                args += [f"[{item},", json.dumps([str(r.item_id), float(r.rating), r.timestamp])]
+            calls.append((list(self._keys(user_id)), args))
         with self._reachable():
             results = self._run(self._append, calls, [self.window])
         return [

@@ -25,6 +25,7 @@ from metarec.state.store import (
     StoreUnavailableError,
     UserStateStore,
     check_ratings,
+    latest_per_item,
 )
 
 _BUSY_TIMEOUT_MS = 30_000
@@ -73,7 +74,7 @@ class SqliteStateStore(UserStateStore):
 
     Args:
         path: The database file.
-        window: Most ratings kept per user.
+        window: Most items whose (latest) ratings are kept per user.
     """
 
     def __init__(self, path: str | Path, window: int = DEFAULT_WINDOW):
@@ -109,10 +110,15 @@ class SqliteStateStore(UserStateStore):
             return [self._append(connection, user_id, ratings) for user_id, ratings in entries]
 
     def _append(self, connection: sqlite3.Connection, user_id: str, ratings: list[Rating]) -> StoredUser:
+        latest = latest_per_item(ratings)
         connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+        # The user's earlier ratings of these items go first: the window keeps one rating per item.
+        connection.executemany(
+            "DELETE FROM ratings WHERE user_id = ? AND item_id = ?", [(user_id, r.item_id) for r in latest]
+        )
         connection.executemany(
             "INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
-            [(user_id, r.item_id, float(r.rating), r.timestamp) for r in ratings],
+            [(user_id, r.item_id, float(r.rating), r.timestamp) for r in latest],
         )
         connection.execute("UPDATE users SET version = version + 1 WHERE user_id = ?", (user_id,))
         connection.execute(

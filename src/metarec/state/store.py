@@ -1,10 +1,16 @@
 """The user-state store interface, its records, and the URL that chooses an implementation.
 
-A store keeps, per user: the window of the most recent ratings (bounded, oldest dropped first), a
-version counter bumped by every append, and one opaque state blob (the adapted parameters) tagged with
-the version of the ratings it was computed from. Appends are atomic, so concurrent feedback for one
-user loses nothing; a state is only stored when it is not older than the one already stored, so the
-last write always matches the newest ratings.
+A store keeps, per user: the window of the latest rating of each of the most recently rated items (at
+most ``window`` distinct items, oldest first; an append drops the user's earlier rating of each item it
+rates, so a re-rating moves the item to the end, and the item rated longest ago goes first when the
+window is full), a version counter bumped by every append, and one opaque state blob (the adapted
+parameters) tagged with the version of the ratings it was computed from. Appends are atomic, so
+concurrent feedback for one user loses nothing; a state is only stored when it is not older than the
+one already stored, so the last write always matches the newest ratings.
+
+Keeping one rating per item matters: a window of raw ratings, duplicates included, let repeated
+ratings of a few items push the other items out (a retried feedback, or many re-ratings), and once a
+re-rating of a history item left the window its older history rating came back.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class StoredUser:
     """What a store holds for one user.
 
     Attributes:
-        ratings: The ratings window, oldest first.
+        ratings: The ratings window, oldest first: one (the latest) rating per item.
         version: Bumped by every append (0 for a user with no ratings yet).
         blob: The stored adapted state, or None.
         blob_version: The ``version`` of the ratings ``blob`` was computed from (-1 without a blob).
@@ -70,8 +76,9 @@ class StoreUnavailableError(RuntimeError):
     Raised for a refused, lost or timed-out connection, a server that is loading or read-only, out of
     memory or disk, or a file that is locked beyond the busy timeout. A failed call wrote nothing,
     except one whose reply was lost after the server ran it (a Redis timeout): a client that retries
-    such a feedback appends its ratings twice, which changes no adapted state (the support set keeps
-    the latest rating per item).
+    such a feedback appends its ratings twice, which changes no ratings but the order and timestamps
+    of its own items (each item keeps one rating, so the retry pushes no other item out) and bumps the
+    version, so the state is adapted again on the same support set.
 
     Args:
         where: The store, as it may be shown (no password).
@@ -87,7 +94,8 @@ class UserStateStore(ABC):
     """Per-user ratings windows and adapted states, safe for concurrent writers.
 
     Args:
-        window: Most ratings kept per user (the oldest go first).
+        window: Most items whose ratings are kept per user (one rating each; the item rated longest
+            ago goes first).
     """
 
     def __init__(self, window: int = DEFAULT_WINDOW):
@@ -98,6 +106,11 @@ class UserStateStore(ABC):
     @abstractmethod
     def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
         """Appends ratings to a user's window atomically and bumps the version.
+
+        In the same atomic step, the user's earlier ratings of the items being rated are dropped (and
+        of ``ratings`` only each item's last one is kept), then the window is trimmed to its last
+        ``window`` entries: it holds the latest rating of up to ``window`` distinct items, in order of
+        each item's latest rating.
 
         Args:
             user_id: Raw user id.
@@ -170,3 +183,13 @@ def check_ratings(ratings: list[Rating]) -> None:
     for position, entry in enumerate(ratings):
         if not math.isfinite(entry.rating):
             raise ValueError(f"ratings[{position}].rating must be finite, got {entry.rating}")
+
+
+def latest_per_item(ratings: Sequence[Rating]) -> list[Rating]:
+    """The last rating of each item in ``ratings``, in order of those last ratings (what an append keeps)."""
+    latest: dict[str, Rating] = {}
+    for entry in ratings:
+        key = str(entry.item_id)
+        latest.pop(key, None)
+        latest[key] = entry
+    return list(latest.values())
