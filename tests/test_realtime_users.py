@@ -90,6 +90,26 @@ def test_a_new_user_keeps_the_features_it_was_adapted_with(users):
     assert torch.allclose(scores(users, later), expected, atol=1e-6)
 
 
+def test_a_fresh_state_adapted_with_other_features_than_given_is_re_adapted_and_stored(users):
+    users.record("new", [Rating("i3", 5.0), Rating("i5", 2.0)], features(seed=3))
+    calls = []
+    adapt_many = users.personaliser.adapt_many
+    users.personaliser.adapt_many = lambda *args: (calls.append(len(args[1])), adapt_many(*args))[1]
+    view = users.view("new", features(seed=4))
+    expected = adapt_from_scratch(users, [3, 5], [5.0, 2.0], user=features(seed=4))
+    assert calls == [1] and torch.allclose(scores(users, view), expected, atol=1e-6)
+    stored = users.store.get("new")
+    assert stored.fresh and stored.version == 1
+    kept = decode_state(stored.blob, "v1", torch.device("cpu"))["features"]
+    assert all(torch.equal(a, b) for a, b in zip(kept, features(seed=4), strict=True))
+    # The same features again (or none given): the cached state is served.
+    assert torch.allclose(scores(users, users.view("new", features(seed=4))), expected, atol=1e-6)
+    assert torch.allclose(
+        scores(users, users.view("new", features(), authoritative=False)), expected, atol=1e-6
+    )
+    assert calls == [1]
+
+
 def test_stale_or_foreign_states_are_recomputed(users, model):
     users.record("u", [Rating("i4", 5.0)], features())
     other = RealtimeUsers(users.personaliser, users.store, ITEM_INDEX, {}, "v2", STEPS)

@@ -178,6 +178,38 @@ def test_adapt_naming_a_described_new_user_scores_with_their_stored_features(rec
     assert own["items"] == direct["items"]
 
 
+def test_a_stored_new_user_described_anew_is_served_explained_and_stored_with_the_new_features(rec):
+    """A new user rated with features A, then recommended naming them with features B: the cached state
+    (adapted with A) was served scored with B, and the explanation (computed with B) did not add up to
+    the served score. A state adapted with other features than the request's is now stale: re-adapted
+    with B and stored with B, so a later plain request is served with B too."""
+    first = {"age": 65, "gender": "F", "occupation": "retired", "zip": "12345"}
+    second = {"age": 18, "gender": "M", "occupation": "student", "zip": "99999"}
+    items = rec.item_ids
+    support = [{"item_id": items[i], "rating": 1 + (i * 3) % 5} for i in range(6)]
+    assert ask(rec, {"user_id": "nf", "user": first, "ratings": support}, "feedback")[0] == 200
+    status, served = ask(rec, {"user_id": "nf", "user": second, "k": 4, "explain": True})
+    assert status == 200 and served["items"]
+    for entry in served["items"]:
+        assert abs(entry["explanation"]["score"] - entry["score"]) <= 5.1e-5, (
+            entry
+        )  # scores are rounded to 1e-4
+    _, described = ask(rec, {"user": second, "support": support, "k": 4}, "adapt")
+    assert [e["item_id"] for e in served["items"]] == [e["item_id"] for e in described["items"]]
+    assert [e["score"] for e in served["items"]] == pytest.approx(
+        [e["score"] for e in described["items"]], abs=1e-4
+    )
+    # Stored with the new features: the same as those of a user who gave them in feedback.
+    assert ask(rec, {"user_id": "nf-second", "user": second, "ratings": support}, "feedback")[0] == 200
+    kept = [
+        decode_state(rec.store.get(u).blob, rec.state_tag, torch.device("cpu")) for u in ("nf", "nf-second")
+    ]
+    assert rec.store.get("nf").fresh and rec.store.get("nf").version == 1
+    assert all(torch.equal(a, b) for a, b in zip(kept[0]["features"], kept[1]["features"], strict=True))
+    _, plain = ask(rec, {"user_id": "nf", "k": 4})
+    assert [e["score"] for e in plain["items"]] == [e["score"] for e in served["items"]]
+
+
 def _check_explanations(items):
     assert items
     for entry in items:

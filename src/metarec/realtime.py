@@ -6,7 +6,8 @@ bounded to the last ``window`` items. The adapted state is the meta-learned inne
 support set from the meta-learned initialisation (never from a previous state, so serving computes
 exactly what evaluation measured); it is cached in the store, tagged with the version of the feedback
 it saw, and recomputed when stale. The blob also keeps the user's encoded features, so a new user who
-described themselves once is scored with the same features later.
+described themselves once is scored with the same features later; a fresh state kept with other
+features than a request gives is stale for that request (re-adapted with the given ones and stored).
 
 Consistency: appends are atomic in the store and a state is only stored over an older one, so after
 any interleaving of concurrent feedback the stored ratings are all of them and the newest stored state
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from metarec.features import EncodedFeatures
 from metarec.personalise import Params, Personaliser, decode_state, encode_state, support_from_window
@@ -203,6 +205,11 @@ class RealtimeUsers:
                 document = decode_state(stored.blob, self.model_tag, self.device, params=stored.fresh)
             if document is not None and not authoritative:
                 features = _features(document, features)
+            elif document is not None and not _same_features(document.get("features"), features):
+                # Adapted with other features than the request gives (a stored new user describing
+                # themselves anew): stale for this request, so it is served and explained with one set
+                # of features, and the state re-adapted with the given ones replaces it.
+                document = None
             if document is not None and stored.fresh:
                 views.append(UserView(features, document["params"], items, ratings, version))
                 continue
@@ -228,6 +235,16 @@ class RealtimeUsers:
             # next read of these users recomputes what was not written.
             logger.warning("adapted states not cached: %s", error)
         return views
+
+
+def _same_features(stored: list | None, given: EncodedFeatures) -> bool:
+    """Whether the features kept in a state are the given ones (a state kept without any is not)."""
+    if stored is None or len(stored) != len(given):
+        return False
+    return all(
+        kept.shape == new.shape and kept.dtype == new.dtype and torch.equal(kept, new.to(kept.device))
+        for kept, new in zip(stored, given, strict=True)
+    )
 
 
 def _features(document: dict, fallback: EncodedFeatures) -> EncodedFeatures:
