@@ -221,7 +221,9 @@ def _check_crowd_loses_nothing_and_matches_a_sequential_replay(served, tmp_path)
     # ... and is the one a sequential replay of the stored ratings, in the stored order, ends at.
     replay = _replay(served, stored.ratings, user_id, tmp_path)
     ((_, replayed),) = answer_all(replay, [{"user_id": user_id, "k": n_items, "include_rated": True}], [""])
-    assert replayed["state_version"] == total and replayed["support_size"] == served_answer["support_size"]
+    # (one request per stored rating: as many versions as the window has ratings)
+    assert replayed["state_version"] == len(stored.ratings)
+    assert replayed["support_size"] == served_answer["support_size"]
     scores = {entry["item_id"]: entry["score"] for entry in replayed["items"]}
     assert len(served_answer["items"]) == len(scores) == n_items
     assert max(abs(entry["score"] - scores[entry["item_id"]]) for entry in served_answer["items"]) <= 2e-4
