@@ -110,6 +110,24 @@ def test_a_fresh_state_adapted_with_other_features_than_given_is_re_adapted_and_
     assert calls == [1]
 
 
+def test_after_a_model_change_a_new_users_features_are_kept_only_with_the_same_encoding(users):
+    def served(tag, key):
+        return RealtimeUsers(users.personaliser, users.store, ITEM_INDEX, {}, tag, STEPS, features_key=key)
+
+    served("v1", "enc-1").record("new", [Rating("i3", 5.0)], features(seed=3))
+    for key, seed in (("enc-1", 3), ("enc-2", 0), (None, 0)):
+        (read,) = served(f"v2-{key}", key).stored_features([("new", features())])
+        assert torch.equal(read.cat, features(seed=seed).cat), key
+    other = served("v2", "enc-1")
+    view = other.view("new", features(), authoritative=False)
+    assert torch.equal(view.features.cat, features(seed=3).cat)
+    expected = adapt_from_scratch(users, [3], [5.0], user=features(seed=3))
+    assert torch.allclose(scores(other, view), expected, atol=1e-6)
+    # Stored again with them under the new tag.
+    kept = decode_state(users.store.get("new").blob, "v2", torch.device("cpu"))["features"]
+    assert torch.equal(kept[0], features(seed=3).cat)
+
+
 def test_stale_or_foreign_states_are_recomputed(users, model):
     users.record("u", [Rating("i4", 5.0)], features())
     other = RealtimeUsers(users.personaliser, users.store, ITEM_INDEX, {}, "v2", STEPS)

@@ -557,6 +557,51 @@ def test_a_retrained_model_under_the_same_version_recomputes_the_stored_states(d
     assert decode_state(stored.blob, old.state_tag, torch.device("cpu")) is None
 
 
+def test_a_model_change_keeps_a_new_users_features_when_the_feature_encoding_is_the_same(demo, tmp_path):
+    """A new user described themselves under one model; a retrained model (another state tag) over the
+    same store rejected the whole blob and re-adapted them with no features, storing none: lost for
+    good. The features are kept when both models encode user features the same way (same fingerprint of
+    the schema's user features), and still dropped when the encoding differs."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    old = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    items = old.item_ids
+    described = {"age": 65, "gender": "F", "occupation": "retired"}
+    ratings = [{"item_id": items[i], "rating": r} for i, r in ((0, 5), (3, 1), (7, 4))]
+    assert ask(old, {"user_id": "dora", "user": described, "ratings": ratings}, "feedback")[0] == 200
+
+    def retrained(schema):
+        base = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+        with torch.no_grad():
+            for parameter in base.model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        return Recommender(base.model, schema, _items(demo), _users(demo),
+                           {"mode": base.adapt_mode, "inner_steps": base.default_steps,
+                            "inner_lr": base.inner_lr}, base.model_card, store=open_store(url),
+                           history=base.history)  # fmt: skip
+
+    new = retrained(old.schema)
+    assert new.state_tag != old.state_tag and new.encoder.user_fingerprint == old.encoder.user_fingerprint
+    status, answer = ask(new, {"user_id": "dora", "k": 5})
+    expected = ask(new, {"user": described, "support": ratings, "k": 5}, "adapt")[1]
+    assert status == 200 and answer["items"] == expected["items"]
+    assert answer["items"] != ask(new, {"support": ratings, "k": 5}, "adapt")[1]["items"]
+    # Stored again with the features, under the new tag: the next plain request reads them from there.
+    stored = new.store.get("dora")
+    assert (
+        stored.fresh and decode_state(stored.blob, new.state_tag, torch.device("cpu"))["features"] is not None
+    )
+    assert ask(new, {"user_id": "dora", "k": 5})[1]["items"] == expected["items"]
+
+    # Another encoding of user features (a vocabulary changed): the old features mean nothing there.
+    schema = json.loads(json.dumps(new.schema))
+    occupation = next(f for f in schema["user_features"] if f["name"] == "occupation")
+    occupation["vocab"] = list(reversed(occupation["vocab"]))
+    other = retrained(schema)
+    assert other.encoder.user_fingerprint != new.encoder.user_fingerprint
+    status, answer = ask(other, {"user_id": "dora", "k": 5})
+    assert status == 200 and answer["items"] == ask(other, {"support": ratings, "k": 5}, "adapt")[1]["items"]
+
+
 def _items(demo):
     return pd.read_parquet(demo["preprocessed"] / "items.parquet")
 

@@ -7,6 +7,8 @@ training data was.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import zlib
 from collections.abc import Sequence
@@ -50,6 +52,8 @@ class FeatureDims(NamedTuple):
     n_multi: int
 
 
+# Version of how a schema's user features become tensors (see FeatureEncoder.user_fingerprint).
+USER_ENCODING_VERSION = 1
 FEATURE_KINDS = ("categorical", "hashed", "multi_hot", "numeric", "text")
 MULTI_SEP = "|"
 _MISSING_TEXT = {""}  # "none" is a real MovieLens occupation
@@ -315,6 +319,16 @@ class FeatureEncoder:
         self.schema = schema
         self._users = _EntityEncoder(schema.get("user_features") or [], "user")
         self._items = _EntityEncoder(schema.get("item_features") or [], "item")
+
+    @property
+    def user_fingerprint(self) -> str:
+        """What fixes how user features are encoded: a digest of the schema's ``user_features`` (kinds,
+        vocabularies, buckets, standardisation, text encoders) and of this encoding's version. Two models
+        whose fingerprints match encode a user's raw features into the same tensors, so features encoded
+        for one (kept with a stored state) are valid for the other. Bump ``USER_ENCODING_VERSION`` when
+        the encoding code changes what a schema yields."""
+        spec = {"encoding": USER_ENCODING_VERSION, "user_features": self.schema.get("user_features") or []}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod
     def fit(

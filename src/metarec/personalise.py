@@ -3,7 +3,8 @@
 The only place the real-time loop touches the meta-learning API (:class:`metarec.meta.Adapter`): the
 inner loop that training and evaluation use, run on one user's ratings, and scoring with its result. The adapted state
 (the per-user tensors the inner loop produces, by name) is serialised into the store's blob, tagged with
-the model version so a state computed by another model is never used.
+the model version so a state computed by another model is never used (only its user features, by a
+model that encodes features the same way: see :func:`decode_features`).
 """
 
 from __future__ import annotations
@@ -140,7 +141,12 @@ _STATE_DTYPES = {
 _NUMPY_DTYPES = frozenset(dtype for dtype in _STATE_DTYPES.values() if dtype is not torch.bfloat16)
 
 
-def encode_state(adapted: Params, model_version: str, features: EncodedFeatures | None = None) -> bytes:
+def encode_state(
+    adapted: Params,
+    model_version: str,
+    features: EncodedFeatures | None = None,
+    features_key: str | None = None,
+) -> bytes:
     """Serialises an adapted state (tensors by name, leading dimension 1) for the store.
 
     Args:
@@ -148,6 +154,8 @@ def encode_state(adapted: Params, model_version: str, features: EncodedFeatures 
         model_version: the version of the model that computed it.
         features: the user's encoded features it was adapted with (kept so that a new user is scored
             with them later), or None.
+        features_key: what fixes the features' encoding (:attr:`FeatureEncoder.user_fingerprint`),
+            so that another model encoding features the same way may read them (:func:`decode_features`).
 
     Returns:
         The blob.
@@ -161,9 +169,10 @@ def encode_state(adapted: Params, model_version: str, features: EncodedFeatures 
         raw = _raw_bytes(data)
         entries.append([group, name, str(data.dtype), list(data.shape), len(raw)])
         payload.append(raw)
-    header = json.dumps(
-        {"model_version": model_version, "features": features is not None, "tensors": entries}
-    ).encode()
+    fields = {"model_version": model_version, "features": features is not None, "tensors": entries}
+    if features_key is not None:
+        fields["features_key"] = features_key
+    header = json.dumps(fields).encode()
     return b"".join([STATE_MAGIC, struct.pack(">I", len(header)), header, *payload])
 
 
@@ -200,6 +209,42 @@ def decode_state(blob: bytes, model_version: str, device: torch.device, params: 
     if not isinstance(document, dict) or document.get("model_version") != model_version:
         return None
     return document
+
+
+def decode_features(
+    blob: bytes, model_version: str, device: torch.device, features_key: str | None = None
+) -> list[torch.Tensor] | None:
+    """The user features kept in a blob, without its parameters.
+
+    Read from a state of this model (``model_version``), and also from one of another model (a model
+    change) when both encode user features the same way: the blob was written with ``features_key``
+    and it is this model's. Otherwise (another encoding, a blob without a key, an unreadable one) None:
+    the features are not known to be valid here.
+
+    Args:
+        blob: the stored bytes.
+        model_version: the serving model's state tag.
+        device: where to put the tensors.
+        features_key: the serving model's :attr:`FeatureEncoder.user_fingerprint`, or None.
+
+    Returns:
+        ``[cat, num, multi]``, or None.
+    """
+    document = decode_state(blob, model_version, device, params=False)
+    if document is not None:
+        return document.get("features")
+    if features_key is None or not blob.startswith(STATE_MAGIC):
+        return None
+    try:
+        start = len(STATE_MAGIC) + 4
+        (length,) = struct.unpack(">I", blob[len(STATE_MAGIC) : start])
+        header = json.loads(blob[start : start + length])
+        if header.get("features_key") != features_key:
+            return None
+        document = _decode_raw(blob, header["model_version"], device, read_params=False)
+    except Exception:  # noqa: BLE001 - unreadable: the features are unknown, as without a blob
+        return None
+    return None if document is None else document["features"]
 
 
 def _decode_raw(

@@ -30,7 +30,14 @@ import pandas as pd
 import torch
 
 from metarec.features import EncodedFeatures
-from metarec.personalise import Params, Personaliser, decode_state, encode_state, support_from_window
+from metarec.personalise import (
+    Params,
+    Personaliser,
+    decode_features,
+    decode_state,
+    encode_state,
+    support_from_window,
+)
 from metarec.state import Rating, StoredUser, StoreUnavailableError, UserStateStore
 
 logger = logging.getLogger(__name__)
@@ -70,6 +77,10 @@ class RealtimeUsers:
             ``state_tag``: version, weights fingerprint, adapt settings); stored states with another
             are recomputed.
         steps: inner steps of every adaptation (the model's evaluated setting).
+        features_key: what fixes the model's user-feature encoding
+            (:attr:`~metarec.features.FeatureEncoder.user_fingerprint`): kept with each state, so that
+            after a model change (another ``model_tag``) a new user's stored features are still read
+            when the new model encodes features the same way; None keeps features to this model only.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class RealtimeUsers:
         history: dict[str, list[Rating]],
         model_tag: str,
         steps: int,
+        features_key: str | None = None,
     ):
         self.personaliser = personaliser
         self.store = store
@@ -87,6 +99,7 @@ class RealtimeUsers:
         self.history = history
         self.model_tag = model_tag
         self.steps = steps
+        self.features_key = features_key
         self.device = next(personaliser.model.parameters()).device
 
     def support(self, user_id: str, stored: StoredUser | None) -> tuple[list[int], list[float]]:
@@ -138,10 +151,10 @@ class RealtimeUsers:
         found = []
         for user_id, fallback in users:
             stored = self.store.get(user_id)
-            document = None
+            kept = None
             if stored is not None and stored.blob is not None:
-                document = decode_state(stored.blob, self.model_tag, self.device, params=False)
-            features = fallback if document is None else _features(document, fallback)
+                kept = decode_features(stored.blob, self.model_tag, self.device, self.features_key)
+            features = fallback if kept is None else EncodedFeatures(*kept)
             found.append(EncodedFeatures(*(tensor.to(self.device) for tensor in features)))
         return found
 
@@ -188,6 +201,11 @@ class RealtimeUsers:
         views = dict(zip(last, self._resolve_many(list(last.values())), strict=True))
         return [views[user_id] for user_id, _, _, _ in entries]
 
+    def _kept_features(self, blob: bytes) -> list | None:
+        """The features kept in a stored blob that is not a usable state of this model: read when another
+        model with the same feature encoding wrote it (a model change), else None."""
+        return decode_features(blob, self.model_tag, self.device, self.features_key)
+
     def _resolve_many(
         self, users: Sequence[tuple[str, EncodedFeatures, StoredUser | None, bool]]
     ) -> list[UserView]:
@@ -203,8 +221,10 @@ class RealtimeUsers:
             if stored is not None and stored.blob is not None and (stored.fresh or not authoritative):
                 # A stale state is read for its features only (its parameters are recomputed).
                 document = decode_state(stored.blob, self.model_tag, self.device, params=stored.fresh)
-            if document is not None and not authoritative:
-                features = _features(document, features)
+            if not authoritative and stored is not None and stored.blob is not None:
+                # Kept with this model's state, or with another model's that encodes features alike.
+                kept = document.get("features") if document is not None else self._kept_features(stored.blob)
+                features = features if kept is None else EncodedFeatures(*kept)
             elif document is not None and not _same_features(document.get("features"), features):
                 # Adapted with other features than the request gives (a stored new user describing
                 # themselves anew): stale for this request, so it is served and explained with one set
@@ -226,7 +246,7 @@ class RealtimeUsers:
         states = []
         for position, state in zip(pending, adapted, strict=True):
             views[position].adapted = state
-            blob = encode_state(state, self.model_tag, views[position].features)
+            blob = encode_state(state, self.model_tag, views[position].features, self.features_key)
             states.append((users[position][0], blob, views[position].version))
         try:
             self.store.put_states(states)
@@ -245,11 +265,6 @@ def _same_features(stored: list | None, given: EncodedFeatures) -> bool:
         kept.shape == new.shape and kept.dtype == new.dtype and torch.equal(kept, new.to(kept.device))
         for kept, new in zip(stored, given, strict=True)
     )
-
-
-def _features(document: dict, fallback: EncodedFeatures) -> EncodedFeatures:
-    stored = document.get("features")
-    return EncodedFeatures(*stored) if stored is not None else fallback
 
 
 def read_history(path: str | Path | None) -> dict[str, list[Rating]]:

@@ -173,7 +173,7 @@ class Recommender:
         self.state_tag = f"{self.model_version}/{weights_fingerprint(self.model)}/{adapt_key}"
         self.users = (
             RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.state_tag,
-                          self.default_steps)
+                          self.default_steps, features_key=self.encoder.user_fingerprint)
             if store is not None
             else None
         )  # fmt: skip
