@@ -31,7 +31,9 @@ DEFAULT_MODEL = "metarec"
 DEFAULT_TIMEOUT_S = 2.0
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """An HTTP connection over a Unix socket (TorchServe's REST management API)."""
+
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
@@ -55,7 +57,7 @@ def check(
     Returns:
         Whether the model can answer, and a one-line reason.
     """
-    connection = _UnixConnection(socket_path, timeout_s)
+    connection = UnixConnection(socket_path, timeout_s)
     try:
         connection.request("GET", f"/models/{model}")
         response = connection.getresponse()

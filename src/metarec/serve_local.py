@@ -22,7 +22,6 @@ error, port in use) is reported with TorchServe's own error line within seconds.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from metarec.ready_probe import UnixConnection
 from metarec.torchserve_config import format_properties, server_properties
 
 DEFAULT_TIMEOUT_S = 120
@@ -132,19 +132,6 @@ def _read_keys(workdir: Path, deadline: float, pid: int | None = None) -> tuple[
     raise RuntimeError(f"TorchServe wrote no usable {key_path}")
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """An HTTP connection over a Unix socket (TorchServe's REST management API)."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
 def management_request(
     info: ServerInfo, method: str, path: str, token: str | None = "default", timeout_s: float = 10.0
 ) -> tuple[int, bytes]:
@@ -166,7 +153,7 @@ def management_request(
     """
     key = info.management_token if token == "default" else token
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    connection = _UnixConnection(info.management_socket, timeout_s)
+    connection = UnixConnection(info.management_socket, timeout_s)
     try:
         connection.request(method, path, headers=headers)
         response = connection.getresponse()
