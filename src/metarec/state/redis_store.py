@@ -1,12 +1,12 @@
 """The shared user-state store on Redis: every worker and every replica sees the same users.
 
-Each write is one Lua script, which Redis runs atomically, so an append (drop the user's earlier
-ratings of the items it rates, push, trim, bump the version, read back) and a conditional state write can never interleave with another client's. A
-serving batch's appends (``append_many``) and its state writes (``put_states``) are one script call
-each: one round trip, and one script invocation on the server instead of one per user (each cost
-~20 us of server time here, most of it the call itself). A user's keys share the hash tag
-``{user_id}``; on a Redis Cluster, which refuses one call over keys of several slots, each user's
-entry becomes its own call (all in one pipeline).
+Each write is one Lua script, which Redis runs atomically, so an append (push, drop the user's earlier
+ratings of the items it rates, trim, bump the version, read back) and a conditional state write can
+never interleave with another client's. A serving batch's appends (``append_many``) and its state
+writes (``put_states``) are one script call each: one round trip, and one script invocation on the
+server instead of one per user (each cost ~20 us of server time here, most of it the call itself).
+A user's keys share the hash tag ``{user_id}``; on a Redis Cluster, which refuses one call over keys of
+several slots, each user's entry becomes its own call (all in one pipeline).
 """
 
 from __future__ import annotations
