@@ -537,8 +537,14 @@ def test_a_retrained_model_under_the_same_version_recomputes_the_stored_states(d
                              "inner_lr": retrained.inner_lr}, retrained.model_card,
                             store=open_store(url), history=retrained.history)  # fmt: skip
     assert retrained.model_version == old.model_version and retrained.state_tag != old.state_tag
-    # The same model loaded again (another worker, a restart) keeps its tag, and so its cached states.
-    assert Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"]).state_tag == old.state_tag
+    # The same model loaded again (another worker, a restart) keeps its tag, and so its cached states;
+    # a store with another ratings window does not (its states were adapted on other support sets).
+    again = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    assert again.state_tag == old.state_tag
+    narrower = Recommender.from_dir(
+        demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url, window=20)
+    )
+    assert narrower.state_tag != old.state_tag
     fresh = Recommender(retrained.model, retrained.schema, _items(demo), _users(demo),
                         {"mode": retrained.adapt_mode, "inner_steps": retrained.default_steps,
                          "inner_lr": retrained.inner_lr}, retrained.model_card,

@@ -169,7 +169,10 @@ class Recommender:
         # Stored states are caches of this exact model: keyed by the version string *and* what makes the
         # state (weights, adapt settings), so a retrained model packaged again as "1.0" against the same
         # Redis never serves (or crashes on) the previous model's states: they are recomputed.
-        adapt_key = f"{self.adapt_mode}/{self.default_steps}/{self.inner_lr!r}"
+        # The store's window too: it bounds the support set a state was adapted on.
+        adapt_key = (
+            f"{self.adapt_mode}/{self.default_steps}/{self.inner_lr!r}/{getattr(store, 'window', None)}"
+        )
         self.state_tag = f"{self.model_version}/{weights_fingerprint(self.model)}/{adapt_key}"
         self.users = (
             RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.state_tag,
