@@ -437,7 +437,7 @@ class RequestParser:
                         f"user.{name}: {_quote_keys(unseen, self.limits.max_quote_chars)} not seen in training; ignored"
                     )
         # Encoded on the CPU; the model may serve on a GPU (known users' rows already live there).
-        return EncodedFeatures(*(tensor.to(self.recommender.device) for tensor in encoded)), notes
+        return encoded.to(self.recommender.device), notes
 
     def _parse_user(
         self, request: dict[str, Any], required: bool, allow_new: bool = False

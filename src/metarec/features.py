@@ -32,6 +32,10 @@ class EncodedFeatures(NamedTuple):
     num: torch.Tensor
     multi: torch.Tensor
 
+    def to(self, device: torch.device | str) -> EncodedFeatures:
+        """The same features on ``device`` (encoding runs on the CPU; a model may serve on a GPU)."""
+        return EncodedFeatures(*(tensor.to(device) for tensor in self))
+
 
 def stack_features(features: Sequence[EncodedFeatures]) -> EncodedFeatures:
     """Several entities' encoded features (each with its own leading dimension) as one batch."""

@@ -155,7 +155,7 @@ class RealtimeUsers:
             if stored is not None and stored.blob is not None:
                 kept = decode_features(stored.blob, self.model_tag, self.device, self.features_key)
             features = fallback if kept is None else EncodedFeatures(*kept)
-            found.append(EncodedFeatures(*(tensor.to(self.device) for tensor in features)))
+            found.append(features.to(self.device))
         return found
 
     def record(

@@ -157,7 +157,7 @@ class Recommender:
             users = users.sort_values("user_idx").reset_index(drop=True)
             self.user_index = {str(user_id): row for row, user_id in enumerate(users["user_id"])}
             encoded = self.encoder.encode_users(users)
-            self.user_features = EncodedFeatures(*(tensor.to(self.device) for tensor in encoded))
+            self.user_features = encoded.to(self.device)
         # Single requests are dominated by torch.func dispatch overhead: adapt by hand when possible.
         settings = AdaptSettings.from_dict(
             mode=self.adapt_mode, inner_steps=self.default_steps, inner_lr=self.inner_lr
@@ -263,9 +263,7 @@ class Recommender:
 
     def _stack_users(self, requests: Sequence[RecommendRequest]) -> EncodedFeatures:
         # On the model's device whoever built the requests (a library caller may encode on the CPU).
-        return EncodedFeatures(
-            *(part.to(self.device) for part in stack_features([r.user_features for r in requests]))
-        )
+        return stack_features([r.user_features for r in requests]).to(self.device)
 
     def recommend(self, requests: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
         """Ranks the catalogue for a batch of users.
@@ -349,9 +347,7 @@ class Recommender:
         a user without ratings); rated items excluded unless asked for."""
         if not requests:
             return []
-        users = EncodedFeatures(
-            *(part.to(self.device) for part in stack_features([v.features for v in views]))
-        )
+        users = stack_features([view.features for view in views]).to(self.device)
         states = [self.adapter.prior_state(1) if view.adapted is None else view.adapted for view in views]
         state = {name: torch.cat([s[name] for s in states], dim=0) for name in states[0]}
         scores = self.adapter.score(users, state, self.all_items.expand(len(views), -1))
