@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metarec import storage
-from metarec.data.config import DatasetConfig, load_dataset_config
+from metarec.data.config import DatasetConfig, dataset_config_location, load_dataset_config
 from metarec.data.loaders import RawData, dense_codes, load_raw
 from metarec.features import FeatureEncoder, vector_column
 from metarec.settings import Settings
@@ -513,12 +513,8 @@ def data_fingerprint(data_uri: str, dataset_config: str = "") -> str:
         return data
     import hashlib
 
-    from metarec.data.config import CONFIGS_DIR
-
     name = str(dataset_config)
-    shipped = CONFIGS_DIR / f"{name}.yaml"
-    source = shipped if "/" not in name and shipped.is_file() else name
-    parts = {"data": data, "config": storage.fingerprint(source)}
+    parts = {"data": data, "config": storage.fingerprint(dataset_config_location(name))}
     dataset = load_dataset_config(name)
     for table in (dataset.items, dataset.users):
         for spec in table.features if table is not None else ():

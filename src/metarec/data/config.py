@@ -439,6 +439,12 @@ def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
+def dataset_config_location(path_or_name: str) -> str:
+    """Where a config is read from: a shipped config's file for its name, else the path or URI as given."""
+    shipped = CONFIGS_DIR / f"{path_or_name}.yaml"
+    return str(shipped) if "/" not in path_or_name and shipped.is_file() else path_or_name
+
+
 def load_dataset_config(path_or_name: str | Path | dict | DatasetConfig) -> DatasetConfig:
     """Loads a data-set config.
 
@@ -462,8 +468,7 @@ def load_dataset_config(path_or_name: str | Path | dict | DatasetConfig) -> Data
         from metarec import storage  # lazy: only gs:// configs need the storage client
 
         return _parse_yaml_text(storage.read_bytes(text_path).decode("utf-8"), text_path)
-    shipped = CONFIGS_DIR / f"{text_path}.yaml"
-    path = shipped if ("/" not in text_path and shipped.is_file()) else Path(text_path)
+    path = Path(dataset_config_location(text_path))
     if not path.is_file():
         raise ValueError(
             f"dataset config {text_path!r}: no such file and not a shipped config "
