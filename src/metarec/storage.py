@@ -344,6 +344,15 @@ def _gcs_download_file(uri: str, local_path: Path) -> None:
             os.remove(tmp_name)
 
 
+def _own_landed_write(bucket: Any, name: str, expected_crc32c: str, uri: str, action: str) -> Any:
+    """After a 412 on a conditional write: the object, when it is our own write that had landed (a retry
+    whose first attempt succeeded but lost its response); StorageError when another writer got in."""
+    landed = bucket.get_blob(name, retry=_read_retry())
+    if landed is None or landed.crc32c != expected_crc32c:
+        raise StorageError(f"{uri} was modified by another writer during the {action}; not overwritten")
+    return landed
+
+
 def _gcs_upload(uri: str, *, data: bytes | None = None, filename: str | None = None) -> None:
     """Uploads bytes or a file to one object, crc32c-checked both ways, retried conditionally."""
     from google.api_core import exceptions as api
@@ -365,13 +374,7 @@ def _gcs_upload(uri: str, *, data: bytes | None = None, filename: str | None = N
             else:
                 blob.upload_from_filename(filename, **kwargs)
         except api.PreconditionFailed:
-            # Either a retry of our own write that had landed, or another writer got in between.
-            landed = bucket.get_blob(name, retry=_read_retry())
-            if landed is None or landed.crc32c != expected:
-                raise StorageError(
-                    f"{uri} was modified by another writer during the upload; not overwritten"
-                ) from None
-            blob = landed
+            blob = _own_landed_write(bucket, name, expected, uri, "upload")
     verify_crc32c(expected, blob.crc32c, uri, "upload")
 
 
@@ -397,13 +400,7 @@ def _gcs_copy(src_uri: str, dst_uri: str) -> Any:
                     break
             dst.reload(retry=_read_retry())
         except api.PreconditionFailed:
-            # Either a retry of our own rewrite that had landed, or another writer got in between.
-            landed = dst_bucket.get_blob(dst_name, retry=_read_retry())
-            if landed is None or landed.crc32c != src.crc32c:
-                raise StorageError(
-                    f"{dst_uri} was modified by another writer during the copy; not overwritten"
-                ) from None
-            dst = landed
+            dst = _own_landed_write(dst_bucket, dst_name, src.crc32c, dst_uri, "copy")
     verify_crc32c(dst.crc32c, src.crc32c, dst_uri, "copy")
     return dst
 
