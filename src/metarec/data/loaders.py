@@ -267,7 +267,14 @@ def _string_ids(values: pa.Array | pa.ChunkedArray, file: str, column: str, firs
     elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         if not pa.types.is_null(values.type):
             raise _bad(file, column, first_row, f"unsupported column type {values.type} for string ids")
-    text = pd.Series(values.to_numpy(zero_copy_only=False), dtype=object).fillna("").astype(str).str.strip()
+    return _nonempty_ids(
+        pd.Series(values.to_numpy(zero_copy_only=False), dtype=object), file, column, first_row
+    )
+
+
+def _nonempty_ids(values: pd.Series, file: str, column: str, first_row: int) -> np.ndarray:
+    """String ids, stripped, as str objects; raises on the first missing (empty) one."""
+    text = values.fillna("").astype(str).str.strip()
     missing = np.flatnonzero((text == "").to_numpy())
     if missing.size:
         raise _bad(file, column, first_row + int(missing[0]), "missing id (empty)")
@@ -618,11 +625,7 @@ def _int_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
 
 def _text_ids(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
     """A string id column (``id_type: string``; repeats allowed), stripped, raising on an empty id."""
-    text = frame[column].astype(str).str.strip()
-    missing = np.flatnonzero((text == "").to_numpy())
-    if missing.size:
-        raise _bad(file, column, int(missing[0]) + 1, "missing id (empty)")
-    return text.to_numpy(dtype=object)
+    return _nonempty_ids(frame[column], file, column, 1)
 
 
 def _parse_ids(frame: pd.DataFrame, file: str, column: str, string_ids: bool = False) -> np.ndarray:
