@@ -44,6 +44,19 @@ class UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
+def unix_request(
+    socket_path: str, method: str, path: str, timeout_s: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One HTTP request over a Unix socket: ``(status, body)``; OSError when the socket refuses."""
+    connection = UnixConnection(socket_path, timeout_s)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 def check(
     socket_path: str = DEFAULT_SOCKET, model: str = DEFAULT_MODEL, timeout_s: float = DEFAULT_TIMEOUT_S
 ):
@@ -57,17 +70,12 @@ def check(
     Returns:
         Whether the model can answer, and a one-line reason.
     """
-    connection = UnixConnection(socket_path, timeout_s)
     try:
-        connection.request("GET", f"/models/{model}")
-        response = connection.getresponse()
-        body = response.read()
+        status, body = unix_request(socket_path, "GET", f"/models/{model}", timeout_s)
     except OSError as error:
         return False, f"management API at {socket_path} unreachable: {error}"
-    finally:
-        connection.close()
-    if response.status != 200:
-        return False, f"GET /models/{model} answered {response.status}: {body[:200]!r}"
+    if status != 200:
+        return False, f"GET /models/{model} answered {status}: {body[:200]!r}"
     try:
         versions = json.loads(body)
         workers = [worker for version in versions for worker in version.get("workers", [])]

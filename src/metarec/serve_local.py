@@ -35,7 +35,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from metarec.ready_probe import UnixConnection
+from metarec.ready_probe import unix_request
 from metarec.torchserve_config import format_properties, server_properties
 
 DEFAULT_TIMEOUT_S = 120
@@ -153,13 +153,7 @@ def management_request(
     """
     key = info.management_token if token == "default" else token
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    connection = UnixConnection(info.management_socket, timeout_s)
-    try:
-        connection.request(method, path, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    return unix_request(info.management_socket, method, path, timeout_s, headers)
 
 
 def model_workers(info: ServerInfo) -> list[dict]:
