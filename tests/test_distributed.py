@@ -13,13 +13,13 @@ from test_meta_learners import random_batch
 from test_model import make_model
 
 from metarec import checkpoint
-from metarec.distributed import DistributedContext, all_reduce_sum, init_from_env, shard_range, shard_tasks
+from metarec.distributed import DistributedContext, all_reduce_sum, init_from_env, shard_range
 
 
 def test_shards_cover_the_batch_once_in_order():
     batch = random_batch(make_model(), n_tasks=7)
     for world_size in (1, 2, 3, 7):
-        shards = [shard_tasks(batch, rank, world_size) for rank in range(world_size)]
+        shards = [batch.select(shard_range(len(batch), rank, world_size)) for rank in range(world_size)]
         assert sorted(len(shard) for shard in shards)[-1] - sorted(len(shard) for shard in shards)[0] <= 1
         assert torch.equal(torch.cat([shard.support_items for shard in shards]), batch.support_items)
         assert torch.equal(torch.cat([shard.user_cat for shard in shards]), batch.user_cat)

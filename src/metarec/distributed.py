@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from metarec.tasks import TaskBatch
 
 
 @dataclass(frozen=True)
@@ -90,22 +86,9 @@ def init_from_env(device: str = "auto") -> DistributedContext:
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved, True)
 
 
-def shard_tasks(batch: TaskBatch, rank: int, world_size: int) -> TaskBatch:
-    """This rank's contiguous share of a global meta-batch (sizes differ by at most one task).
-
-    Args:
-        batch: the global meta-batch (identical on every rank).
-        rank: this rank.
-        world_size: number of ranks.
-
-    Returns:
-        The tasks this rank computes.
-    """
-    return batch.select(shard_range(len(batch), rank, world_size))
-
-
 def shard_range(total: int, rank: int, world_size: int) -> slice:
-    """The tasks ``[start, stop)`` of a ``total``-task global meta-batch that ``rank`` computes."""
+    """The tasks ``[start, stop)`` of a ``total``-task global meta-batch that ``rank`` computes: a
+    contiguous share, sizes differing by at most one task (``batch.select`` of it is the rank's shard)."""
     return slice(rank * total // world_size, (rank + 1) * total // world_size)
 
 
