@@ -201,11 +201,6 @@ class RealtimeUsers:
         views = dict(zip(last, self._resolve_many(list(last.values())), strict=True))
         return [views[user_id] for user_id, _, _, _ in entries]
 
-    def _kept_features(self, blob: bytes) -> list | None:
-        """The features kept in a stored blob that is not a usable state of this model: read when another
-        model with the same feature encoding wrote it (a model change), else None."""
-        return decode_features(blob, self.model_tag, self.device, self.features_key)
-
     def _resolve_many(
         self, users: Sequence[tuple[str, EncodedFeatures, StoredUser | None, bool]]
     ) -> list[UserView]:
@@ -223,7 +218,11 @@ class RealtimeUsers:
                 document = decode_state(stored.blob, self.model_tag, self.device, params=stored.fresh)
             if not authoritative and stored is not None and stored.blob is not None:
                 # Kept with this model's state, or with another model's that encodes features alike.
-                kept = document.get("features") if document is not None else self._kept_features(stored.blob)
+                kept = (
+                    document.get("features")
+                    if document is not None
+                    else decode_features(stored.blob, self.model_tag, self.device, self.features_key)
+                )
                 features = features if kept is None else EncodedFeatures(*kept)
             elif document is not None and not _same_features(document.get("features"), features):
                 # Adapted with other features than the request gives (a stored new user describing
