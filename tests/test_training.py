@@ -59,13 +59,29 @@ def test_training_writes_a_loadable_model_directory(tiny_preprocessed, tmp_path,
         (tiny_preprocessed / "schema.json").read_text()
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["curve"]) == 30 and [v["step"] for v in metrics["val_history"]] == [10, 20, 30]
+    assert len(metrics["curve"]) == 30 and [v["step"] for v in metrics["val_history"]] == [0, 10, 20, 30]
     best = min(metrics["val_history"], key=lambda v: v["mae"])
     assert result["best_step"] == best["step"] and result["val_mae"] == pytest.approx(best["mae"])
     assert 0 < result["val_mae"] < 2
     model = PreferenceModel.from_dir(out)
     assert model.n_items == json.loads((out / "schema.json").read_text())["n_items"]
     assert [step for step, _ in checkpoint.list_checkpoints(str(out / "checkpoints"))] == [20, 30]
+
+
+def test_the_start_ships_when_meta_training_never_beats_it_on_validation(tiny_preprocessed, tmp_path):
+    # An outer rate this large wrecks the model from the first step, so every validated checkpoint is
+    # worse than the start: the start (step 0) is what must ship, exactly as 0 meta-steps leave it.
+    config = {**TINY, "outer_lr": 5.0, "checkpoint_every": 0}
+    result = run_meta_training(str(tiny_preprocessed), "fomaml", config, str(tmp_path / "wrecked"))
+    history = json.loads((tmp_path / "wrecked" / "metrics.json").read_text())["val_history"]
+    assert [v["step"] for v in history] == [0, 10, 20, 30]
+    assert min(v["mae"] for v in history[1:]) > history[0]["mae"]  # the premise: training only hurt
+    assert result["best_step"] == 0 and result["val_mae"] == pytest.approx(history[0]["mae"])
+    run_meta_training(str(tiny_preprocessed), "fomaml", {**config, "meta_steps": 0}, str(tmp_path / "start"))
+    shipped = PreferenceModel.from_dir(tmp_path / "wrecked").state_dict()
+    start = PreferenceModel.from_dir(tmp_path / "start").state_dict()
+    assert shipped.keys() == start.keys()
+    assert all(torch.equal(shipped[name], start[name]) for name in start)
 
 
 def test_meta_training_lowers_the_training_loss(tiny_preprocessed, tmp_path):

@@ -169,6 +169,10 @@ class Trainer:
             self.log.event("start", method=self.method, world_size=self.context.world_size,
                            device=str(self.context.device), meta_steps=settings.meta_steps,
                            start_step=self.step)  # fmt: skip
+            if settings.val_every and self.step == 0:
+                # The start (model_init's fitted tables) is a candidate like every validated checkpoint:
+                # when meta-training does not beat it on the validation users, the start ships.
+                self._validate()
             while self.step < settings.meta_steps:
                 self._train_step()
             result = self._result(time.monotonic() - started)

@@ -78,7 +78,9 @@ class TrainSettings(Settings):
     seed: int = 0  # seeds model init, task sampling and every RNG
     checkpoint_every: int = 100  # meta-steps between checkpoints (0 = only the final one)
     checkpoint_dir: str | None = None  # None -> <output_dir>/checkpoints; may be gs://bucket/prefix
-    val_every: int = 25  # meta-steps between validations (0 = only at the end); best val MAE is kept
+    # meta-steps between validations, the start (step 0) included; the best val MAE is kept. 0: no
+    # choice, the final weights are kept.
+    val_every: int = 25
     val_kshot: int | None = None  # None: adapt on every support row of the val users; K: only the first K
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda" | "cuda:N"
     # torch CPU threads on a CPU device (0 = torch's default). One suits these small ops and avoids
@@ -137,7 +139,7 @@ def run_meta_training(
 
     Returns:
         Final metrics: ``val_mae``, ``val_rmse``, ``val_ndcg@3`` (best validation weights, which are
-        the ones saved), ``best_step``, ``final_loss``, ``meta_steps``, ``train_seconds``.
+        the ones saved), ``best_step`` (0: meta-training never beat its start on the validation users, so the start ships), ``final_loss``, ``meta_steps``, ``train_seconds``.
 
     Raises:
         ValueError: unknown method or config key.
