@@ -21,6 +21,9 @@ paired bootstrap over test users (``metarec.stats``) of a meta-learner minus the
 (``metarec.selection.best_methods``; on the mean over seeds), so its test figure is not the best of
 several test scores; the other method is the strongest on the test users, the hardest opponent.
 
+Exit status: 0 after a run; 77 (``bench_data.SKIP_EXIT_STATUS``) when the ``--data`` directory does not
+exist: nothing runs, the reason goes to stderr and the last line is ``{"skipped": true, "reason": ..}``.
+
 Usage:
     python bench/coldstart_quality.py --data ../shared/data/ml-100k --seeds 0 1 2
     python bench/coldstart_quality.py --data synthetic:tiny --seeds 0 --quick      # smoke run
@@ -33,13 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench_data import SKIP_EXIT_STATUS, default_data_dir, missing_data, skip
+
 META_METHODS = ("maml", "fomaml", "reptile")
 # metarec.baselines.BASELINE_NAMES (tests/test_coldstart_bench.py keeps them equal; imported lazily here).
 BASELINE_METHODS = ("global_mean", "item_user_bias", "mf_foldin", "global_model", "finetune", "fitted_start")
@@ -53,11 +56,6 @@ QUICK_EVALUATION = {
     "global_model": {"epochs": 3},
     "finetune": {"steps": [5], "lr": [0.01]},
 }
-
-
-def default_data_dir() -> str:
-    """MovieLens-100K location: METAREC_ML100K_DIR, else ``<repo>/../shared/data/ml-100k``."""
-    return os.environ.get("METAREC_ML100K_DIR", str(REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,10 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
         argv: Command-line arguments (None = sys.argv[1:]).
 
     Returns:
-        The printed result object.
+        The printed result object; ``{"skipped": true, ..}`` when the data directory does not exist.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    reason = missing_data(args.data)
+    if reason:
+        return skip(reason, args.data)
     if args.threads > 0:
         import torch
 
@@ -307,4 +308,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(SKIP_EXIT_STATUS if main().get("skipped") else 0)

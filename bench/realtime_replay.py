@@ -34,6 +34,9 @@ whether the targets are met). The last line is one JSON object::
 their events; the details line then also holds a paired bootstrap 95% interval, over users, of the
 served loop minus MF fold-in (``ci95_served_minus_mf_foldin``: event-weighted MAE and nDCG@3).
 
+Exit status: 0 after a run; 77 (``bench_data.SKIP_EXIT_STATUS``) when the ``--data`` directory does not
+exist: nothing runs, the reason goes to stderr and the last line is ``{"skipped": true, "reason": ..}``.
+
 Usage: ``python bench/realtime_replay.py --data ../shared/data/ml-100k [--seeds 0 1 2] [--max-users N]
 [--meta-steps N] [--replay-split val]``
 """
@@ -53,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_data import SKIP_EXIT_STATUS, default_data_dir, missing_data, skip
 
 from metarec.baselines import ItemUserBias, MFFoldIn
 from metarec.explain import Explainer
@@ -62,7 +66,6 @@ from metarec.serving_settings import RequestLimits
 from metarec.state.open import open_store
 from metarec.tasks import Preprocessed, build_task_batch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("served_loop", "prior_only", "mf_foldin", "item_user_bias")
 BUCKETS = ((0, "0"), (1, "1"), (5, "5"), (20, "20"))
 NDCG_K = 3
@@ -80,7 +83,11 @@ MF_GRID = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data" / "ml-100k"))
+    parser.add_argument(
+        "--data",
+        default=default_data_dir(),
+        help="raw data directory (METAREC_ML100K_DIR), or synthetic[:tiny]",
+    )
     parser.add_argument("--max-users", type=int, default=0, help="replay at most N test users (0 = all)")
     parser.add_argument("--meta-steps", type=int, default=0, help="meta-training steps (0 = the default)")
     # reptile: the best ranker of the three in this replay on the validation users (split seed 0, default
@@ -362,8 +369,11 @@ def paired_bootstrap(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Runs the benchmark and prints the JSON line."""
+    """Runs the benchmark and prints the JSON line (``{"skipped": true, ..}`` when the data is absent)."""
     args = parse_args(argv)
+    reason = missing_data(args.data)
+    if reason:
+        return skip(reason, args.data)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     records: dict[str, list[dict]] = {method: [] for method in METHODS}
@@ -421,5 +431,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    sys.exit(SKIP_EXIT_STATUS if main(sys.argv[1:]).get("skipped") else 0)

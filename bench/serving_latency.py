@@ -17,6 +17,10 @@ Feedback rows: one rating per request for a pool of 64 users (append, re-adapt, 
 embedded SQLite store and, on a third server of the same archive, a real ``redis-server`` (skipped
 with a message when it is not installed).
 
+Exit status: 0 when every request succeeded and no worker restarted, else 1; 77
+(``bench_data.SKIP_EXIT_STATUS``) when ``--data`` names a directory that does not exist: nothing runs, the
+reason goes to stderr and the last line is ``{"skipped": true, "reason": ..}``.
+
 Usage: ``python bench/serving_latency.py [--requests N] [--archive-dir DIR] [--data synthetic]``
 """
 
@@ -30,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_data import SKIP_EXIT_STATUS, missing_data, skip
 from serving_support import (
     add_archive_arguments,
     archive_for,
@@ -93,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < max(CONCURRENCIES):
         parser.error(f"--requests must be >= {max(CONCURRENCIES)}")
+    # The data only matters when the archive is built here (--archive-dir serves one as it is).
+    reason = None if args.archive_dir else missing_data(args.data)
+    if reason:
+        skip(reason, args.data)
+        return SKIP_EXIT_STATUS
 
     with tempfile.TemporaryDirectory(prefix="metarec-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
