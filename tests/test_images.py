@@ -292,6 +292,7 @@ def _rendered_images(kustomization: str) -> set[str]:
         ("serving/overlays/gke-gpu", "serving", True),
         ("serving/overlays/kserve", "serving", False),
         ("training-example", "components", True),
+        ("katib", "components", False),
     ],
 )
 def test_manifests_name_the_release_images(default_registry, kustomization, expected, cuda):
@@ -484,7 +485,11 @@ def test_documented_registry_retargeting_reaches_every_pod(tmp_path):
     registry, version = "reg.example/team", "9.9.9"
     for folder, name, repository, suffix in steps:
         _set_image(tmp_path / folder, name, f"{registry}/{repository}:{version}{suffix}")
-    assert {folder for folder, *_ in steps} >= {"manifests/serving/base", "manifests/training-example"}
+    assert {folder for folder, *_ in steps} >= {
+        "manifests/serving/base",
+        "manifests/training-example",
+        "manifests/katib",
+    }
     serving, cuda = f"{registry}/metarec-serving:{version}", f"{registry}/metarec-serving:{version}-cuda"
     expected = {
         "serving/overlays/gke-cpu": {serving},
@@ -493,6 +498,7 @@ def test_documented_registry_retargeting_reaches_every_pod(tmp_path):
         "serving/overlays/kserve": {serving},
         "serving/overlays/kserve-istio": {serving},
         "training-example": {f"{registry}/metarec-components:{version}-cuda"},
+        "katib": {f"{registry}/metarec-components:{version}"},
     }
     for kustomization, images_there in expected.items():
         result = subprocess.run(

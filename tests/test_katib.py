@@ -2,13 +2,16 @@
 
 It must search :data:`metarec.tuning.SEARCH_SPACE`, hand every parameter to the trial command, run the
 code the meta_train component runs, meet the project's pod hardening baseline, and its metrics collector
-must read the validation metrics out of what ``python -m metarec.training`` really prints.
+must read the validation metrics out of what ``python -m metarec.training`` really prints. Its trial image
+is retargeted like every other manifest's: by ``images:`` in its kustomization or in an overlay.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,17 @@ def _container(experiment: dict) -> dict:
         if c["name"] == experiment["spec"]["trialTemplate"]["primaryContainerName"]
     ]
     return container
+
+
+def _rendered_experiment(folder: Path) -> dict:
+    """The Experiment of a kustomization, rendered with ``kubectl kustomize`` (offline)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed: cannot render the manifests")
+    done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
+    (experiment,) = [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] == "Experiment"]
+    return experiment
 
 
 def _sets(command: list[str]) -> dict[str, str]:
@@ -69,7 +83,34 @@ def test_every_parameter_reaches_the_training_command(experiment):
     sets = _sets(command)
     for placeholder, name in references.items():
         assert sets[name] == f"${{trialParameters.{placeholder}}}", name
-    assert container["image"] == images.components_image()
+
+
+def test_the_kustomization_runs_the_trials_in_the_release_components_image(monkeypatch):
+    # Trials train on CPU: the CPU build, tagged with the package version, as the pipeline's steps.
+    monkeypatch.delenv("METAREC_REGISTRY", raising=False)
+    assert _container(_rendered_experiment(EXPERIMENT.parent))["image"] == images.components_image()
+
+
+def test_an_images_override_in_an_overlay_retargets_the_trial_image(tmp_path, monkeypatch):
+    """A platform team's overlay names its registry once in ``images:``, as for the other manifests (the
+    trial image used to be a literal in experiment.yaml, applied with ``-f`` and edited by hand)."""
+    monkeypatch.delenv("METAREC_REGISTRY", raising=False)
+    shutil.copytree(EXPERIMENT.parent, tmp_path / "katib")
+    released = images.components_image().rsplit(":", 1)[0]
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["../katib"],
+        "images": [{"name": released, "newName": "reg.example/team/metarec-components", "newTag": "9.9.9"}],
+    }
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    retargeted = _rendered_experiment(tmp_path / "overlay")
+    assert _container(retargeted)["image"] == "reg.example/team/metarec-components:9.9.9"
+    # Only the image changed: the trial still runs the same command.
+    assert (
+        _container(retargeted)["command"] == _container(_rendered_experiment(tmp_path / "katib"))["command"]
+    )
 
 
 def test_trial_pod_meets_the_hardening_baseline(experiment):

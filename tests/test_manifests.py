@@ -30,14 +30,17 @@ EXPECTED_KUSTOMIZATIONS = {
     "training-example",
     "pipeline-rbac",
     "monitoring",
+    "katib",
 }
 DEPLOYABLE = [
     "serving/overlays/gke-cpu",
     "serving/overlays/gke-gpu",
     "serving/overlays/kserve",
     "training-example",
+    "katib",
 ]
 CUSTOM_KINDS = {
+    "Experiment",
     "InferenceService",
     "PyTorchJob",
     "PodMonitoring",
@@ -159,7 +162,8 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
     """Finds every pod template in a rendered object.
 
     Args:
-        obj: A rendered Kubernetes object (built-in workload, PyTorchJob or InferenceService).
+        obj: A rendered Kubernetes object (built-in workload, PyTorchJob, InferenceService or Katib
+            Experiment).
 
     Returns:
         ``(name, pod_spec)`` pairs; for an InferenceService, the predictor's pod fields with the
@@ -174,6 +178,8 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
         return [(f"{name} predictor", {**predictor, "containers": [container]})]
     if obj["kind"] == "PyTorchJob":
         return [(f"{name} {role}", r["template"]["spec"]) for role, r in spec["pytorchReplicaSpecs"].items()]
+    if obj["kind"] == "Experiment":
+        return [(f"{name} trial", spec["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"])]
     if obj["kind"] == "CronJob":
         return [(name, spec["jobTemplate"]["spec"]["template"]["spec"])]
     if "template" in spec and "spec" in (spec["template"] or {}):
