@@ -5,8 +5,15 @@
 
 The data set (MovieLens-100K layout: u.data tab-separated or ratings.parquet, u.user, u.item) is
 generated in chunks, vectorised, by a child process (``--generate-only DIR``) into a temporary
-directory outside the repository, so the peak RSS reported is that of preprocessing alone. Prints one JSON line last:
-``{"ratings": .., "seconds": .., "peak_rss_mb": .., "ratings_per_s": ..}`` (plus details).
+directory outside the repository, so the peak RSS reported is that of preprocessing alone.
+
+Baseline, measured in the same run: a fresh child process (``--read-only DIR``) that only reads the same
+ratings file into memory with pyarrow, the floor any preprocessing pays. ``seconds_over_read`` and
+``peak_rss_over_read`` are preprocessing's time and peak RSS over that read's.
+
+Prints one JSON line last:
+``{"ratings": .., "seconds": .., "peak_rss_mb": .., "ratings_per_s": .., "seconds_over_read": ..,
+"peak_rss_over_read": ..}`` (plus details).
 """
 
 from __future__ import annotations
@@ -113,6 +120,49 @@ def generate(out_dir: str, n_ratings: int, file_format: str, seed: int) -> dict:
     return {"ratings": written, "users": int(n_users), "items": n_items}
 
 
+def read_ratings(data_dir: str, file_format: str) -> dict:
+    """The baseline: reads the generated ratings file into one pyarrow table and nothing else.
+
+    Args:
+        data_dir: A directory written by :func:`generate`.
+        file_format: ``csv`` or ``parquet``, as generated.
+
+    Returns:
+        ``{"rows": .., "seconds": .., "peak_rss_mb": ..}`` of this process (run it in a fresh one).
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    if file_format == "parquet":
+        table = pq.read_table(Path(data_dir) / "ratings.parquet")
+    else:
+        table = pacsv.read_csv(
+            Path(data_dir) / "u.data",
+            read_options=pacsv.ReadOptions(column_names=["user_id", "item_id", "rating", "timestamp"]),
+            parse_options=pacsv.ParseOptions(delimiter="\t"),
+        )
+    seconds = time.perf_counter() - started
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak over fork and exec into a child's ru_maxrss.
+    status = Path("/proc/self/status").read_text()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return {"rows": table.num_rows, "seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+
+
+def _read_in_child(data_dir: str, file_format: str) -> dict:
+    """Runs :func:`read_ratings` in a fresh interpreter, so its peak RSS is the read's alone."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--read-only",
+        data_dir,
+        "--format",
+        file_format,
+    ]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _generate_in_child(out_dir: str, n_ratings: int, file_format: str, seed: int) -> dict:
     """Runs ``generate`` in a separate process so its memory does not count in the reported peak."""
     command = [sys.executable, str(Path(__file__).resolve()), "--generate-only", out_dir, "--ratings", str(n_ratings),
@@ -131,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and output")
     parser.add_argument("--generate-only", metavar="DIR", help="only generate the data set into DIR")
+    parser.add_argument("--read-only", metavar="DIR", help="only read DIR's ratings file (the baseline)")
     args = parser.parse_args(argv)
     if args.generate_only:
         print(json.dumps(generate(args.generate_only, args.ratings, args.format, args.seed)))
+        return 0
+    if args.read_only:
+        print(json.dumps(read_ratings(args.read_only, args.format)))
         return 0
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="metarec-scale-"))
@@ -177,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds = time.perf_counter() - started
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(
-            json.dumps({"summary_counts": summary["counts"], "generate_seconds": round(generate_seconds, 1)})
-        )
+        read = _read_in_child(str(workdir / "raw"), args.format)
+        print(f"baseline: read {read['rows']} ratings in {read['seconds']:.2f} s, peak RSS "
+              f"{read['peak_rss_mb']:.0f} MB", file=sys.stderr)  # fmt: skip
+        # Details on stderr: stdout holds the one result line.
+        details = {"summary_counts": summary["counts"], "generate_seconds": round(generate_seconds, 1)}
+        print(json.dumps(details), file=sys.stderr)
         print(
             json.dumps(
                 {
@@ -187,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": round(seconds, 2),
                     "peak_rss_mb": round(peak_rss_mb, 1),
                     "ratings_per_s": round(generated["ratings"] / seconds),
+                    "seconds_over_read": round(seconds / read["seconds"], 2),
+                    "peak_rss_over_read": round(peak_rss_mb / read["peak_rss_mb"], 2),
+                    "read_seconds": round(read["seconds"], 4),
+                    "read_peak_rss_mb": round(read["peak_rss_mb"], 1),
                     "format": args.format,
                     "users_kept": summary["n_users"],
                     "interactions_written": summary["n_interactions"],

@@ -253,14 +253,22 @@ def test_gcs_output(tmp_path, gcs_bucket):  # noqa: F811
 
 
 def test_scale_benchmark_smoke(capsys):
-    """bench/preprocess_scale.py end to end on a small size: its last line is the JSON result."""
+    """bench/preprocess_scale.py end to end on a small size: its one stdout line is the JSON result, with
+    time and peak RSS over those of a bare read of the same file measured in the same run."""
     from bench_modules import load_bench
 
     bench = load_bench("preprocess_scale")
     assert bench.main(["--ratings", "20000"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
     assert set(result) >= {"ratings", "seconds", "peak_rss_mb", "ratings_per_s"}
     assert 15_000 < result["ratings"] < 25_000 and result["interactions_written"] > 10_000
+    assert result["seconds_over_read"] == pytest.approx(result["seconds"] / result["read_seconds"], rel=0.25)
+    # The read ran in its own process: its peak is its own, below preprocessing's (torch, pandas, ...).
+    assert 0 < result["read_peak_rss_mb"] < result["peak_rss_mb"]
+    assert result["peak_rss_over_read"] == pytest.approx(
+        result["peak_rss_mb"] / result["read_peak_rss_mb"], rel=0.01
+    )
 
 
 def test_text_features_see_only_what_training_sees(tmp_path):
