@@ -12,7 +12,12 @@ JSON object::
      "ci95": {"user_cold": {"mae": [lo, hi], "ndcg@3": [lo, hi]}, ...},
      "ci95_vs": {"user_cold": {"mae": {"meta": .., "other": .., "diff": .., "includes_zero": ..}}, ...},
      "peer_cost": {"<peer>": {"retrains": .., "retrain_s": ..}},   # summed over seeds, validation grid incl.
+     "meta_over_baseline": {"user_cold": {"mae": .., "ndcg@3": ..}, ...},
      "best_meta": "<method>", "best_baseline": "<method>", "elapsed_s": ..}
+
+``meta_over_baseline`` holds the quality targets as ratios against a baseline measured in the same run:
+per scenario, ``best_meta``'s mean metric over ``best_baseline``'s (MAE below 1 and nDCG@3 above 1 favour
+the meta-learner).
 
 Peer references (``surprise_svdpp``, ``surprise_knn``, ``lightfm``; ``metarec.peers``, the ``bench``
 extra) are evaluated beside the baselines unless ``--peers`` is given without names. ``ci95`` is a
@@ -211,6 +216,26 @@ def peer_costs(documents: list[dict]) -> dict:
     return costs
 
 
+def meta_over_baseline(scenarios: dict, meta: str | None, baseline: str | None) -> dict:
+    """The meta-learner's metric over the baseline's, per scenario where both have it.
+
+    Args:
+        scenarios: scenario -> method -> metric -> mean value (as reported).
+        meta: The meta-learner chosen on the validation users (``best_meta``), if any.
+        baseline: The strongest baseline (``best_baseline``), if any.
+
+    Returns:
+        scenario -> ``{"mae": .., "ndcg@3": ..}``; empty without a meta-learner or a baseline.
+    """
+    ratios: dict[str, dict] = {}
+    for scenario, per_method in scenarios.items():
+        ours, theirs = per_method.get(meta) or {}, per_method.get(baseline) or {}
+        for metric in PER_SEED_METRICS:
+            if ours.get(metric) is not None and theirs.get(metric):
+                ratios.setdefault(scenario, {})[metric] = round(ours[metric] / theirs[metric], 4)
+    return ratios
+
+
 def summarise(aggregated: dict, elapsed_s: float, documents: list[dict] | None = None,
               comparisons: dict | None = None) -> dict:  # fmt: skip
     """Reduces an aggregated evaluation document to the benchmark's one-line result.
@@ -246,6 +271,9 @@ def summarise(aggregated: dict, elapsed_s: float, documents: list[dict] | None =
             for s, per_metric in comparisons.items()
         },
         "peer_cost": peer_costs(documents or []),
+        "meta_over_baseline": meta_over_baseline(
+            aggregated["scenarios"], aggregated.get("best_meta"), aggregated.get("best_baseline")
+        ),
         "best_meta": aggregated.get("best_meta"),
         "best_baseline": aggregated.get("best_baseline"),
         "elapsed_s": round(elapsed_s, 1),

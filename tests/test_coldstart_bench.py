@@ -42,3 +42,29 @@ def test_the_bench_evaluates_every_baseline_the_evaluation_knows():
     from metarec.baselines import BASELINE_NAMES
 
     assert load_bench("coldstart_quality").BASELINE_METHODS == BASELINE_NAMES
+
+
+def test_the_result_gives_the_targets_as_ratios_against_the_same_runs_baseline():
+    bench = load_bench("coldstart_quality")
+    scores = {"mae": 0.75, "rmse": 0.95, "ndcg@3": 0.76}
+    aggregated = {
+        "dataset": "x",
+        "seeds": [0],
+        "best_meta": "reptile",
+        "best_baseline": "mf_foldin",
+        "scenarios": {
+            "user_cold": {"reptile": scores, "mf_foldin": {"mae": 0.8, "rmse": 1.0, "ndcg@3": 0.74}},
+            # A scenario the baseline has no score in gets no ratio (never a division by a missing value).
+            "item_cold": {"reptile": scores, "mf_foldin": {"mae": 0.9}},
+        },
+    }
+    result = bench.summarise(aggregated, 1.0)
+    assert result["meta_over_baseline"] == {
+        "user_cold": {
+            "mae": pytest.approx(0.75 / 0.8, abs=1e-4),
+            "ndcg@3": pytest.approx(0.76 / 0.74, abs=1e-4),
+        },
+        "item_cold": {"mae": pytest.approx(0.75 / 0.9, abs=1e-4)},
+    }
+    # No meta-learner evaluated: nothing to compare.
+    assert bench.summarise({**aggregated, "best_meta": None}, 1.0)["meta_over_baseline"] == {}
