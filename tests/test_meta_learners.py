@@ -158,6 +158,28 @@ def test_reptile_direction_is_the_task_gradient_after_one_step():
     assert grads["encoder.item_id.weight"].abs().sum() > 0
 
 
+def test_reptile_direction_is_the_mean_move_per_step_after_several_steps():
+    # With one step the move and the gradient coincide whatever the scale; three steps check that the
+    # move is divided by steps * lr (a missing factor would triple the update).
+    model = make_model()
+    batch = random_batch(model, n_tasks=4)
+    steps, lr = 3, 0.05
+    _, grads = MetaLearner(
+        model, "reptile", inner_steps=steps, inner_lr=lr, adapt_mode="decision"
+    ).meta_gradient(batch)
+    whole = TaskBatch(
+        batch.user_cat, batch.user_num, batch.user_multi,
+        torch.cat([batch.support_items, batch.query_items], dim=1),
+        torch.cat([batch.support_ratings, batch.query_ratings], dim=1),
+        torch.cat([batch.support_mask, batch.query_mask], dim=1),
+        batch.query_items, batch.query_ratings, batch.query_mask,
+    )  # fmt: skip
+    adapted = adapt(model, whole, steps, lr, "decision")
+    for name, moved in adapted.items():
+        expected = (model.get_parameter(name).detach() - moved).sum(0) / (steps * lr * len(batch))
+        torch.testing.assert_close(grads[name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_shards_with_global_total_sum_to_the_full_batch_gradient():
     model = make_model()
     batch = random_batch(model, n_tasks=7)
