@@ -81,6 +81,23 @@ def test_a_high_rating_pulls_its_own_score_up():
     assert explanation.contributions[0, 1:].max() < explanation.contributions[0, 0]
 
 
+def test_a_gauss_newton_step_is_split_by_each_rows_own_residual():
+    """Only the user bias moves (head lr 0), by one Gauss-Newton step ``-C^-1 sum_i g_i``: row i's share
+    is ``-C^-1 g_i``, proportional to ``slope_i * (r_i - p_i)``. The sum check alone would also pass
+    with the step spread evenly over the rows."""
+    model = random_model(**USER_TERMS["bias_prior"])
+    user, items, _ = one_user(model, n_support=4)
+    ratings = torch.tensor([5.0, 1.0, 5.0, 4.0])
+    explanation = Explainer(model, "head", 0.0).adapt(user, items, ratings, torch.arange(N_ITEMS), 1)
+    predictions = model(*user, items).double()
+    low, high = model.rating_min, model.rating_max
+    residual = (predictions - low) * (high - predictions) / (high - low) * (ratings.double() - predictions)
+    assert residual.sum().abs() > 0.1 and bool((residual.sign() != residual[0].sign()).any())
+    shares = explanation.logit_contributions
+    expected = residual / residual.sum() * shares.sum(1, keepdim=True)
+    torch.testing.assert_close(shares, expected, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_factors_prior_content"])
 def test_prior_shares_sum_to_the_prior_score(terms):
     model = random_model(**USER_TERMS[terms])
