@@ -3,12 +3,14 @@ groups' Shapley shares sum to the prior, and the scores explained are the ones a
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_fast_adapt import USER_TERMS, random_model
 from test_model import N_ITEMS
 
-from metarec.explain import Explainer, embedding_blocks, explanation_documents
+from metarec.explain import Explainer, _shapley, embedding_blocks, explanation_documents
 from metarec.features import EncodedFeatures, FeatureDims
 from metarec.meta import Adapter, AdaptSettings
 
@@ -96,6 +98,17 @@ def test_a_gauss_newton_step_is_split_by_each_rows_own_residual():
     shares = explanation.logit_contributions
     expected = residual / residual.sum() * shares.sum(1, keepdim=True)
     torch.testing.assert_close(shares, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_shapley_values_of_a_known_game():
+    """v(S) = sum of w over S, plus 6 when all three groups are present: the Shapley values are
+    w_i + 6 / 3 = (3, 4, 5) for w = (1, 2, 3); another weighting of the coalitions (Banzhaf: w_i + 1.5)
+    would still pass the prior test's sum check, which the secant rescale makes hold for any of them."""
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    coalitions = torch.tensor(list(itertools.product([0, 1], repeat=3)), dtype=torch.bool)
+    values = (coalitions.double() @ weights + 6.0 * coalitions.all(1)).unsqueeze(1)  # [2^G, K=1]
+    expected = torch.tensor([[3.0, 4.0, 5.0]], dtype=torch.float64)
+    torch.testing.assert_close(_shapley(coalitions, values), expected)
 
 
 @pytest.mark.parametrize("terms", ["bias_factors_prior", "bias_factors_prior_content"])
