@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from metarec.selection import ModelSelectionError, select_model
+from metarec.selection import ModelSelectionError, best_methods, select_model
 
 
 def _document(scores: dict[str, dict], meta: set[str], test: dict[str, dict] | None = None) -> dict:
@@ -62,6 +62,25 @@ def test_the_choice_and_the_gate_read_the_validation_users_only():
     assert result["test_value"] == pytest.approx(0.70)  # reported as measured, not chosen on
     assert result["baseline_test_value"] == pytest.approx(0.95)
     assert result["decided_on"] == "validation users (user_cold)"
+
+
+def test_best_methods_picks_the_product_on_validation_and_the_opponent_on_test_users():
+    """The document's best_meta (named by the report and the benches) is chosen as select_model chooses:
+    on the validation users; the opponent is the baseline best on the test users."""
+    validation = {
+        "maml": {"mae": 0.75, "ndcg@3": 0.80},
+        "fomaml": {"mae": 0.76, "ndcg@3": 0.70},
+        "mf_foldin": {"mae": 0.77, "ndcg@3": 0.90},
+        "global_mean": {"mae": 0.95, "ndcg@3": 0.60},
+    }
+    test = {
+        "maml": {"mae": 0.80, "ndcg@3": 0.70},
+        "fomaml": {"mae": 0.70, "ndcg@3": 0.90},
+        "mf_foldin": {"mae": 0.77, "ndcg@3": 0.60},
+        "global_mean": {"mae": 0.95, "ndcg@3": 0.75},
+    }
+    document = _document(validation, {"maml", "fomaml"}, test=test)
+    assert best_methods(document) == ("maml", "global_mean")
 
 
 def test_a_document_without_validation_scores_is_refused():
