@@ -83,6 +83,24 @@ def test_best_methods_picks_the_product_on_validation_and_the_opponent_on_test_u
     assert best_methods(document) == ("maml", "global_mean")
 
 
+@pytest.mark.parametrize(
+    ("scenario", "decided_on", "winner"),
+    [("warm", "user_cold", "maml"), ("item_cold", "user_item_cold", "fomaml"),
+     ("user_item_cold", "user_item_cold", "fomaml")],
+)  # fmt: skip
+def test_each_scenario_is_decided_on_its_validation_rows(scenario, decided_on, winner):
+    """The validation users are cold users: warm choices read their user-cold rows, cold-item choices
+    their user+item-cold rows (each section here has another winner)."""
+    cold_users = {"maml": {"mae": 0.7, "ndcg@3": 0.9}, "fomaml": {"mae": 0.8, "ndcg@3": 0.7}}
+    cold_both = {"maml": {"mae": 0.8, "ndcg@3": 0.6}, "fomaml": {"mae": 0.7, "ndcg@3": 0.8}}
+    document = _document(cold_users, {"maml", "fomaml"})
+    document["validation"]["user_item_cold"] = cold_both
+    document["scenarios"].update(item_cold=cold_users, user_item_cold=cold_users)
+    result = select_model(document, scenario=scenario)
+    assert result["selected"] == winner and result["decided_on"] == f"validation users ({decided_on})"
+    assert best_methods(document, scenario=scenario)[0] == winner
+
+
 def test_a_document_without_validation_scores_is_refused():
     document = _document(SCORES, {"maml", "reptile"})
     del document["validation"]
