@@ -194,3 +194,41 @@ def test_fitted_start_is_the_meta_learners_start_with_their_inner_loop(tmp_path)
     start = FittedStart(pre, read_model_json(tmp_path / "start")["training"], seed=0)
     assert start.settings.seed == 3  # the meta-learner's own seed, not the evaluation's
     torch.testing.assert_close(start.predict(batch), MetaModelPredictor(tmp_path / "start").predict(batch))
+
+
+def test_baselines_and_peers_are_tuned_on_the_validation_users(tmp_path, monkeypatch):
+    """The tuning batch handed to the baselines and the peers holds the validation users' user_cold tasks,
+    never the test users' (a tuning on test users scores every other number the same)."""
+    import metarec.evaluation as evaluation
+    import metarec.peers as peers
+    from metarec.preprocessing import run_preprocessing
+    from metarec.tasks import Preprocessed, scenario_tasks
+
+    run_preprocessing("synthetic:tiny", None, None, str(tmp_path / "pre"))
+    seen = {}
+    fit_baselines, fit_peers = evaluation.fit_baselines, peers.fit_peers
+
+    def spy_baselines(pre, config, val_batch, *args):
+        seen["baselines"] = val_batch
+        return fit_baselines(pre, config, val_batch, *args)
+
+    def spy_peers(pre, names, val_batch, *args):
+        seen["peers"] = val_batch
+        return fit_peers(pre, names, val_batch, *args)
+
+    monkeypatch.setattr(evaluation, "fit_baselines", spy_baselines)
+    monkeypatch.setattr(peers, "fit_peers", spy_peers)
+    config = {"baselines": ["global_mean", "item_user_bias"], "scenarios": ["user_cold"], "kshots": [1],
+              "item_user_bias": FAST_EVALUATION["item_user_bias"]}  # fmt: skip
+    run_evaluation(str(tmp_path / "pre"), {}, config, str(tmp_path / "out"))
+    pre = Preprocessed.load(str(tmp_path / "pre"))
+    (_, val), (_, test) = (
+        scenario_tasks(pre, "user_cold", users_split="val"),
+        scenario_tasks(pre, "user_cold"),
+    )
+    assert val.query_items.shape != test.query_items.shape or not torch.equal(
+        val.query_items, test.query_items
+    )
+    for name in ("baselines", "peers"):
+        for field in ("user_cat", "support_items", "query_items", "query_ratings"):
+            torch.testing.assert_close(getattr(seen[name], field), getattr(val, field), msg=f"{name} {field}")
