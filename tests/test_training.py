@@ -179,6 +179,47 @@ def test_a_checkpoint_older_than_a_training_key_resumes_when_the_key_is_at_its_d
         run_meta_training(str(tiny_preprocessed), "maml", {**config, "id_dropout": 0.5}, str(tmp_path / "c"))
 
 
+def test_a_resumed_run_keeps_the_best_validation_and_the_history_it_had(tiny_preprocessed, tmp_path):
+    """The SIGKILL test below kills at the first checkpoint, before any validation, so it cannot see a
+    resume that forgets the best validated weights. Here the step-5 checkpoint records a best (mae 0,
+    beaten by no later validation) that the resumed run must still return at the end."""
+    directory = tmp_path / "ckpt"
+    config = {
+        **TINY,
+        "meta_steps": 10,
+        "checkpoint_every": 5,
+        "val_every": 5,
+        "checkpoint_dir": str(directory),
+    }
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first["best_step"] in (5, 10) and len(first["val_history"]) == 2
+    (_, latest), *_ = reversed(checkpoint.list_checkpoints(str(directory)))
+    os.remove(latest)  # as if killed after the step-5 checkpoint
+    state = checkpoint.load_latest(str(directory))
+    assert state["step"] == 5 and len(state["val_history"]) == 1
+    # Weights no run reaches (integer buffers, as the catalogue's warm index, stay as they are).
+    kept = {
+        name: tensor + 0.25 if tensor.is_floating_point() else tensor
+        for name, tensor in state["model"].items()
+    }
+    state["best"] = {
+        "mae": 0.0,
+        "step": 5,
+        "state": kept,
+        "metrics": {"mae": 0.0, "rmse": 0.0, "ndcg@3": 1.0},
+    }
+    checkpoint.save_checkpoint(str(directory), 5, state)
+
+    run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "b"))
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert resumed["best_step"] == 5 and resumed["val_mae"] == 0.0
+    assert resumed["val_history"] == first["val_history"] and resumed["curve"] == first["curve"]
+    weights = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    for name, tensor in kept.items():
+        assert torch.equal(weights[name], tensor), name
+
+
 def _train_command(preprocessed, output, config_file, resume=True):
     command = [sys.executable, "-m", "metarec.training", "--preprocessed", str(preprocessed), "--method", "maml",
                "--output", str(output), "--config", str(config_file)]  # fmt: skip
