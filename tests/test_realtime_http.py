@@ -130,6 +130,13 @@ def _workers_for(served, user_id: str) -> set[str]:
     return {match.group(1) for match in pattern.finditer(log)}
 
 
+def _answers_for(served, user_id: str) -> list[tuple[str, str, int]]:
+    """(worker id, route, state version) of each logged answer for this user, in log order."""
+    log = (Path(served["info"].workdir) / "logs" / "model_log.log").read_text(errors="replace")
+    pattern = re.compile(r"(W-\d+)-\S*.*realtime user=" + re.escape(user_id) + r" route=(\w+) version=(\d+)")
+    return [(match.group(1), match.group(2), int(match.group(3))) for match in pattern.finditer(log)]
+
+
 def test_feedback_is_read_by_the_next_request_on_any_worker(served):
     items = _item_ids(served)
     user_id = "rt-reader"
@@ -139,12 +146,25 @@ def test_feedback_is_read_by_the_next_request_on_any_worker(served):
                               "feedback")  # fmt: skip
         assert status == 200, answer
         assert answer["state_version"] == round_number and len(answer["items"]) == 3
-        status, recommended = post(served, {"user_id": user_id, "k": len(items)})
-        assert status == 200, recommended
-        assert recommended["state_version"] == round_number
-        assert recommended["support_size"] == round_number
-        assert item not in {entry["item_id"] for entry in recommended["items"]}
+        # Two reads per write: with one, the workers answer in turn and one only ever writes, the other
+        # only ever reads, so neither reads over a user it wrote before (a stale per-worker copy).
+        for _ in range(2):
+            status, recommended = post(served, {"user_id": user_id, "k": len(items)})
+            assert status == 200, recommended
+            assert recommended["state_version"] == round_number
+            assert recommended["support_size"] == round_number
+            assert item not in {entry["item_id"] for entry in recommended["items"]}
     assert len(_workers_for(served, user_id)) == 2, "both worker processes should have answered"
+    # The case the test is for must have happened: a worker that wrote the user earlier read a newer
+    # version another worker wrote.
+    answers = _answers_for(served, user_id)
+    writers = {version: worker for worker, route, version in answers if route == "feedback"}
+    assert sorted(writers) == list(range(1, 21)), answers
+    assert any(
+        route == "recommend" and writers[version] != worker
+        and any(writer == worker for earlier, writer in writers.items() if earlier < version)
+        for worker, route, version in answers
+    ), answers  # fmt: skip
 
 
 def _crowd(served, user_id: str) -> dict[float, tuple[str, float, int]]:
