@@ -4,8 +4,12 @@
 import pytest
 import torch
 
-handler_module = pytest.importorskip("metarec.serving.handler")
+# Skip only without TorchServe itself: importorskip on the handler would also skip when the handler
+# fails to import (a module it needs is missing), which must fail instead.
+pytest.importorskip("ts", reason="TorchServe is not installed")
 from ts.context import Context  # noqa: E402 - only once TorchServe is known to be installed
+
+from metarec.serving import handler as handler_module  # noqa: E402
 
 
 @pytest.mark.parametrize(
