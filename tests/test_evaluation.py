@@ -131,7 +131,8 @@ def _seed_document(seed: int, maml_mae: float, mf_mae: float, maml_ndcg: float, 
         "dataset": "d",
         "seeds": [seed],
         "scenarios": {"user_cold": scores},
-        "validation": {"user_cold": scores},
+        # A copy: one dict under both keys made every edit of a test's validation scores its test scores too.
+        "validation": {"user_cold": {name: dict(values) for name, values in scores.items()}},
         "kshot": {
             "user_cold": {"maml": {"1": {"mae": maml_mae + 0.1}}, "mf_foldin": {"1": {"mae": mf_mae + 0.1}}}
         },
