@@ -177,3 +177,50 @@ def test_component_examples_compile(where, code, tmp_path, monkeypatch):
     # hints into strings, which KFP refuses.
     exec(compile(code, where, "exec", dont_inherit=True), namespace)  # noqa: S102 - the documented example
     compiler.Compiler().compile(namespace["pipe"], str(tmp_path / "example.yaml"))
+
+
+TABLE_ROW = re.compile(r"^\| `(\w+)` \| (input|output|parameter) \|([^|]+)\|([^|]*)\|", re.MULTILINE)
+# How a README names a compiled type (parameters by their Python type, artifacts by their class).
+PARAMETER_TYPES = {"String": "str", "Integer": "int", "Boolean": "bool", "Double": "float"}
+# Defaults the backend fills in at run time, written as words in the READMEs.
+PLACEHOLDER_DEFAULTS = {"{{$.pipeline_job_uuid}}": "KFP run id", "{{$.pipeline_task_uuid}}": "KFP task id"}
+
+
+@pytest.mark.parametrize("readme", COMPONENT_READMES, ids=lambda path: path.parent.name)
+def test_component_readme_tables_state_kind_type_and_default(readme):
+    """The README table's kind, type and default of every row are the compiled component's."""
+    from kfp import components
+
+    spec = components.load_component_from_file(str(readme.parent / "component.yaml")).component_spec
+    rows = TABLE_ROW.findall(readme.read_text())
+    assert {name for name, *_ in rows} == {*spec.inputs, *(spec.outputs or {})}
+    for name, kind, documented_type, documented_default in rows:
+        documented_type, documented_default = documented_type.strip(), documented_default.strip()
+        if kind == "output":
+            compiled, default = spec.outputs[name], None
+        else:
+            compiled = spec.inputs[name]
+            default = PLACEHOLDER_DEFAULTS.get(compiled.default, compiled.default)
+        artifact = compiled.type.startswith("system.")
+        assert (kind == "parameter") == (not artifact and kind != "output"), f"{name}: kind {kind}"
+        if artifact:
+            title = compiled.type.removeprefix("system.").split("@")[0]
+            expected_type = (
+                f"`List[{title}]`" if getattr(compiled, "is_artifact_list", False) else f"`{title}`"
+            )
+            assert documented_type == expected_type, f"{name}: documented {documented_type}"
+            continue
+        assert documented_type.split(" ")[0] == PARAMETER_TYPES[compiled.type], f"{name}: {documented_type}"
+        if kind == "output":
+            continue
+        if not compiled.optional:
+            assert documented_default == "(required)", (
+                f"{name} is required, documented {documented_default!r}"
+            )
+        elif isinstance(default, str) and default in PLACEHOLDER_DEFAULTS.values():
+            assert documented_default == default, name
+        else:
+            value = yaml.safe_load(documented_default.strip("`")) if documented_default else None
+            if compiled.type == "String":
+                value = "" if documented_default == '`""`' else str(value)
+            assert value == default, f"{name}: documented default {documented_default}, compiled {default!r}"
