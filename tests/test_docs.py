@@ -224,3 +224,108 @@ def test_component_readme_tables_state_kind_type_and_default(readme):
             if compiled.type == "String":
                 value = "" if documented_default == '`""`' else str(value)
             assert value == default, f"{name}: documented default {documented_default}, compiled {default!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands, paths and links in the user-facing documents
+
+USER_DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "manifests" / "README.md",
+             *COMPONENT_READMES]  # fmt: skip
+COMMAND = re.compile(
+    r"(?:^|[\s`(/])(metarec (?:run-local|compile|serve|demo-request|tune)\b|python -m metarec\.[\w.]+"
+    r"|python bench/\w+\.py)([^`\n#|]*)"
+)
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """``(document, command, its --flags)`` of every ``metarec ...``, ``python -m metarec...`` and
+    ``python bench/...`` written in a user-facing document (continued lines joined)."""
+    found = []
+    for doc in USER_DOCS:
+        text = doc.read_text().replace("\\\n", " ")
+        for match in COMMAND.finditer(text):
+            flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", match.group(2))
+            found.append((doc.relative_to(REPO).as_posix(), match.group(1), flags))
+    return found
+
+
+def _sources(command: str) -> str:
+    """Source text of the module or script a ``python ...`` command runs, with the bench modules it imports."""
+    import importlib.util
+
+    if command.startswith("python -m "):
+        return Path(importlib.util.find_spec(command.split()[-1]).origin).read_text()
+    script = REPO / command.split()[-1]
+    text = script.read_text()
+    for module in re.findall(r"^from (\w+) import", text, flags=re.MULTILINE):
+        if (script.parent / f"{module}.py").is_file():
+            text += (script.parent / f"{module}.py").read_text()
+    return text
+
+
+def test_every_documented_command_flag_exists():
+    """A ``metarec X --flag`` is an option of sub-command X; a ``python ... --flag`` is an option its
+    script or module defines."""
+    from metarec.cli import build_parser
+
+    parser = build_parser()
+    (subcommands,) = [action for action in parser._actions if action.dest == "command"]
+    commands = documented_commands()
+    assert len(commands) > 30 and any(flags for *_, flags in commands)  # the check cannot pass on nothing
+    unknown = []
+    for where, command, flags in commands:
+        if command.startswith("metarec "):
+            known = set(subcommands.choices[command.split()[1]]._option_string_actions)
+        else:
+            source = _sources(command)
+            known = {flag for flag in flags if f'"{flag}"' in source}
+        unknown += [f"{where}: {command} {flag}" for flag in flags if flag not in known]
+    assert unknown == []
+
+
+PATH_TOKEN = re.compile(r"(?<![\w./:@-])((?:[\w.<>*-]+/)+[\w.<>*-]*)")
+
+
+def test_every_repository_path_in_the_documents_exists():
+    """A path whose first folder is one of the repository's (or of the document's own folder) exists;
+    ``<name>`` placeholders and ``*`` match anything."""
+    import glob
+
+    missing = []
+    for doc in USER_DOCS:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for token in PATH_TOKEN.findall(line):
+                first = token.split("/")[0]
+                bases = [
+                    base
+                    for base in (REPO, doc.parent)
+                    if first not in ("", ".", "..") and (base / first).is_dir()
+                ]
+                pattern = re.sub(r"<[^>]*>", "*", token.rstrip("."))
+                # `manifests/README's`: a file named without its extension in prose.
+                if bases and not any(glob.glob(str(base / pattern)) or glob.glob(str(base / pattern) + ".*")
+                                     for base in bases):  # fmt: skip
+                    missing.append(f"{doc.relative_to(REPO)}:{number}: {token}")
+    assert missing == []
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_resolves():
+    broken = []
+    for doc in USER_DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+            elif anchor and anchor not in {
+                _anchor(h) for h in re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+            }:
+                broken.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
+    assert broken == []
