@@ -329,3 +329,29 @@ def test_every_relative_link_and_anchor_resolves():
             }:
                 broken.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
     assert broken == []
+
+
+SERVING = REPO / "docs" / "serving.md"
+
+
+def test_serving_doc_names_every_route_in_its_404_row():
+    """An unknown suffix answers 404: the row must not call a real route unknown."""
+    from metarec.serving.requests import ROUTES
+
+    (row,) = [line for line in SERVING.read_text().splitlines() if line.startswith("| 404 |")]
+    suffixes = row[row.index("unknown endpoint suffix") :]
+    assert [route for route in ROUTES if route and f"`{route}`" not in suffixes] == []
+
+
+def test_serving_doc_names_every_checked_in_config_properties():
+    """The security section lists where the rendered config.properties files live; each is a real target."""
+    from metarec.torchserve_config import TARGETS
+
+    text = SERVING.read_text()
+    section = text[text.index("## Security choices") : text.index("What was verified")]
+    named = [token.rstrip("/") for token in re.findall(r"`([\w./-]+/[\w./-]*)`", section)]
+    for target in TARGETS:
+        folder = target.rsplit("/", 1)[0]
+        assert any(token == target or folder.endswith(token) for token in named), target
+    for token in named:
+        assert any(target == token or target.rsplit("/", 1)[0].endswith(token) for target in TARGETS), token
