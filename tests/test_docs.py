@@ -355,3 +355,26 @@ def test_serving_doc_names_every_checked_in_config_properties():
         assert any(token == target or folder.endswith(token) for token in named), target
     for token in named:
         assert any(target == token or target.rsplit("/", 1)[0].endswith(token) for target in TARGETS), token
+
+
+def test_documented_pytorchjob_permissions_cover_what_the_launcher_calls():
+    """Each place that tells a platform team which verbs on pytorchjobs to grant names every verb the
+    launcher's Kubernetes calls need (a retry's adoption replaces the job: ``update``)."""
+    calls = {"create_namespaced": "create", "get_namespaced": "get", "replace_namespaced": "update",
+             "patch_namespaced": "patch", "delete_namespaced": "delete", "list_namespaced": "list"}  # fmt: skip
+    source = (REPO / "components" / "meta_train_pytorchjob" / "pytorchjob.py").read_text()
+    needed = {verb for call, verb in calls.items() if f".{call}_custom_object(" in source}
+    assert {"create", "get", "delete"} <= needed
+    role = yaml.safe_load((REPO / "manifests" / "pipeline-rbac" / "role.yaml").read_text())
+    (rule,) = [rule for rule in role["rules"] if "pytorchjobs" in rule["resources"]]
+    assert needed <= set(rule["verbs"])
+    statements = []
+    for doc in USER_DOCS:
+        text = " ".join(doc.read_text().split())
+        for match in re.finditer(r"(?i)pytorchjobs(?:\.kubeflow\.org)?", text):
+            nearby = text[max(0, match.start() - 80) : match.end() + 40]
+            verbs = set(re.findall(r"\b(create|get|list|watch|update|patch|delete)\b", nearby))
+            if len(verbs) >= 2:  # a list of permissions, not a passing mention
+                statements.append((doc.relative_to(REPO).as_posix(), verbs))
+    assert len(statements) >= 3
+    assert [(where, sorted(needed - verbs)) for where, verbs in statements if needed - verbs] == []
