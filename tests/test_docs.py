@@ -378,3 +378,24 @@ def test_documented_pytorchjob_permissions_cover_what_the_launcher_calls():
                 statements.append((doc.relative_to(REPO).as_posix(), verbs))
     assert len(statements) >= 3
     assert [(where, sorted(needed - verbs)) for where, verbs in statements if needed - verbs] == []
+
+
+def test_documented_run_configs_are_accepted():
+    """The run-config examples of README.md and docs/pipeline.md pass validation and every step's settings."""
+    from metarec.evaluation import EvaluateSettings
+    from metarec.pipelines.run_config import validate_run_config
+    from metarec.preprocessing import PreprocessSettings
+    from metarec.selection import SelectSettings
+    from metarec.serving_settings import ServingSettings
+    from metarec.training import TrainSettings
+
+    examples = [block for doc in (REPO / "README.md", DOC)
+                for block in re.findall(r"```yaml\n(.*?)```", doc.read_text(), flags=re.DOTALL)]  # fmt: skip
+    assert len(examples) >= 2
+    for example in examples:
+        config = validate_run_config(yaml.safe_load(example))
+        PreprocessSettings.from_dict(config["preprocess"])
+        TrainSettings.from_dict(config["train"])
+        EvaluateSettings.from_dict(config["evaluate"])
+        SelectSettings.from_dict(config["select"])
+        ServingSettings.from_dict(config["package"]["serving"])
