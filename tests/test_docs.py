@@ -399,3 +399,38 @@ def test_documented_run_configs_are_accepted():
         EvaluateSettings.from_dict(config["evaluate"])
         SelectSettings.from_dict(config["select"])
         ServingSettings.from_dict(config["package"]["serving"])
+
+
+def _compare_serving_defaults(pairs: list[tuple[str, str]]) -> list[str]:
+    """``(key, documented default)`` pairs that differ from ``ServingSettings``'s defaults."""
+    import dataclasses
+
+    from metarec.serving_settings import ServingSettings
+
+    defaults = {field.name: field.default for field in dataclasses.fields(ServingSettings)}
+    wrong = []
+    for key, text in pairs:
+        text = text.strip().strip("`")
+        value = text if isinstance(defaults.get(key), str) else yaml.safe_load(text)
+        if key not in defaults or value != defaults[key]:
+            wrong.append(f"{key}: documented {text.strip()!r}, code {defaults.get(key, 'no such setting')!r}")
+    return wrong
+
+
+def test_serving_settings_defaults_are_documented_with_their_values():
+    """docs/serving.md's model-config table and docs/pipeline.md's `serving` row state the real defaults."""
+    pairs = []
+    table = SERVING.read_text().split("| key (serving_config) | default | meaning |")[1].split("\n\n")[0]
+    for keys, default in re.findall(r"^\| ([^|]+) \|([^|]*)\|", table, flags=re.MULTILINE):
+        names = re.findall(r"`(\w+)`", keys)
+        pairs += re.findall(r"`(\w+)` \(([^)]+)\)", keys)  # `inference_port` (8085)
+        values = [value for value in default.split("/") if value.strip()]
+        if values and len(values) == len(names):
+            pairs += list(zip(names, values, strict=True))
+    (row,) = [line for line in DOC.read_text().splitlines() if line.startswith("| `serving` |")]
+    for names, values in re.findall(r"((?:`\w+`/?)+) \(([^)]+)\)", row):
+        keys = re.findall(r"`(\w+)`", names)
+        if len(keys) == len(values.split("/")):
+            pairs += list(zip(keys, values.split("/"), strict=True))
+    assert len(pairs) > 30
+    assert _compare_serving_defaults(pairs) == []
