@@ -434,3 +434,20 @@ def test_serving_settings_defaults_are_documented_with_their_values():
             pairs += list(zip(keys, values.split("/"), strict=True))
     assert len(pairs) > 30
     assert _compare_serving_defaults(pairs) == []
+
+
+def test_pipeline_parameters_are_documented_with_their_defaults():
+    """docs/pipeline.md's "Pipeline parameters" paragraph names every parameter with its real default."""
+    from metarec.pipelines.metarec_pipeline import PipelineOptions, build_pipeline
+
+    inputs = build_pipeline(PipelineOptions(variant="cpu")).component_spec.inputs
+    text = " ".join(DOC.read_text().split())
+    paragraph = text[text.index("Pipeline parameters (all optional):") : text.index("See [cluster.md]")]
+    documented = dict(re.findall(r"`(\w+)` \(`([^`]*)`", paragraph))
+    for group, default in re.findall(r"((?:`\w+`, )+`\w+`) \(JSON objects, `([^`]*)`", paragraph):
+        documented.update(dict.fromkeys(re.findall(r"`(\w+)`", group), default))
+    assert set(documented) == set(inputs)
+    for name, default in documented.items():
+        value = yaml.safe_load(default) if not isinstance(inputs[name].default, str) else default.strip('"')
+        expected = inputs[name].default
+        assert value == expected, f"{name}: documented {default!r}, pipeline {expected!r}"
