@@ -49,7 +49,10 @@ def _kustomizations() -> list[str]:
 
 # Every serving overlay is something a user applies: found, not listed, so that a new overlay (or one
 # listed nowhere, as gke-cpu-redis and kserve-istio were) cannot escape the hardening check.
-DEPLOYABLE = [k for k in _kustomizations() if k.startswith("serving/overlays/")] + ["training-example", "katib"]
+DEPLOYABLE = [k for k in _kustomizations() if k.startswith("serving/overlays/")] + [
+    "training-example",
+    "katib",
+]
 
 
 @functools.cache
