@@ -253,8 +253,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
 
     from metarec.training import parse_override
-    from metarec.tuning import resolve_settings, run_tuning
+    from metarec.tuning import require_optuna, resolve_settings, run_tuning
 
+    require_optuna()  # the bench extra, in no image: say so before preprocessing anything
     fixed = {}
     for item in args.set:
         key, sep, value = item.partition("=")
