@@ -395,6 +395,9 @@ def test_serving_overlay_objects(kustomization):
         hpa["apiVersion"] == "autoscaling/v2"
         and hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     )
+    # The HPA owns the pod count: a `replicas` in the manifest would reset it on every apply (the
+    # Kubernetes HPA docs: remove spec.replicas from the manifests of an autoscaled Deployment).
+    assert "replicas" not in deployment["spec"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert _objects("PodDisruptionBudget", kustomization)[0]["spec"]["selector"]["matchLabels"] == selector
     assert _objects("Service", kustomization)[0]["spec"]["selector"] == selector

@@ -63,6 +63,8 @@ def serving(kube, repo_root):
 def _shipped_deployment(repo_root) -> dict:
     deployment = yaml.safe_load((repo_root / "manifests/serving/base/deployment.yaml").read_text())
     deployment["metadata"]["namespace"] = "serving"
+    # The live object always has a pod count: the manifest leaves it to the HPA (minReplicas 2).
+    deployment["spec"]["replicas"] = 2
     return deployment
 
 
