@@ -286,11 +286,21 @@ def test_every_documented_command_flag_exists():
 PATH_TOKEN = re.compile(r"(?<![\w./:@-])((?:[\w.<>*-]+/)+[\w.<>*-]*)")
 
 
+def _tracked_folders() -> set[Path]:
+    """Every folder holding a file git tracks: a checkout's ignored outputs (``build/``, ``runs/``,
+    ``.venv``) are not the repository's, and a clean clone lacks them."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return {REPO / parent for name in listed.splitlines() for parent in Path(name).parents}
+
+
 def test_every_repository_path_in_the_documents_exists():
     """A path whose first folder is one of the repository's (or of the document's own folder) exists;
     ``<name>`` placeholders and ``*`` match anything."""
     import glob
 
+    tracked = _tracked_folders()
     missing = []
     for doc in USER_DOCS:
         for number, line in enumerate(doc.read_text().splitlines(), 1):
@@ -299,7 +309,7 @@ def test_every_repository_path_in_the_documents_exists():
                 bases = [
                     base
                     for base in (REPO, doc.parent)
-                    if first not in ("", ".", "..") and (base / first).is_dir()
+                    if first not in ("", ".", "..") and (base / first) in tracked
                 ]
                 pattern = re.sub(r"<[^>]*>", "*", token.rstrip("."))
                 # `manifests/README's`: a file named without its extension in prose.
