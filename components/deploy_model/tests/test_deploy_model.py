@@ -75,11 +75,23 @@ def _no_wait(_seconds):
 
 
 def test_inferenceservice_rolls_out_with_a_canary_then_promotes(serving):
+    # What each write left in the predictor spec (the controller sees every write): the counting of
+    # PATCH requests alone passed with no canary ever set.
+    seen = []
+
+    def recording(fake, collection, obj):
+        if collection == ISVCS:
+            predictor = obj["spec"]["predictor"]
+            seen.append((predictor["pytorch"]["storageUri"], predictor.get("canaryTrafficPercent")))
+        _controller(fake, collection, obj)
+
+    serving.controller = recording
     result = deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, canary_percent=20,
                                             poll_s=0, sleep=_no_wait)  # fmt: skip
     assert result["outcome"] == "promoted" and result["previous_uri"] == OLD
     patches = [entry for entry in serving.log if entry[0] == "PATCH"]
     assert len(patches) == 2  # the canary rollout, then the promotion
+    assert seen == [(NEW, 20), (NEW, None)]  # 20 % on the new revision first, then all of it
     predictor = serving.get(ISVCS, "metarec")["spec"]["predictor"]
     assert predictor["pytorch"]["storageUri"] == NEW
     assert "canaryTrafficPercent" not in predictor  # all traffic on the new revision
