@@ -250,3 +250,24 @@ def test_deployment_is_not_promoted_while_old_pods_remain(serving):
     result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=steps.sleep)
     assert result["outcome"] == "promoted"
     assert steps.sleeps == 2  # 3 pods, 2 updated, 2 available is not done: one old pod is still serving
+
+
+def test_deployment_is_not_promoted_while_its_new_pods_are_not_available(serving):
+    """Every pod already runs the new template and no old one is left, but the new ones are not ready
+    yet (loading the model): kubectl's rule waits until they are available."""
+    sleeps = []
+
+    def starting(fake, collection, obj):
+        if collection == DEPS:
+            wanted = obj["spec"]["replicas"]
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "replicas": wanted,
+                             "updatedReplicas": wanted, "availableReplicas": 0}  # fmt: skip
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        status = serving.get(DEPS, "metarec-serving")["status"]
+        serving.set_status(DEPS, "metarec-serving", {**status, "availableReplicas": status["replicas"]})
+
+    serving.controller = starting
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=sleep)
+    assert result["outcome"] == "promoted" and len(sleeps) == 1
