@@ -153,8 +153,14 @@ def test_non_finite_rating_stores_nothing(store):
 def test_delete_forgets_the_user(store):
     store.append("u1", ratings((1, 4)))
     store.put_state("u1", b"x", 1)
+    store.append("u2", ratings((1, 4)))
     store.delete("u1")
     assert store.get("u1") is None
+    # Everything of it is gone, not only what get reads first: a user coming back starts afresh.
+    again = store.append("u1", ratings((2, 5)))
+    assert [r.item_id for r in again.ratings] == ["2"] and again.version == 1
+    assert again.blob is None and not again.fresh
+    assert [r.item_id for r in store.get("u2").ratings] == ["1"]  # other users are kept
 
 
 def test_a_second_connection_reads_what_the_first_wrote(store_url, store):
