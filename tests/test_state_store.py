@@ -438,6 +438,29 @@ def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     assert failures == []
 
 
+def test_opening_a_new_sqlite_store_waits_for_a_lock_another_connection_holds(tmp_path):
+    """The race above, made certain: another connection holds the new file's write lock for 0.3 s.
+    SQLite answers the switch to WAL with SQLITE_BUSY at once (no busy handler there); the store waits.
+    The barrier test above failed in only about one run of three with the wait taken out."""
+    import sqlite3
+    import threading
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # a new file, still in rollback-journal mode, write-locked
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        store = SqliteStateStore(path)
+        assert store.append("u1", ratings((1, 4))).version == 1
+        store.close()
+    finally:
+        release.join()
+        holder.close()
+
+
 def _tls_redis(folder, password: str):
     """A redis-server speaking only TLS on a loopback port, its certificate signed by a private CA (as
     Memorystore's in-transit encryption is). Returns ``(port, ca_path, process)``."""
