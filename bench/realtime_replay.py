@@ -28,7 +28,10 @@ whether the targets are met). The last line is one JSON object::
 
     {"users": .., "events": .., "prequential": {"<method>": {"mae": .., "ndcg@3": ..}},
      "by_history": {"1": {"<method>": {...}}, "5": {...}, "20": {...}}, "feedback_p50_ms": ..,
-     "explain_deletion": {"top": .., "random": ..}, ...}
+     "explain_deletion": {"top": .., "random": ..},
+     "served_over_mf_foldin": {"mae": .., "ndcg@3": ..}, "deletion_ratio": ..}
+
+(targets: ``served_over_mf_foldin`` MAE below 1 and nDCG@3 above 1, ``deletion_ratio`` at least 2).
 
 ``--seeds 0 1 2`` replays three seeded splits (each its own training, tuning and test users) and pools
 their events; the details line then also holds a paired bootstrap 95% interval, over users, of the
@@ -417,7 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
     def brief(table: dict) -> dict:
         return {method: {"mae": m["mae"], "ndcg@3": m["ndcg@3"]} for method, m in table.items()}
 
-    # The judged line: exactly the keys (the line above has event counts, the "0" bucket, ...).
+    # The judged line: the keys, plus the ratios the served loop is judged by, against MF fold-in
+    # and the random deletion measured in this run (the line above has event counts, the "0" bucket, ...).
+    served, mf = overall["served_loop"], overall["mf_foldin"]
     result = {
         "users": len({row["unit"] for row in records["served_loop"]}),
         "events": len(records["served_loop"]),
@@ -425,6 +430,11 @@ def main(argv: list[str] | None = None) -> dict:
         "by_history": {name: brief(by_history[name]) for name in ("1", "5", "20")},
         "feedback_p50_ms": round(feedback_ms[len(feedback_ms) // 2], 3),
         "explain_deletion": {"top": deletion["top"], "random": deletion["random"]},
+        "served_over_mf_foldin": {
+            metric: round(served[metric] / mf[metric], 4) if mf[metric] else None
+            for metric in ("mae", "ndcg@3")
+        },
+        "deletion_ratio": details["deletion_ratio"],
     }
     print(json.dumps(result))
     return result

@@ -7,9 +7,10 @@ with a valid canary after every 4th, and compares the workers before and after.
 
 The last line printed is one JSON document::
 
-    {"requests", "by_status", "5xx", "non_json_200", "worker_restarts", "canaries_failed",
+    {"requests", "hostile", "by_status", "5xx", "non_json_200", "worker_restarts", "canaries_failed",
      "max_answer_bytes", "canaries", "connection_errors", "canary_failure_ratio", "seconds"}
 
+``requests`` counts every request sent: the ``hostile`` ones (``--requests``) plus the ``canaries``.
 Targets: 0 5xx, 0 non-JSON 200 answers, 0 worker restarts, 0 canaries failed.
 Usage: ``python bench/serving_fuzz.py [--requests 2700] [--concurrency 8] [--archive-dir DIR]``
 """
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(info.workdir)
     summary = {
         "requests": outcome["requests"],
+        "hostile": outcome["hostile"],
         "by_status": outcome["by_status"],
         "5xx": outcome["5xx"],
         "non_json_200": outcome["non_json_200"],

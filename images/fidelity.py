@@ -15,8 +15,16 @@ No container can start on these machines, so the image is checked by what it ins
    venv) -> evaluate -> select_model -> package_model (versioned publish) -> deploy_model (a fake KServe
    InferenceService from manifests/serving/overlays/kserve).
 
+Then the documented non-default options the components image must run (:data:`OPTIONS`, after the chain), each through
+its real entry point in the same venv: preprocess with a Parquet ratings file, tags and the
+sentence-embedding text encoder, its data-set config and model both in ``gs://``; one Katib trial, the
+container command of ``manifests/katib/experiment.yaml`` on the chain's gs:// data set; and the options
+that need the ``bench`` extra (evaluate's ``peers``, ``metarec tune``), which the image does not install
+by design, must fail at once with an error naming that extra.
+
 A component that needs something the image lacks fails here. The last line printed is
-``{"components": N, "ran": N, "failed": [...], "seconds": S}``; the exit status is 1 when anything failed.
+``{"components": N, "ran": N, "failed": [...], "options": {...}, "seconds": S}``; the exit status is 1
+when anything failed.
 
 Usage: ``python images/fidelity.py --workdir build/fidelity`` (``make fidelity``).
 """
@@ -52,6 +60,14 @@ TASKS = {
     "meta_train_pytorchjob": "meta-train-fomaml-job", "evaluate": "evaluate",
     "select_model": "select-model", "package_model": "package-model", "deploy_model": "deploy-model",
 }  # fmt: skip
+# The documented non-default options checked after the chain (run_options): task -> what it shows.
+OPTIONS = {
+    "option-fingerprint-parquet": "fingerprint_data on Parquet ratings, config in gs://",
+    "option-preprocess-sentence": "preprocess: Parquet, tags, sentence encoder model in gs:// (text extra)",
+    "katib-trial": "manifests/katib trial command on a gs:// data set",
+    "option-evaluate-peers": "evaluate peers: refused at once, naming the bench extra",
+    "metarec-tune": "metarec tune: refused at once, naming the bench extra",
+}
 # Stands in for the KFP launcher's /gcs/ mirror of gs:// artifacts (kfp maps gs://b/x to /gcs/b/x).
 SITECUSTOMIZE = """import os
 if os.environ.get("FIDELITY_GCS_MOUNT"):
@@ -144,7 +160,8 @@ class Launcher:
     def local(self, uri: str) -> Path:
         return self.mount / uri[len("gs://") :]
 
-    def run(self, task: str, component: str, params: dict, inputs: dict, outputs: dict) -> dict:
+    def run(self, task: str, component: str, params: dict, inputs: dict, outputs: dict,
+            expect_failure: str = "") -> dict:  # fmt: skip
         """Runs one component; returns ``{"artifacts": {name: {uri, metadata}}, "parameters": {...}}``.
 
         Args:
@@ -153,6 +170,8 @@ class Launcher:
             params: Input parameter values.
             inputs: ``{name: [artifact dicts from an upstream result]}``.
             outputs: ``{name: schemaTitle}`` of the output artifacts.
+            expect_failure: When set, the step must exit non-zero with this text in its output (an
+                option the image refuses by design); returns ``{"seconds": S}`` then.
         """
 
         from metarec import storage
@@ -197,6 +216,15 @@ class Launcher:
         command = compiled_command(component, executor_input)
         done = subprocess.run(command, cwd=task_dir, env=env, capture_output=True, text=True)
         (task_dir / "log.txt").write_text(done.stdout + done.stderr)
+        if expect_failure:
+            seconds = time.monotonic() - started
+            if done.returncode == 0 or expect_failure not in done.stdout + done.stderr:
+                self.results[task] = "failed"
+                tail = (done.stdout + done.stderr)[-3000:]
+                raise RuntimeError(f"{task} ({component}) did not refuse with {expect_failure!r}:\n{tail}")
+            self.results[task] = f"ok {seconds:.1f}s"
+            print(f"  {task}: refused as expected ({seconds:.1f} s)", flush=True)
+            return {"seconds": seconds}
         if done.returncode != 0:
             self.results[task] = "failed"
             tail = (done.stdout + done.stderr)[-3000:]
@@ -262,9 +290,9 @@ def job_runner(bin_dir: Path, env: dict[str, str], workdir: Path):
     return controller
 
 
-def run_chain(launcher: Launcher, fake, raw_uri: str) -> None:
+def run_chain(launcher: Launcher, fake, raw_uri: str, chain: dict) -> None:
     """fingerprint_data -> preprocess -> meta_train + meta_train_pytorchjob -> evaluate -> select ->
-    package -> deploy, each step's outputs feeding the next."""
+    package -> deploy, each step's outputs feeding the next; ``chain["dataset"]`` gets the data set."""
     from fake_kube import INFERENCESERVICES
 
     ids = {"run_id": "fidelity-run", "task_id": ""}
@@ -290,6 +318,7 @@ def run_chain(launcher: Launcher, fake, raw_uri: str) -> None:
         {"dataset": dataset}, {"model": "system.Model"},
     )  # fmt: skip
     models = [train["artifacts"]["model"], job["artifacts"]["model"]]
+    chain.update(dataset=prep["artifacts"]["dataset"], models=models)
     scores = launcher.run(
         "evaluate", "evaluate", {"config": json.dumps(TINY_EVALUATE)},
         {"dataset": dataset, "models": models},
@@ -322,6 +351,127 @@ def run_chain(launcher: Launcher, fake, raw_uri: str) -> None:
     uri = served["spec"]["predictor"]["pytorch"]["storageUri"]
     if uri != packaged["artifacts"]["archive"]["metadata"]["published_uri"]:
         raise RuntimeError(f"deploy_model left storageUri at {uri}")
+
+
+def tiny_sentence_model(folder: Path) -> Path:
+    """Saves a real sentence-transformers model (word embeddings + mean pooling) small enough for CI."""
+    import torch
+    from csv_release import GENRE_WORDS, TAG_WORDS
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, WordEmbeddings
+    from sentence_transformers.sentence_transformer.modules.tokenizer import WhitespaceTokenizer
+
+    vocab = ["the", *(w.lower() for w in GENRE_WORDS), *TAG_WORDS]
+    words = WordEmbeddings(
+        tokenizer=WhitespaceTokenizer(vocab=vocab, do_lower_case=True),
+        embedding_weights=torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(0)),
+        update_embeddings=False,
+    )
+    SentenceTransformer(modules=[words, Pooling(8, pooling_mode="mean")], device="cpu").save(str(folder))
+    return folder
+
+
+def katib_trial_command(dataset_uri: str, output: Path) -> list[str]:
+    """The trial container command of ``manifests/katib/experiment.yaml``, as Katib substitutes it (the
+    first value of each parameter's feasible space), on ``dataset_uri``, with a tiny training budget."""
+    experiment = yaml.safe_load((REPO / "manifests/katib/experiment.yaml").read_text())
+    first = {}
+    for parameter in experiment["spec"]["parameters"]:
+        space = parameter["feasibleSpace"]
+        first[parameter["name"]] = space["list"][0] if "list" in space else space["min"]
+    references = {
+        t["name"]: first[t["reference"]] for t in experiment["spec"]["trialTemplate"]["trialParameters"]
+    }
+    spec = experiment["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    command = []
+    for argument in container["command"]:
+        for name, value in references.items():
+            argument = argument.replace(f"${{trialParameters.{name}}}", str(value))
+        command.append(dataset_uri if argument.startswith("gs://PIPELINE_ROOT_BUCKET/") else argument)
+    command[command.index("--output") + 1] = str(output)
+    for key, value in TINY_TRAIN.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    return command, experiment["spec"]["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"][0]
+
+
+def run_options(launcher: Launcher, dataset: dict, models: list[dict]) -> None:
+    """The documented non-default options of the components image, each through its entry point.
+
+    Args:
+        launcher: The chain's launcher (same venv, emulator and artifact layout).
+        dataset: The chain's preprocess output artifact (a gs:// data set).
+        models: The chain's trained model artifacts.
+    """
+    import re
+
+    import pandas as pd
+    from csv_release import write_csv_release
+
+    from metarec import storage
+    from metarec.data.config import CONFIGS_DIR
+
+    # Preprocess: Parquet ratings, tags, and the sentence encoder of a text feature, config and model in
+    # gs:// (the text extra); fingerprint_data reads the same config.
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_csv_release(Path(tmp) / "raw", n_users=60, n_movies=40)
+        pd.read_csv(raw / "ratings.csv").to_parquet(raw / "ratings.parquet")
+        (raw / "ratings.csv").unlink()
+        storage.upload_dir(raw, f"gs://{BUCKET}/csv-release")
+        storage.upload_dir(tiny_sentence_model(Path(tmp) / "model"), f"gs://{BUCKET}/models/tiny-sentence")
+        config = yaml.safe_load((CONFIGS_DIR / "movielens-csv.yaml").read_text())
+        config["ratings"]["file"] = "ratings.parquet"
+        text = next(f for f in config["items"]["features"] if f["kind"] == "text")
+        text.update(encoder="sentence", model=f"gs://{BUCKET}/models/tiny-sentence", dim=4)
+        (Path(tmp) / "sentence.yaml").write_text(yaml.safe_dump(config))
+        storage.upload(Path(tmp) / "sentence.yaml", f"gs://{BUCKET}/configs/sentence.yaml")
+    source = {
+        "data_uri": f"gs://{BUCKET}/csv-release",
+        "dataset_config": f"gs://{BUCKET}/configs/sentence.yaml",
+    }
+    fp = launcher.run("option-fingerprint-parquet", "fingerprint_data", source, {}, {})
+    prep = launcher.run(
+        "option-preprocess-sentence", "preprocess",
+        {**source, "config": "{}", "data_fingerprint": fp["parameters"]["Output"]},
+        {}, {"dataset": "system.Dataset"},
+    )  # fmt: skip
+    schema = json.loads(
+        launcher.local(prep["artifacts"]["dataset"]["uri"]).joinpath("schema.json").read_text()
+    )
+    (entry,) = [f for f in schema["item_features"] if f["kind"] == "text"]
+    if entry.get("encoder") != "sentence" or entry.get("embedding_dim") != 8:
+        raise RuntimeError(f"preprocess did not use the sentence encoder: {entry}")
+
+    # The Katib trial: the manifest's container command, in the components image, on a gs:// data set.
+    command, metrics_format = katib_trial_command(dataset["uri"], launcher.workdir / "katib-model")
+    env = dict(launcher.env, PATH=f"{launcher.bin_dir}:{os.environ['PATH']}")
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=launcher.workdir, env=env, capture_output=True, text=True)
+    found = dict((m.group(1), m.group(2)) for m in re.finditer(metrics_format, done.stdout))
+    if done.returncode != 0 or set(found) != {"val_ndcg@3", "val_mae"}:
+        launcher.results["katib-trial"] = "failed"
+        raise RuntimeError(f"Katib trial exited {done.returncode}, metrics {found}:\n{done.stderr[-3000:]}")
+    launcher.results["katib-trial"] = f"ok {time.monotonic() - started:.1f}s"
+    print(f"  katib-trial: ok ({time.monotonic() - started:.1f} s)", flush=True)
+
+    # The bench extra is in no image: these must refuse before any work, naming it.
+    launcher.run(
+        "option-evaluate-peers", "evaluate", {"config": json.dumps({**TINY_EVALUATE, "peers": ["lightfm"]})},
+        {"dataset": [dataset], "models": models},
+        {"metrics": "system.Metrics", "report": "system.Markdown", "evaluation": "system.Artifact"},
+        expect_failure="from the 'bench' extra",
+    )  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(
+        ["metarec", "tune", "--data", "synthetic:tiny", "--trials", "1", "--output", "tune"],
+        cwd=launcher.workdir, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    refused = done.returncode == 1 and "from the 'bench' extra" in done.stderr
+    refused = refused and not (launcher.workdir / "tune").exists()  # nothing preprocessed first
+    launcher.results["metarec-tune"] = f"ok {time.monotonic() - started:.1f}s" if refused else "failed"
+    if not refused:
+        raise RuntimeError(f"metarec tune did not refuse at once:\n{done.stderr[-3000:]}")
+    print(f"  metarec-tune: refused as expected ({time.monotonic() - started:.1f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,19 +514,27 @@ def main(argv: list[str] | None = None) -> int:
         with FakeKube(controller) as fake:
             fake.kubeconfig(workdir / "kubeconfig")
             launcher = Launcher(workdir, bin_dir, env)
+            chain = {}
             try:
-                run_chain(launcher, fake, f"gs://{BUCKET}/raw")
+                run_chain(launcher, fake, f"gs://{BUCKET}/raw", chain)
             except RuntimeError as error:
                 print(error, file=sys.stderr)
+            if "models" in chain:
+                try:
+                    run_options(launcher, chain["dataset"], chain["models"])
+                except RuntimeError as error:
+                    print(error, file=sys.stderr)
     finally:
         use_emulator(None)
         stop_emulator(emulator)
     results = launcher.results if launcher else {}
     failed = [name for name in COMPONENT_NAMES if not results.get(TASKS.get(name, ""), "").startswith("ok")]
+    options = {name: results.get(name, "not-run").split(" ")[0] for name in OPTIONS}
     summary = {
         "components": len(COMPONENT_NAMES),
         "ran": len(COMPONENT_NAMES) - len(failed),
-        "failed": failed,
+        "failed": failed + [name for name, result in options.items() if result != "ok"],
+        "options": options,
         "seconds": round(time.monotonic() - started, 1),
     }
     print(json.dumps(summary))

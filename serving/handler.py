@@ -2,7 +2,8 @@
 
 Routing: ``POST /predictions/<model>`` recommends; ``POST /predictions/<model>/<version>/adapt``
 (TorchServe passes the suffix in the ``url_path`` request header) adapts to a new user's support
-ratings first; any other suffix answers 404 (:data:`metarec.serving.requests.ROUTES`). ``GET
+ratings first, ``.../feedback`` appends a user's ratings, ``.../forget`` erases a user's stored
+ratings and state; any other suffix answers 404 (:data:`metarec.serving.requests.ROUTES`). ``GET
 /models/<model>?customized=true`` on the management API returns the model card.
 
 Batching and errors: TorchServe hands the handler several HTTP requests at once (``batchSize``).
@@ -101,10 +102,14 @@ class MetaRecHandler(BaseHandler):
         model_dir = context.system_properties["model_dir"]
         state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
         self.recommender = Recommender.from_dir(
-            model_dir, device=self.device, store=open_store(state_url, limits.state_window)
+            model_dir,
+            device=self.device,
+            store=open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s),
         )
         self.parser = RequestParser(self.recommender, limits)
-        logger.info("MetaRec user state in %s", state_url.split("@")[-1])  # never log a password
+        # Never log a password: only what follows the URL's credentials.
+        logger.info("MetaRec user state in %s, retention %s s (0: forever)", state_url.split("@")[-1],
+                    limits.state_ttl_s)  # fmt: skip
         logger.info("MetaRec model loaded from %s with limits %s", model_dir, limits.to_dict())
         self.initialized = True
 

@@ -6,6 +6,8 @@ Requests (one JSON object each; a KServe v1 body ``{"instances": [...]}`` carrie
   user described by features); optional ``k``, ``candidates`` (item ids to rank), ``exclude``.
 * adapt (route ``"adapt"``): ``{"support": [{"item_id": "7", "rating": 5}, ...]}`` plus optional
   ``user`` or ``user_id``, ``steps``, ``k``, ``candidates``, ``exclude``.
+* feedback (route ``"feedback"``): ``{"user_id": "42", "ratings": [...]}`` (docs/realtime.md).
+* forget (route ``"forget"``): ``{"user_id": "42"}``: erases the user's stored ratings and state.
 
 Every request is validated before it reaches the model, so one request can only fail itself: body
 size, JSON nesting depth and number-literal length are checked before or while parsing (no
@@ -38,7 +40,7 @@ import torch
 
 from metarec.explain import EXPLAIN_MODE
 from metarec.features import EncodedFeatures
-from metarec.recommender import AdaptRequest, FeedbackRequest, Recommender, RecommendRequest
+from metarec.recommender import AdaptRequest, FeedbackRequest, ForgetRequest, Recommender, RecommendRequest
 from metarec.serving_settings import RequestLimits
 from metarec.state import Rating, StoreUnavailableError
 
@@ -47,6 +49,7 @@ ADAPT_FIELDS = RECOMMEND_FIELDS | {"support", "steps"}
 FEEDBACK_FIELDS = RECOMMEND_FIELDS | {"ratings"}
 SUPPORT_FIELDS = frozenset({"item_id", "rating"})
 FEEDBACK_RATING_FIELDS = SUPPORT_FIELDS | {"timestamp"}
+FORGET_FIELDS = frozenset({"user_id"})
 # Longest error message sent back, whatever it quotes (TorchServe frames answers; keep them small).
 MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
@@ -635,6 +638,39 @@ class RequestParser:
         )
         return validated, notes
 
+    def parse_forget(self, request: Any) -> tuple[ForgetRequest, list[str]]:
+        """Validates one forget request: ``{"user_id": ...}`` and nothing else.
+
+        Any well-formed id is accepted, known or not (forgetting is idempotent: ``deleted`` says whether
+        anything was held), so the answer does not tell whether a user exists beyond that.
+
+        Args:
+            request: The decoded JSON request object.
+
+        Returns:
+            The validated request and no notes.
+
+        Raises:
+            RequestError: 400 for a missing, malformed or unacceptable ``user_id`` or another field, 404
+                when the server keeps no per-user state.
+        """
+        if not self.recommender.keeps_state:
+            raise RequestError(404, "forget needs a state store; this server was started without one")
+        if not isinstance(request, dict):
+            raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
+        unknown = sorted((key for key in request if key not in FORGET_FIELDS), key=str)
+        if unknown:
+            raise RequestError(
+                400,
+                f"unknown field(s) {_quote_keys(unknown, self.limits.max_quote_chars)}; allowed: {sorted(FORGET_FIELDS)}",
+            )
+        if "user_id" not in request:
+            raise RequestError(400, "missing field 'user_id': the user to forget")
+        user_id = request["user_id"]
+        if not (isinstance(user_id, str) or _is_int(user_id)):
+            raise RequestError(400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}")
+        return ForgetRequest(self._check_user_id(str(user_id))), []
+
     def _parse_rated(self, request, fields, user_required, field, allowed, limit) -> tuple[tuple, tuple]:
         """The common fields (new users allowed) and the rating list under ``field`` of a request."""
         common = self._parse_common(request, fields, user_required, allow_new=True)
@@ -719,6 +755,8 @@ ROUTES: dict[str, Route] = {
     "": Route(RequestParser.parse_recommend, Recommender.recommend),
     "adapt": Route(RequestParser.parse_adapt, Recommender.adapt),
     "feedback": Route(RequestParser.parse_feedback, Recommender.feedback),
+    # Last: a batch's forget runs after its feedback, so neither leaves the other's ratings behind.
+    "forget": Route(RequestParser.parse_forget, Recommender.forget),
 }
 
 

@@ -2,10 +2,18 @@
 
 There is no kube-apiserver on this machine, so the real ``kubernetes`` client talks to this stand-in:
 objects are stored per collection path (``/apis/<group>/<version>/namespaces/<ns>/<plural>``) with create
-(409 when the name exists), get (404), replace, merge patch, delete and list. ``resourceVersion`` and
-``generation`` move on every write. A *controller* callback stands in for the operators (Training
-Operator, KServe, the Deployment controller): it is called after every write with the stored object and
-may change its status. ``kubeconfig()`` writes a kubeconfig that points the client here.
+(409 when the name exists), get (404), replace, merge patch (strategic merge patch for the built-in
+kinds), delete and list. ``resourceVersion`` and ``generation`` move on every write. A *controller*
+callback stands in for the operators (Training Operator, KServe, the Deployment controller): it is called
+after every write with the stored object and may change its status. ``kubeconfig()`` writes a kubeconfig
+that points the client here.
+
+Two more pieces of real behaviour, for what an on-call ``kubectl apply`` does after a rollout:
+
+* the API server's validation of container env vars (``validateEnvVarValueFrom`` in kubernetes'
+  pkg/apis/core/validation/validation.go): an entry with both a non-empty ``value`` and a ``valueFrom``,
+  or with two ``valueFrom`` sources, is refused with 422 Invalid;
+* :func:`client_side_apply`: ``kubectl apply`` without ``--server-side``.
 """
 
 from __future__ import annotations
@@ -22,6 +30,130 @@ import yaml
 
 _OBJECT_PATH = re.compile(r"^(?P<collection>/apis?/.+/namespaces/[^/]+/[^/]+?)(?:/(?P<name>[^/]+))?/?$")
 Controller = Callable[["FakeKube", str, dict], None]
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+class Invalid(Exception):
+    """What the API server answers with 422 Invalid."""
+
+
+def _merge_key(items) -> str | None:
+    """The strategic merge key of a list: the built-in lists MetaRec's pod templates use (containers,
+    initContainers, env, volumes) merge on ``name``; other lists are replaced whole."""
+    if isinstance(items, list) and items and all(isinstance(i, dict) and "name" in i for i in items):
+        return "name"
+    return None
+
+
+def strategic_merge_patch(target: dict, patch: dict) -> dict:
+    """Applies a strategic merge patch: as a JSON merge patch, except that lists keyed by ``name`` merge
+    item by item (``{"name": n, "$patch": "delete"}`` removes one), as for the built-in kinds."""
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = strategic_merge_patch(result[key], value)
+        elif isinstance(value, list) and _merge_key(value) and isinstance(result.get(key), list):
+            items = result[key]
+            for item in value:
+                index = next((i for i, old in enumerate(items) if old.get("name") == item["name"]), None)
+                if item.get("$patch") == "delete":
+                    if index is not None:
+                        items.pop(index)
+                elif index is None:
+                    items.append(copy.deepcopy(item))
+                else:
+                    items[index] = strategic_merge_patch(items[index], item)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def three_way_patch(original: dict, modified: dict, current: dict, strategic: bool) -> dict:
+    """The patch ``kubectl apply`` (client-side) sends: fields of the last applied configuration
+    (``original``) that the new one (``modified``) lacks are deleted; fields of ``modified`` whose value
+    differs from the live object (``current``) are set; fields only the live object has are left alone
+    (kubernetes.io/docs/tasks/manage-kubernetes-objects/declarative-config, "Merge patch calculation").
+    Custom resources get a JSON merge patch (lists replaced whole), built-in kinds a strategic one."""
+    patch: dict = {key: None for key in original if key not in modified}
+    for key, value in modified.items():
+        live, before = current.get(key), original.get(key)
+        if isinstance(value, dict) and isinstance(live, dict):
+            sub = three_way_patch(before if isinstance(before, dict) else {}, value, live, strategic)
+            if sub:
+                patch[key] = sub
+        elif strategic and _merge_key(value) and _merge_key(live):
+            items = []
+            for item in value:
+                old = next(
+                    (o for o in before or [] if isinstance(o, dict) and o.get("name") == item["name"]), {}
+                )
+                now = next((o for o in live if o["name"] == item["name"]), None)
+                sub = item if now is None else three_way_patch(old, item, now, strategic)
+                if sub:
+                    items.append({**sub, "name": item["name"]})
+            names = {item["name"] for item in value}
+            gone = [o["name"] for o in before or [] if isinstance(o, dict) and o.get("name") not in names]
+            items += [{"name": n, "$patch": "delete"} for n in gone]
+            if items:
+                patch[key] = items
+        elif value != live:
+            patch[key] = copy.deepcopy(value)
+    return patch
+
+
+def validate(obj: dict) -> None:
+    """Raises :class:`Invalid` for an env var the API server refuses, in any pod template of ``obj``."""
+    template = (obj.get("spec") or {}).get("template") or {}
+    pod = template.get("spec") or {}
+    for kind in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(kind) or []):
+            for j, env in enumerate(container.get("env") or []):
+                where = f"spec.template.spec.{kind}[{i}].env[{j}].valueFrom"
+                sources = [k for k in (env.get("valueFrom") or {}) if (env["valueFrom"][k] is not None)]
+                if env.get("value") and sources:
+                    raise Invalid(
+                        f'{where}: Invalid value: "": may not be specified when `value` is not empty'
+                    )
+                if len(sources) > 1:
+                    raise Invalid(
+                        f'{where}: Invalid value: "": may not have more than one field specified at a time'
+                    )
+
+
+def client_side_apply(fake: FakeKube, collection: str, manifest: dict) -> dict:
+    """``kubectl apply -f`` (client-side) of one object: creates it with the
+    ``last-applied-configuration`` annotation, or sends the three-way patch computed against that
+    annotation and records the new configuration in it.
+
+    Args:
+        fake: The server.
+        collection: The object's collection path.
+        manifest: The object as the manifest has it.
+
+    Returns:
+        The stored object.
+
+    Raises:
+        Invalid: The API server refuses the result.
+    """
+    strategic = collection.startswith(("/api/v1/", "/apis/apps/"))
+    name = manifest["metadata"]["name"]
+    modified = copy.deepcopy(manifest)
+    modified["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(manifest, sort_keys=True)
+    with fake.lock:
+        current = fake.objects.get((collection, name))
+        if current is None:
+            validate(modified)
+            return fake._store(collection, name, modified, new=True)
+        original = json.loads(((current["metadata"].get("annotations") or {}).get(LAST_APPLIED)) or "{}")
+        patch = three_way_patch(original, modified, current, strategic)
+        merged = (strategic_merge_patch if strategic else merge_patch)(current, patch)
+        validate(merged)
+        return fake._store(collection, name, merged, new=False)
 
 
 def merge_patch(target: dict, patch: dict) -> dict:
@@ -43,12 +175,14 @@ class FakeKube:
     Attributes:
         objects: ``{(collection path, name): object}``.
         log: ``[(method, collection path, name)]`` of every request, in order.
+        queries: The query string of every request, in order.
         controller: Called after each create/replace/patch with ``(self, collection, object)``.
     """
 
     def __init__(self, controller: Controller | None = None):
         self.objects: dict[tuple[str, str], dict] = {}
         self.log: list[tuple[str, str, str]] = []
+        self.queries: list[str] = []  # the query string of every request, in order (fieldManager=...)
         self.controller = controller
         self.lock = threading.RLock()
         self._version = 0
@@ -132,6 +266,13 @@ class FakeKube:
                 length = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(length) or b"{}")
 
+            def _write(self, status: int, collection: str, name: str, body: dict, new: bool) -> None:
+                try:
+                    validate(body)
+                except Invalid as error:
+                    return self._error(422, "Invalid", f"{name} is invalid: {error}")
+                return self._reply(status, fake._store(collection, name, body, new=new))
+
             def _route(self, method: str) -> None:
                 match = _OBJECT_PATH.match(self.path.split("?")[0])
                 if not match:
@@ -139,13 +280,14 @@ class FakeKube:
                 collection, name = match.group("collection"), match.group("name")
                 with fake.lock:
                     fake.log.append((method, collection, name or ""))
+                    fake.queries.append(self.path.partition("?")[2])
                     key = (collection, name or "")
                     if method == "POST":
                         body = self._body()
                         name = body["metadata"]["name"]
                         if (collection, name) in fake.objects:
                             return self._error(409, "AlreadyExists", f"{name} already exists")
-                        return self._reply(201, fake._store(collection, name, body, new=True))
+                        return self._write(201, collection, name, body, new=True)
                     if method == "GET" and not name:
                         items = [
                             copy.deepcopy(o) for (c, _), o in sorted(fake.objects.items()) if c == collection
@@ -156,10 +298,13 @@ class FakeKube:
                     if method == "GET":
                         return self._reply(200, copy.deepcopy(fake.objects[key]))
                     if method == "PUT":
-                        return self._reply(200, fake._store(collection, name, self._body(), new=False))
+                        return self._write(200, collection, name, self._body(), new=False)
                     if method == "PATCH":
-                        patched = merge_patch(fake.objects[key], self._body())
-                        return self._reply(200, fake._store(collection, name, patched, new=False))
+                        strategic = "strategic-merge-patch" in (self.headers.get("Content-Type") or "")
+                        patched = (strategic_merge_patch if strategic else merge_patch)(
+                            fake.objects[key], self._body()
+                        )
+                        return self._write(200, collection, name, patched, new=False)
                     if method == "DELETE":
                         removed = fake.objects.pop(key)
                         return self._reply(200, removed)
@@ -199,14 +344,15 @@ def condition_status(kind: str, message: str = "") -> dict:
 KSERVE_SOURCE_URI = "serving.kserve.io/storage-initializer-sourceuri"
 
 
-def raw_predictor_deployment(name: str, namespace: str, uri: str, replicas: int = 2) -> dict:
-    """The predictor Deployment KServe creates for a RawDeployment InferenceService, fully rolled."""
+def raw_predictor_deployment(name: str, namespace: str, uri: str | None, replicas: int = 2) -> dict:
+    """The predictor Deployment KServe creates for a RawDeployment InferenceService, fully rolled (no
+    storage initializer, hence no source URI, while the InferenceService names no storageUri)."""
     labels = {"app": f"isvc.{name}-predictor"}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": f"{name}-predictor", "namespace": namespace},
         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels, "annotations": {KSERVE_SOURCE_URI: uri}},
+                 "template": {"metadata": {"labels": labels, "annotations": {KSERVE_SOURCE_URI: uri} if uri else {}},
                               "spec": {"containers": [{"name": "kserve-container", "image": "metarec-serving"}]}}},
         "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
                    "availableReplicas": replicas},
@@ -221,11 +367,11 @@ def kserve_raw_controller(fake: FakeKube, collection: str, obj: dict) -> None:
     obj["status"] = {"observedGeneration": 1, "components": {"predictor": {}},
                      "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
     key = (DEPLOYMENTS.format(namespace=namespace), f"{name}-predictor")
-    uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
+    uri = obj["spec"]["predictor"]["pytorch"].get("storageUri")  # none until a version is deployed
     deployment = fake.objects.get(key)
     if deployment is None:
         fake.objects[key] = raw_predictor_deployment(name, namespace, uri)
-    elif deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] != uri:
+    elif deployment["spec"]["template"]["metadata"]["annotations"].get(KSERVE_SOURCE_URI) != uri:
         deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] = uri
         deployment["metadata"]["generation"] = deployment["metadata"].get("generation", 1) + 1
         replicas = deployment["spec"]["replicas"]

@@ -145,8 +145,9 @@ def run_fuzz(info, n: int, seed: int = 0, concurrency: int = 8, canary_every: in
         canary_every: A canary is interleaved after this many fuzz requests.
 
     Returns:
-        ``{"requests", "by_status", "5xx", "non_json_200", "canaries", "canaries_failed",
-        "max_answer_bytes", "connection_errors"}``.
+        ``{"requests", "hostile", "by_status", "5xx", "non_json_200", "canaries", "canaries_failed",
+        "max_answer_bytes", "connection_errors"}``: ``requests`` counts every request sent (the ``hostile``
+        ones, ``n``, plus the ``canaries``).
     """
     url = urlparse(info.inference_url)
     headers = {"Content-Type": "application/json", **info.inference_headers()}
@@ -205,6 +206,7 @@ def run_fuzz(info, n: int, seed: int = 0, concurrency: int = 8, canary_every: in
         thread.join()
     return {
         "requests": len(work),
+        "hostile": len(work) - stats["canaries"],
         "by_status": dict(sorted(statuses.items())),
         "5xx": stats["5xx"],
         "non_json_200": stats["non_json_200"],

@@ -338,3 +338,47 @@ def test_ctrl_c_during_server_start_stops_what_was_started(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         serve_local.start_server(tmp_path / "archive", tmp_path / "ts", 0, 0)
     assert stopped == [tmp_path / "ts", tmp_path / "ts"]  # leftovers before the start, then the start
+
+
+def test_state_forget_erases_users_from_the_store_without_a_server(capsys, tmp_path, monkeypatch):
+    """On-call's erasure: the named users' ratings and state are gone, other users stay."""
+    from metarec.state import Rating
+    from metarec.state.open import open_store
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    store = open_store(url)
+    store.append("gone", [Rating("1", 4.0)])
+    store.put_state("gone", b"state", 1)
+    store.append("stays", [Rating("2", 3.0)])
+    assert cli.main(["state", "forget", "--store", url, "gone", "never-seen"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["gone\tdeleted", "never-seen\tnot stored"]
+    assert "history.parquet" in err
+    assert store.get("gone") is None and store.get("stays") is not None
+    # The store URL may come from the serving environment instead.
+    monkeypatch.setenv("METAREC_STATE_URL", url)
+    assert cli.main(["state", "forget", "stays"]) == 0 and store.get("stays") is None
+    monkeypatch.delenv("METAREC_STATE_URL")
+    assert cli.main(["state", "forget", "x"]) == 1
+    assert "METAREC_STATE_URL is not set" in capsys.readouterr().err
+    store.close()
+
+
+def test_state_prune_deletes_users_not_written_within_the_retention(capsys, tmp_path):
+    import sqlite3
+
+    from metarec.state import Rating
+    from metarec.state.open import open_store
+
+    path = tmp_path / "state.sqlite"
+    store = open_store(f"sqlite:///{path}")
+    store.append("old", [Rating("1", 4.0)])
+    store.append("recent", [Rating("1", 4.0)])
+    with sqlite3.connect(path) as connection:  # "old" last wrote 31 days ago
+        connection.execute("UPDATE users SET updated_at = updated_at - 31 * 86400 WHERE user_id = 'old'")
+    assert cli.main(["state", "prune", "--store", f"sqlite:///{path}", "--ttl-days", "30"]) == 0
+    assert "deleted 1 user(s) not written for 30 days" in capsys.readouterr().out
+    assert store.get("old") is None and store.get("recent") is not None
+    assert cli.main(["state", "prune", "--store", f"sqlite:///{path}", "--ttl-days", "0"]) == 1
+    assert "positive retention" in capsys.readouterr().err
+    store.close()

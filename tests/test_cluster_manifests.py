@@ -32,10 +32,10 @@ def test_pipeline_role_grants_every_call_the_steps_make():
     role, binding = _one(objects, "Role"), _one(objects, "RoleBinding")
     granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
                for group in rule["apiGroups"] for resource in rule["resources"]}  # fmt: skip
-    # meta_train_pytorchjob: create, read, adopt (replace) and delete; deploy_model: patch / replace.
+    # meta_train_pytorchjob: create, read, adopt (replace) and delete; deploy_model: read and patch.
     assert {"create", "get", "update", "delete"} <= granted[("kubeflow.org", "pytorchjobs")]
     assert {"get", "patch"} <= granted[("serving.kserve.io", "inferenceservices")]
-    assert {"get", "update"} <= granted[("apps", "deployments")]
+    assert {"get", "patch"} <= granted[("apps", "deployments")]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert "default-editor" in {subject["name"] for subject in binding["subjects"]}
 

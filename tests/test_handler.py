@@ -66,6 +66,20 @@ def test_initialize_reads_handler_settings(archive_dir):
     assert handler.initialized
 
 
+def test_the_store_keeps_users_for_the_archives_retention(archive_dir, tmp_path, monkeypatch):
+    """``state_ttl_s`` of the ``handler:`` section reaches the store: 90 days unless set, 0 forever."""
+    from metarec.serving.handler import STATE_URL_ENV
+
+    monkeypatch.setenv(STATE_URL_ENV, f"sqlite:///{tmp_path / 'state.sqlite'}")
+    for section, ttl_s in (({}, 90 * 24 * 3600), ({"state_ttl_s": 3600}, 3600), ({"state_ttl_s": 0}, None)):
+        handler = MetaRecHandler()
+        handler.initialize(make_context(archive_dir, [{}], {"handler": section}))
+        assert handler.recommender.store.ttl_s == ttl_s
+        handler.recommender.store.close()
+    with pytest.raises(ValueError, match="state_ttl_s must be >= 0"):
+        handler_limits({"handler": {"state_ttl_s": -1}})
+
+
 def test_unknown_handler_setting_is_refused():
     with pytest.raises(ValueError, match="max_suport"):
         handler_limits({"handler": {"max_suport": 3}})

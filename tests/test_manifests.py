@@ -49,7 +49,10 @@ def _kustomizations() -> list[str]:
 
 # Every serving overlay is something a user applies: found, not listed, so that a new overlay (or one
 # listed nowhere, as gke-cpu-redis and kserve-istio were) cannot escape the hardening check.
-DEPLOYABLE = [k for k in _kustomizations() if k.startswith("serving/overlays/")] + ["training-example", "katib"]
+DEPLOYABLE = [k for k in _kustomizations() if k.startswith("serving/overlays/")] + [
+    "training-example",
+    "katib",
+]
 
 
 @functools.cache
@@ -361,7 +364,7 @@ def test_management_exposure_check_can_fail():
 def test_serving_overlay_objects(kustomization):
     kinds = sorted(obj["kind"] for obj in render(kustomization))
     assert kinds == sorted(
-        ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"]
+        ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"]
         + ["PodDisruptionBudget", "Service", "ServiceAccount"]
     )
     deployment = _objects("Deployment", kustomization)[0]
@@ -376,14 +379,12 @@ def test_serving_overlay_objects(kustomization):
     fetch = pod["initContainers"][0]
     assert fetch["command"][:4] == ["python", "-m", "metarec.storage", "download-dir"]
     assert "--require-complete" in fetch["command"]
-    env_map = next(
-        c
-        for c in _objects("ConfigMap", kustomization)
-        if c["metadata"]["name"].startswith("metarec-serving-env")
-    )
-    model_uri = env_map["data"]["MODEL_URI"]
-    assert model_uri.startswith("gs://")
-    assert fetch["env"][0]["valueFrom"]["configMapKeyRef"]["name"] == env_map["metadata"]["name"]
+    # The model version is the pod template annotation deploy_model sets; no manifest may name it, or a
+    # later `kubectl apply -k` would roll serving back to it (components/deploy_model/deploy.py).
+    (model_env,) = [e for e in fetch["env"] if e["name"] == "MODEL_URI"]
+    assert model_env == {"name": "MODEL_URI", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['metarec.io/model-uri']"}}}  # fmt: skip
+    assert "metarec.io/model-uri" not in deployment["spec"]["template"]["metadata"].get("annotations", {})
     account = _objects("ServiceAccount", kustomization)[0]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
@@ -425,12 +426,6 @@ def test_torchserve_config(kustomization):
     assert properties["enable_model_api"] == "false"
     # Probes call /ping without a token: authorisation is disabled on purpose (see the comment in the file).
     assert properties["disable_token_authorization"] == "true"
-    env_map = next(
-        c
-        for c in _objects("ConfigMap", kustomization)
-        if c["metadata"]["name"].startswith("metarec-serving-env")
-    )
-    assert env_map["data"]["MODEL_URI"].startswith("gs://")
     # No URL may be registered at all (the init container fetches the model, not TorchServe).
     assert properties["allowed_urls"] == "^$"
     deployment = _objects("Deployment", kustomization)[0]
@@ -476,8 +471,9 @@ def inference_service_problems(isvc: dict) -> list[str]:
     pytorch = predictor.get("pytorch") or {}
     if not pytorch:
         problems.append("no predictor.pytorch")
-    if not str(pytorch.get("storageUri", "")).startswith("gs://"):
-        problems.append(f"predictor.pytorch.storageUri is not gs://: {pytorch.get('storageUri')}")
+    # deploy_model sets storageUri; a manifest naming one would roll serving back on every apply.
+    if "storageUri" in pytorch:
+        problems.append(f"predictor.pytorch.storageUri is in the manifest: {pytorch['storageUri']}")
     if pytorch.get("protocolVersion") != "v1":
         problems.append(f"predictor.pytorch.protocolVersion is {pytorch.get('protocolVersion')}, not v1")
     if not predictor.get("serviceAccountName"):

@@ -55,7 +55,7 @@ def test_resolve_peers_names_unknown_peers_and_keys():
 
 def test_missing_package_is_a_clear_error(pre, monkeypatch):
     monkeypatch.setattr(peers, "missing_packages", lambda names: ["surprise"])
-    with pytest.raises(ValueError, match=r"need the packages \['surprise'\]"):
+    with pytest.raises(ValueError, match=r"needs \['scikit-surprise'\], from the 'bench' extra"):
         fit_peers(pre, ["surprise_knn"], None, seed=0)
 
 

@@ -313,6 +313,39 @@ def test_adapt_with_a_new_user_id_personalises_the_next_recommend(served):
     assert [e["item_id"] for e in later["items"]] == [e["item_id"] for e in adapted["items"]]
 
 
+def test_forget_erases_feedback_for_every_worker(served):
+    """feedback -> forget -> recommend over HTTP, two workers reading one store: the forgotten new user
+    is unknown to every worker, and a history user is ranked from their history alone again, as before
+    their feedback (forget keeps no per-worker copy, and the archive's history is not erased)."""
+    items = _item_ids(served)
+    history = _history(served)
+    known = str(history["user_id"].value_counts().index[-1])
+    rated = set(history.loc[history["user_id"].astype(str) == known, "item_id"].astype(str))
+    status, before = post(served, {"user_id": known, "k": 5})
+    assert status == 200, before
+    fresh = [item for item in items if item not in rated][:6]
+    for user_id in ("rt-forgotten", known):
+        body = {"user_id": user_id, "ratings": [{"item_id": item, "rating": 1} for item in fresh], "k": 5}
+        status, answer = post(served, body, "feedback")
+        assert status == 200 and answer["stored"], answer
+    status, answer = post(served, {"user_id": known, "k": 5})
+    assert answer["support_size"] == len(rated) + len(fresh) and answer["items"] != before["items"]
+    for user_id in ("rt-forgotten", known):
+        status, answer = post(served, {"user_id": user_id}, "forget")
+        assert status == 200 and answer["deleted"] is True and answer["user_id"] == user_id, answer
+    # Four reads each: the two workers answer in turn, so both read after the erasure.
+    for _ in range(4):
+        status, answer = post(served, {"user_id": "rt-forgotten", "k": 5})
+        assert status == 404 and "unknown user_id" in answer["message"], answer
+        status, answer = post(served, {"user_id": known, "k": 5})
+        assert status == 200 and answer["support_size"] == len(rated) and answer["items"] == before["items"]
+    assert len(_workers_for(served, "rt-forgotten")) == 2 or len(_workers_for(served, known)) == 2
+    status, again = post(served, {"user_id": "rt-forgotten"}, "forget")
+    assert status == 200 and again["deleted"] is False
+    status, bad = post(served, {"user_id": "rt-forgotten", "ratings": []}, "forget")
+    assert status == 400 and "unknown field(s) ['ratings']" in bad["message"]
+
+
 def test_explanations_over_http_add_up(served):
     items = _item_ids(served)
     ratings = [{"item_id": items[n], "rating": 5 if n < 4 else 1} for n in range(8)]

@@ -70,3 +70,11 @@ def test_the_bench_runs_end_to_end_on_tiny_data(replay, capsys):
     for method in result["prequential"].values():
         assert 0 <= method["mae"] < 4
     assert result["explain_deletion"]["top"] is not None
+    served, mf = result["prequential"]["served_loop"], result["prequential"]["mf_foldin"]
+    for metric in ("mae", "ndcg@3"):
+        assert result["served_over_mf_foldin"][metric] == pytest.approx(served[metric] / mf[metric], abs=1e-4)
+    deletion = result["explain_deletion"]
+    if deletion["random"]:
+        assert result["deletion_ratio"] == pytest.approx(
+            deletion["top"] / deletion["random"], rel=1e-2, abs=1e-3
+        )

@@ -694,3 +694,98 @@ def test_a_state_that_cannot_be_cached_is_still_served(rec, demo):
         rec.store._connection().execute("PRAGMA query_only = OFF")
     assert ask(rec, {"user_id": known, "k": 3}) == (status, answer)
     assert rec.store.get(known).blob is not None
+
+
+def test_forget_erases_a_new_users_ratings_state_and_features(rec):
+    """A new user's feedback, state and stored features are gone after forget: the next request that
+    only names them is refused as unknown, and forgetting them again erases nothing."""
+    items = rec.item_ids
+    feedback = {"user_id": "leaver", "user": {"age": 60}, "ratings": [{"item_id": items[0], "rating": 5}]}
+    assert ask(rec, feedback, "feedback")[0] == 200
+    status, before = ask(rec, {"user_id": "leaver", "k": 3})
+    assert status == 200 and before["personalised"] and before["support_size"] == 1
+    status, answer = ask(rec, {"user_id": "leaver"}, "forget")
+    assert status == 200 and answer == {
+        "user_id": "leaver",
+        "deleted": True,
+        "model_version": rec.model_version,
+    }
+    assert rec.store.get("leaver") is None
+    status, after = ask(rec, {"user_id": "leaver", "k": 3})
+    assert status == 404 and "unknown user_id" in after["message"]
+    assert ask(rec, {"user_id": "leaver"}, "forget")[1]["deleted"] is False
+    # Ids are checked as on every route; a KServe body forgets several users.
+    ask(rec, {"user_id": "a", "ratings": [{"item_id": items[1], "rating": 2}]}, "feedback")
+    status, both = ask(rec, {"instances": [{"user_id": "a"}, {"user_id": 7}]}, "forget")
+    assert status == 200 and [(p["user_id"], p["deleted"]) for p in both["predictions"]] == [
+        ("a", True),
+        ("7", False),
+    ]
+
+
+def test_forget_of_a_history_user_drops_their_feedback_and_keeps_their_history(rec, demo):
+    """A known user's stored feedback is erased, so they are ranked as before it (from the archive's
+    history, which forget cannot erase: the answer says so)."""
+    history = pd.read_parquet(demo["model"] / HISTORY_FILE)
+    user_id = str(history["user_id"].iloc[0])
+    shipped = int((history["user_id"] == user_id).sum())
+    status, before = ask(rec, {"user_id": user_id, "k": 5})
+    assert status == 200 and before["support_size"] == shipped
+    unrated = [i for i in rec.item_ids if i not in set(history.loc[history["user_id"] == user_id, "item_id"])]
+    feedback = {"user_id": user_id, "ratings": [{"item_id": i, "rating": 1} for i in unrated[:8]], "k": 5}
+    status, rated = ask(rec, feedback, "feedback")
+    assert status == 200 and rated["support_size"] == shipped + 8 and rated["items"] != before["items"]
+    status, answer = ask(rec, {"user_id": user_id}, "forget")
+    assert status == 200 and answer["deleted"] is True and "history" in answer["notes"][0]
+    status, after = ask(rec, {"user_id": user_id, "k": 5})
+    assert status == 200 and after["support_size"] == shipped and after["state_version"] == 0
+    assert after["items"] == before["items"]
+
+
+def test_a_state_adapted_while_the_user_is_forgotten_is_not_kept(rec, monkeypatch):
+    """Another worker forgets the user while this one re-adapts them after their feedback: the state
+    adapted from the erased ratings must not be stored back (it was, as a user of version 0 holding it)."""
+    adapt_many = rec.personaliser.adapt_many
+
+    def forgotten_meanwhile(*args, **kwargs):
+        states = adapt_many(*args, **kwargs)
+        assert ask(rec, {"user_id": "racer"}, "forget")[1]["deleted"] is True
+        return states
+
+    monkeypatch.setattr(rec.personaliser, "adapt_many", forgotten_meanwhile)
+    feedback = {"user_id": "racer", "ratings": [{"item_id": rec.item_ids[0], "rating": 5}]}
+    assert ask(rec, feedback, "feedback")[0] == 200
+    assert rec.store.get("racer") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({}, 400, "missing field 'user_id'"),
+        ({"user_id": "x", "k": 3}, 400, "unknown field(s) ['k']"),
+        ({"user_id": ["x"]}, 400, "'user_id' must be a string or an integer"),
+        ({"user_id": ""}, 400, "must not be empty"),
+        ({"user_id": "a\nb"}, 400, "control characters"),
+        ({"user_id": "L" * 257}, 400, "at most 256"),
+        ([1], 400, "must be a JSON object"),
+    ],
+)
+def test_bad_forget_requests_are_refused_with_a_message(rec, body, status, fragment):
+    rec.store.append("x", [])  # a held user the bad requests must leave alone
+    answered, document = ask(rec, body, "forget")
+    assert answered == status and fragment in document["message"], document
+    assert rec.store.get("x") is not None
+
+
+def test_forget_without_a_store_or_while_it_is_unavailable(demo, rec, monkeypatch):
+    bare = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+    status, answer = ask(bare, {"user_id": "1"}, "forget")
+    assert status == 404 and "state store" in answer["message"]
+    from metarec.state import StoreUnavailableError
+
+    def unavailable(user_id):
+        raise StoreUnavailableError("redis://:***@metarec-redis:6379/0", ConnectionError("refused by test"))
+
+    monkeypatch.setattr(rec.store, "delete", unavailable)
+    status, answer = ask(rec, {"user_id": "1"}, "forget")
+    assert status == 503 and answer["type"] == "StoreUnavailable"

@@ -237,6 +237,7 @@ def test_bounded_fuzz_with_canaries(served):
     """A few hundred hostile requests from 4 threads, a valid canary after every 4th (CI-sized)."""
     outcome = run_fuzz(served["info"], n=400, seed=13, concurrency=4)
     assert outcome["canaries"] == 100 and outcome["canaries_failed"] == 0, outcome
+    assert outcome["hostile"] == 400 and outcome["requests"] == 500, outcome
     assert outcome["5xx"] == outcome["non_json_200"] == outcome["connection_errors"] == 0, outcome
     assert set(outcome["by_status"]) <= {"200", "400", "404", "413"}, outcome
     assert outcome["max_answer_bytes"] < 64_000, outcome

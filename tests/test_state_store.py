@@ -163,6 +163,200 @@ def test_delete_forgets_the_user(store):
     assert [r.item_id for r in store.get("u2").ratings] == ["1"]  # other users are kept
 
 
+def test_delete_says_whether_the_store_held_the_user(store):
+    """``forget`` answers ``deleted``: True only when something was erased."""
+    assert store.delete("nobody") is False
+    store.append("u1", ratings((1, 4)))
+    store.append("u2", ratings((2, 4)))
+    assert store.delete("u1") is True
+    assert store.get("u1") is None and store.delete("u1") is False
+    assert [r.item_id for r in store.get("u2").ratings] == ["2"]  # other users untouched
+    # A user known only by a stored state (adapt of a history user) is erased too.
+    assert store.put_state("h1", b"blob", 0) and store.delete("h1") is True and store.get("h1") is None
+
+
+def test_a_state_computed_from_deleted_ratings_is_never_stored(store):
+    """A re-adaptation in flight while the user is forgotten lands after the delete: its state holds
+    what the deleted ratings taught, so it is refused, and the user stays absent."""
+    adapted_from = store.append("u1", ratings((1, 4), (2, 5))).version
+    store.delete("u1")
+    assert store.put_state("u1", b"from-deleted-ratings", adapted_from) is False
+    assert store.put_states([("u1", b"again", adapted_from)]) == [False]
+    assert store.get("u1") is None
+    # A state of no feedback (a history user's) is still stored for an absent user.
+    assert store.put_state("u1", b"history-only", 0) and store.get("u1").fresh
+    # Nor is a state of more ratings than the user has stored.
+    assert store.append("u2", ratings((1, 4))).version == 1
+    assert store.put_state("u2", b"ahead", 2) is False and store.get("u2").blob is None
+
+
+class FakeClock:
+    """A clock the test moves (the SQLite store reads it; Redis keeps its own time)."""
+
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def aging(store_url):
+    """``(open_with_ttl(ttl_s), advance(seconds))``: SQLite on a fake clock that ``advance`` moves,
+    Redis on its own clock (``advance`` sleeps, so tests keep their times short)."""
+    import time
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    opened = []
+    if store_url.startswith("sqlite"):
+        clock = FakeClock()
+
+        def open_with_ttl(ttl_s):
+            opened.append(SqliteStateStore(store_url[len("sqlite:///") :], WINDOW, ttl_s, clock=clock))
+            return opened[-1]
+
+        def advance(seconds):
+            clock.now += seconds
+
+    else:
+
+        def open_with_ttl(ttl_s):
+            opened.append(open_store(store_url, WINDOW, ttl_s=ttl_s))
+            return opened[-1]
+
+        advance = time.sleep
+    yield open_with_ttl, advance
+    for store in opened:
+        store.close()
+
+
+def test_users_expire_a_ttl_after_their_last_write(aging):
+    """Retention: every write (append or state) restarts the user's clock; an expired user reads as
+    absent, cannot be deleted again, gets no late state, and a new append starts them afresh."""
+    open_with_ttl, advance = aging
+    store = open_with_ttl(0.4)
+    assert store.append("u1", ratings((1, 4), (2, 3))).version == 1
+    assert store.put_state("u1", b"state", 1)
+    store.append("u2", ratings((3, 5)))
+    advance(0.25)
+    assert store.put_state("u1", b"recomputed", 1)  # a write: u1's clock restarts, u2's does not
+    advance(0.25)
+    kept = store.get("u1")  # 0.25 s after its last write
+    assert kept is not None and kept.fresh and kept.blob == b"recomputed"
+    assert [r.item_id for r in kept.ratings] == ["1", "2"]
+    assert store.get("u2") is None  # 0.5 s after its last write
+    assert store.delete("u2") is False
+    advance(0.45)
+    assert store.get("u1") is None
+    assert store.put_state("u1", b"late", 1) is False and store.get("u1") is None
+    again = store.append("u1", ratings((9, 1)))
+    assert again.version == 1 and [r.item_id for r in again.ratings] == ["9"] and again.blob is None
+
+
+def test_retention_must_be_a_non_negative_number(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for bad in (-1, float("inf"), float("nan"), "90d", True):
+        with pytest.raises(ValueError, match="retention"):
+            open_store(url, ttl_s=bad)
+    assert open_store(url, ttl_s=0).ttl_s is None  # 0: forever
+
+
+def _rows(path) -> tuple[int, int]:
+    import sqlite3
+
+    with sqlite3.connect(path) as connection:
+        return tuple(
+            connection.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("users", "ratings")
+        )
+
+
+def test_sqlite_prune_deletes_expired_rows_and_writes_prune_amortised(tmp_path):
+    """Expired users are skipped at once and their rows deleted by ``prune`` and by later writes (at
+    most one batch per interval), so the file stops growing with every user who ever wrote."""
+    from metarec.state import sqlite_store
+
+    clock, path = FakeClock(), tmp_path / "s.db"
+    store = sqlite_store.SqliteStateStore(path, WINDOW, ttl_s=3600, clock=clock)
+    for n in range(5):
+        store.append(f"old{n}", ratings((1, 4), (2, 5)))
+    clock.now += 3600
+    assert _rows(path) == (5, 10)
+    assert store.prune() == 5 and _rows(path) == (0, 0)
+    assert store.prune() == 0
+    for n in range(sqlite_store.PRUNE_BATCH + 5):
+        store.append(f"old{n}", ratings((1, 4)))
+    clock.now += 3600 + sqlite_store.PRUNE_INTERVAL_S
+    store.append("new", ratings((1, 4)))  # deletes one batch of expired users...
+    assert _rows(path)[0] == 1 + 5
+    store.put_state("new", b"x", 1)  # ...and the next write the rest (the batch was full)
+    assert _rows(path) == (1, 1)
+    store.close()
+
+
+_OLD_SCHEMA = """
+CREATE TABLE users (user_id TEXT PRIMARY KEY, version INTEGER NOT NULL DEFAULT 0, blob BLOB,
+                    blob_version INTEGER NOT NULL DEFAULT -1);
+CREATE TABLE ratings (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
+                      rating REAL NOT NULL, timestamp REAL);
+CREATE INDEX ratings_by_user ON ratings (user_id, seq);
+INSERT INTO users VALUES ('u1', 2, X'0102', 2);
+INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES ('u1', '7', 4.0, 10.0), ('u1', '8', 2.0, NULL);
+"""
+
+
+def test_a_sqlite_file_of_the_previous_schema_keeps_working(tmp_path):
+    """A state file written before retention (no ``updated_at``): opened as is, its users kept and
+    given a full retention from the upgrade, then expiring like any other."""
+    import sqlite3
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(_OLD_SCHEMA)
+    clock = FakeClock()
+    store = SqliteStateStore(path, WINDOW, ttl_s=100, clock=clock)
+    kept = store.get("u1")
+    assert (kept.version, kept.blob, kept.fresh) == (2, b"\x01\x02", True)
+    assert [(r.item_id, r.rating, r.timestamp) for r in kept.ratings] == [("7", 4.0, 10.0), ("8", 2.0, None)]
+    assert store.append("u1", ratings((9, 5))).version == 3
+    assert SqliteStateStore(path, WINDOW).get("u1").version == 3  # opened again: migrated once
+    store.append("u2", ratings((1, 1)))
+    clock.now += 100
+    assert store.get("u1") is None and store.get("u2") is None
+    store.close()
+    # Without retention the old file opens too, and nothing expires.
+    with sqlite3.connect(tmp_path / "old2.sqlite") as connection:
+        connection.executescript(_OLD_SCHEMA)
+    assert SqliteStateStore(tmp_path / "old2.sqlite", WINDOW).get("u1").version == 2
+
+
+def test_redis_prune_gives_keys_without_a_ttl_the_retention(redis_url):
+    """Keys written before retention was on never expire by themselves: prune gives them the TTL (both
+    keys of a user alike); keys that have one keep it. A write without retention removes a TTL."""
+    forever = open_store(redis_url, WINDOW)
+    retained = open_store(redis_url, WINDOW, ttl_s=3600)
+    try:
+        forever.client.flushdb()
+        forever.append("old", ratings((1, 4)))
+        forever.put_state("old", b"x", 1)
+        forever.put_state("state-only", b"y", 0)
+        retained.append("new", ratings((1, 4)))
+        client = retained.client
+        assert client.pttl("metarec:{old}:ratings") == -1 and client.pttl("metarec:{old}:meta") == -1
+        assert 3_590_000 < client.pttl("metarec:{new}:meta") <= 3_600_000
+        assert retained.prune() == 2 and retained.prune() == 0
+        for key in ("metarec:{old}:ratings", "metarec:{old}:meta", "metarec:{state-only}:meta"):
+            assert 3_590_000 < client.pttl(key) <= 3_600_000, key
+        assert forever.prune() == 0  # no retention: nothing to give
+        forever.append("new", ratings((2, 4)))
+        assert client.pttl("metarec:{new}:ratings") == -1 and client.pttl("metarec:{new}:meta") == -1
+    finally:
+        forever.close()
+        retained.close()
+
+
 def test_a_second_connection_reads_what_the_first_wrote(store_url, store):
     store.append("u1", ratings((1, 4)))
     other = open_store(store_url, window=WINDOW)

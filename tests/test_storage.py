@@ -546,3 +546,13 @@ def test_promote_refuses_nested_local_folders(tmp_path, monkeypatch):
     sibling = _tree(tmp_path / "final0", {"a.bin": b"sibling"})
     storage.promote(sibling, final)  # final0 is a sibling of final, not inside it
     assert (final / "a.bin").read_bytes() == b"sibling"
+
+
+def test_cli_download_dir_refuses_an_empty_source(tmp_path, monkeypatch, capsys):
+    # The serving Deployment's MODEL_URI is empty until a version is deployed; "" must not name the
+    # working folder (which download_dir would copy) nor give a misleading "no manifest" message.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.txt").write_text("not a model")
+    assert storage.main(["download-dir", "", str(tmp_path / "out")]) == 1
+    assert "empty MODEL_URI" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -19,8 +19,12 @@ def deploy_model(
     """Points serving at the version package_model published; promotes it when ready, else rolls back.
 
     Needs the pipeline service account allowed to get and patch ``inferenceservices`` (KServe) and to get
-    ``deployments`` (a RawDeployment predictor's rollout), or to get and update ``deployments`` (plain), in
+    ``deployments`` (a RawDeployment predictor's rollout), or to get and patch ``deployments`` (plain), in
     ``namespace`` (manifests/pipeline-rbac).
+
+    It writes only the model version (``storageUri``, or the Deployment's pod template annotation
+    ``metarec.io/model-uri``), which the shipped manifests do not name, so a later ``kubectl apply -k``
+    keeps it; it fails, changing nothing, where an applied manifest names it (the apply would undo it).
 
     Args:
         archive: package_model's output; metadata ``published_uri`` is the version to roll out.

@@ -9,15 +9,25 @@ Two targets, both driven through the Kubernetes API (a fake API server in the te
   reports no revisions, so no canary is set and readiness is the rollout of the predictor's own
   Deployment, judged as for the plain Deployment. If the new version fails or the wait times out,
   ``storageUri`` goes back to the previous version.
-* the plain Deployment of ``manifests/serving``: the ``fetch-model`` init container's ``MODEL_URI`` is set
-  to the new version, which rolls the pods; the rollout must complete (as ``kubectl rollout status``
-  judges it: every replica updated and available, no old replica left) or the previous pod template is
-  put back.
+* the plain Deployment of ``manifests/serving``: its pod template annotation ``metarec.io/model-uri``,
+  which the ``fetch-model`` init container reads as ``MODEL_URI``, is set to the new version, which rolls
+  the pods; the rollout must complete (as ``kubectl rollout status`` judges it: every replica updated and
+  available, no old replica left) or the previous version is put back.
+
+Who owns the model location. ``kubectl apply`` (client-side: a three-way merge against the
+``kubectl.kubernetes.io/last-applied-configuration`` annotation; server-side: field managers) and GitOps
+syncs reset every field their manifests declare and leave every other field alone. So the model location
+must be a field the manifests do not declare, or the next apply of ``manifests/serving`` silently rolls
+serving back to the manifest's URI (KServe) or fails on the pod template (the Deployment, whose env var
+would carry both ``value`` and ``valueFrom``). The shipped manifests therefore name no model: the
+InferenceService has no ``storageUri``, and the Deployment's ``MODEL_URI`` is read (downward API) from its
+pod template annotation ``metarec.io/model-uri``. This step writes only that one field, as field manager
+``metarec-deploy-model``, and refuses, before writing anything, when the object's applied configuration
+declares it (older manifests, or an overlay that pins a version): a later apply would undo the rollout.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -29,10 +39,68 @@ RAW_MODE, MODE_ANNOTATION = "RawDeployment", "serving.kserve.io/deploymentMode"
 # The predictor Deployment KServe creates in RawDeployment mode: `<name>-predictor` since KServe 0.11,
 # `<name>-predictor-default` before.
 RAW_PREDICTOR_NAMES = ("{name}-predictor", "{name}-predictor-default")
+# The plain Deployment's model version: a pod template annotation its fetch-model container reads through
+# the downward API (manifests/serving/base/deployment.yaml), so that no manifest declares it.
+MODEL_ANNOTATION = "metarec.io/model-uri"
+# On the InferenceService: the version this step replaced, for a one-command rollback (docs/cluster.md).
+PREVIOUS_ANNOTATION = "metarec.io/previous-model-uri"
+# On the Deployment: recorded on each ReplicaSet, so `kubectl rollout history` names the model per revision.
+CHANGE_CAUSE = "kubernetes.io/change-cause"
+FIELD_MANAGER = "metarec-deploy-model"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 class DeployError(RuntimeError):
     """The new version did not become ready; the previous one was restored."""
+
+
+class OwnershipError(RuntimeError):
+    """The object's applied manifests declare the model location, so the next ``kubectl apply`` or GitOps
+    sync would undo this rollout; nothing was changed."""
+
+
+def _declared_by(obj: dict, path: tuple[str, ...]) -> list[str]:
+    """Who, besides this step, declared ``path`` of ``obj`` in an applied configuration.
+
+    Client-side ``kubectl apply`` (and Argo CD, which uses it) keeps what it applied in the
+    ``last-applied-configuration`` annotation and resets those fields on every apply; server-side apply
+    records an ``Apply`` entry in ``metadata.managedFields`` per field manager (``kubectl``,
+    ``kustomize-controller``, ...) and resets or conflicts on the fields listed there.
+
+    Args:
+        obj: The live object, as the API returns it.
+        path: Keys from the object's root to the field.
+
+    Returns:
+        Descriptions of the declarations found; empty when no applied configuration names the field.
+    """
+    found = []
+    metadata = obj.get("metadata") or {}
+    last_applied = (metadata.get("annotations") or {}).get(LAST_APPLIED)
+    if last_applied:
+        node = json.loads(last_applied)
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            found.append(f"kubectl client-side apply ({LAST_APPLIED} holds {node!r})")
+    for entry in metadata.get("managedFields") or []:
+        if entry.get("operation") != "Apply" or entry.get("manager") == FIELD_MANAGER:
+            continue
+        node = entry.get("fieldsV1") or {}
+        for key in path:
+            node = node.get(f"f:{key}") if isinstance(node, dict) else None
+        if node is not None:
+            found.append(f"server-side apply by field manager {entry.get('manager')!r}")
+    return found
+
+
+def _refuse_if_declared(obj: dict, path: tuple[str, ...], target: str, fix: str) -> None:
+    declared = _declared_by(obj, path)
+    if declared:
+        raise OwnershipError(
+            f"{target}: {'.'.join(path)} is declared by {' and '.join(declared)}, so the next apply of those "
+            f"manifests (or GitOps sync) would roll serving back; nothing was changed. {fix}"
+        )
 
 
 def _predictor_model(isvc: dict) -> dict:
@@ -137,6 +205,8 @@ def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, cana
 
     Raises:
         DeployError: The new revision failed or timed out; storageUri was restored.
+        OwnershipError: The InferenceService's applied manifests declare ``storageUri``; nothing was
+            changed.
         ValueError: RawDeployment mode without ``apps``.
     """
     group, version, plural = KSERVE
@@ -154,9 +224,19 @@ def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, cana
     if raw and apps is None:
         raise ValueError(f"{result['target']} is in {RAW_MODE} mode: pass apps= to watch its Deployment")
     kind = next(k for k in PREDICTOR_KINDS if isinstance(current["spec"]["predictor"].get(k), dict))
+    _refuse_if_declared(
+        current, ("spec", "predictor", kind, "storageUri"), result["target"],
+        "Apply manifests that name no storageUri (manifests/serving/overlays/kserve) and drop it from the "
+        "applied configuration once, as docs/cluster.md ('Who owns the model version') shows.",
+    )  # fmt: skip
+    older = (current["metadata"].get("annotations") or {}).get(PREVIOUS_ANNOTATION)
     canary = None if raw else (canary_percent or None)
-    rollout = {"spec": {"predictor": {kind: {"storageUri": model_uri}, "canaryTrafficPercent": canary}}}
-    api.patch_namespaced_custom_object(group, version, namespace, plural, name, rollout)
+    rollout = {
+        "metadata": {"annotations": {PREVIOUS_ANNOTATION: previous}},
+        "spec": {"predictor": {kind: {"storageUri": model_uri}, "canaryTrafficPercent": canary}},
+    }
+    api.patch_namespaced_custom_object(group, version, namespace, plural, name, rollout,
+                                       field_manager=FIELD_MANAGER)  # fmt: skip
     how = "rolling update of the predictor Deployment (no canary)" if raw else f"canary {canary_percent}%"
     print(f"{result['target']}: storageUri {previous} -> {model_uri}, {how}", flush=True)
 
@@ -174,11 +254,16 @@ def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, cana
     if outcome == "ready":
         if not raw:
             promote = {"spec": {"predictor": {"canaryTrafficPercent": None}}}
-            api.patch_namespaced_custom_object(group, version, namespace, plural, name, promote)
+            api.patch_namespaced_custom_object(group, version, namespace, plural, name, promote,
+                                               field_manager=FIELD_MANAGER)  # fmt: skip
         print(f"{result['target']}: new version ready, serving all traffic", flush=True)
         return result | {"outcome": "promoted"}
-    back = {"spec": {"predictor": {kind: {"storageUri": previous}, "canaryTrafficPercent": None}}}
-    api.patch_namespaced_custom_object(group, version, namespace, plural, name, back)
+    back = {
+        "metadata": {"annotations": {PREVIOUS_ANNOTATION: older}},
+        "spec": {"predictor": {kind: {"storageUri": previous}, "canaryTrafficPercent": None}},
+    }
+    api.patch_namespaced_custom_object(group, version, namespace, plural, name, back,
+                                       field_manager=FIELD_MANAGER)  # fmt: skip
     raise DeployError(f"{result['target']}: new revision {outcome}; rolled back to {previous}")
 
 
@@ -208,9 +293,24 @@ def _rollout_state(deployment) -> str | None:
     return "ready"
 
 
+def _reads_annotation(container) -> bool:
+    """Whether the fetch-model container takes ``MODEL_URI`` from the pod template annotation."""
+    wanted = f"metadata.annotations['{MODEL_ANNOTATION}']"
+    for env in container.env or []:
+        if env.name == MODEL_ENV:
+            field_ref = env.value_from.field_ref if env.value_from else None
+            return not env.value and field_ref is not None and field_ref.field_path == wanted
+    return False
+
+
 def deploy_deployment(api, name: str, namespace: str, model_uri: str, timeout_s: float = 900,
                       poll_s: float = 10, sleep=time.sleep, clock=time.monotonic) -> dict:  # fmt: skip
-    """Rolls the serving Deployment to a new model version, or back to the previous pod template.
+    """Rolls the serving Deployment to a new model version, or back to the previous one.
+
+    The version is the pod template annotation ``metarec.io/model-uri`` (the manifests never name it, so
+    a later ``kubectl apply -k`` keeps it); a change rolls the pods, and each version is its own
+    ReplicaSet revision, labelled by ``kubernetes.io/change-cause`` in ``kubectl rollout history``, so
+    ``kubectl rollout undo`` returns to the previous version.
 
     Args:
         api: ``kubernetes.client.AppsV1Api``.
@@ -226,26 +326,41 @@ def deploy_deployment(api, name: str, namespace: str, model_uri: str, timeout_s:
         ``{"target", "previous_uri", "model_uri", "outcome"}``.
 
     Raises:
-        DeployError: The rollout failed or timed out; the previous template was restored.
+        DeployError: The rollout failed or timed out; the previous version was restored.
+        OwnershipError: The Deployment's applied manifests declare the version, or its fetch-model
+            container does not read it from the annotation (older manifests); nothing was changed.
     """
-    from kubernetes import client
-
     deployment = api.read_namespaced_deployment(name, namespace)
-    previous_template = copy.deepcopy(deployment.spec.template)
-    container = _fetch_container(deployment)
-    env = [e for e in container.env or [] if e.name != MODEL_ENV]
-    previous = next((e.value for e in container.env or [] if e.name == MODEL_ENV), None)
-    result = {"target": f"Deployment {namespace}/{name}", "previous_uri": previous, "model_uri": model_uri}
+    target = f"Deployment {namespace}/{name}"
+    if not _reads_annotation(_fetch_container(deployment)):
+        raise OwnershipError(
+            f"{target}: its {FETCH_CONTAINER} container does not read {MODEL_ENV} from the pod template "
+            f"annotation {MODEL_ANNOTATION} (manifests older than this step): setting the annotation would "
+            "change nothing. Migrate it once as docs/cluster.md ('Who owns the model version') shows."
+        )
+    _refuse_if_declared(
+        api.api_client.sanitize_for_serialization(deployment),
+        ("spec", "template", "metadata", "annotations", MODEL_ANNOTATION), target,
+        f"Remove the {MODEL_ANNOTATION} annotation from the manifests (docs/cluster.md, 'Who owns the model "
+        "version').",
+    )  # fmt: skip
+    previous = (deployment.spec.template.metadata.annotations or {}).get(MODEL_ANNOTATION)
+    previous_cause = (deployment.metadata.annotations or {}).get(CHANGE_CAUSE)
+    result = {"target": target, "previous_uri": previous, "model_uri": model_uri}
     if previous == model_uri:
         return result | {"outcome": "unchanged"}
-    container.env = env + [client.V1EnvVar(name=MODEL_ENV, value=model_uri)]
-    api.replace_namespaced_deployment(name, namespace, deployment)
-    print(f"{result['target']}: {MODEL_ENV} -> {model_uri}", flush=True)
+
+    def point_at(uri: str | None, cause: str | None) -> None:
+        # A strategic merge patch of two map keys only: nothing else of the template is rewritten.
+        body = {"metadata": {"annotations": {CHANGE_CAUSE: cause}},
+                "spec": {"template": {"metadata": {"annotations": {MODEL_ANNOTATION: uri}}}}}  # fmt: skip
+        api.patch_namespaced_deployment(name, namespace, body, field_manager=FIELD_MANAGER)
+
+    point_at(model_uri, f"deploy_model: {MODEL_ENV}={model_uri}")
+    print(f"{target}: {MODEL_ENV} -> {model_uri}", flush=True)
     outcome = _wait(lambda: api.read_namespaced_deployment(name, namespace), _rollout_state,
                     timeout_s, poll_s, sleep, clock)  # fmt: skip
     if outcome == "ready":
         return result | {"outcome": "promoted"}
-    current = api.read_namespaced_deployment(name, namespace)
-    current.spec.template = previous_template
-    api.replace_namespaced_deployment(name, namespace, current)
-    raise DeployError(f"{result['target']}: rollout {outcome}; rolled back to the previous pod template")
+    point_at(previous, previous_cause)
+    raise DeployError(f"{target}: rollout {outcome}; rolled back to {previous}")

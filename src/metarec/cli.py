@@ -5,6 +5,7 @@ metarec run-local [--data PATH_OR_GS_URI] [--dataset-config FILE_OR_NAME] [--con
 metarec compile [--output DIR] [--gpu-type nvidia-l4] [--gpus N] [--pytorchjob-nodes N] [--variant V]
 metarec serve [--model-dir DIR] [--workdir DIR] [--inference-port N] ... | metarec serve --stop
 metarec tune (--preprocessed DIR... | --data PATH [--split-seeds N...]) [--method M] [--trials N] [--set KEY=VALUE] [--output DIR]
+metarec state forget [--store URL] USER_ID... | metarec state prune [--store URL] --ttl-days DAYS
 ```
 
 Errors end with one line on stderr and a non-zero exit status; ``--debug`` shows the traceback.
@@ -253,8 +254,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
 
     from metarec.training import parse_override
-    from metarec.tuning import resolve_settings, run_tuning
+    from metarec.tuning import require_optuna, resolve_settings, run_tuning
 
+    require_optuna()  # the bench extra, in no image: say so before preprocessing anything
     fixed = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -281,6 +283,42 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"current defaults (trial 0): val MAE {defaults['val_mae']:.4f}, "
               f"val nDCG@3 {defaults['val_ndcg@3']:.4f}")  # fmt: skip
     print(f"run config: {summary['run_config']}   all trials: {output / 'tuning.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# state
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    url = args.store or os.environ.get("METAREC_STATE_URL")
+    if not url:
+        raise CLIError("no --store given and METAREC_STATE_URL is not set (sqlite:///path.db, redis://...)")
+    return url
+
+
+def cmd_state_forget(args: argparse.Namespace) -> int:
+    """``metarec state forget``: erase users' stored ratings and state (no TorchServe needed)."""
+    from metarec.state.lifecycle import forget_users
+
+    for user_id, deleted in forget_users(_store_url(args), args.user_ids).items():
+        print(f"{user_id}\t{'deleted' if deleted else 'not stored'}")
+    print("note: ratings in a model archive's history.parquet (and the weights trained on them) are not "
+          "erased; a model trained without them removes them (docs/realtime.md#erasure)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_state_prune(args: argparse.Namespace) -> int:
+    """``metarec state prune``: apply the retention to the store now."""
+    from metarec.state.lifecycle import prune_store
+
+    url = _store_url(args)
+    count = prune_store(url, args.ttl_days * 24 * 3600)
+    if url.startswith("sqlite:"):
+        print(f"deleted {count} user(s) not written for {args.ttl_days:g} days")
+    else:
+        print(f"gave {count} user(s) stored without a time to live one of {args.ttl_days:g} days "
+              "(Redis expires the others itself)")  # fmt: skip
     return 0
 
 
@@ -349,7 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--timeout", type=float, default=None, help="seconds after which no trial starts")
     tune.add_argument("--output", default="runs/tune", help="folder for tuning.json and best-run-config.yaml")
     tune.set_defaults(handler=cmd_tune)
-    for sub in commands.choices.values():
+    state = commands.add_parser("state", help="erase users from the user-state store, apply its retention")
+    actions = state.add_subparsers(dest="action", required=True, metavar="ACTION")
+    store_help = "the store, e.g. sqlite:///path/metarec-state.sqlite or redis://:pw@host:6379/0 (default: $METAREC_STATE_URL)"
+    forget = actions.add_parser("forget", help="erase users' stored feedback, ratings and adapted state")
+    forget.add_argument("--store", help=store_help)
+    forget.add_argument("user_ids", nargs="+", metavar="USER_ID")
+    forget.set_defaults(handler=cmd_state_forget)
+    prune = actions.add_parser(
+        "prune", help="delete users not written for --ttl-days (SQLite); give Redis keys without one the TTL"
+    )
+    prune.add_argument("--store", help=store_help)
+    prune.add_argument("--ttl-days", type=float, required=True, help="the retention (state_ttl_s / 86400)")
+    prune.set_defaults(handler=cmd_state_prune)
+    for sub in [*commands.choices.values(), *actions.choices.values()]:
         sub.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
         )

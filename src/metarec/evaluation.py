@@ -357,15 +357,18 @@ def run_evaluation(
         validation users), ``best_baseline`` (the strongest on the test users), ``selection_metric``.
 
     Raises:
-        ValueError: Unknown config keys, scenarios or baselines, or a method name used twice.
+        ValueError: Unknown config keys, scenarios or baselines, a method name used twice, or peers whose
+            packages (the ``bench`` extra) are not installed.
     """
     from metarec import stats
-    from metarec.peers import PEER_NAMES, fit_peers
+    from metarec.peers import PEER_NAMES, fit_peers, require_packages, resolve_peers
     from metarec.report import write_report
     from metarec.selection import best_methods
     from metarec.tasks import Preprocessed, scenario_tasks
 
     config = EvaluateSettings.from_dict(config)
+    # Peers need the bench extra, which no image installs: refuse before loading data or fitting baselines.
+    require_packages(resolve_peers(config.peers))
     clash = set(model_dirs) & (set(BASELINE_NAMES) | set(PEER_NAMES))
     if clash:
         raise ValueError(f"model names {sorted(clash)} clash with baseline names")

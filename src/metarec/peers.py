@@ -39,6 +39,8 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "lightfm": {"no_components": [32, 16], "epochs": [30, 15], "alpha": [1e-5], "learning_rate": [0.05]},
 }
 PACKAGES = {"surprise_svdpp": "surprise", "surprise_knn": "surprise", "lightfm": "lightfm"}
+# Module -> the distribution of the ``bench`` extra that provides it (what an error message names).
+DISTRIBUTIONS = {"surprise": "scikit-surprise", "lightfm": "lightfm-next"}
 _NUMERIC_BINS = 8
 
 
@@ -78,6 +80,29 @@ def missing_packages(names) -> list[str]:
     import importlib.util
 
     return sorted({PACKAGES[n] for n in names if importlib.util.find_spec(PACKAGES[n]) is None})
+
+
+def require_packages(names) -> None:
+    """Refuses peers whose packages are not installed, before any data is read or model fitted.
+
+    The ``bench`` extra is in no image (images/*.extras): the evaluate component in the components image
+    can never score peers, so it must say so at once rather than after fitting every baseline.
+
+    Args:
+        names: Peer names (e.g. the keys of :func:`resolve_peers`).
+
+    Raises:
+        ValueError: Naming the missing distributions, the extra that has them and the images that lack it.
+    """
+    missing = missing_packages(names)
+    if missing:
+        dists = sorted(DISTRIBUTIONS[m] for m in missing)
+        raise ValueError(
+            f"evaluate setting 'peers' {sorted(names)} needs {dists}, from the 'bench' extra "
+            "(pip install 'metarec[bench]'), which the components and serving images do not install: "
+            "peers are quality-bench references (bench/coldstart_quality.py); drop 'peers' from the "
+            "evaluate config to run in the image"
+        )
 
 
 def _grid_points(grid: dict[str, list]) -> list[dict]:
@@ -362,9 +387,7 @@ def fit_peers(pre, peers, val_batch, seed: int) -> dict[str, RetrainedPeer]:
     from metarec.metrics import mae
 
     grids = resolve_peers(peers)
-    missing = missing_packages(grids)
-    if missing:
-        raise ValueError(f"peers {sorted(grids)} need the packages {missing}: pip install 'metarec[bench]'")
+    require_packages(grids)
     fitted = {}
     for name, grid in grids.items():
         points, tried, seconds = _grid_points(grid), [], 0.0

@@ -92,6 +92,24 @@ class AdaptRequest(RecommendRequest):
     support_ids: list[str] = None
 
 
+@dataclass
+class ForgetRequest:
+    """One validated forget request: erase a user's stored ratings and state.
+
+    Attributes:
+        user_id: Raw user id (any valid id: forgetting a user the store does not hold is no error).
+    """
+
+    user_id: str
+
+
+# Said in a forget answer for a user whose ratings ship in the archive's history.parquet.
+HISTORY_NOTE = (
+    "this user's ratings in the model's training data (the archive's history and the trained weights) "
+    "are not erased by forget and still personalise them; they leave with a model trained without them"
+)
+
+
 class Recommender:
     """A meta-learned recommender ready to serve: model, catalogue, feature encoder, limits.
 
@@ -427,6 +445,43 @@ class Recommender:
             }  # fmt: skip
             answers[position] = {**answer, "stored": True}
         return answers
+
+    def forget(self, requests: Sequence[ForgetRequest]) -> list[dict[str, Any]]:
+        """Erases each request's user from the state store: their feedback, the ratings an adapt stored
+        for them, their adapted state and the features kept with it.
+
+        Every worker reads a user from the store on each request (no worker keeps a copy), so the next
+        request anywhere no longer sees them; a re-adaptation in flight cannot store its state back (the
+        store refuses a state of ratings it no longer holds). Not erased: a known user's ratings in the
+        archive's ``history.parquet`` and what training learned from them (the answer says so in
+        ``notes``); their next recommend is personalised from that history alone.
+
+        Args:
+            requests: Validated forget requests.
+
+        Returns:
+            One answer per request: ``{"user_id", "deleted": whether the store held the user,
+            "model_version"}`` (plus ``notes`` for a user with shipped history); while the store is
+            unavailable, the :class:`StoreUnavailableError` for every request not yet erased.
+        """
+        answers: list[dict[str, Any]] = []
+        refused: list[StoreUnavailableError] = []
+        for position, request in enumerate(requests):
+            try:
+                deleted = self.store.delete(request.user_id)
+            except StoreUnavailableError as error:
+                logger.warning("forget refused: %s", error)
+                refused = [error] * (len(requests) - position)
+                break
+            answer = {"user_id": request.user_id, "deleted": deleted, "model_version": self.model_version}
+            if request.user_id in self.history:
+                answer["notes"] = [HISTORY_NOTE]
+            answers.append(answer)
+        if answers and logger.isEnabledFor(logging.INFO):
+            # The audit trail of erasures (one record per batch, as _log_users).
+            logger.info("\n".join(f"realtime user={a['user_id']} route=forget deleted={a['deleted']}"
+                                   for a in answers))  # fmt: skip
+        return [*answers, *refused]
 
     def adapt(self, requests: Sequence[AdaptRequest]) -> list[dict[str, Any]]:
         """Adapts the model to a batch of new users on their support ratings and ranks for each.

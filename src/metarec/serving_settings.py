@@ -41,6 +41,12 @@ class RequestLimits(Settings):
             and the per-rating shares of every inner step), the rest of a request under 1 ms, so a
             batch of ``batch_size`` bodies must stay well inside ``response_timeout_s``: 8 bodies x
             4 x 0.1 s = 3.2 s against 30 s (docs/serving.md).
+        state_ttl_s: Retention of the state store: seconds a user's stored ratings and state are kept
+            after the user's last write (feedback, an adapt that stores, a recomputed state); 0 keeps
+            them forever. 90 days by default: it bounds the store by the users active in that time (the
+            Redis deployment refuses every write once its memory cap is reached), and feedback older
+            than that says little about a returning user, whom their history (if any) and the prior
+            still serve (docs/realtime.md#retention).
     """
 
     section = "serving limits"
@@ -60,10 +66,17 @@ class RequestLimits(Settings):
     state_window: int = 200
     max_user_id_chars: int = 256
     max_explained: int = 4
+    state_ttl_s: int = 90 * 24 * 3600
 
     def validate(self) -> None:
-        """Every limit must be positive."""
+        """Every limit must be positive (the retention may be 0: forever)."""
         for field in dataclasses.fields(self):
+            if field.name == "state_ttl_s":
+                if self.state_ttl_s < 0:
+                    raise ValueError(
+                        f"{self.section}: state_ttl_s must be >= 0 (0: forever), got {self.state_ttl_s!r}"
+                    )
+                continue
             if getattr(self, field.name) <= 0:
                 raise ValueError(
                     f"{self.section}: {field.name} must be > 0, got {getattr(self, field.name)!r}"

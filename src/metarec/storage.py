@@ -921,6 +921,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "download-dir":
+            if not args.source.strip():
+                # The serving Deployment's MODEL_URI (its pod template annotation metarec.io/model-uri)
+                # is empty until deploy_model sets a version; "" would otherwise name the working folder.
+                raise StorageError(
+                    "no source given (empty MODEL_URI): no model version is deployed yet; deploy_model "
+                    "sets it (docs/cluster.md, 'Who owns the model version')"
+                )
             written = download_dir(args.source, args.destination, require_complete=args.require_complete)
             summary: dict = {"downloaded": len(written), "destination": args.destination}
         elif args.command == "upload-dir":

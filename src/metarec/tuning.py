@@ -90,6 +90,26 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
+def require_optuna() -> None:
+    """Refuses at once when Optuna is not installed: it is the ``bench`` extra, in no image.
+
+    ``metarec`` is the components image's command line, so ``metarec tune`` can be started there; it must
+    say what is missing before preprocessing anything, not fail on the import after.
+
+    Raises:
+        ModuleNotFoundError: Naming the package, the extra that has it and the image alternative (Katib).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ModuleNotFoundError(
+            "metarec tune needs optuna, from the 'bench' extra (pip install 'metarec[bench]'), which the "
+            "components image does not install; on the cluster, search with Katib instead "
+            "(manifests/katib, docs/tuning.md)",
+            name="optuna",
+        )
+
+
 def run_tuning(
     preprocessed_dirs: list[str], settings: dict[str, Any] | None, output_dir: str
 ) -> dict[str, Any]:
@@ -107,6 +127,7 @@ def run_tuning(
         "defaults": the same metrics with training's defaults (trial 0), "trials": [...],
         "run_config": path of the YAML, "elapsed_s"}``.
     """
+    require_optuna()
     import optuna
     import yaml
 

@@ -5,7 +5,15 @@ import json
 
 import pytest
 import yaml
-from fake_kube import DEPLOYMENTS, INFERENCESERVICES, KSERVE_SOURCE_URI, raw_predictor_deployment
+from fake_kube import (
+    DEPLOYMENTS,
+    INFERENCESERVICES,
+    KSERVE_SOURCE_URI,
+    client_side_apply,
+    kserve_raw_controller,
+    raw_predictor_deployment,
+    three_way_patch,
+)
 
 from metarec.components.deploy_model import deploy
 
@@ -28,8 +36,7 @@ def _controller(fake, collection, obj):
                                          "latestReadyRevision": revision if ready else "metarec-predictor-00001"}},
         }  # fmt: skip
     elif collection == DEPS:
-        (init,) = [c for c in obj["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model"]
-        uri = next((e.get("value") for e in init.get("env", []) if e["name"] == "MODEL_URI"), "") or ""
+        uri = (obj["spec"]["template"]["metadata"].get("annotations") or {}).get(deploy.MODEL_ANNOTATION, "")
         replicas = obj["spec"].get("replicas", 1)
         healthy = "broken" not in uri
         obj["status"] = {"observedGeneration": generation, "replicas": replicas,
@@ -47,15 +54,16 @@ def serving(kube, repo_root):
     isvc["metadata"]["namespace"] = "serving"
     isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
     kube.put(ISVCS, isvc)
-    deployment = yaml.safe_load((repo_root / "manifests/serving/base/deployment.yaml").read_text())
-    deployment["metadata"]["namespace"] = "serving"
-    deployment["spec"]["replicas"] = 2
-    (init,) = [
-        c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model"
-    ]
-    init["env"] = [{"name": "MODEL_URI", "value": OLD}]
+    deployment = _shipped_deployment(repo_root)
+    deployment["spec"]["template"]["metadata"]["annotations"][deploy.MODEL_ANNOTATION] = OLD
     kube.put(DEPS, deployment)
     return kube
+
+
+def _shipped_deployment(repo_root) -> dict:
+    deployment = yaml.safe_load((repo_root / "manifests/serving/base/deployment.yaml").read_text())
+    deployment["metadata"]["namespace"] = "serving"
+    return deployment
 
 
 def _custom():
@@ -124,10 +132,9 @@ def test_same_version_is_left_alone(serving):
     assert not [entry for entry in serving.log if entry[0] in ("PATCH", "PUT")]
 
 
-def _deployed_uri(kube) -> str:
-    spec = kube.get(DEPS, "metarec-serving")["spec"]["template"]["spec"]
-    (init,) = [c for c in spec["initContainers"] if c["name"] == "fetch-model"]
-    return next(e["value"] for e in init["env"] if e["name"] == "MODEL_URI")
+def _deployed_uri(kube) -> str | None:
+    template = kube.get(DEPS, "metarec-serving")["spec"]["template"]
+    return (template["metadata"].get("annotations") or {}).get(deploy.MODEL_ANNOTATION)
 
 
 def test_deployment_rolls_to_the_new_version(serving):
@@ -135,12 +142,18 @@ def test_deployment_rolls_to_the_new_version(serving):
     assert result == {"target": "Deployment serving/metarec-serving", "previous_uri": OLD, "model_uri": NEW,
                       "outcome": "promoted"}  # fmt: skip
     assert _deployed_uri(serving) == NEW
+    # `kubectl rollout history` shows each revision's change-cause: here, the model it serves.
+    assert serving.get(DEPS, "metarec-serving")["metadata"]["annotations"][deploy.CHANGE_CAUSE].endswith(NEW)
+    assert [q for q in serving.queries if q] == ["fieldManager=metarec-deploy-model"]
 
 
 def test_deployment_rolls_back_when_the_rollout_fails(serving):
-    with pytest.raises(deploy.DeployError, match="rolled back"):
+    with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-1"):
         deploy.deploy_deployment(_apps(), "metarec-serving", "serving", BROKEN, poll_s=0, sleep=_no_wait)
     assert _deployed_uri(serving) == OLD
+    assert deploy.CHANGE_CAUSE not in (
+        serving.get(DEPS, "metarec-serving")["metadata"].get("annotations") or {}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,3 +284,150 @@ def test_deployment_is_not_promoted_while_its_new_pods_are_not_available(serving
     serving.controller = starting
     result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=sleep)
     assert result["outcome"] == "promoted" and len(sleeps) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Who owns the model version: what an on-call `kubectl apply -k manifests/serving/overlays/<x>` (or a
+# GitOps sync) does after a rollout. The manifests name no version, so the apply keeps it; when an
+# object's applied configuration does name it, deploy_model refuses before writing anything.
+
+NEWER = "gs://models/metarec/run-3"
+
+
+def _shipped_isvc(repo_root) -> dict:
+    isvc = yaml.safe_load((repo_root / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
+    isvc["metadata"]["namespace"] = "serving"
+    return isvc
+
+
+def _raw_deploy(uri: str) -> dict:
+    return deploy.deploy_inferenceservice(_custom(), "metarec", "serving", uri, poll_s=0, sleep=_no_wait,
+                                          apps=_apps())  # fmt: skip
+
+
+def test_the_fake_kubectl_apply_merges_as_the_kubernetes_docs_example():
+    """kubernetes.io/docs/tasks/manage-kubernetes-objects/declarative-config, "Merge patch calculation":
+    a field dropped from the configuration is deleted, a changed one is set, and one written by another
+    writer (replicas, by `kubectl scale`) is kept."""
+
+    def pod(image: str) -> dict:
+        return {"spec": {"containers": [{"name": "nginx", "image": image}]}}
+
+    last = {"spec": {"minReadySeconds": 5, "template": pod("nginx:1.14.2")}}
+    live = {"spec": {"replicas": 2, "minReadySeconds": 5, "template": pod("nginx:1.14.2")}}
+    new = {"spec": {"template": pod("nginx:1.16.1")}}
+    patch = three_way_patch(last, new, live, strategic=True)
+    assert patch == {"spec": {"minReadySeconds": None, "template": pod("nginx:1.16.1")}}
+
+
+def test_reapplying_the_kserve_overlay_keeps_the_deployed_version(kube, repo_root):
+    kube.controller = kserve_raw_controller
+    client_side_apply(kube, ISVCS, _shipped_isvc(repo_root))  # the install
+    assert _raw_deploy(NEW)["outcome"] == "promoted"
+    client_side_apply(kube, ISVCS, _shipped_isvc(repo_root))  # on-call re-applies the overlay later
+    isvc = kube.get(ISVCS, "metarec")
+    assert isvc["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+    assert _raw_deploy(NEWER)["previous_uri"] == NEW  # and the next run is not refused
+    # The documented rollback (docs/cluster.md, "Roll back by hand") reads the version deploy_model replaced.
+    previous = kube.get(ISVCS, "metarec")["metadata"]["annotations"][deploy.PREVIOUS_ANNOTATION]
+    assert previous == NEW
+
+
+def test_deploy_refuses_an_inferenceservice_whose_applied_manifest_names_storageUri(kube, repo_root):
+    kube.controller = kserve_raw_controller
+    pinned = _shipped_isvc(repo_root)
+    pinned["spec"]["predictor"]["pytorch"]["storageUri"] = OLD  # older manifests, or an overlay pinning it
+    client_side_apply(kube, ISVCS, pinned)
+    writes = len(kube.log)
+    with pytest.raises(deploy.OwnershipError, match="last-applied-configuration"):
+        _raw_deploy(NEW)
+    assert [entry for entry in kube.log[writes:] if entry[0] != "GET"] == []
+    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == OLD
+
+
+def test_deploy_refuses_a_version_another_server_side_applier_declares(serving):
+    """A server-side applier (kubectl --server-side, Flux) declares what its managedFields entry with
+    operation Apply lists; writers by update or patch (an on-call `kubectl patch`) declare nothing."""
+    isvc = serving.get(ISVCS, "metarec")
+    storage_uri = {"f:spec": {"f:predictor": {"f:pytorch": {"f:storageUri": {}}}}}
+    isvc["metadata"]["managedFields"] = [
+        {"manager": "kubectl-patch", "operation": "Update", "fieldsV1": storage_uri},
+        {"manager": deploy.FIELD_MANAGER, "operation": "Apply", "fieldsV1": storage_uri},
+    ]
+    serving.objects[(ISVCS, "metarec")] = isvc
+    result = deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert result["outcome"] == "promoted"
+    isvc = serving.get(ISVCS, "metarec")
+    isvc["metadata"]["managedFields"].append({"manager": "kustomize-controller", "operation": "Apply",
+                                              "fieldsV1": storage_uri})  # fmt: skip
+    serving.objects[(ISVCS, "metarec")] = isvc
+    with pytest.raises(deploy.OwnershipError, match="'kustomize-controller'"):
+        deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEWER, poll_s=0, sleep=_no_wait)
+    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+
+
+def test_reapplying_the_serving_base_keeps_the_deployed_version(kube, repo_root):
+    kube.controller = _controller
+    client_side_apply(kube, DEPS, _shipped_deployment(repo_root))
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert result["previous_uri"] is None and result["outcome"] == "promoted"
+    # The apply neither fails (an env var with both value and valueFrom is invalid) nor resets the version.
+    client_side_apply(kube, DEPS, _shipped_deployment(repo_root))
+    assert _deployed_uri(kube) == NEW
+    (init,) = kube.get(DEPS, "metarec-serving")["spec"]["template"]["spec"]["initContainers"]
+    assert init["env"] == [{"name": "MODEL_URI", "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.annotations['{deploy.MODEL_ANNOTATION}']"}}}]  # fmt: skip
+    assert deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEWER, poll_s=0,
+                                    sleep=_no_wait)["previous_uri"] == NEW  # fmt: skip
+
+
+def test_deploy_refuses_a_deployment_whose_applied_manifest_pins_the_version(kube, repo_root):
+    kube.controller = _controller
+    pinned = _shipped_deployment(repo_root)
+    pinned["spec"]["template"]["metadata"]["annotations"][deploy.MODEL_ANNOTATION] = OLD
+    client_side_apply(kube, DEPS, pinned)
+    with pytest.raises(deploy.OwnershipError, match="last-applied-configuration"):
+        deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert _deployed_uri(kube) == OLD and not [e for e in kube.log if e[0] in ("PATCH", "PUT")]
+
+
+def test_deploy_refuses_a_deployment_that_does_not_read_the_annotation(kube, repo_root):
+    """Manifests from before this scheme took MODEL_URI from a ConfigMap: setting the annotation would
+    roll the pods onto the same model and report success."""
+    kube.controller = _controller
+    older = _shipped_deployment(repo_root)
+    (init,) = older["spec"]["template"]["spec"]["initContainers"]
+    init["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {"name": "metarec-serving-env",
+                                                                           "key": "MODEL_URI"}}}]  # fmt: skip
+    client_side_apply(kube, DEPS, older)
+    with pytest.raises(deploy.OwnershipError, match="does not read MODEL_URI"):
+        deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert not [e for e in kube.log if e[0] in ("PATCH", "PUT")]
+
+
+def test_documented_migration_of_a_deployment_from_older_manifests(kube, repo_root):
+    """docs/cluster.md, step 7: an install of the older manifests (MODEL_URI from a ConfigMap, then a
+    literal value written by the older deploy_model) takes one patch, after which the current manifests
+    apply cleanly, the version it served stays, and deploy_model works."""
+    kube.controller = _controller
+    older = _shipped_deployment(repo_root)
+    (init,) = older["spec"]["template"]["spec"]["initContainers"]
+    init["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {"name": "metarec-serving-env",
+                                                                           "key": "MODEL_URI"}}}]  # fmt: skip
+    client_side_apply(kube, DEPS, older)
+    live = kube.get(DEPS, "metarec-serving")  # what the older deploy_model's replace left
+    live["spec"]["template"]["spec"]["initContainers"][0]["env"] = [{"name": "MODEL_URI", "value": OLD}]
+    kube.objects[(DEPS, "metarec-serving")] = live
+    field_ref = {"fieldPath": f"metadata.annotations['{deploy.MODEL_ANNOTATION}']"}
+    migration = {"spec": {"template": {
+        "metadata": {"annotations": {deploy.MODEL_ANNOTATION: OLD}},
+        "spec": {"initContainers": [{"name": "fetch-model", "env": [
+            {"name": "MODEL_URI", "value": None, "valueFrom": {"configMapKeyRef": None, "fieldRef": field_ref}}]}]},
+    }}}  # fmt: skip
+    _apps().patch_namespaced_deployment("metarec-serving", "serving", migration)
+    client_side_apply(kube, DEPS, _shipped_deployment(repo_root))
+    assert _deployed_uri(kube) == OLD
+    (init,) = kube.get(DEPS, "metarec-serving")["spec"]["template"]["spec"]["initContainers"]
+    assert init["env"] == [{"name": "MODEL_URI", "valueFrom": {"fieldRef": field_ref}}]
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert (result["previous_uri"], result["outcome"]) == (OLD, "promoted")

@@ -11,13 +11,15 @@ from pathlib import Path
 from metarec.state.store import DEFAULT_WINDOW, UserStateStore
 
 
-def open_store(url: str, window: int = DEFAULT_WINDOW) -> UserStateStore:
+def open_store(url: str, window: int = DEFAULT_WINDOW, ttl_s: float | None = None) -> UserStateStore:
     """Opens the store a URL names.
 
     Args:
         url: ``sqlite:///absolute/path.db`` (or ``sqlite:relative/path.db``) for the embedded store,
             ``redis://host:port/db`` (``rediss://`` for TLS) for Redis.
         window: Most items whose (latest) ratings are kept per user.
+        ttl_s: Retention: seconds a user's ratings and state are kept after their last write (None or
+            0: forever).
 
     Returns:
         The store.
@@ -30,9 +32,9 @@ def open_store(url: str, window: int = DEFAULT_WINDOW) -> UserStateStore:
 
         path = url[len("sqlite:") :]
         path = path[2:] if path.startswith("//") else path
-        return SqliteStateStore(Path(path), window)
+        return SqliteStateStore(Path(path), window, ttl_s)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from metarec.state.redis_store import RedisStateStore
 
-        return RedisStateStore(url, window)
+        return RedisStateStore(url, window, ttl_s=ttl_s)
     raise ValueError(f"unknown state store URL {url!r}; use sqlite:///path.db or redis://host:port/db")

@@ -7,6 +7,11 @@ writes (``put_states``) are one script call each: one round trip, and one script
 server instead of one per user (each cost ~20 us of server time here, most of it the call itself).
 A user's keys share the hash tag ``{user_id}``; on a Redis Cluster, which refuses one call over keys of
 several slots, each user's entry becomes its own call (all in one pipeline).
+
+Retention: with ``ttl_s``, every script that writes a user sets the same PEXPIRE on both of the user's
+keys in the same atomic step, so the time to live restarts at each write and the two keys always expire
+together (Redis frees them itself); without it, a write removes any time to live (PERSIST). Keys
+written without one (before retention was configured) get it from :meth:`RedisStateStore.prune`.
 """
 
 from __future__ import annotations
@@ -26,18 +31,33 @@ from metarec.state.store import (
     latest_per_item,
 )
 
+# Gives a user's two keys (KEYS[k], KEYS[k + 1]) the retention ttl_ms, or none when it is 0.
+_KEEP = """
+local function keep(k, ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[k], ttl)
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+  else
+    redis.call('PERSIST', KEYS[k])
+    redis.call('PERSIST', KEYS[k + 1])
+  end
+end
+"""
 # A serving batch's appends in one script call: KEYS: each entry's ratings list and meta hash, in pairs.
-# ARGV: window, then per entry its number of ratings followed by, per rating, the prefix its JSON
+# ARGV: window, retention in ms (0: none), then per entry its number of ratings followed by, per rating, the prefix its JSON
 # starts with (``["<item id>",``, which names the item: a JSON string token ends at its first unescaped
 # quote) and the JSON rating; an entry's items are distinct (the client keeps each item's last rating).
 # The user's earlier ratings of these items are dropped before the push, so the window keeps one rating
 # per item. Returns per entry [version, blob, blob_version, window as one JSON array] (one reply string,
 # not one per rating: the client parses replies in Python, and a batch's windows are read on every
 # feedback).
-_APPEND = """
+_APPEND = (
+    _KEEP
+    + """
 local bound = -tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
 local results = {}
-local arg = 2
+local arg = 3
 for k = 1, #KEYS, 2 do
   local count = tonumber(ARGV[arg])
   local last = arg + 2 * count
@@ -61,26 +81,46 @@ for k = 1, #KEYS, 2 do
   local version = redis.call('HINCRBY', KEYS[k + 1], 'version', 1)
   local meta = redis.call('HMGET', KEYS[k + 1], 'blob', 'blob_version')
   local window = '[' .. table.concat(redis.call('LRANGE', KEYS[k], 0, -1), ',') .. ']'
+  keep(k, ttl)
   results[#results + 1] = {version, meta[1] or false, meta[2] or false, window}
 end
 return results
 """
-# A batch's state writes in one script call: KEYS: each entry's meta hash. ARGV: each entry's blob and
-# version, in pairs. Each state is stored only over one of the same or an older version; returns 1
-# (stored) or 0 per entry.
-_PUT_STATE = """
+)
+# A batch's state writes in one script call: KEYS: each entry's ratings list and meta hash, in pairs
+# (the list only for its time to live). ARGV: retention in ms (0: none), then each entry's blob and
+# version, in pairs. Each state is stored only over one of the same or an older version, and only from
+# ratings the user still has (its version at most the user's: 0 for a user deleted or expired since);
+# returns 1 (stored) or 0 per entry.
+_PUT_STATE = (
+    _KEEP
+    + """
+local ttl = tonumber(ARGV[1])
 local results = {}
-for k = 1, #KEYS do
-  local stored = tonumber(redis.call('HGET', KEYS[k], 'blob_version') or '-1')
-  if stored > tonumber(ARGV[2 * k]) then
-    results[k] = 0
+for k = 1, #KEYS, 2 do
+  local meta, blob, version = KEYS[k + 1], ARGV[k + 1], tonumber(ARGV[k + 2])
+  local stored = tonumber(redis.call('HGET', meta, 'blob_version') or '-1')
+  local current = tonumber(redis.call('HGET', meta, 'version') or '0')
+  if stored > version or version > current then
+    results[#results + 1] = 0
   else
-    redis.call('HSET', KEYS[k], 'blob', ARGV[2 * k - 1], 'blob_version', ARGV[2 * k])
-    if not redis.call('HGET', KEYS[k], 'version') then redis.call('HSET', KEYS[k], 'version', 0) end
-    results[k] = 1
+    redis.call('HSET', meta, 'blob', blob, 'blob_version', version)
+    if not redis.call('HGET', meta, 'version') then redis.call('HSET', meta, 'version', 0) end
+    keep(k, ttl)
+    results[#results + 1] = 1
   end
 end
 return results
+"""
+)
+# Gives a user's keys written without a time to live the retention (ARGV[1] ms); returns 1 if it did.
+_RETAIN = """
+if redis.call('PTTL', KEYS[1]) == -1 or redis.call('PTTL', KEYS[2]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
 """
 
 
@@ -91,10 +131,13 @@ class RedisStateStore(UserStateStore):
         url: ``redis://host:port/db`` (``rediss://`` for TLS, ``unix:///path.sock``).
         window: Most items whose (latest) ratings are kept per user.
         prefix: Key prefix, so several models or environments can share one server.
+        ttl_s: Retention: seconds a user's keys live after their last write (None: forever).
     """
 
-    def __init__(self, url: str, window: int = DEFAULT_WINDOW, prefix: str = "metarec"):
-        super().__init__(window)
+    def __init__(
+        self, url: str, window: int = DEFAULT_WINDOW, prefix: str = "metarec", ttl_s: float | None = None
+    ):
+        super().__init__(window, ttl_s)
         import redis  # the serving extra; only needed when this store is chosen
 
         self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
@@ -107,6 +150,9 @@ class RedisStateStore(UserStateStore):
         self.prefix = prefix
         self._append = self.client.register_script(_APPEND)
         self._put_state = self.client.register_script(_PUT_STATE)
+        self._retain = self.client.register_script(_RETAIN)
+        # Whole milliseconds, at least 1 (PEXPIRE 0 would delete at once); 0 tells the scripts: none.
+        self._ttl_ms = 0 if self.ttl_s is None else max(1, round(self.ttl_s * 1000))
         self._per_entry = False  # set when the server is a Redis Cluster (see _run)
 
     def _keys(self, user_id: str) -> tuple[str, str]:
@@ -128,7 +174,7 @@ class RedisStateStore(UserStateStore):
                 args += [f"[{item},", json.dumps([str(r.item_id), float(r.rating), r.timestamp])]
             calls.append((list(self._keys(user_id)), args))
         with self._reachable():
-            results = self._run(self._append, calls, [self.window])
+            results = self._run(self._append, calls, [self.window, self._ttl_ms])
         return [
             _state(json.loads(window), version, blob, blob_version)
             for version, blob, blob_version, window in results
@@ -150,9 +196,9 @@ class RedisStateStore(UserStateStore):
         return self.put_states([(user_id, blob, version)])[0]
 
     def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
-        calls = [([self._keys(user_id)[1]], [blob, int(version)]) for user_id, blob, version in entries]
+        calls = [(list(self._keys(user_id)), [blob, int(version)]) for user_id, blob, version in entries]
         with self._reachable():
-            return [bool(stored) for stored in self._run(self._put_state, calls)]
+            return [bool(stored) for stored in self._run(self._put_state, calls, [self._ttl_ms])]
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -197,12 +243,40 @@ class RedisStateStore(UserStateStore):
                 raise result
         return [result[0] for result in results]
 
-    def delete(self, user_id: str) -> None:
+    def delete(self, user_id: str) -> bool:
         with self._reachable():
-            self.client.delete(*self._keys(user_id))
+            return self.client.delete(*self._keys(user_id)) > 0
+
+    def prune(self) -> int:
+        if self.ttl_s is None:
+            return 0
+        head, tails = f"{self.prefix}:{{", ("}:ratings", "}:meta")
+        given = 0
+        with self._reachable():
+            users: set[str] = set()
+            for key in self.client.scan_iter(match=f"{_glob_escaped(self.prefix)}:{{*", count=1000):
+                try:
+                    key = key.decode("utf-8")
+                except UnicodeDecodeError:  # not written by this store (its user ids are UTF-8)
+                    continue
+                tail = next((t for t in tails if key.endswith(t)), None)
+                if key.startswith(head) and tail is not None:
+                    users.add(key[len(head) : -len(tail)])
+            ordered = sorted(users)
+            for start in range(0, len(ordered), 500):  # one pipeline round trip per 500 users
+                pipe = self.client.pipeline(transaction=False)
+                for user_id in ordered[start : start + 500]:
+                    self._retain(keys=list(self._keys(user_id)), args=[self._ttl_ms], client=pipe)
+                given += sum(int(result) for result in pipe.execute())
+        return given
 
     def close(self) -> None:
         self.client.close()
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 def _redacted(url: str) -> str:

@@ -5,6 +5,14 @@ readers run beside the one writer, every write is a ``BEGIN IMMEDIATE`` transact
 write lock before reading, so read-modify-write cannot interleave) and a busy timeout makes a
 contending process wait instead of failing. A serving batch's appends (``append_many``) and state
 writes (``put_states``) each take one transaction, so a batch pays for one lock and one commit.
+
+Retention: each user row keeps the time of the user's last write (``updated_at``). With ``ttl_s``, a
+user whose last write is ``ttl_s`` old or older reads as absent at once, a write to them starts afresh
+(as after Redis expired their keys), and the expired rows are deleted by the writes themselves (at
+most :data:`PRUNE_BATCH` users per :data:`PRUNE_INTERVAL_S` per process, in the write's transaction)
+and by :meth:`SqliteStateStore.prune` (``metarec state prune``). A file written before ``updated_at``
+existed gets the column when first opened, its users stamped with that time (a full retention from
+the upgrade, not deleted at once).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from metarec.state.store import (
@@ -38,7 +46,8 @@ CREATE TABLE IF NOT EXISTS users (
     user_id TEXT PRIMARY KEY,
     version INTEGER NOT NULL DEFAULT 0,
     blob BLOB,
-    blob_version INTEGER NOT NULL DEFAULT -1
+    blob_version INTEGER NOT NULL DEFAULT -1,
+    updated_at REAL
 );
 CREATE TABLE IF NOT EXISTS ratings (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,6 +58,13 @@ CREATE TABLE IF NOT EXISTS ratings (
 );
 CREATE INDEX IF NOT EXISTS ratings_by_user ON ratings (user_id, seq);
 """
+# Expired users deleted by one write at most (bounds the time a write holds the lock), and how often a
+# process's writes look for them; a full batch looks again at the next write.
+PRUNE_BATCH = 100
+PRUNE_INTERVAL_S = 60.0
+# A user is live when never stamped (a row written by a version without retention) or written after the
+# cutoff (now - ttl_s); with no retention the cutoff is NULL and every user is live.
+_LIVE = "(? IS NULL OR updated_at IS NULL OR updated_at > ?)"
 
 
 def _reachable(method):
@@ -75,14 +91,26 @@ class SqliteStateStore(UserStateStore):
     Args:
         path: The database file.
         window: Most items whose (latest) ratings are kept per user.
+        ttl_s: Retention: seconds a user is kept after their last write (None: forever).
+        clock: Seconds since the epoch, now (tests pass a controllable one).
     """
 
-    def __init__(self, path: str | Path, window: int = DEFAULT_WINDOW):
-        super().__init__(window)
+    def __init__(
+        self,
+        path: str | Path,
+        window: int = DEFAULT_WINDOW,
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        super().__init__(window, ttl_s)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._next_prune = 0.0  # clock time of this process's next amortised prune
         self._local = threading.local()
-        self._connection().executescript(_SCHEMA)
+        connection = self._connection()
+        connection.executescript(_SCHEMA)
+        _add_write_times(connection, clock())
 
     def _connection(self) -> sqlite3.Connection:
         owner = getattr(self._local, "pid", None)
@@ -107,10 +135,16 @@ class SqliteStateStore(UserStateStore):
             return []
         connection = self._connection()
         with _immediate(connection):
-            return [self._append(connection, user_id, ratings) for user_id, ratings in entries]
+            now = self.clock()
+            appended = [self._append(connection, user_id, ratings, now) for user_id, ratings in entries]
+            self._prune_some(connection, now)
+            return appended
 
-    def _append(self, connection: sqlite3.Connection, user_id: str, ratings: list[Rating]) -> StoredUser:
+    def _append(
+        self, connection: sqlite3.Connection, user_id: str, ratings: list[Rating], now: float
+    ) -> StoredUser:
         latest = latest_per_item(ratings)
+        self._drop_if_expired(connection, user_id, now)
         connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
         # The user's earlier ratings of these items go first: the window keeps one rating per item.
         connection.executemany(
@@ -120,20 +154,22 @@ class SqliteStateStore(UserStateStore):
             "INSERT INTO ratings (user_id, item_id, rating, timestamp) VALUES (?, ?, ?, ?)",
             [(user_id, r.item_id, float(r.rating), r.timestamp) for r in latest],
         )
-        connection.execute("UPDATE users SET version = version + 1 WHERE user_id = ?", (user_id,))
+        connection.execute(
+            "UPDATE users SET version = version + 1, updated_at = ? WHERE user_id = ?", (now, user_id)
+        )
         connection.execute(
             "DELETE FROM ratings WHERE user_id = ? AND seq NOT IN "
             "(SELECT seq FROM ratings WHERE user_id = ? ORDER BY seq DESC LIMIT ?)",
             (user_id, user_id, self.window),
         )
-        return self._read(connection, user_id)
+        return self._read(connection, user_id, now)
 
     @_reachable
     def get(self, user_id: str) -> StoredUser | None:
         connection = self._connection()
         # One read transaction, so the window and the version belong together.
         with _deferred(connection):
-            return self._read(connection, user_id)
+            return self._read(connection, user_id, self.clock())
 
     def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
         return self.put_states([(user_id, blob, version)])[0]
@@ -145,21 +181,84 @@ class SqliteStateStore(UserStateStore):
         connection = self._connection()
         stored = []
         with _immediate(connection):
+            now = self.clock()
             for user_id, blob, version in entries:
-                connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+                self._drop_if_expired(connection, user_id, now)
+                if int(version) <= 0:  # a state of no feedback (history, or none) creates the user
+                    connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+                # Only over an older state, and only from ratings still held (version <= the user's).
                 cursor = connection.execute(
-                    "UPDATE users SET blob = ?, blob_version = ? WHERE user_id = ? AND blob_version <= ?",
-                    (sqlite3.Binary(blob), int(version), user_id, int(version)),
+                    "UPDATE users SET blob = ?, blob_version = ?, updated_at = ? "
+                    "WHERE user_id = ? AND blob_version <= ? AND version >= ?",
+                    (sqlite3.Binary(blob), int(version), now, user_id, int(version), int(version)),
                 )
                 stored.append(cursor.rowcount == 1)
+            self._prune_some(connection, now)
         return stored
 
     @_reachable
-    def delete(self, user_id: str) -> None:
+    def delete(self, user_id: str) -> bool:
         connection = self._connection()
         with _immediate(connection):
+            cutoff = self._cutoff(self.clock())
+            held = connection.execute(
+                f"SELECT 1 FROM users WHERE user_id = ? AND {_LIVE}", (user_id, cutoff, cutoff)
+            ).fetchone()
             connection.execute("DELETE FROM ratings WHERE user_id = ?", (user_id,))
             connection.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+        return held is not None
+
+    @_reachable
+    def prune(self) -> int:
+        if self.ttl_s is None:
+            return 0
+        connection = self._connection()
+        deleted = 0
+        while True:  # in batches, each its own transaction, so serving writes get the lock in between
+            with _immediate(connection):
+                count = self._prune_batch(connection, self.clock(), 1000)
+            deleted += count
+            if count < 1000:
+                break
+        with _immediate(connection):
+            # Rows written without a time (by a version without retention): retention runs from now.
+            connection.execute("UPDATE users SET updated_at = ? WHERE updated_at IS NULL", (self.clock(),))
+        return deleted
+
+    def _cutoff(self, now: float) -> float | None:
+        """Users last written at or before this time are expired (None: no retention)."""
+        return None if self.ttl_s is None else now - self.ttl_s
+
+    def _drop_if_expired(self, connection: sqlite3.Connection, user_id: str, now: float) -> None:
+        """Deletes the user's rows when they are expired, so a write starts afresh (as on Redis)."""
+        if self.ttl_s is None:
+            return
+        cutoff = now - self.ttl_s
+        cursor = connection.execute(
+            "DELETE FROM users WHERE user_id = ? AND updated_at <= ?", (user_id, cutoff)
+        )
+        if cursor.rowcount:
+            connection.execute("DELETE FROM ratings WHERE user_id = ?", (user_id,))
+
+    def _prune_some(self, connection: sqlite3.Connection, now: float) -> None:
+        """The writes' amortised prune: a bounded batch of expired users, at most once per interval."""
+        if self.ttl_s is None or now < self._next_prune:
+            return
+        full = self._prune_batch(connection, now, PRUNE_BATCH) == PRUNE_BATCH
+        self._next_prune = now if full else now + min(PRUNE_INTERVAL_S, self.ttl_s)
+
+    def _prune_batch(self, connection: sqlite3.Connection, now: float, limit: int) -> int:
+        """Deletes up to ``limit`` expired users (in the caller's transaction); returns how many."""
+        cutoff = now - self.ttl_s
+        users = [
+            (row[0],)
+            for row in connection.execute(
+                "SELECT user_id FROM users WHERE updated_at <= ? LIMIT ?", (cutoff, limit)
+            )
+        ]
+        connection.executemany("DELETE FROM ratings WHERE user_id = ?", users)
+        connection.executemany("DELETE FROM users WHERE user_id = ?", users)
+        return len(users)
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -167,9 +266,11 @@ class SqliteStateStore(UserStateStore):
             connection.close()
         self._local = threading.local()
 
-    def _read(self, connection: sqlite3.Connection, user_id: str) -> StoredUser | None:
+    def _read(self, connection: sqlite3.Connection, user_id: str, now: float) -> StoredUser | None:
+        cutoff = self._cutoff(now)
         row = connection.execute(
-            "SELECT version, blob, blob_version FROM users WHERE user_id = ?", (user_id,)
+            f"SELECT version, blob, blob_version FROM users WHERE user_id = ? AND {_LIVE}",
+            (user_id, cutoff, cutoff),
         ).fetchone()
         if row is None:
             return None
@@ -182,6 +283,22 @@ class SqliteStateStore(UserStateStore):
             blob=None if row[1] is None else bytes(row[1]),
             blob_version=int(row[2]),
         )
+
+
+def _add_write_times(connection: sqlite3.Connection, now: float) -> None:
+    """Gives a file written before retention existed its ``updated_at`` column (once, under the write
+    lock, so workers opening it together add it once), stamping its users with ``now``; then the index
+    the prunes look expired users up by."""
+    if not _has_column(connection, "users", "updated_at"):
+        with _immediate(connection):
+            if not _has_column(connection, "users", "updated_at"):  # another process may have added it
+                connection.execute("ALTER TABLE users ADD COLUMN updated_at REAL")
+                connection.execute("UPDATE users SET updated_at = ?", (now,))
+    connection.execute("CREATE INDEX IF NOT EXISTS users_by_write ON users (updated_at)")
+
+
+def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in connection.execute(f"PRAGMA table_info({table})"))
 
 
 def _use_wal(connection: sqlite3.Connection) -> None:

@@ -11,11 +11,18 @@ one already stored, so the last write always matches the newest ratings.
 Keeping one rating per item matters: a window of raw ratings, duplicates included, let repeated
 ratings of a few items push the other items out (a retried feedback, or many re-ratings), and once a
 re-rating of a history item left the window its older history rating came back.
+
+Lifecycle: :meth:`UserStateStore.delete` erases a user (the ``forget`` route, ``metarec state
+forget``). With a retention ``ttl_s``, a user's ratings and state expire ``ttl_s`` seconds after the
+user's last write (an append or a state write; every write restarts the clock): an expired user reads
+as absent, and a later append starts them afresh at version 1. A state computed from ratings the store
+no longer holds (the user was deleted or expired meanwhile) is never stored.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,12 +103,14 @@ class UserStateStore(ABC):
     Args:
         window: Most items whose ratings are kept per user (one rating each; the item rated longest
             ago goes first).
+        ttl_s: Retention: seconds a user's entry is kept after their last write (None or 0: forever).
     """
 
-    def __init__(self, window: int = DEFAULT_WINDOW):
+    def __init__(self, window: int = DEFAULT_WINDOW, ttl_s: float | None = None):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"the ratings window must be a positive integer, got {window!r}")
         self.window = window
+        self.ttl_s = check_ttl(ttl_s)
 
     @abstractmethod
     def append(self, user_id: str, ratings: list[Rating]) -> StoredUser:
@@ -129,7 +138,9 @@ class UserStateStore(ABC):
         """Stores an adapted state computed from the ratings at ``version``.
 
         A state older than the stored one is dropped, so a slow writer never overwrites the state of
-        newer ratings. One of the same version replaces the stored one: the reader recomputed it because
+        newer ratings. So is one of a version the store does not hold (above the user's current version,
+        0 for an absent user): its ratings were deleted (``forget``) or expired while it was computed,
+        and storing it would keep what they taught. One of the same version replaces the stored one: the reader recomputed it because
         the stored state was unusable (computed by another model, e.g. a retrained one packaged under
         the same version, or unreadable), and two writers of one model at one version write the same.
 
@@ -139,7 +150,8 @@ class UserStateStore(ABC):
             version: The ratings version it was computed from.
 
         Returns:
-            True when stored, False when a state of newer ratings was already there.
+            True when stored, False when a state of newer ratings was already there or its ratings
+            are gone.
         """
 
     def append_many(self, entries: Sequence[tuple[str, list[Rating]]]) -> list[StoredUser]:
@@ -167,11 +179,45 @@ class UserStateStore(ABC):
         return [self.put_state(user_id, blob, version) for user_id, blob, version in entries]
 
     @abstractmethod
-    def delete(self, user_id: str) -> None:
-        """Forgets a user entirely (ratings and state)."""
+    def delete(self, user_id: str) -> bool:
+        """Forgets a user entirely (ratings and state), at once, for every reader.
+
+        Returns:
+            Whether the store held the user (an expired user counts as absent).
+        """
+
+    @abstractmethod
+    def prune(self) -> int:
+        """Applies retention to what the store holds now (``metarec state prune``).
+
+        SQLite deletes the expired users (reads already skip them; writes also prune, amortised).
+        Redis expires keys itself; prune gives the retention to keys written without one (before
+        retention was configured, or by a server without it).
+
+        Returns:
+            How many users it deleted (SQLite) or gave a time to live (Redis); 0 without ``ttl_s``.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections."""
+
+
+def check_ttl(ttl_s: float | None) -> float | None:
+    """A retention in seconds: None (or 0) keeps users forever, else a positive finite number.
+
+    Raises:
+        ValueError: A negative, non-finite or non-numeric value.
+    """
+    if ttl_s is None:
+        return None
+    if (
+        isinstance(ttl_s, bool)
+        or not isinstance(ttl_s, numbers.Real)
+        or not math.isfinite(ttl_s)
+        or ttl_s < 0
+    ):
+        raise ValueError(f"the state retention must be a number of seconds >= 0 (0: forever), got {ttl_s!r}")
+    return float(ttl_s) if ttl_s > 0 else None
 
 
 def check_ratings(ratings: list[Rating]) -> None:

@@ -1,0 +1,59 @@
+"""Erasure and retention of stored users, for on-call without a server (``metarec state ...``).
+
+The serving route ``forget`` does the same erasure through the Recommender; both come down to
+:meth:`~metarec.state.store.UserStateStore.delete`, which every worker sees at once (no worker keeps a
+copy of a user between requests). What neither can erase: a known user's ratings in a model archive's
+``history.parquet`` and what training learned from them (docs/realtime.md#erasure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from metarec.state.open import open_store
+
+
+def forget_users(url: str, user_ids: Sequence[str]) -> dict[str, bool]:
+    """Erases users' stored ratings and state.
+
+    Args:
+        url: The store (``sqlite:///...``, ``redis://...``), as ``METAREC_STATE_URL`` names it.
+        user_ids: Raw user ids.
+
+    Returns:
+        Per user id, whether the store held the user.
+
+    Raises:
+        ValueError: An empty user id or an unknown store URL.
+        StoreUnavailableError: The store could not be reached (the users before it were erased).
+    """
+    if any(not user_id for user_id in user_ids):
+        raise ValueError("a user id must not be empty")
+    store = open_store(url)
+    try:
+        return {user_id: store.delete(user_id) for user_id in user_ids}
+    finally:
+        store.close()
+
+
+def prune_store(url: str, ttl_s: float) -> int:
+    """Applies a retention to a store now: deletes the expired users (SQLite) or gives keys written
+    without a time to live the retention (Redis, which expires keys itself).
+
+    Args:
+        url: The store.
+        ttl_s: The retention in seconds, as served (``state_ttl_s``); must be positive.
+
+    Returns:
+        Users deleted (SQLite) or given a time to live (Redis).
+
+    Raises:
+        ValueError: A retention that is not positive, or an unknown store URL.
+    """
+    if not ttl_s > 0:
+        raise ValueError(f"prune needs a positive retention, got {ttl_s!r} s")
+    store = open_store(url, ttl_s=ttl_s)
+    try:
+        return store.prune()
+    finally:
+        store.close()
