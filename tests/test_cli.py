@@ -166,10 +166,10 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(
         serve_local, "stop_server", lambda workdir: calls.setdefault("stop", Path(workdir)) is not None
     )
-    status, out, _ = _run(
+    status, out, err = _run(
         capsys, "serve", "--model-dir", str(run_dir), "--inference-port", "9080", "--no-token-auth"
     )
-    assert status == 0
+    assert status == 0 and "token authorisation off for inference AND management" in err
     started_archive, started_workdir, options = calls["start"]
     assert (started_archive, started_workdir) == (archive, run_dir / "torchserve")
     assert (
@@ -180,6 +180,10 @@ def test_serve_delegates_to_serve_local(capsys, tmp_path, monkeypatch):
     assert "http://127.0.0.1:1/predictions/metarec" in out and "/tmp/ts/mgmt.sock" in out
     status, out, _ = _run(capsys, "serve", "--stop", "--workdir", str(tmp_path / "ts"))
     assert status == 0 and calls["stop"] == tmp_path / "ts"
+    # Without the flag token authorisation stays on (the case above alone passed with it always off).
+    status, _, err = _run(capsys, "serve", "--model-dir", str(run_dir))
+    assert status == 0 and calls["start"][2]["token_auth"] is True
+    assert "token authorisation off" not in err
 
 
 def test_serve_reports_why_the_start_failed_in_one_line(capsys, tmp_path, monkeypatch):

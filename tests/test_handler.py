@@ -51,8 +51,16 @@ def run_batch(handler, archive_dir, requests: list[tuple[str | None, object]]):
 
 
 def test_initialize_reads_handler_settings(archive_dir):
+    import torch
+
+    threads = torch.get_num_threads()
     handler = MetaRecHandler()
-    handler.initialize(make_context(archive_dir, [{}], {"handler": {"max_steps": 3, "default_k": 4}}))
+    settings = {"max_steps": 3, "default_k": 4, "torch_threads": threads + 1}
+    try:
+        handler.initialize(make_context(archive_dir, [{}], {"handler": settings}))
+        assert torch.get_num_threads() == threads + 1  # the worker's torch threads, not only a limit
+    finally:
+        torch.set_num_threads(threads)
     assert handler.parser.limits.max_steps == 3
     assert handler.parser.limits.default_k == 4
     assert handler.initialized

@@ -44,6 +44,18 @@ def test_redis_pod_is_hardened_and_persists_to_its_claim():
     assert spec["securityContext"]["runAsUser"] != 0
 
 
+def _selected(selector: dict) -> set[str]:
+    """Names of the overlay's workloads whose pods ``selector`` selects. An empty selector selects every
+    pod of the namespace, so a subset test of its labels alone passed with ``matchLabels: {}``."""
+    assert set(selector) == {"matchLabels"} and selector["matchLabels"], selector
+    workloads = [o for o in render(OVERLAY) if o["kind"] in ("StatefulSet", "Deployment")]
+    return {
+        o["metadata"]["name"]
+        for o in workloads
+        if selector["matchLabels"].items() <= o["spec"]["template"]["metadata"]["labels"].items()
+    }
+
+
 def test_only_serving_pods_reach_redis():
     policy = _one("NetworkPolicy", OVERLAY, "metarec-redis")
     redis_pods = _one("StatefulSet", OVERLAY)["spec"]["template"]["metadata"]["labels"]
@@ -51,11 +63,13 @@ def test_only_serving_pods_reach_redis():
     spec = policy["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and spec["egress"] == []
     assert spec["podSelector"]["matchLabels"].items() <= redis_pods.items()
+    assert _selected(spec["podSelector"]) == {"metarec-redis"}  # the policy holds for Redis alone
     [rule] = spec["ingress"]
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     [source] = rule["from"]
     assert set(source) == {"podSelector"}  # no namespaceSelector: this namespace only
     assert source["podSelector"]["matchLabels"].items() <= serving_pods.items()
+    assert _selected(source["podSelector"]) == {"metarec-serving"}
 
 
 def test_serving_pods_may_reach_redis_only_with_the_component():
@@ -69,6 +83,7 @@ def test_serving_pods_may_reach_redis_only_with_the_component():
     [rule] = redis_egress(OVERLAY)
     redis_pods = _one("StatefulSet", OVERLAY)["spec"]["template"]["metadata"]["labels"]
     assert rule["to"][0]["podSelector"]["matchLabels"].items() <= redis_pods.items()
+    assert _selected(rule["to"][0]["podSelector"]) == {"metarec-redis"}
 
 
 def test_serving_pods_are_pointed_at_the_redis_service():

@@ -153,8 +153,14 @@ def test_non_finite_rating_stores_nothing(store):
 def test_delete_forgets_the_user(store):
     store.append("u1", ratings((1, 4)))
     store.put_state("u1", b"x", 1)
+    store.append("u2", ratings((1, 4)))
     store.delete("u1")
     assert store.get("u1") is None
+    # Everything of it is gone, not only what get reads first: a user coming back starts afresh.
+    again = store.append("u1", ratings((2, 5)))
+    assert [r.item_id for r in again.ratings] == ["2"] and again.version == 1
+    assert again.blob is None and not again.fresh
+    assert [r.item_id for r in store.get("u2").ratings] == ["1"]  # other users are kept
 
 
 def test_delete_says_whether_the_store_held_the_user(store):
@@ -624,6 +630,29 @@ def test_workers_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     while not errors.empty():
         failures.append(errors.get())
     assert failures == []
+
+
+def test_opening_a_new_sqlite_store_waits_for_a_lock_another_connection_holds(tmp_path):
+    """The race above, made certain: another connection holds the new file's write lock for 0.3 s.
+    SQLite answers the switch to WAL with SQLITE_BUSY at once (no busy handler there); the store waits.
+    The barrier test above failed in only about one run of three with the wait taken out."""
+    import sqlite3
+    import threading
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # a new file, still in rollback-journal mode, write-locked
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        store = SqliteStateStore(path)
+        assert store.append("u1", ratings((1, 4))).version == 1
+        store.close()
+    finally:
+        release.join()
+        holder.close()
 
 
 def _tls_redis(folder, password: str):

@@ -85,11 +85,23 @@ def _no_wait(_seconds):
 
 
 def test_inferenceservice_rolls_out_with_a_canary_then_promotes(serving):
+    # What each write left in the predictor spec (the controller sees every write): the counting of
+    # PATCH requests alone passed with no canary ever set.
+    seen = []
+
+    def recording(fake, collection, obj):
+        if collection == ISVCS:
+            predictor = obj["spec"]["predictor"]
+            seen.append((predictor["pytorch"]["storageUri"], predictor.get("canaryTrafficPercent")))
+        _controller(fake, collection, obj)
+
+    serving.controller = recording
     result = deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, canary_percent=20,
                                             poll_s=0, sleep=_no_wait)  # fmt: skip
     assert result["outcome"] == "promoted" and result["previous_uri"] == OLD
     patches = [entry for entry in serving.log if entry[0] == "PATCH"]
     assert len(patches) == 2  # the canary rollout, then the promotion
+    assert seen == [(NEW, 20), (NEW, None)]  # 20 % on the new revision first, then all of it
     predictor = serving.get(ISVCS, "metarec")["spec"]["predictor"]
     assert predictor["pytorch"]["storageUri"] == NEW
     assert "canaryTrafficPercent" not in predictor  # all traffic on the new revision
@@ -253,6 +265,27 @@ def test_deployment_is_not_promoted_while_old_pods_remain(serving):
     result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=steps.sleep)
     assert result["outcome"] == "promoted"
     assert steps.sleeps == 2  # 3 pods, 2 updated, 2 available is not done: one old pod is still serving
+
+
+def test_deployment_is_not_promoted_while_its_new_pods_are_not_available(serving):
+    """Every pod already runs the new template and no old one is left, but the new ones are not ready
+    yet (loading the model): kubectl's rule waits until they are available."""
+    sleeps = []
+
+    def starting(fake, collection, obj):
+        if collection == DEPS:
+            wanted = obj["spec"]["replicas"]
+            obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "replicas": wanted,
+                             "updatedReplicas": wanted, "availableReplicas": 0}  # fmt: skip
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        status = serving.get(DEPS, "metarec-serving")["status"]
+        serving.set_status(DEPS, "metarec-serving", {**status, "availableReplicas": status["replicas"]})
+
+    serving.controller = starting
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=sleep)
+    assert result["outcome"] == "promoted" and len(sleeps) == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -274,3 +274,16 @@ def test_job_without_a_root_checkpoints_beside_the_model_not_inside_it(kube, gcs
 def test_pytorchjob_refuses_a_checkpoint_directory_its_pods_cannot_reach():
     with pytest.raises(ValueError, match="checkpoint directory.*checkpoint_root"):
         _job(train_config={"checkpoint_dir": "/tmp/ckpt"})
+
+
+def test_job_state_reads_only_conditions_that_hold():
+    """The operator keeps conditions it no longer holds true with status "False" (e.g. Running after the
+    job ended): only a True Succeeded or Failed condition ends the wait."""
+    running = {"status": {"conditions": [{"type": "Created", "status": "True"},
+                                         {"type": "Failed", "status": "False"},
+                                         {"type": "Running", "status": "True"}]}}  # fmt: skip
+    assert pytorchjob.job_state(running) is None
+    done = {"status": {"conditions": [{"type": "Running", "status": "False"},
+                                      {"type": "Succeeded", "status": "True"}]}}  # fmt: skip
+    assert pytorchjob.job_state(done) == "Succeeded"
+    assert pytorchjob.job_state({}) is None
