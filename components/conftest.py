@@ -26,8 +26,15 @@ def repo_root() -> Path:
 
 @pytest.fixture()
 def local_runner(tmp_path):
-    """kfp.local in this environment (no venv per task); returns the pipeline root."""
+    """kfp.local in this environment (no venv per task); yields the pipeline root.
+
+    kfp.local's per-task print and logging swaps, interleaved by a ParallelFor's threads, can leave an
+    indenting ``print`` behind (it prefixed a later test's captured output): put them back after the test,
+    as ``metarec run-local`` does after a run.
+    """
     from kfp import local
+
+    from metarec.pipelines.local_run import restore_print_and_logging
 
     root = tmp_path / "pipeline_root"
     local.init(
@@ -35,7 +42,8 @@ def local_runner(tmp_path):
         pipeline_root=str(root),
         workspace_root=str(tmp_path / "ws"),
     )
-    return root
+    with restore_print_and_logging():
+        yield root
 
 
 @pytest.fixture()

@@ -102,7 +102,7 @@ class _ProgressStream(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _restore_print_and_logging():
+def restore_print_and_logging():
     """Puts back ``builtins.print`` and the root logger's handlers and level after a run.
 
     kfp.local swaps both per task and restores them on exit; two loop iterations running in threads
@@ -220,7 +220,7 @@ def run_local(
     pipeline = build_pipeline(PipelineOptions(variant="cpu"))
     arguments = pipeline_arguments(run_config, data_uri=data_uri, dataset_config=dataset_config)
     started = time.monotonic()
-    with open(log_file, "w", encoding="utf-8", buffering=1) as log, _restore_print_and_logging():
+    with open(log_file, "w", encoding="utf-8", buffering=1) as log, restore_print_and_logging():
         stream = _ProgressStream(log, progress)
         try:
             with (
