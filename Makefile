@@ -46,7 +46,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Each image's install spec (images/*.extras) replayed in a clean venv, then every component's compiled
-# container command run in it on tiny data (see images/fidelity.py). Last line: one JSON summary.
+# container command run in it on tiny data, and the serving pod's commands on the deployed model (see
+# images/fidelity.py). Last line: one JSON summary.
 fidelity: setup
 	$(BIN)/python images/fidelity.py --workdir build/fidelity
 
