@@ -689,8 +689,9 @@ def run_serving(workdir: Path, env: dict[str, str], model_uri: str, results: dic
     init container's command (``manifests/serving/base/deployment.yaml``) downloads ``model_uri`` from the
     emulator; the image's CMD (``torchserve --start --foreground --ncs --ts-config ...``) runs with the
     image's ENV, on the ConfigMap's ``config.properties`` (:func:`serving_config`), in the pod's working
-    directory, with the archive and the working directory read-only as mounted there; the startup probe's
-    command must exit 0; then recommend (a known user), adapt (a new user), feedback and forget over HTTP.
+    directory, with the archive and the working directory read-only as mounted there (file modes: no
+    effect when run as root); the startup probe's command must exit 0; then recommend (a known user),
+    adapt (a new user), feedback and forget over HTTP.
 
     The image's own files stand in for a pod's through :func:`pod_path_mover`: ``/home/model-server`` is
     ``workdir/serving/home`` and ``/tmp`` a fresh private folder (short: the management socket's path must
@@ -808,7 +809,7 @@ def run_serving(workdir: Path, env: dict[str, str], model_uri: str, results: dic
         passed(current, started)
     except Exception as error:  # noqa: BLE001 - whatever broke (a missing executable too) fails the check
         results[current] = "failed"
-        raise RuntimeError(f"serving: {current} failed: {error!r}") from error
+        raise RuntimeError(f"serving: {current} failed: {type(error).__name__}: {error}") from error
     finally:
         if process is not None:
             _stop_group(process)
