@@ -178,3 +178,26 @@ def test_fast_path_results_are_ordinary_tensors_a_caller_may_update():
     scores[:, 0] = -float("inf")
     state["user_bias"].add_(1.0)
     assert torch.isinf(scores[:, 0]).all()
+
+
+@pytest.mark.parametrize("hidden", [(), (12,), (16, 8, 4)])
+@pytest.mark.parametrize("mode", ["decision", "head"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+def test_score_catalogue_equals_scoring_every_item_index(hidden, mode, fast):
+    """score_catalogue reads the fast path's cached catalogue rows in place (no per-request gather) and
+    runs the fixed prefix's ReLUs in place: the same values as scoring every index, and the cache is
+    left as it was (a second call, and scoring by index afterwards, give them again)."""
+    model = random_model(hidden=hidden, **USER_TERMS["bias_factors_prior_content"])
+    batch = padded_batch(model)
+    adapter = Adapter(model, AdaptSettings(mode, 3, LR), fast=fast)
+    assert (adapter.fast is not None) == fast
+    users = users_of(batch)
+    every = torch.arange(N_ITEMS).expand(len(batch), -1)
+    adapted = adapter.adapt(users, batch.support_items, batch.support_ratings, batch.support_mask)
+    for state in (adapter.prior_state(len(batch)), adapted):
+        catalogue = adapter.score_catalogue(users, state)
+        expected = adapter.score(users, state, every)
+        assert catalogue.shape == (len(batch), N_ITEMS)
+        torch.testing.assert_close(catalogue, expected, atol=0, rtol=0)
+        torch.testing.assert_close(adapter.score_catalogue(users, state), expected, atol=0, rtol=0)
+        torch.testing.assert_close(adapter.score(users, state, every), expected, atol=0, rtol=0)

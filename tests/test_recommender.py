@@ -168,6 +168,34 @@ def test_adapt_runs_one_vectorised_pass_per_step_count(rec, generic_rec, fast, m
     assert [doc["support_size"] for _, doc in results] == [3, 7, 3]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+def test_adapt_answers_as_one_pass_over_support_and_catalogue(rec, generic_rec, fast):
+    """adapt scores the catalogue with ``score_catalogue`` and the support rows apart; its answer is the
+    one the former single scoring pass over ``[support, every item]`` gives (ranking, scores, losses)."""
+    from metarec.meta import masked_mse
+    from metarec.serving.requests import RequestParser
+
+    rec = rec if fast else generic_rec
+    support = [{"item_id": str(i), "rating": 1 + (i * 7) % 5} for i in range(10, 16)]
+    body = {"support": support, "user": {"age": 33, "gender": "F"}, "k": 25}
+    status, document = answer(rec, body, "adapt")
+    assert status == 200
+    request, _ = RequestParser(rec, RequestLimits()).parse_adapt(body)
+    users = rec._stack_users([request])
+    items, ratings = request.support_items[None], request.support_ratings[None]
+    ones = torch.ones_like(ratings)
+    state = rec.adapter.adapt(users, items, ratings, ones, request.steps)
+    scores = rec.adapter.score(users, state, torch.cat([items, rec.all_items[None]], dim=1))[0]
+    n_support = items.shape[1]
+    ranked = scores[n_support:].masked_fill(~request.candidate_mask, -float("inf"))
+    values, indices = torch.topk(ranked, request.k)
+    assert [entry["item_id"] for entry in document["items"]] == [rec.item_ids[i] for i in indices.tolist()]
+    assert [entry["score"] for entry in document["items"]] == pytest.approx(values.tolist(), abs=1e-4)
+    loss = masked_mse(scores[:n_support], ratings[0], ones[0])
+    assert document["support_loss_after"] == pytest.approx(float(loss), abs=1e-6)
+    assert not set(indices.tolist()) & set(request.support_items.tolist())  # rated items stay out
+
+
 @pytest.fixture(scope="module")
 def user_terms_dir(preprocessed, tmp_path_factory):
     """A model with every adapted user term and learned inner rates, all weights random."""

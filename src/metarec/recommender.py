@@ -315,8 +315,7 @@ class Recommender:
             answers[position] = answer
         if prior_rows:
             users = self._stack_users([requests[p] for p in prior_rows])
-            items = self.all_items.expand(len(prior_rows), -1)
-            scores = self.adapter.score(users, self.adapter.prior_state(len(prior_rows)), items)
+            scores = self.adapter.score_catalogue(users, self.adapter.prior_state(len(prior_rows)))
             for row, position in enumerate(prior_rows):
                 request = requests[position]
                 answer = {"user": _user_field(request), "items": self._top_k(scores[row], request)}
@@ -368,7 +367,7 @@ class Recommender:
         users = stack_features([view.features for view in views]).to(self.device)
         states = [self.adapter.prior_state(1) if view.adapted is None else view.adapted for view in views]
         state = {name: torch.cat([s[name] for s in states], dim=0) for name in states[0]}
-        scores = self.adapter.score(users, state, self.all_items.expand(len(views), -1))
+        scores = self.adapter.score_catalogue(users, state)
         answers = []
         for row, (request, view) in enumerate(zip(requests, views, strict=True)):
             mask = request.candidate_mask.clone()
@@ -584,22 +583,22 @@ class Recommender:
         supports = [(r.support_items, r.support_ratings) for r in requests]
         empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0))
         batch = build_task_batch(users, supports, [empty] * len(requests)).to(self.device)
-        n_support = batch.support_items.shape[1]
         before = self.adapter.score(users, self.adapter.prior_state(len(requests)), batch.support_items)
         state = self.adapter.adapt(
             users, batch.support_items, batch.support_ratings, batch.support_mask, steps
         )
-        # Support rows and the whole catalogue scored in one pass with each user's state.
-        items = torch.cat([batch.support_items, self.all_items.expand(len(batch), -1)], dim=1)
-        after = self.adapter.score(users, state, items)
+        # The catalogue apart from the support rows: scoring it whole reads the cached catalogue rows in
+        # place (score_catalogue), where one pass over [support, catalogue] gathered all of them.
+        after = self.adapter.score(users, state, batch.support_items)
+        catalogue = self.adapter.score_catalogue(users, state)
         answers = []
         for row, request in enumerate(requests):
             mask = batch.support_mask[row]
             loss_before = masked_mse(before[row], batch.support_ratings[row], mask)
-            loss_after = masked_mse(after[row, :n_support], batch.support_ratings[row], mask)
+            loss_after = masked_mse(after[row], batch.support_ratings[row], mask)
             answers.append(
                 {
-                    "items": self._top_k(after[row, n_support:], request),
+                    "items": self._top_k(catalogue[row], request),
                     "steps": steps,
                     "support_size": int(mask.sum()),
                     "support_loss_before": round(float(loss_before), 6),

@@ -184,6 +184,26 @@ class Adapter:
             return self.fast.predict(state, users, items)
         return vmap(self.predict)(state, self.inputs(users, items))
 
+    @torch.no_grad()
+    def score_catalogue(self, users: EncodedFeatures, state: UserState) -> torch.Tensor:
+        """Predicted ratings of every catalogue item for each user: :meth:`score` of all item indices.
+
+        The fast path reads its cached catalogue rows in place instead of gathering them by index (at
+        10^5 items the gather copied ~25 MB per request); the values are the same.
+
+        Args:
+            users: T users' encoded features.
+            state: their state (:meth:`adapt` or :meth:`prior_state`).
+
+        Returns:
+            Float[T, n_items] predicted ratings, in item order.
+        """
+        if self.fast is not None:
+            return self.fast.predict(state, users, None)
+        device = self.model.encoder.item_warm_idx.device
+        items = torch.arange(self.model.n_items, device=device).expand(users.cat.shape[0], -1)
+        return self.score(users, state, items)
+
     def score_tasks(self, batch: TaskBatch, chunk: int | None = None) -> torch.Tensor:
         """Adapts every task on its support rows and scores its query rows, ``chunk`` tasks at a time.
 

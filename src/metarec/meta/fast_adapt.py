@@ -180,23 +180,36 @@ class FastAdapter:
         self.prefix_bias = first_layer.bias
         self.prefix_rest = model.decoder[1 : self.first]
 
-    def _fixed_inputs(self, user_vec: torch.Tensor, items: torch.Tensor) -> _TaskRows:
+    def _fixed_inputs(self, user_vec: torch.Tensor, items: torch.Tensor | None) -> _TaskRows:
         """The inputs of the adapted part for T tasks' items (fixed during adaptation).
 
         Args:
             user_vec: Float[T, user_width] encoded users.
-            items: Long[T, N] item indices.
+            items: Long[T, N] item indices, or None for the whole catalogue in item order: the cached
+                rows are then read in place (a gather would copy n_items x width floats per request).
 
         Returns:
             The rows' fixed inputs.
         """
-        offsets = self.item_offsets[items]
-        factor_rows = None if self.item_factor_rows is None else self.item_factor_rows[items]
-        rows = self.catalogue_rows[items]
+        if items is None:
+            n_tasks = user_vec.shape[0]
+            offsets = self.item_offsets.expand(n_tasks, -1)
+            factor_rows = (
+                None if self.item_factor_rows is None else self.item_factor_rows.expand(n_tasks, -1, -1)
+            )
+            rows = self.catalogue_rows.expand(n_tasks, -1, -1)
+        else:
+            offsets = self.item_offsets[items]
+            factor_rows = None if self.item_factor_rows is None else self.item_factor_rows[items]
+            rows = self.catalogue_rows[items]
         if self.first == 0:
             return _TaskRows(user_vec, rows, offsets, factor_rows)
         hidden = rows + (user_vec @ self.prefix_user_weight.T + self.prefix_bias).unsqueeze(1)
-        return _TaskRows(None, self.prefix_rest(hidden), offsets, factor_rows)
+        # The prefix is Linear/ReLU layers (supports_fast_path) and every hidden tensor here is fresh: ReLU
+        # in place (same values) spares a [T, N, width] allocation and pass per ReLU.
+        for layer in self.prefix_rest:
+            hidden = hidden.relu_() if isinstance(layer, nn.ReLU) else layer(hidden)
+        return _TaskRows(None, hidden, offsets, factor_rows)
 
     # ------------------------------------------------------------------------------- the tail
 
@@ -341,13 +354,14 @@ class FastAdapter:
         return const
 
     @_in_inference_mode
-    def predict(self, adapted: Params, users: EncodedFeatures, items: torch.Tensor) -> torch.Tensor:
+    def predict(self, adapted: Params, users: EncodedFeatures, items: torch.Tensor | None) -> torch.Tensor:
         """Predicted ratings of T users' items with their adapted parameters.
 
         Args:
             adapted: the output of :meth:`adapt` (or the prior state).
             users: T users' encoded features.
-            items: Long[T, N] item indices.
+            items: Long[T, N] item indices; None scores the whole catalogue (N = n_items, item order)
+                without gathering the cached catalogue rows: the same values as passing every index.
 
         Returns:
             Float[T, N] predicted ratings (an ordinary tensor, see :func:`_in_inference_mode`).
