@@ -317,3 +317,35 @@ def test_every_answer_names_the_model_version_from_the_model_card(untrained_dir,
     assert recommended["model_version"] == adapted["model_version"] == "7.1"
     _, unversioned = answer(Recommender.from_dir(untrained_dir, catalogue_dir=preprocessed), {"user_id": "1"})
     assert unversioned["model_version"] == "unversioned"
+
+
+def test_display_fields_are_built_per_item_as_the_eager_table_was():
+    """DisplayFields builds an item's fields when an answer shows it; each equals what the former eager
+    table (one dict per catalogue item, built at load) held: numpy values as JSON values, missing and
+    NaN values left out, reserved keys never shown."""
+    import numpy as np
+
+    from metarec.recommender import RESERVED_ITEM_KEYS, DisplayFields, _plain
+
+    items = pd.DataFrame(
+        {
+            "item_idx": range(4),
+            "display_title": ["A", None, "C", "D"],
+            "display_genres": [np.array(["Drama", "War"]), None, np.array([], dtype=object), np.array(["X"])],
+            "display_year": [1990.0, float("nan"), 1995.0, 2001.0],
+            "display_rank": np.array([3, 1, 4, 1], dtype=np.int64),
+            "display_score": 1.0,  # reserved: never shown
+            "title": ["not", "a", "display", "column"],
+        }
+    )
+    eager = [{} for _ in range(len(items))]
+    for column in (c for c in items.columns if c.startswith("display_") and c[8:] not in RESERVED_ITEM_KEYS):
+        for row, value in enumerate(items[column].tolist()):
+            if _plain(value) is not None:
+                eager[row][column[8:]] = _plain(value)
+    display = DisplayFields(items)
+    assert len(display) == 4
+    assert [display[row] for row in range(4)] == eager
+    assert display[0] == {"title": "A", "genres": ["Drama", "War"], "year": 1990.0, "rank": 3}
+    assert display[1] == {"rank": 1} and type(display[0]["rank"]) is int
+    json.dumps([display[row] for row in range(4)], allow_nan=False)

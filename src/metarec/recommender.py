@@ -166,7 +166,7 @@ class Recommender:
             )
         self.item_ids = [str(item_id) for item_id in items["item_id"]]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
-        self.item_display = display_fields(items)
+        self.item_display = DisplayFields(items)
         self.all_items = torch.arange(model.n_items, device=self.device)
 
         self.user_index: dict[str, int] = {}
@@ -619,23 +619,35 @@ class Recommender:
 RESERVED_ITEM_KEYS = frozenset({"item_id", "score", "explanation"})
 
 
-def display_fields(items: pd.DataFrame) -> list[dict[str, Any]]:
+class DisplayFields:
     """Each catalogue item's display fields (``display_<name>`` columns of items.parquet), JSON-ready.
+
+    Built on demand for the k items an answer returns: a dict per catalogue item built at load cost about
+    40 MB of RSS and 0.3 s of start-up at 10^5 items (docs/serving.md, "Catalogue size").
 
     Args:
         items: the items table in item-index order.
-
-    Returns:
-        One ``{name: value}`` per item (missing values left out; empty without display columns).
     """
-    columns = [c for c in items.columns if c.startswith("display_") and c[8:] not in RESERVED_ITEM_KEYS]
-    rows: list[dict[str, Any]] = [{} for _ in range(len(items))]
-    for column in columns:
-        for row, value in enumerate(items[column].tolist()):
-            value = _plain(value)
+
+    def __init__(self, items: pd.DataFrame):
+        self.columns = [
+            (column[len("display_") :], items[column].tolist())
+            for column in items.columns
+            if column.startswith("display_") and column[8:] not in RESERVED_ITEM_KEYS
+        ]
+        self.n_items = len(items)
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        """The ``{name: value}`` fields of the item at index ``row`` (missing values left out)."""
+        fields = {}
+        for name, values in self.columns:
+            value = _plain(values[row])
             if value is not None:
-                rows[row][column[len("display_") :]] = value
-    return rows
+                fields[name] = value
+        return fields
 
 
 def _plain(value: Any) -> Any:
