@@ -41,3 +41,20 @@ def test_serving_soak_runs_and_survives_a_worker_kill(capsys):
     assert kill["kills"] == 1 and kill["requests"] > 0
     # A SIGKILLed worker loses at most the batch it held; the others keep answering.
     assert kill["requests_lost"] <= kill["batch_size"]
+
+
+@pytest.mark.slow
+def test_serving_scale_runs_every_request_kind_at_two_sizes(capsys):
+    bench = load_bench("serving_scale")
+    argv = ["--items", "100,200", "--users", "40", "--meta-steps", "1", "--repeats", "1"]
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["items"] == [100, 200]
+    for size in ("100", "200"):
+        # Every kind answered k items with status 200 (the child raises otherwise) and was timed.
+        assert set(result["per_request_ms"][size]) == set(bench.KINDS)
+        assert all(ms > 0 for ms in result["per_request_ms"][size].values())
+        assert result["rss_loaded_mb"][size] > 0 and result["peak_rss_mb"][size] > 0
+        assert result["score_by_index_ms"][size] > 0 and result["score_catalogue_ms"][size] > 0
+    # The baseline is the smallest size: its own ratios are 1.
+    assert set(result["over_smallest"]["100"].values()) == {1.0}
