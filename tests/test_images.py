@@ -5,6 +5,7 @@ names the one ``metarec.images`` gives for this package version."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import re
 import shlex
 import shutil
@@ -18,6 +19,10 @@ import yaml
 from metarec import __version__, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# images/fidelity.py, loaded as a module: the one Dockerfile parser, which its serving phase also uses.
+_SPEC = importlib.util.spec_from_file_location("fidelity", REPO_ROOT / "images" / "fidelity.py")
+FIDELITY = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(FIDELITY)
 DOCKERFILES = {
     "components": REPO_ROOT / "images/components.Dockerfile",
     "serving": REPO_ROOT / "images/serving.Dockerfile",
@@ -25,27 +30,9 @@ DOCKERFILES = {
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """Parses a Dockerfile into ``(INSTRUCTION, arguments)`` pairs.
-
-    Args:
-        path: The Dockerfile.
-
-    Returns:
-        Instructions in order, continuation lines joined and comment lines dropped.
-    """
-    instructions, current = [], ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        current = f"{current} {line}" if current else line
-        if current.endswith("\\"):
-            current = current[:-1].rstrip()
-            continue
-        keyword, _, arguments = current.partition(" ")
-        instructions.append((keyword.upper(), arguments.strip()))
-        current = ""
-    return instructions
+    """The Dockerfile's ``(INSTRUCTION, arguments)`` pairs, parsed as ``images/fidelity.py`` parses them
+    (continuation lines joined, comment lines dropped)."""
+    return FIDELITY.dockerfile_instructions(path.name.removesuffix(".Dockerfile"))
 
 
 def build_args(instructions: list[tuple[str, str]]) -> dict[str, str]:

@@ -185,7 +185,9 @@ def test_adapt_answers_as_one_pass_over_support_and_catalogue(rec, generic_rec, 
     items, ratings = request.support_items[None], request.support_ratings[None]
     ones = torch.ones_like(ratings)
     state = rec.adapter.adapt(users, items, ratings, ones, request.steps)
-    scores = rec.adapter.score(users, state, torch.cat([items, rec.all_items[None]], dim=1))[0]
+    scores = rec.adapter.score(
+        users, state, torch.cat([items, torch.arange(rec.model.n_items)[None]], dim=1)
+    )[0]
     n_support = items.shape[1]
     ranked = scores[n_support:].masked_fill(~request.candidate_mask, -float("inf"))
     values, indices = torch.topk(ranked, request.k)
