@@ -425,3 +425,44 @@ def test_a_wrong_response_schema_fails_the_checks(served):
     mutants.append(spec)
     for spec in mutants:
         assert errors_of(ref, answer, spec)
+
+
+# ------------------------------------------------------------------------- the prose agrees
+
+SERVING_DOC = SPEC_PATH.parent / "serving.md"
+POST_HEADING = re.compile(r"^### .*`POST /predictions/metarec(?:/1\.0)?/?(\w*)`$", re.M)
+
+
+def documented_exchanges() -> list[tuple[str, str, str]]:
+    """(route, "request"/"answer", JSON text) of the curl examples under serving.md's POST headings:
+    the ``-d '...'`` bodies and the answers (code-block lines starting with ``{``)."""
+    text = SERVING_DOC.read_text()
+    headings = list(POST_HEADING.finditer(text))
+    exchanges = []
+    for heading, following in zip(headings, [*headings[1:], None], strict=True):
+        section = text[heading.end() : following.start() if following else text.find("\n## ", heading.end())]
+        for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+            exchanges += [
+                (heading.group(1), "request", body) for body in re.findall(r"-d '(.*?)'", block, re.S)
+            ]
+            exchanges += [
+                (heading.group(1), "answer", line) for line in block.splitlines() if line.startswith("{")
+            ]
+    return exchanges
+
+
+def test_the_serving_docs_examples_are_valid_requests_and_answers():
+    exchanges = documented_exchanges()
+    assert {route for route, _, _ in exchanges} >= {"", "adapt"}
+    assert {kind for _, kind, _ in exchanges} == {"request", "answer"}
+    for route, kind, text in exchanges:
+        document = json.loads(text)  # "..." for the rest of a list is no JSON: show a whole answer
+        path = path_of(route)
+        ref = request_schema_ref(path) if kind == "request" else response_schema_ref(path, 200)
+        assert not errors_of(ref, document), (route, kind, text, errors_of(ref, document))
+
+
+def test_the_serving_docs_say_every_route_takes_kserve_bodies():
+    text = SERVING_DOC.read_text()
+    section = text[text.index("### KServe v1 bodies") :].split("\n#", 1)[0]
+    assert [route for route in ROUTES if route and f"`{route}`" not in section] == []
