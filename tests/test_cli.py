@@ -382,3 +382,13 @@ def test_state_prune_deletes_users_not_written_within_the_retention(capsys, tmp_
     assert cli.main(["state", "prune", "--store", f"sqlite:///{path}", "--ttl-days", "0"]) == 1
     assert "positive retention" in capsys.readouterr().err
     store.close()
+
+
+@pytest.mark.parametrize("action", [["forget", "42"], ["prune", "--ttl-days", "30"]])
+def test_state_commands_refuse_a_sqlite_store_that_does_not_exist(capsys, tmp_path, action):
+    """A mistyped SQLite path must fail: opening it would create an empty store, and forget would then
+    report every user "not stored" (exit 0), a false erasure, leaving a stray file and folders behind."""
+    missing = tmp_path / "typo" / "state.sqlite"
+    assert cli.main(["state", action[0], "--store", f"sqlite:///{missing}", *action[1:]]) == 1
+    assert "no SQLite state store" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from metarec.state.open import open_store
+from metarec.state.open import open_store, sqlite_path
+from metarec.state.store import UserStateStore
 
 
 def forget_users(url: str, user_ids: Sequence[str]) -> dict[str, bool]:
@@ -25,11 +26,12 @@ def forget_users(url: str, user_ids: Sequence[str]) -> dict[str, bool]:
 
     Raises:
         ValueError: An empty user id or an unknown store URL.
+        FileNotFoundError: A SQLite store whose file does not exist.
         StoreUnavailableError: The store could not be reached (the users before it were erased).
     """
     if any(not user_id for user_id in user_ids):
         raise ValueError("a user id must not be empty")
-    store = open_store(url)
+    store = _open_existing(url)
     try:
         return {user_id: store.delete(user_id) for user_id in user_ids}
     finally:
@@ -49,11 +51,21 @@ def prune_store(url: str, ttl_s: float) -> int:
 
     Raises:
         ValueError: A retention that is not positive, or an unknown store URL.
+        FileNotFoundError: A SQLite store whose file does not exist.
     """
     if not ttl_s > 0:
         raise ValueError(f"prune needs a positive retention, got {ttl_s!r} s")
-    store = open_store(url, ttl_s=ttl_s)
+    store = _open_existing(url, ttl_s=ttl_s)
     try:
         return store.prune()
     finally:
         store.close()
+
+
+def _open_existing(url: str, ttl_s: float | None = None) -> UserStateStore:
+    """Opens a store that must already exist: opening a SQLite URL creates its file (and folders), so a
+    mistyped path would report every user "not stored" from a new empty store, a false erasure."""
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"no SQLite state store at {path} (check --store / METAREC_STATE_URL)")
+    return open_store(url, ttl_s=ttl_s)

@@ -30,11 +30,17 @@ def open_store(url: str, window: int = DEFAULT_WINDOW, ttl_s: float | None = Non
     if url.startswith("sqlite:"):
         from metarec.state.sqlite_store import SqliteStateStore
 
-        path = url[len("sqlite:") :]
-        path = path[2:] if path.startswith("//") else path
-        return SqliteStateStore(Path(path), window, ttl_s)
+        return SqliteStateStore(sqlite_path(url), window, ttl_s)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from metarec.state.redis_store import RedisStateStore
 
         return RedisStateStore(url, window, ttl_s=ttl_s)
     raise ValueError(f"unknown state store URL {url!r}; use sqlite:///path.db or redis://host:port/db")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a ``sqlite:`` URL names (None for any other URL)."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = url[len("sqlite:") :]
+    return Path(path[2:] if path.startswith("//") else path)
