@@ -262,6 +262,23 @@ def test_retention_must_be_a_non_negative_number(tmp_path):
     assert open_store(url, ttl_s=0).ttl_s is None  # 0: forever
 
 
+def test_a_retention_redis_cannot_expire_by_is_refused_at_open(redis_url, tmp_path):
+    """A retention past what PEXPIRE takes (milliseconds from now within a signed 64-bit time) must be
+    refused when the store opens: accepted, it made every Redis write fail ("value is not an integer or
+    out of range"), every feedback a 500. The bound is the same for SQLite, so a setting moves between
+    stores; the largest accepted retention still writes."""
+    for url in (redis_url, f"sqlite:///{tmp_path / 's.db'}"):
+        with pytest.raises(ValueError, match="retention"):
+            open_store(url, ttl_s=10**16)
+    store = open_store(redis_url, WINDOW, ttl_s=10**12)  # metarec.state.store.MAX_TTL_S
+    try:
+        assert store.append("far", ratings((1, 4))).version == 1
+        assert store.put_state("far", b"s", 1) is True
+    finally:
+        store.delete("far")
+        store.close()
+
+
 def _rows(path) -> tuple[int, int]:
     import sqlite3
 

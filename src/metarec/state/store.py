@@ -202,11 +202,17 @@ class UserStateStore(ABC):
         """Releases connections."""
 
 
+# Longest retention (about 31,700 years): Redis's PEXPIRE refuses milliseconds past a signed 64-bit
+# expiry time (and Lua scripts carry numbers as doubles, exact to 2^53), which failed every write.
+MAX_TTL_S = 10**12
+
+
 def check_ttl(ttl_s: float | None) -> float | None:
-    """A retention in seconds: None (or 0) keeps users forever, else a positive finite number.
+    """A retention in seconds: None (or 0) keeps users forever, else a positive number up to
+    :data:`MAX_TTL_S`.
 
     Raises:
-        ValueError: A negative, non-finite or non-numeric value.
+        ValueError: A negative, too large, non-finite or non-numeric value.
     """
     if ttl_s is None:
         return None
@@ -217,6 +223,10 @@ def check_ttl(ttl_s: float | None) -> float | None:
         or ttl_s < 0
     ):
         raise ValueError(f"the state retention must be a number of seconds >= 0 (0: forever), got {ttl_s!r}")
+    if ttl_s > MAX_TTL_S:
+        raise ValueError(
+            f"the state retention must be at most {MAX_TTL_S} s (0 keeps users forever), got {ttl_s!r}"
+        )
     return float(ttl_s) if ttl_s > 0 else None
 
 
