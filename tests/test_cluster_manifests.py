@@ -3,6 +3,7 @@ run's namespace, drains that a single replica cannot block, and the Managed Prom
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,93 @@ def test_cluster_guide_applies_with_n_only_what_renders_without_a_namespace():
     for target in targets:
         pinned = [obj["metadata"]["name"] for obj in render(target) if obj["metadata"].get("namespace")]
         assert not pinned, f"manifests/{target} pins a namespace on {pinned}: `-n` would be refused"
+
+
+# A stand-in for `kubectl` that runs the guide's commands against local files instead of a cluster: `get`
+# answers from the objects in $KUBE_STATE (via `kubectl patch --local`, which evaluates jsonpath), `patch`
+# rewrites them the way the API server's strategic merge would, anything else is only logged in order.
+_KUBECTL_SHIM = """#!/usr/bin/env python3
+import os, subprocess, sys
+state, real = os.environ["KUBE_STATE"], os.environ["REAL_KUBECTL"]
+args = sys.argv[1:]
+with open(os.path.join(state, "log"), "a") as log:
+    log.write(" ".join(args) + "\\n")
+if "-n" in args:
+    i = args.index("-n"); args = args[:i] + args[i + 2:]
+verb, rest = args[0], args[1:]
+def local(kind, name, extra):
+    path = os.path.join(state, f"{kind}-{name}.yaml")
+    if not os.path.exists(path):
+        sys.exit(f"Error from server (NotFound): {kind} {name!r} not found")
+    return [real, "patch", "--local", "-f", path] + extra
+if verb == "get":
+    kind, flags = rest[0], [a for a in rest[1:] if a.startswith("-o") or a.startswith("jsonpath")]
+    names = [a for a in rest[1:] if not a.startswith("-o") and not a.startswith("jsonpath")]
+    (jsonpath,) = [a.split("=", 1)[1] for a in rest if a.startswith("jsonpath=")] or [None]
+    out = subprocess.run(local(kind, names[0], ["-p", "{}", "-o", f"jsonpath={jsonpath}"]), check=True,
+                         capture_output=True, text=True).stdout
+    sys.stdout.write(out)
+elif verb == "patch":
+    kind, name, patch = rest[0], rest[1], rest[rest.index("-p") + 1]
+    out = subprocess.run(local(kind, name, ["-p", patch, "-o", "yaml"]), check=True, capture_output=True,
+                         text=True).stdout
+    open(os.path.join(state, f"{kind}-{name}.yaml"), "w").write(out)
+"""
+
+
+def _guide_block(start: str) -> str:
+    """The commands of docs/cluster.md's code block from the line starting with ``start`` to its end."""
+    guide = (MANIFESTS.parent / "docs" / "cluster.md").read_text()
+    head = guide.index("\n" + start) + 1
+    return guide[head : guide.index("```", head)]
+
+
+@pytest.mark.parametrize("deployed_by", ["configmap", "old-deploy-model"])
+def test_documented_deployment_migration_keeps_the_version_and_the_pod_count(tmp_path, deployed_by):
+    """The guide's migration of a Deployment from the older manifests (MODEL_URI from the generated
+    ConfigMap, or the literal value the older deploy_model wrote; ``replicas: 2`` in its last-applied
+    configuration), run as written: the version it serves ends up in the annotation the current template
+    reads, and the replicas line leaves the last-applied configuration before the apply (else that apply
+    drops the pod count to 1)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    current = _one(render("serving/overlays/gke-cpu"), "Deployment")
+    old = copy.deepcopy(current)
+    (fetch,) = [c for c in old["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model"]
+    served = "gs://models/metarec/run-7"
+    if deployed_by == "configmap":
+        fetch["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {
+            "name": "metarec-serving-env-abc", "key": "MODEL_URI"}}}]  # fmt: skip
+        configmap = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"MODEL_URI": served},
+                     "metadata": {"name": "metarec-serving-env-abc", "namespace": "metarec"}}  # fmt: skip
+        (tmp_path / "configmap-metarec-serving-env-abc.yaml").write_text(yaml.safe_dump(configmap))
+    else:
+        fetch["env"] = [{"name": "MODEL_URI", "value": served}]
+    (tmp_path / "deployment-metarec-serving.yaml").write_text(yaml.safe_dump(old))
+    shim = tmp_path / "bin" / "kubectl"
+    shim.parent.mkdir()
+    shim.write_text(_KUBECTL_SHIM)
+    shim.chmod(0o755)
+    env = {"PATH": f"{shim.parent}:/usr/bin:/bin", "KUBE_STATE": str(tmp_path), "REAL_KUBECTL": kubectl,
+           "SERVING_NS": "metarec"}  # fmt: skip
+    block = _guide_block("OVERLAY=manifests/serving/overlays/gke-cpu")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == served
+    migrated = yaml.safe_load((tmp_path / "deployment-metarec-serving.yaml").read_text())
+    template = migrated["spec"]["template"]
+    assert template["metadata"]["annotations"]["metarec.io/model-uri"] == served
+    (migrated_fetch,) = [c for c in template["spec"]["initContainers"] if c["name"] == "fetch-model"]
+    (wanted,) = [
+        c for c in current["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model"
+    ]
+    assert migrated_fetch["env"] == wanted["env"]
+    calls = (tmp_path / "log").read_text().splitlines()
+    applies = [i for i, call in enumerate(calls) if call.startswith("apply -k")]
+    edits = [i for i, call in enumerate(calls) if "edit-last-applied deployment/metarec-serving" in call]
+    assert applies and edits and max(edits) < min(applies), calls
+    assert [calls[i] for i in applies] == ["apply -k manifests/serving/overlays/gke-cpu"], (
+        "the migration re-applies the installed overlay, named once"
+    )
