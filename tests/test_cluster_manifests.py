@@ -140,13 +140,14 @@ if verb == "get":
     kind, flags = rest[0], [a for a in rest[1:] if a.startswith("-o") or a.startswith("jsonpath")]
     names = [a for a in rest[1:] if not a.startswith("-o") and not a.startswith("jsonpath")]
     (jsonpath,) = [a.split("=", 1)[1] for a in rest if a.startswith("jsonpath=")] or [None]
-    out = subprocess.run(local(kind, names[0], ["-p", "{}", "-o", f"jsonpath={jsonpath}"]), check=True,
-                         capture_output=True, text=True).stdout
+    query = ["--type", "merge", "-p", "{}", "-o", f"jsonpath={jsonpath}"]
+    out = subprocess.run(local(kind, names[0], query), check=True, capture_output=True, text=True).stdout
     sys.stdout.write(out)
 elif verb == "patch":
     kind, name, patch = rest[0], rest[1], rest[rest.index("-p") + 1]
-    out = subprocess.run(local(kind, name, ["-p", patch, "-o", "yaml"]), check=True, capture_output=True,
-                         text=True).stdout
+    kind_of_patch = ["--type", rest[rest.index("--type") + 1]] if "--type" in rest else []
+    out = subprocess.run(local(kind, name, ["-p", patch, "-o", "yaml"] + kind_of_patch), check=True,
+                         capture_output=True, text=True).stdout
     open(os.path.join(state, f"{kind}-{name}.yaml"), "w").write(out)
 """
 
@@ -165,9 +166,6 @@ def test_documented_deployment_migration_keeps_the_version_and_the_pod_count(tmp
     configuration), run as written: the version it serves ends up in the annotation the current template
     reads, and the replicas line leaves the last-applied configuration before the apply (else that apply
     drops the pod count to 1)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
     current = _one(render("serving/overlays/gke-cpu"), "Deployment")
     old = copy.deepcopy(current)
     (fetch,) = [c for c in old["spec"]["template"]["spec"]["initContainers"] if c["name"] == "fetch-model"]
@@ -181,15 +179,7 @@ def test_documented_deployment_migration_keeps_the_version_and_the_pod_count(tmp
     else:
         fetch["env"] = [{"name": "MODEL_URI", "value": served}]
     (tmp_path / "deployment-metarec-serving.yaml").write_text(yaml.safe_dump(old))
-    shim = tmp_path / "bin" / "kubectl"
-    shim.parent.mkdir()
-    shim.write_text(_KUBECTL_SHIM)
-    shim.chmod(0o755)
-    env = {"PATH": f"{shim.parent}:/usr/bin:/bin", "KUBE_STATE": str(tmp_path), "REAL_KUBECTL": kubectl,
-           "SERVING_NS": "metarec"}  # fmt: skip
-    block = _guide_block("OVERLAY=manifests/serving/overlays/gke-cpu")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = _run_with_shim(tmp_path, "set -e\n" + _guide_block("OVERLAY=manifests/serving/overlays/gke-cpu"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == served
     migrated = yaml.safe_load((tmp_path / "deployment-metarec-serving.yaml").read_text())
@@ -207,3 +197,38 @@ def test_documented_deployment_migration_keeps_the_version_and_the_pod_count(tmp
     assert [calls[i] for i in applies] == ["apply -k manifests/serving/overlays/gke-cpu"], (
         "the migration re-applies the installed overlay, named once"
     )
+
+
+def _run_with_shim(tmp_path: Path, block: str) -> subprocess.CompletedProcess:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    shim = tmp_path / "bin" / "kubectl"
+    shim.parent.mkdir(exist_ok=True)
+    shim.write_text(_KUBECTL_SHIM)
+    shim.chmod(0o755)
+    env = {"PATH": f"{shim.parent}:/usr/bin:/bin", "KUBE_STATE": str(tmp_path), "REAL_KUBECTL": kubectl,
+           "SERVING_NS": "metarec"}  # fmt: skip
+    return subprocess.run(["bash", "-uo", "pipefail", "-c", block], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize("previous", [None, "gs://models/metarec/run-6"])
+def test_documented_kserve_rollback_swaps_versions_and_never_empties_storage_uri(tmp_path, previous):
+    """docs/cluster.md step 9 (KServe), run as written: with a recorded previous version it swaps the
+    two; without one (only one version ever deployed: deploy_model records none) it must not set an empty
+    storageUri, which would leave the predictor with no model."""
+    isvc = _one(render("serving/overlays/kserve"), "InferenceService")
+    isvc["spec"]["predictor"]["pytorch"]["storageUri"] = "gs://models/metarec/run-7"
+    if previous:
+        isvc["metadata"].setdefault("annotations", {})["metarec.io/previous-model-uri"] = previous
+    path = tmp_path / "inferenceservice-metarec.yaml"
+    path.write_text(yaml.safe_dump(isvc))
+    _run_with_shim(tmp_path, _guide_block("PREV=$(kubectl -n $SERVING_NS get inferenceservice metarec"))
+    after = yaml.safe_load(path.read_text())
+    annotations = after["metadata"].get("annotations") or {}
+    if previous:
+        assert after["spec"]["predictor"]["pytorch"]["storageUri"] == previous
+        assert annotations["metarec.io/previous-model-uri"] == "gs://models/metarec/run-7"
+    else:
+        assert after["spec"]["predictor"]["pytorch"]["storageUri"] == "gs://models/metarec/run-7"
