@@ -34,8 +34,10 @@ from metarec.state.open import open_store
 logger = logging.getLogger(__name__)
 
 # The per-user state store: this environment variable (the Redis overlay sets it), else an SQLite
-# file in the server's working directory (see default_state_url).
+# file in the server's working directory (see default_state_url). STATE_OFF keeps no per-user state:
+# the serving manifests' multi-replica default, where one SQLite file per pod would not be shared.
 STATE_URL_ENV = "METAREC_STATE_URL"
+STATE_OFF = "none"
 STATE_FILE = "metarec-state.sqlite"
 JSON_CONTENT_TYPE = "application/json"
 # Seconds a client should wait before retrying a 503 (the user-state store was unavailable).
@@ -101,15 +103,22 @@ class MetaRecHandler(BaseHandler):
         self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
         state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
+        keeps_state = state_url.strip().lower() != STATE_OFF
         self.recommender = Recommender.from_dir(
             model_dir,
             device=self.device,
-            store=open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s),
+            store=open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s)
+            if keeps_state
+            else None,
         )
         self.parser = RequestParser(self.recommender, limits)
-        # Never log a password: only what follows the URL's credentials.
-        logger.info("MetaRec user state in %s, retention %s s (0: forever)", state_url.split("@")[-1],
-                    limits.state_ttl_s)  # fmt: skip
+        if keeps_state:
+            # Never log a password: only what follows the URL's credentials.
+            logger.info("MetaRec user state in %s, retention %s s (0: forever)", state_url.split("@")[-1],
+                        limits.state_ttl_s)  # fmt: skip
+        else:
+            logger.info("MetaRec keeps no per-user state (%s=%s): feedback and forget answer 404, known users "
+                        "are served from the archive's history", STATE_URL_ENV, STATE_OFF)  # fmt: skip
         logger.info("MetaRec model loaded from %s with limits %s", model_dir, limits.to_dict())
         self.initialized = True
 

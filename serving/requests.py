@@ -50,6 +50,11 @@ FEEDBACK_FIELDS = RECOMMEND_FIELDS | {"ratings"}
 SUPPORT_FIELDS = frozenset({"item_id", "rating"})
 FEEDBACK_RATING_FIELDS = SUPPORT_FIELDS | {"timestamp"}
 FORGET_FIELDS = frozenset({"user_id"})
+# Why a server has no store, and how to give it one (the serving manifests' default is none).
+NO_STATE_HINT = (
+    "METAREC_STATE_URL=none; give every replica one shared store, e.g. "
+    "manifests/serving/overlays/gke-cpu-redis"
+)
 # Longest error message sent back, whatever it quotes (TorchServe frames answers; keep them small).
 MAX_MESSAGE_CHARS = 600
 # JSON string literals (possessive: linear time on any input), removed before counting brackets.
@@ -619,7 +624,9 @@ class RequestParser:
                 when the server keeps no per-user state, 413 for more than ``max_feedback`` ratings.
         """
         if not self.recommender.keeps_state:
-            raise RequestError(404, "feedback needs a state store; this server was started without one")
+            raise RequestError(
+                404, f"feedback needs a state store; this server was started without one ({NO_STATE_HINT})"
+            )
         if isinstance(request, dict) and "user_id" not in request:
             raise RequestError(400, "missing field 'user_id': feedback belongs to a user")
         (features, user_id, k, mask, notes, flags), (items, _, ratings, stamps) = self._parse_rated(
@@ -655,7 +662,9 @@ class RequestParser:
                 when the server keeps no per-user state.
         """
         if not self.recommender.keeps_state:
-            raise RequestError(404, "forget needs a state store; this server was started without one")
+            raise RequestError(
+                404, f"forget needs a state store; this server was started without one ({NO_STATE_HINT})"
+            )
         if not isinstance(request, dict):
             raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
         unknown = sorted((key for key in request if key not in FORGET_FIELDS), key=str)

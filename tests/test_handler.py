@@ -80,6 +80,32 @@ def test_the_store_keeps_users_for_the_archives_retention(archive_dir, tmp_path,
         handler_limits({"handler": {"state_ttl_s": -1}})
 
 
+def test_state_url_none_serves_without_per_user_state(archive_dir, monkeypatch, tmp_path):
+    """The serving manifests' multi-replica default: no store (one SQLite file per pod would not be
+    shared), so feedback and forget are refused with a 404 that says how to get a shared store, and
+    stateless requests are answered as usual."""
+    from metarec.serving.handler import STATE_URL_ENV
+
+    monkeypatch.chdir(tmp_path)  # where the embedded default would create its file
+    monkeypatch.setenv(STATE_URL_ENV, "none")
+    handler = MetaRecHandler()
+    handler.initialize(make_context(archive_dir, [{}]))
+    assert not handler.recommender.keeps_state
+    results = run_batch(
+        handler,
+        archive_dir,
+        [
+            ("feedback", {"user_id": "n1", "ratings": [{"item_id": "3", "rating": 4}]}),
+            ("forget", {"user_id": "n1"}),
+            ("adapt", {"support": GOOD_SUPPORT, "k": 2}),
+        ],
+    )
+    for status, document in results[:2]:
+        assert status == 404 and "METAREC_STATE_URL" in document["message"], document
+    assert results[2][0] == 200 and len(results[2][1]["items"]) == 2
+    assert not list(tmp_path.iterdir())  # no per-pod store file was created
+
+
 def test_unknown_handler_setting_is_refused():
     with pytest.raises(ValueError, match="max_suport"):
         handler_limits({"handler": {"max_suport": 3}})

@@ -279,6 +279,29 @@ def _without_claim_mounts(obj: dict, spec: dict) -> dict:
     return spec
 
 
+@pytest.mark.parametrize("kustomization", [k for k in DEPLOYABLE if k.startswith("serving/")])
+def test_serving_replicas_share_their_user_state_or_keep_none(kustomization):
+    """Every serving overlay runs two or more replicas: their handler must either keep no per-user state
+    (METAREC_STATE_URL=none) or use a store they all reach (Redis), never the embedded default, one
+    SQLite file per pod that the next request may not see; and a $(VAR) in the URL must name a variable
+    defined before it (Kubernetes expands only those)."""
+    serving = [
+        container
+        for obj in render(kustomization)
+        for _, spec in pod_specs(obj)
+        for container in spec["containers"]
+        if container["image"].split("/")[-1].startswith("metarec-serving")
+    ]
+    assert serving, kustomization
+    for container in serving:
+        env = container.get("env") or []
+        names = [entry["name"] for entry in env]
+        url = next((entry.get("value") for entry in env if entry["name"] == "METAREC_STATE_URL"), None)
+        assert url == "none" or (url or "").startswith(("redis://", "rediss://")), (kustomization, url)
+        for variable in re.findall(r"\$\((\w+)\)", url):
+            assert variable in names[: names.index("METAREC_STATE_URL")], (kustomization, variable)
+
+
 def test_every_serving_overlay_is_checked():
     assert {"serving/overlays/gke-cpu", "serving/overlays/gke-cpu-redis", "serving/overlays/gke-gpu",
             "serving/overlays/kserve", "serving/overlays/kserve-istio"} <= set(DEPLOYABLE)  # fmt: skip

@@ -107,9 +107,10 @@ def test_serving_pods_are_pointed_at_the_redis_service():
     secret = env["METAREC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     redis_secret = {i["name"]: i for i in redis["env"]}["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert secret == redis_secret
-    # The base stays store-agnostic (embedded SQLite per pod).
+    # The base keeps no per-user state (one SQLite file per replica would not be shared); this overlay
+    # replaces that setting.
     base = _one("Deployment", "serving/base")["spec"]["template"]["spec"]["containers"][0]
-    assert "METAREC_STATE_URL" not in {item["name"] for item in base.get("env") or []}
+    assert {item["name"]: item.get("value") for item in base["env"]}["METAREC_STATE_URL"] == "none"
 
 
 def test_redis_config_persists_and_never_evicts():

@@ -16,7 +16,8 @@ Lifecycle: :meth:`UserStateStore.delete` erases a user (the ``forget`` route, ``
 forget``). With a retention ``ttl_s``, a user's ratings and state expire ``ttl_s`` seconds after the
 user's last write (an append or a state write; every write restarts the clock): an expired user reads
 as absent, and a later append starts them afresh at version 1. A state computed from ratings the store
-no longer holds (the user was deleted or expired meanwhile) is never stored.
+no longer holds (the user was deleted or expired meanwhile) is refused, unless the returning user has
+reached the same version again before it lands (versions restart at 1; docs/realtime.md#erasure).
 """
 
 from __future__ import annotations
