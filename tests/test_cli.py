@@ -361,6 +361,10 @@ def test_state_forget_erases_users_from_the_store_without_a_server(capsys, tmp_p
     monkeypatch.delenv("METAREC_STATE_URL")
     assert cli.main(["state", "forget", "x"]) == 1
     assert "METAREC_STATE_URL is not set" in capsys.readouterr().err
+    # A serving pod of the manifests without Redis keeps no state: said plainly, not "unknown URL".
+    monkeypatch.setenv("METAREC_STATE_URL", "none")
+    assert cli.main(["state", "forget", "x"]) == 1
+    assert "keeps no per-user state" in capsys.readouterr().err
     store.close()
 
 
