@@ -167,6 +167,8 @@ class Recommender:
         self.item_ids = [str(item_id) for item_id in items["item_id"]]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
         self.item_display = DisplayFields(items)
+        # Every item index, for callers that score the whole catalogue by index (the benches' baselines).
+        self.all_items = torch.arange(model.n_items, device=self.device)
 
         self.user_index: dict[str, int] = {}
         self.user_features: EncodedFeatures | None = None
