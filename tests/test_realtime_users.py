@@ -249,3 +249,26 @@ def test_concurrent_feedback_batches_lose_nothing_and_end_at_the_sequential_stat
     items, ratings = users.support("batched", stored)
     final = users.view("batched", features())
     assert torch.allclose(scores(users, final), adapt_from_scratch(users, items, ratings), atol=1e-6)
+
+
+def test_a_re_adaptation_in_flight_when_the_user_is_forgotten_and_comes_back_is_not_stored(users):
+    """forget racing feedback through serving: the state adapted from the erased ratings lands after the
+    user came back with as many new ones (same version); it carries the incarnation it was read under,
+    so the store refuses it and the returning user is adapted on their new ratings only."""
+    store = users.store
+    put_states = store.put_states
+
+    def forgotten_meanwhile(entries):
+        # The state is computed; before it is written the user is forgotten and sends new feedback.
+        store.delete("u1")
+        store.append("u1", [Rating("i9", 1.0, 20.0)])
+        return put_states(entries)
+
+    store.put_states = forgotten_meanwhile
+    users.record("u1", [Rating("i3", 5.0, 10.0)], features())
+    store.put_states = put_states
+    again = store.get("u1")
+    assert again.version == 1 and again.blob is None  # the erased ratings' state was refused
+    view = users.view("u1", features())
+    assert (view.support_items, view.support_ratings) == ([9], [1.0])
+    assert torch.allclose(scores(users, view), adapt_from_scratch(users, [9], [1.0]), atol=1e-6)

@@ -190,22 +190,71 @@ def test_a_state_computed_from_deleted_ratings_is_never_stored(store):
     assert store.put_state("u2", b"ahead", 2) is False and store.get("u2").blob is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a user's version restarts at 1 after a delete, so a state computed from the "
-    "forgotten ratings at version 1 matches the re-created user's version and is stored (fix: an "
-    "incarnation marker that put_state checks; versions count feedback, so they cannot skip ahead)",
-)
 def test_a_state_of_forgotten_ratings_is_refused_after_the_user_comes_back(store):
     """forget racing feedback: a re-adaptation of the old ratings (version 1) in flight while the user
     is forgotten and sends new feedback (version 1 again) must not be stored over the new user, who
     would then be served what the erased ratings taught (the state reads as fresh: same version)."""
-    adapted_from = store.append("u1", ratings((1, 5))).version
+    read = store.append("u1", ratings((1, 5)))
     store.delete("u1")
     again = store.append("u1", ratings((2, 1)))
-    assert again.version == adapted_from == 1
-    assert store.put_state("u1", b"from-forgotten-ratings", adapted_from) is False
+    # Versions count feedback, so they restart; the record's incarnation tells the two apart.
+    assert again.version == read.version == 1
+    assert read.incarnation and again.incarnation and again.incarnation != read.incarnation
+    assert store.put_state("u1", b"from-forgotten-ratings", read.version, read.incarnation) is False
+    assert store.put_states([("u1", b"batched", read.version, read.incarnation)]) == [False]
     assert store.get("u1").blob is None
+    # A state of no feedback read from the forgotten record (features it kept) neither.
+    history = store.put_state("h1", b"history-v0", 0)
+    held = store.get("h1")
+    assert history and held.incarnation
+    store.delete("h1")
+    assert store.put_state("h1", b"kept-features", 0, held.incarnation) is False
+    assert store.get("h1") is None  # and the refused write did not bring the user back
+
+
+def test_a_state_of_the_current_incarnation_is_stored(store):
+    """The check refuses only another record's states: the reader's own is stored as before, and a
+    user keeps their incarnation across appends and state writes."""
+    first = store.append("u1", ratings((1, 5)))
+    assert store.put_state("u1", b"state-v1", first.version, first.incarnation)
+    second = store.append("u1", ratings((2, 4)))
+    assert second.incarnation == first.incarnation and second.version == 2
+    assert store.put_states([("u1", b"state-v2", 2, second.incarnation), ("u2", b"new", 0)]) == [True, True]
+    got = store.get("u1")
+    assert got.fresh and got.blob == b"state-v2" and got.incarnation == first.incarnation
+    # A state of no feedback creates the user with an incarnation, which the next append keeps.
+    created = store.get("u2")
+    assert created.incarnation and store.append("u2", ratings((1, 3))).incarnation == created.incarnation
+    # The older rules still apply with the incarnation given.
+    assert store.put_state("u1", b"stale", 1, first.incarnation) is False
+    assert store.put_state("u1", b"ahead", 3, first.incarnation) is False
+
+
+def forget_incarnation(store, user_id: str) -> None:
+    """Makes the user's record one written before incarnations existed."""
+    if hasattr(store, "client"):  # Redis
+        store.client.hdel(store._keys(user_id)[1], "incarnation")
+    else:
+        import sqlite3
+
+        with sqlite3.connect(store.path) as connection:
+            connection.execute("UPDATE users SET incarnation = NULL WHERE user_id = ?", (user_id,))
+
+
+def test_a_record_written_before_incarnations_accepts_states(store):
+    """An upgraded store's users have no incarnation: their states are stored under the version rules
+    (whatever incarnation the writer names), and their next append gives them one."""
+    store.append("u1", ratings((1, 5)))
+    forget_incarnation(store, "u1")
+    legacy = store.get("u1")
+    assert legacy.incarnation is None and legacy.version == 1
+    assert store.put_state("u1", b"unchecked", 1)
+    assert store.put_state("u1", b"any-incarnation", 1, "0" * 32)
+    assert store.get("u1").blob == b"any-incarnation"
+    assert store.put_state("u1", b"ahead", 2, "0" * 32) is False
+    given = store.append("u1", ratings((2, 4))).incarnation
+    assert given and store.get("u1").incarnation == given
+    assert store.put_state("u1", b"other", 2, "0" * 32) is False
 
 
 class FakeClock:
@@ -365,6 +414,28 @@ def test_a_sqlite_file_of_the_previous_schema_keeps_working(tmp_path):
     with sqlite3.connect(tmp_path / "old2.sqlite") as connection:
         connection.executescript(_OLD_SCHEMA)
     assert SqliteStateStore(tmp_path / "old2.sqlite", WINDOW).get("u1").version == 2
+
+
+def test_a_sqlite_file_written_before_incarnations_keeps_working(tmp_path):
+    """A state file with retention but no ``incarnation`` column: opened as is (the column added once,
+    NULL for its users), its users' states stored as before, and a user created since gets one."""
+    import sqlite3
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    path = tmp_path / "pre-incarnation.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(
+            _OLD_SCHEMA.replace("blob_version INTEGER NOT NULL DEFAULT -1)", "blob_version INTEGER NOT NULL "
+                                "DEFAULT -1, updated_at REAL)").replace("X'0102', 2)", "X'0102', 2, NULL)")
+        )  # fmt: skip
+    store = SqliteStateStore(path, WINDOW)
+    kept = store.get("u1")
+    assert (kept.version, kept.blob, kept.incarnation) == (2, b"\x01\x02", None)
+    assert store.put_state("u1", b"recomputed", 2, "0" * 32) and store.get("u1").blob == b"recomputed"
+    assert SqliteStateStore(path, WINDOW).get("u1").incarnation is None  # opened again: migrated once
+    assert store.append("u2", ratings((1, 1))).incarnation
+    store.close()
 
 
 def test_redis_prune_gives_keys_without_a_ttl_the_retention(redis_url):

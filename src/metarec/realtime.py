@@ -246,7 +246,11 @@ class RealtimeUsers:
         for position, state in zip(pending, adapted, strict=True):
             views[position].adapted = state
             blob = encode_state(state, self.model_tag, views[position].features, self.features_key)
-            states.append((users[position][0], blob, views[position].version))
+            user_id, _, stored, _ = users[position]
+            # The record it was read from: a state of a user forgotten meanwhile is refused even when
+            # they came back with as many ratings (same version, another incarnation).
+            incarnation = stored.incarnation if stored is not None else None
+            states.append((user_id, blob, views[position].version, incarnation))
         try:
             self.store.put_states(states)
         except StoreUnavailableError as error:

@@ -452,10 +452,10 @@ class Recommender:
 
         Every worker reads a user from the store on each request (no worker keeps a copy), so the next
         request anywhere no longer sees them; a re-adaptation in flight cannot store its state back (the
-        store refuses a state of ratings it no longer holds, unless the user has come back with as many
-        new ratings before it lands: docs/realtime.md#erasure). Not erased: a known user's ratings in the
-        archive's ``history.parquet`` and what training learned from them (the answer says so in
-        ``notes``); their next recommend is personalised from that history alone.
+        store refuses a state of ratings it no longer holds, and one of the user's forgotten record when
+        they came back with as many new ratings before it lands: docs/realtime.md#erasure). Not erased:
+        a known user's ratings in the archive's ``history.parquet`` and what training learned from them
+        (the answer says so in ``notes``); their next recommend is personalised from that history alone.
 
         Args:
             requests: Validated forget requests.

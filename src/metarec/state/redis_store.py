@@ -24,11 +24,14 @@ from urllib.parse import urlsplit, urlunsplit
 from metarec.state.store import (
     DEFAULT_WINDOW,
     Rating,
+    StateEntry,
     StoredUser,
     StoreUnavailableError,
     UserStateStore,
     check_ratings,
     latest_per_item,
+    new_incarnation,
+    state_entry,
 )
 
 # Gives a user's two keys (KEYS[k], KEYS[k + 1]) the retention ttl_ms, or none when it is 0.
@@ -44,13 +47,14 @@ local function keep(k, ttl)
 end
 """
 # A serving batch's appends in one script call: KEYS: each entry's ratings list and meta hash, in pairs.
-# ARGV: window, retention in ms (0: none), then per entry its number of ratings followed by, per rating, the prefix its JSON
+# ARGV: window, retention in ms (0: none), then per entry a fresh incarnation (kept only when the append
+# creates the user: HSETNX) and its number of ratings followed by, per rating, the prefix its JSON
 # starts with (``["<item id>",``, which names the item: a JSON string token ends at its first unescaped
 # quote) and the JSON rating; an entry's items are distinct (the client keeps each item's last rating).
 # The user's earlier ratings of these items are dropped before the push, so the window keeps one rating
-# per item. Returns per entry [version, blob, blob_version, window as one JSON array] (one reply string,
-# not one per rating: the client parses replies in Python, and a batch's windows are read on every
-# feedback).
+# per item. Returns per entry [version, blob, blob_version, incarnation, window as one JSON array] (one
+# reply string, not one per rating: the client parses replies in Python, and a batch's windows are read
+# on every feedback).
 _APPEND = (
     _KEEP
     + """
@@ -59,6 +63,8 @@ local ttl = tonumber(ARGV[2])
 local results = {}
 local arg = 3
 for k = 1, #KEYS, 2 do
+  local fresh = ARGV[arg]
+  arg = arg + 1
   local count = tonumber(ARGV[arg])
   local last = arg + 2 * count
   if count > 0 then
@@ -79,33 +85,39 @@ for k = 1, #KEYS, 2 do
   arg = last + 1
   redis.call('LTRIM', KEYS[k], bound, -1)
   local version = redis.call('HINCRBY', KEYS[k + 1], 'version', 1)
-  local meta = redis.call('HMGET', KEYS[k + 1], 'blob', 'blob_version')
+  redis.call('HSETNX', KEYS[k + 1], 'incarnation', fresh)
+  local meta = redis.call('HMGET', KEYS[k + 1], 'blob', 'blob_version', 'incarnation')
   local window = '[' .. table.concat(redis.call('LRANGE', KEYS[k], 0, -1), ',') .. ']'
   keep(k, ttl)
-  results[#results + 1] = {version, meta[1] or false, meta[2] or false, window}
+  results[#results + 1] = {version, meta[1] or false, meta[2] or false, meta[3] or false, window}
 end
 return results
 """
 )
 # A batch's state writes in one script call: KEYS: each entry's ratings list and meta hash, in pairs
-# (the list only for its time to live). ARGV: retention in ms (0: none), then each entry's blob and
-# version, in pairs. Each state is stored only over one of the same or an older version, and only from
-# ratings the user still has (its version at most the user's: 0 for a user deleted or expired since);
-# returns 1 (stored) or 0 per entry.
+# (the list only for its time to live). ARGV: retention in ms (0: none), then per entry its blob, version,
+# incarnation ('' for none) and a fresh incarnation (for a user it creates). Each state is stored only
+# over one of the same or an older version, only from ratings the user still has (its version at most
+# the user's: 0 for a user deleted or expired since) and, when it names an incarnation, only into a
+# record of that one (or of none: written before incarnations); returns 1 (stored) or 0 per entry.
 _PUT_STATE = (
     _KEEP
     + """
 local ttl = tonumber(ARGV[1])
 local results = {}
 for k = 1, #KEYS, 2 do
-  local meta, blob, version = KEYS[k + 1], ARGV[k + 1], tonumber(ARGV[k + 2])
-  local stored = tonumber(redis.call('HGET', meta, 'blob_version') or '-1')
-  local current = tonumber(redis.call('HGET', meta, 'version') or '0')
-  if stored > version or version > current then
+  local meta, blob, version = KEYS[k + 1], ARGV[2 * k], tonumber(ARGV[2 * k + 1])
+  local given, fresh = ARGV[2 * k + 2], ARGV[2 * k + 3]
+  local held = redis.call('HMGET', meta, 'version', 'blob_version', 'incarnation')
+  local current = tonumber(held[1] or '0')
+  local stored = tonumber(held[2] or '-1')
+  -- A state of another record of the user (deleted or expired since it was read, maybe re-created).
+  local other = given ~= '' and (not held[1] or (held[3] and held[3] ~= given))
+  if other or stored > version or version > current then
     results[#results + 1] = 0
   else
     redis.call('HSET', meta, 'blob', blob, 'blob_version', version)
-    if not redis.call('HGET', meta, 'version') then redis.call('HSET', meta, 'version', 0) end
+    if not held[1] then redis.call('HSET', meta, 'version', 0, 'incarnation', fresh) end
     keep(k, ttl)
     results[#results + 1] = 1
   end
@@ -168,7 +180,7 @@ class RedisStateStore(UserStateStore):
         calls = []
         for user_id, ratings in entries:
             latest = latest_per_item(ratings)
-            args: list = [len(latest)]
+            args: list = [new_incarnation(), len(latest)]
             for r in latest:
                 item = json.dumps(str(r.item_id))
                 args += [f"[{item},", json.dumps([str(r.item_id), float(r.rating), r.timestamp])]
@@ -176,27 +188,31 @@ class RedisStateStore(UserStateStore):
         with self._reachable():
             results = self._run(self._append, calls, [self.window, self._ttl_ms])
         return [
-            _state(json.loads(window), version, blob, blob_version)
-            for version, blob, blob_version, window in results
+            _state(json.loads(window), version, blob, blob_version, incarnation)
+            for version, blob, blob_version, incarnation, window in results
         ]
 
     def get(self, user_id: str) -> StoredUser | None:
         ratings_key, meta_key = self._keys(user_id)
         # MULTI/EXEC: the window and the version are read as one snapshot.
         pipe = self.client.pipeline(transaction=True)
-        pipe.hmget(meta_key, "version", "blob", "blob_version")
+        pipe.hmget(meta_key, "version", "blob", "blob_version", "incarnation")
         pipe.lrange(ratings_key, 0, -1)
         with self._reachable():
-            (version, blob, blob_version), window = pipe.execute()
+            (version, blob, blob_version, incarnation), window = pipe.execute()
         if version is None:
             return None
-        return _state([json.loads(entry) for entry in window], version, blob, blob_version)
+        return _state([json.loads(entry) for entry in window], version, blob, blob_version, incarnation)
 
-    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
-        return self.put_states([(user_id, blob, version)])[0]
+    def put_state(self, user_id: str, blob: bytes, version: int, incarnation: str | None = None) -> bool:
+        return self.put_states([(user_id, blob, version, incarnation)])[0]
 
-    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
-        calls = [(list(self._keys(user_id)), [blob, int(version)]) for user_id, blob, version in entries]
+    def put_states(self, entries: Sequence[StateEntry]) -> list[bool]:
+        calls = []
+        for entry in entries:
+            user_id, blob, version, incarnation = state_entry(entry)
+            args = [blob, int(version), incarnation or "", new_incarnation()]
+            calls.append((list(self._keys(user_id)), args))
         with self._reachable():
             return [bool(stored) for stored in self._run(self._put_state, calls, [self._ttl_ms])]
 
@@ -289,10 +305,11 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
 
 
-def _state(window: list[list], version, blob, blob_version) -> StoredUser:
+def _state(window: list[list], version, blob, blob_version, incarnation) -> StoredUser:
     return StoredUser(
         ratings=[Rating.from_list(entry) for entry in window],
         version=int(version),
         blob=None if blob in (None, False) else bytes(blob),
         blob_version=-1 if blob_version in (None, False) else int(blob_version),
+        incarnation=None if incarnation in (None, False) else bytes(incarnation).decode("ascii"),
     )

@@ -12,7 +12,9 @@ user whose last write is ``ttl_s`` old or older reads as absent at once, a write
 most :data:`PRUNE_BATCH` users per :data:`PRUNE_INTERVAL_S` per process, in the write's transaction)
 and by :meth:`SqliteStateStore.prune` (``metarec state prune``). A file written before ``updated_at``
 existed gets the column when first opened, its users stamped with that time (a full retention from
-the upgrade, not deleted at once).
+the upgrade, not deleted at once), and an ``incarnation`` column, NULL for the users it holds (records
+written before incarnations: a state write to them is not checked against one until their next append
+gives them one).
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from pathlib import Path
 from metarec.state.store import (
     DEFAULT_WINDOW,
     Rating,
+    StateEntry,
     StoredUser,
     StoreUnavailableError,
     UserStateStore,
     check_ratings,
     latest_per_item,
+    new_incarnation,
+    state_entry,
 )
 
 _BUSY_TIMEOUT_MS = 30_000
@@ -47,7 +52,8 @@ CREATE TABLE IF NOT EXISTS users (
     version INTEGER NOT NULL DEFAULT 0,
     blob BLOB,
     blob_version INTEGER NOT NULL DEFAULT -1,
-    updated_at REAL
+    updated_at REAL,
+    incarnation TEXT
 );
 CREATE TABLE IF NOT EXISTS ratings (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -145,7 +151,10 @@ class SqliteStateStore(UserStateStore):
     ) -> StoredUser:
         latest = latest_per_item(ratings)
         self._drop_if_expired(connection, user_id, now)
-        connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
+        fresh = new_incarnation()  # kept only when this append creates the user (as Redis's HSETNX)
+        connection.execute(
+            "INSERT OR IGNORE INTO users (user_id, incarnation) VALUES (?, ?)", (user_id, fresh)
+        )
         # The user's earlier ratings of these items go first: the window keeps one rating per item.
         connection.executemany(
             "DELETE FROM ratings WHERE user_id = ? AND item_id = ?", [(user_id, r.item_id) for r in latest]
@@ -155,7 +164,9 @@ class SqliteStateStore(UserStateStore):
             [(user_id, r.item_id, float(r.rating), r.timestamp) for r in latest],
         )
         connection.execute(
-            "UPDATE users SET version = version + 1, updated_at = ? WHERE user_id = ?", (now, user_id)
+            "UPDATE users SET version = version + 1, updated_at = ?, "
+            "incarnation = COALESCE(incarnation, ?) WHERE user_id = ?",
+            (now, fresh, user_id),
         )
         connection.execute(
             "DELETE FROM ratings WHERE user_id = ? AND seq NOT IN "
@@ -171,27 +182,36 @@ class SqliteStateStore(UserStateStore):
         with _deferred(connection):
             return self._read(connection, user_id, self.clock())
 
-    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
-        return self.put_states([(user_id, blob, version)])[0]
+    def put_state(self, user_id: str, blob: bytes, version: int, incarnation: str | None = None) -> bool:
+        return self.put_states([(user_id, blob, version, incarnation)])[0]
 
     @_reachable
-    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+    def put_states(self, entries: Sequence[StateEntry]) -> list[bool]:
         if not entries:
             return []
         connection = self._connection()
         stored = []
         with _immediate(connection):
             now = self.clock()
-            for user_id, blob, version in entries:
+            for entry in entries:
+                user_id, blob, version, incarnation = state_entry(entry)
                 self._drop_if_expired(connection, user_id, now)
-                if int(version) <= 0:  # a state of no feedback (history, or none) creates the user
-                    connection.execute("INSERT OR IGNORE INTO users (user_id) VALUES (?)", (user_id,))
-                # Only over an older state, and only from ratings still held (version <= the user's).
+                # A state of no feedback (history, or none) creates the user, unless it was read from a
+                # record of them (an incarnation): that record is gone, deleted or expired.
+                if int(version) <= 0 and incarnation is None:
+                    connection.execute(
+                        "INSERT OR IGNORE INTO users (user_id, incarnation) VALUES (?, ?)",
+                        (user_id, new_incarnation()),
+                    )
+                # Only over an older state, only from ratings still held (version <= the user's), and
+                # only into the record it was read from (or one written before incarnations).
                 cursor = connection.execute(
                     "UPDATE users SET blob = ?, blob_version = ?, updated_at = ? "
-                    "WHERE user_id = ? AND blob_version <= ? AND version >= ?",
-                    (sqlite3.Binary(blob), int(version), now, user_id, int(version), int(version)),
-                )
+                    "WHERE user_id = ? AND blob_version <= ? AND version >= ? "
+                    "AND (? IS NULL OR incarnation IS NULL OR incarnation = ?)",
+                    (sqlite3.Binary(blob), int(version), now, user_id, int(version), int(version),
+                     incarnation, incarnation),
+                )  # fmt: skip
                 stored.append(cursor.rowcount == 1)
             self._prune_some(connection, now)
         return stored
@@ -269,7 +289,7 @@ class SqliteStateStore(UserStateStore):
     def _read(self, connection: sqlite3.Connection, user_id: str, now: float) -> StoredUser | None:
         cutoff = self._cutoff(now)
         row = connection.execute(
-            f"SELECT version, blob, blob_version FROM users WHERE user_id = ? AND {_LIVE}",
+            f"SELECT version, blob, blob_version, incarnation FROM users WHERE user_id = ? AND {_LIVE}",
             (user_id, cutoff, cutoff),
         ).fetchone()
         if row is None:
@@ -282,18 +302,24 @@ class SqliteStateStore(UserStateStore):
             version=int(row[0]),
             blob=None if row[1] is None else bytes(row[1]),
             blob_version=int(row[2]),
+            incarnation=row[3],
         )
 
 
 def _add_write_times(connection: sqlite3.Connection, now: float) -> None:
     """Gives a file written before retention existed its ``updated_at`` column (once, under the write
     lock, so workers opening it together add it once), stamping its users with ``now``; then the index
-    the prunes look expired users up by."""
+    the prunes look expired users up by. Also adds the ``incarnation`` column to a file written before
+    it existed (NULL for its users: records that predate incarnations)."""
     if not _has_column(connection, "users", "updated_at"):
         with _immediate(connection):
             if not _has_column(connection, "users", "updated_at"):  # another process may have added it
                 connection.execute("ALTER TABLE users ADD COLUMN updated_at REAL")
                 connection.execute("UPDATE users SET updated_at = ?", (now,))
+    if not _has_column(connection, "users", "incarnation"):
+        with _immediate(connection):
+            if not _has_column(connection, "users", "incarnation"):  # likewise
+                connection.execute("ALTER TABLE users ADD COLUMN incarnation TEXT")
     connection.execute("CREATE INDEX IF NOT EXISTS users_by_write ON users (updated_at)")
 
 

@@ -16,14 +16,17 @@ Lifecycle: :meth:`UserStateStore.delete` erases a user (the ``forget`` route, ``
 forget``). With a retention ``ttl_s``, a user's ratings and state expire ``ttl_s`` seconds after the
 user's last write (an append or a state write; every write restarts the clock): an expired user reads
 as absent, and a later append starts them afresh at version 1. A state computed from ratings the store
-no longer holds (the user was deleted or expired meanwhile) is refused, unless the returning user has
-reached the same version again before it lands (versions restart at 1; docs/realtime.md#erasure).
+no longer holds (the user was deleted or expired meanwhile) is refused. Versions count feedback, so a
+returning user reaches the old versions again: each record the store creates for a user (first append,
+or a state write of no feedback) gets a fresh random ``incarnation``, and a state written with the
+incarnation it was computed under is refused by a later record of the user (docs/realtime.md#erasure).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,12 +68,17 @@ class StoredUser:
         version: Bumped by every append (0 for a user with no ratings yet).
         blob: The stored adapted state, or None.
         blob_version: The ``version`` of the ratings ``blob`` was computed from (-1 without a blob).
+        incarnation: Random token of this record of the user, new each time the store creates it (after
+            a delete or expiry too), so a state computed from a forgotten record's ratings can be told
+            from one of the returning user's at the same version; None for a record written before
+            incarnations existed.
     """
 
     ratings: list[Rating] = field(default_factory=list)
     version: int = 0
     blob: bytes | None = None
     blob_version: int = -1
+    incarnation: str | None = None
 
     @property
     def fresh(self) -> bool:
@@ -135,20 +143,29 @@ class UserStateStore(ABC):
         """Returns a user's state, or None for a user the store has never seen."""
 
     @abstractmethod
-    def put_state(self, user_id: str, blob: bytes, version: int) -> bool:
+    def put_state(self, user_id: str, blob: bytes, version: int, incarnation: str | None = None) -> bool:
         """Stores an adapted state computed from the ratings at ``version``.
 
         A state older than the stored one is dropped, so a slow writer never overwrites the state of
         newer ratings. So is one of a version the store does not hold (above the user's current version,
         0 for an absent user): its ratings were deleted (``forget``) or expired while it was computed,
-        and storing it would keep what they taught. One of the same version replaces the stored one: the reader recomputed it because
+        and storing it would keep what they taught. So is one given an ``incarnation`` other than the
+        user's record's, or for a user the store no longer holds: the record it was computed from was
+        deleted or expired, and the user came back (versions restart at 1, so the version alone cannot
+        tell). One of the same version replaces the stored one: the reader recomputed it because
         the stored state was unusable (computed by another model, e.g. a retrained one packaged under
         the same version, or unreadable), and two writers of one model at one version write the same.
+
+        A state of no feedback (``version`` 0) without an ``incarnation`` creates an absent user (with a
+        fresh incarnation): an adapt of a user the store did not hold.
 
         Args:
             user_id: Raw user id.
             blob: The serialised state.
             version: The ratings version it was computed from.
+            incarnation: The :attr:`StoredUser.incarnation` of the record the state was computed from
+                (None: the reader saw no record, or one written before incarnations; not checked).
+                A record without one (written before incarnations) accepts any.
 
         Returns:
             True when stored, False when a state of newer ratings was already there or its ratings
@@ -171,13 +188,16 @@ class UserStateStore(ABC):
             check_ratings(ratings)
         return [self.append(user_id, ratings) for user_id, ratings in entries]
 
-    def put_states(self, entries: Sequence[tuple[str, bytes, int]]) -> list[bool]:
-        """Stores several ``(user_id, blob, version)`` states, each as in :meth:`put_state`.
+    def put_states(self, entries: Sequence[StateEntry]) -> list[bool]:
+        """Stores several states, each as in :meth:`put_state`.
+
+        Args:
+            entries: ``(user_id, blob, version)`` or ``(user_id, blob, version, incarnation)`` each.
 
         Returns:
             For each entry, whether it was stored.
         """
-        return [self.put_state(user_id, blob, version) for user_id, blob, version in entries]
+        return [self.put_state(*state_entry(entry)) for entry in entries]
 
     @abstractmethod
     def delete(self, user_id: str) -> bool:
@@ -229,6 +249,24 @@ def check_ttl(ttl_s: float | None) -> float | None:
             f"the state retention must be at most {MAX_TTL_S} s (0 keeps users forever), got {ttl_s!r}"
         )
     return float(ttl_s) if ttl_s > 0 else None
+
+
+# A put_states entry: (user_id, blob, version) or (user_id, blob, version, incarnation).
+StateEntry = tuple[str, bytes, int] | tuple[str, bytes, int, str | None]
+
+
+def state_entry(entry: StateEntry) -> tuple[str, bytes, int, str | None]:
+    """A :data:`StateEntry` as ``(user_id, blob, version, incarnation)`` (None when it names none)."""
+    if len(entry) == 3:
+        user_id, blob, version = entry
+        return user_id, blob, version, None
+    user_id, blob, version, incarnation = entry
+    return user_id, blob, version, incarnation
+
+
+def new_incarnation() -> str:
+    """A fresh :attr:`StoredUser.incarnation` for a record a store is about to create."""
+    return uuid.uuid4().hex
 
 
 def check_ratings(ratings: list[Rating]) -> None:
