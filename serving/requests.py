@@ -459,12 +459,7 @@ class RequestParser:
         has_id, has_features = "user_id" in request, "user" in request
         user_id = None
         if has_id:
-            user_id = request["user_id"]
-            if not (isinstance(user_id, str) or _is_int(user_id)):
-                raise RequestError(
-                    400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}"
-                )
-            user_id = self._check_user_id(str(user_id))
+            user_id = self._check_user_id(request["user_id"])
             features = self.recommender.known_user(user_id)
             if features is not None:
                 if has_features:
@@ -486,10 +481,13 @@ class RequestParser:
             400, "missing field: give 'user_id' (a known user) or 'user' (features of a new user)"
         )
 
-    def _check_user_id(self, user_id: str) -> str:
-        """A user id the stores can hold: non-empty text of at most ``max_user_id_chars`` characters,
-        encodable as UTF-8 (JSON admits lone surrogates such as ``"\\ud800"``, which SQLite and Redis
-        cannot encode) and without control characters."""
+    def _check_user_id(self, value: Any) -> str:
+        """A request's ``user_id`` (a JSON string or integer) as a user id the stores can hold: non-empty
+        text of at most ``max_user_id_chars`` characters, encodable as UTF-8 (JSON admits lone surrogates
+        such as ``"\\ud800"``, which SQLite and Redis cannot encode) and without control characters."""
+        if not (isinstance(value, str) or _is_int(value)):
+            raise RequestError(400, f"'user_id' must be a string or an integer, got {_json_type(value)}")
+        user_id = str(value)
         limit = self.limits.max_user_id_chars
         if not user_id:
             raise RequestError(400, "'user_id' must not be empty")
@@ -506,9 +504,8 @@ class RequestParser:
             raise RequestError(400, f"'user_id' {self._quote(user_id)} holds control characters")
         return user_id
 
-    def _parse_common(
-        self, request: Any, fields: frozenset[str], user_required: bool, allow_new: bool = False
-    ):
+    def _check_fields(self, request: Any, fields: frozenset[str]) -> None:
+        """A request must be a JSON object holding no field outside ``fields``."""
         if not isinstance(request, dict):
             raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
         unknown = sorted((key for key in request if key not in fields), key=str)
@@ -517,6 +514,11 @@ class RequestParser:
                 400,
                 f"unknown field(s) {_quote_keys(unknown, self.limits.max_quote_chars)}; allowed: {sorted(fields)}",
             )
+
+    def _parse_common(
+        self, request: Any, fields: frozenset[str], user_required: bool, allow_new: bool = False
+    ):
+        self._check_fields(request, fields)
         features, user_id, notes, described = self._parse_user(request, user_required, allow_new)
         flags = {"described": described}
         for flag in ("include_rated", "explain"):
@@ -665,20 +667,10 @@ class RequestParser:
             raise RequestError(
                 404, f"forget needs a state store; this server was started without one ({NO_STATE_HINT})"
             )
-        if not isinstance(request, dict):
-            raise RequestError(400, f"a request must be a JSON object, got {_json_type(request)}")
-        unknown = sorted((key for key in request if key not in FORGET_FIELDS), key=str)
-        if unknown:
-            raise RequestError(
-                400,
-                f"unknown field(s) {_quote_keys(unknown, self.limits.max_quote_chars)}; allowed: {sorted(FORGET_FIELDS)}",
-            )
+        self._check_fields(request, FORGET_FIELDS)
         if "user_id" not in request:
             raise RequestError(400, "missing field 'user_id': the user to forget")
-        user_id = request["user_id"]
-        if not (isinstance(user_id, str) or _is_int(user_id)):
-            raise RequestError(400, f"'user_id' must be a string or an integer, got {_json_type(user_id)}")
-        return ForgetRequest(self._check_user_id(str(user_id))), []
+        return ForgetRequest(self._check_user_id(request["user_id"])), []
 
     def _parse_rated(self, request, fields, user_required, field, allowed, limit) -> tuple[tuple, tuple]:
         """The common fields (new users allowed) and the rating list under ``field`` of a request."""
