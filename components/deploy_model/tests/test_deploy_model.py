@@ -68,6 +68,15 @@ def _shipped_deployment(repo_root) -> dict:
     return deployment
 
 
+def _older_deployment(repo_root) -> dict:
+    """The Deployment as the manifests before the annotation scheme had it: MODEL_URI from a ConfigMap."""
+    older = _shipped_deployment(repo_root)
+    (init,) = older["spec"]["template"]["spec"]["initContainers"]
+    init["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {"name": "metarec-serving-env",
+                                                                           "key": "MODEL_URI"}}}]  # fmt: skip
+    return older
+
+
 def _custom():
     from metarec.components.kube import custom_objects_api
 
@@ -397,10 +406,7 @@ def test_deploy_refuses_a_deployment_that_does_not_read_the_annotation(kube, rep
     """Manifests from before this scheme took MODEL_URI from a ConfigMap: setting the annotation would
     roll the pods onto the same model and report success."""
     kube.controller = _controller
-    older = _shipped_deployment(repo_root)
-    (init,) = older["spec"]["template"]["spec"]["initContainers"]
-    init["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {"name": "metarec-serving-env",
-                                                                           "key": "MODEL_URI"}}}]  # fmt: skip
+    older = _older_deployment(repo_root)
     client_side_apply(kube, DEPS, older)
     with pytest.raises(deploy.OwnershipError, match="does not read MODEL_URI"):
         deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
@@ -412,10 +418,7 @@ def test_documented_migration_of_a_deployment_from_older_manifests(kube, repo_ro
     literal value written by the older deploy_model) takes one patch, after which the current manifests
     apply cleanly, the version it served stays, and deploy_model works."""
     kube.controller = _controller
-    older = _shipped_deployment(repo_root)
-    (init,) = older["spec"]["template"]["spec"]["initContainers"]
-    init["env"] = [{"name": "MODEL_URI", "valueFrom": {"configMapKeyRef": {"name": "metarec-serving-env",
-                                                                           "key": "MODEL_URI"}}}]  # fmt: skip
+    older = _older_deployment(repo_root)
     client_side_apply(kube, DEPS, older)
     live = kube.get(DEPS, "metarec-serving")  # what the older deploy_model's replace left
     live["spec"]["template"]["spec"]["initContainers"][0]["env"] = [{"name": "MODEL_URI", "value": OLD}]
