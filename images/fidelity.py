@@ -284,11 +284,10 @@ class Launcher:
 
 
 def _free_port() -> int:
-    import socket
+    """:func:`metarec.serve_local.free_port`, imported when called (this script imports metarec lazily)."""
+    from metarec.serve_local import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def job_runner(bin_dir: Path, env: dict[str, str], workdir: Path):
@@ -402,9 +401,10 @@ def tiny_sentence_model(folder: Path) -> Path:
     return folder
 
 
-def katib_trial_command(dataset_uri: str, output: Path) -> list[str]:
+def katib_trial_command(dataset_uri: str, output: Path) -> tuple[list[str], str]:
     """The trial container command of ``manifests/katib/experiment.yaml``, as Katib substitutes it (the
-    first value of each parameter's feasible space), on ``dataset_uri``, with a tiny training budget."""
+    first value of each parameter's feasible space), on ``dataset_uri``, with a tiny training budget; and
+    the metrics collector's format (the regex Katib reads the trial's metrics with)."""
     experiment = yaml.safe_load((REPO / "manifests/katib/experiment.yaml").read_text())
     first = {}
     for parameter in experiment["spec"]["parameters"]:
@@ -655,17 +655,9 @@ def _stop_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
 def _fatal_line(logs: Path) -> str | None:
     """The first line of TorchServe's logs saying the model cannot load (as :mod:`metarec.serve_local`
     watches them), so that a broken image fails in seconds instead of the startup probe's 3 minutes."""
-    from metarec.serve_local import FATAL_CAUSES, FATAL_EFFECTS
+    from metarec.serve_local import fatal_log_line
 
-    lines = []
-    for name in ("model_log.log", "ts_log.log"):
-        if (logs / name).is_file():
-            lines += (logs / name).read_text(errors="replace").splitlines()
-    for pattern in (FATAL_CAUSES, FATAL_EFFECTS):
-        for line in lines:
-            if pattern.search(line):
-                return line.strip()[:500]
-    return None
+    return fatal_log_line([logs / "model_log.log", logs / "ts_log.log"])
 
 
 def _get(url: str) -> int:

@@ -222,9 +222,16 @@ def _port_in_use(port: int) -> bool:
 
 def _fatal_log_line(workdir: Path) -> str | None:
     """TorchServe's line saying why the start failed (the cause if logged), from its logs in ``workdir``."""
+    return fatal_log_line(
+        [workdir / name for name in ("logs/model_log.log", "logs/ts_log.log", "launcher.log")]
+    )
+
+
+def fatal_log_line(logs: list[Path]) -> str | None:
+    """The first line of TorchServe's ``logs`` saying why a start failed: a cause (:data:`FATAL_CAUSES`)
+    before an effect (:data:`FATAL_EFFECTS`); None when neither is logged (missing files are skipped)."""
     lines = []
-    for name in ("logs/model_log.log", "logs/ts_log.log", "launcher.log"):
-        path = workdir / name
+    for path in logs:
         if path.is_file():
             lines += path.read_text(errors="replace").splitlines()
     for pattern in (FATAL_CAUSES, FATAL_EFFECTS):
