@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import memory_mb
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 OCCUPATIONS = ("administrator", "artist", "doctor", "educator", "engineer", "other", "student", "writer")
@@ -143,10 +144,7 @@ def read_ratings(data_dir: str, file_format: str) -> dict:
             parse_options=pacsv.ParseOptions(delimiter="\t"),
         )
     seconds = time.perf_counter() - started
-    # VmHWM, not ru_maxrss: Linux carries the parent's peak over fork and exec into a child's ru_maxrss.
-    status = Path("/proc/self/status").read_text()
-    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return {"rows": table.num_rows, "seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    return {"rows": table.num_rows, "seconds": seconds, "peak_rss_mb": memory_mb("VmHWM")}
 
 
 def _read_in_child(data_dir: str, file_format: str) -> dict:

@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_memory import memory_mb
+
 KINDS = (
     "recommend_known",
     "recommend_new",
@@ -101,13 +103,6 @@ def build(size_dir: Path, n_items: int, n_users: int, meta_steps: int, seed: int
             "n_users": summary["n_users"], "build_s": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 
-def _memory_mb(field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` of this process in MB (VmHWM, not ru_maxrss: a child's ru_maxrss starts at
-    its parent's peak)."""
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")) / 1024
-
-
 def bodies(item_ids: list[str], known_user: str) -> dict[str, tuple[str, object]]:
     """Each request kind's route and a body factory (``repeat -> JSON text``; feedback names a new user
     each time, so every feedback request adapts on the same 5 ratings)."""
@@ -155,13 +150,13 @@ def serve(size_dir: str, repeats: int, threads: int, profile: bool) -> dict:
     import pyarrow.parquet  # noqa: F401 - imported by the load otherwise: its RSS is no catalogue's
 
     folder = Path(size_dir)
-    before = _memory_mb("VmRSS")
+    before = memory_mb("VmRSS")
     started = time.perf_counter()
     store = open_store(f"sqlite:///{folder / 'state.sqlite'}")
     recommender = Recommender.from_dir(folder / "model", catalogue_dir=folder / "pre", store=store)
     parser = RequestParser(recommender, RequestLimits())
     load_s = time.perf_counter() - started
-    rss_loaded = _memory_mb("VmRSS") - before
+    rss_loaded = memory_mb("VmRSS") - before
 
     kinds = bodies(recommender.item_ids, next(iter(recommender.user_index)))
     route, body = kinds.pop("_setup")
@@ -200,7 +195,7 @@ def serve(size_dir: str, repeats: int, threads: int, profile: bool) -> dict:
               "score_by_index_ms": _median_ms(lambda: adapter.score(user, state, every), repeats)}  # fmt: skip
     if hasattr(adapter, "score_catalogue"):  # absent before it was added: time a checkout of that too
         result["score_catalogue_ms"] = _median_ms(lambda: adapter.score_catalogue(user, state), repeats)
-    result["peak_rss_mb"] = round(_memory_mb("VmHWM"), 1)
+    result["peak_rss_mb"] = round(memory_mb("VmHWM"), 1)
     return result
 
 
