@@ -115,14 +115,14 @@ def stop_emulator(server: EmulatorServer) -> None:
 
 def use_emulator(url: str | None) -> str | None:
     """Points the storage client at ``url`` (None: unset); returns the previous value."""
-    from metarec import storage
+    from metarec.storage.gcs import _cached_client
 
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     if url is None:
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:
         os.environ["STORAGE_EMULATOR_HOST"] = url
-    storage._cached_client.cache_clear()
+    _cached_client.cache_clear()
     return previous
 
 
@@ -142,10 +142,11 @@ def gcs_bucket(gcs_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) ->
     """A fresh, empty bucket on the session emulator, with ``STORAGE_EMULATOR_HOST`` pointing at it for
     the duration of the test; returns the bucket name."""
     from metarec import storage
+    from metarec.storage.gcs import _cached_client
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
-    storage._cached_client.cache_clear()
+    _cached_client.cache_clear()
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.get_client().create_bucket(name)
     yield name
-    storage._cached_client.cache_clear()
+    _cached_client.cache_clear()

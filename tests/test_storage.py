@@ -16,6 +16,10 @@ import pytest
 
 from metarec import storage
 from metarec.storage import ChecksumMismatchError, StorageError
+from metarec.storage.gcs import _cached_client, _read_retry, _write_retry
+from metarec.storage.gcs_transfers import _gcs_copy
+from metarec.storage.objects import _delete
+from metarec.storage.promotion import _refuse_overlapping_prefixes
 
 # Fixtures from tests/gcs_emulator.py (a real emulator on 127.0.0.1), bound here so pytest finds them.
 gcs_emulator = emulator_support.gcs_emulator
@@ -80,18 +84,18 @@ def test_permission_and_auth_errors_are_translated():
 def test_missing_credentials_give_a_storage_error(monkeypatch, tmp_path):
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
-    storage._cached_client.cache_clear()
+    _cached_client.cache_clear()
     try:
         with pytest.raises(StorageError, match="no Google credentials found"):
             storage.read_bytes("gs://some-bucket/model.pt")
     finally:
-        storage._cached_client.cache_clear()
+        _cached_client.cache_clear()
 
 
 def test_writes_are_retried_only_when_conditional():
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    read, write = storage._read_retry(), storage._write_retry()
+    read, write = _read_retry(), _write_retry()
     assert read is DEFAULT_RETRY and read._multiplier == 2.0  # exponential backoff
     assert write.get_retry_policy_if_conditions_met(query_params={"ifGenerationMatch": 0}) is DEFAULT_RETRY
     assert write.get_retry_policy_if_conditions_met(query_params={}) is None
@@ -451,7 +455,7 @@ def test_delete_whose_response_was_lost_counts_as_done(gcs_bucket, monkeypatch):
     uri = f"gs://{gcs_bucket}/d/a.txt"
     storage.write_bytes(uri, b"x")
     faults = _LostResponses(monkeypatch, ("DELETE", "/o/d%2Fa.txt", "drop"))
-    storage._delete(uri)
+    _delete(uri)
     assert faults.fired and not storage.exists(uri)
 
 
@@ -498,7 +502,7 @@ def test_copy_refuses_a_destination_another_writer_changed(gcs_bucket, monkeypat
     storage.write_bytes(destination, b"theirs")
     _LostResponses(monkeypatch, ("POST", "rewriteTo", 412))
     with pytest.raises(StorageError, match="modified by another writer"):
-        storage._gcs_copy(source, destination)
+        _gcs_copy(source, destination)
     assert storage.read_bytes(destination) == b"theirs"
 
 
@@ -542,7 +546,7 @@ def test_promote_refuses_nested_local_folders(tmp_path, monkeypatch):
     assert storage.is_complete(final) and (inside / "a.bin").read_bytes() == b"v2"
     for root in ("/", ""):  # checked directly: a regression must not get to delete files under /
         with pytest.raises(StorageError, match="filesystem root"):
-            storage._refuse_overlapping_prefixes(str(inside), root)
+            _refuse_overlapping_prefixes(str(inside), root)
     sibling = _tree(tmp_path / "final0", {"a.bin": b"sibling"})
     storage.promote(sibling, final)  # final0 is a sibling of final, not inside it
     assert (final / "a.bin").read_bytes() == b"sibling"
