@@ -254,13 +254,27 @@ def _sources(command: str) -> str:
     import importlib.util
 
     if command.startswith("python -m "):
-        return Path(importlib.util.find_spec(command.split()[-1]).origin).read_text()
+        spec = importlib.util.find_spec(command.split()[-1])
+        if spec.submodule_search_locations is None:
+            return Path(spec.origin).read_text()
+        # A package: ``-m`` runs its __main__, which imports its parser from a module of the package.
+        main = importlib.util.find_spec(f"{spec.name}.__main__")
+        text = Path(main.origin).read_text()
+        for module in re.findall(rf"^from ({re.escape(spec.name)}\.\w+) import", text, flags=re.MULTILINE):
+            text += Path(importlib.util.find_spec(module).origin).read_text()
+        return text
     script = REPO / command.split()[-1]
     text = script.read_text()
     for module in re.findall(r"^from (\w+) import", text, flags=re.MULTILINE):
         if (script.parent / f"{module}.py").is_file():
             text += (script.parent / f"{module}.py").read_text()
     return text
+
+
+def test_a_package_command_is_checked_against_the_module_that_parses_its_flags():
+    """``python -m metarec.storage`` runs the package's __main__: its flags are defined in storage/cli.py,
+    not in the package __init__ (which would make every documented flag look unknown)."""
+    assert '"--require-complete"' in _sources("python -m metarec.storage")
 
 
 def test_every_documented_command_flag_exists():
