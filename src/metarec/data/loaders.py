@@ -2,18 +2,13 @@
 
 Ratings are streamed in chunks with pyarrow and kept as compact numpy arrays (int32 ids when they fit,
 float32 ratings, int64 timestamps), so tens of millions of ratings fit in a few GB. Users, items and
-tags tables are small and read whole with the csv module (or pandas for Parquet). Every CSV row must
-have one field per column.
-
-Every validation error is a ``ValueError`` naming the file, the column and the first offending row
-(1-based data row: the header line, when there is one, and blank lines are not counted, as the
-message says; pyarrow's CSV reader does not report physical line numbers).
+tags tables are small and read whole with the csv module (or pandas for Parquet). Text decoding and
+row splitting are in ``delimited``, id checks both share in ``ids``, the error naming the file,
+column and row in ``errors``.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import datetime as dt
 import logging
 import re
@@ -37,14 +32,15 @@ from metarec.data.config import (
     TagsConfig,
     load_dataset_config,
 )
+from metarec.data.delimited import _data_rows, _header_names, _undecodable
+from metarec.data.errors import _bad
+from metarec.data.ids import _STRING_IDS_HINT, _compact_ids, _nonempty_ids, dense_codes
 from metarec.features import canonical_text
 
 log = logging.getLogger(__name__)
-
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_PARQUET_BATCH_ROWS = 1 << 20
 _TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
-_STRING_IDS_HINT = "ids that are not numbers need ratings.id_type: string in the dataset config"
 
 
 @dataclass
@@ -83,112 +79,6 @@ class RawData:
     tags: pd.DataFrame | None = None
     user_vocab: np.ndarray | None = None
     item_vocab: np.ndarray | None = None
-
-
-def _bad(file: str, column: str, row: int | None, message: str) -> ValueError:
-    where = (
-        f"data row {row} (1-based; the header and blank lines are not counted)"
-        if row is not None
-        else "header"
-    )
-    return ValueError(f"{file}: column {column!r}, {where}: {message}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Text files
-
-
-def _text_encoding(encoding: str) -> str:
-    """The codec to open a text file with: UTF-8 also drops a leading byte-order mark (Excel writes one)."""
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise ValueError(f"unknown text encoding {encoding!r}") from None
-    return "utf-8-sig" if name == "utf-8" else encoding
-
-
-def _undecodable(path: Path, encoding: str) -> ValueError | None:
-    """Names the first line that is not valid ``encoding`` (a decoder's offset is into a buffer, not a row).
-
-    Returns:
-        The error naming the line, or None when every line decodes (line by line).
-    """
-    codec = _text_encoding(encoding)
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                line.decode(codec)
-            except UnicodeDecodeError as exc:
-                return ValueError(
-                    f"{path.name}: line {number} of the file (1-based, every line counted) is not valid "
-                    f"{encoding}: {exc.reason} at byte {exc.start} of {line[:80]!r}; set the config's encoding"
-                )
-    return None
-
-
-def _split_rows(handle, table: TableConfig) -> Iterator[list[str]]:
-    """Fields of each record, in file order; an empty line yields an empty list."""
-    if len(table.sep) > 1:  # a literal multi-character separator (``::``): no quoting
-        for line in handle:
-            line = line.rstrip("\r\n")
-            yield line.split(table.sep) if line else []
-        return
-    quoting = csv.QUOTE_MINIMAL if table.quote else csv.QUOTE_NONE
-    yield from csv.reader(handle, delimiter=table.sep, quoting=quoting)
-
-
-def _header_names(path: Path, table: TableConfig) -> list[str]:
-    """Column names: the header row's (stripped, a UTF-8 BOM dropped) or the configured ``names``."""
-    if not table.header:
-        return list(table.names)
-    try:
-        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
-            header = next(_split_rows(handle, table), None)
-    except csv.Error as exc:
-        raise ValueError(f"{path.name}: unreadable header row: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise _undecodable(path, table.encoding) or ValueError(f"{path.name}: {exc}") from None
-    if not header:
-        raise ValueError(f"{path.name}: empty file or blank first line (the header row is expected there)")
-    names = [name.strip() for name in header]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise _bad(path.name, duplicated[0], None, f"duplicate column name in {names}")
-    return names
-
-
-def _data_rows(path: Path, table: TableConfig, n_fields: int) -> Iterator[list[str]]:
-    """Each data row's fields, blank lines skipped, raising on a row without exactly ``n_fields``.
-
-    A row with a field too many or too few would otherwise shift or fill values silently.
-    """
-    row = 0
-    try:
-        with open(path, encoding=_text_encoding(table.encoding), newline="") as handle:
-            records = _split_rows(handle, table)
-            if table.header:
-                next(records, None)
-            for fields in records:
-                if not fields:
-                    continue  # blank lines are not data rows (nor counted as rows in messages)
-                row += 1
-                if len(fields) != n_fields:
-                    text = table.sep.join(fields)
-                    raise _bad(
-                        path.name,
-                        "(all)",
-                        row,
-                        f"expected {n_fields} fields, got {len(fields)}: {text[:80]!r}",
-                    )
-                yield fields
-    except csv.Error as exc:
-        raise _bad(path.name, "(all)", row + 1, f"unreadable row: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise _undecodable(path, table.encoding) or ValueError(f"{path.name}: {exc}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Ratings: streamed, vectorised validation
 
 
 def _numeric_column(
@@ -272,15 +162,6 @@ def _string_ids(values: pa.Array | pa.ChunkedArray, file: str, column: str, firs
     )
 
 
-def _nonempty_ids(values: pd.Series, file: str, column: str, first_row: int) -> np.ndarray:
-    """String ids, stripped, as str objects; raises on the first missing (empty) one."""
-    text = values.fillna("").astype(str).str.strip()
-    missing = np.flatnonzero((text == "").to_numpy())
-    if missing.size:
-        raise _bad(file, column, first_row + int(missing[0]), "missing id (empty)")
-    return text.to_numpy(dtype=object)
-
-
 class _FirstSeenCodes:
     """Integer codes for string ids in first-seen order, built chunk by chunk (one dict of the ids)."""
 
@@ -351,7 +232,6 @@ def _find_shape_error(path: Path, cfg: RatingsConfig) -> None:
                 data_row,
                 f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
             ) from None
-        # Anything else (text invalid in the encoding) is named by the string read that follows.
 
 
 def _iter_csv_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator[pa.RecordBatch]:
@@ -435,14 +315,6 @@ def _validated_chunks(path: Path, cfg: RatingsConfig, strings: bool) -> Iterator
         yield chunk
 
 
-def _compact_ids(values: np.ndarray) -> np.ndarray:
-    if values.size == 0 or (
-        values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max
-    ):
-        return values.astype(np.int32)
-    return values
-
-
 def _collect_ratings(path: Path, cfg: RatingsConfig, strings: bool) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": [], "timestamp": []}
     codes = {"user": _FirstSeenCodes(), "item": _FirstSeenCodes()} if cfg.id_type == "string" else None
@@ -511,30 +383,6 @@ def read_ratings(path: Path, cfg: RatingsConfig) -> dict[str, np.ndarray]:
         raise _undecodable(path, cfg.encoding) or ValueError(f"{path.name}: {exc}") from exc
 
 
-def dense_codes(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maps integer ids to dense codes 0..n-1 in ascending id order.
-
-    Uses a lookup table (linear time) when the id range is compact, a sort otherwise.
-
-    Args:
-        ids: integer ids (any order, repeats allowed).
-
-    Returns:
-        (sorted unique ids, int32 code per input row).
-    """
-    if ids.size == 0:
-        return ids.copy(), np.zeros(0, dtype=np.int32)
-    low, high = int(ids.min()), int(ids.max())
-    if high - low <= 4 * ids.size + 1_000_000:
-        present = np.zeros(high - low + 1, dtype=bool)
-        present[ids - low] = True
-        uniques = np.flatnonzero(present) + low
-        code_of = np.cumsum(present, dtype=np.int32) - 1
-        return uniques.astype(ids.dtype), code_of[ids - low]
-    uniques, codes = np.unique(ids, return_inverse=True)
-    return uniques, codes.astype(np.int32)
-
-
 def drop_duplicates_keep_latest(
     user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
 ) -> tuple[np.ndarray | None, int]:
@@ -581,10 +429,6 @@ def drop_duplicates_keep_latest(
     keep_mask[rows[latest[last_of_pair]]] = True
     keep = np.flatnonzero(keep_mask)
     return keep, int(len(user) - len(keep))
-
-
-# --------------------------------------------------------------------------------------------------
-# Users and items: small tables
 
 
 def _read_csv_table(path: Path, table: TableConfig) -> pd.DataFrame:
@@ -785,9 +629,6 @@ def read_tags(path: Path, table: TagsConfig, string_ids: bool = False) -> pd.Dat
         }
     )
     return tags[tags["tag"] != ""].reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 def _codes_for_string_ids(
