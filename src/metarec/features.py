@@ -131,8 +131,8 @@ def fit_feature_schema(
 
     Args:
         frame: raw feature columns of the TRAINING entities (train users or warm items), one column per
-            feature name (as written by ``metarec.data.loaders``); a text feature's vectors are in
-            its ``vector_column``.
+            feature name (as written by ``metarec.data.entities.read_entities``); a text feature's vectors
+            are in its ``vector_column``.
         specs: the FeatureSpec list from the data-set config.
         text: text feature name -> encoder description (``metarec.text_features.text_vectors``),
             recorded in its schema entry.
