@@ -1,4 +1,4 @@
-"""The serving phase of ``images/fidelity.py`` runs what the pod runs, moved only where it must be.
+"""The serving phase of ``images/fidelity.py`` (``images/fidelity_serving.py``) runs what the pod runs, moved only where it must be.
 
 Fast checks of how it derives the pod's command, config and environment from the image and manifests
 (``make fidelity`` runs them for real): a rewrite that dropped a deployed setting, left a pod path or a
@@ -18,7 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", REPO_ROOT / "images" / "fidelity.py")
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_serving", REPO_ROOT / "images" / "fidelity_serving.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
