@@ -34,7 +34,7 @@ SERVING = {
     "fetch-model": "the Deployment's fetch-model init container command, as the pod's user, on the deployed version",
     "torchserve-ready": "the image's CMD on the pod's config.properties, as the pod's user, until the probes pass",
     "recommend": "POST /predictions/metarec for a known user: 200, personalised items",
-    "adapt": "POST /predictions/metarec/1.0/adapt for a new user with 3 ratings: 200, items, steps",
+    "adapt": "POST /predictions/metarec/1.0/adapt for a new user with 3 ratings (named if a store): 200, items",
     "feedback": "POST /predictions/metarec/1.0/feedback for the known user: as the pod's METAREC_STATE_URL says",
     "forget": "POST /predictions/metarec/1.0/forget for the new user: as the pod's METAREC_STATE_URL says",
     "kserve-ready": "the kserve overlay's predictor command on its config.properties and /mnt/models, as its user",
@@ -588,19 +588,21 @@ def run_deployment(workdir: Path, env: dict[str, str], model_uri: str, results: 
             raise RuntimeError(f"rated items recommended back: {answer}")
         _passed(results, current, started)
 
+        # The pod keeps per-user state only when its container names a store (docs/realtime.md).
+        stateless = run.env.get(STATE_URL_ENV, "").strip().lower() == STATE_OFF
         current, started = "adapt", time.monotonic()
         support = [
             {"item_id": item, "rating": rating} for item, rating in zip(catalogue[:3], (5, 1, 4), strict=True)
         ]
-        status, answer = _post(f"{url}/1.0/adapt", {"user_id": "fidelity-new", "support": support, "k": 3})
+        # Without a store a new user_id is refused (404: nothing could keep them); the pod adapts anonymously.
+        named = {} if stateless else {"user_id": "fidelity-new"}
+        status, answer = _post(f"{url}/1.0/adapt", {**named, "support": support, "k": 3})
         returned = {entry["item_id"] for entry in answer.get("items", [])}
         if status != 200 or answer.get("support_size") != 3 or not isinstance(answer.get("steps"), int) \
                 or len(returned) != 3 or returned & set(catalogue[:3]):  # fmt: skip
             raise RuntimeError(f"{status} {answer}")
         _passed(results, current, started)
 
-        # The pod keeps per-user state only when its container names a store (docs/realtime.md).
-        stateless = run.env.get(STATE_URL_ENV, "").strip().lower() == STATE_OFF
         current, started = "feedback", time.monotonic()
         body = {"user_id": user_id, "ratings": [{"item_id": unrated[0], "rating": 5}], "k": 3}
         status, answer = _post(f"{url}/1.0/feedback", body)
