@@ -1,16 +1,25 @@
-"""The serving phase of ``images/fidelity.py``: the serving image's content, run as its pod runs it.
+"""The serving phase of ``images/fidelity.py``: the serving image's content, run as its pods run it.
 
 After the chain (:func:`run_serving`, checks :data:`SERVING`): a second venv from
 ``images/serving.extras`` (``fidelity.build_venv``, in ``<workdir>/serving``) runs the Deployment's
 fetch-model init container command (``manifests/serving/base/deployment.yaml``) on the version
 deploy_model rolled out, from the emulator; then the image's CMD (``torchserve --start --foreground --ncs
---ts-config ...``) with the image's ENV on the ConfigMap the pod mounts
+--ts-config ...``) with the image's ENV and the container's env on the ConfigMap the pod mounts
 (``manifests/serving/base/config.properties``), ports moved to free loopback ones and the pod's
-``/home/model-server`` and ``/tmp`` to local folders; the startup probe's command must exit 0, ``/ping``
-and ``/metrics`` answer 200, and recommend (a known user), adapt (a new user), feedback and forget must
-answer 200 with their fields. The server is stopped as the pod is (SIGTERM to its process group). The CMD
-and config are run as they are rather than through :mod:`metarec.serve_local`, which writes its own config
-(token auth on, ``--models``): that would check ``metarec serve``, not the image.
+``/home/model-server`` and ``/tmp`` to local folders; the startup, readiness and liveness probes must
+pass and ``/metrics`` answer 200; recommend (a known user), adapt (a new user), feedback and forget must
+answer as the pod does (feedback and forget 404 without a state store). Then the kserve overlay's
+predictor (``manifests/serving/overlays/kserve``): the same version copied to a read-only ``/mnt/models``
+stand-in (KServe's storage initializer), the predictor's command and args on the overlay's
+config.properties, its probes, and ``POST /v1/models/metarec:predict`` with a KServe v1 body (and a bad
+one: 4xx). Servers run one after the other and are stopped as the pod is (SIGTERM to the process group).
+
+Every process runs as the pod's user (:func:`pod_user`: ``runAsUser``/``runAsGroup``/``fsGroup`` through
+``setpriv`` when run as root; the current user otherwise, file modes then standing in), and only the
+emptyDir stand-ins a container mounts are writable by it (:func:`pod_mounts`), so an image that writes
+elsewhere, or needs root, fails here as in the pod. The CMD and config are run as they are rather than
+through :mod:`metarec.serve_local`, which writes its own config (token auth on, ``--models``): that would
+check ``metarec serve``, not the image.
 """
 
 from __future__ import annotations
