@@ -110,6 +110,7 @@ class MetaRecHandler(BaseHandler):
             store=open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s)
             if keeps_state
             else None,
+            window=limits.state_window,
         )
         self.parser = RequestParser(self.recommender, limits)
         if keeps_state:

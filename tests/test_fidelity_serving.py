@@ -1,4 +1,4 @@
-"""The serving phase of ``images/fidelity.py`` runs what the pod runs, moved only where it must be.
+"""The serving phase of ``images/fidelity.py`` (``images/fidelity_serving.py``) runs what the pod runs, moved only where it must be.
 
 Fast checks of how it derives the pod's command, config and environment from the image and manifests
 (``make fidelity`` runs them for real): a rewrite that dropped a deployed setting, left a pod path or a
@@ -18,7 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", REPO_ROOT / "images" / "fidelity.py")
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_serving", REPO_ROOT / "images" / "fidelity_serving.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -89,3 +91,110 @@ def test_a_worker_import_error_is_fatal_at_once(fidelity, tmp_path):
         "INFO W-9000-metarec_1.0-stdout MODEL_LOG - MetaRec model loaded\n"
     )
     assert fidelity._fatal_line(tmp_path) is None
+
+
+# ------------------------------------------------------------------ the pod's user and what it may write
+
+
+def _pod_and_container(path: Path, kind: str) -> tuple[dict, dict]:
+    document = yaml.safe_load(path.read_text())
+    if kind == "deployment":
+        pod = document["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "torchserve"]
+        return pod, container
+    return document["spec"]["predictor"], document["spec"]["predictor"]["pytorch"]
+
+
+@pytest.mark.parametrize("kind", ["deployment", "kserve"])
+def test_root_drops_to_the_pods_user_with_fsgroup_and_no_privileges(fidelity, kind):
+    """Run as root (as on the build machines), every pod process gets the manifests' runAsUser/runAsGroup,
+    fsGroup as its only supplementary group, no new privileges and no capabilities."""
+    path = fidelity.SERVING_DEPLOYMENT if kind == "deployment" else fidelity.KSERVE_SERVICE
+    pod, container = _pod_and_container(path, kind)
+    user = fidelity.pod_user(pod, container, euid=0)
+    assert (user.uid, user.gid, user.groups) == (10001, 10001, (10001,))
+    assert user.prefix == ("setpriv", "--reuid=10001", "--regid=10001", "--groups=10001", "--no-new-privs",
+                           "--bounding-set=-all")  # fmt: skip
+    kept = fidelity.pod_user(pod, container, euid=0, read_search=True)
+    assert (
+        "--ambient-caps=+dac_read_search" in kept.prefix
+        and "--bounding-set=-all,+dac_read_search" in kept.prefix
+    )
+    assert "CAP_DAC_READ_SEARCH" in kept.note
+
+
+def test_not_root_runs_as_the_current_user_and_says_so(fidelity):
+    pod, container = _pod_and_container(fidelity.SERVING_DEPLOYMENT, "deployment")
+    user = fidelity.pod_user(pod, container, euid=4242)
+    assert user.prefix == () and user.uid == 4242
+    assert "not the pod's uid 10001" in user.note
+
+
+def test_a_manifest_without_the_pods_user_is_refused(fidelity):
+    with pytest.raises(ValueError, match="runAsUser"):
+        fidelity.pod_user({"securityContext": {"runAsNonRoot": True}}, {"name": "torchserve"}, euid=0)
+
+
+@pytest.fixture
+def sandbox():
+    """A folder every user may enter (pytest's tmp_path is under a root-only /tmp/pytest-of-root)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="podserve-test-"))
+    folder.chmod(0o755)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o700)
+    shutil.rmtree(folder)
+
+
+def test_only_the_containers_empty_dirs_are_writable_by_the_pods_user(fidelity, sandbox):
+    """The init container may write the archive and /tmp emptyDirs; the server only logs and /tmp: not its
+    home (read-only root filesystem), the fetched archive (mounted read-only) or its config. The kernel
+    decides (``test -w`` run as the pod's user), so running as root no longer writes everywhere."""
+    pod, container = _pod_and_container(fidelity.SERVING_DEPLOYMENT, "deployment")
+    user = fidelity.pod_user(pod, container)
+    home, tmp = sandbox / "home", sandbox / "tmp"
+    (home / "archive").mkdir(parents=True)
+    (home / "logs").mkdir()
+    tmp.mkdir()
+    fidelity.pod_mounts(home, user, [home / "archive"])
+    fidelity.make_empty_dir(tmp, user)
+    assert {p.name for p in (home, home / "archive", home / "logs", tmp) if user.can_write(p)} == {
+        "archive",
+        "tmp",
+    }
+    # What the init container writes (as the pod's user), then the server's view.
+    assert user.run(["mkdir", str(home / "archive" / "model-store")]).returncode == 0
+    assert user.run(["touch", str(home / "archive" / "model-store" / "metarec.mar")]).returncode == 0
+    (home / "config.properties").write_text("load_models=all\n")
+    fidelity.pod_mounts(home, user, [home / "logs"])
+    paths = [home, home / "archive", home / "archive" / "model-store", home / "archive" / "model-store" /
+             "metarec.mar", home / "config.properties", home / "logs", tmp]  # fmt: skip
+    assert {str(p.relative_to(sandbox)) for p in paths if user.can_write(p)} == {"home/logs", "tmp"}
+    assert user.run(["cat", str(home / "archive" / "model-store" / "metarec.mar")]).returncode == 0
+    if user.prefix:  # root: what fsGroup gives, not a world-writable folder
+        mode = (home / "logs").stat()
+        assert (mode.st_uid, mode.st_gid, oct(mode.st_mode & 0o7777)) == (0, 10001, "0o2770")
+
+
+def test_the_kserve_predictor_runs_the_images_server_on_the_overlays_paths(fidelity, tmp_path):
+    """The predictor's command/args are the image's (tini left to the replay) with /mnt/models and its
+    config mount moved, and the overlay's config keeps every deployed setting but paths and ports."""
+    predictor = yaml.safe_load(fidelity.KSERVE_SERVICE.read_text())["spec"]["predictor"]
+    home, tmp, models = tmp_path / "h", tmp_path / "t", tmp_path / "m"
+    move = fidelity.pod_path_mover(home, tmp, models)
+    command = fidelity.predictor_command(predictor["pytorch"], move)
+    assert command == ["torchserve", "--start", "--foreground", "--ncs", f"--model-store={models}/model-store",
+                       f"--ts-config={home}/kserve/config.properties"]  # fmt: skip
+    ports = {"inference": 1, "metrics": 2, "grpc_inference": 3, "grpc_management": 4}
+    config = _properties(
+        fidelity.serving_config(home, tmp, ports, source=fidelity.KSERVE_CONFIG, models=models)
+    )
+    assert config["model_store"] == f"{models}/model-store"
+    assert config["management_address"] == f"unix:{tmp}/metarec-management.sock"
+    assert fidelity.container_env(predictor["pytorch"]) == {"METAREC_STATE_URL": "none"}
+    # Kubernetes' rules: a container without command/args runs the image's ENTRYPOINT + CMD.
+    assert fidelity.predictor_command({}, move)[:3] == ["torchserve", "--start", "--foreground"]

@@ -19,8 +19,11 @@ import yaml
 from metarec import __version__, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# images/fidelity.py, loaded as a module: the one Dockerfile parser, which its serving phase also uses.
-_SPEC = importlib.util.spec_from_file_location("fidelity", REPO_ROOT / "images" / "fidelity.py")
+# images/fidelity_serving.py (make fidelity's serving phase), loaded as a module: the one Dockerfile parser,
+# which that phase also uses for the image's CMD and ENV.
+_SPEC = importlib.util.spec_from_file_location(
+    "fidelity_serving", REPO_ROOT / "images" / "fidelity_serving.py"
+)
 FIDELITY = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(FIDELITY)
 DOCKERFILES = {
@@ -30,7 +33,7 @@ DOCKERFILES = {
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """The Dockerfile's ``(INSTRUCTION, arguments)`` pairs, parsed as ``images/fidelity.py`` parses them
+    """The Dockerfile's ``(INSTRUCTION, arguments)`` pairs, parsed as ``images/fidelity_serving.py`` parses them
     (continuation lines joined, comment lines dropped)."""
     return FIDELITY.dockerfile_instructions(path.name.removesuffix(".Dockerfile"))
 

@@ -32,6 +32,8 @@ URI = "urn:metarec:openapi"  # the document's base URI for resolving its "#/comp
 JSON = "application/json"
 CARD = {"model_name": "metarec", "version": "1.0"}
 OPERATIONS = {path: item["post"] for path, item in SPEC["paths"].items()}
+# KServe's v1 protocol route, which TorchServe answers itself (the kserve overlay's clients call it).
+KSERVE_V1_PATH = "/v1/models/{model_name}:predict"
 
 
 def registry(spec: dict) -> Registry:
@@ -148,6 +150,8 @@ def test_the_routes_are_the_handlers_routes():
     routes = {route_of(path) for path in OPERATIONS}
     assert routes == set(ROUTES)
     for path in OPERATIONS:
+        if path == KSERVE_V1_PATH:
+            continue  # below
         assert path.startswith("/predictions/{model_name}")
         route = route_of(path)
         suffix = path.removeprefix("/predictions/{model_name}").removeprefix("/{model_version}")
@@ -156,6 +160,12 @@ def test_the_routes_are_the_handlers_routes():
     for route in ROUTES:
         examples = follow(OPERATIONS[path_of(route)]["requestBody"])["content"][JSON]["examples"]
         assert any("instances" in example["value"] for example in examples.values()), route
+    # KServe's v1 predict route reaches the handler without a route suffix (TorchServe sets no url_path
+    # header; `make fidelity` calls it over HTTP): recommend, in its KServe v1 form only.
+    assert route_of(KSERVE_V1_PATH) == ""
+    assert request_schema_ref(KSERVE_V1_PATH) == "#/components/schemas/KServeRecommendBody"
+    assert response_schema_ref(KSERVE_V1_PATH, 200) == "#/components/schemas/KServeRecommendResponse"
+    assert set(OPERATIONS[KSERVE_V1_PATH]["responses"]) == set(OPERATIONS[path_of("")]["responses"])
 
 
 def test_the_bounds_are_the_default_request_limits():
@@ -226,6 +236,16 @@ def test_every_documented_example_is_answered_200_as_documented(served):
             check_answer(route, document)
             if "instances" in example["value"]:
                 assert len(document["predictions"]) == len(example["value"]["instances"])
+
+
+def test_the_kserve_v1_examples_are_answered_as_documented(served):
+    """Sent as TorchServe hands a /v1/models/<model>:predict body over: no route suffix."""
+    examples = follow(OPERATIONS[KSERVE_V1_PATH]["requestBody"])["content"][JSON]["examples"]
+    for name, example in examples.items():
+        status, document = send(served, None, example["value"])
+        assert status == 200, (name, document)
+        assert not errors_of(response_schema_ref(KSERVE_V1_PATH, 200), document), document
+        assert len(document["predictions"]) == len(example["value"]["instances"])
 
 
 def variants(user: str) -> list[tuple[str, str, dict]]:

@@ -61,6 +61,18 @@ def test_without_a_store_feedback_and_new_users_are_refused(demo):
     assert status == 404 and "unknown user_id" in answer["message"]
 
 
+def test_without_a_store_known_users_are_still_personalised_from_history(rec, demo):
+    """The multi-replica manifests run with METAREC_STATE_URL=none: a known user must still be ranked from
+    the archive's history (as docs/realtime.md and the manifests say), exactly as with a store that holds
+    no feedback for them, not given the prior with their rated items back."""
+    stateless = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+    history = pd.read_parquet(demo["model"] / HISTORY_FILE)
+    user_id = str(history["user_id"].iloc[0])
+    status, answer = ask(stateless, {"user_id": user_id, "k": 10})
+    assert status == 200 and answer["personalised"] is True
+    assert answer == ask(rec, {"user_id": user_id, "k": 10})[1]
+
+
 def test_known_user_ranked_from_history_without_rated_items(rec, demo):
     history = pd.read_parquet(demo["model"] / HISTORY_FILE)
     user_id = str(history["user_id"].iloc[0])

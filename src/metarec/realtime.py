@@ -65,6 +65,26 @@ class UserView:
     version: int
 
 
+class HistoryOnly:
+    """Stands in for the store of a server that keeps no per-user state (``METAREC_STATE_URL=none``):
+    it holds nothing and caches nothing, so :class:`RealtimeUsers` over it serves the users of the
+    archive's history from that history alone, adapted anew at each request (what a store would cache).
+
+    Args:
+        window: Most ratings of a support set (the store's window, ``RequestLimits.state_window``).
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+
+    def get(self, user_id: str) -> None:
+        """Nothing is stored."""
+        return None
+
+    def put_states(self, states) -> None:
+        """Nothing is cached."""
+
+
 class RealtimeUsers:
     """Per-user state of one served model over a :class:`~metarec.state.UserStateStore`.
 

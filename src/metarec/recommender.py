@@ -27,8 +27,9 @@ from metarec.features import EncodedFeatures, FeatureEncoder, stack_features
 from metarec.meta import Adapter, AdaptSettings, masked_mse
 from metarec.model import PreferenceModel, read_model_json, weights_fingerprint
 from metarec.personalise import Personaliser
-from metarec.realtime import HISTORY_FILE, RealtimeUsers, UserView, read_history
+from metarec.realtime import HISTORY_FILE, HistoryOnly, RealtimeUsers, UserView, read_history
 from metarec.state import Rating, StoreUnavailableError, UserStateStore
+from metarec.state.store import DEFAULT_WINDOW
 from metarec.tasks import build_task_batch
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ class Recommender:
             when it supports the model's adapt mode; False always uses the generic ``torch.func`` loop
             (``Adapter(..., fast=False)``).
         store: The per-user state store (feedback, stored adapted states); None: no per-user state
-            (known users get the prior, feedback is refused).
+            (feedback is refused; users of ``history`` are still adapted from it, at each request).
         history: Raw user id -> known ratings (the archive's ``history.parquet``).
+        window: Most ratings of a support set without a store (a store has its own window).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Recommender:
         fast_adapt: bool = True,
         store: UserStateStore | None = None,
         history: dict[str, list[Rating]] | None = None,
+        window: int = DEFAULT_WINDOW,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -199,6 +202,14 @@ class Recommender:
             if store is not None
             else None
         )  # fmt: skip
+        # Without a store (the multi-replica manifests' METAREC_STATE_URL=none) the users of the archive's
+        # history are still personalised from it: adapted at each request, nothing cached or stored.
+        self.history_users = (
+            RealtimeUsers(self.personaliser, HistoryOnly(window), self.item_index, self.history, self.state_tag,
+                          self.default_steps, features_key=self.encoder.user_fingerprint)
+            if store is None and self.history
+            else None
+        )  # fmt: skip
         self._explainer: Explainer | None = None
 
     @classmethod
@@ -209,6 +220,7 @@ class Recommender:
         catalogue_dir: str | Path | None = None,
         fast_adapt: bool = True,
         store: UserStateStore | None = None,
+        window: int = DEFAULT_WINDOW,
     ) -> Recommender:
         """Loads a model directory (or an unpacked archive).
 
@@ -220,6 +232,7 @@ class Recommender:
                 them (a preprocessing output directory).
             fast_adapt: See :class:`Recommender`.
             store: The per-user state store (:func:`metarec.state.open.open_store`); None: none.
+            window: Most ratings of a known user's support set without a store.
 
         Returns:
             The Recommender.
@@ -248,7 +261,9 @@ class Recommender:
         card = json.loads(card_path.read_text()) if card_path is not None else None
         adapt_settings = document.get("adapt") or {}
         history = read_history(find(HISTORY_FILE, False))
-        return cls(model, schema, items, users, adapt_settings, card, device, fast_adapt, store, history)
+        return cls(
+            model, schema, items, users, adapt_settings, card, device, fast_adapt, store, history, window
+        )
 
     def known_user(self, user_id: str) -> EncodedFeatures | None:
         """Returns the encoded features of a user of the user table (None: unknown or no table)."""
@@ -330,12 +345,13 @@ class Recommender:
     def _views(self, requests: Sequence[RecommendRequest]) -> list[UserView | StoreUnavailableError | None]:
         """Each named user's state (None: no state; the error for every named user while the store is
         unavailable); stale states are re-adapted in one batched pass."""
-        named = [p for p, r in enumerate(requests) if self.users is not None and r.user_id is not None]
+        users = self.users if self.users is not None else self.history_users
+        named = [p for p, r in enumerate(requests) if users is not None and r.user_id is not None]
         views: list[UserView | StoreUnavailableError | None] = [None] * len(requests)
         if not named:
             return views
         try:
-            found = self.users.view_many(
+            found = users.view_many(
                 [
                     (requests[p].user_id, requests[p].user_features, self._authoritative(requests[p]))
                     for p in named
