@@ -493,6 +493,23 @@ def test_redis_prune_reaches_users_past_its_first_pipeline(redis_url):
         retained.close()
 
 
+def test_redis_prune_finds_keys_of_a_prefix_with_glob_characters(redis_url):
+    """prune looks keys up by a SCAN pattern made of the prefix: its glob characters are literal, so a
+    prefix such as ``team[1]*`` finds its own keys (unescaped, the pattern matched none of them)."""
+    from metarec.state.redis_store import RedisStateStore
+
+    forever = RedisStateStore(redis_url, WINDOW, prefix="team[1]*")
+    retained = RedisStateStore(redis_url, WINDOW, prefix="team[1]*", ttl_s=3600)
+    try:
+        forever.client.flushdb()
+        forever.append("u1", ratings((1, 4)))
+        assert retained.prune() == 1
+        assert 0 < retained.client.pttl("team[1]*:{u1}:meta") <= 3_600_000
+    finally:
+        forever.close()
+        retained.close()
+
+
 def test_sqlite_prune_deletes_more_than_one_batch(tmp_path):
     """``prune`` deletes in transactions of 1000 users (serving writes get the lock in between) until
     none is left, not only the first batch."""
