@@ -361,6 +361,9 @@ def test_state_forget_erases_users_from_the_store_without_a_server(capsys, tmp_p
     monkeypatch.delenv("METAREC_STATE_URL")
     assert cli.main(["state", "forget", "x"]) == 1
     assert "METAREC_STATE_URL is not set" in capsys.readouterr().err
+    # An empty id (a blank shell variable) is refused, not reported as an erasure of nobody.
+    assert cli.main(["state", "forget", "--store", url, ""]) == 1
+    assert "must not be empty" in capsys.readouterr().err
     # A serving pod of the manifests without Redis keeps no state: said plainly, not "unknown URL".
     monkeypatch.setenv("METAREC_STATE_URL", "none")
     assert cli.main(["state", "forget", "x"]) == 1
@@ -378,8 +381,9 @@ def test_state_prune_deletes_users_not_written_within_the_retention(capsys, tmp_
     store = open_store(f"sqlite:///{path}")
     store.append("old", [Rating("1", 4.0)])
     store.append("recent", [Rating("1", 4.0)])
-    with sqlite3.connect(path) as connection:  # "old" last wrote 31 days ago
+    with sqlite3.connect(path) as connection:  # "old" last wrote 31 days ago, "recent" 29 (days, not hours)
         connection.execute("UPDATE users SET updated_at = updated_at - 31 * 86400 WHERE user_id = 'old'")
+        connection.execute("UPDATE users SET updated_at = updated_at - 29 * 86400 WHERE user_id = 'recent'")
     assert cli.main(["state", "prune", "--store", f"sqlite:///{path}", "--ttl-days", "30"]) == 0
     assert "deleted 1 user(s) not written for 30 days" in capsys.readouterr().out
     assert store.get("old") is None and store.get("recent") is not None

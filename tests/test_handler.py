@@ -80,14 +80,16 @@ def test_the_store_keeps_users_for_the_archives_retention(archive_dir, tmp_path,
         handler_limits({"handler": {"state_ttl_s": -1}})
 
 
-def test_state_url_none_serves_without_per_user_state(archive_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("off", ["none", " None "])
+def test_state_url_none_serves_without_per_user_state(archive_dir, monkeypatch, tmp_path, off):
     """The serving manifests' multi-replica default: no store (one SQLite file per pod would not be
     shared), so feedback and forget are refused with a 404 that says how to get a shared store, and
-    stateless requests are answered as usual."""
+    stateless requests are answered as usual. The value is read as `metarec state` reads it (any case,
+    blanks around it), so a hand-edited "None" does not open a per-pod store either."""
     from metarec.serving.handler import STATE_URL_ENV
 
     monkeypatch.chdir(tmp_path)  # where the embedded default would create its file
-    monkeypatch.setenv(STATE_URL_ENV, "none")
+    monkeypatch.setenv(STATE_URL_ENV, off)
     handler = MetaRecHandler()
     handler.initialize(make_context(archive_dir, [{}]))
     assert not handler.recommender.keeps_state

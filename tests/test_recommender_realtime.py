@@ -770,6 +770,21 @@ def test_a_state_adapted_while_the_user_is_forgotten_is_not_kept(rec, monkeypatc
     assert rec.store.get("racer") is None
 
 
+def test_a_batch_forgets_after_its_feedback(rec):
+    """TorchServe batches a user's feedback and forget together: the forget runs last, so it erases the
+    feedback instead of the feedback bringing the user back."""
+    feedback = {
+        "user_id": "batched",
+        "user": {"age": 30},
+        "ratings": [{"item_id": rec.item_ids[0], "rating": 4}],
+    }
+    forget = {"user_id": "batched"}
+    (fed, forgot) = answer_all(rec, [feedback, forget], ["feedback", "forget"])
+    assert fed[0] == 200 and forgot == (200, {"user_id": "batched", "deleted": True,
+                                              "model_version": rec.model_version})  # fmt: skip
+    assert rec.store.get("batched") is None
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -801,3 +816,7 @@ def test_forget_without_a_store_or_while_it_is_unavailable(demo, rec, monkeypatc
     monkeypatch.setattr(rec.store, "delete", unavailable)
     status, answer = ask(rec, {"user_id": "1"}, "forget")
     assert status == 503 and answer["type"] == "StoreUnavailable"
+    # Every forget of a batch the store refused answers 503, not only the first one.
+    answers = answer_all(rec, [{"user_id": "1"}, {"instances": [{"user_id": "2"}, {"user_id": "3"}]}],
+                         ["forget", "forget"])  # fmt: skip
+    assert [(status, document["type"]) for status, document in answers] == [(503, "StoreUnavailable")] * 2

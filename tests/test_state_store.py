@@ -13,6 +13,7 @@ import redis_server
 
 from metarec.state import Rating, StoreUnavailableError
 from metarec.state.open import open_store
+from metarec.state.store import MAX_TTL_S
 
 redis_url = redis_server.redis_url
 
@@ -327,6 +328,9 @@ def test_retention_must_be_a_non_negative_number(tmp_path):
         with pytest.raises(ValueError, match="retention"):
             open_store(url, ttl_s=bad)
     assert open_store(url, ttl_s=0).ttl_s is None  # 0: forever
+    # The bound is MAX_TTL_S itself, not some larger number a setting could still slip under.
+    with pytest.raises(ValueError, match="at most"):
+        open_store(url, ttl_s=MAX_TTL_S + 1)
 
 
 def test_a_retention_redis_cannot_expire_by_is_refused_at_open(redis_url, tmp_path):
@@ -410,6 +414,14 @@ def test_a_sqlite_file_of_the_previous_schema_keeps_working(tmp_path):
     clock.now += 100
     assert store.get("u1") is None and store.get("u2") is None
     store.close()
+    # A migrated user nobody writes again expires a retention after the upgrade (stamped, not NULL).
+    with sqlite3.connect(tmp_path / "idle.sqlite") as connection:
+        connection.executescript(_OLD_SCHEMA)
+    idle = SqliteStateStore(tmp_path / "idle.sqlite", WINDOW, ttl_s=100, clock=clock)
+    assert idle.get("u1") is not None
+    clock.now += 100
+    assert idle.get("u1") is None and idle.prune() == 1
+    idle.close()
     # Without retention the old file opens too, and nothing expires.
     with sqlite3.connect(tmp_path / "old2.sqlite") as connection:
         connection.executescript(_OLD_SCHEMA)
@@ -451,6 +463,10 @@ def test_redis_prune_gives_keys_without_a_ttl_the_retention(redis_url):
         retained.append("new", ratings((1, 4)))
         client = retained.client
         assert client.pttl("metarec:{old}:ratings") == -1 and client.pttl("metarec:{old}:meta") == -1
+        # Without retention there is nothing to give: keys without a TTL stay as they are (a PEXPIRE of
+        # "no retention", 0 ms, would delete them).
+        assert forever.prune() == 0 and forever.get("old").blob == b"x"
+        assert client.pttl("metarec:{old}:ratings") == -1 and client.pttl("metarec:{old}:meta") == -1
         assert 3_590_000 < client.pttl("metarec:{new}:meta") <= 3_600_000
         assert retained.prune() == 2 and retained.prune() == 0
         for key in ("metarec:{old}:ratings", "metarec:{old}:meta", "metarec:{state-only}:meta"):
@@ -461,6 +477,92 @@ def test_redis_prune_gives_keys_without_a_ttl_the_retention(redis_url):
     finally:
         forever.close()
         retained.close()
+
+
+def test_redis_prune_reaches_users_past_its_first_pipeline(redis_url):
+    """prune sends its users in pipelines of 500: the users after the first pipeline get the TTL too."""
+    forever = open_store(redis_url, WINDOW)
+    retained = open_store(redis_url, WINDOW, ttl_s=3600)
+    try:
+        forever.client.flushdb()
+        forever.append_many([(f"u{n:04d}", ratings((1, 4))) for n in range(501)])
+        assert retained.prune() == 501
+        assert 0 < retained.client.pttl("metarec:{u0500}:meta") <= 3_600_000  # the last one, sorted
+    finally:
+        forever.close()
+        retained.close()
+
+
+def test_redis_prune_finds_keys_of_a_prefix_with_glob_characters(redis_url):
+    """prune looks keys up by a SCAN pattern made of the prefix: its glob characters are literal, so a
+    prefix such as ``team[1]*`` finds its own keys (unescaped, the pattern matched none of them)."""
+    from metarec.state.redis_store import RedisStateStore
+
+    forever = RedisStateStore(redis_url, WINDOW, prefix="team[1]*")
+    retained = RedisStateStore(redis_url, WINDOW, prefix="team[1]*", ttl_s=3600)
+    try:
+        forever.client.flushdb()
+        forever.append("u1", ratings((1, 4)))
+        assert retained.prune() == 1
+        assert 0 < retained.client.pttl("team[1]*:{u1}:meta") <= 3_600_000
+    finally:
+        forever.close()
+        retained.close()
+
+
+def test_sqlite_prune_deletes_more_than_one_batch(tmp_path):
+    """``prune`` deletes in transactions of 1000 users (serving writes get the lock in between) until
+    none is left, not only the first batch."""
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    clock, path = FakeClock(), tmp_path / "s.db"
+    store = SqliteStateStore(path, WINDOW, ttl_s=3600, clock=clock)
+    store.append_many([(f"u{n}", ratings((1, 4))) for n in range(1001)])
+    clock.now += 3600
+    assert store.prune() == 1001 and _rows(path) == (0, 0)
+    store.close()
+
+
+def test_sqlite_writes_prune_at_most_once_per_interval(tmp_path):
+    """After a write's prune found less than a full batch, writes skip pruning for PRUNE_INTERVAL_S (a
+    user expiring meanwhile reads as absent but keeps its row), then the next write deletes it."""
+    from metarec.state import sqlite_store
+
+    clock, path = FakeClock(), tmp_path / "s.db"
+    store = sqlite_store.SqliteStateStore(path, WINDOW, ttl_s=3600, clock=clock)
+    start = clock.now
+    store.append("a", ratings((1, 4)))
+    clock.now = start + 10
+    store.append("c", ratings((1, 4)))  # expires at start + 3610
+    clock.now = start + 3600
+    store.append("b", ratings((1, 4)))  # prunes "a" (not a full batch): the next prune is 60 s away
+    assert _rows(path)[0] == 2
+    clock.now = start + 3600 + sqlite_store.PRUNE_INTERVAL_S / 2
+    store.put_state("b", b"x", 1)
+    assert store.get("c") is None and _rows(path)[0] == 2  # expired, not yet deleted
+    clock.now = start + 3600 + sqlite_store.PRUNE_INTERVAL_S
+    store.put_state("b", b"y", 1)
+    assert _rows(path)[0] == 1
+    store.close()
+
+
+def test_sqlite_prune_gives_rows_without_a_write_time_the_retention(tmp_path):
+    """A row with no ``updated_at`` (written by a version without retention) is live; prune stamps it,
+    so it expires a retention later instead of never."""
+    import sqlite3
+
+    from metarec.state.sqlite_store import SqliteStateStore
+
+    clock, path = FakeClock(), tmp_path / "s.db"
+    store = SqliteStateStore(path, WINDOW, ttl_s=100, clock=clock)
+    store.append("u1", ratings((1, 4)))
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE users SET updated_at = NULL")
+    clock.now += 1000
+    assert store.get("u1") is not None and store.prune() == 0
+    clock.now += 100
+    assert store.get("u1") is None and store.prune() == 1 and _rows(path) == (0, 0)
+    store.close()
 
 
 def test_a_second_connection_reads_what_the_first_wrote(store_url, store):

@@ -87,8 +87,11 @@ def test_the_start_ships_when_meta_training_never_beats_it_on_validation(tiny_pr
 def test_meta_training_lowers_the_training_loss(tiny_preprocessed, tmp_path):
     config = {**TINY, "meta_steps": 60, "outer_lr": 0.01, "val_every": 0, "checkpoint_every": 0}
     run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path))
-    losses = [loss for _, loss in json.loads((tmp_path / "metrics.json").read_text())["curve"]]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    losses = [loss for _, loss in metrics["curve"]]
     assert sum(losses[-15:]) / 15 < sum(losses[:15]) / 15
+    # val_every 0: the final weights ship, validated once; the start is no candidate (docs/pipeline.md).
+    assert [v["step"] for v in metrics["val_history"]] == [60] and metrics["best_step"] == 60
 
 
 @pytest.mark.parametrize("method", ["maml", "reptile"])

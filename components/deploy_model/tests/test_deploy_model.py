@@ -167,6 +167,65 @@ def test_deployment_rolls_back_when_the_rollout_fails(serving):
     )
 
 
+def _recording(api, method: str, body_at: int) -> list[tuple[dict, dict]]:
+    """Wraps ``api.<method>`` to record each call's (body, keyword arguments) before sending it."""
+    calls, send = [], getattr(api, method)
+
+    def record(*args, **kwargs):
+        calls.append((args[body_at], kwargs))
+        return send(*args, **kwargs)
+
+    setattr(api, method, record)
+    return calls
+
+
+def test_deploy_writes_only_the_version_fields_as_its_own_field_manager(serving):
+    """Each patch names the model version (and its bookkeeping annotations) and nothing else, as field
+    manager metarec-deploy-model: any other field it wrote would become one an apply fights over."""
+    custom = _custom()
+    isvc_calls = _recording(custom, "patch_namespaced_custom_object", 5)
+    deploy.deploy_inferenceservice(
+        custom, "metarec", "serving", NEW, canary_percent=20, poll_s=0, sleep=_no_wait
+    )
+    owner = {"field_manager": deploy.FIELD_MANAGER}
+    assert isvc_calls == [
+        ({"metadata": {"annotations": {deploy.PREVIOUS_ANNOTATION: OLD}},
+          "spec": {"predictor": {"pytorch": {"storageUri": NEW}, "canaryTrafficPercent": 20}}}, owner),
+        ({"spec": {"predictor": {"canaryTrafficPercent": None}}}, owner),
+    ]  # fmt: skip
+    apps = _apps()
+    deployment_calls = _recording(apps, "patch_namespaced_deployment", 2)
+    deploy.deploy_deployment(apps, "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    assert deployment_calls == [
+        ({"metadata": {"annotations": {deploy.CHANGE_CAUSE: f"deploy_model: MODEL_URI={NEW}"}},
+          "spec": {"template": {"metadata": {"annotations": {deploy.MODEL_ANNOTATION: NEW}}}}}, owner),
+    ]  # fmt: skip
+
+
+def test_a_rollback_restores_the_bookkeeping_of_the_version_it_returns_to(serving):
+    """After a failed rollout the annotations describe the restored version again: the InferenceService's
+    previous-model-uri names the version before it (the documented rollback target), the Deployment's
+    change-cause names the restored model (kubectl rollout history)."""
+    deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, poll_s=0, sleep=_no_wait)
+    with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-2"):
+        deploy.deploy_inferenceservice(_custom(), "metarec", "serving", BROKEN, poll_s=0, sleep=_no_wait)
+    isvc = serving.get(ISVCS, "metarec")
+    assert isvc["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+    assert isvc["metadata"]["annotations"][deploy.PREVIOUS_ANNOTATION] == OLD
+    deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
+    with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-2"):
+        deploy.deploy_deployment(_apps(), "metarec-serving", "serving", BROKEN, poll_s=0, sleep=_no_wait)
+    assert _deployed_uri(serving) == NEW
+    cause = serving.get(DEPS, "metarec-serving")["metadata"]["annotations"][deploy.CHANGE_CAUSE]
+    assert cause == f"deploy_model: MODEL_URI={NEW}"
+
+
+def test_same_version_of_the_deployment_is_left_alone(serving):
+    result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", OLD, poll_s=0, sleep=_no_wait)
+    assert result["outcome"] == "unchanged"
+    assert not [entry for entry in serving.log if entry[0] in ("PATCH", "PUT")]
+
+
 # ---------------------------------------------------------------------------------------------------
 # RawDeployment mode (the shipped overlay) and kubectl's rollout rule
 
