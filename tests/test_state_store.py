@@ -13,7 +13,7 @@ import redis_server
 
 from metarec.state import Rating, StoreUnavailableError
 from metarec.state.open import open_store
-from metarec.state.store import MAX_TTL_S
+from metarec.state.store import MAX_TTL_S, PREDATES_INCARNATIONS
 
 redis_url = redis_server.redis_url
 
@@ -248,7 +248,7 @@ def test_a_record_written_before_incarnations_accepts_states(store):
     store.append("u1", ratings((1, 5)))
     forget_incarnation(store, "u1")
     legacy = store.get("u1")
-    assert legacy.incarnation is None and legacy.version == 1
+    assert legacy.incarnation == PREDATES_INCARNATIONS and legacy.version == 1
     assert store.put_state("u1", b"unchecked", 1)
     assert store.put_state("u1", b"any-incarnation", 1, "0" * 32)
     assert store.get("u1").blob == b"any-incarnation"
@@ -256,6 +256,26 @@ def test_a_record_written_before_incarnations_accepts_states(store):
     given = store.append("u1", ratings((2, 4))).incarnation
     assert given and store.get("u1").incarnation == given
     assert store.put_state("u1", b"other", 2, "0" * 32) is False
+
+
+def test_a_state_read_from_a_record_before_incarnations_is_refused_after_the_user_comes_back(store):
+    """The forget race of a user whose record predates incarnations: the state computed from it names
+    no token of its own, yet once the user is forgotten and comes back with as many ratings (a new record,
+    same version) it must not be stored over them."""
+    store.append("u1", ratings((1, 5)))
+    forget_incarnation(store, "u1")
+    read = store.get("u1")
+    assert read.incarnation == PREDATES_INCARNATIONS
+    assert store.delete("u1")
+    store.append("u1", ratings((2, 1)))  # version 1 again, a new record
+    assert store.put_state("u1", b"from-forgotten-ratings", read.version, read.incarnation) is False
+    assert store.get("u1").blob is None
+    # While the record still predates incarnations, a state read from it is stored as before.
+    store.append("u2", ratings((1, 5)))
+    forget_incarnation(store, "u2")
+    read = store.get("u2")
+    assert store.put_state("u2", b"kept", read.version, read.incarnation)
+    assert store.get("u2").blob == b"kept"
 
 
 class FakeClock:
@@ -443,9 +463,9 @@ def test_a_sqlite_file_written_before_incarnations_keeps_working(tmp_path):
         )  # fmt: skip
     store = SqliteStateStore(path, WINDOW)
     kept = store.get("u1")
-    assert (kept.version, kept.blob, kept.incarnation) == (2, b"\x01\x02", None)
+    assert (kept.version, kept.blob, kept.incarnation) == (2, b"\x01\x02", PREDATES_INCARNATIONS)
     assert store.put_state("u1", b"recomputed", 2, "0" * 32) and store.get("u1").blob == b"recomputed"
-    assert SqliteStateStore(path, WINDOW).get("u1").incarnation is None  # opened again: migrated once
+    assert SqliteStateStore(path, WINDOW).get("u1").incarnation == PREDATES_INCARNATIONS  # opened again: migrated once
     assert store.append("u2", ratings((1, 1))).incarnation
     store.close()
 

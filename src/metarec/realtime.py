@@ -268,7 +268,8 @@ class RealtimeUsers:
             blob = encode_state(state, self.model_tag, views[position].features, self.features_key)
             user_id, _, stored, _ = users[position]
             # The record it was read from: a state of a user forgotten meanwhile is refused even when
-            # they came back with as many ratings (same version, another incarnation).
+            # they came back with as many ratings (same version, another incarnation; a record from before
+            # incarnations reads as PREDATES_INCARNATIONS, which a new record refuses too).
             incarnation = stored.incarnation if stored is not None else None
             states.append((user_id, blob, views[position].version, incarnation))
         try:

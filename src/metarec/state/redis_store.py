@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from metarec.state.store import (
     DEFAULT_WINDOW,
+    PREDATES_INCARNATIONS,
     Rating,
     StateEntry,
     StoredUser,
@@ -311,5 +312,7 @@ def _state(window: list[list], version, blob, blob_version, incarnation) -> Stor
         version=int(version),
         blob=None if blob in (None, False) else bytes(blob),
         blob_version=-1 if blob_version in (None, False) else int(blob_version),
-        incarnation=None if incarnation in (None, False) else bytes(incarnation).decode("ascii"),
+        incarnation=PREDATES_INCARNATIONS
+        if incarnation in (None, False)
+        else bytes(incarnation).decode("ascii"),
     )

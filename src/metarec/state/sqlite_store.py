@@ -13,8 +13,8 @@ most :data:`PRUNE_BATCH` users per :data:`PRUNE_INTERVAL_S` per process, in the 
 and by :meth:`SqliteStateStore.prune` (``metarec state prune``). A file written before ``updated_at``
 existed gets the column when first opened, its users stamped with that time (a full retention from
 the upgrade, not deleted at once), and an ``incarnation`` column, NULL for the users it holds (records
-written before incarnations: a state write to them is not checked against one until their next append
-gives them one).
+written before incarnations, read as ``PREDATES_INCARNATIONS``: a state write to them is not checked
+against a token until their next append gives them one).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from metarec.state.store import (
     DEFAULT_WINDOW,
+    PREDATES_INCARNATIONS,
     Rating,
     StateEntry,
     StoredUser,
@@ -302,7 +303,7 @@ class SqliteStateStore(UserStateStore):
             version=int(row[0]),
             blob=None if row[1] is None else bytes(row[1]),
             blob_version=int(row[2]),
-            incarnation=row[3],
+            incarnation=PREDATES_INCARNATIONS if row[3] is None else row[3],
         )
 
 

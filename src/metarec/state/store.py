@@ -70,8 +70,8 @@ class StoredUser:
         blob_version: The ``version`` of the ratings ``blob`` was computed from (-1 without a blob).
         incarnation: Random token of this record of the user, new each time the store creates it (after
             a delete or expiry too), so a state computed from a forgotten record's ratings can be told
-            from one of the returning user's at the same version; None for a record written before
-            incarnations existed.
+            from one of the returning user's at the same version; :data:`PREDATES_INCARNATIONS` for a
+            record written before incarnations existed (until its next append gives it one).
     """
 
     ratings: list[Rating] = field(default_factory=list)
@@ -164,8 +164,9 @@ class UserStateStore(ABC):
             blob: The serialised state.
             version: The ratings version it was computed from.
             incarnation: The :attr:`StoredUser.incarnation` of the record the state was computed from
-                (None: the reader saw no record, or one written before incarnations; not checked).
-                A record without one (written before incarnations) accepts any.
+                (None: the reader saw no record; not checked). A record without one (written before
+                incarnations) accepts any; :data:`PREDATES_INCARNATIONS` (read from such a record) is
+                refused by any record that has one, e.g. the user's record after a forget.
 
         Returns:
             True when stored, False when a state of newer ratings was already there or its ratings
@@ -262,6 +263,12 @@ def state_entry(entry: StateEntry) -> tuple[str, bytes, int, str | None]:
         return user_id, blob, version, None
     user_id, blob, version, incarnation = entry
     return user_id, blob, version, incarnation
+
+
+# The incarnation a store reads for a record written before incarnations existed. A state computed from
+# it names this, not None, so that it is refused once the record is gone and the user has a new one (a
+# forgotten user who came back); no random token (hex) equals it.
+PREDATES_INCARNATIONS = "-"
 
 
 def new_incarnation() -> str:
