@@ -465,7 +465,8 @@ def test_a_sqlite_file_written_before_incarnations_keeps_working(tmp_path):
     kept = store.get("u1")
     assert (kept.version, kept.blob, kept.incarnation) == (2, b"\x01\x02", PREDATES_INCARNATIONS)
     assert store.put_state("u1", b"recomputed", 2, "0" * 32) and store.get("u1").blob == b"recomputed"
-    assert SqliteStateStore(path, WINDOW).get("u1").incarnation == PREDATES_INCARNATIONS  # opened again: migrated once
+    reopened = SqliteStateStore(path, WINDOW)  # opened again: migrated once
+    assert reopened.get("u1").incarnation == PREDATES_INCARNATIONS
     assert store.append("u2", ratings((1, 1))).incarnation
     store.close()
 
