@@ -9,13 +9,17 @@ catalogue. Requests are sent at concurrency 1 and 8 (threads, one keep-alive con
 The last line printed is one JSON document::
 
     {"concurrency": {"1": {"adapt_p50_ms", "adapt_p99_ms", "recommend_p50_ms", "feedback_p50_ms",
-                           "feedback_redis_p50_ms", "noop_p50_ms", ...}, "8": {...}},
+                           "feedback_redis_p50_ms", "recommend_stateless_p50_ms", "noop_p50_ms", ...},
+                     "8": {...}},
      "adapt_over_noop_p50": .., "feedback_over_noop_p50": .., "feedback_redis_over_noop_p50": ..,
+     "recommend_stateless_over_recommend_p50": ..,
      "adapt_throughput_scaling": .., "requests": .., "errors": .., "worker_restarts": .., ...}
 
 Feedback rows: one rating per request for a pool of 64 users (append, re-adapt, store), with the
 embedded SQLite store and, on a third server of the same archive, a real ``redis-server`` (skipped
-with a message when it is not installed).
+with a message when it is not installed). ``recommend_stateless``: the recommend bodies on a fourth
+server that keeps no per-user state (``METAREC_STATE_URL=none``, what the multi-replica manifests run),
+where a user of the archive's history is adapted from it at every request instead of read from a store.
 
 Exit status: 0 when every request succeeded and no worker restarted, else 1; 77
 (``bench_data.SKIP_EXIT_STATUS``) when ``--data`` names a directory that does not exist: nothing runs, the
@@ -54,7 +58,7 @@ INNER_STEPS = 5
 CONCURRENCIES = (1, 8)
 FEEDBACK_USERS = 64
 # Which request bodies each measured kind sends (the no-op handler gets the adapt bodies).
-BODIES_OF = {"noop": "adapt", "feedback_redis": "feedback"}
+BODIES_OF = {"noop": "adapt", "feedback_redis": "feedback", "recommend_stateless": "recommend"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers["metarec-redis"] = start_metarec(archive_dir, workdir / "ts-redis", redis_url)
             except FileNotFoundError as error:
                 print(f"no Redis row: {error}", file=sys.stderr)
+            servers["metarec-stateless"] = start_metarec(archive_dir, workdir / "ts-stateless", "none")
             identities = {name: worker_identity(info) for name, info in servers.items()}
             feedback_path = "/predictions/metarec/1.0/feedback"
             paths = {
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recommend": (servers["metarec"], "/predictions/metarec"),
                 "feedback": (servers["metarec"], feedback_path),
                 "noop": (servers["noop"], "/predictions/noop"),
+                "recommend_stateless": (servers["metarec-stateless"], "/predictions/metarec"),
             }
             if "metarec-redis" in servers:
                 paths["feedback_redis"] = (servers["metarec-redis"], feedback_path)
@@ -171,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             round(one["feedback_redis_p50_ms"] / one["noop_p50_ms"], 2)
             if "feedback_redis_p50_ms" in one
             else None
+        ),
+        # Known users without a store: adapted at each request instead of read (same bodies, same server).
+        "recommend_stateless_over_recommend_p50": round(
+            one["recommend_stateless_p50_ms"] / one["recommend_p50_ms"], 2
         ),
         "adapt_throughput_scaling": round(many["adapt_throughput_rps"] / one["adapt_throughput_rps"], 2),
         "requests": total_requests,

@@ -28,7 +28,8 @@ def test_serving_latency_runs_against_real_servers(capsys):
     assert result["errors"] == 0 and result["worker_restarts"] == 0
     for level in result["concurrency"].values():
         assert level["feedback_p50_ms"] > 0 and level["noop_p50_ms"] > 0
-    assert result["feedback_over_noop_p50"] > 0
+        assert level["recommend_stateless_p50_ms"] > 0
+    assert result["feedback_over_noop_p50"] > 0 and result["recommend_stateless_over_recommend_p50"] > 0
 
 
 @pytest.mark.slow
