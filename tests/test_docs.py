@@ -360,7 +360,7 @@ SERVING = REPO / "docs" / "serving.md"
 
 def test_serving_doc_names_every_route_in_its_404_row():
     """An unknown suffix answers 404: the row must not call a real route unknown."""
-    from metarec.serving.requests import ROUTES
+    from metarec.serving.routes import ROUTES
 
     (row,) = [line for line in SERVING.read_text().splitlines() if line.startswith("| 404 |")]
     suffixes = row[row.index("unknown endpoint suffix") :]
