@@ -57,11 +57,13 @@ def quote(value: Any, limit: int) -> str:
 
 
 def json_type(value: Any) -> str:
+    """Names a decoded JSON value's type for an error message ("an object", "a number", ...)."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def quote_keys(keys: Sequence[Any], limit: int = 40, count: int = 5) -> str:
+    """Quotes the first ``count`` of ``keys`` (each cut to ``limit`` characters) and how many more there are."""
     shown = [quote(key, limit) for key in list(keys)[:count]]
     more = f" and {len(keys) - count} more" if len(keys) > count else ""
     return "[" + ", ".join(shown) + "]" + more
