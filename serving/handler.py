@@ -3,11 +3,11 @@
 Routing: ``POST /predictions/<model>`` recommends; ``POST /predictions/<model>/<version>/adapt``
 (TorchServe passes the suffix in the ``url_path`` request header) adapts to a new user's support
 ratings first, ``.../feedback`` appends a user's ratings, ``.../forget`` erases a user's stored
-ratings and state; any other suffix answers 404 (:data:`metarec.serving.requests.ROUTES`). ``GET
+ratings and state; any other suffix answers 404 (:data:`metarec.serving.routes.ROUTES`). ``GET
 /models/<model>?customized=true`` on the management API returns the model card.
 
 Batching and errors: TorchServe hands the handler several HTTP requests at once (``batchSize``).
-Each is validated on its own (:func:`metarec.serving.requests.answer_batch`); the valid ones run
+Each is validated on its own (:func:`metarec.serving.routes.answer_batch`); the valid ones run
 together and an invalid one gets its own 4xx status through ``context.set_response_status``, so one
 bad request never fails its batch neighbours. ``PredictionException`` is not used for per-request
 problems because TorchServe applies its status to every request of the batch. Bodies arrive raw
@@ -27,7 +27,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from metarec.recommender import Recommender
-from metarec.serving.requests import RequestParser, answer_batch, dumps_strict, row_body
+from metarec.serving.bodies import row_body
+from metarec.serving.requests import RequestParser
+from metarec.serving.routes import answer_batch, dumps_strict
 from metarec.serving_settings import RequestLimits
 from metarec.state.open import open_store
 
@@ -128,7 +130,7 @@ class MetaRecHandler(BaseHandler):
 
         Args:
             data: One dict per HTTP request, its body under ``body`` (or ``data``); a request whose
-                body TorchServe split into form fields is answered 415 (:func:`~metarec.serving.requests.row_body`).
+                body TorchServe split into form fields is answered 415 (:func:`~metarec.serving.bodies.row_body`).
             context: TorchServe's ``ts.context.Context`` (request headers, response statuses).
 
         Returns:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from metarec.serving.requests import RequestParser, answer_batch
+from metarec.serving.requests import RequestParser
+from metarec.serving.routes import answer_batch
 from metarec.serving_settings import RequestLimits
 
 GOOD_SUPPORT = [{"item_id": "1", "rating": 5}, {"item_id": "2", "rating": 1}, {"item_id": "3", "rating": 4}]

@@ -123,6 +123,15 @@ def test_the_architecture_layout_lists_every_module_of_the_core_package():
     assert modules and [m for m in modules if f"  {m} " not in layout] == []
 
 
+def test_the_architecture_layout_lists_every_serving_module():
+    """The request protocol is several modules, each one job: the layout names each (serving/<file>)."""
+    folder = ARCHITECTURE.parents[1] / "serving"
+    text = ARCHITECTURE.read_text()
+    layout = text[text.index("## Layout") : text.index("\n## ", text.index("## Layout") + 1)]
+    modules = [f"serving/{path.name}" for path in sorted(folder.glob("*.py")) if path.name != "__init__.py"]
+    assert len(modules) > 1 and [m for m in modules if f"  {m} " not in layout] == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # Component READMEs: what a platform team copies must compile and match the component's interface.
 
@@ -360,7 +369,7 @@ SERVING = REPO / "docs" / "serving.md"
 
 def test_serving_doc_names_every_route_in_its_404_row():
     """An unknown suffix answers 404: the row must not call a real route unknown."""
-    from metarec.serving.requests import ROUTES
+    from metarec.serving.routes import ROUTES
 
     (row,) = [line for line in SERVING.read_text().splitlines() if line.startswith("| 404 |")]
     suffixes = row[row.index("unknown endpoint suffix") :]

@@ -20,8 +20,9 @@ from serving_cases import BAD_REQUESTS, GOOD_SUPPORT
 from test_handler import make_context, run_batch
 
 from metarec.realtime import HISTORY_FILE, write_history
+from metarec.serving.errors import MAX_MESSAGE_CHARS
 from metarec.serving.handler import STATE_URL_ENV, MetaRecHandler
-from metarec.serving.requests import MAX_MESSAGE_CHARS, ROUTES, Route
+from metarec.serving.routes import ROUTES, Route
 from metarec.serving_settings import RequestLimits
 from metarec.state import StoreUnavailableError
 

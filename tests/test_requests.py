@@ -1,4 +1,5 @@
-"""The request protocol (metarec.serving.requests): validation, limits, strict answers, fuzzing.
+"""The request protocol (metarec.serving.bodies, .requests, .routes, .errors): validation, limits, strict
+answers, fuzzing.
 
 Every hostile input of issue 13 is in ``serving_cases.HOSTILE_REQUESTS`` and is checked here, in the
 handler tests and over real HTTP; the property tests (hypothesis) feed the parsers arbitrary bodies
@@ -17,12 +18,14 @@ from hypothesis import strategies as st
 from serving_cases import BAD_REQUESTS, GOOD_SUPPORT, HOSTILE_REQUESTS, answer_all
 
 from metarec.recommender import Recommender
-from metarec.serving import requests as protocol
-from metarec.serving.requests import RequestError, RequestParser, answer_batch, decode_body, json_depth, quote
+from metarec.serving.bodies import decode_body, json_depth
+from metarec.serving.errors import MAX_MESSAGE_CHARS, RequestError, quote
+from metarec.serving.requests import ADAPT_FIELDS, RequestParser
+from metarec.serving.routes import ROUTES, Route, answer_batch
 from metarec.serving_settings import RequestLimits, ServingSettings
 
 # Longest error answer: the message cap plus the JSON envelope.
-MAX_ERROR_BYTES = protocol.MAX_MESSAGE_CHARS + 200
+MAX_ERROR_BYTES = MAX_MESSAGE_CHARS + 200
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def test_request_error_carries_status_and_caps_its_message():
     error = RequestError(413, "too big")
     assert isinstance(error, ValueError)
     assert error.to_body() == {"code": 413, "type": "RequestError", "message": "too big"}
-    assert len(RequestError(400, "x" * 10_000).message) <= protocol.MAX_MESSAGE_CHARS + 3
+    assert len(RequestError(400, "x" * 10_000).message) <= MAX_MESSAGE_CHARS + 3
     assert RequestError(404, "unknown").within("instances[2]: ").message == "instances[2]: unknown"
 
 
@@ -129,7 +132,7 @@ def test_a_non_finite_score_becomes_a_500_for_that_request_alone(rec, monkeypatc
         answers[0]["items"][0]["score"] = float("nan")
         return answers
 
-    monkeypatch.setitem(protocol.ROUTES, "", protocol.Route(protocol.RequestParser.parse_recommend, poisoned))
+    monkeypatch.setitem(ROUTES, "", Route(RequestParser.parse_recommend, poisoned))
     results = answer_all(rec, [{"user_id": "1"}, {"support": GOOD_SUPPORT}], ["", "adapt"])
     assert results[0][0] == 500 and results[0][1]["type"] == "InternalError"
     assert results[1][0] == 200
@@ -138,7 +141,7 @@ def test_a_non_finite_score_becomes_a_500_for_that_request_alone(rec, monkeypatc
 def test_an_unexpected_error_while_reading_one_request_is_a_500_for_it_alone(rec, monkeypatch):
     """Defence in depth: an exception the validation did not foresee (here a UnicodeEncodeError, as a
     store raised on a lone surrogate) answers that request 500 and its neighbours as if alone."""
-    real = protocol.RequestParser.parse_recommend
+    real = RequestParser.parse_recommend
 
     def fragile(self, request):
         if request.get("k") == 7:
@@ -146,7 +149,7 @@ def test_an_unexpected_error_while_reading_one_request_is_a_500_for_it_alone(rec
         return real(self, request)
 
     alone = answer_all(rec, [{"user_id": "1", "k": 3}, {"support": GOOD_SUPPORT}], ["", "adapt"])
-    monkeypatch.setitem(protocol.ROUTES, "", protocol.Route(fragile, Recommender.recommend))
+    monkeypatch.setitem(ROUTES, "", Route(fragile, Recommender.recommend))
     body = {"instances": [{"user_id": "2"}, {"user_id": "3", "k": 7}]}
     results = answer_all(rec, [{"user_id": "1", "k": 3}, body, {"support": GOOD_SUPPORT}], ["", "", "adapt"])
     assert results[1][0] == 500 and results[1][1]["type"] == "InternalError"
@@ -167,7 +170,7 @@ _json = st.recursive(
     ),
     max_leaves=30,
 )
-_fields = sorted(protocol.ADAPT_FIELDS | {"instances", "age", "gender", "item_id", "rating"})
+_fields = sorted(ADAPT_FIELDS | {"instances", "age", "gender", "item_id", "rating"})
 _item_ids = st.one_of(st.sampled_from(["1", "2", "3", "40", 7, "nope"]), _scalars)
 _support = st.lists(
     st.fixed_dictionaries({"item_id": _item_ids, "rating": st.one_of(st.integers(0, 6), _numbers)}),

@@ -1,8 +1,9 @@
 """Framework-neutral serving core: load a model directory, then recommend and adapt for validated requests.
 
-The HTTP / KServe request protocol (decoding, validation, error answers, batching) lives in
-``metarec.serving.requests`` and builds the :class:`RecommendRequest` / :class:`AdaptRequest` objects
-this module answers; the TorchServe handler (``metarec.serving.handler``) is a thin adapter over both.
+The HTTP / KServe request protocol lives in ``metarec.serving``: ``bodies`` decodes a request body,
+``requests`` builds the :class:`RecommendRequest` / :class:`AdaptRequest` objects this module answers
+and ``routes`` answers a batch; the TorchServe handler (``metarec.serving.handler``) is a thin adapter
+over both.
 All adapt requests of a batch that take the same number of steps are adapted together in one batched
 pass (padded supports, masks) of :class:`metarec.meta.Adapter` (autograd-free in modes
 "decision"/"head", otherwise the vmapped ``torch.func`` loop; both compute the same).
