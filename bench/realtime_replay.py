@@ -64,7 +64,8 @@ from bench_data import SKIP_EXIT_STATUS, default_data_dir, missing_data, skip
 from metarec.baselines import ItemUserBias, MFFoldIn
 from metarec.explain import Explainer
 from metarec.metrics import ndcg_per_user
-from metarec.serving.requests import RequestParser, answer_batch
+from metarec.serving.requests import RequestParser
+from metarec.serving.routes import answer_batch
 from metarec.serving_settings import RequestLimits
 from metarec.state.open import open_store
 from metarec.tasks import Preprocessed, build_task_batch

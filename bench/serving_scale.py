@@ -142,7 +142,8 @@ def serve(size_dir: str, repeats: int, threads: int, profile: bool) -> dict:
     import torch
 
     from metarec.recommender import Recommender
-    from metarec.serving.requests import RequestParser, answer_batch
+    from metarec.serving.requests import RequestParser
+    from metarec.serving.routes import answer_batch
     from metarec.serving_settings import RequestLimits
     from metarec.state.open import open_store
 

@@ -477,13 +477,3 @@ class RequestParser:
             return math.isfinite(number)
         except OverflowError:  # an integer too large for a float
             return False
-
-
-def __getattr__(name: str) -> Any:
-    """``answer_batch`` lived here before the split; the benchmarks still import it from here (lazily:
-    :mod:`metarec.serving.routes` imports this module)."""
-    if name == "answer_batch":
-        from metarec.serving.routes import answer_batch
-
-        return answer_batch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
