@@ -1107,15 +1107,13 @@ def run_redis(workdir: Path, env: dict[str, str], archive: Path, results: dict[s
     home, root = sandbox / "home", sandbox / "redis"  # the serving pod's /home/model-server, Redis's mounts
     tmp = Path(tempfile.mkdtemp(prefix="metarec-rds-"))  # the serving pod's /tmp
     current, redis_run, run, client = "redis-server", None, None, None
+    password = secrets.token_hex(32)  # as manifests/README.md has operators make it: openssl rand -hex 32
     try:
         started = time.monotonic()
         documents = render(REDIS_OVERLAY)
         statefulset = rendered(documents, "StatefulSet")
         redis_pod = statefulset["spec"]["template"]["spec"]
         (redis_container,) = redis_pod["containers"]
-        password = secrets.token_hex(
-            32
-        )  # as manifests/README.md has operators make it (openssl rand -hex 32)
         supplied = {("secretKeyRef", *REDIS_SECRET): password}
         redis_env = {"PATH": os.environ["PATH"], **kubelet_env(redis_container, supplied)}
         port = free_port()
@@ -1206,7 +1204,8 @@ def run_redis(workdir: Path, env: dict[str, str], archive: Path, results: dict[s
         current, started = "redis-adapt", time.monotonic()
         support = [{"item_id": item, "rating": r} for item, r in zip(catalogue[:3], (5, 1, 4), strict=True)]
         status, answer = _post(f"{url}/1.0/adapt", {"user_id": new_user, "support": support, "k": 3})
-        if status != 200 or answer.get("stored") is not True or answer.get("support_size") != 3:
+        if status != 200 or answer.get("stored") is not True or answer.get("support_size") != 3 \
+                or not isinstance(answer.get("state_version"), int):  # fmt: skip
             raise RuntimeError(f"{status} {answer}")
         _retained(client, new_user, ttl_s)
         recommend(new_user, answer.get("state_version"), 3)
@@ -1267,7 +1266,7 @@ def run_redis(workdir: Path, env: dict[str, str], archive: Path, results: dict[s
     except Exception as error:  # noqa: BLE001 - whatever broke (a missing executable too) fails the check
         results[current] = "failed"
         message = f"serving: {current} failed: {type(error).__name__}: {error}"
-        raise RuntimeError(message.replace(password, "***") if "password" in locals() else message) from error
+        raise RuntimeError(message.replace(password, "***")) from error
     finally:
         if client is not None:
             client.close()
