@@ -24,7 +24,8 @@ that need the ``bench`` extra (evaluate's ``peers``, ``metarec tune``), which th
 by design, must fail at once with an error naming that extra.
 
 Then the serving image (:func:`fidelity_serving.run_serving`, checks :data:`fidelity_serving.SERVING`,
-in ``images/fidelity_serving.py``): its install spec in a second venv, then its content run as the pod runs it.
+in ``images/fidelity_serving.py``): its install spec in a second venv, then its content run as the pod runs it:
+the Deployment, the kserve predictor, and the ``gke-cpu-redis`` overlay with its Redis StatefulSet.
 
 A component (or the handler) that needs something its image lacks fails here. The last line printed is
 ``{"components": N, "ran": N, "failed": [...], "options": {...}, "serving": {...}, "seconds": S}``

@@ -198,3 +198,145 @@ def test_the_kserve_predictor_runs_the_images_server_on_the_overlays_paths(fidel
     assert fidelity.container_env(predictor["pytorch"]) == {"METAREC_STATE_URL": "none"}
     # Kubernetes' rules: a container without command/args runs the image's ENTRYPOINT + CMD.
     assert fidelity.predictor_command({}, move)[:3] == ["torchserve", "--start", "--foreground"]
+
+
+# ------------------------------------------------------------------ the Redis overlay (gke-cpu-redis)
+
+
+@pytest.fixture(scope="module")
+def redis_overlay(fidelity):
+    """The overlay rendered as the replay renders it (``kubectl kustomize``)."""
+    import shutil
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed: cannot render the overlay")
+    documents = fidelity.render(fidelity.REDIS_OVERLAY)
+    statefulset = fidelity.rendered(documents, "StatefulSet")
+    deployment = fidelity.rendered(documents, "Deployment")
+    return documents, statefulset, deployment
+
+
+def test_dollar_references_expand_as_the_kubelet_expands_them(fidelity):
+    values = {"A": "x", "B": ""}
+    expand = fidelity.kubelet_expand
+    assert expand("redis://:$(A)@$(B)h:1/0", values) == "redis://:x@h:1/0"
+    assert expand("$(UNKNOWN)-$(A)", values) == "$(UNKNOWN)-x"  # an unknown name stays as written
+    assert expand("$$(A) $$ $$$(A)", values) == "$(A) $ $x"  # $$ is one literal $
+    assert expand("$A $ a$ $(A", values) == "$A $ a$ $(A"  # no reference: kept
+    assert expand("$()", values) == "$()"
+
+
+def test_env_values_see_only_the_variables_defined_before_them(fidelity):
+    """A ``$(VAR)`` expands to a variable defined earlier in the list, never to a later one (the pod then
+    gets the text ``$(VAR)``); valueFrom values come from the cluster and are not expanded."""
+    container = {"name": "c", "env": [
+        {"name": "URL_EARLY", "value": "redis://:$(PW)@$(HOST)/0"},
+        {"name": "HOST", "value": "h"},
+        {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "password"}}},
+        {"name": "URL", "value": "redis://:$(PW)@$(HOST)/0"},
+        {"name": "HOST", "value": "again-$(HOST)"},
+        {"name": "GONE", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k", "optional": True}}},
+    ]}  # fmt: skip
+    env = fidelity.kubelet_env(container, {("secretKeyRef", "s", "password"): "$(HOST)"})
+    assert env == {"URL_EARLY": "redis://:$(PW)@$(HOST)/0", "HOST": "again-h", "PW": "$(HOST)",
+                   "URL": "redis://:$(HOST)@h/0"}  # fmt: skip
+    with pytest.raises(LookupError, match="secretKeyRef s/password"):
+        fidelity.kubelet_env(container, {})
+
+
+def test_the_overlays_state_url_names_the_secret_and_moves_to_the_local_redis(fidelity, redis_overlay):
+    """The rendered Deployment's METAREC_STATE_URL expands (kustomize keeps the variables before it) to the
+    Secret's password at the Redis Service; only the Service's address moves to the local server."""
+    documents, statefulset, deployment = redis_overlay
+    (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "torchserve"]
+    env = fidelity.kubelet_env(server, {("secretKeyRef", *fidelity.REDIS_SECRET): "pw"})
+    assert env["METAREC_STATE_URL"] == "redis://:pw@metarec-redis:6379/0"
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    addresses = fidelity.service_addresses(
+        documents, statefulset["spec"]["template"]["metadata"]["labels"], redis
+    )
+    assert addresses[("metarec-redis", 6379)] == 6379
+    assert addresses[("metarec-redis.metarec.svc.cluster.local", 6379)] == 6379
+    move = fidelity.move_url
+    assert move(env["METAREC_STATE_URL"], addresses, {6379: 4242}) == "redis://:pw@127.0.0.1:4242/0"
+    # Another host or port than the Service's is not moved: it fails here as in the pod.
+    assert (
+        move("redis://:pw@metarec-rediss:6379/0", addresses, {6379: 4242})
+        == "redis://:pw@metarec-rediss:6379/0"
+    )
+    assert (
+        move("redis://:pw@metarec-redis:6380/0", addresses, {6379: 4242})
+        == "redis://:pw@metarec-redis:6380/0"
+    )
+
+
+def test_the_secret_is_the_one_the_readme_has_operators_create(fidelity):
+    name, key = fidelity.REDIS_SECRET
+    readme = " ".join((REPO_ROOT / "manifests" / "README.md").read_text().split())
+    assert f"create secret generic {name} --from-literal={key}=" in readme
+
+
+def test_redis_runs_the_statefulsets_command_on_its_config_moved(fidelity, redis_overlay, tmp_path):
+    documents, statefulset, _ = redis_overlay
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = fidelity.kubelet_env(container, {("secretKeyRef", *fidelity.REDIS_SECRET): "pw"})
+    move = fidelity.paths_mover([("/etc/redis", tmp_path / "config"), ("/data", tmp_path / "data")])
+    assert fidelity.redis_command(container, env, move, 4242) == [
+        "redis-server", f"{tmp_path}/config/redis.conf", "--requirepass", "pw"]  # fmt: skip
+    # A --port/--bind argument would override the config's: moved too.
+    moved = fidelity.redis_command(
+        {"command": ["redis-server", "--port", "6379", "--bind", "0.0.0.0"]}, {}, move, 1
+    )
+    assert moved == ["redis-server", "--port", "1", "--bind", "127.0.0.1"]
+    deployed = fidelity.mounted_config(pod, container, documents, "/etc/redis/redis.conf")
+    assert deployed == (REPO_ROOT / "manifests/state/redis/redis.conf").read_text()
+    config = fidelity.redis_config(deployed, move, 4242)
+    changed = [(a, b) for a, b in zip(deployed.splitlines(), config.splitlines(), strict=True) if a != b]
+    assert changed == [("bind 0.0.0.0", "bind 127.0.0.1"), ("port 6379", "port 4242"),
+                       ("dir /data", f"dir {tmp_path}/data")]  # fmt: skip
+    # Without bind/port lines Redis would listen on 6379 everywhere: they are added.
+    assert fidelity.redis_config("appendonly yes\n", move, 7).splitlines() == [
+        "appendonly yes", "bind 127.0.0.1", "port 7"]  # fmt: skip
+
+
+def test_the_serving_config_is_the_configmap_the_container_mounts(fidelity, redis_overlay):
+    documents, _, deployment = redis_overlay
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = [c for c in pod["containers"] if c["name"] == "torchserve"]
+    text = fidelity.mounted_config(pod, server, documents, "/home/model-server/config.properties")
+    assert "load_models=all" in text and "inference_address=http://0.0.0.0:8080" in text
+    with pytest.raises(LookupError, match="not a ConfigMap"):
+        fidelity.mounted_config(pod, server, documents, "/home/model-server/logs/x")
+    with pytest.raises(LookupError, match="no volume mount"):
+        fidelity.mounted_config(pod, server, documents, "/etc/passwd")
+
+
+def test_the_redis_probe_asks_the_moved_port(fidelity):
+    probe = {"exec": {"command": ["sh", "-c", 'REDISCLI_AUTH="$P" redis-cli ping | grep -q PONG']}}
+    assert fidelity.redis_probe_command(probe, 4242) == [
+        "sh", "-c", 'REDISCLI_AUTH="$P" redis-cli -p 4242 ping | grep -q PONG']  # fmt: skip
+    assert fidelity.redis_probe_command({"exec": {"command": ["/usr/bin/redis-cli-x"]}}, 1) == [
+        "/usr/bin/redis-cli-x"
+    ]
+
+
+def test_the_documented_pod_commands_exec_into_the_overlays_serving_container(fidelity, redis_overlay):
+    """docs/realtime.md and manifests/README.md give `metarec state prune` and `forget` for a serving pod;
+    the replay runs them with the pod's env, after checking they name the Deployment the overlay makes."""
+    _, _, deployment = redis_overlay
+    commands = fidelity._pod_state_commands(deployment, "torchserve")
+    assert commands["prune"] == ["metarec", "state", "prune", "--ttl-days", "90"]
+    assert commands["forget"] == ["metarec", "state", "forget", "USER_ID"]
+    text = "`kubectl -n other exec deploy/metarec-serving -c torchserve --\n metarec state forget X`"
+    assert fidelity.pod_exec_commands(text) == [
+        ({"namespace": "other", "target": "deploy/metarec-serving", "container": "torchserve"},
+         ["metarec", "state", "forget", "X"])]  # fmt: skip
+
+
+def test_the_replay_reads_the_keys_the_store_writes(fidelity):
+    pytest.importorskip("redis")
+    from metarec.state.redis_store import RedisStateStore
+
+    store = RedisStateStore("redis://127.0.0.1:1/0")  # no connection is made
+    assert list(store._keys("u{1}")) == fidelity.redis_keys("u{1}")
