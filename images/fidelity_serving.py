@@ -66,7 +66,8 @@ SERVING = {
     "redis-feedback": "feedback for the known user: stored, its keys in Redis with the archive's state_ttl_s",
     "redis-recommend": "plain recommend for that user reads the feedback back (state_version 1)",
     "redis-adapt": "adapt for a new user_id: stored in Redis with the retention, next recommend personalised",
-    "redis-forget": "forget for that new user: deleted, its keys gone from Redis",
+    "redis-forget": "forget for that new user: deleted, its keys gone from Redis, the erasure's audit line "
+    "in the container's output (what kubectl logs shows)",
     "redis-restart": "Redis stopped as the kubelet stops it, restarted on the same data: the feedback is served",
     "redis-state-cli": "the documented `metarec state prune` / `forget` for a serving pod, with the pod's env",
 }
@@ -1215,6 +1216,14 @@ def run_redis(workdir: Path, env: dict[str, str], archive: Path, results: dict[s
         status, answer = _post(f"{url}/1.0/forget", {"user_id": new_user})
         if status != 200 or answer.get("deleted") is not True or client.exists(*redis_keys(new_user)):
             raise RuntimeError(f"{status} {answer}, keys left: {client.exists(*redis_keys(new_user))}")
+        # docs/realtime.md#erasure: the audit trail is this line in `kubectl logs` (the container's output,
+        # not only TorchServe's log files in the emptyDir that goes with the pod). Workers' lines reach the
+        # frontend's output asynchronously: wait a little.
+        audit, deadline = f"realtime user={new_user} route=forget deleted=True", time.monotonic() + 10
+        while audit not in run.log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {audit!r} in the container's output\n{run.tail()}")
+            time.sleep(0.2)
         _passed(results, current, started)
 
         # The kubelet stops the pod (SIGTERM, SIGKILL after the grace period) and its replacement mounts
