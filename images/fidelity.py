@@ -25,7 +25,8 @@ by design, must fail at once with an error naming that extra.
 
 Then the serving image (:func:`fidelity_serving.run_serving`, checks :data:`fidelity_serving.SERVING`,
 in ``images/fidelity_serving.py``): its install spec in a second venv, then its content run as the pod runs it:
-the Deployment, the kserve predictor, and the ``gke-cpu-redis`` overlay with its Redis StatefulSet.
+the Deployment, the kserve predictor, and the ``gke-cpu-redis`` overlay with its Redis StatefulSet
+(``images/fidelity_redis.py``), each pod emulated by ``images/pod_emulation.py`` and ``images/serving_pod.py``.
 
 A component (or the handler) that needs something its image lacks fails here. The last line printed is
 ``{"components": N, "ran": N, "failed": [...], "options": {...}, "serving": {...}, "seconds": S}``
@@ -53,9 +54,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the GCS emulator and fake API helpers the tests use
-sys.path.insert(0, str(REPO / "images"))  # fidelity_serving, also when loaded from a file by the tests
+sys.path.insert(0, str(REPO / "images"))  # the serving phase's modules, which import one another by name
 
-from fidelity_serving import SERVING, SERVING_IMAGE, free_port, run_serving  # noqa: E402
+from fidelity_serving import SERVING, run_serving  # noqa: E402
+from pod_emulation import free_port  # noqa: E402
+from serving_pod import SERVING_IMAGE  # noqa: E402
 
 BUCKET = "fidelity"
 NAMESPACE = "fidelity"

@@ -5,7 +5,6 @@ names the one ``metarec.images`` gives for this package version."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import re
 import shlex
 import shutil
@@ -19,13 +18,11 @@ import yaml
 from metarec import __version__, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# images/fidelity_serving.py (make fidelity's serving phase), loaded as a module: the one Dockerfile parser,
-# which that phase also uses for the image's CMD and ENV.
-_SPEC = importlib.util.spec_from_file_location(
-    "fidelity_serving", REPO_ROOT / "images" / "fidelity_serving.py"
-)
-FIDELITY = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(FIDELITY)
+# images/pod_emulation.py (make fidelity's serving phase), on the path as images/fidelity.py puts it: the
+# one Dockerfile parser, which that phase also uses for the image's CMD and ENV.
+sys.path.insert(0, str(REPO_ROOT / "images"))
+import pod_emulation  # noqa: E402
+
 DOCKERFILES = {
     "components": REPO_ROOT / "images/components.Dockerfile",
     "serving": REPO_ROOT / "images/serving.Dockerfile",
@@ -33,9 +30,9 @@ DOCKERFILES = {
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """The Dockerfile's ``(INSTRUCTION, arguments)`` pairs, parsed as ``images/fidelity_serving.py`` parses them
+    """The Dockerfile's ``(INSTRUCTION, arguments)`` pairs, parsed as ``images/pod_emulation.py`` parses them
     (continuation lines joined, comment lines dropped)."""
-    return FIDELITY.dockerfile_instructions(path.name.removesuffix(".Dockerfile"))
+    return pod_emulation.dockerfile_instructions(path.name.removesuffix(".Dockerfile"))
 
 
 def build_args(instructions: list[tuple[str, str]]) -> dict[str, str]:
