@@ -46,6 +46,7 @@ from pod_emulation import (
 )
 from serving_pod import (
     STATE_URL_ENV,
+    _failed,
     _passed,
     _pod_env,
     _post,
@@ -497,9 +498,7 @@ def run_redis(workdir: Path, env: dict[str, str], archive: Path, results: dict[s
         recommend(user_id, 0, len(rated))  # the archive's history again (docs/realtime.md#erasure)
         _passed(results, current, started)
     except Exception as error:  # noqa: BLE001 - whatever broke (a missing executable too) fails the check
-        results[current] = "failed"
-        message = f"serving: {current} failed: {type(error).__name__}: {error}"
-        raise RuntimeError(message.replace(password, "***")) from error
+        raise _failed(results, current, error, secret=password) from error
     finally:
         if client is not None:
             client.close()

@@ -51,6 +51,7 @@ from serving_pod import (
     SERVING_CONFIG,
     STATE_OFF,
     STATE_URL_ENV,
+    _failed,
     _passed,
     _pod_env,
     _post,
@@ -238,8 +239,7 @@ def run_deployment(workdir: Path, env: dict[str, str], model_uri: str, results: 
             raise RuntimeError(f"{status} {answer}")
         _passed(results, current, started)
     except Exception as error:  # noqa: BLE001 - whatever broke (a missing executable too) fails the check
-        results[current] = "failed"
-        raise RuntimeError(f"serving: {current} failed: {type(error).__name__}: {error}") from error
+        raise _failed(results, current, error) from error
     finally:
         if run is not None:
             run.stop()
@@ -306,8 +306,7 @@ def run_kserve(workdir: Path, env: dict[str, str], archive: Path, results: dict[
             raise RuntimeError(f"a body with a field besides 'instances' answered {status} {answer}")
         _passed(results, current, started)
     except Exception as error:  # noqa: BLE001 - whatever broke (a missing executable too) fails the check
-        results[current] = "failed"
-        raise RuntimeError(f"serving: {current} failed: {type(error).__name__}: {error}") from error
+        raise _failed(results, current, error) from error
     finally:
         if run is not None:
             run.stop()

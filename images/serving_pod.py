@@ -187,3 +187,10 @@ def _served_catalogue(mar: Path) -> tuple[str, list[str], list[str]]:
 def _passed(results: dict[str, str], check: str, since: float) -> None:
     results[check] = f"ok {time.monotonic() - since:.1f}s"
     print(f"  {check}: ok ({time.monotonic() - since:.1f} s)", flush=True)
+
+
+def _failed(results: dict[str, str], check: str, error: Exception, secret: str | None = None) -> RuntimeError:
+    """Records ``check`` as failed; returns the error to raise, naming the check (``secret`` masked)."""
+    results[check] = "failed"
+    message = f"serving: {check} failed: {type(error).__name__}: {error}"
+    return RuntimeError(message.replace(secret, "***") if secret else message)
