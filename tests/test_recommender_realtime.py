@@ -73,6 +73,21 @@ def test_without_a_store_known_users_are_still_personalised_from_history(rec, de
     assert answer == ask(rec, {"user_id": user_id, "k": 10})[1]
 
 
+def test_without_a_store_a_worker_adapts_each_history_user_once(demo, monkeypatch):
+    """A history is fixed while its archive is served, so a server without a store keeps each known user's
+    state in the worker (bounded, least recently used dropped) instead of adapting them at every request;
+    a kept state answers exactly as a fresh adaptation does."""
+    stateless = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+    calls = _counting_adapts(stateless, monkeypatch)
+    history = pd.read_parquet(demo["model"] / HISTORY_FILE)
+    first, second = (str(u) for u in history["user_id"].unique()[:2])
+    answer = ask(stateless, {"user_id": first, "k": 10})[1]
+    assert ask(stateless, {"user_id": first, "k": 10})[1] == answer and calls == [1]
+    stateless.history_users.store.capacity = 1  # room for one user: the other is dropped and re-adapted
+    ask(stateless, {"user_id": second, "k": 10})
+    assert ask(stateless, {"user_id": first, "k": 10})[1] == answer and calls == [1, 1, 1]
+
+
 def test_known_user_ranked_from_history_without_rated_items(rec, demo):
     history = pd.read_parquet(demo["model"] / HISTORY_FILE)
     user_id = str(history["user_id"].iloc[0])

@@ -22,6 +22,8 @@ does the same for the stale states of a recommend batch.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +41,14 @@ from metarec.personalise import (
     support_from_window,
 )
 from metarec.state import Rating, StoredUser, StoreUnavailableError, UserStateStore
+from metarec.state.store import StateEntry, state_entry
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.parquet"
+# Users whose adapted states a server without a store keeps per worker (~1 KB each: 711 bytes for a
+# MovieLens-100K model), so ~20 MB at most.
+HISTORY_STATES_KEPT = 20_000
 HISTORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 
 
@@ -67,22 +73,41 @@ class UserView:
 
 class HistoryOnly:
     """Stands in for the store of a server that keeps no per-user state (``METAREC_STATE_URL=none``):
-    it holds nothing and caches nothing, so :class:`RealtimeUsers` over it serves the users of the
-    archive's history from that history alone, adapted anew at each request (what a store would cache).
+    it holds no ratings, so :class:`RealtimeUsers` over it serves the users of the archive's history from
+    that history alone. Their adapted states are kept in this process only, the last ``capacity`` users
+    used: a history does not change while its archive is served, so a kept state never goes stale, and
+    each worker adapts a user once instead of at every request (another worker or replica adapts them
+    once too: nothing is shared, nothing outlives the process).
 
     Args:
         window: Most ratings of a support set (the store's window, ``RequestLimits.state_window``).
+        capacity: Most users whose states are kept (~1 KB each), least recently used dropped first.
     """
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, capacity: int = HISTORY_STATES_KEPT):
         self.window = window
+        self.capacity = capacity
+        self._states: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # the in-process tests call one Recommender from several threads
 
-    def get(self, user_id: str) -> None:
-        """Nothing is stored."""
-        return None
+    def get(self, user_id: str) -> StoredUser | None:
+        """The user's kept state (no ratings: a fresh state of version 0), or None."""
+        with self._lock:
+            blob = self._states.get(user_id)
+            if blob is None:
+                return None
+            self._states.move_to_end(user_id)
+        return StoredUser(ratings=[], version=0, blob=blob, blob_version=0)
 
-    def put_states(self, states) -> None:
-        """Nothing is cached."""
+    def put_states(self, states: Sequence[StateEntry]) -> None:
+        """Keeps each ``(user_id, blob, version[, incarnation])`` state, dropping the least recently used."""
+        with self._lock:
+            for entry in states:
+                user_id, blob, _, _ = state_entry(entry)
+                self._states[user_id] = blob
+                self._states.move_to_end(user_id)
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
 
 
 class RealtimeUsers:

@@ -128,7 +128,8 @@ class Recommender:
             when it supports the model's adapt mode; False always uses the generic ``torch.func`` loop
             (``Adapter(..., fast=False)``).
         store: The per-user state store (feedback, stored adapted states); None: no per-user state
-            (feedback is refused; users of ``history`` are still adapted from it, at each request).
+            (feedback is refused; users of ``history`` are still adapted from it, once per worker:
+            :class:`~metarec.realtime.HistoryOnly`).
         history: Raw user id -> known ratings (the archive's ``history.parquet``).
         window: Most ratings of a support set without a store (a store has its own window).
     """
@@ -204,7 +205,7 @@ class Recommender:
             else None
         )  # fmt: skip
         # Without a store (the multi-replica manifests' METAREC_STATE_URL=none) the users of the archive's
-        # history are still personalised from it: adapted at each request, nothing cached or stored.
+        # history are still personalised from it: adapted once per worker and kept there, nothing stored.
         self.history_users = (
             RealtimeUsers(self.personaliser, HistoryOnly(window), self.item_index, self.history, self.state_tag,
                           self.default_steps, features_key=self.encoder.user_fingerprint)
