@@ -47,16 +47,19 @@ def _merge_key(items) -> str | None:
     return None
 
 
-def strategic_merge_patch(target: dict, patch: dict) -> dict:
-    """Applies a strategic merge patch: as a JSON merge patch, except that lists keyed by ``name`` merge
-    item by item (``{"name": n, "$patch": "delete"}`` removes one), as for the built-in kinds."""
+def merge_patch(target: dict, patch: dict, strategic: bool = False) -> dict:
+    """Applies a JSON merge patch (RFC 7386: dicts merge, ``None`` deletes, anything else replaces) or,
+    ``strategic``, a strategic merge patch: the same, except that lists keyed by ``name`` merge item by
+    item (``{"name": n, "$patch": "delete"}`` removes one), as for the built-in kinds."""
     result = copy.deepcopy(target)
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
         elif isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = strategic_merge_patch(result[key], value)
-        elif isinstance(value, list) and _merge_key(value) and isinstance(result.get(key), list):
+            result[key] = merge_patch(result[key], value, strategic)
+        elif (
+            strategic and isinstance(value, list) and _merge_key(value) and isinstance(result.get(key), list)
+        ):
             items = result[key]
             for item in value:
                 index = next((i for i, old in enumerate(items) if old.get("name") == item["name"]), None)
@@ -66,7 +69,7 @@ def strategic_merge_patch(target: dict, patch: dict) -> dict:
                 elif index is None:
                     items.append(copy.deepcopy(item))
                 else:
-                    items[index] = strategic_merge_patch(items[index], item)
+                    items[index] = merge_patch(items[index], item, strategic)
         else:
             result[key] = copy.deepcopy(value)
     return result
@@ -151,22 +154,9 @@ def client_side_apply(fake: FakeKube, collection: str, manifest: dict) -> dict:
             return fake._store(collection, name, modified, new=True)
         original = json.loads(((current["metadata"].get("annotations") or {}).get(LAST_APPLIED)) or "{}")
         patch = three_way_patch(original, modified, current, strategic)
-        merged = (strategic_merge_patch if strategic else merge_patch)(current, patch)
+        merged = merge_patch(current, patch, strategic)
         validate(merged)
         return fake._store(collection, name, merged, new=False)
-
-
-def merge_patch(target: dict, patch: dict) -> dict:
-    """Applies a JSON merge patch (RFC 7386): dicts merge, ``None`` deletes, anything else replaces."""
-    result = copy.deepcopy(target)
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merge_patch(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
 
 
 class FakeKube:
@@ -301,9 +291,7 @@ class FakeKube:
                         return self._write(200, collection, name, self._body(), new=False)
                     if method == "PATCH":
                         strategic = "strategic-merge-patch" in (self.headers.get("Content-Type") or "")
-                        patched = (strategic_merge_patch if strategic else merge_patch)(
-                            fake.objects[key], self._body()
-                        )
+                        patched = merge_patch(fake.objects[key], self._body(), strategic)
                         return self._write(200, collection, name, patched, new=False)
                     if method == "DELETE":
                         removed = fake.objects.pop(key)
