@@ -49,7 +49,6 @@ from pod_emulation import (
 )
 from serving_pod import (
     SERVING_CONFIG,
-    STATE_OFF,
     STATE_URL_ENV,
     _failed,
     _passed,
@@ -62,6 +61,8 @@ from serving_pod import (
     predictor_command,
     serving_config,
 )
+
+from metarec.state.open import STATE_OFF, keeps_no_state
 
 # The serving phase (run_serving, after the options): check -> what it shows.
 SERVING = {
@@ -205,7 +206,7 @@ def run_deployment(workdir: Path, env: dict[str, str], model_uri: str, results: 
         _passed(results, current, started)
 
         # The pod keeps per-user state only when its container names a store (docs/realtime.md).
-        stateless = run.env.get(STATE_URL_ENV, "").strip().lower() == STATE_OFF
+        stateless = keeps_no_state(run.env.get(STATE_URL_ENV, ""))
         current, started = "adapt", time.monotonic()
         support = [
             {"item_id": item, "rating": rating} for item, rating in zip(catalogue[:3], (5, 1, 4), strict=True)

@@ -35,8 +35,8 @@ SERVING_IMAGE = "serving"
 # The ConfigMap the Deployment mounts over the image's /home/model-server/config.properties.
 SERVING_CONFIG = REPO / "manifests/serving/base/config.properties"
 
-# The state setting of the serving containers (docs/realtime.md): "none" = feedback and forget answer 404.
-STATE_URL_ENV, STATE_OFF = "METAREC_STATE_URL", "none"
+# The state setting of the serving containers (docs/realtime.md; metarec.state.open.STATE_OFF: no state).
+STATE_URL_ENV = "METAREC_STATE_URL"
 
 
 def serving_config(

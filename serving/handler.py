@@ -31,15 +31,13 @@ from metarec.serving.bodies import row_body
 from metarec.serving.requests import RequestParser
 from metarec.serving.routes import answer_batch, dumps_strict
 from metarec.serving_settings import RequestLimits
-from metarec.state.open import open_store
+from metarec.state.open import STATE_OFF, keeps_no_state, open_store
 
 logger = logging.getLogger(__name__)
 
 # The per-user state store: this environment variable (the Redis overlay sets it), else an SQLite
-# file in the server's working directory (see default_state_url). STATE_OFF keeps no per-user state:
-# the serving manifests' multi-replica default, where one SQLite file per pod would not be shared.
+# file in the server's working directory (see default_state_url); STATE_OFF keeps no per-user state.
 STATE_URL_ENV = "METAREC_STATE_URL"
-STATE_OFF = "none"
 STATE_FILE = "metarec-state.sqlite"
 JSON_CONTENT_TYPE = "application/json"
 # Seconds a client should wait before retrying a 503 (the user-state store was unavailable).
@@ -105,7 +103,7 @@ class MetaRecHandler(BaseHandler):
         self.device = torch.device(f"cuda:{gpu_id}" if use_gpu else "cpu")
         model_dir = context.system_properties["model_dir"]
         state_url = os.environ.get(STATE_URL_ENV) or default_state_url()
-        keeps_state = state_url.strip().lower() != STATE_OFF
+        keeps_state = not keeps_no_state(state_url)
         self.recommender = Recommender.from_dir(
             model_dir,
             device=self.device,

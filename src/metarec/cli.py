@@ -291,10 +291,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _store_url(args: argparse.Namespace) -> str:
+    from metarec.state.open import keeps_no_state
+
     url = args.store or os.environ.get("METAREC_STATE_URL")
     if not url:
         raise CLIError("no --store given and METAREC_STATE_URL is not set (sqlite:///path.db, redis://...)")
-    if url.strip().lower() == "none":  # the multi-replica serving manifests without Redis
+    if keeps_no_state(url):  # the multi-replica serving manifests without Redis
         raise CLIError("METAREC_STATE_URL=none: this server keeps no per-user state, so there is nothing to "
                        "erase or prune here (docs/realtime.md#erasure)")  # fmt: skip
     return url

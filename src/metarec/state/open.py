@@ -10,6 +10,15 @@ from pathlib import Path
 
 from metarec.state.store import DEFAULT_WINDOW, UserStateStore
 
+# The state URL of a server that keeps no per-user state: the multi-replica serving manifests' default,
+# where one SQLite file per pod would not be shared (docs/realtime.md#erasure).
+STATE_OFF = "none"
+
+
+def keeps_no_state(url: str) -> bool:
+    """Whether a state URL is :data:`STATE_OFF` (any case, spaces around it ignored)."""
+    return url.strip().lower() == STATE_OFF
+
 
 def open_store(url: str, window: int = DEFAULT_WINDOW, ttl_s: float | None = None) -> UserStateStore:
     """Opens the store a URL names.
