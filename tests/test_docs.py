@@ -123,6 +123,15 @@ def test_the_architecture_layout_lists_every_module_of_the_core_package():
     assert modules and [m for m in modules if f"  {m} " not in layout] == []
 
 
+def test_the_architecture_layout_names_every_metarec_sub_command():
+    """The layout's cli.py line lists the ``metarec`` sub-commands, those the pipelines plug in included."""
+    from metarec.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    line = next(line for line in ARCHITECTURE.read_text().splitlines() if line.startswith("  cli.py "))
+    assert commands and [name for name in commands if not re.search(rf"\b{name}\b", line)] == []
+
+
 def test_the_architecture_layout_lists_every_serving_module():
     """The request protocol is several modules, each one job: the layout names each (serving/<file>)."""
     folder = ARCHITECTURE.parents[1] / "serving"
