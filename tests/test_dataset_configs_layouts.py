@@ -124,3 +124,14 @@ def test_feature_names_metarec_writes_itself_are_refused(section, name):
         config["items"]["features"].append(feature)
     with pytest.raises(ValueError, match=rf"{section}.features\[\d\]: feature name '{name}' is a column"):
         parse_dataset_config(config)
+
+
+def test_a_label_holding_the_internal_separator_names_the_row(tmp_path):
+    # With sep ";" the label "Sci|Fi" used to become the two labels "Sci" and "Fi".
+    root = write_shop(tmp_path / "raw", cats=["Tools"] * 5 + ["Sci|Fi;Toys"] + ["Tools"] * 24)
+    with pytest.raises(ValueError, match=r"items.csv: column 'cats', data row 6 .*label with a '\|'"):
+        load_raw(root, _write(tmp_path, CONFIG))
+    labels = with_(["items", "features", 0], {"name": "cats", "kind": "multi_hot", "columns": ["title"],
+                                              "labels": ["Sci|Fi"]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"items.features\[0\].labels: a label must not contain '\|'"):
+        parse_dataset_config(labels)
