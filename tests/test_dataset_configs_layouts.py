@@ -135,3 +135,23 @@ def test_a_label_holding_the_internal_separator_names_the_row(tmp_path):
                                               "labels": ["Sci|Fi"]})  # fmt: skip
     with pytest.raises(ValueError, match=r"items.features\[0\].labels: a label must not contain '\|'"):
         parse_dataset_config(labels)
+
+
+def test_parquet_datetime_timestamps_are_unix_seconds(tmp_path):
+    root = write_shop(tmp_path / "raw")
+    ratings = pd.read_csv(root / "ratings.csv")
+    expected = ratings["when"].to_numpy()
+    ratings["when"] = pd.to_datetime(ratings["when"], unit="s")  # what pandas users write to Parquet
+    ratings.to_parquet(root / "ratings.parquet")
+    config = with_(["ratings", "file"], "ratings.parquet")
+    raw = load_raw(root, _write(tmp_path, config))
+    np.testing.assert_array_equal(raw.ratings["timestamp"].to_numpy(), expected)
+
+
+def test_iso_dates_in_a_csv_timestamp_column_say_what_is_expected(tmp_path):
+    root = write_shop(tmp_path / "raw")
+    ratings = pd.read_csv(root / "ratings.csv")
+    ratings["when"] = pd.to_datetime(ratings["when"], unit="s").dt.strftime("%Y-%m-%dT%H:%M:%S")
+    ratings.to_csv(root / "ratings.csv", index=False)
+    with pytest.raises(ValueError, match=r"ratings.csv: column 'when', data row 1 .* must hold unix seconds"):
+        load_raw(root, _write(tmp_path, CONFIG))
