@@ -155,3 +155,19 @@ def test_iso_dates_in_a_csv_timestamp_column_say_what_is_expected(tmp_path):
     ratings.to_csv(root / "ratings.csv", index=False)
     with pytest.raises(ValueError, match=r"ratings.csv: column 'when', data row 1 .* must hold unix seconds"):
         load_raw(root, _write(tmp_path, CONFIG))
+
+
+def test_too_few_users_for_the_split_fail_at_preprocessing(tmp_path):
+    # Four users and fractions [0.7, 0.1, 0.2] left no validation user: preprocessing, training and
+    # evaluation (NaN scores) all ran, and only model selection failed.
+    root = write_shop(tmp_path / "raw", n_users=4)
+    config = _write(tmp_path, CONFIG)
+    settings = {"item_split": "count", "cold_max_ratings": 0}  # no cold items: every user is a task
+    with pytest.raises(
+        ValueError, match=r"split_fractions=\[0.7, 0.1, 0.2\] of the 4 task users leave no val"
+    ):
+        run_preprocessing(str(root), config, settings, str(tmp_path / "out"))
+    # Fractions that ask for no validation users are honoured.
+    settings["split_fractions"] = [0.75, 0, 0.25]
+    summary = run_preprocessing(str(root), config, settings, str(tmp_path / "out"))
+    assert summary["users_per_split"] == {"train": 3, "val": 0, "test": 1}
