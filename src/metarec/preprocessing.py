@@ -329,6 +329,20 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
     user_split = np.zeros(n_users, dtype=np.int8)
     user_split[~is_extra] = _split_users(int((~is_extra).sum()), first_time[~is_extra], cfg, split_rng)
     n_per_split = {name: int((user_split == code).sum()) for code, name in enumerate(SPLITS)}
+    # A split asked for but left empty fails only after training (no validation scores to select on,
+    # NaN test metrics): say so here, where the cause (too few users) is known.
+    empty = [
+        name
+        for name, fraction in zip(SPLITS, cfg["split_fractions"], strict=True)
+        if fraction > 0 and n_per_split[name] == 0
+    ]
+    if empty:
+        raise ValueError(
+            f"preprocess config: split_fractions={list(cfg['split_fractions'])} of the "
+            f"{int((~is_extra).sum())} task users leave no {' and no '.join(empty)} users; the data set "
+            f"needs more users with {cfg['min_ratings']}..{cfg['max_ratings']} ratings (counts: {counts}), "
+            f"or set those fractions to 0"
+        )
 
     query_size, cold_query_size = cfg["query_size"], cfg["cold_query_size"]
     # Extra training users hold no query rows: every warm rating is a support (training) row.

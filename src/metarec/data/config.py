@@ -6,6 +6,7 @@ A data-set config is a small YAML file (schema in docs/ARCHITECTURE.md). Shipped
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ TEXT_ENCODERS = ("ngrams", "sentence")
 DEFAULT_TEXT_DIM = 32
 FILE_FORMATS = ("csv", "parquet")
 ID_TYPES = ("integer", "string")
+# Columns metarec itself writes beside the features (loaders.RawData, preprocessing's users.parquet and
+# items.parquet): a feature of that name would overwrite them (or be overwritten) without a word.
+RESERVED_FEATURE_NAMES = {
+    "users": ("user_id", "user_idx", "user_split"),
+    "items": ("item_id", "item_idx", "warm_idx", "is_cold", "release"),
+}
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,30 @@ def _as_bool(value: Any, source: str, where: str) -> bool:
     raise _err(source, where, f"expected true/false, got {value!r}")
 
 
+def _number(value: Any, source: str, where: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise _err(source, where, f"expected a number, got {value!r}")
+
+
+def _scalar(value: Any, source: str, where: str) -> str | None:
+    """A column name as text (YAML reads ``1`` as a number); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return str(value)
+    raise _err(source, where, f"expected a column name, got {value!r}")
+
+
+def _names(value: Any, source: str, where: str) -> tuple[str, ...]:
+    """A list of column names; a bare string would otherwise be read as a list of its characters."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise _err(source, where, f"expected a list of column names, got {value!r}")
+    return tuple(_scalar(v, source, f"{where}[{i}]") for i, v in enumerate(value))
+
+
 def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str]) -> dict:
     if not isinstance(raw, dict):
         raise _err(source, section, f"expected a mapping, got {type(raw).__name__}")
@@ -201,7 +232,7 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
     if not raw.get("file") or not isinstance(raw["file"], str):
         raise _err(source, f"{section}.file", "a file name is required")
     header = _as_bool(raw.get("header", False), source, f"{section}.header")
-    names = tuple(str(n) for n in (raw.get("names") or ()))
+    names = _names(raw.get("names"), source, f"{section}.names")
     fmt = raw.get("format") or ("parquet" if raw["file"].endswith((".parquet", ".pq")) else "csv")
     if fmt not in FILE_FORMATS:
         raise _err(source, f"{section}.format", f"expected one of {FILE_FORMATS}, got {fmt!r}")
@@ -214,6 +245,11 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
         raise _err(
             source, f"{section}.sep", f"{sep!r} looks like a regular expression; a sep is literal text"
         )
+    encoding = str(raw.get("encoding", "utf-8"))
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise _err(source, f"{section}.encoding", f"unknown text encoding {encoding!r}") from None
     quote = _as_bool(raw["quote"], source, f"{section}.quote") if raw.get("quote") is not None else None
     if quote and len(sep) > 1:
         raise _err(source, f"{section}.quote", f"quoted fields need a one-character sep, got {sep!r}")
@@ -222,7 +258,7 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
         "sep": sep,
         "quote": quote,
         "header": header,
-        "encoding": str(raw.get("encoding", "utf-8")),
+        "encoding": encoding,
         "names": names,
         "format": fmt,
     }
@@ -248,9 +284,9 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
         raise _err(source, where, "a feature name is required")
     if kind not in FEATURE_KINDS:
         raise _err(source, where, f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
-    column = raw.get("column")
-    columns = tuple(str(c) for c in (raw.get("columns") or ()))
-    labels = tuple(str(c) for c in (raw.get("labels") or ()))
+    column = _scalar(raw.get("column"), source, f"{where}.column")
+    columns = _names(raw.get("columns"), source, f"{where}.columns")
+    labels = _names(raw.get("labels"), source, f"{where}.labels")
     parse = raw.get("parse")
     buckets = raw.get("buckets")
     if kind == "multi_hot":
@@ -260,6 +296,10 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
             raise _err(source, where, f"{len(labels)} labels for {len(columns)} flag columns")
         if columns and not labels:
             labels = columns
+        if any("|" in label for label in labels):  # labels are stored joined by "|"
+            raise _err(source, f"{where}.labels", f"a label must not contain '|', got {list(labels)}")
+        if raw.get("sep") is not None and not (isinstance(raw["sep"], str) and raw["sep"]):
+            raise _err(source, f"{where}.sep", f"expected a non-empty separator, got {raw['sep']!r}")
     elif kind == "text":
         return _text_feature(raw, where, names, source)
     elif not column:
@@ -286,8 +326,8 @@ def _feature(raw: Any, section: str, index: int, names: tuple[str, ...], source:
 
 
 def _text_feature(raw: dict, where: str, names: tuple[str, ...], source: str) -> FeatureSpec:
-    column = raw.get("column")
-    columns = tuple(str(c) for c in (raw.get("columns") or ()))
+    column = _scalar(raw.get("column"), source, f"{where}.column")
+    columns = _names(raw.get("columns"), source, f"{where}.columns")
     if column and columns:
         raise _err(source, where, "a text feature takes 'column' or 'columns', not both")
     columns = columns or ((str(column),) if column else ())
@@ -320,8 +360,25 @@ def _tags(raw: Any, source: str) -> TagsConfig:
     for key in ("user", "item", "tag"):
         if not raw.get(key):
             raise _err(source, f"tags.{key}", "the column name is required")
-        _check_column(raw[key], kwargs["names"], source, f"tags.{key}")
+        _check_column(_scalar(raw[key], source, f"tags.{key}"), kwargs["names"], source, f"tags.{key}")
+    _distinct_columns(raw, ("user", "item", "tag"), "tags", source)
     return TagsConfig(user=str(raw["user"]), item=str(raw["item"]), tag=str(raw["tag"]), **kwargs)
+
+
+def _distinct_columns(raw: dict, keys: tuple[str, ...], section: str, source: str) -> None:
+    """Each role needs its own column (one column read twice fails deep in the CSV reader)."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        column = raw.get(key)
+        if not column:
+            continue
+        if str(column) in seen:
+            raise _err(
+                source,
+                f"{section}.{key}",
+                f"column {column!r} is already {section}.{seen[str(column)]}; each needs its own column",
+            )
+        seen[str(column)] = key
 
 
 def _display(raw: Any, items: EntityConfig, source: str) -> tuple[DisplaySpec, ...]:
@@ -352,14 +409,27 @@ def _entity(raw: dict, section: str, source: str) -> EntityConfig:
     if not raw.get("id"):
         raise _err(source, f"{section}.id", "the id column is required")
     _check_column(raw["id"], kwargs["names"], source, f"{section}.id")
-    features = tuple(
-        _feature(f, section, i, kwargs["names"], source) for i, f in enumerate(raw.get("features") or ())
-    )
+    listed = raw.get("features") or []
+    if not isinstance(listed, list):
+        raise _err(source, f"{section}.features", f"expected a list of features, got {listed!r}")
+    features = tuple(_feature(f, section, i, kwargs["names"], source) for i, f in enumerate(listed))
     seen: set[str] = set()
-    for spec in features:
+    # A text feature's vectors go to items.parquet as <name>_vector (features.vector_column).
+    vectors = {f"{spec.name}_vector" for spec in features if spec.kind == "text"}
+    for index, spec in enumerate(features):
         if spec.name in seen:
             raise _err(source, f"{section}.features", f"duplicate feature name {spec.name!r}")
         seen.add(spec.name)
+        if (
+            spec.name in RESERVED_FEATURE_NAMES.get(section, ())
+            or spec.name in vectors
+            or (section == "items" and spec.name.startswith("display_"))
+        ):
+            raise _err(
+                source,
+                f"{section}.features[{index}]",
+                f"feature name {spec.name!r} is a column metarec writes itself; choose another name",
+            )
     return EntityConfig(id=str(raw["id"]), features=features, **kwargs)
 
 
@@ -394,12 +464,17 @@ def parse_dataset_config(raw: dict, source: str = "<dict>") -> DatasetConfig:
     for key in ("user", "item", "rating"):
         if not rr.get(key):
             raise _err(source, f"ratings.{key}", "the column name is required")
-        _check_column(rr[key], kwargs["names"], source, f"ratings.{key}")
-    _check_column(rr.get("timestamp"), kwargs["names"], source, "ratings.timestamp")
+        _check_column(_scalar(rr[key], source, f"ratings.{key}"), kwargs["names"], source, f"ratings.{key}")
+    timestamp = _scalar(rr.get("timestamp"), source, "ratings.timestamp")
+    _check_column(timestamp, kwargs["names"], source, "ratings.timestamp")
+    _distinct_columns(rr, ("user", "item", "rating", "timestamp"), "ratings", source)
     scale = rr.get("rating_scale", [1, 5])
-    if not (isinstance(scale, list | tuple) and len(scale) == 2 and float(scale[0]) < float(scale[1])):
+    if not (isinstance(scale, list | tuple) and len(scale) == 2):
         raise _err(source, "ratings.rating_scale", f"expected [min, max] with min < max, got {scale!r}")
-    step = float(rr.get("rating_step", 1.0))
+    scale = [_number(bound, source, "ratings.rating_scale") for bound in scale]
+    if scale[0] >= scale[1]:
+        raise _err(source, "ratings.rating_scale", f"expected [min, max] with min < max, got {scale!r}")
+    step = _number(rr.get("rating_step", 1.0), source, "ratings.rating_step")
     if step <= 0:
         raise _err(source, "ratings.rating_step", f"must be > 0, got {step}")
     id_type = rr.get("id_type", "integer")

@@ -106,9 +106,13 @@ def _feature_values(frame: pd.DataFrame, spec: FeatureSpec, file: str) -> tuple[
             joined = ["|".join(x for x in row if x) for row in zip(*flags, strict=True)] if flags else []
             return pd.Series(joined, index=frame.index, dtype=object), None
         sep = spec.sep or "|"
-        joined = [
-            "|".join(p.strip() for p in str(v).split(sep) if p.strip()) for v in frame[spec.column].tolist()
-        ]
+        values = frame[spec.column].tolist()
+        joined = ["|".join(p.strip() for p in str(v).split(sep) if p.strip()) for v in values]
+        if sep != "|":  # labels are kept joined by "|": one holding it would split into two labels
+            piped = [i for i, v in enumerate(values) if "|" in str(v)]
+            if piped:
+                i = piped[0]
+                raise _bad(file, spec.column, i + 1, f"label with a '|' in {values[i]!r} (sep is {sep!r})")
         return pd.Series(joined, index=frame.index, dtype=object), None
     # numeric
     text = frame[spec.column].astype(str).str.strip()
@@ -116,7 +120,12 @@ def _feature_values(frame: pd.DataFrame, spec: FeatureSpec, file: str) -> tuple[
         dates = [_parse_date(t) if t else None for t in text.tolist()]
         for i, (t, d) in enumerate(zip(text.tolist(), dates, strict=True)):
             if t and d is None:
-                raise _bad(file, spec.column, i + 1, f"unparseable date {t!r} (expected like 01-Jan-1995)")
+                raise _bad(
+                    file,
+                    spec.column,
+                    i + 1,
+                    f"unparseable date {t!r} (expected 01-Jan-1995, 1995-01-01 or 1995)",
+                )
         years = [float(d.year) if d else np.nan for d in dates]
         release = [d.year + (d.timetuple().tm_yday - 1) / 366.0 if d else np.nan for d in dates]
         return pd.Series(years, index=frame.index), pd.Series(release, index=frame.index)

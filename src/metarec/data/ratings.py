@@ -22,6 +22,8 @@ from metarec.data.ids import _STRING_IDS_HINT, _compact_ids, _nonempty_ids, dens
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_PARQUET_BATCH_ROWS = 1 << 20
+_TIMESTAMP_HINT = "ratings.timestamp must hold unix seconds, or be a Parquet timestamp column"
+_UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 def _numeric_column(
@@ -35,6 +37,13 @@ def _numeric_column(
         values = values.combine_chunks()
     noun = "id" if key in ("user", "item") else key
     kind = values.type
+    if key == "timestamp" and pa.types.is_timestamp(kind):
+        # A Parquet datetime column: whole unix seconds, as the CSV layouts give them (a missing one is
+        # left for the integer check below to report).
+        values = values.cast(pa.int64())
+        if not values.null_count:
+            values = pa.array(values.to_numpy() // _UNITS_PER_SECOND[kind.unit])
+        kind = values.type
     text = None
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
         text = values.to_numpy(zero_copy_only=False)
@@ -48,6 +57,8 @@ def _numeric_column(
             what = f"non-numeric {noun} {text[i]!r}" if nonnumeric[i] else "missing value (empty or NaN)"
             if nonnumeric[i] and noun == "id":
                 what += f" ({_STRING_IDS_HINT})"
+            elif nonnumeric[i] and key == "timestamp":
+                what += f" ({_TIMESTAMP_HINT})"
             raise _bad(file, column, first_row + i, what)
         out = parsed
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
@@ -73,7 +84,7 @@ def _numeric_column(
             elif noun == "id":
                 why = f"id {shown} is not an integer ({_STRING_IDS_HINT})"
             else:
-                why = f"timestamp {shown} is not a whole number of seconds"
+                why = f"timestamp {shown} is not a whole number of seconds ({_TIMESTAMP_HINT})"
             raise _bad(file, column, first_row + i, why)
         return out.astype(np.int64)
     return out
