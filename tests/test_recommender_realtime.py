@@ -168,6 +168,25 @@ def test_a_user_id_the_store_cannot_hold_is_refused_alone_in_its_batch(rec):
     assert mixed[len(bad) + 1 :] == alone
 
 
+def test_feedback_keeps_the_rating_sent_last_and_user_ids_are_exact_text(rec):
+    """docs/openapi.yaml: an item rated again keeps the rating sent last whatever its timestamp (the
+    window is in order of arrival); a JSON integer id is its decimal text, any other spelling another
+    user."""
+    items = rec.item_ids
+    later = {"user_id": 9001, "ratings": [{"item_id": items[0], "rating": 5, "timestamp": 2000}]}
+    earlier = {"user_id": "9001", "ratings": [{"item_id": items[0], "rating": 1, "timestamp": 1000},
+                                              {"item_id": items[1], "rating": 2}, {"item_id": items[1], "rating": 4}]}  # fmt: skip
+    assert ask(rec, later, "feedback")[0] == 200 and ask(rec, earlier, "feedback")[0] == 200
+    stored = rec.store.get("9001")
+    assert [(r.item_id, r.rating, r.timestamp) for r in stored.ratings] == [
+        (items[0], 1.0, 1000.0), (items[1], 4.0, None)
+    ]  # fmt: skip
+    assert stored.version == 2 and ask(rec, {"user_id": 9001, "k": 2})[1]["support_size"] == 2
+    for other in (" 9001", "9001 ", "+9001"):
+        status, answer = ask(rec, {"user_id": other, "k": 2})
+        assert status == 404 and "unknown user_id" in answer["message"]
+
+
 def test_adapt_with_a_new_user_id_stores_the_user(rec):
     support = [{"item_id": rec.item_ids[n], "rating": 5 if n % 2 else 1} for n in range(6)]
     status, adapted = ask(
