@@ -10,7 +10,16 @@ from test_model import N_ITEMS
 
 from metarec.features import EncodedFeatures
 from metarec.meta import Adapter, AdaptSettings
-from metarec.personalise import STATE_MAGIC, Personaliser, decode_state, encode_state, support_from_window
+from metarec.personalise import (
+    MAX_CARRIED,
+    STATE_MAGIC,
+    Personaliser,
+    carried_features,
+    decode_features,
+    decode_state,
+    encode_state,
+    support_from_window,
+)
 from metarec.state import Rating
 
 
@@ -110,3 +119,36 @@ def test_state_blobs_are_compact_raw_tensors_and_older_torch_save_blobs_still_re
     older = decode_state(buffer.getvalue(), "v1", torch.device("cpu"))
     assert all(torch.equal(older["params"][k], state[k]) for k in state)
     assert decode_state(buffer.getvalue(), "v2", torch.device("cpu")) is None
+
+
+def test_features_of_other_encodings_are_carried_through_blobs_and_read_by_their_encoding():
+    """A model writing over a blob whose features it cannot read (another encoding, key "k1") keeps them
+    verbatim, so the model of that encoding still reads them (a rolling update, a rollback); its own
+    state and features read as before, at most MAX_CARRIED encodings are kept, newest first."""
+    state = {"user_bias": torch.tensor([0.5]), "w": torch.randn(1, 3)}
+    theirs = EncodedFeatures(
+        torch.tensor([[4, 5]]), torch.tensor([[-1.5]]), torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    )
+    first = encode_state(state, "old", theirs, "k1")
+    assert carried_features(first, "k1") == []  # the writer's own encoding needs no carry
+    blob = encode_state(state, "new", _user(), "k2", carried_features(first, "k2"))
+    cpu = torch.device("cpu")
+    kept = decode_features(blob, "old", cpu, "k1")
+    assert kept is not None and all(torch.equal(a, b) for a, b in zip(kept, theirs, strict=True))
+    document = decode_state(blob, "new", cpu)  # the writer's own state and features are untouched
+    assert all(torch.equal(document["params"][k], state[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(document["features"], _user(), strict=True))
+    assert decode_state(blob, "new", cpu, params=False)["features"] is not None
+    assert decode_features(blob, "other", cpu, "k3") is None
+    # Back on the old model: it writes its own features again and carries the new model's along.
+    back = encode_state(state, "old", theirs, "k1", carried_features(blob, "k1"))
+    assert [c.features_key for c in carried_features(back, None)] == ["k1", "k2"]
+    assert all(
+        torch.equal(a, b) for a, b in zip(decode_features(back, "new", cpu, "k2"), _user(), strict=True)
+    )
+    # A chain of encodings keeps the newest MAX_CARRIED others.
+    for n in range(3, 10):
+        blob = encode_state(state, f"m{n}", _user(), f"k{n}", carried_features(blob, f"k{n}"))
+    assert [c.features_key for c in carried_features(blob, "k9")] == ["k8", "k7", "k6", "k5"][:MAX_CARRIED]
+    assert carried_features(b"not a blob", "k1") == [] and carried_features(None, "k1") == []
+    assert carried_features(blob[:-1], None) == []  # truncated: nothing of unknown meaning is carried

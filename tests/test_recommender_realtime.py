@@ -168,6 +168,25 @@ def test_a_user_id_the_store_cannot_hold_is_refused_alone_in_its_batch(rec):
     assert mixed[len(bad) + 1 :] == alone
 
 
+def test_feedback_keeps_the_rating_sent_last_and_user_ids_are_exact_text(rec):
+    """docs/openapi.yaml: an item rated again keeps the rating sent last whatever its timestamp (the
+    window is in order of arrival); a JSON integer id is its decimal text, any other spelling another
+    user."""
+    items = rec.item_ids
+    later = {"user_id": 9001, "ratings": [{"item_id": items[0], "rating": 5, "timestamp": 2000}]}
+    earlier = {"user_id": "9001", "ratings": [{"item_id": items[0], "rating": 1, "timestamp": 1000},
+                                              {"item_id": items[1], "rating": 2}, {"item_id": items[1], "rating": 4}]}  # fmt: skip
+    assert ask(rec, later, "feedback")[0] == 200 and ask(rec, earlier, "feedback")[0] == 200
+    stored = rec.store.get("9001")
+    assert [(r.item_id, r.rating, r.timestamp) for r in stored.ratings] == [
+        (items[0], 1.0, 1000.0), (items[1], 4.0, None)
+    ]  # fmt: skip
+    assert stored.version == 2 and ask(rec, {"user_id": 9001, "k": 2})[1]["support_size"] == 2
+    for other in (" 9001", "9001 ", "+9001"):
+        status, answer = ask(rec, {"user_id": other, "k": 2})
+        assert status == 404 and "unknown user_id" in answer["message"]
+
+
 def test_adapt_with_a_new_user_id_stores_the_user(rec):
     support = [{"item_id": rec.item_ids[n], "rating": 5 if n % 2 else 1} for n in range(6)]
     status, adapted = ask(
@@ -633,6 +652,47 @@ def test_a_model_change_keeps_a_new_users_features_when_the_feature_encoding_is_
     assert other.encoder.user_fingerprint != new.encoder.user_fingerprint
     status, answer = ask(other, {"user_id": "dora", "k": 5})
     assert status == 200 and answer["items"] == ask(other, {"support": ratings, "k": 5}, "adapt")[1]["items"]
+
+
+def test_a_model_of_another_feature_encoding_keeps_the_other_models_features_of_a_new_user(demo, tmp_path):
+    """A rolling update (or a rollback): the old model and a retrained one, whose user features encode
+    otherwise (a refitted standardisation), serve over one store. A new user described themselves to the
+    old model; one plain recommend on the new model replaced the blob with its own, holding no features
+    the old model can read, so the old model served them without their features from then on (and a
+    rollback lost them for good). The new model's blob now carries the old encoding's features along."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    old = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
+    base = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"])
+    schema = json.loads(json.dumps(base.schema))
+    age = next(f for f in schema["user_features"] if f["name"] == "age")
+    age["mean"] = float(age["mean"]) + 1.0  # retrained on more users: another standardisation
+    with torch.no_grad():
+        for parameter in base.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    new = Recommender(base.model, schema, _items(demo), _users(demo),
+                      {"mode": base.adapt_mode, "inner_steps": base.default_steps, "inner_lr": base.inner_lr},
+                      {"version": "2.0"}, store=open_store(url), history=base.history)  # fmt: skip
+    assert new.encoder.user_fingerprint != old.encoder.user_fingerprint
+    items = old.item_ids
+    described = {"age": 65, "gender": "F", "occupation": "retired"}
+    ratings = [{"item_id": items[i], "rating": r} for i, r in ((0, 5), (3, 1), (7, 4))]
+    assert ask(old, {"user_id": "dora", "user": described, "ratings": ratings}, "feedback")[0] == 200
+    expected = ask(old, {"user": described, "support": ratings, "k": 5}, "adapt")[1]["items"]
+    assert ask(old, {"user_id": "dora", "k": 5})[1]["items"] == expected
+
+    for _ in range(2):  # each model in turn replaces the other's blob, twice over
+        status, answer = ask(new, {"user_id": "dora", "k": 5})  # the new model cannot read them: none
+        assert (
+            status == 200 and answer["items"] == ask(new, {"support": ratings, "k": 5}, "adapt")[1]["items"]
+        )
+        assert ask(old, {"user_id": "dora", "k": 5})[1]["items"] == expected
+    # Feedback through the new model keeps them too; the old model adapts on the new window with them.
+    more = [{"item_id": items[9], "rating": 2}]
+    assert ask(new, {"user_id": "dora", "ratings": more}, "feedback")[0] == 200
+    assert (
+        ask(old, {"user_id": "dora", "k": 5})[1]["items"]
+        == ask(old, {"user": described, "support": ratings + more, "k": 5}, "adapt")[1]["items"]
+    )
 
 
 def _items(demo):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import redis_server
@@ -728,6 +729,49 @@ def test_redis_batch_is_one_script_call_and_a_cluster_gets_one_call_per_user(red
         assert counted == [6] and not single._per_entry
     finally:
         single.close()
+
+
+def test_a_real_redis_cluster_gets_one_call_per_user(tmp_path):
+    """Against a real cluster-mode redis-server (one node holding every slot), a batch over two users
+    is refused with CROSSSLOT, which redis-py raises as ClusterCrossSlotError without the "CROSSSLOT"
+    in its message: the fallback matched the text only, so every feedback batch of two users or more
+    failed (an exception, not an answer) instead of going one call per user."""
+    pytest.importorskip("redis")
+    from metarec.state.local_redis import _free_port, stop_redis
+
+    # The cluster bus port defaults to port + 10000, which fails above 55535: name a free one.
+    port, bus = _free_port(), _free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
+         "--cluster-port", str(bus),
+         "--cluster-config-file", str(tmp_path / "nodes.conf"), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    store = None
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    log = (tmp_path / "redis.log").read_text() if (tmp_path / "redis.log").exists() else ""
+                    pytest.skip(f"cluster-mode redis-server did not start: {log[-300:]}")
+                time.sleep(0.05)
+        store = open_store(f"redis://127.0.0.1:{port}/0", window=WINDOW)
+        store.client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        while store.client.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+            time.sleep(0.05)
+        states = store.append_many([("u1", ratings((1, 4))), ("u2", ratings((2, 5), (3, 1)))])
+        assert [(s.version, len(s.ratings)) for s in states] == [(1, 1), (1, 2)] and store._per_entry
+        assert store.put_states([("u1", b"a", 1), ("u2", b"b", 1)]) == [True, True]
+        assert store.get("u1").blob == b"a" and store.get("u2").fresh
+    finally:
+        if store is not None:
+            store.close()
+        stop_redis(process)
 
 
 def test_concurrent_batched_appends_from_threads_lose_nothing(store_url, store):

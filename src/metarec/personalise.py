@@ -13,6 +13,7 @@ import io
 import json
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -141,11 +142,32 @@ _STATE_DTYPES = {
 _NUMPY_DTYPES = frozenset(dtype for dtype in _STATE_DTYPES.values() if dtype is not torch.bfloat16)
 
 
+# Feature sets of other encodings a blob carries along (see carried_features): one per encoding, newest
+# first, so a rolling update or a rollback across several retrained models keeps each one's features.
+MAX_CARRIED = 4
+
+
+@dataclass(frozen=True)
+class CarriedFeatures:
+    """A user's encoded features for another encoding than the writer's, kept verbatim in its blob.
+
+    Attributes:
+        features_key: the encoding they belong to (:attr:`FeatureEncoder.user_fingerprint`).
+        tensors: ``[dtype, shape, size]`` of each tensor, in order.
+        payload: their raw bytes, concatenated.
+    """
+
+    features_key: str
+    tensors: list
+    payload: bytes
+
+
 def encode_state(
     adapted: Params,
     model_version: str,
     features: EncodedFeatures | None = None,
     features_key: str | None = None,
+    carried: Sequence[CarriedFeatures] = (),
 ) -> bytes:
     """Serialises an adapted state (tensors by name, leading dimension 1) for the store.
 
@@ -156,6 +178,8 @@ def encode_state(
             with them later), or None.
         features_key: what fixes the features' encoding (:attr:`FeatureEncoder.user_fingerprint`),
             so that another model encoding features the same way may read them (:func:`decode_features`).
+        carried: the user's features in other encodings, from the blob this one replaces
+            (:func:`carried_features`), kept after the blob's own tensors.
 
     Returns:
         The blob.
@@ -172,8 +196,67 @@ def encode_state(
     fields = {"model_version": model_version, "features": features is not None, "tensors": entries}
     if features_key is not None:
         fields["features_key"] = features_key
+    if carried:
+        fields["carried"] = [{"features_key": c.features_key, "tensors": c.tensors} for c in carried]
+        payload += [c.payload for c in carried]
     header = json.dumps(fields).encode()
     return b"".join([STATE_MAGIC, struct.pack(">I", len(header)), header, *payload])
+
+
+def carried_features(blob: bytes | None, features_key: str | None) -> list[CarriedFeatures]:
+    """The feature sets of other encodings than ``features_key`` that a stored blob holds: its own
+    features (when written under another key) and those it carries, newest first, at most
+    :data:`MAX_CARRIED`.
+
+    A model that cannot read a user's features (another encoding: a retrained model, whose
+    standardisation or vocabularies were refitted) used to replace the blob with its own, which held
+    none, so the other model serving beside it in a rolling update, or rolled back to, lost a described
+    new user's features for good. Kept verbatim in the new blob, they stay readable by the model whose
+    encoding they are (:func:`decode_features`).
+
+    Args:
+        blob: the stored blob about to be replaced, or None.
+        features_key: the writer's :attr:`FeatureEncoder.user_fingerprint` (its own features need no carry).
+
+    Returns:
+        What to pass to :func:`encode_state` as ``carried`` (empty for an unreadable or older blob).
+    """
+    if blob is None or not blob.startswith(STATE_MAGIC):
+        return []
+    try:
+        header, data = _split(blob)
+        found: list[CarriedFeatures] = []
+        offset, entries, parts = 0, [], []
+        for group, _, dtype, shape, size in header["tensors"]:
+            if group == "features":
+                entries.append([dtype, shape, size])
+                parts.append(data[offset : offset + size])
+            offset += size
+        key = header.get("features_key")
+        if header.get("features") and key is not None:
+            found.append(CarriedFeatures(key, entries, b"".join(parts)))
+        for group in header.get("carried") or []:
+            size = sum(int(entry[2]) for entry in group["tensors"])
+            found.append(
+                CarriedFeatures(group["features_key"], group["tensors"], data[offset : offset + size])
+            )
+            offset += size
+        if offset != len(data):
+            return []  # not a blob this code wrote: carry nothing rather than bytes of unknown meaning
+    except Exception:  # noqa: BLE001 - an unreadable blob has nothing to carry
+        return []
+    kept: list[CarriedFeatures] = []
+    for entry in found:
+        if entry.features_key != features_key and all(k.features_key != entry.features_key for k in kept):
+            kept.append(entry)
+    return kept[:MAX_CARRIED]
+
+
+def _split(blob: bytes) -> tuple[dict, bytes]:
+    """A blob of the current format as its JSON header and the bytes after it."""
+    start = len(STATE_MAGIC) + 4
+    (length,) = struct.unpack(">I", blob[len(STATE_MAGIC) : start])
+    return json.loads(blob[start : start + length]), blob[start + length :]
 
 
 def _raw_bytes(data: torch.Tensor) -> bytes:
@@ -236,15 +319,31 @@ def decode_features(
     if features_key is None or not blob.startswith(STATE_MAGIC):
         return None
     try:
-        start = len(STATE_MAGIC) + 4
-        (length,) = struct.unpack(">I", blob[len(STATE_MAGIC) : start])
-        header = json.loads(blob[start : start + length])
+        header, _ = _split(blob)
         if header.get("features_key") != features_key:
-            return None
+            # Written by a model of another encoding, which may have carried this one's along.
+            carried = next((c for c in carried_features(blob, None) if c.features_key == features_key), None)
+            return None if carried is None else _tensors(carried.tensors, carried.payload, device)
         document = _decode_raw(blob, header["model_version"], device, read_params=False)
     except Exception:  # noqa: BLE001 - unreadable: the features are unknown, as without a blob
         return None
     return None if document is None else document["features"]
+
+
+def _tensors(entries: list, payload: bytes, device: torch.device) -> list[torch.Tensor]:
+    """Tensors from ``[dtype, shape, size]`` entries and their concatenated raw bytes."""
+    data, tensors, offset = bytearray(payload), [], 0
+    for dtype, shape, size in entries:
+        kind = _STATE_DTYPES[dtype]
+        raw = data[offset : offset + size]
+        if len(raw) != size:
+            raise ValueError("truncated carried features")
+        offset += size
+        tensor = torch.frombuffer(raw, dtype=kind) if size else torch.empty(0, dtype=kind)
+        tensors.append(tensor.reshape(shape).to(device))
+    if offset != len(data):
+        raise ValueError("trailing bytes in carried features")
+    return tensors
 
 
 def _decode_raw(
@@ -273,6 +372,8 @@ def _decode_raw(
             params[name] = tensor
         else:
             features.append(tensor)
+    # The features carried for other encodings follow (see carried_features).
+    offset += sum(int(entry[2]) for group in header.get("carried") or [] for entry in group["tensors"])
     if offset != len(data):
         raise ValueError("trailing bytes in a state blob")
     return {

@@ -35,6 +35,7 @@ from metarec.features import EncodedFeatures
 from metarec.personalise import (
     Params,
     Personaliser,
+    carried_features,
     decode_features,
     decode_state,
     encode_state,
@@ -290,8 +291,11 @@ class RealtimeUsers:
         states = []
         for position, state in zip(pending, adapted, strict=True):
             views[position].adapted = state
-            blob = encode_state(state, self.model_tag, views[position].features, self.features_key)
             user_id, _, stored, _ = users[position]
+            # The features of other encodings the replaced blob held stay with the user: a model serving
+            # beside this one (a rolling update) or rolled back to still reads its own.
+            carried = carried_features(stored.blob if stored is not None else None, self.features_key)
+            blob = encode_state(state, self.model_tag, views[position].features, self.features_key, carried)
             # The record it was read from: a state of a user forgotten meanwhile is refused even when
             # they came back with as many ratings (same version, another incarnation; a record from before
             # incarnations reads as PREDATES_INCARNATIONS, which a new record refuses too).

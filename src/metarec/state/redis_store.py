@@ -234,7 +234,7 @@ class RedisStateStore(UserStateStore):
         one pipeline (one round trip; an entry's keys share its user's hash tag). ``shared`` arguments
         come first in every call.
         """
-        from redis.exceptions import NoScriptError, ResponseError
+        from redis.exceptions import ClusterCrossSlotError, NoScriptError, ResponseError
 
         if not calls:
             return []
@@ -244,7 +244,11 @@ class RedisStateStore(UserStateStore):
             try:
                 return script(keys=keys, args=args)
             except ResponseError as error:
-                if len(calls) == 1 or not str(error).startswith("CROSSSLOT"):
+                # redis-py raises the server's "CROSSSLOT ..." reply as ClusterCrossSlotError with the
+                # code stripped from its message, so the text alone never matched: every batch of two
+                # users or more failed on a cluster instead of switching to one call per user.
+                crossslot = isinstance(error, ClusterCrossSlotError) or str(error).startswith("CROSSSLOT")
+                if len(calls) == 1 or not crossslot:
                     raise
                 self._per_entry = True
         pipe = self.client.pipeline(transaction=False)
