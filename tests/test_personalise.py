@@ -10,17 +10,16 @@ from test_model import N_ITEMS
 
 from metarec.features import EncodedFeatures
 from metarec.meta import Adapter, AdaptSettings
-from metarec.personalise import (
+from metarec.personalise import Personaliser, support_from_window
+from metarec.state import Rating
+from metarec.state.blob import (
     MAX_CARRIED,
     STATE_MAGIC,
-    Personaliser,
     carried_features,
     decode_features,
     decode_state,
     encode_state,
-    support_from_window,
 )
-from metarec.state import Rating
 
 
 def _user():

@@ -27,10 +27,10 @@ import torch
 from demo_model import build_demo_archive
 from serving_cases import answer_all
 
-from metarec.personalise import decode_state
 from metarec.recommender import Recommender
 from metarec.serve_local import model_workers, start_server, stop_server
 from metarec.serving.handler import STATE_FILE, STATE_URL_ENV
+from metarec.state.blob import decode_state
 from metarec.state.local_redis import start_redis, stop_redis
 from metarec.state.open import open_store
 

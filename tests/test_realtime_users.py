@@ -13,9 +13,10 @@ from test_state_store import redis_url, store_url  # noqa: F401 - fixtures
 
 from metarec.features import EncodedFeatures
 from metarec.meta import Adapter, AdaptSettings
-from metarec.personalise import Personaliser, decode_state
+from metarec.personalise import Personaliser
 from metarec.realtime import RealtimeUsers
 from metarec.state import Rating
+from metarec.state.blob import decode_state
 from metarec.state.open import open_store
 
 STEPS = 5

@@ -15,10 +15,10 @@ from demo_model import build_demo_model
 from serving_cases import answer_all
 from test_recommender import one_torch_thread  # noqa: F401 - autouse fixture
 
-from metarec.personalise import decode_state
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import Recommender
 from metarec.serving_settings import RequestLimits
+from metarec.state.blob import decode_state
 from metarec.state.local_redis import start_redis, stop_redis
 from metarec.state.open import open_store
 

@@ -32,16 +32,9 @@ import pandas as pd
 import torch
 
 from metarec.features import EncodedFeatures
-from metarec.personalise import (
-    Params,
-    Personaliser,
-    carried_features,
-    decode_features,
-    decode_state,
-    encode_state,
-    support_from_window,
-)
+from metarec.personalise import Params, Personaliser, support_from_window
 from metarec.state import Rating, StoredUser, StoreUnavailableError, UserStateStore
+from metarec.state.blob import carried_features, decode_features, decode_state, encode_state
 from metarec.state.store import StateEntry, state_entry
 
 logger = logging.getLogger(__name__)
