@@ -1,6 +1,7 @@
 """Each component README's "Use it alone" example, run as a platform team would: it compiles in a pipeline
 of our own, and a GPU it asks for is one the step can use."""
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -97,3 +98,31 @@ def test_readme_example_gives_a_gpu_step_the_cuda_image_and_device(name, tmp_pat
                     task["inputs"]["parameters"].get("device", {}).get("runtimeValue", {}).get("constant")
                 )
                 assert device == "cuda", f"{name}: the GPU task trains on device {device!r}"
+
+
+@pytest.mark.parametrize("name", build.COMPONENT_NAMES)
+def test_readme_names_the_image_and_how_to_change_its_registry(name, tmp_path, monkeypatch):
+    from metarec import __version__
+
+    readme = (COMPONENTS_DIR / name / "README.md").read_text()
+    committed = yaml.safe_load((COMPONENTS_DIR / name / build.YAML_NAME).read_text())
+    (executor,) = committed["deploymentSpec"]["executors"].values()
+    assert executor["container"]["image"] == f"ghcr.io/metarec/metarec-components:{__version__}"
+    assert "`ghcr.io/metarec/metarec-components:<version>`" in readme
+    # The committed YAML keeps the default registry whatever METAREC_REGISTRY says when a team compiles
+    # its pipeline (preprocess's README claimed otherwise); the README must give the two ways that work.
+    monkeypatch.setenv("METAREC_REGISTRY", "registry.example/team")
+    package = tmp_path / "pipeline.yaml"
+    loaded = _load(name)
+    compiler.Compiler().compile(loaded, str(package))
+    assert "ghcr.io/metarec/" in package.read_text()
+    assert "metarec compile --output DIR" in readme and "set_container_image" in readme
+    # What `METAREC_REGISTRY=... metarec compile --output DIR` does: a fresh import names that registry.
+    module = importlib.import_module(f"metarec.components.{name}.component")
+    try:
+        importlib.reload(module)
+        written = build.compile_component(name, tmp_path / "components" / name / build.YAML_NAME)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(module)
+    assert "registry.example/team/metarec-components:" in written.read_text()
