@@ -11,10 +11,13 @@ import base64
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 IMAGE_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<target>[^)\s]+)\)")
+# What every model folder holds (meta_train, meta_train_pytorchjob).
+MODEL_FILES = ("model.json", "model.pt")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 
 
@@ -66,10 +69,87 @@ def model_method(model_dir: str | Path, metadata: dict | None = None) -> str:
         return str(metadata["method"])
     model_json = Path(model_dir) / "model.json"
     if model_json.is_file():
-        method = json.loads(model_json.read_text()).get("method")
+        method = read_json_artifact(model_json, "model.json").get("method")
         if method:
             return str(method)
     raise ValueError(f"cannot tell which method trained the model in {model_dir} (no 'method' in model.json)")
+
+
+def read_json_artifact(path: str | Path, what: str) -> dict:
+    """Reads the JSON object an input artifact holds.
+
+    Args:
+        path: The artifact's local path (a file).
+        what: What it should be, for the error message (``"evaluation (output of evaluate)"``).
+
+    Returns:
+        The parsed JSON object.
+
+    Raises:
+        ValueError: The file is missing, is not JSON, or is not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "a folder" if path.is_dir() else "missing"
+        raise ValueError(f"{what}: expected a JSON file at {path}, found it {state}")
+    try:
+        document = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what}: {path} is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{what}: {path} holds a JSON {type(document).__name__}, not an object")
+    return document
+
+
+def fresh_output_dir(path: str | Path) -> Path:
+    """Empties a folder output before a step writes it, so nothing of an earlier attempt stays in it.
+
+    An output path can hold a previous attempt's files (a retry on a FUSE-mounted pipeline root, a rerun
+    into the same location); the step functions only overwrite the files they write, so a stale file of
+    another configuration (another model name's archive, another method's model) would travel on.
+
+    Args:
+        path: The output artifact's local path.
+
+    Returns:
+        The path, now an empty folder.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_location(uri: str, what: str) -> str:
+    """Refuses a location that is neither ``gs://`` nor a local path.
+
+    The storage helpers treat any other text as a local path, so ``s3://b/x`` or ``gcs://b/x`` would be
+    written to a folder named ``s3:`` in the container and lost with it.
+
+    Args:
+        uri: A ``gs://`` URI or a local path (may be empty).
+        what: The parameter's name, for the error message.
+
+    Returns:
+        The URI unchanged.
+
+    Raises:
+        ValueError: The URI has another scheme, or is a ``gs://`` URI without a bucket.
+    """
+    text = str(uri)
+    if text.startswith("gs://"):
+        if not text[len("gs://") :].split("/", 1)[0]:
+            raise ValueError(f"{what} {text!r} names no bucket: use gs://<bucket>/<prefix>")
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):
+        raise ValueError(f"{what} {text!r}: only gs:// URIs and local paths are supported")
+    return uri
 
 
 def model_dirs_by_method(models: list) -> dict[str, str]:
@@ -82,12 +162,20 @@ def model_dirs_by_method(models: list) -> dict[str, str]:
         ``{method: local model directory}``.
 
     Raises:
-        ValueError: No model, or two models trained with the same method.
+        ValueError: No model, a model folder without ``model.json`` or ``model.pt``, or two models
+            trained with the same method.
     """
     if not models:
         raise ValueError("no candidate model was given")
     dirs: dict[str, str] = {}
     for model in models:
+        # A candidate without its files (an upstream step that wrote nothing) would fail deep inside the
+        # evaluation or be copied as the selected model.
+        missing = [name for name in MODEL_FILES if not (Path(model.path) / name).is_file()]
+        if missing:
+            raise ValueError(
+                f"candidate model {model.path} has no {', '.join(missing)}: expected meta_train's model folder"
+            )
         method = model_method(model.path, getattr(model, "metadata", None))
         if method in dirs:
             raise ValueError(

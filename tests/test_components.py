@@ -230,6 +230,10 @@ class _FakeArtifact:
 
 
 def test_model_dirs_by_method_refuses_duplicates_and_empty(tmp_path):
+    for folder in ("a", "b"):  # model folders as meta_train writes them
+        (tmp_path / folder).mkdir()
+        for name in ("model.json", "model.pt"):
+            (tmp_path / folder / name).write_text("{}")
     first, second = (
         _FakeArtifact(tmp_path / "a", {"method": "maml"}),
         _FakeArtifact(tmp_path / "b", {"method": "maml"}),

@@ -31,8 +31,9 @@ def deploy_model(
         target: ``inferenceservice``, ``deployment`` or empty (nothing is deployed).
         name: Name of the InferenceService or Deployment.
         namespace: Its namespace; empty: the namespace this step runs in.
-        canary_percent: InferenceService in Serverless mode only: traffic share of the new revision
-            until it is ready (RawDeployment mode splits no traffic: its Deployment rolls instead).
+        canary_percent: InferenceService in Serverless mode only: traffic share (0 to 100; 0: no canary
+            step) of the new revision until it is ready (RawDeployment mode splits no traffic: its
+            Deployment rolls instead).
         timeout_s: Seconds to wait for the new version before rolling back.
         poll_interval_s: Seconds between status reads.
     """
@@ -44,6 +45,15 @@ def deploy_model(
     if not target:
         print("no deploy target: nothing to roll out")
         return
+    # Checked before anything is read from or written to the cluster.
+    if target not in ("inferenceservice", "deployment"):
+        raise ValueError(f"target must be 'inferenceservice', 'deployment' or empty, got {target!r}")
+    if not 0 <= canary_percent <= 100:
+        raise ValueError(f"canary_percent must be between 0 and 100, got {canary_percent}")
+    if timeout_s <= 0 or poll_interval_s <= 0:
+        raise ValueError(
+            f"timeout_s and poll_interval_s must be positive, got {timeout_s} and {poll_interval_s}"
+        )
     model_uri = archive.metadata.get("published_uri")
     if not model_uri:
         raise ValueError("the archive was not published (set output_uri): there is no version to deploy")

@@ -7,7 +7,9 @@ from metarec.images import components_image
 
 @dsl.component(base_image=components_image(), install_kfp_package=False)
 def fingerprint_data(data_uri: str = "synthetic", dataset_config: str = "") -> str:
-    """Returns a fingerprint of what preprocess reads (never cached: it must look every time).
+    """Returns a fingerprint of what preprocess reads; turn caching off for its task.
+
+    A cached fingerprint would be the one of the data as it was, and preprocess would be cached with it.
 
     Args:
         data_uri: Raw data location, as for the preprocess component.

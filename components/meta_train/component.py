@@ -38,13 +38,22 @@ def meta_train(
         run_id: KFP run id (the backend fills it).
         task_id: KFP task id (the backend fills it; a retry keeps it).
     """
-    from metarec.components.common import checkpoint_dir, numeric_items, parse_config
+    from metarec.components.common import (
+        check_location,
+        checkpoint_dir,
+        fresh_output_dir,
+        numeric_items,
+        parse_config,
+    )
     from metarec.training import run_meta_training
 
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     train = dict(parse_config(config, "train") or {})
-    train["checkpoint_dir"] = checkpoint_dir(
-        train.get("checkpoint_dir") or checkpoint_root, model.uri, run_id, task_id, method
-    )
+    root = check_location(train.get("checkpoint_dir") or checkpoint_root, "checkpoint_root")
+    train["checkpoint_dir"] = checkpoint_dir(root, model.uri, run_id, task_id, method)
+    # Checkpoints live outside the model folder, so emptying it keeps what a retry resumes from.
+    fresh_output_dir(model.path)
     train["device"], train["cpu_threads"] = device, cpu_threads
     result = run_meta_training(
         preprocessed_dir=dataset.path, method=method, config=train, output_dir=model.path

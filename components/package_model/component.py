@@ -40,19 +40,27 @@ def package_model(
             fails the step, so nothing reaches the bucket).
         version: Version folder name; the default is the KFP run id, new for every run.
     """
-    import json
-    from pathlib import Path
-
-    from metarec.components.common import parse_config, publish_version
+    from metarec.components.common import (
+        check_location,
+        fresh_output_dir,
+        parse_config,
+        publish_version,
+        read_json_artifact,
+    )
     from metarec.packaging import build_archive
 
-    gate = json.loads(Path(selection.path).read_text())
+    gate = read_json_artifact(selection.path, "selection (output 'selection' of select_model)")
+    read_json_artifact(evaluation.path, "evaluation (output 'evaluation' of evaluate)")
+    check_location(output_uri, "output_uri")
+    settings = parse_config(serving_config, "package.serving")
+    # An earlier attempt's files (another model name's .mar) would otherwise be published with this one.
+    fresh_output_dir(archive.path)
     summary = build_archive(
         model_dir=model.path,
         evaluation_json=evaluation.path,
         output_dir=archive.path,
         model_name=model_name,
-        serving_config=parse_config(serving_config, "package.serving"),
+        serving_config=settings,
         preprocessed_dir=dataset.path,
     )
     archive.metadata["model_name"] = model_name

@@ -28,13 +28,15 @@ def preprocess(
         data_fingerprint: Output of the fingerprint_data step. Unused by the code, it is part of the
             cache key: KFP reuses a cached Dataset only while the data is byte for byte the same.
     """
-    from metarec.components.common import numeric_items, parse_config
+    from metarec.components.common import fresh_output_dir, numeric_items, parse_config
     from metarec.preprocessing import run_preprocessing
 
+    settings = parse_config(config, "preprocess")
+    fresh_output_dir(dataset.path)  # no file of an earlier attempt may stay in the data set
     summary = run_preprocessing(
         data_uri=data_uri,
         dataset_config=dataset_config or None,
-        config=parse_config(config, "preprocess"),
+        config=settings,
         output_dir=dataset.path,
     )
     dataset.metadata.update(numeric_items(summary or {}))

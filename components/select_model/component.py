@@ -38,21 +38,25 @@ def select_model(
         fail_if_worse: Fail the task when the selected model does not beat the best baseline (the
             default only warns).
     """
-    import json
     import shutil
-    from pathlib import Path
 
-    from metarec.components.common import model_dirs_by_method, write_json
+    from metarec.components.common import (
+        fresh_output_dir,
+        model_dirs_by_method,
+        read_json_artifact,
+        write_json,
+    )
     from metarec.selection import select_model as choose
 
-    document = json.loads(Path(evaluation.path).read_text())
+    document = read_json_artifact(evaluation.path, "evaluation (output 'evaluation' of evaluate)")
     result = choose(document, metric=metric, scenario=scenario, fail_if_worse=fail_if_worse)
     candidates = model_dirs_by_method(models)
     if result["selected"] not in candidates:
         raise ValueError(
             f"the evaluation selected {result['selected']!r} but the candidate models are {sorted(candidates)}"
         )
-    shutil.copytree(candidates[result["selected"]], selected_model.path, dirs_exist_ok=True)
+    # Emptied first: an earlier attempt may have copied another candidate there.
+    shutil.copytree(candidates[result["selected"]], fresh_output_dir(selected_model.path), dirs_exist_ok=True)
     selected_model.metadata["method"] = result["selected"]
     result["model_dir"] = selected_model.path
     write_json(selection.path, result)

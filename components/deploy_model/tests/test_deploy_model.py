@@ -495,3 +495,28 @@ def test_documented_migration_of_a_deployment_from_older_manifests(kube, repo_ro
     assert init["env"] == [{"name": "MODEL_URI", "valueFrom": {"fieldRef": field_ref}}]
     result = deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
     assert (result["previous_uri"], result["outcome"]) == (OLD, "promoted")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"target": "isvc"}, "target must be"),
+        ({"canary_percent": 150}, "canary_percent must be between 0 and 100"),
+        ({"canary_percent": -1}, "canary_percent must be between 0 and 100"),
+        ({"poll_interval_s": 0}, "must be positive"),
+        ({"timeout_s": -5}, "must be positive"),
+    ],
+)
+def test_bad_parameters_fail_before_the_cluster_is_read(parameters, message, tmp_path, monkeypatch):
+    from metarec.components.build import load_component
+
+    # No cluster at all: a check that came after the first API call would fail on the missing config.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+    class Archive:
+        metadata = {"published_uri": "gs://bucket/serving/v2"}
+
+    arguments = {"target": "inferenceservice", "namespace": "serving", **parameters}
+    with pytest.raises(ValueError, match=message):
+        load_component("deploy_model").python_func(Archive(), **arguments)
