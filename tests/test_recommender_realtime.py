@@ -583,6 +583,9 @@ def test_a_retrained_model_under_the_same_version_recomputes_the_stored_states(d
                              "inner_lr": retrained.inner_lr}, retrained.model_card,
                             store=open_store(url), history=retrained.history)  # fmt: skip
     assert retrained.model_version == old.model_version and retrained.state_tag != old.state_tag
+    # Same version, other weights: the answers' model_id tells on-call which training answered.
+    anyone = {"user": {"age": 30}, "k": 1}
+    assert ask(old, anyone)[1]["model_id"] != ask(retrained, anyone)[1]["model_id"] == retrained.model_id
     # The same model loaded again (another worker, a restart) keeps its tag, and so its cached states;
     # a store with another ratings window does not (its states were adapted on other support sets).
     again = Recommender.from_dir(demo["model"], catalogue_dir=demo["preprocessed"], store=open_store(url))
@@ -796,6 +799,7 @@ def test_forget_erases_a_new_users_ratings_state_and_features(rec):
         "user_id": "leaver",
         "deleted": True,
         "model_version": rec.model_version,
+        "model_id": rec.model_id,
     }
     assert rec.store.get("leaver") is None
     status, after = ask(rec, {"user_id": "leaver", "k": 3})
@@ -856,7 +860,7 @@ def test_a_batch_forgets_after_its_feedback(rec):
     forget = {"user_id": "batched"}
     (fed, forgot) = answer_all(rec, [feedback, forget], ["feedback", "forget"])
     assert fed[0] == 200 and forgot == (200, {"user_id": "batched", "deleted": True,
-                                              "model_version": rec.model_version})  # fmt: skip
+                                              **rec.served_by})  # fmt: skip
     assert rec.store.get("batched") is None
 
 

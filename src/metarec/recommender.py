@@ -197,7 +197,8 @@ class Recommender:
         adapt_key = (
             f"{self.adapt_mode}/{self.default_steps}/{self.inner_lr!r}/{getattr(store, 'window', None)}"
         )
-        self.state_tag = f"{self.model_version}/{weights_fingerprint(self.model)}/{adapt_key}"
+        self.model_id = weights_fingerprint(self.model)
+        self.state_tag = f"{self.model_version}/{self.model_id}/{adapt_key}"
         self.users = (
             RealtimeUsers(self.personaliser, store, self.item_index, self.history, self.state_tag,
                           self.default_steps, features_key=self.encoder.user_fingerprint)
@@ -213,6 +214,12 @@ class Recommender:
             else None
         )  # fmt: skip
         self._explainer: Explainer | None = None
+
+    @property
+    def served_by(self) -> dict[str, str]:
+        """The fields naming the model in every answer: the pipeline packages each run as version 1.0,
+        so during a rollout only ``model_id`` (:func:`weights_fingerprint`) tells which training answered."""
+        return {"model_version": self.model_version, "model_id": self.model_id}
 
     @classmethod
     def from_dir(
@@ -313,7 +320,7 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"user": {...}, "items": [{"item_id", "score"}, ...],
-            "model_version": ...}``, items by descending predicted rating; for a named user also
+            "model_version", "model_id": ...}``, items by descending predicted rating; for a named user also
             ``personalised``, and with a state ``state_version`` and ``support_size``. While the store
             is unavailable, each request naming a user gets the :class:`StoreUnavailableError` instead
             (the others are answered).
@@ -341,7 +348,7 @@ class Recommender:
                     answer["personalised"] = False
                 if request.explain:
                     self._explain(answer["items"], request.user_features, [], [])
-                answers[position] = {**answer, "model_version": self.model_version}
+                answers[position] = {**answer, **self.served_by}
         return answers
 
     def _views(self, requests: Sequence[RecommendRequest]) -> list[UserView | StoreUnavailableError | None]:
@@ -402,7 +409,7 @@ class Recommender:
                     "personalised": view.adapted is not None,
                     "state_version": view.version,
                     "support_size": len(view.support_items),
-                    "model_version": self.model_version,
+                    **self.served_by,
                 }
             )
         return answers
@@ -437,7 +444,7 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"user", "stored": true, "state_version", "support_size",
-            "model_version"}`` and, when the request gave ``k``, the new top-k ``items``; while the
+            "model_version", "model_id"}`` and, when the request gave ``k``, the new top-k ``items``; while the
             store is unavailable, the :class:`StoreUnavailableError` for every request (nothing of the
             batch was stored).
         """
@@ -459,7 +466,7 @@ class Recommender:
         for position, (request, view) in enumerate(zip(requests, views, strict=True)):
             answer = answers[position] or {
                 "user": _user_field(request), "state_version": view.version,
-                "support_size": len(view.support_items), "model_version": self.model_version,
+                "support_size": len(view.support_items), **self.served_by,
             }  # fmt: skip
             answers[position] = {**answer, "stored": True}
         return answers
@@ -480,7 +487,7 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"user_id", "deleted": whether the store held the user,
-            "model_version"}`` (plus ``notes`` for a user with shipped history); while the store is
+            "model_version", "model_id"}`` (plus ``notes`` for a user with shipped history); while the store is
             unavailable, the :class:`StoreUnavailableError` for every request not yet erased.
         """
         answers: list[dict[str, Any]] = []
@@ -492,7 +499,7 @@ class Recommender:
                 logger.warning("forget refused: %s", error)
                 refused = [error] * (len(requests) - position)
                 break
-            answer = {"user_id": request.user_id, "deleted": deleted, "model_version": self.model_version}
+            answer = {"user_id": request.user_id, "deleted": deleted, **self.served_by}
             if request.user_id in self.history:
                 answer["notes"] = [HISTORY_NOTE]
             answers.append(answer)
@@ -515,7 +522,7 @@ class Recommender:
 
         Returns:
             One answer per request: ``{"items": [...], "steps": n, "support_size": s,
-            "support_loss_before": mse, "support_loss_after": mse, "model_version": ...}`` (mean squared error on the
+            "support_loss_before": mse, "support_loss_after": mse, "model_version", "model_id": ...}`` (mean squared error on the
             support ratings before and after adaptation). A new named user's answer adds ``"stored": true``
             and ``state_version``; while the store is unavailable, ``"stored": false`` and a note.
         """
@@ -623,7 +630,7 @@ class Recommender:
                     "support_size": int(mask.sum()),
                     "support_loss_before": round(float(loss_before), 6),
                     "support_loss_after": round(float(loss_after), 6),
-                    "model_version": self.model_version,
+                    **self.served_by,
                 }
             )
         return answers
