@@ -469,6 +469,14 @@ class RequestParser:
             raise RequestError(
                 400, f"{where}.rating {self._quote(rating)} is outside the trained range [{low:g}, {high:g}]"
             )
+        step = self.recommender.rating_step
+        # As the data set's own ratings are checked (metarec.data.ratings): 4.5 on a whole-star scale is
+        # not a rating the model was trained on.
+        if step and abs((rating - low) / step - round((rating - low) / step)) > 1e-6:
+            raise RequestError(
+                400,
+                f"{where}.rating {self._quote(rating)} is not on the trained scale: steps of {step:g} from {low:g}",
+            )
         return float(rating)
 
     @staticmethod

@@ -123,6 +123,13 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
         400,
         "outside the trained range",
     ),
+    (
+        "rating_off_step",
+        "adapt",
+        b'{"support": [{"item_id": "1", "rating": 4.5}]}',
+        400,
+        "4.5 is not on the trained scale: steps of 1 from 1",
+    ),
     ("rating_nan", "adapt", b'{"support": [{"item_id": "1", "rating": NaN}]}', 400, "NaN is not a number"),
     (
         "rating_inf",

@@ -161,6 +161,8 @@ class Recommender:
         self.default_steps = int(adapt_settings.get("inner_steps", 5))
         self.rating_min = float(schema.get("rating_min", model.rating_min))
         self.rating_max = float(schema.get("rating_max", model.rating_max))
+        # The data set's granularity (half stars: 0.5); None for a schema from before it was written.
+        self.rating_step = float(schema["rating_step"]) if schema.get("rating_step") else None
 
         items = items.sort_values("item_idx").reset_index(drop=True)
         if len(items) != model.n_items or not np.array_equal(
