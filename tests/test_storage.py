@@ -560,3 +560,18 @@ def test_cli_download_dir_refuses_an_empty_source(tmp_path, monkeypatch, capsys)
     assert storage.main(["download-dir", "", str(tmp_path / "out")]) == 1
     assert "empty MODEL_URI" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/data", "gcs://bucket/data", "file:///tmp/data"])
+def test_a_location_of_another_scheme_is_refused_not_read_as_a_local_folder(uri, tmp_path, monkeypatch):
+    """s3://b/x used to be read and written as the relative folder 's3:/b/x' (and lost with the pod)."""
+    source, cwd = tmp_path / "model", tmp_path / "cwd"
+    source.mkdir()
+    (source / "model.pt").write_bytes(b"weights")
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(storage.StorageError, match="only gs:// URIs and local paths"):
+        storage.upload_dir(source, uri)
+    with pytest.raises(storage.StorageError, match="only gs:// URIs and local paths"):
+        storage.fingerprint(uri)
+    assert not any(cwd.iterdir())

@@ -497,7 +497,14 @@ def _synthetic_preset(data_uri: str) -> str | None:
     if data_uri == "synthetic":
         return "default"
     if data_uri.startswith("synthetic:"):
-        return data_uri.split(":", 1)[1]
+        from metarec.data.synthetic import PRESETS
+
+        preset = data_uri.split(":", 1)[1]
+        if preset not in PRESETS:  # before the cache key is made of it, not only when generating
+            raise ValueError(
+                f"unknown synthetic preset {preset!r} in {data_uri!r}; choose one of {sorted(PRESETS)}"
+            )
+        return preset
     return None
 
 

@@ -29,6 +29,9 @@ def test_fingerprint_of_local_folders_and_synthetic_data(tmp_path):
     (tmp_path / "u.data").write_bytes(b"b")
     assert data_fingerprint(str(tmp_path)) != before
     assert data_fingerprint("synthetic:tiny") == "synthetic:tiny"
+    # A preset preprocess would refuse gets no cache key either (the step fails here, not downstream).
+    with pytest.raises(ValueError, match="unknown synthetic preset 'huge'"):
+        data_fingerprint("synthetic:huge")
 
 
 def test_fingerprint_follows_a_config_and_its_model_edited_in_place(gcs_bucket, tmp_path):

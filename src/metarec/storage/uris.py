@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 
 from metarec.storage.errors import StorageError
 
 GCS_SCHEME = "gs://"
+
+
+# Any other scheme (s3://, gcs://, file://): every storage helper asks is_gcs first, and without this
+# check treated it as a local path, so s3://b/x was "written" to a folder named s3: and lost with the pod.
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_gcs(uri: str | os.PathLike) -> bool:
@@ -16,9 +22,17 @@ def is_gcs(uri: str | os.PathLike) -> bool:
         uri: A local path or a ``gs://`` URI.
 
     Returns:
-        True for ``gs://...``, False otherwise.
+        True for ``gs://...``, False for a local path.
+
+    Raises:
+        StorageError: A URI of another scheme (``s3://``, ``gcs://``, ``file://``): not supported.
     """
-    return str(uri).startswith(GCS_SCHEME)
+    text = str(uri)
+    if text.startswith(GCS_SCHEME):
+        return True
+    if _OTHER_SCHEME.match(text):
+        raise StorageError(f"unsupported location {text!r}: only gs:// URIs and local paths are supported")
+    return False
 
 
 def split_gcs_uri(uri: str) -> tuple[str, str]:
