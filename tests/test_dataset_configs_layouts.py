@@ -83,6 +83,8 @@ def _write(tmp_path: Path, config: dict) -> str:
         (["items", "features", 0, "column"], ["cats"], r"items.features\[0\].column: expected a column name"),
         (["items", "features", 0, "sep"], "", r"items.features\[0\].sep: expected a non-empty separator"),
         (["items", "features", 1, "columns"], "title", r"items.features\[1\].columns: expected a list"),
+        # the header names the columns; the names were ignored without a word
+        (["items", "names"], ["sku", "title", "cats"], r"items.names: only a CSV without a header row"),
     ],
 )
 def test_layout_mistakes_name_the_key_before_any_file_is_read(tmp_path, path, value, expected):

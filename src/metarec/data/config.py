@@ -238,6 +238,12 @@ def _table_kwargs(raw: dict, section: str, source: str, allowed_extra: set[str])
         raise _err(source, f"{section}.format", f"expected one of {FILE_FORMATS}, got {fmt!r}")
     if fmt == "csv" and not header and not names:
         raise _err(source, f"{section}.names", "column names are required when header is false")
+    if names and (header or fmt == "parquet"):  # the reader would ignore them without a word
+        raise _err(
+            source,
+            f"{section}.names",
+            "only a CSV without a header row takes names; this file names its columns",
+        )
     sep = str(raw.get("sep", ","))
     if not sep:
         raise _err(source, f"{section}.sep", "the separator must not be empty")
