@@ -128,10 +128,10 @@ def fresh_output_dir(path: str | Path) -> Path:
 
 
 def check_location(uri: str, what: str) -> str:
-    """Refuses a location that is neither ``gs://`` nor a local path.
+    """Refuses a location that is neither ``gs://`` (with a bucket) nor a local path, naming the input.
 
-    The storage helpers treat any other text as a local path, so ``s3://b/x`` or ``gcs://b/x`` would be
-    written to a folder named ``s3:`` in the container and lost with it.
+    The storage helpers refuse one too, but only when first used, which for an output comes after the
+    step's work.
 
     Args:
         uri: A ``gs://`` URI or a local path (may be empty).
@@ -143,12 +143,13 @@ def check_location(uri: str, what: str) -> str:
     Raises:
         ValueError: The URI has another scheme, or is a ``gs://`` URI without a bucket.
     """
-    text = str(uri)
-    if text.startswith("gs://"):
-        if not text[len("gs://") :].split("/", 1)[0]:
-            raise ValueError(f"{what} {text!r} names no bucket: use gs://<bucket>/<prefix>")
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):
-        raise ValueError(f"{what} {text!r}: only gs:// URIs and local paths are supported")
+    from metarec.storage import StorageError, is_gcs, split_gcs_uri
+
+    try:
+        if is_gcs(uri):
+            split_gcs_uri(str(uri))
+    except StorageError as error:
+        raise ValueError(f"{what}: {error}") from None
     return uri
 
 

@@ -12,7 +12,7 @@ GCS_SCHEME = "gs://"
 
 # Any other scheme (s3://, gcs://, file://): every storage helper asks is_gcs first, and without this
 # check treated it as a local path, so s3://b/x was "written" to a folder named s3: and lost with the pod.
-_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, also a one-slash s3:/b
 
 
 def is_gcs(uri: str | os.PathLike) -> bool:
