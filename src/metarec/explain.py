@@ -252,12 +252,16 @@ class Explainer:
             user_blocks = ["user features"] if user_blocks else []
             item_blocks = ["item features"] if item_blocks else []
             content_blocks = [slice(0, self.model.content_width())] if content_blocks else []
-        for blocks, offset, total in ((user_blocks, 0, user_width), (item_blocks, user_width, item_width)):
+        for blocks, offset, total, item_side in (
+            (user_blocks, 0, user_width, False),
+            (item_blocks, user_width, item_width, True),
+        ):
             step = total // len(blocks) if blocks else 0
             for position, name in enumerate(blocks):
                 names.append(name)
                 columns.append(torch.arange(offset + position * step, offset + (position + 1) * step))
-                content_columns.append(content_blocks[position] if offset else slice(0, 0))
+                # By side, not by offset: without user features the item blocks start at column 0.
+                content_columns.append(content_blocks[position] if item_side else slice(0, 0))
         names.append("item_id")
         columns.append("item_id")
         content_columns.append(slice(0, 0))
