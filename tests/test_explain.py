@@ -3,7 +3,10 @@ groups' Shapley shares sum to the prior, and the scores explained are the ones a
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -104,7 +107,8 @@ def test_a_gauss_newton_step_is_split_by_each_rows_own_residual():
 def test_shapley_values_of_a_known_game():
     """v(S) = sum of w over S, plus 6 when all three groups are present: the Shapley values are
     w_i + 6 / 3 = (3, 4, 5) for w = (1, 2, 3); another weighting of the coalitions (Banzhaf: w_i + 1.5)
-    would still pass the prior test's sum check, which the secant rescale makes hold for any of them."""
+    would fail the prior test's sum check, and test_prior_shares_average_the_rating_change_over_all_orders
+    checks the values themselves on a model."""
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     coalitions = torch.tensor(list(itertools.product([0, 1], repeat=3)), dtype=torch.bool)
     values = (coalitions.double() @ weights + 6.0 * coalitions.all(1)).unsqueeze(1)  # [2^G, K=1]
@@ -201,3 +205,49 @@ def test_prior_without_user_features_switches_the_item_content_terms():
     assert torch.allclose(explanation.prior.float(), model(*user, targets), atol=SERVED)
     total = explanation.baseline + explanation.shares.sum(1)
     assert torch.allclose(total, explanation.prior, atol=EXACT, rtol=0)
+
+
+def test_prior_shares_average_the_rating_change_over_all_orders():
+    """docs/explanations.md: a group's share is the average change of the prior *score* when the group is
+    revealed, over all orders of revealing the groups. The shares were the logits' Shapley values rescaled
+    by one secant per item: they add up the same way but differ (by up to ~0.06 rating points here). The
+    coalition values come from the model's own forward pass on a copy with the hidden groups' encodings
+    zeroed (the "missing" encoding; the id at the cold row), not from the explainer."""
+    model = random_model(**USER_TERMS["bias_factors_prior_content"])
+    user, _, _ = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    explanation = Explainer(model, "head", LR).prior(user, targets)
+    groups = explanation.groups
+    assert groups == ["user_cat0", "user_cat1", "user_multi", "user_numeric", "item_cat0", "item_multi",
+                      "item_numeric", "item_id"]  # fmt: skip
+
+    def value(shown: frozenset) -> torch.Tensor:
+        copy_ = copy.deepcopy(model)
+        encoder = copy_.encoder
+        cat, num, multi = (tensor.clone() for tensor in user)
+        for slot in (0, 1):
+            if f"user_cat{slot}" not in shown:
+                cat[slot] = 0
+        num = num if "user_numeric" in shown else torch.zeros_like(num)
+        multi = multi if "user_multi" in shown else torch.zeros_like(multi)
+        for name, buffer in (("item_cat0", encoder.item_cat), ("item_numeric", encoder.item_num),
+                             ("item_multi", encoder.item_multi), ("item_id", encoder.item_warm_idx)):  # fmt: skip
+            if name not in shown:
+                buffer.zero_()
+        with torch.no_grad():
+            return copy_.double()(cat, num.double(), multi.double(), targets)
+
+    values = {frozenset(s): value(frozenset(s)) for n in range(9) for s in itertools.combinations(groups, n)}
+    assert torch.allclose(values[frozenset(groups)], explanation.prior, atol=EXACT, rtol=0)
+    assert torch.allclose(values[frozenset()], torch.full_like(explanation.prior, explanation.baseline))
+    # Count, over every order, which group is revealed after which coalition; then average the changes.
+    counts: collections.Counter = collections.Counter()
+    for order in itertools.permutations(groups):
+        for position, group in enumerate(order):
+            counts[frozenset(order[:position]), group] += 1
+    n_orders = math.factorial(len(groups))
+    expected = torch.zeros(N_ITEMS, len(groups), dtype=torch.float64)
+    for (before, group), count in counts.items():
+        change = values[before | {group}] - values[before]
+        expected[:, groups.index(group)] += count / n_orders * change
+    torch.testing.assert_close(explanation.shares, expected, atol=1e-9, rtol=0)
