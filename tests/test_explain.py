@@ -3,16 +3,20 @@ groups' Shapley shares sum to the prior, and the scores explained are the ones a
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
+import math
 
 import pytest
 import torch
 from test_fast_adapt import USER_TERMS, random_model
-from test_model import N_ITEMS
+from test_model import N_ITEMS, N_WARM
 
 from metarec.explain import Explainer, _shapley, embedding_blocks, explanation_documents
 from metarec.features import EncodedFeatures, FeatureDims
 from metarec.meta import Adapter, AdaptSettings
+from metarec.model import PreferenceModel
 
 LR = 0.3
 EXACT = 1e-9  # float64 sums
@@ -103,7 +107,8 @@ def test_a_gauss_newton_step_is_split_by_each_rows_own_residual():
 def test_shapley_values_of_a_known_game():
     """v(S) = sum of w over S, plus 6 when all three groups are present: the Shapley values are
     w_i + 6 / 3 = (3, 4, 5) for w = (1, 2, 3); another weighting of the coalitions (Banzhaf: w_i + 1.5)
-    would still pass the prior test's sum check, which the secant rescale makes hold for any of them."""
+    would fail the prior test's sum check, and test_prior_shares_average_the_rating_change_over_all_orders
+    checks the values themselves on a model."""
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     coalitions = torch.tensor(list(itertools.product([0, 1], repeat=3)), dtype=torch.bool)
     values = (coalitions.double() @ weights + 6.0 * coalitions.all(1)).unsqueeze(1)  # [2^G, K=1]
@@ -172,3 +177,77 @@ def test_documents_add_up_and_name_the_top_ratings():
         assert {entry["item_id"] for entry in document["ratings"]} <= {ids[i] for i in items.tolist()}
     prior_only = explanation_documents(explainer, user, [], [], [0], 5, ids)
     assert prior_only[0]["ratings"] == [] and prior_only[0]["score"] == prior_only[0]["prior"]
+
+
+def test_prior_without_user_features_switches_the_item_content_terms():
+    """A data set without a user file has no user features (user embedding width 0): the item groups'
+    decoder columns start at 0, and the groups took no content columns, so the full coalition kept the
+    content bias/factors at their baseline and the explained prior missed the model's (by ~2.0 here)."""
+    torch.manual_seed(0)
+    catalogue = EncodedFeatures(
+        cat=torch.randint(0, 7, (N_ITEMS, 1)),
+        num=torch.randn(N_ITEMS, 2),
+        multi=(torch.rand(N_ITEMS, 6) < 0.3).float(),
+    )
+    warm = torch.cat([torch.arange(1, N_WARM + 1), torch.zeros(N_ITEMS - N_WARM, dtype=torch.long)])
+    model = PreferenceModel(
+        FeatureDims([], 0, 0), FeatureDims([7], 2, 6), N_WARM, catalogue, warm, embed_dim=8, hidden=(16, 8),
+        user_bias=True, user_factors=3, user_bias_prior=2.0, item_content=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.add_((0.5 if "content" in name else 0.1) * torch.randn_like(parameter))
+    model.eval()
+    user = (torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0))
+    targets = torch.arange(N_ITEMS)
+    explanation = Explainer(model, "head", LR).prior(user, targets)
+    assert explanation.groups == ["item_cat0", "item_multi", "item_numeric", "item_id"]
+    assert torch.allclose(explanation.prior.float(), model(*user, targets), atol=SERVED)
+    total = explanation.baseline + explanation.shares.sum(1)
+    assert torch.allclose(total, explanation.prior, atol=EXACT, rtol=0)
+
+
+def test_prior_shares_average_the_rating_change_over_all_orders():
+    """docs/explanations.md: a group's share is the average change of the prior *score* when the group is
+    revealed, over all orders of revealing the groups. The shares were the logits' Shapley values rescaled
+    by one secant per item: they add up the same way but differ (by up to ~0.06 rating points here). The
+    coalition values come from the model's own forward pass on a copy with the hidden groups' encodings
+    zeroed (the "missing" encoding; the id at the cold row), not from the explainer."""
+    model = random_model(**USER_TERMS["bias_factors_prior_content"])
+    user, _, _ = one_user(model)
+    targets = torch.arange(N_ITEMS)
+    explanation = Explainer(model, "head", LR).prior(user, targets)
+    groups = explanation.groups
+    assert groups == ["user_cat0", "user_cat1", "user_multi", "user_numeric", "item_cat0", "item_multi",
+                      "item_numeric", "item_id"]  # fmt: skip
+
+    def value(shown: frozenset) -> torch.Tensor:
+        copy_ = copy.deepcopy(model)
+        encoder = copy_.encoder
+        cat, num, multi = (tensor.clone() for tensor in user)
+        for slot in (0, 1):
+            if f"user_cat{slot}" not in shown:
+                cat[slot] = 0
+        num = num if "user_numeric" in shown else torch.zeros_like(num)
+        multi = multi if "user_multi" in shown else torch.zeros_like(multi)
+        for name, buffer in (("item_cat0", encoder.item_cat), ("item_numeric", encoder.item_num),
+                             ("item_multi", encoder.item_multi), ("item_id", encoder.item_warm_idx)):  # fmt: skip
+            if name not in shown:
+                buffer.zero_()
+        with torch.no_grad():
+            return copy_.double()(cat, num.double(), multi.double(), targets)
+
+    values = {frozenset(s): value(frozenset(s)) for n in range(9) for s in itertools.combinations(groups, n)}
+    assert torch.allclose(values[frozenset(groups)], explanation.prior, atol=EXACT, rtol=0)
+    assert torch.allclose(values[frozenset()], torch.full_like(explanation.prior, explanation.baseline))
+    # Count, over every order, which group is revealed after which coalition; then average the changes.
+    counts: collections.Counter = collections.Counter()
+    for order in itertools.permutations(groups):
+        for position, group in enumerate(order):
+            counts[frozenset(order[:position]), group] += 1
+    n_orders = math.factorial(len(groups))
+    expected = torch.zeros(N_ITEMS, len(groups), dtype=torch.float64)
+    for (before, group), count in counts.items():
+        change = values[before | {group}] - values[before]
+        expected[:, groups.index(group)] += count / n_orders * change
+    torch.testing.assert_close(explanation.shares, expected, atol=1e-9, rtol=0)

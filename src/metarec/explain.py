@@ -21,7 +21,8 @@ slope ``(adapted - prior) / (logit change)`` of that item, which keeps signs and
 to the rating change exactly.
 
 The un-adapted (prior) score is split over feature groups of the decoder input (each user feature, each
-item feature, the item id with its learned bias and factors) by exact Shapley values against a
+item feature, the item id with its learned bias and factors) by exact Shapley values of the score itself
+(rating scale: each group's average score change when revealed, over all orders) against a
 baseline of an anonymous user and an unknown item with no features (every group at its "missing"
 encoding, the id at the cold fallback row): ``baseline + sum(shares) = prior``.
 
@@ -234,13 +235,13 @@ class Explainer:
             coalitions = torch.tensor(list(itertools.product([0, 1], repeat=n_groups)), dtype=torch.bool)
             logits = torch.stack([self._coalition_logits(c, columns, content_columns, user_vec, user_base, item_vec,
                                                          item_base, content, items) for c in coalitions])  # fmt: skip
-            shares = _shapley(coalitions, logits)  # [K, G]
-            baseline_logit = logits[0]  # the empty coalition; the same for every item
-            prior_logit = logits[-1]
-            prior = model.to_rating(prior_logit)
-            baseline = model.to_rating(baseline_logit)
-            scale = _secant(model, baseline_logit, shares.sum(1), prior - baseline)
-        return PriorExplanation(float(baseline[0]), groups, shares * scale.unsqueeze(1), prior)
+            # The game is the prior *score* (rating scale), as documented: Shapley values of the logits
+            # rescaled by a secant only add up the same way, and differ from each group's average
+            # rating change (by up to ~0.06 in tests/test_explain.py's random model).
+            scores = model.to_rating(logits)  # [2^G, K]
+            shares = _shapley(coalitions, scores)  # [K, G]; sums to prior - baseline (efficiency)
+        # The empty coalition (the same for every item) and the full one.
+        return PriorExplanation(float(scores[0, 0]), groups, shares, scores[-1])
 
     def _groups(self, user_width: int, item_width: int) -> tuple[list[str], list, list]:
         """Group names; per group, the decoder-input columns it switches (``"item_id"`` for the id) and the
@@ -252,12 +253,16 @@ class Explainer:
             user_blocks = ["user features"] if user_blocks else []
             item_blocks = ["item features"] if item_blocks else []
             content_blocks = [slice(0, self.model.content_width())] if content_blocks else []
-        for blocks, offset, total in ((user_blocks, 0, user_width), (item_blocks, user_width, item_width)):
+        for blocks, offset, total, item_side in (
+            (user_blocks, 0, user_width, False),
+            (item_blocks, user_width, item_width, True),
+        ):
             step = total // len(blocks) if blocks else 0
             for position, name in enumerate(blocks):
                 names.append(name)
                 columns.append(torch.arange(offset + position * step, offset + (position + 1) * step))
-                content_columns.append(content_blocks[position] if offset else slice(0, 0))
+                # By side, not by offset: without user features the item blocks start at column 0.
+                content_columns.append(content_blocks[position] if item_side else slice(0, 0))
         names.append("item_id")
         columns.append("item_id")
         content_columns.append(slice(0, 0))
