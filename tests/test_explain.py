@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -251,3 +252,19 @@ def test_prior_shares_average_the_rating_change_over_all_orders():
         change = values[before | {group}] - values[before]
         expected[:, groups.index(group)] += count / n_orders * change
     torch.testing.assert_close(explanation.shares, expected, atol=1e-9, rtol=0)
+
+
+def test_a_saturated_score_is_explained_with_finite_numbers():
+    """A prior logit beyond ~37 rounds the float64 rating to the scale's end, where inverting the sigmoid
+    gave inf and NaN shares: a document strict JSON cannot hold."""
+    model = random_model(**USER_TERMS["bias_factors_prior"])
+    with torch.no_grad():
+        model.decoder[-1].bias.add_(40.0)
+    user, items, ratings = one_user(model, n_support=8)
+    ids = [f"item{n}" for n in range(N_ITEMS)]
+    documents = explanation_documents(
+        Explainer(model, "head", LR), user, items.tolist(), ratings.tolist(), [0, 5], 5, ids, top=3
+    )
+    json.dumps(documents, allow_nan=False)  # raises on NaN / inf
+    for document in documents:
+        assert abs(document["score"] - document["prior"] - document["from_ratings"]) < 1e-6

@@ -126,6 +126,10 @@ class Explainer:
     def _logits(self, adapted: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ratings = self.adapter.predict(adapted, inputs)
         low, high = self.model.rating_min, self.model.rating_max
+        # A logit beyond ~37 rounds the rating to the scale's end, where the inverse is infinite: cap it
+        # at +-27.6 (1e-12 of the span from either end), far beyond any trained model's scores.
+        margin = (high - low) * 1e-12
+        ratings = ratings.clamp(low + margin, high - margin)
         return torch.log(ratings - low) - torch.log(high - ratings)
 
     def adapt(
