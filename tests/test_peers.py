@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +138,50 @@ def test_evaluation_has_no_peers_or_per_user_parts_by_default(pre_dir, tmp_path)
     assert set(document["methods"]) == {"global_mean"}
     assert "per_user" not in document
     assert "reference" not in (tmp_path / "report.md").read_text()
+
+
+def test_lightfm_bins_are_fitted_on_train_users_and_warm_items_only(pre):
+    """Changing the numeric features of validation/test users or cold items leaves the bins unchanged."""
+    from metarec.features import EncodedFeatures
+    from metarec.peers import _LightFMPeer
+
+    heldout = torch.from_numpy(pre.user_split != 0)
+    cold = pre.item_warm_idx == 0
+    assert bool(heldout.any()) and bool(cold.any())
+    assert pre.user_features.num.shape[1] > 0 and pre.item_features.num.shape[1] > 0
+    changed = copy.copy(pre)
+    user_num = pre.user_features.num.clone()
+    user_num[heldout] += 100.0  # far outside the training users' range: would move every quantile
+    item_num = pre.item_features.num.clone()
+    item_num[cold] -= 100.0
+    changed.user_features = EncodedFeatures(pre.user_features.cat, user_num, pre.user_features.multi)
+    changed.item_features = EncodedFeatures(pre.item_features.cat, item_num, pre.item_features.multi)
+    before = _LightFMPeer(_first_point("lightfm"), pre, seed=0)
+    after = _LightFMPeer(_first_point("lightfm"), changed, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before.user_edges, after.user_edges, strict=True))
+    warm = torch.nonzero(~cold).squeeze(-1).numpy()
+    assert (before.item_matrix[warm] != after.item_matrix[warm]).nnz == 0
+
+
+def test_a_new_user_with_a_train_users_support_set_is_not_that_train_user(pre):
+    """A test user whose support rows equal a train user's whole support set (likely at K = 1) is
+    retrained as a new user from its own features, never scored as the train user."""
+    users, items, ratings = pre.training_rows()
+    counts = torch.bincount(users)
+    train_user = int(torch.nonzero(counts > 0)[0])
+    rows = users == train_user
+    test_user = int(pre.split_users("test")[0])
+    assert not torch.equal(pre.user_features.cat[test_user], pre.user_features.cat[train_user])
+    own = pre.tasks_for_users(np.array([train_user]))
+    own = replace(own, support_items=items[rows][None], support_ratings=ratings[rows][None],
+                  support_mask=torch.ones(1, int(rows.sum())))  # fmt: skip
+    impostor = pre.tasks_for_users(np.array([test_user]))
+    impostor = replace(
+        own, user_cat=impostor.user_cat, user_num=impostor.user_num, user_multi=impostor.user_multi
+    )
+    peer = RetrainedPeer("lightfm", _first_point("lightfm"), pre, seed=0)
+    as_train_user = peer.predict(own)
+    assert peer.retrains == 1  # the train user itself: the base fit
+    as_new_user = peer.predict(impostor)
+    assert peer.retrains == 2  # another user: retrained with its support rows as a new user
+    assert not torch.equal(as_new_user, as_train_user)

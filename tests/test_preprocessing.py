@@ -146,6 +146,14 @@ def test_users_over_max_train_only_and_leave_the_evaluated_users_unchanged(tmp_p
     assert set(users.loc[users["user_idx"].isin(heavy), "user_split"]) == {"train"}
     heavy_rows = rows[rows["user_idx"].isin(heavy)]
     assert set(heavy_rows.loc[~heavy_rows["item_cold"], "role"]) == {"support"}
+    # ... and none of their cold-item ratings is a query row: they are not tasks of any scenario.
+    assert set(heavy_rows.loc[heavy_rows["item_cold"], "role"]) == {"unused"}
+    from metarec.tasks import Preprocessed, scenario_tasks
+
+    kept, dropped = Preprocessed.load(tmp_path / "train"), Preprocessed.load(tmp_path / "drop")
+    for scenario in ("warm", "user_cold", "item_cold", "user_item_cold"):
+        ids = [set(pre.users.loc[scenario_tasks(pre, scenario)[0], "user_id"]) for pre in (kept, dropped)]
+        assert ids[0] == ids[1], scenario  # the evaluated users do not depend on users_over_max
     # The task users (and so the validation and test sets) are the same users with the same split.
     by_id = users.set_index("user_id")["user_split"]
     dropped_by_id = dropped_users.set_index("user_id")["user_split"]

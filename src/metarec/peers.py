@@ -154,9 +154,12 @@ class _LightFMPeer:
         self.settings, self.seed = dict(settings), int(seed)
         self.rating_min, self.rating_max = pre.rating_min, pre.rating_max
         self.user_dims, self.item_dims = pre.encoder.user_dims, pre.encoder.item_dims
-        self.user_edges = _bin_edges(pre.user_features.num)
-        item_edges = _bin_edges(pre.item_features.num)
         warm = pre.item_warm_idx.numpy() > 0
+        # Bin edges are fitted like every other statistic: on the train users and the warm items only,
+        # so validation and test users (and cold items) never shape the features the peer learns from.
+        train_users = torch.from_numpy(np.asarray(pre.user_split) == 0)
+        self.user_edges = _bin_edges(pre.user_features.num[train_users])
+        item_edges = _bin_edges(pre.item_features.num[torch.from_numpy(warm)])
         self.item_matrix = _feature_matrix(pre.item_features, self.item_dims, item_edges, identity=warm)
 
     def train(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, user_features) -> object:
@@ -192,7 +195,7 @@ class _LightFMPeer:
 
 
 def _bin_edges(numeric: torch.Tensor) -> list[np.ndarray]:
-    """Quantile bin edges of each numeric feature column (from the whole catalogue / user table)."""
+    """Quantile bin edges of each numeric feature column of the given (training) rows."""
     values = numeric.numpy()
     quantiles = np.linspace(0, 1, _NUMERIC_BINS + 1)[1:-1]
     return [np.unique(np.quantile(values[:, j], quantiles)) for j in range(values.shape[1])]
@@ -238,11 +241,24 @@ def _feature_matrix(features, dims, edges: list[np.ndarray], identity: np.ndarra
     return sparse.diags(1.0 / sums).dot(matrix).tocsr().astype(np.float32)
 
 
-def _signature(items: np.ndarray, ratings: np.ndarray) -> str:
-    """Order-free fingerprint of a support set, to recognise a train user's own rows."""
+def _signature(items: np.ndarray, ratings: np.ndarray, features) -> str:
+    """Order-free fingerprint of a user's features and support set, to recognise a train user's own rows.
+
+    The features are part of it: a new user whose few support ratings happen to equal a train user's
+    whole support set (one or three rows at small K) is another user, to be learned from its own rows
+    and features, not scored as that train user.
+
+    Args:
+        items: Int[S] support items.
+        ratings: Float[S] their ratings.
+        features: The user's ``(cat, num, multi)`` feature rows (tensors).
+    """
     order = np.lexsort((ratings, items))
     pairs = np.stack([items[order].astype(np.float64), ratings[order].astype(np.float64)])
-    return hashlib.sha1(pairs.tobytes()).hexdigest()
+    digest = hashlib.sha1(pairs.tobytes())
+    for part in features:
+        digest.update(np.ascontiguousarray(part.detach().cpu().numpy(), dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 class RetrainedPeer:
@@ -289,8 +305,11 @@ class RetrainedPeer:
         users, items, ratings = self.users[order], self.items[order], self.ratings[order]
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
         ends = np.r_[starts[1:], len(users)]
+        features = self.user_features
         return {
-            _signature(items[a:b], ratings[a:b]): int(users[a]) for a, b in zip(starts, ends, strict=True)
+            _signature(items[a:b], ratings[a:b], (features.cat[u], features.num[u], features.multi[u])): u
+            for a, b in zip(starts, ends, strict=True)
+            for u in (int(users[a]),)
         }
 
     def predict(self, batch) -> torch.Tensor:
@@ -315,7 +334,9 @@ class RetrainedPeer:
                 support_items[t][support_mask[t]],
                 support_ratings[t][support_mask[t]].astype(np.float64),
             )
-            known = self.known.get(_signature(items, ratings))
+            known = self.known.get(
+                _signature(items, ratings, (batch.user_cat[t], batch.user_num[t], batch.user_multi[t]))
+            )
             if known is not None:
                 task_user[t] = known
                 continue

@@ -345,13 +345,16 @@ def preprocess_raw(raw: RawData, config: dict[str, Any] | None, output_dir: str 
         )
 
     query_size, cold_query_size = cfg["query_size"], cfg["cold_query_size"]
-    # Extra training users hold no query rows: every warm rating is a support (training) row.
+    # Extra training users hold no query rows: every warm rating is a support (training) row, and
+    # every cold-item rating is unused (they are not tasks: the item_cold scenario never scores them).
     row_query_size = np.where(is_extra[user_idx], 0, query_size)
+    row_cold_query_size = np.where(is_extra[user_idx], 0, cold_query_size)
     role = np.where(
         row_cold,
-        np.where(rank < cold_query_size, 2, 3),
+        np.where(rank < row_cold_query_size, 2, 3),
         np.where(rank < row_query_size, 1, 0),
     ).astype(np.int8)
+    del row_cold_query_size
     kshot_rank = np.where(role == 0, rank - row_query_size, -1).astype(np.int32)
     del row_query_size
     del rank
