@@ -2,7 +2,7 @@
 
 There is no kube-apiserver on this machine, so the real ``kubernetes`` client talks to this stand-in:
 objects are stored per collection path (``/apis/<group>/<version>/namespaces/<ns>/<plural>``) with create
-(409 when the name exists), get (404), replace, merge patch (strategic merge patch for the built-in
+(409 when the name exists), get (404), replace (409 when its resourceVersion is stale), merge patch (strategic merge patch for the built-in
 kinds; 415 for a custom resource, as kube-apiserver answers), delete and list. ``resourceVersion`` and ``generation`` move on every write. A *controller*
 callback stands in for the operators (Training Operator, KServe, the Deployment controller): it is called
 after every write with the stored object and may change its status. ``kubeconfig()`` writes a kubeconfig
@@ -115,6 +115,13 @@ STRATEGIC_ON_CRD = (
 )
 
 
+# What kube-apiserver answers an update whose resourceVersion is not the stored one (HTTP 409).
+CONFLICT = (
+    "Operation cannot be fulfilled on {name}: the object has been modified; please apply your changes "
+    "to the latest version and try again"
+)
+
+
 def _builtin(collection: str) -> bool:
     """Whether a collection holds a built-in kind (core or apps here), which has strategic merge keys."""
     return collection.startswith(("/api/v1/", "/apis/apps/"))
@@ -224,9 +231,13 @@ class FakeKube:
             return copy.deepcopy(found)
 
     def set_status(self, collection: str, name: str, status: dict) -> None:
-        """Replaces an object's status (what an operator does)."""
+        """Replaces an object's status (what an operator does, through the status subresource): like every
+        write, it moves ``resourceVersion``, so a client's copy read before it is stale."""
         with self.lock:
-            self.objects[(collection, name)]["status"] = copy.deepcopy(status)
+            self._version += 1
+            obj = self.objects[(collection, name)]
+            obj["status"] = copy.deepcopy(status)
+            obj["metadata"]["resourceVersion"] = str(self._version)
 
     def _store(self, collection: str, name: str, body: dict, new: bool) -> dict:
         self._version += 1
@@ -300,7 +311,12 @@ class FakeKube:
                     if method == "GET":
                         return self._reply(200, copy.deepcopy(fake.objects[key]))
                     if method == "PUT":
-                        return self._write(200, collection, name, self._body(), new=False)
+                        body = self._body()
+                        sent = (body.get("metadata") or {}).get("resourceVersion")
+                        if sent and sent != fake.objects[key]["metadata"]["resourceVersion"]:
+                            # Optimistic concurrency: an update must carry the version it was made from.
+                            return self._error(409, "Conflict", CONFLICT.format(name=name))
+                        return self._write(200, collection, name, body, new=False)
                     if method == "PATCH":
                         strategic = "strategic-merge-patch" in (self.headers.get("Content-Type") or "")
                         if strategic and not _builtin(collection):

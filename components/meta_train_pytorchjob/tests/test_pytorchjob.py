@@ -199,6 +199,31 @@ def test_retry_adopts_the_running_job_and_adds_itself_as_owner(kube):
     assert owners == ["uid-1", "uid-2"]  # the first attempt's pod going away no longer deletes it
 
 
+def test_retry_adopts_the_job_when_the_operator_writes_its_status_meanwhile(kube):
+    """The Training Operator updates a running job's status at any time, which moves its resourceVersion:
+    the retry's update (adding its owner) is then refused with 409 Conflict, as by a real API server, and
+    must be redone on a fresh read instead of failing the task."""
+    kube.put(JOBS, _job(owner=pytorchjob.owner_reference("attempt-1", "uid-1")))
+    kube.set_status(JOBS, "metarec-maml-abc", condition_status("Running"))
+    api = _api()
+    real_get, reads = api.get_namespaced_custom_object, []
+
+    def get_then_operator_writes(*args, **kwargs):
+        found = real_get(*args, **kwargs)
+        reads.append(1)
+        if len(reads) == 1:  # between the retry's read and its update
+            kube.set_status(JOBS, "metarec-maml-abc", condition_status("Running", "pods running"))
+        return found
+
+    api.get_namespaced_custom_object = get_then_operator_writes
+    finish = _finish_after(1, "Succeeded")
+    retry = _job(owner=pytorchjob.owner_reference("attempt-2", "uid-2"))
+    pytorchjob.submit_and_wait(retry, api=api, poll_interval_s=0, sleep=lambda s: finish(s, kube))
+    assert [entry[0] for entry in kube.log].count("PUT") == 2  # refused once, then made on a fresh read
+    owners = [o["uid"] for o in kube.get(JOBS, "metarec-maml-abc")["metadata"]["ownerReferences"]]
+    assert owners == ["uid-1", "uid-2"]
+
+
 def test_retry_after_a_failed_job_starts_it_again(kube):
     kube.put(JOBS, _job())
     kube.set_status(JOBS, "metarec-maml-abc", condition_status("Failed"))
