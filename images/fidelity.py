@@ -352,7 +352,7 @@ def run_chain(launcher: Launcher, fake, raw_uri: str, chain: dict) -> None:
         {"archive": [packaged["artifacts"]["archive"]]}, {},
     )  # fmt: skip
     served = fake.get(INFERENCESERVICES.format(namespace=NAMESPACE), isvc["metadata"]["name"])
-    uri = served["spec"]["predictor"]["pytorch"]["storageUri"]
+    uri = served["spec"]["predictor"]["model"]["storageUri"]
     if uri != packaged["artifacts"]["archive"]["metadata"]["published_uri"]:
         raise RuntimeError(f"deploy_model left storageUri at {uri}")
     chain["model_uri"] = uri  # what the serving pod's fetch-model init container downloads (MODEL_URI)

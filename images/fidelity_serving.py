@@ -264,7 +264,7 @@ def run_kserve(workdir: Path, env: dict[str, str], archive: Path, results: dict[
     tmp = Path(tempfile.mkdtemp(prefix="metarec-kfs-"))
     move = pod_path_mover(home, tmp, models)
     predictor = yaml.safe_load(KSERVE_SERVICE.read_text())["spec"]["predictor"]
-    container = predictor["pytorch"]
+    container = predictor["model"]
     current, run = "kserve-ready", None
     try:
         started = time.monotonic()

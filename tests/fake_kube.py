@@ -2,8 +2,8 @@
 
 There is no kube-apiserver on this machine, so the real ``kubernetes`` client talks to this stand-in:
 objects are stored per collection path (``/apis/<group>/<version>/namespaces/<ns>/<plural>``) with create
-(409 when the name exists), get (404), replace, merge patch (strategic merge patch for the built-in
-kinds), delete and list. ``resourceVersion`` and ``generation`` move on every write. A *controller*
+(409 when the name exists), get (404), replace (409 when its resourceVersion is stale), merge patch (strategic merge patch for the built-in
+kinds; 415 for a custom resource, as kube-apiserver answers), delete and list. ``resourceVersion`` and ``generation`` move on every write. A *controller*
 callback stands in for the operators (Training Operator, KServe, the Deployment controller): it is called
 after every write with the stored object and may change its status. ``kubeconfig()`` writes a kubeconfig
 that points the client here.
@@ -108,6 +108,25 @@ def three_way_patch(original: dict, modified: dict, current: dict, strategic: bo
     return patch
 
 
+# What kube-apiserver answers a strategic merge patch of a custom resource with (HTTP 415).
+STRATEGIC_ON_CRD = (
+    "the body of the request was in an unknown format - accepted media types include: "
+    "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+)
+
+
+# What kube-apiserver answers an update whose resourceVersion is not the stored one (HTTP 409).
+CONFLICT = (
+    "Operation cannot be fulfilled on {name}: the object has been modified; please apply your changes "
+    "to the latest version and try again"
+)
+
+
+def _builtin(collection: str) -> bool:
+    """Whether a collection holds a built-in kind (core or apps here), which has strategic merge keys."""
+    return collection.startswith(("/api/v1/", "/apis/apps/"))
+
+
 def validate(obj: dict) -> None:
     """Raises :class:`Invalid` for an env var the API server refuses, in any pod template of ``obj``."""
     template = (obj.get("spec") or {}).get("template") or {}
@@ -143,7 +162,7 @@ def client_side_apply(fake: FakeKube, collection: str, manifest: dict) -> dict:
     Raises:
         Invalid: The API server refuses the result.
     """
-    strategic = collection.startswith(("/api/v1/", "/apis/apps/"))
+    strategic = _builtin(collection)
     name = manifest["metadata"]["name"]
     modified = copy.deepcopy(manifest)
     modified["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(manifest, sort_keys=True)
@@ -212,9 +231,13 @@ class FakeKube:
             return copy.deepcopy(found)
 
     def set_status(self, collection: str, name: str, status: dict) -> None:
-        """Replaces an object's status (what an operator does)."""
+        """Replaces an object's status (what an operator does, through the status subresource): like every
+        write, it moves ``resourceVersion``, so a client's copy read before it is stale."""
         with self.lock:
-            self.objects[(collection, name)]["status"] = copy.deepcopy(status)
+            self._version += 1
+            obj = self.objects[(collection, name)]
+            obj["status"] = copy.deepcopy(status)
+            obj["metadata"]["resourceVersion"] = str(self._version)
 
     def _store(self, collection: str, name: str, body: dict, new: bool) -> dict:
         self._version += 1
@@ -288,9 +311,17 @@ class FakeKube:
                     if method == "GET":
                         return self._reply(200, copy.deepcopy(fake.objects[key]))
                     if method == "PUT":
-                        return self._write(200, collection, name, self._body(), new=False)
+                        body = self._body()
+                        sent = (body.get("metadata") or {}).get("resourceVersion")
+                        if sent and sent != fake.objects[key]["metadata"]["resourceVersion"]:
+                            # Optimistic concurrency: an update must carry the version it was made from.
+                            return self._error(409, "Conflict", CONFLICT.format(name=name))
+                        return self._write(200, collection, name, body, new=False)
                     if method == "PATCH":
                         strategic = "strategic-merge-patch" in (self.headers.get("Content-Type") or "")
+                        if strategic and not _builtin(collection):
+                            # The API server has no patch strategy for a custom resource's fields.
+                            return self._error(415, "UnsupportedMediaType", STRATEGIC_ON_CRD)
                         patched = merge_patch(fake.objects[key], self._body(), strategic)
                         return self._write(200, collection, name, patched, new=False)
                     if method == "DELETE":
@@ -347,15 +378,29 @@ def raw_predictor_deployment(name: str, namespace: str, uri: str | None, replica
     }  # fmt: skip
 
 
+def kserve_defaults(obj: dict) -> None:
+    """KServe's defaulting webhook (create and update) for a ``pytorch:`` predictor: it becomes
+    ``model: {modelFormat: {name: pytorch}, <the pytorch block>}``, replacing any ``model:`` there was, and
+    ``pytorch:`` is dropped (``assignPyTorchRuntime`` in kserve/kserve
+    pkg/apis/serving/v1beta1/inference_service_defaults.go). So the live object never has ``pytorch:``, and
+    writing one (an apply of a ``pytorch:`` manifest, a merge patch naming ``pytorch``) replaces the live
+    ``model:`` whole, storageUri included."""
+    predictor = (obj.get("spec") or {}).get("predictor") or {}
+    if isinstance(predictor.get("pytorch"), dict):
+        predictor["model"] = {"modelFormat": {"name": "pytorch"}, **predictor.pop("pytorch")}
+
+
 def kserve_raw_controller(fake: FakeKube, collection: str, obj: dict) -> None:
-    """A fake KServe in RawDeployment mode whose predictor rolls to a new storageUri at once."""
+    """A fake KServe in RawDeployment mode (its defaulting webhook included) whose predictor rolls to a new
+    storageUri at once."""
     if not collection.endswith("/inferenceservices"):
         return
+    kserve_defaults(obj)
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     obj["status"] = {"observedGeneration": 1, "components": {"predictor": {}},
                      "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
     key = (DEPLOYMENTS.format(namespace=namespace), f"{name}-predictor")
-    uri = obj["spec"]["predictor"]["pytorch"].get("storageUri")  # none until a version is deployed
+    uri = obj["spec"]["predictor"]["model"].get("storageUri")  # none until a version is deployed
     deployment = fake.objects.get(key)
     if deployment is None:
         fake.objects[key] = raw_predictor_deployment(name, namespace, uri)

@@ -94,7 +94,7 @@ def test_podmonitoring_scrapes_the_serving_metrics_port(kustomization):
     objects = render(kustomization)
     if kustomization.endswith("kserve"):
         predictor = _one(objects, "InferenceService")["spec"]["predictor"]
-        labels, containers = predictor["labels"], [predictor["pytorch"]]
+        labels, containers = predictor["labels"], [predictor["model"]]
     else:
         template = _one(objects, "Deployment")["spec"]["template"]
         labels, containers = template["metadata"]["labels"], template["spec"]["containers"]
@@ -219,7 +219,7 @@ def test_documented_kserve_rollback_swaps_versions_and_never_empties_storage_uri
     two; without one (only one version ever deployed: deploy_model records none) it must not set an empty
     storageUri, which would leave the predictor with no model."""
     isvc = _one(render("serving/overlays/kserve"), "InferenceService")
-    isvc["spec"]["predictor"]["pytorch"]["storageUri"] = "gs://models/metarec/run-7"
+    isvc["spec"]["predictor"]["model"]["storageUri"] = "gs://models/metarec/run-7"
     if previous:
         isvc["metadata"].setdefault("annotations", {})["metarec.io/previous-model-uri"] = previous
     path = tmp_path / "inferenceservice-metarec.yaml"
@@ -228,7 +228,7 @@ def test_documented_kserve_rollback_swaps_versions_and_never_empties_storage_uri
     after = yaml.safe_load(path.read_text())
     annotations = after["metadata"].get("annotations") or {}
     if previous:
-        assert after["spec"]["predictor"]["pytorch"]["storageUri"] == previous
+        assert after["spec"]["predictor"]["model"]["storageUri"] == previous
         assert annotations["metarec.io/previous-model-uri"] == "gs://models/metarec/run-7"
     else:
-        assert after["spec"]["predictor"]["pytorch"]["storageUri"] == "gs://models/metarec/run-7"
+        assert after["spec"]["predictor"]["model"]["storageUri"] == "gs://models/metarec/run-7"

@@ -103,7 +103,7 @@ def _pod_and_container(path: Path, kind: str) -> tuple[dict, dict]:
         pod = document["spec"]["template"]["spec"]
         (container,) = [c for c in pod["containers"] if c["name"] == "torchserve"]
         return pod, container
-    return document["spec"]["predictor"], document["spec"]["predictor"]["pytorch"]
+    return document["spec"]["predictor"], document["spec"]["predictor"]["model"]
 
 
 @pytest.mark.parametrize("kind", ["deployment", "kserve"])
@@ -187,7 +187,7 @@ def test_the_kserve_predictor_runs_the_images_server_on_the_overlays_paths(tmp_p
     predictor = yaml.safe_load(fidelity_serving.KSERVE_SERVICE.read_text())["spec"]["predictor"]
     home, tmp, models = tmp_path / "h", tmp_path / "t", tmp_path / "m"
     move = pod_emulation.pod_path_mover(home, tmp, models)
-    command = serving_pod.predictor_command(predictor["pytorch"], move)
+    command = serving_pod.predictor_command(predictor["model"], move)
     assert command == ["torchserve", "--start", "--foreground", "--ncs", f"--model-store={models}/model-store",
                        f"--ts-config={home}/kserve/config.properties"]  # fmt: skip
     ports = {"inference": 1, "metrics": 2, "grpc_inference": 3, "grpc_management": 4}
@@ -196,7 +196,7 @@ def test_the_kserve_predictor_runs_the_images_server_on_the_overlays_paths(tmp_p
     )
     assert config["model_store"] == f"{models}/model-store"
     assert config["management_address"] == f"unix:{tmp}/metarec-management.sock"
-    assert pod_emulation.container_env(predictor["pytorch"]) == {"METAREC_STATE_URL": "none"}
+    assert pod_emulation.container_env(predictor["model"]) == {"METAREC_STATE_URL": "none"}
     # Kubernetes' rules: a container without command/args runs the image's ENTRYPOINT + CMD.
     assert serving_pod.predictor_command({}, move)[:3] == ["torchserve", "--start", "--foreground"]
 

@@ -35,6 +35,7 @@ EXPECTED_KUSTOMIZATIONS = {
 CUSTOM_KINDS = {
     "Experiment",
     "InferenceService",
+    "ServingRuntime",
     "PyTorchJob",
     "PodMonitoring",
     "AuthorizationPolicy",
@@ -176,6 +177,8 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
         predictor = dict(spec["predictor"])
         framework = next(k for k in ("pytorch", "model") if k in predictor)
         container = dict(predictor.pop(framework), name="kserve-container")
+        for key in ("modelFormat", "runtime", "protocolVersion", "storageUri"):  # KServe's, not the pod's
+            container.pop(key, None)
         return [(f"{name} predictor", {**predictor, "containers": [container]})]
     if obj["kind"] == "PyTorchJob":
         return [(f"{name} {role}", r["template"]["spec"]) for role, r in spec["pytorchReplicaSpecs"].items()]
@@ -481,11 +484,41 @@ def test_gpu_overlay_targets_gpu_nodes():
 # Custom resources
 
 
-def inference_service_problems(isvc: dict) -> list[str]:
+# KServe's defaulting webhook rewrites these shorthand predictors into `model:` on every create and update
+# (kserve/kserve pkg/apis/serving/v1beta1/inference_service_defaults.go, setPredictorModelDefaults).
+KSERVE_SHORTHANDS = ("sklearn", "xgboost", "tensorflow", "pytorch", "triton", "onnx", "huggingface", "pmml",
+                     "lightgbm", "paddle")  # fmt: skip
+
+
+def kserve_container(isvc: dict, runtimes: list[dict]) -> dict:
+    """The predictor container KServe runs: the named runtime's ``kserve-container`` overlaid with the
+    InferenceService's ``model`` fields, except ``args``, which KServe concatenates, runtime's first
+    (MergeRuntimeContainers in kserve/kserve pkg/controller/v1beta1/inferenceservice/utils/utils.go).
+
+    Args:
+        isvc: A rendered InferenceService.
+        runtimes: The rendered ServingRuntimes it may name.
+
+    Returns:
+        The merged container (``{}`` when the runtime is missing).
+    """
+    model = dict((isvc.get("spec") or {}).get("predictor", {}).get("model") or {})
+    runtime = next((r for r in runtimes if r["metadata"]["name"] == model.get("runtime")), None)
+    if runtime is None:
+        return {}
+    base = next((c for c in runtime["spec"]["containers"] if c["name"] == "kserve-container"), {})
+    fields = {
+        k: v for k, v in model.items() if k not in ("modelFormat", "runtime", "protocolVersion", "storageUri")
+    }
+    return {**base, **fields, "args": list(base.get("args") or []) + list(model.get("args") or [])}
+
+
+def inference_service_problems(isvc: dict, runtimes: list[dict] | None = None) -> list[str]:
     """Lists what an InferenceService lacks of the fields MetaRec relies on.
 
     Args:
         isvc: A rendered InferenceService.
+        runtimes: The rendered ServingRuntimes of its overlay.
 
     Returns:
         Problems; empty when the object is as expected.
@@ -494,31 +527,47 @@ def inference_service_problems(isvc: dict) -> list[str]:
     if (isvc.get("apiVersion"), isvc.get("kind")) != ("serving.kserve.io/v1beta1", "InferenceService"):
         problems.append(f"apiVersion/kind {isvc.get('apiVersion')}/{isvc.get('kind')}")
     predictor = (isvc.get("spec") or {}).get("predictor") or {}
-    pytorch = predictor.get("pytorch") or {}
-    if not pytorch:
-        problems.append("no predictor.pytorch")
+    shorthands = [k for k in KSERVE_SHORTHANDS if k in predictor]
+    if shorthands:
+        # The live object would have `model:` instead; an apply of this manifest would replace it whole.
+        problems.append(f"predictor.{shorthands[0]} is a shorthand KServe rewrites into predictor.model")
+    model = predictor.get("model") or {}
+    if not model:
+        problems.append("no predictor.model")
+    if (model.get("modelFormat") or {}).get("name") != "pytorch":
+        problems.append("predictor.model.modelFormat.name is not pytorch")
+    runtime = next((r for r in runtimes or [] if r["metadata"]["name"] == model.get("runtime")), None)
+    if runtime is None:
+        problems.append(
+            f"predictor.model.runtime {model.get('runtime')!r} is not a ServingRuntime of the overlay"
+        )
+    else:
+        formats = {f.get("name") for f in runtime["spec"].get("supportedModelFormats") or []}
+        if "pytorch" not in formats or "v1" not in (runtime["spec"].get("protocolVersions") or []):
+            problems.append(f"ServingRuntime {model.get('runtime')} does not serve pytorch over protocol v1")
     # deploy_model sets storageUri; a manifest naming one would roll serving back on every apply.
-    if "storageUri" in pytorch:
-        problems.append(f"predictor.pytorch.storageUri is in the manifest: {pytorch['storageUri']}")
-    if pytorch.get("protocolVersion") != "v1":
-        problems.append(f"predictor.pytorch.protocolVersion is {pytorch.get('protocolVersion')}, not v1")
+    if "storageUri" in model:
+        problems.append(f"predictor.model.storageUri is in the manifest: {model['storageUri']}")
+    if model.get("protocolVersion") != "v1":
+        problems.append(f"predictor.model.protocolVersion is {model.get('protocolVersion')}, not v1")
     if not predictor.get("serviceAccountName"):
         problems.append("predictor.serviceAccountName is missing")
-    resources = pytorch.get("resources") or {}
+    resources = model.get("resources") or {}
     if not (resources.get("requests") and resources.get("limits")):
-        problems.append("predictor.pytorch.resources needs requests and limits")
-    args = pytorch.get("args") or []
-    if "torchserve" not in (pytorch.get("command") or []) + args:
-        problems.append("the predictor does not run torchserve")
+        problems.append("predictor.model.resources needs requests and limits")
+    container = kserve_container(isvc, runtimes or []) or model
+    args = container.get("args") or []
+    line = (container.get("command") or []) + args
+    if line.count("torchserve") != 1 or len([a for a in line if a == "--start"]) != 1:
+        problems.append(f"the predictor container does not run one torchserve command line: {line}")
     if "--model-store=/mnt/models/model-store" not in args:
         problems.append("torchserve must read the archives KServe copied to /mnt/models/model-store")
     config_arg = next((a for a in args if a.startswith("--ts-config=")), "")
     config_dir = str(Path(config_arg.partition("=")[2]).parent)
     volumes = {v["name"]: v for v in predictor.get("volumes") or []}
-    mounts = [m for m in pytorch.get("volumeMounts") or [] if m.get("mountPath") == config_dir]
+    mounts = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") == config_dir]
     if not mounts or "configMap" not in volumes.get(mounts[0]["name"], {}):
         problems.append(f"--ts-config {config_arg!r} is not in a mounted ConfigMap")
-    return problems
     return problems
 
 
@@ -579,7 +628,8 @@ def pytorchjob_problems(job: dict) -> list[str]:
 def test_inference_service():
     objects = render("serving/overlays/kserve")
     isvc = next(obj for obj in objects if obj["kind"] == "InferenceService")
-    assert inference_service_problems(isvc) == []
+    runtimes = [obj for obj in objects if obj["kind"] == "ServingRuntime"]
+    assert inference_service_problems(isvc, runtimes) == []
     account = next(obj for obj in objects if obj["kind"] == "ServiceAccount")
     assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
     assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
@@ -594,12 +644,41 @@ def test_inference_service():
     assert properties["disable_token_authorization"] == "true" and properties["enable_model_api"] == "false"
     assert properties["allowed_urls"] == "^$"  # KServe's storage initializer fetches the model
     broken = copy.deepcopy(isvc)
-    broken["spec"]["predictor"]["pytorch"]["storageUri"] = "s3://bucket/model"
-    broken["spec"]["predictor"]["pytorch"]["protocolVersion"] = "v2"
+    broken["spec"]["predictor"]["model"]["storageUri"] = "s3://bucket/model"
+    broken["spec"]["predictor"]["model"]["protocolVersion"] = "v2"
     broken["spec"]["predictor"]["volumes"] = [
         v for v in broken["spec"]["predictor"]["volumes"] if "configMap" not in v
     ]
-    assert len(inference_service_problems(broken)) == 3
+    assert len(inference_service_problems(broken, runtimes)) == 3
+
+
+def test_inference_service_is_stored_as_shipped_and_runs_one_torchserve():
+    """KServe stores a ``pytorch:`` predictor as ``model:`` (its webhook, on every update too) and runs
+    the stock kserve-torchserve runtime's args before the predictor's: the shipped predictor was
+    ``pytorch:`` with its own torchserve args, so the server got two command lines, and an apply after
+    deploy_model replaced the live ``model:`` and its storageUri."""
+    objects = render("serving/overlays/kserve")
+    isvc = next(obj for obj in objects if obj["kind"] == "InferenceService")
+    runtimes = [obj for obj in objects if obj["kind"] == "ServingRuntime"]
+    shorthand = copy.deepcopy(isvc)
+    model = shorthand["spec"]["predictor"].pop("model")
+    for key in ("modelFormat", "runtime"):
+        model.pop(key)
+    shorthand["spec"]["predictor"]["pytorch"] = model
+    assert any("shorthand" in p for p in inference_service_problems(shorthand, runtimes))
+    # With the stock runtime's args (kserve/kserve config/runtimes/kserve-torchserve.yaml) in front.
+    stock = {"metadata": {"name": "kserve-torchserve"}, "spec": {
+        "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": True}],
+        "protocolVersions": ["v1", "v2"],
+        "containers": [{"name": "kserve-container", "image": "pytorch/torchserve-kfs:0.12.0",
+                        "args": ["torchserve", "--start", "--model-store=/mnt/models/model-store",
+                                 "--ts-config=/mnt/models/config/config.properties"]}]}}  # fmt: skip
+    on_stock = copy.deepcopy(isvc)
+    on_stock["spec"]["predictor"]["model"]["runtime"] = "kserve-torchserve"
+    assert any("one torchserve" in p for p in inference_service_problems(on_stock, [stock]))
+    container = kserve_container(isvc, runtimes)
+    assert container["args"] == isvc["spec"]["predictor"]["model"]["args"]
+    assert container["image"] == isvc["spec"]["predictor"]["model"]["image"]
 
 
 def test_pytorchjob():

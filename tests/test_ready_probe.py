@@ -114,7 +114,7 @@ def test_the_serving_image_ships_the_probe():
     isvc = yaml.safe_load((REPO_ROOT / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
     containers = [
         deployment["spec"]["template"]["spec"]["containers"][0],
-        isvc["spec"]["predictor"]["pytorch"],
+        isvc["spec"]["predictor"]["model"],
     ]
     for container in containers:
         for probe in ("startupProbe", "readinessProbe"):

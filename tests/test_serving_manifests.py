@@ -126,7 +126,7 @@ def test_kserve_overlay_has_network_policy_pdb_and_probes():
     assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == {8080, 8082}
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"]["minAvailable"] < predictor["minReplicas"]
-    container = predictor["pytorch"]
+    container = predictor["model"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"][:3] == ["python", "-m", "metarec.ready_probe"], probe
@@ -162,7 +162,7 @@ def test_draining_outlasts_the_longest_request(kustomization):
     assert int(properties.get("default_response_timeout", 0)) <= response_timeout
     if kustomization.endswith("kserve"):
         pod = _predictor(objects)[1]
-        container = pod["pytorch"]
+        container = pod["model"]
     else:
         pod = next(obj for obj in objects if obj["kind"] == "Deployment")["spec"]["template"]["spec"]
         container = next(c for c in pod["containers"] if c["name"] == "torchserve")

@@ -33,7 +33,9 @@ import time
 from collections.abc import Callable
 
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
-PREDICTOR_KINDS = ("model", "pytorch")  # where the storageUri lives in a v1beta1 predictor
+# Where the storageUri lives in a v1beta1 predictor: KServe's defaulting webhook stores `pytorch:` as `model:`
+# (kserve/kserve pkg/apis/serving/v1beta1/inference_service_defaults.go), older KServe kept `pytorch:`.
+PREDICTOR_KINDS = ("model", "pytorch")
 FETCH_CONTAINER, MODEL_ENV = "fetch-model", "MODEL_URI"
 RAW_MODE, MODE_ANNOTATION = "RawDeployment", "serving.kserve.io/deploymentMode"
 # The predictor Deployment KServe creates in RawDeployment mode: `<name>-predictor` since KServe 0.11,
@@ -224,11 +226,13 @@ def deploy_inferenceservice(api, name: str, namespace: str, model_uri: str, cana
     if raw and apps is None:
         raise ValueError(f"{result['target']} is in {RAW_MODE} mode: pass apps= to watch its Deployment")
     kind = next(k for k in PREDICTOR_KINDS if isinstance(current["spec"]["predictor"].get(k), dict))
-    _refuse_if_declared(
-        current, ("spec", "predictor", kind, "storageUri"), result["target"],
-        "Apply manifests that name no storageUri (manifests/serving/overlays/kserve) and drop it from the "
-        "applied configuration once, as docs/cluster.md ('Who owns the model version') shows.",
-    )  # fmt: skip
+    migrate = ("Apply the current manifests (manifests/serving/overlays/kserve: predictor.model, no storageUri) "
+               "once, as docs/cluster.md ('Who owns the model version') shows.")  # fmt: skip
+    _refuse_if_declared(current, ("spec", "predictor", kind, "storageUri"), result["target"], migrate)
+    # KServe's webhook turns a `pytorch:` predictor into `model:` on every create and update, replacing the
+    # live `model:` whole: an applied configuration naming `pytorch` resets the version on its next apply.
+    if kind == "model":
+        _refuse_if_declared(current, ("spec", "predictor", "pytorch"), result["target"], migrate)
     older = (current["metadata"].get("annotations") or {}).get(PREVIOUS_ANNOTATION)
     canary = None if raw else (canary_percent or None)
     rollout = {

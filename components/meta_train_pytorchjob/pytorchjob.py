@@ -25,6 +25,7 @@ CONTAINER_NAME = "pytorch"  # the Training Operator finds the training container
 MAX_RESTARTS = 3  # torchrun restarts of the local worker group before the pod fails
 DEFAULT_SERVICE_ACCOUNT = "metarec-training"  # manifests/training/serviceaccount.yaml (Workload Identity)
 TERMINAL_CONDITIONS = ("Succeeded", "Failed")
+ADOPT_ATTEMPTS = 5  # reads and updates of an adopted job when the operator's status writes race them
 TTL_AFTER_FINISHED_S = 3600  # the finished job (and its logs) stays an hour for debugging, then goes
 # Istio-injected profile namespaces would add a sidecar that never exits, so the pods never complete.
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
@@ -287,18 +288,31 @@ def _create_or_adopt(api, job: dict) -> dict:
     except ApiException as error:
         if error.status != 409:
             raise PyTorchJobError(f"could not create {KIND} {namespace}/{name}: {error.reason}") from error
-    existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    if job_state(existing) == "Failed":
-        print(f"{KIND} {namespace}/{name} of a previous attempt failed: recreating it", flush=True)
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-    owners = existing["metadata"].get("ownerReferences") or []
-    new_owners = [o for o in job["metadata"].get("ownerReferences") or [] if o not in owners]
-    if new_owners:
-        existing["metadata"]["ownerReferences"] = owners + new_owners
-        existing = api.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, existing)
-    print(f"adopted {KIND} {namespace}/{name} started by a previous attempt", flush=True)
-    return existing
+    for attempt in range(ADOPT_ATTEMPTS):
+        existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if job_state(existing) == "Failed":
+            print(f"{KIND} {namespace}/{name} of a previous attempt failed: recreating it", flush=True)
+            api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+        owners = existing["metadata"].get("ownerReferences") or []
+        new_owners = [o for o in job["metadata"].get("ownerReferences") or [] if o not in owners]
+        if new_owners:
+            existing["metadata"]["ownerReferences"] = owners + new_owners
+            try:
+                existing = api.replace_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, existing
+                )
+            except ApiException as error:
+                # 409: the Training Operator wrote the job's status since the read (the update carries the
+                # read's resourceVersion): read it again and retry.
+                if error.status != 409 or attempt == ADOPT_ATTEMPTS - 1:
+                    raise PyTorchJobError(
+                        f"could not adopt {KIND} {namespace}/{name}: {error.reason}"
+                    ) from error
+                continue
+        print(f"adopted {KIND} {namespace}/{name} started by a previous attempt", flush=True)
+        return existing
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def submit_and_wait(

@@ -25,7 +25,7 @@ def _controller(fake, collection, obj):
     """KServe and the Deployment controller, reduced to: a model URI with "broken" never becomes ready."""
     generation = obj["metadata"]["generation"]
     if collection == ISVCS:
-        uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
+        uri = obj["spec"]["predictor"]["model"]["storageUri"]
         revision = f"metarec-predictor-{generation:05d}"
         ready = "broken" not in uri
         obj["status"] = {
@@ -52,7 +52,7 @@ def serving(kube, repo_root):
     isvc = yaml.safe_load((repo_root / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
     isvc["metadata"]["annotations"].pop(deploy.MODE_ANNOTATION)
     isvc["metadata"]["namespace"] = "serving"
-    isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
+    isvc["spec"]["predictor"]["model"]["storageUri"] = OLD
     kube.put(ISVCS, isvc)
     deployment = _shipped_deployment(repo_root)
     deployment["spec"]["template"]["metadata"]["annotations"][deploy.MODEL_ANNOTATION] = OLD
@@ -101,7 +101,7 @@ def test_inferenceservice_rolls_out_with_a_canary_then_promotes(serving):
     def recording(fake, collection, obj):
         if collection == ISVCS:
             predictor = obj["spec"]["predictor"]
-            seen.append((predictor["pytorch"]["storageUri"], predictor.get("canaryTrafficPercent")))
+            seen.append((predictor["model"]["storageUri"], predictor.get("canaryTrafficPercent")))
         _controller(fake, collection, obj)
 
     serving.controller = recording
@@ -112,7 +112,7 @@ def test_inferenceservice_rolls_out_with_a_canary_then_promotes(serving):
     assert len(patches) == 2  # the canary rollout, then the promotion
     assert seen == [(NEW, 20), (NEW, None)]  # 20 % on the new revision first, then all of it
     predictor = serving.get(ISVCS, "metarec")["spec"]["predictor"]
-    assert predictor["pytorch"]["storageUri"] == NEW
+    assert predictor["model"]["storageUri"] == NEW
     assert "canaryTrafficPercent" not in predictor  # all traffic on the new revision
 
 
@@ -120,7 +120,7 @@ def test_inferenceservice_rolls_back_when_the_new_revision_fails(serving):
     with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-1"):
         deploy.deploy_inferenceservice(_custom(), "metarec", "serving", BROKEN, poll_s=0, sleep=_no_wait)
     predictor = serving.get(ISVCS, "metarec")["spec"]["predictor"]
-    assert predictor["pytorch"]["storageUri"] == OLD
+    assert predictor["model"]["storageUri"] == OLD
     assert "canaryTrafficPercent" not in predictor
 
 
@@ -134,7 +134,7 @@ def test_inferenceservice_rolls_back_on_timeout(serving):
     with pytest.raises(deploy.DeployError, match="timeout"):
         deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEW, timeout_s=30, poll_s=10,
                                        sleep=sleep, clock=lambda: now[0])  # fmt: skip
-    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == OLD
+    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["model"]["storageUri"] == OLD
 
 
 def test_same_version_is_left_alone(serving):
@@ -190,7 +190,7 @@ def test_deploy_writes_only_the_version_fields_as_its_own_field_manager(serving)
     owner = {"field_manager": deploy.FIELD_MANAGER}
     assert isvc_calls == [
         ({"metadata": {"annotations": {deploy.PREVIOUS_ANNOTATION: OLD}},
-          "spec": {"predictor": {"pytorch": {"storageUri": NEW}, "canaryTrafficPercent": 20}}}, owner),
+          "spec": {"predictor": {"model": {"storageUri": NEW}, "canaryTrafficPercent": 20}}}, owner),
         ({"spec": {"predictor": {"canaryTrafficPercent": None}}}, owner),
     ]  # fmt: skip
     apps = _apps()
@@ -210,7 +210,7 @@ def test_a_rollback_restores_the_bookkeeping_of_the_version_it_returns_to(servin
     with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-2"):
         deploy.deploy_inferenceservice(_custom(), "metarec", "serving", BROKEN, poll_s=0, sleep=_no_wait)
     isvc = serving.get(ISVCS, "metarec")
-    assert isvc["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == NEW
     assert isvc["metadata"]["annotations"][deploy.PREVIOUS_ANNOTATION] == OLD
     deploy.deploy_deployment(_apps(), "metarec-serving", "serving", NEW, poll_s=0, sleep=_no_wait)
     with pytest.raises(deploy.DeployError, match="rolled back to gs://models/metarec/run-2"):
@@ -273,7 +273,7 @@ def raw_serving(kube, repo_root):
     isvc = yaml.safe_load((repo_root / "manifests/serving/overlays/kserve/inferenceservice.yaml").read_text())
     assert isvc["metadata"]["annotations"][deploy.MODE_ANNOTATION] == "RawDeployment"
     isvc["metadata"]["namespace"] = "serving"
-    isvc["spec"]["predictor"]["pytorch"]["storageUri"] = OLD
+    isvc["spec"]["predictor"]["model"]["storageUri"] = OLD
     kube.put(DEPS, raw_predictor_deployment("metarec", "serving", OLD))
     steps = RolloutSteps(kube, DEPS, "metarec-predictor")
 
@@ -283,7 +283,7 @@ def raw_serving(kube, repo_root):
         obj["status"] = {"observedGeneration": 1, "components": {"predictor": {}},
                          "conditions": [{"type": kind, "status": "True"} for kind in ("PredictorReady", "Ready")]}  # fmt: skip
         deployment = fake.objects[(DEPS, "metarec-predictor")]
-        uri = obj["spec"]["predictor"]["pytorch"]["storageUri"]
+        uri = obj["spec"]["predictor"]["model"]["storageUri"]
         if deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] != uri:
             deployment["spec"]["template"]["metadata"]["annotations"][KSERVE_SOURCE_URI] = uri
             deployment["metadata"]["generation"] += 1
@@ -305,7 +305,7 @@ def test_raw_deployment_inferenceservice_is_promoted_once_its_predictor_has_roll
     patches = [entry for entry in kube.log if entry[0] == "PATCH"]
     assert len(patches) == 1  # the storageUri only: raw mode splits no traffic, so there is no canary
     predictor = kube.get(ISVCS, "metarec")["spec"]["predictor"]
-    assert predictor["pytorch"]["storageUri"] == NEW and "canaryTrafficPercent" not in predictor
+    assert predictor["model"]["storageUri"] == NEW and "canaryTrafficPercent" not in predictor
 
 
 def test_raw_deployment_inferenceservice_rolls_back_when_its_predictor_stalls(raw_serving):
@@ -313,7 +313,7 @@ def test_raw_deployment_inferenceservice_rolls_back_when_its_predictor_stalls(ra
     with pytest.raises(deploy.DeployError, match="failed; rolled back to gs://models/metarec/run-1"):
         deploy.deploy_inferenceservice(_custom(), "metarec", "serving", BROKEN, poll_s=0, sleep=steps.sleep,
                                        apps=_apps())  # fmt: skip
-    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == OLD
+    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["model"]["storageUri"] == OLD
 
 
 def test_raw_deployment_needs_the_apps_api(raw_serving):
@@ -396,7 +396,7 @@ def test_reapplying_the_kserve_overlay_keeps_the_deployed_version(kube, repo_roo
     assert _raw_deploy(NEW)["outcome"] == "promoted"
     client_side_apply(kube, ISVCS, _shipped_isvc(repo_root))  # on-call re-applies the overlay later
     isvc = kube.get(ISVCS, "metarec")
-    assert isvc["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == NEW
     assert _raw_deploy(NEWER)["previous_uri"] == NEW  # and the next run is not refused
     # The documented rollback (docs/cluster.md, "Roll back by hand") reads the version deploy_model replaced.
     previous = kube.get(ISVCS, "metarec")["metadata"]["annotations"][deploy.PREVIOUS_ANNOTATION]
@@ -406,20 +406,79 @@ def test_reapplying_the_kserve_overlay_keeps_the_deployed_version(kube, repo_roo
 def test_deploy_refuses_an_inferenceservice_whose_applied_manifest_names_storageUri(kube, repo_root):
     kube.controller = kserve_raw_controller
     pinned = _shipped_isvc(repo_root)
-    pinned["spec"]["predictor"]["pytorch"]["storageUri"] = OLD  # older manifests, or an overlay pinning it
+    pinned["spec"]["predictor"]["model"]["storageUri"] = OLD  # older manifests, or an overlay pinning it
     client_side_apply(kube, ISVCS, pinned)
     writes = len(kube.log)
     with pytest.raises(deploy.OwnershipError, match="last-applied-configuration"):
         _raw_deploy(NEW)
     assert [entry for entry in kube.log[writes:] if entry[0] != "GET"] == []
-    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == OLD
+    assert kube.get(ISVCS, "metarec")["spec"]["predictor"]["model"]["storageUri"] == OLD
+
+
+def _pytorch_shorthand(isvc: dict) -> dict:
+    """The overlay as older MetaRec manifests wrote it: the ``pytorch:`` shorthand, stock runtime."""
+    model = isvc["spec"]["predictor"].pop("model")
+    for key in ("modelFormat", "runtime"):
+        model.pop(key)
+    isvc["spec"]["predictor"]["pytorch"] = model
+    return isvc
+
+
+def test_kserve_replaces_the_live_model_when_an_apply_names_pytorch(kube, repo_root):
+    """Why the overlay declares ``model:``: KServe's webhook rewrites ``pytorch:`` into ``model:`` on
+    every update, so re-applying a ``pytorch:`` manifest drops the storageUri a rollout set."""
+    kube.controller = kserve_raw_controller
+    older = _pytorch_shorthand(_shipped_isvc(repo_root))
+    client_side_apply(kube, ISVCS, older)
+    live = kube.get(ISVCS, "metarec")["spec"]["predictor"]
+    assert "pytorch" not in live and live["model"]["modelFormat"] == {"name": "pytorch"}
+    kube.objects[(ISVCS, "metarec")]["spec"]["predictor"]["model"]["storageUri"] = NEW  # a rollout
+    client_side_apply(kube, ISVCS, older)
+    assert "storageUri" not in kube.get(ISVCS, "metarec")["spec"]["predictor"]["model"]
+
+
+def test_deploy_refuses_an_inferenceservice_applied_as_a_pytorch_predictor(kube, repo_root):
+    """Installed from older manifests (``pytorch:``): the next apply of those would reset the version, so
+    deploy_model refuses until the current manifests are applied, which then keeps the live version."""
+    kube.controller = kserve_raw_controller
+    client_side_apply(kube, ISVCS, _pytorch_shorthand(_shipped_isvc(repo_root)))
+    kube.objects[(ISVCS, "metarec")]["spec"]["predictor"]["model"]["storageUri"] = OLD  # served before
+    writes = len(kube.log)
+    with pytest.raises(deploy.OwnershipError, match="spec.predictor.pytorch"):
+        _raw_deploy(NEW)
+    assert [entry for entry in kube.log[writes:] if entry[0] != "GET"] == []
+    # docs/cluster.md's migration: apply the current manifests; the version stays and deploys go on.
+    client_side_apply(kube, ISVCS, _shipped_isvc(repo_root))
+    live = kube.get(ISVCS, "metarec")["spec"]["predictor"]
+    assert "pytorch" not in live and live["model"]["storageUri"] == OLD
+    assert _raw_deploy(NEW)["previous_uri"] == OLD
+
+
+def test_the_fake_api_server_refuses_a_strategic_merge_patch_of_a_custom_resource(serving):
+    """kube-apiserver serves custom resources with JSON patch, merge patch and apply patch only
+    (apiextensions-apiserver's customresource_handler.go): a strategic merge patch is 415."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = _custom()
+    body = {"spec": {"predictor": {"canaryTrafficPercent": 5}}}
+    with pytest.raises(ApiException) as refused:
+        api.api_client.call_api(
+            "/apis/serving.kserve.io/v1beta1/namespaces/serving/inferenceservices/metarec", "PATCH",
+            header_params={"Content-Type": "application/strategic-merge-patch+json"}, body=body,
+        )  # fmt: skip
+    assert refused.value.status == 415
+    assert "canaryTrafficPercent" not in serving.get(ISVCS, "metarec")["spec"]["predictor"]
+    # The client's own call for custom objects sends a merge patch, which is accepted.
+    api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", "serving", "inferenceservices",
+                                       "metarec", body)  # fmt: skip
+    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["canaryTrafficPercent"] == 5
 
 
 def test_deploy_refuses_a_version_another_server_side_applier_declares(serving):
     """A server-side applier (kubectl --server-side, Flux) declares what its managedFields entry with
     operation Apply lists; writers by update or patch (an on-call `kubectl patch`) declare nothing."""
     isvc = serving.get(ISVCS, "metarec")
-    storage_uri = {"f:spec": {"f:predictor": {"f:pytorch": {"f:storageUri": {}}}}}
+    storage_uri = {"f:spec": {"f:predictor": {"f:model": {"f:storageUri": {}}}}}
     isvc["metadata"]["managedFields"] = [
         {"manager": "kubectl-patch", "operation": "Update", "fieldsV1": storage_uri},
         {"manager": deploy.FIELD_MANAGER, "operation": "Apply", "fieldsV1": storage_uri},
@@ -433,7 +492,7 @@ def test_deploy_refuses_a_version_another_server_side_applier_declares(serving):
     serving.objects[(ISVCS, "metarec")] = isvc
     with pytest.raises(deploy.OwnershipError, match="'kustomize-controller'"):
         deploy.deploy_inferenceservice(_custom(), "metarec", "serving", NEWER, poll_s=0, sleep=_no_wait)
-    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["pytorch"]["storageUri"] == NEW
+    assert serving.get(ISVCS, "metarec")["spec"]["predictor"]["model"]["storageUri"] == NEW
 
 
 def test_reapplying_the_serving_base_keeps_the_deployed_version(kube, repo_root):

@@ -199,6 +199,31 @@ def test_retry_adopts_the_running_job_and_adds_itself_as_owner(kube):
     assert owners == ["uid-1", "uid-2"]  # the first attempt's pod going away no longer deletes it
 
 
+def test_retry_adopts_the_job_when_the_operator_writes_its_status_meanwhile(kube):
+    """The Training Operator updates a running job's status at any time, which moves its resourceVersion:
+    the retry's update (adding its owner) is then refused with 409 Conflict, as by a real API server, and
+    must be redone on a fresh read instead of failing the task."""
+    kube.put(JOBS, _job(owner=pytorchjob.owner_reference("attempt-1", "uid-1")))
+    kube.set_status(JOBS, "metarec-maml-abc", condition_status("Running"))
+    api = _api()
+    real_get, reads = api.get_namespaced_custom_object, []
+
+    def get_then_operator_writes(*args, **kwargs):
+        found = real_get(*args, **kwargs)
+        reads.append(1)
+        if len(reads) == 1:  # between the retry's read and its update
+            kube.set_status(JOBS, "metarec-maml-abc", condition_status("Running", "pods running"))
+        return found
+
+    api.get_namespaced_custom_object = get_then_operator_writes
+    finish = _finish_after(1, "Succeeded")
+    retry = _job(owner=pytorchjob.owner_reference("attempt-2", "uid-2"))
+    pytorchjob.submit_and_wait(retry, api=api, poll_interval_s=0, sleep=lambda s: finish(s, kube))
+    assert [entry[0] for entry in kube.log].count("PUT") == 2  # refused once, then made on a fresh read
+    owners = [o["uid"] for o in kube.get(JOBS, "metarec-maml-abc")["metadata"]["ownerReferences"]]
+    assert owners == ["uid-1", "uid-2"]
+
+
 def test_retry_after_a_failed_job_starts_it_again(kube):
     kube.put(JOBS, _job())
     kube.set_status(JOBS, "metarec-maml-abc", condition_status("Failed"))
@@ -287,3 +312,54 @@ def test_job_state_reads_only_conditions_that_hold():
                                       {"type": "Succeeded", "status": "True"}]}}  # fmt: skip
     assert pytorchjob.job_state(done) == "Succeeded"
     assert pytorchjob.job_state({}) is None
+
+
+def _operator_env(job: dict, role: str, index: int) -> dict[str, str]:
+    """The env the Training Operator (v1.7+) adds to each container of a replica pod: setPodEnv in
+    kubeflow/trainer pkg/controller.v1/pytorch/envvar.go and master.go, for a job without elasticPolicy."""
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    total = sum(r["replicas"] for r in replicas.values())
+    nproc = job["spec"]["nprocPerNode"]
+    rank = index + (1 if role == "Worker" else 0)
+    master = f"{job['metadata']['name']}-master-0"
+    return {"PYTHONUNBUFFERED": "0", "MASTER_PORT": "23456", "PET_MASTER_PORT": "23456",
+            "MASTER_ADDR": master, "PET_MASTER_ADDR": master, "WORLD_SIZE": str(total * int(nproc)),
+            "RANK": str(rank), "PET_NPROC_PER_NODE": nproc, "PET_NODE_RANK": str(rank),
+            "PET_NNODES": str(total)}  # fmt: skip
+
+
+@pytest.mark.parametrize("gpus", [2, 0])
+def test_torchrun_reads_the_topology_from_the_env_the_operator_sets(gpus, monkeypatch):
+    """Every pod's torchrun sees all pods as nodes of one group (nnodes, its own node rank, the master's
+    address) and runs gpus_per_node processes (one on CPU): its flags come from PET_* variables only."""
+    from torch.distributed.run import parse_args
+
+    job = _job(num_nodes=3, gpus_per_node=gpus)
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        for index in range(replica["replicas"]):
+            (container,) = replica["template"]["spec"]["containers"]
+            for key in [k for k in os.environ if k.startswith("PET_")]:
+                monkeypatch.delenv(key)
+            for key, value in _operator_env(job, role, index).items():
+                monkeypatch.setenv(key, value)
+            args = parse_args(container["command"][1:])
+            assert args.nnodes == "3"
+            assert args.node_rank == (0 if role == "Master" else index + 1)
+            assert args.nproc_per_node == str(max(gpus, 1))
+            assert args.master_addr == "metarec-maml-abc-master-0"
+            assert args.module and args.training_script == "metarec.training"
+
+
+def test_metadata_names_the_training_operator_that_sets_the_torchrun_env():
+    """spec.nprocPerNode and the PET_NNODES/PET_NODE_RANK/PET_NPROC_PER_NODE variables without an
+    elasticPolicy came with Training Operator v1.7.0 (kubeflow/trainer#1840). An older operator prunes
+    nprocPerNode and sets none of them: torchrun then defaults to one node at 127.0.0.1, and every pod
+    trains alone as rank 0, each writing the model."""
+    import re
+    from pathlib import Path
+
+    metadata = yaml.safe_load((Path(pytorchjob.__file__).parent / "metadata.yaml").read_text())
+    (trainer,) = [dep for dep in metadata["dependencies"]["kubeflow"] if dep["name"] == "Trainer"]
+    minimum = re.fullmatch(r">=(\d+)\.(\d+)\.\d+", trainer["version"])
+    assert minimum and (int(minimum.group(1)), int(minimum.group(2))) >= (1, 7)
+    assert "nprocPerNode" in _job()["spec"] and "elasticPolicy" not in _job()["spec"]
