@@ -40,10 +40,12 @@ USER_TERMS = {
 }
 
 
-def random_model(hidden=(16, 8), seed=0, **kwargs) -> PreferenceModel:
-    """A small model whose every parameter is random (biases and inner-lr scales non-zero too)."""
+def random_model(hidden=(16, 8), seed=0, user_dims=None, **kwargs) -> PreferenceModel:
+    """A small model whose every parameter is random (biases and inner-lr scales non-zero too);
+    ``user_dims`` None: two categorical, one numeric and four multi-hot user features."""
     torch.manual_seed(seed)
-    user_dims, item_dims = FeatureDims([3, 5], 1, 4), FeatureDims([7], 2, 6)
+    user_dims = FeatureDims([3, 5], 1, 4) if user_dims is None else user_dims
+    item_dims = FeatureDims([7], 2, 6)
     catalogue = EncodedFeatures(
         cat=torch.randint(0, 7, (N_ITEMS, 1)),
         num=torch.randn(N_ITEMS, 2),
