@@ -31,7 +31,7 @@ from metarec.serving.bodies import row_body
 from metarec.serving.requests import RequestParser
 from metarec.serving.routes import answer_batch, dumps_strict
 from metarec.serving_settings import RequestLimits
-from metarec.state.open import STATE_OFF, keeps_no_state, open_store
+from metarec.state.open import STATE_OFF, keeps_no_state, open_store, redacted_url
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,33 @@ def default_state_url() -> str:
     if not os.access(folder, os.W_OK):
         folder = Path(tempfile.gettempdir())
     return f"sqlite:///{folder / STATE_FILE}"
+
+
+def open_state_store(state_url: str, limits: RequestLimits):
+    """Opens the user-state store ``METAREC_STATE_URL`` names, never quoting its password.
+
+    The worker logs the traceback of a failed ``initialize``: an unparsable URL (a password holding a
+    URL-reserved character such as ``/`` or ``#``) made redis-py raise ``Port could not be cast to integer
+    value as '<start of the password>'``, so the error is raised again with the redacted URL instead,
+    without the original one chained.
+
+    Args:
+        state_url: The store URL (with its credentials).
+        limits: The request limits (``state_window``, ``state_ttl_s``).
+
+    Returns:
+        The store.
+
+    Raises:
+        ValueError: The URL names no store that can be opened.
+    """
+    try:
+        return open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s)
+    except Exception as error:  # noqa: BLE001 - whatever the driver raised may quote the URL
+        message = f"{STATE_URL_ENV} ({redacted_url(state_url)}) cannot be opened: {type(error).__name__}"
+        if isinstance(error, ValueError) and str(error).startswith("unknown state store URL"):
+            message = f"{STATE_URL_ENV}: {error}"  # ours, already redacted
+    raise ValueError(message)
 
 
 def request_header(context, index: int, name: str) -> str | None:
@@ -107,15 +134,13 @@ class MetaRecHandler(BaseHandler):
         self.recommender = Recommender.from_dir(
             model_dir,
             device=self.device,
-            store=open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s)
-            if keeps_state
-            else None,
+            store=open_state_store(state_url, limits) if keeps_state else None,
             window=limits.state_window,
         )
         self.parser = RequestParser(self.recommender, limits)
         if keeps_state:
-            # Never log a password: only what follows the URL's credentials.
-            logger.info("MetaRec user state in %s, retention %s s (0: forever)", state_url.split("@")[-1],
+            # Never log a password (in the credentials or a ?password= query): the redacted URL.
+            logger.info("MetaRec user state in %s, retention %s s (0: forever)", redacted_url(state_url),
                         limits.state_ttl_s)  # fmt: skip
         else:
             logger.info("MetaRec keeps no per-user state (%s=%s): feedback and forget answer 404, known users "

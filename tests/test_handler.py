@@ -206,3 +206,46 @@ def test_noop_handler_answers_without_a_model():
         {"ok": True, "instances": 2},
         {"ok": True, "instances": 1},
     ]
+
+
+# Passwords a state URL may carry: in the user part, in redis-py's ?password= query, and ones whose
+# URL-reserved characters make the URL unparsable (redis-py then quoted the password's start).
+SECRET = "Pw5ecret"
+LEAKY_STATE_URLS = {
+    "query password": f"redis://127.0.0.1:1/0?password={SECRET}",
+    "slash in password": f"redis://:{SECRET}/x@metarec-redis:6379/0",
+    "hash in password": f"redis://:{SECRET}#x@metarec-redis:6379/0",
+    "digits then slash": f"redis://:1234/{SECRET}@metarec-redis:6379/0",
+    "mistyped scheme": f"REDIS+tls://:{SECRET}@metarec-redis:6379/0",
+}
+
+
+def _error_chain_text(error: BaseException | None) -> str:
+    """Every message TorchServe's traceback of a failed initialize would print."""
+    text = ""
+    while error is not None:
+        text += f"{type(error).__name__}: {error}\n"
+        error = error.__cause__ or error.__context__
+    return text
+
+
+@pytest.mark.parametrize("case", sorted(LEAKY_STATE_URLS))
+def test_the_state_url_password_never_reaches_logs_or_errors(archive_dir, monkeypatch, caplog, case):
+    from metarec.serving.handler import STATE_URL_ENV
+
+    url = LEAKY_STATE_URLS[case]
+    monkeypatch.setenv(STATE_URL_ENV, url)
+    handler = MetaRecHandler()
+    with caplog.at_level("DEBUG"):
+        try:
+            handler.initialize(make_context(archive_dir, [{}]))
+        except Exception as error:  # noqa: BLE001 - an unparsable URL fails the worker: what does it print?
+            printed = _error_chain_text(error)
+            assert STATE_URL_ENV in printed, printed
+        else:
+            # redis-py accepts some broken URLs (a path that is no database number is ignored).
+            printed = handler.recommender.store.where  # what 503 answers and warnings show
+            handler.recommender.store.close()
+    for text in (printed, caplog.text):
+        # Any 4 characters of the password (redis-py quoted the part before a reserved character).
+        assert not any(SECRET[i : i + 4] in text for i in range(len(SECRET) - 3)), text

@@ -7,6 +7,7 @@ not depend on the ``redis`` package; the serving image installs it with the ``se
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from metarec.state.store import DEFAULT_WINDOW, UserStateStore
 
@@ -44,7 +45,10 @@ def open_store(url: str, window: int = DEFAULT_WINDOW, ttl_s: float | None = Non
         from metarec.state.redis_store import RedisStateStore
 
         return RedisStateStore(url, window, ttl_s=ttl_s)
-    raise ValueError(f"unknown state store URL {url!r}; use sqlite:///path.db or redis://host:port/db")
+    # Never the URL itself: a mistyped scheme (REDIS://) must not put the password into the worker's log.
+    raise ValueError(
+        f"unknown state store URL {redacted_url(url)!r}; use sqlite:///path.db or redis://host:port/db"
+    )
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -53,3 +57,35 @@ def sqlite_path(url: str) -> Path | None:
         return None
     path = url[len("sqlite:") :]
     return Path(path[2:] if path.startswith("//") else path)
+
+
+def redacted_url(url: str) -> str:
+    """A state URL as logs and error messages may show it: without its password.
+
+    Credentials in the user part become ``***`` and a query string (redis-py also reads
+    ``?password=...``) becomes ``?***``. A password holding a URL-reserved character (``/``, ``?``,
+    ``#``, ``@``) spills into the path, query or fragment, or into the port: such a URL is shown as its
+    scheme alone.
+
+    Args:
+        url: The store URL (``METAREC_STATE_URL``), possibly with credentials.
+
+    Returns:
+        The URL without any secret.
+    """
+    scheme = url.split(":", 1)[0].strip() if ":" in url else ""
+    unparsable = f"{scheme}:(URL not shown: it does not parse, e.g. a password holding / ? # or @)"
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError when a password's character cut the host part short
+    except ValueError:
+        return unparsable
+    if "@" in parts.path or parts.fragment:
+        return unparsable
+    if "@" not in parts.netloc and not parts.query:
+        return url  # nothing secret (kept as written: sqlite:///path would lose a slash)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"***@{netloc.rsplit('@', 1)[1]}"
+    # The scheme as written (urlsplit lowercases it): an error about a mistyped one must show it.
+    return urlunsplit(parts._replace(scheme=scheme, netloc=netloc, query="***" if parts.query else ""))

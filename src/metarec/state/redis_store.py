@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 from metarec.state.store import (
     DEFAULT_WINDOW,
@@ -301,13 +300,10 @@ def _glob_escaped(text: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password (it goes into error messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f":***@{netloc}"))
+    """The URL without its password (it goes into error messages, logs and 503 answers)."""
+    from metarec.state.open import redacted_url
+
+    return redacted_url(url)
 
 
 def _state(window: list[list], version, blob, blob_version, incarnation) -> StoredUser:
