@@ -124,3 +124,70 @@ def test_redis_config_persists_and_never_evicts():
         "memory"
     ]
     assert limit.endswith("Gi") and int(config["maxmemory"].removesuffix("mb")) < int(limit[:-2]) * 1024
+
+
+# Commands the deployed redis.conf must refuse: ones that wipe data or persistence, turn auth off,
+# stop the server, replicate or copy the data set elsewhere, watch every command, block on all keys.
+REFUSED_COMMANDS = [
+    ["FLUSHALL"], ["FLUSHDB"], ["SWAPDB", "0", "1"], ["CONFIG", "GET", "requirepass"], ["DEBUG", "SLEEP", "0"],
+    ["MODULE", "LIST"], ["FUNCTION", "LIST"], ["ACL", "SETUSER", "default", "nopass"], ["SHUTDOWN", "NOSAVE"],
+    ["REPLICAOF", "127.0.0.1", "1"], ["SLAVEOF", "127.0.0.1", "1"], ["SYNC"], ["PSYNC", "?", "-1"],
+    ["MIGRATE", "127.0.0.1", "1", "k", "0", "1"], ["MONITOR"], ["KEYS", "*"],
+]  # fmt: skip
+
+
+def test_deployed_redis_config_refuses_dangerous_commands_and_serves_the_store(tmp_path):
+    """The manifest's redis.conf on a real redis-server (port, bind and dir moved, as the pod's password):
+    each dangerous command is refused, and everything the store, the probe and the runbook run works."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    redis = pytest.importorskip("redis")
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed")
+    from metarec.state import Rating
+    from metarec.state.local_redis import _free_port
+    from metarec.state.redis_store import RedisStateStore
+
+    port, password = _free_port(), "0123456789abcdef"
+    deployed = (MANIFESTS / STORE / "redis.conf").read_text()
+    assert "\ndir /data\n" in deployed
+    config = tmp_path / "redis.conf"  # the pod's /data does not exist here; the rest is the manifest's
+    config.write_text(deployed.replace("\ndir /data\n", f"\ndir {tmp_path}\n"))
+    command = [executable, str(config), "--bind", "127.0.0.1", "--port", str(port),
+               "--dir", str(tmp_path), "--requirepass", password, "--logfile", str(tmp_path / "redis.log")]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "redis.log"
+                ).read_text()
+                time.sleep(0.05)
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
+        assert client.ping()
+        for refused in REFUSED_COMMANDS:
+            with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+                client.execute_command(*refused)
+        # Everything the app runs: the store's scripts (SCRIPT LOAD after a SCRIPT FLUSH), reads, pruning,
+        # erasure; the runbook's INFO and MEMORY USAGE.
+        store = RedisStateStore(f"redis://:{password}@127.0.0.1:{port}/0", window=5, ttl_s=3600)
+        client.script_flush()
+        stored = store.append("u1", [Rating("7", 4.0, 1.0)])
+        assert store.put_state("u1", b"blob", stored.version, stored.incarnation)
+        assert [r.item_id for r in store.get("u1").ratings] == ["7"]
+        assert client.memory_usage("metarec:{u1}:meta") > 0 and "used_memory" in client.info("memory")
+        assert store.prune() == 0  # SCAN and the retention script ran (both keys already expire)
+        assert store.delete("u1") and store.get("u1") is None
+        store.close()
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
