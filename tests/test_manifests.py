@@ -319,6 +319,26 @@ def test_every_pod_template_is_hardened(kustomization):
     assert not problems, "\n".join(problems)
 
 
+def api_token_problems(pod_spec: dict, where: str) -> list[str]:
+    """A serving or state pod needs no Kubernetes API access: its spec itself must say
+    ``automountServiceAccountToken: false`` (a ServiceAccount's setting is lost when the pod is given
+    another account, e.g. one KServe or a platform team creates)."""
+    if pod_spec.get("automountServiceAccountToken") is not False:
+        return [f"{where}: automountServiceAccountToken is not false (an API token is mounted)"]
+    return []
+
+
+@pytest.mark.parametrize("kustomization", [k for k in DEPLOYABLE if k.startswith("serving/")])
+def test_no_serving_pod_mounts_an_api_token(kustomization):
+    templates = [(where, spec) for obj in render(kustomization) for where, spec in pod_specs(obj)]
+    assert templates
+    problems = [p for where, spec in templates for p in api_token_problems(spec, f"{kustomization} {where}")]
+    assert not problems, "\n".join(problems)
+    weakened = copy.deepcopy(templates[0][1])
+    weakened.pop("automountServiceAccountToken")
+    assert api_token_problems(weakened, "weakened")
+
+
 WEAKENINGS = {
     "pod runAsNonRoot removed": lambda s: s["securityContext"].pop("runAsNonRoot"),
     "pod seccomp Unconfined": lambda s: s["securityContext"].__setitem__(
