@@ -62,7 +62,7 @@ def sqlite_path(url: str) -> Path | None:
 def redacted_url(url: str) -> str:
     """A state URL as logs and error messages may show it: without its password.
 
-    Credentials in the user part become ``***`` and a query string (redis-py also reads
+    The password in the user part becomes ``***`` and a query string (redis-py also reads
     ``?password=...``) becomes ``?***``. A password holding a URL-reserved character (``/``, ``?``,
     ``#``, ``@``) spills into the path, query or fragment, or into the port: such a URL is shown as its
     scheme alone.
@@ -85,7 +85,7 @@ def redacted_url(url: str) -> str:
     if "@" not in parts.netloc and not parts.query:
         return url  # nothing secret (kept as written: sqlite:///path would lose a slash)
     netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"***@{netloc.rsplit('@', 1)[1]}"
+    if "@" in netloc:  # the user name stays (it is no secret): redis://user:***@host, redis://:***@host
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
     # The scheme as written (urlsplit lowercases it): an error about a mistyped one must show it.
     return urlunsplit(parts._replace(scheme=scheme, netloc=netloc, query="***" if parts.query else ""))
