@@ -337,3 +337,33 @@ def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     without = validate(random, batch, user_terms_only)
     assert with_mf["mae"] < without["mae"] - 0.02, (with_mf, without)
     assert with_mf["ndcg@3"] > without["ndcg@3"], (with_mf, without)
+
+
+@pytest.mark.parametrize("val_every", [0, 5])
+def test_a_diverged_run_stops_with_a_clear_error_and_ships_no_nan_weights(
+    tiny_preprocessed, tmp_path, monkeypatch, val_every
+):
+    """A meta-gradient turning NaN at step 3 used to spread through every weight; with val_every 0 the
+    run then exited normally and shipped a model.pt of NaN (val_mae NaN)."""
+    from metarec.meta.learners import MetaLearner
+
+    original, calls = MetaLearner.meta_gradient, []
+
+    def diverging(self, *args, **kwargs):
+        loss, grads = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:
+            grads = {name: grad * float("nan") for name, grad in grads.items()}
+        return loss, grads
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient", diverging)
+    directory = tmp_path / "ckpt"
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 1, "val_every": val_every,
+              "checkpoint_dir": str(directory)}  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"diverged at meta-step 3/10.*Lower outer_lr"):
+        run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "model"), resume=False)
+    assert not (tmp_path / "model" / "model.pt").exists()
+    latest = checkpoint.load_latest(str(directory))
+    assert latest["step"] == 2  # the last finite state, for a retry with other settings to inspect
+    for name, tensor in [*latest["model"].items(), *latest["ema"].items()]:
+        assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
