@@ -367,3 +367,31 @@ def test_a_diverged_run_stops_with_a_clear_error_and_ships_no_nan_weights(
     assert latest["step"] == 2  # the last finite state, for a retry with other settings to inspect
     for name, tensor in [*latest["model"].items(), *latest["ema"].items()]:
         assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tiny_preprocessed, tmp_path):
+    """The rename is atomic against a killed process, but a node losing power after it (no fsync) can
+    leave a truncated ckpt file; every retry then failed on it with torch's zip error instead of
+    resuming the kept previous checkpoint."""
+    directory = tmp_path / "ckpt"
+    config = {
+        **TINY,
+        "meta_steps": 10,
+        "checkpoint_every": 5,
+        "val_every": 5,
+        "checkpoint_dir": str(directory),
+    }
+    first = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"), resume=False)
+    (_, older), (_, newest) = checkpoint.list_checkpoints(str(directory))
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=r"ckpt-00000010.pt is unreadable.*previous checkpoint"):
+        assert checkpoint.load_latest(str(directory))["step"] == 5
+    with pytest.warns(UserWarning):
+        again = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "b"))
+    assert again == {**first, "train_seconds": again["train_seconds"]}  # the same run, resumed at step 5
+    open(older, "wb").close()  # nothing readable left: say which file, do not start over silently
+    os.remove(checkpoint.list_checkpoints(str(directory))[-1][1])
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="ckpt-00000005.pt is unreadable"):
+        checkpoint.load_latest(str(directory))
