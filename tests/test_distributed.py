@@ -98,6 +98,8 @@ def test_two_gloo_ranks_reach_the_single_process_weights(tmp_path):
                          text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert '"world_size": 2' in run.stderr
+    # Rank 0 alone prints the result line (both ranks used to).
+    assert [line[:11] for line in run.stdout.splitlines() if line.startswith("{")] == ['{"val_mae":']
 
     single = checkpoint.load_latest(str(tmp_path / "single" / "checkpoints"))
     ddp = checkpoint.load_latest(str(tmp_path / "ddp" / "checkpoints"))

@@ -337,3 +337,61 @@ def test_item_factors_start_from_an_mf_fit_that_already_personalises(tmp_path):
     without = validate(random, batch, user_terms_only)
     assert with_mf["mae"] < without["mae"] - 0.02, (with_mf, without)
     assert with_mf["ndcg@3"] > without["ndcg@3"], (with_mf, without)
+
+
+@pytest.mark.parametrize("val_every", [0, 5])
+def test_a_diverged_run_stops_with_a_clear_error_and_ships_no_nan_weights(
+    tiny_preprocessed, tmp_path, monkeypatch, val_every
+):
+    """A meta-gradient turning NaN at step 3 used to spread through every weight; with val_every 0 the
+    run then exited normally and shipped a model.pt of NaN (val_mae NaN)."""
+    from metarec.meta.learners import MetaLearner
+
+    original, calls = MetaLearner.meta_gradient, []
+
+    def diverging(self, *args, **kwargs):
+        loss, grads = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:
+            grads = {name: grad * float("nan") for name, grad in grads.items()}
+        return loss, grads
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient", diverging)
+    directory = tmp_path / "ckpt"
+    config = {**TINY, "meta_steps": 10, "checkpoint_every": 1, "val_every": val_every,
+              "checkpoint_dir": str(directory)}  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"diverged at meta-step 3/10.*Lower outer_lr"):
+        run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "model"), resume=False)
+    assert not (tmp_path / "model" / "model.pt").exists()
+    latest = checkpoint.load_latest(str(directory))
+    assert latest["step"] == 2  # the last finite state, for a retry with other settings to inspect
+    for name, tensor in [*latest["model"].items(), *latest["ema"].items()]:
+        assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tiny_preprocessed, tmp_path):
+    """The rename is atomic against a killed process, but a node losing power after it (no fsync) can
+    leave a truncated ckpt file; every retry then failed on it with torch's zip error instead of
+    resuming the kept previous checkpoint."""
+    directory = tmp_path / "ckpt"
+    config = {
+        **TINY,
+        "meta_steps": 10,
+        "checkpoint_every": 5,
+        "val_every": 5,
+        "checkpoint_dir": str(directory),
+    }
+    first = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"), resume=False)
+    (_, older), (_, newest) = checkpoint.list_checkpoints(str(directory))
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=r"ckpt-00000010.pt is unreadable.*previous checkpoint"):
+        assert checkpoint.load_latest(str(directory))["step"] == 5
+    with pytest.warns(UserWarning):
+        again = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "b"))
+    assert again == {**first, "train_seconds": again["train_seconds"]}  # the same run, resumed at step 5
+    open(older, "wb").close()  # nothing readable left: say which file, do not start over silently
+    os.remove(checkpoint.list_checkpoints(str(directory))[-1][1])
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="ckpt-00000005.pt is unreadable"):
+        checkpoint.load_latest(str(directory))

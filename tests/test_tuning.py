@@ -142,3 +142,41 @@ def test_cli_tune_preprocesses_and_writes_the_run_config(tmp_path, capsys):
         cli.main(["tune", "--data", "synthetic:tiny", "--set", "meta_steps", "--output", str(tmp_path)]) == 1
     )
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(pre_dir, tmp_path, monkeypatch):
+    """A trial whose training raises (a diverged config: FloatingPointError) or scores NaN used to abort
+    the whole study with that error (Optuna re-raises unless told to catch)."""
+    import metarec.training
+
+    original, calls = metarec.training.run_meta_training, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("meta-training diverged at meta-step 1/2")
+        if len(calls) == 3:
+            return {**original(*args, **kwargs), "val_ndcg@3": float("nan")}
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(metarec.training, "run_meta_training", flaky)
+    fixed = {**TINY, "meta_steps": 2}
+    summary = run_tuning([str(pre_dir)], {"trials": 4, "fixed": fixed, "space": ["inner_lr"]}, str(tmp_path))
+    assert [trial["trial"] for trial in summary["trials"]] == [0, 3]
+    assert [(f["trial"], f["error"].split(":")[0]) for f in summary["failed"]] == [
+        (1, "FloatingPointError"),
+        (2, "FloatingPointError"),
+    ]
+    assert summary["best"]["trial"] in (0, 3) and summary["defaults"]["trial"] == 0
+    assert json.loads((tmp_path / "tuning.json").read_text())["failed"] == summary["failed"]
+
+
+def test_tuning_says_so_when_every_trial_fails(pre_dir, tmp_path, monkeypatch):
+    import metarec.training
+
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("diverged")
+
+    monkeypatch.setattr(metarec.training, "run_meta_training", diverged)
+    with pytest.raises(RuntimeError, match=r"every trial failed \(2\).*FloatingPointError: diverged"):
+        run_tuning([str(pre_dir)], {"trials": 2, "fixed": TINY, "space": ["inner_lr"]}, str(tmp_path))

@@ -8,13 +8,20 @@ a single verified upload on GCS), so a run killed mid-write leaves the previous 
 from __future__ import annotations
 
 import io
+import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _NAME = re.compile(r"(?:^|/)ckpt-(\d{8})\.pt$")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read back (truncated or otherwise damaged)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -75,11 +82,18 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
 
     Returns:
         The state dict that was saved.
+
+    Raises:
+        CorruptCheckpointError: The file is not a whole checkpoint.
     """
     from metarec import storage
 
-    # weights_only=False: the state holds numpy / python RNG states, and checkpoints are our own files.
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=map_location, weights_only=False)
+    data = storage.read_bytes(uri)  # storage errors (permission, missing bucket) are not corruption
+    try:
+        # weights_only=False: the state holds numpy / python RNG states, and checkpoints are our own files.
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise CorruptCheckpointError(f"checkpoint {uri} is unreadable ({len(data)} bytes): {err}") from err
 
 
 def load_latest(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -90,9 +104,21 @@ def load_latest(directory: str, map_location: str | torch.device = "cpu") -> dic
         map_location: device for the tensors.
 
     Returns:
-        The state dict, or None when there is no checkpoint.
+        The state dict, or None when there is no checkpoint. An unreadable newest checkpoint is skipped
+        (with a warning) for the next older one.
+
+    Raises:
+        CorruptCheckpointError: Every checkpoint there is unreadable.
     """
     checkpoints = list_checkpoints(directory)
-    if not checkpoints:
-        return None
-    return load_checkpoint(checkpoints[-1][1], map_location=map_location)
+    for index, (_, uri) in enumerate(reversed(checkpoints)):
+        try:
+            return load_checkpoint(uri, map_location=map_location)
+        except CorruptCheckpointError as err:
+            # The write is atomic against a killed process, but a node that loses power after the rename
+            # (no fsync) can leave a truncated file: every retry would fail on it, while the previous
+            # checkpoint (kept for this) resumes the same run to the same weights.
+            if index + 1 == len(checkpoints):
+                raise
+            warnings.warn(f"{err}; resuming from the previous checkpoint", stacklevel=2)
+    return None

@@ -294,11 +294,15 @@ class Trainer:
         self.model.train()
         loss, grads = self.learner.meta_gradient(shard, total_tasks=len(global_batch), first_task=tasks.start)
         loss, grads = distributed.all_reduce_sum(context, grads, loss)
+        # Every rank holds the same reduced values, so every rank stops here together (no rank waits
+        # in a collective for one that left).
+        self._check_finite("meta-loss or meta-gradient", [loss, *grads.values()])
         self.optimizer.zero_grad(set_to_none=False)
         for name, parameter in self.model.named_parameters():
             if parameter.requires_grad:
                 parameter.grad = grads[name].detach()
         self.optimizer.step()
+        self._check_finite("weights after the update", list(self.model.parameters()), float(loss))
         self._update_ema()
         self.step += 1
         self.curve.append([self.step, float(loss)])
@@ -310,6 +314,27 @@ class Trainer:
             (settings.checkpoint_every and self.step % settings.checkpoint_every == 0) or last
         ):
             checkpoint.save_checkpoint(self.checkpoint_dir, self.step, self._checkpoint_state())
+
+    def _check_finite(self, what: str, tensors: list[torch.Tensor], loss: float | None = None) -> None:
+        """Stops a diverged run before a non-finite value reaches the weights, EMA, checkpoints or outputs.
+
+        Training on would only spread NaN through every weight (and, with ``val_every: 0``, ship them);
+        the checkpoints keep the last finite state, so the error names the remedy instead.
+
+        Raises:
+            FloatingPointError: A tensor holds NaN or inf.
+        """
+        with torch.no_grad():
+            finite = bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())  # one sync
+        if finite:
+            return
+        step = self.step + 1
+        shown = float(tensors[0]) if loss is None else loss
+        raise FloatingPointError(
+            f"meta-training diverged at meta-step {step}/{self.settings.meta_steps}: the {what} is not "
+            f"finite (meta-loss {shown}); no model was written. Lower outer_lr ({self.settings.outer_lr}) "
+            f"or inner_lr ({self.settings.inner_lr})"
+        )
 
     def _update_ema(self) -> None:
         if self.averaged is None:

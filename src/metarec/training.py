@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -196,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_meta_training(
             str(preprocessed), args.method, config, args.output, resume=not args.no_resume
         )
-    print(json.dumps(result))
+    # The result line is an output like the model directory: rank 0's alone (torchrun sets RANK), so a
+    # log or metrics collector reading every rank's stdout sees it once.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 

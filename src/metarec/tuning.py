@@ -124,8 +124,12 @@ def run_tuning(
 
     Returns:
         ``{"method", "objective", "best": {"params", "value", "val_mae", "val_ndcg@3", "trial"},
-        "defaults": the same metrics with training's defaults (trial 0), "trials": [...],
-        "run_config": path of the YAML, "elapsed_s"}``.
+        "defaults": the same metrics with training's defaults (trial 0), "trials": [...] (completed),
+        "failed": [{"trial", "params", "error"}] (trials whose training raised, e.g. diverged: Optuna
+        marks them FAIL and the search goes on), "run_config": path of the YAML, "elapsed_s"}``.
+
+    Raises:
+        RuntimeError: No trial completed.
     """
     require_optuna()
     import optuna
@@ -141,25 +145,34 @@ def run_tuning(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []  # completed trials
+    failed: list[dict[str, Any]] = []  # trials whose training raised: params and error
 
     def objective(trial) -> float:
         params = {name: _suggest(trial, name) for name in cfg["space"]}
         train_config = {**cfg["fixed"], **params, "seed": int(cfg["seed"]), "checkpoint_every": 0}
         results = []
-        for index, preprocessed_dir in enumerate(preprocessed_dirs):
-            trial_dir = output / "trials" / f"trial-{trial.number}-{index}"
-            results.append(run_meta_training(preprocessed_dir, cfg["method"], train_config, str(trial_dir),
-                                             resume=False))  # fmt: skip
-            shutil.rmtree(trial_dir, ignore_errors=True)
-        mean = {key: statistics.fmean(float(r[key]) for r in results) for key in ("val_mae", "val_ndcg@3")}
+        try:
+            for index, preprocessed_dir in enumerate(preprocessed_dirs):
+                trial_dir = output / "trials" / f"trial-{trial.number}-{index}"
+                results.append(run_meta_training(preprocessed_dir, cfg["method"], train_config, str(trial_dir),
+                                                 resume=False))  # fmt: skip
+                shutil.rmtree(trial_dir, ignore_errors=True)
+            mean = {
+                key: statistics.fmean(float(r[key]) for r in results) for key in ("val_mae", "val_ndcg@3")
+            }
+            if math.isnan(mean[metric]):
+                raise FloatingPointError(f"{metric} is NaN")
+        except Exception as err:
+            # One diverged or refused config fails its trial (Optuna marks it FAIL), not the study.
+            failed.append({"trial": trial.number, "params": params, "error": f"{type(err).__name__}: {err}"})
+            logger.warning("trial %d %s failed: %s", trial.number, params, failed[-1]["error"])
+            raise
         value = mean[metric]
         records.append({"trial": trial.number, "params": params, "value": value, **mean,
                         "per_split": [{k: r[k] for k in ("val_mae", "val_ndcg@3")} for r in results],
                         "train_seconds": round(sum(r["train_seconds"] for r in results), 2)})  # fmt: skip
         logger.info("trial %d %s: %s %.4f", trial.number, params, metric, value)
-        if math.isnan(value):
-            raise optuna.TrialPruned(f"{metric} is NaN")
         return value
 
     # ERROR: Optuna logs a failed trial's whole traceback as a warning; the error itself is raised.
@@ -169,7 +182,14 @@ def run_tuning(
     )
     # Trial 0 is training's current defaults, so the result says what the search gained over them.
     study.enqueue_trial(_default_params(cfg["space"]), skip_if_exists=True)
-    study.optimize(objective, n_trials=int(cfg["trials"]), timeout=cfg["timeout_s"])
+    study.optimize(objective, n_trials=int(cfg["trials"]), timeout=cfg["timeout_s"], catch=(Exception,))
+    if not records:
+        raise RuntimeError(
+            f"every trial failed ({len(failed)}); the first: trial {failed[0]['trial']} "
+            f"{failed[0]['params']}: {failed[0]['error']}"
+            if failed
+            else "no trial ran (timeout_s before the first one ended?)"
+        )
     best = study.best_trial
     best_record = next(r for r in records if r["trial"] == best.number)
     run_config = {"methods": [cfg["method"]], "train": {**cfg["fixed"], **best.params}}
@@ -184,6 +204,7 @@ def run_tuning(
         "best": {**best_record, "params": best.params},
         "defaults": records[0] if records and records[0]["trial"] == 0 else None,
         "trials": records,
+        "failed": failed,
         "fixed": cfg["fixed"],
         "splits": [str(d) for d in preprocessed_dirs],
         "run_config": str(config_path),
