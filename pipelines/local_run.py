@@ -29,6 +29,7 @@ PROGRESS_LINE = re.compile(
 FAILED_TASK = re.compile(r"Task '(?P<task>[^']+)' finished with status FAILURE")
 ERROR_LINE = re.compile(r"^\s*(?P<type>[A-Za-z_][\w.]*(Error|Exception|Exit)): (?P<message>.+)$")
 LOG_NAME = "run-local.log"
+SUMMARY_NAME = "run.json"
 
 
 class LocalRunError(RuntimeError):
@@ -210,6 +211,10 @@ def run_local(
     for folder in (pipeline_root, workspace):
         folder.mkdir(parents=True, exist_ok=True)
     log_file = output_dir / LOG_NAME
+    summary_file = output_dir / SUMMARY_NAME
+    # run.json names an archive for `metarec serve --model-dir`: an earlier run's must not stay beside
+    # this run's log when this run fails or is interrupted (its own run folder stays under pipeline_root).
+    summary_file.unlink(missing_ok=True)
     before = set(pipeline_root.iterdir())
 
     local.init(
@@ -217,7 +222,10 @@ def run_local(
         pipeline_root=str(pipeline_root),
         workspace_root=str(workspace),
     )
-    pipeline = build_pipeline(PipelineOptions(variant="cpu"))
+    # No retries here: they are for preempted cluster nodes. kfp.local honours them, so a training error
+    # (or a Ctrl-C, which reaches the task subprocesses too) would retrain twice more, after 60 s and
+    # 120 s back-offs, before the run reported anything.
+    pipeline = build_pipeline(PipelineOptions(variant="cpu", train_retries=0))
     arguments = pipeline_arguments(run_config, data_uri=data_uri, dataset_config=dataset_config)
     started = time.monotonic()
     with open(log_file, "w", encoding="utf-8", buffering=1) as log, restore_print_and_logging():
@@ -262,7 +270,7 @@ def run_local(
     if "select-model/selection" in artifacts:
         result.selection = json.loads(artifacts["select-model/selection"].read_text())
     result.archive_dir = artifacts.get("package-model/archive")
-    (output_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    summary_file.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     with contextlib.suppress(OSError):
         workspace.rmdir()  # kfp.local empties it; keep the output folder tidy
     return result

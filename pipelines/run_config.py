@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ STEP_SECTIONS = {
     "preprocess": "metarec.preprocessing",
     "train": "metarec.training",
     "evaluate": "metarec.evaluation",
+}
+# The settings class each step builds from its section (the step checks values with it again).
+STEP_SETTINGS = {
+    "preprocess": "PreprocessSettings",
+    "train": "TrainSettings",
+    "evaluate": "EvaluateSettings",
 }
 SELECT_DEFAULTS = SelectSettings().to_dict()
 PACKAGE_DEFAULTS = {"model_name": "metarec", "output_uri": "", "publish_if_worse": False, "serving": {}}
@@ -47,6 +54,21 @@ def shipped_config_path(name: str) -> Path:
     return Path(metarec.__file__).resolve().parent / "configs" / "runs" / f"{name}.yaml"
 
 
+class _RunConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a number, as YAML 1.2 and JSON do.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``): ``inner_lr: 1e-3`` would reach the
+    training step as the string ``"1e-3"`` and fail there.
+    """
+
+
+_RunConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """Reads a YAML file whose top level is a mapping.
 
@@ -63,7 +85,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"run config {path}: no such file")
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_RunConfigLoader)  # noqa: S506
     except yaml.YAMLError as error:
         raise ValueError(f"run config {path}: invalid YAML: {error}") from None
     if document is None:
@@ -94,21 +116,82 @@ def merge_run_configs(base: dict, override: dict) -> dict:
     return merged
 
 
-def _step_defaults(section: str) -> dict | None:
-    """The DEFAULTS dict of a step module, or None when the module or dict is not available."""
+def _step_module(section: str):
+    """The step's module, or None when it cannot be imported here (e.g. no torch on a submitting host)."""
     try:
-        module = importlib.import_module(STEP_SECTIONS[section])
+        return importlib.import_module(STEP_SECTIONS[section])
     except ImportError:
         return None
-    defaults = getattr(module, "DEFAULTS", None)
+
+
+def _step_defaults(section: str) -> dict | None:
+    """The DEFAULTS dict of a step module, or None when the module or dict is not available."""
+    defaults = getattr(_step_module(section), "DEFAULTS", None)
     return defaults if isinstance(defaults, dict) else None
+
+
+def _check_settings(settings_class, values: dict, source: str, section: str):
+    """Builds a step's settings as the step will, so that a bad value or nested key fails here.
+
+    Returns:
+        The settings, or None when ``settings_class`` is None (its module is not importable).
+    """
+    if settings_class is None:
+        return None
+    try:
+        return settings_class.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{source}: section '{section}': {error}") from None
+
+
+def _check_select(result: dict, evaluate, source: str) -> None:
+    """The select step must find its metric and scenario in the evaluation the run config asks for.
+
+    Otherwise select-model fails, or compares missing scores, only after every model was trained.
+    """
+    from metarec.selection import VALIDATION_OF, SelectSettings
+
+    select = _check_settings(SelectSettings, result["select"], source, "select")
+    if select.scenario not in VALIDATION_OF:
+        raise ValueError(
+            f"{source}: select.scenario {select.scenario!r} is not a scenario; known: {list(VALIDATION_OF)}"
+        )
+    if evaluate is None:
+        return
+    if select.scenario not in evaluate.scenarios:
+        raise ValueError(
+            f"{source}: select.scenario {select.scenario!r} is not evaluated (evaluate.scenarios: "
+            f"{list(evaluate.scenarios)})"
+        )
+    if select.metric.startswith("ndcg@"):
+        cutoff = select.metric.removeprefix("ndcg@")
+        if not cutoff.isdigit() or int(cutoff) not in evaluate.ndcg_ks:
+            raise ValueError(
+                f"{source}: select.metric {select.metric!r} is not computed (evaluate.ndcg_ks: "
+                f"{list(evaluate.ndcg_ks)})"
+            )
+
+
+def _check_package(package: dict, source: str) -> None:
+    """The package step's model name and serving settings, checked before any step runs."""
+    from metarec.serving_settings import ServingSettings
+
+    name = package["model_name"]
+    # The rule metarec.packaging.build_archive applies (the .mar file stem and the URL path segment).
+    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{source}: package.model_name must be letters, digits, '-' or '_', got {name!r}")
+    if not isinstance(package["output_uri"], str):
+        raise ValueError(f"{source}: package.output_uri must be a string, got {package['output_uri']!r}")
+    _check_settings(ServingSettings, package["serving"], source, "package.serving")
 
 
 def validate_run_config(config: dict, source: str = "run config") -> dict:
     """Checks sections and keys, and fills the select / package defaults.
 
-    Step sections are checked against the step module's ``DEFAULTS`` keys so that a typo fails before
-    any step runs (the step functions check values again).
+    Step sections are checked against the step module's ``DEFAULTS`` keys and built into the step's
+    settings (values, nested keys such as ``package.serving`` or the evaluate grids), the select metric and
+    scenario against what evaluate computes, so that a mistake fails before any step runs rather than
+    after training (the step functions check values again).
 
     Args:
         config: Run config as read from YAML.
@@ -118,7 +201,8 @@ def validate_run_config(config: dict, source: str = "run config") -> dict:
         A complete config: every section present, ``methods`` a non-empty list of unique names.
 
     Raises:
-        ValueError: Unknown section or key, wrong type, unknown or repeated method.
+        ValueError: Unknown section or key, wrong type or value, unknown or repeated method, a select
+            metric or scenario the evaluation does not compute.
     """
     unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
     if unknown:
@@ -136,6 +220,7 @@ def validate_run_config(config: dict, source: str = "run config") -> dict:
         raise ValueError(f"{source}: 'methods' lists a method twice: {methods}")
     result["methods"] = list(methods)
 
+    evaluate = None  # the evaluate settings, when metarec.evaluation is importable here
     for section in STEP_SECTIONS:
         values = config.get(section) or {}
         if not isinstance(values, dict):
@@ -147,6 +232,10 @@ def validate_run_config(config: dict, source: str = "run config") -> dict:
                 raise ValueError(
                     f"{source}: unknown key(s) {typos} in section '{section}'; known: {sorted(defaults)}"
                 )
+        module = _step_module(section)
+        settings = _check_settings(getattr(module, STEP_SETTINGS[section], None), values, source, section)
+        if section == "evaluate":
+            evaluate = settings
         result[section] = dict(values)
 
     for section, defaults in (("select", SELECT_DEFAULTS), ("package", PACKAGE_DEFAULTS)):
@@ -164,6 +253,8 @@ def validate_run_config(config: dict, source: str = "run config") -> dict:
             raise ValueError(f"{source}: {section}.{key} must be true or false")
     if not isinstance(result["package"]["serving"], dict):
         raise ValueError(f"{source}: package.serving must be a mapping")
+    _check_select(result, evaluate, source)
+    _check_package(result["package"], source)
     return result
 
 

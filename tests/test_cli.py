@@ -63,14 +63,53 @@ def test_missing_config_file_fails(capsys):
         ("train: [1, 2]\n", "section 'train' must be a mapping"),
         ("train: {meta_steps: 3\n", "invalid YAML"),
         ("- just a list\n", "top level must be a mapping"),
+        # Checked by a step only after training, hours in on a cluster: the run config must refuse them.
+        ("package: {serving: {batch_sise: 3}}\n", "unknown key(s) ['batch_sise']"),
+        ("evaluate: {mf_foldin: {factor: [3]}}\n", "unknown keys ['factor']"),
+        ("train: {meta_steps: many}\n", "meta_steps must be an integer"),
+        ("preprocess: {user_split: alphabetical}\n", "user_split must be one of"),
+        ("select: {metric: ndgc@3}\n", "unknown metric 'ndgc@3'"),
+        ("select: {scenario: usr_cold}\n", "select.scenario 'usr_cold' is not a scenario"),
+        ("select: {metric: ndcg@10}\n", "select.metric 'ndcg@10' is not computed"),
+        ("evaluate: {scenarios: [warm]}\n", "select.scenario 'user_cold' is not evaluated"),
+        ("package: {model_name: team/model}\n", "package.model_name must be letters"),
     ],
 )
 def test_bad_run_config_fails_before_running(capsys, tmp_path, content, fragment):
     (tmp_path / "run.yaml").write_text(content)
     status, _, err = _run(capsys, "run-local", "--config", "run.yaml", "--output", "out")
     assert status == 1
-    _assert_one_line_error(err, fragment)
+    _assert_one_line_error(err, "run config run.yaml", fragment)
     assert not Path("out").exists()
+
+
+def test_run_config_reads_exponent_floats_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-3`` as a string, which the training step then refuses."""
+    (tmp_path / "run.yaml").write_text(
+        "train: {inner_lr: 1e-3, outer_lr: 2E-4}\npackage: {model_name: '1e3'}\n"
+    )
+    config = load_run_config(tmp_path / "run.yaml")
+    assert config["train"]["inner_lr"] == 0.001 and config["train"]["outer_lr"] == 0.0002
+    assert config["package"]["model_name"] == "1e3"  # quoted: still a string
+
+
+def test_empty_data_fails_before_running(capsys):
+    # Path("") is the working directory: the run used to start and fail in preprocess.
+    status, _, err = _run(capsys, "run-local", "--data", "", "--output", "out")
+    assert status == 1
+    _assert_one_line_error(err, "--data is empty")
+    assert not Path("out").exists()
+
+
+def test_tune_set_with_an_unparsable_value_names_the_flag(capsys):
+    pytest.importorskip("optuna")
+    status, _, err = _run(
+        capsys, "tune", "--data", "synthetic:tiny", "--set", "meta_steps={", "--output", "t"
+    )
+    assert status == 1
+    _assert_one_line_error(err, "--set 'meta_steps={'", "neither JSON nor YAML")
+    assert "ParserError" not in err
+    assert not Path("t").exists()  # refused before preprocessing
 
 
 def test_unknown_dataset_config_fails(capsys):
@@ -223,12 +262,16 @@ def test_validate_fills_select_and_package_defaults():
 
 @pytest.mark.slow
 def test_a_failing_task_ends_with_one_line_naming_it(capsys, tmp_path):
-    (tmp_path / "bad.yaml").write_text("preprocess: {user_split: alphabetical}\nmethods: [maml]\n")
+    # A data folder without the data set's files: only the preprocess task can find that out (a bad
+    # setting would be refused before any task starts).
+    (tmp_path / "empty-data").mkdir()
+    (tmp_path / "empty-data" / "notes.txt").write_text("no ratings here\n")  # something to fingerprint
+    (tmp_path / "small.yaml").write_text("methods: [maml]\n")
     status, out, err = _run(
-        capsys, "run-local", "--data", "synthetic:tiny", "--config", "bad.yaml", "--output", "out"
+        capsys, "run-local", "--data", "empty-data", "--config", "small.yaml", "--output", "out"
     )
     assert status == 1
-    _assert_one_line_error(err, "task 'preprocess' failed", "user_split", "run-local.log")
+    _assert_one_line_error(err, "task 'preprocess' failed", "not found", "run-local.log")
     assert "Executing task 'preprocess'" in out
     assert not (Path("runs") / cli.LATEST_POINTER).exists()
 

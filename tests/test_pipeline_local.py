@@ -95,6 +95,43 @@ def test_a_failing_task_is_named_with_its_error(tmp_path):
     assert str(tmp_path / "run-local.log") in str(caught.value)
 
 
+class _Stop(Exception):
+    """Raised by a stub build_pipeline: what run_local did before building the pipeline is checked."""
+
+
+def _stop_at_build(monkeypatch) -> list:
+    """Replaces build_pipeline by a stub that records its options and stops the run."""
+    from metarec.pipelines import metarec_pipeline
+
+    seen = []
+
+    def build(options):
+        seen.append(options)
+        raise _Stop
+
+    monkeypatch.setattr(metarec_pipeline, "build_pipeline", build)
+    return seen
+
+
+def test_local_runs_do_not_retry_training(monkeypatch, tmp_path):
+    """kfp.local honours retries: a training error or a Ctrl-C retrained twice, after 60 s and 120 s."""
+    seen = _stop_at_build(monkeypatch)
+    with pytest.raises(_Stop):
+        run_local(load_run_config(shipped_config_path("tiny")), tmp_path, data_uri="synthetic:tiny")
+    (options,) = seen
+    assert options.variant == "cpu" and options.train_retries == 0
+
+
+def test_a_rerun_drops_the_earlier_runs_summary(monkeypatch, tmp_path):
+    """run.json names the archive `metarec serve --model-dir` serves: a failed or interrupted rerun into
+    the same folder must not leave the earlier run's beside its own log."""
+    (tmp_path / "run.json").write_text(json.dumps({"archive_dir": "/earlier/run/archive"}))
+    _stop_at_build(monkeypatch)
+    with pytest.raises(_Stop):
+        run_local(load_run_config(shipped_config_path("tiny")), tmp_path, data_uri="synthetic:tiny")
+    assert not (tmp_path / "run.json").exists()
+
+
 def test_failure_reason_finds_the_last_error_before_the_failure():
     log = (
         "Executing task 'evaluate'\n  File \"x.py\", line 3\n    KeyError: not this one\n"

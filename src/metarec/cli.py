@@ -37,6 +37,9 @@ class CLIError(Exception):
 
 def _check_data(data_uri: str) -> None:
     """Fails early, with a clear message, on data that cannot be read."""
+    if not data_uri.strip():
+        # Path("") is the current directory: the run would start and fail in preprocess.
+        raise CLIError("--data is empty: give a directory, a gs:// prefix or 'synthetic'")
     if data_uri == "synthetic" or data_uri.startswith("synthetic:"):
         return
     from metarec import storage
@@ -253,6 +256,8 @@ def cmd_demo_request(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """``metarec tune``: Optuna search of a meta-learner on validation users (``metarec.tuning``)."""
 
+    import yaml
+
     from metarec.training import parse_override
     from metarec.tuning import require_optuna, resolve_settings, run_tuning
 
@@ -262,7 +267,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        fixed[key] = parse_override(value)  # JSON first: YAML 1.1 reads 1e-05 as a string
+        try:
+            fixed[key] = parse_override(value)  # JSON first: YAML 1.1 reads 1e-05 as a string
+        except yaml.YAMLError as error:
+            # yaml's own message is several lines of parser state: name the flag instead.
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise CLIError(f"--set {item!r}: the value is neither JSON nor YAML ({problem})") from None
     output = Path(args.output)
     settings = {"method": args.method, "trials": args.trials, "objective": args.objective, "seed": args.seed,
                 "timeout_s": args.timeout, "fixed": fixed, "space": args.space}  # fmt: skip
