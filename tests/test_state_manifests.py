@@ -140,16 +140,14 @@ def test_deployed_redis_config_refuses_dangerous_commands_and_serves_the_store(t
     """The manifest's redis.conf on a real redis-server (port, bind and dir moved, as the pod's password):
     each dangerous command is refused, and everything the store, the probe and the runbook run works."""
     import shutil
-    import socket
     import subprocess
-    import time
 
     redis = pytest.importorskip("redis")
     executable = shutil.which("redis-server")
     if executable is None:
         pytest.skip("redis-server is not installed")
     from metarec.state import Rating
-    from metarec.state.local_redis import _free_port
+    from metarec.state.local_redis import _free_port, wait_for_redis
     from metarec.state.redis_store import RedisStateStore
 
     port, password = _free_port(), "0123456789abcdef"
@@ -161,16 +159,7 @@ def test_deployed_redis_config_refuses_dangerous_commands_and_serves_the_store(t
                "--dir", str(tmp_path), "--requirepass", password, "--logfile", str(tmp_path / "redis.log")]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, (
-                    tmp_path / "redis.log"
-                ).read_text()
-                time.sleep(0.05)
+        wait_for_redis(process, port, tmp_path / "redis.log")
         client = redis.Redis(host="127.0.0.1", port=port, password=password)
         assert client.ping()
         for refused in REFUSED_COMMANDS:

@@ -737,7 +737,7 @@ def test_a_real_redis_cluster_gets_one_call_per_user(tmp_path):
     in its message: the fallback matched the text only, so every feedback batch of two users or more
     failed (an exception, not an answer) instead of going one call per user."""
     pytest.importorskip("redis")
-    from metarec.state.local_redis import _free_port, stop_redis
+    from metarec.state.local_redis import _free_port, stop_redis, wait_for_redis
 
     # The cluster bus port defaults to port + 10000, which fails above 55535: name a free one.
     port, bus = _free_port(), _free_port()
@@ -750,16 +750,11 @@ def test_a_real_redis_cluster_gets_one_call_per_user(tmp_path):
     )  # fmt: skip
     store = None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    log = (tmp_path / "redis.log").read_text() if (tmp_path / "redis.log").exists() else ""
-                    pytest.skip(f"cluster-mode redis-server did not start: {log[-300:]}")
-                time.sleep(0.05)
+        try:
+            wait_for_redis(process, port, tmp_path / "redis.log")
+        except RuntimeError as error:
+            log = (tmp_path / "redis.log").read_text() if (tmp_path / "redis.log").exists() else ""
+            pytest.skip(f"cluster-mode redis-server did not start: {error}: {log[-300:]}")
         store = open_store(f"redis://127.0.0.1:{port}/0", window=WINDOW)
         store.client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         while store.client.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:

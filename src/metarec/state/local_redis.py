@@ -43,19 +43,38 @@ def start_redis(workdir: str | Path, port: int | None = None) -> tuple[str, subp
     command = [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
                "--dir", str(workdir), "--logfile", str(workdir / "redis.log")]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_redis(process, port, workdir / "redis.log")
+    except RuntimeError:
+        stop_redis(process)
+        raise
+    return f"redis://127.0.0.1:{port}/0", process
+
+
+def wait_for_redis(process: subprocess.Popen, port: int, log: Path) -> None:
+    """Waits until a starting ``redis-server`` answers on 127.0.0.1 (a PONG, or a NOAUTH refusal from one
+    that requires a password).
+
+    Args:
+        process: the server.
+        port: its port.
+        log: its log file, named in the error.
+
+    Raises:
+        RuntimeError: it exited or did not answer within ``START_TIMEOUT_S``.
+    """
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {process.returncode}; see {workdir / 'redis.log'}")
+            raise RuntimeError(f"redis-server exited with {process.returncode}; see {log}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0", process
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
+                    return
         except OSError:
             time.sleep(0.05)
-    stop_redis(process)
-    raise RuntimeError(f"redis-server did not answer on port {port} within {START_TIMEOUT_S}s")
+    raise RuntimeError(f"redis-server did not answer on port {port} within {START_TIMEOUT_S}s; see {log}")
 
 
 def stop_redis(process: subprocess.Popen) -> None:
