@@ -18,6 +18,8 @@ from metarec.model import PreferenceModel, read_model_json
 from metarec.training import DEFAULTS, TrainSettings, run_meta_training
 
 TINY = {"meta_steps": 30, "meta_batch": 8, "inner_steps": 2, "val_every": 10, "checkpoint_every": 10}
+# Ten steps with a checkpoint and a validation at step 5: enough to resume from a validated best.
+CHECKPOINTED = {**TINY, "meta_steps": 10, "checkpoint_every": 5, "val_every": 5}
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +189,7 @@ def test_a_resumed_run_keeps_the_best_validation_and_the_history_it_had(tiny_pre
     resume that forgets the best validated weights. Here the step-5 checkpoint records a best (mae 0,
     beaten by no later validation) that the resumed run must still return at the end."""
     directory = tmp_path / "ckpt"
-    config = {
-        **TINY,
-        "meta_steps": 10,
-        "checkpoint_every": 5,
-        "val_every": 5,
-        "checkpoint_dir": str(directory),
-    }
+    config = {**CHECKPOINTED, "checkpoint_dir": str(directory)}
     run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"))
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert first["best_step"] in (0, 5, 10) and [v["step"] for v in first["val_history"]] == [0, 5, 10]
@@ -374,13 +370,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tiny_prep
     leave a truncated ckpt file; every retry then failed on it with torch's zip error instead of
     resuming the kept previous checkpoint."""
     directory = tmp_path / "ckpt"
-    config = {
-        **TINY,
-        "meta_steps": 10,
-        "checkpoint_every": 5,
-        "val_every": 5,
-        "checkpoint_dir": str(directory),
-    }
+    config = {**CHECKPOINTED, "checkpoint_dir": str(directory)}
     first = run_meta_training(str(tiny_preprocessed), "maml", config, str(tmp_path / "a"), resume=False)
     (_, older), (_, newest) = checkpoint.list_checkpoints(str(directory))
     data = open(newest, "rb").read()
