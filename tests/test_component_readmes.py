@@ -38,7 +38,10 @@ def compile_example(name: str, tmp_path: Path) -> dict:
     """
     code = readme_example(name)
     cwd = os.getcwd()
-    os.chdir(REPO_ROOT)  # the examples load components/<name>/component.yaml relative to the checkout
+    # The examples load components/<name>/component.yaml relative to the checkout and may write their
+    # compiled YAML to the working folder: run them in tmp_path, beside a link to the components.
+    (tmp_path / "components").symlink_to(REPO_ROOT / "components", target_is_directory=True)
+    os.chdir(tmp_path)
     try:
         if "def pipe" in code:
             namespace: dict = {}
