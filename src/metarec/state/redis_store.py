@@ -20,6 +20,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Sequence
 
+from metarec.state.open import redacted_url
 from metarec.state.store import (
     DEFAULT_WINDOW,
     PREDATES_INCARNATIONS,
@@ -153,7 +154,7 @@ class RedisStateStore(UserStateStore):
         import redis  # the serving extra; only needed when this store is chosen
 
         self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
-        self.where = _redacted(url)
+        self.where = redacted_url(url)  # it goes into error messages, logs and 503 answers
         errors = redis.exceptions
         # ConnectionError covers a refused or lost connection, failed authentication and a server still
         # loading its data; ReadOnlyError a replica left behind by a failover.
@@ -297,13 +298,6 @@ class RedisStateStore(UserStateStore):
 def _glob_escaped(text: str) -> str:
     """``text`` as a literal in a Redis MATCH pattern."""
     return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password (it goes into error messages, logs and 503 answers)."""
-    from metarec.state.open import redacted_url
-
-    return redacted_url(url)
 
 
 def _state(window: list[list], version, blob, blob_version, incarnation) -> StoredUser:
