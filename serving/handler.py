@@ -69,12 +69,10 @@ def default_state_url() -> str:
 
 
 def open_state_store(state_url: str, limits: RequestLimits):
-    """Opens the user-state store ``METAREC_STATE_URL`` names, never quoting its password.
+    """Opens the user-state store ``METAREC_STATE_URL`` names; a failure names the variable.
 
-    The worker logs the traceback of a failed ``initialize``: an unparsable URL (a password holding a
-    URL-reserved character such as ``/`` or ``#``) made redis-py raise ``Port could not be cast to integer
-    value as '<start of the password>'``, so the error is raised again with the redacted URL instead,
-    without the original one chained.
+    The stores' own errors show the URL redacted (:func:`metarec.state.open.redacted_url`): the worker
+    logs the traceback of a failed ``initialize``.
 
     Args:
         state_url: The store URL (with its credentials).
@@ -88,11 +86,8 @@ def open_state_store(state_url: str, limits: RequestLimits):
     """
     try:
         return open_store(state_url, limits.state_window, ttl_s=limits.state_ttl_s)
-    except Exception as error:  # noqa: BLE001 - whatever the driver raised may quote the URL
-        message = f"{STATE_URL_ENV} ({redacted_url(state_url)}) cannot be opened: {type(error).__name__}"
-        if isinstance(error, ValueError) and str(error).startswith("unknown state store URL"):
-            message = f"{STATE_URL_ENV}: {error}"  # ours, already redacted
-    raise ValueError(message)
+    except ValueError as error:
+        raise ValueError(f"{STATE_URL_ENV}: {error}") from None
 
 
 def request_header(context, index: int, name: str) -> str | None:

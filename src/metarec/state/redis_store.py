@@ -153,8 +153,14 @@ class RedisStateStore(UserStateStore):
         super().__init__(window, ttl_s)
         import redis  # the serving extra; only needed when this store is chosen
 
-        self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
         self.where = redacted_url(url)  # it goes into error messages, logs and 503 answers
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+            failure = None
+        except Exception as error:  # noqa: BLE001 - redis-py's parse errors quote the URL, password included
+            failure = type(error).__name__  # ("Port could not be cast to integer value as '<its start>'")
+        if failure is not None:  # raised outside the handler: the original is not even the context
+            raise ValueError(f"state store URL {self.where!r} cannot be opened: {failure}")
         errors = redis.exceptions
         # ConnectionError covers a refused or lost connection, failed authentication and a server still
         # loading its data; ReadOnlyError a replica left behind by a failover.
