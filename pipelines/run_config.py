@@ -174,12 +174,12 @@ def _check_select(result: dict, evaluate, source: str) -> None:
 
 def _check_package(package: dict, source: str) -> None:
     """The package step's model name and serving settings, checked before any step runs."""
-    from metarec.serving_settings import ServingSettings
+    from metarec.serving_settings import ServingSettings, check_model_name
 
-    name = package["model_name"]
-    # The rule metarec.packaging.build_archive applies (the .mar file stem and the URL path segment).
-    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"{source}: package.model_name must be letters, digits, '-' or '_', got {name!r}")
+    try:
+        check_model_name(package["model_name"])  # as metarec.packaging.build_archive checks it
+    except ValueError as error:
+        raise ValueError(f"{source}: package.{error}") from None
     if not isinstance(package["output_uri"], str):
         raise ValueError(f"{source}: package.output_uri must be a string, got {package['output_uri']!r}")
     _check_settings(ServingSettings, package["serving"], source, "package.serving")

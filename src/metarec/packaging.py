@@ -40,7 +40,7 @@ from metarec import storage
 from metarec.metrics import METRIC_NAMES
 from metarec.realtime import HISTORY_FILE, write_history
 from metarec.recommender import ITEMS_FILE, MODEL_CARD_FILE, USERS_FILE
-from metarec.serving_settings import ServingSettings
+from metarec.serving_settings import ServingSettings, check_model_name
 from metarec.torchserve_config import (
     DEPLOYED_MANAGEMENT_SOCKET,
     DEPLOYED_WORKFLOW_STORE,
@@ -367,8 +367,7 @@ def build_archive(
         RuntimeError: The archiver failed.
     """
     settings = resolve_serving_config(serving_config)
-    if not model_name or not model_name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"model_name must be letters, digits, '-' or '_', got {model_name!r}")
+    check_model_name(model_name)
     if storage.is_gcs(output_dir):
         with storage.local_output(output_dir, promote_last=True) as local_out:
             summary = build_archive(

@@ -132,3 +132,20 @@ class ServingSettings(RequestLimits):
             raise ValueError(f"{self.section}: max_batch_delay_ms must be >= 0")
         if self.max_workers < self.min_workers:
             raise ValueError(f"{self.section}: max_workers must be >= min_workers")
+
+
+def check_model_name(name: object) -> str:
+    """Checks a served model name: the ``.mar`` file stem and a URL path segment.
+
+    Args:
+        name: The name.
+
+    Returns:
+        The name.
+
+    Raises:
+        ValueError: Not a non-empty string of letters, digits, ``-`` or ``_``.
+    """
+    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"model_name must be letters, digits, '-' or '_', got {name!r}")
+    return name
